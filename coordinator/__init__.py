@@ -1,0 +1,1 @@
+"""Server side of fedprune: strategies, aggregation, planning and the simulator."""

@@ -1,0 +1,126 @@
+"""Run configuration: one validated tree, from defaults, a TOML file and `--set key=value`.
+
+Validation is pydantic's; our part is only the layering (file, then overrides) and error text
+that names the key and the accepted values.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what it accepts."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainSection(_Section):
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(48, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    clip_norm: float | None = Field(10.0, gt=0)
+
+
+class FedP3Section(_Section):
+    selection: str = "opu2"
+    global_keep: float = Field(1.0, gt=0, le=1)
+    local_keep: float = Field(1.0, gt=0, le=1)
+    aggregation: Literal["mean", "weighted"] = "mean"
+    train_layers: Literal["all", "selected"] = "all"
+    personal_head: bool = True
+
+
+class DPSection(_Section):
+    noise_multiplier: float | None = Field(None, gt=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    epsilon_budget: float | None = Field(None, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier is not None or self.target_epsilon is not None
+
+    @model_validator(mode="after")
+    def _one_noise_source(self):
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError("set dp.noise_multiplier or dp.target_epsilon, not both")
+        return self
+
+
+class CodecSection(_Section):
+    upload_dtype: Literal["fp32", "fp16"] = "fp32"
+    download_dtype: Literal["fp32", "fp16"] = "fp32"
+
+
+class SimulationConfig(_Section):
+    strategy: Literal["fedavg", "fedp3"] = "fedavg"
+    dataset: Literal["fashion-mnist", "fmnist", "mnist", "femnist"] = "fashion-mnist"
+    data_dir: str | None = None
+    model: str = "fedp3_cnn"
+    clients: int = Field(10, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1)
+    partition: str = "classes:5"
+    rounds: int = Field(3, ge=1)
+    seed: int = 0
+    train: TrainSection = TrainSection()
+    fedp3: FedP3Section = FedP3Section()
+    dp: DPSection = DPSection()
+    codec: CodecSection = CodecSection()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value`: the value is read as a TOML literal (numbers, booleans, quoted strings), and
+    as a bare string when it is not one, so `fedp3.selection=opu3` works unquoted."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set fedp3.global_keep=0.7")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                **direct: Any) -> SimulationConfig:
+    """Defaults < TOML file < `direct` (explicit CLI flags) < `--set` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for key, value in direct.items():
+        if value is not None:
+            _assign(data, key.split("."), value)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _assign(data, keys, value)
+    try:
+        return SimulationConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+                             for err in exc.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def _assign(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {key} is a value, not a section")
+        node = child
+    node[keys[-1]] = value

@@ -1,0 +1,62 @@
+"""What every strategy shares: turning a plan into the device's download, and its byte cost.
+
+A strategy decides per device and round *what* each tensor is for (its plan); the download
+follows mechanically from the plan: private tensors are sent only to a device that holds no copy
+yet, prunable tensors with download_keep < 1 go down as magnitude top-k (FedP3's Q_i).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import numpy as np
+
+from edge_sdk import codec
+from edge_sdk.models import ModelSpec, layer_tensor_names
+from edge_sdk.plan import SubmodelPlan
+from edge_sdk.pruning import is_prunable, magnitude_mask
+
+
+class Strategy(ABC):
+    name: str = "base"
+
+    def __init__(self, spec: ModelSpec, upload_dtype: str = "fp32", seed: int = 0):
+        self.spec = spec
+        self.upload_dtype = upload_dtype
+        self.seed = seed
+        self.layers = layer_tensor_names(spec)
+
+    @abstractmethod
+    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
+        """The device's plan for this round."""
+
+
+class DownloadBuilder:
+    """Encodes downloads for one round of one global model, reusing identical ones.
+
+    Many devices share a download (all of them under FedAvg, one per layer group under FedP3's
+    OPU-k), so encoding once per distinct plan keeps a 100-device round cheap.
+    """
+
+    def __init__(self, global_state: Mapping[str, np.ndarray], value_dtype: codec.ValueDtype):
+        self.global_state = global_state
+        self.value_dtype = value_dtype
+        self._masks: dict[tuple[str, float], np.ndarray] = {}
+        self._payloads: dict[tuple, bytes] = {}
+
+    def payload(self, plan: SubmodelPlan, device_has_private_copy: bool) -> bytes:
+        sent = tuple((t.name, t.download_keep) for t in plan.tensors
+                     if not (t.private and device_has_private_copy))
+        if sent not in self._payloads:
+            tensors = {name: self._tensor(name, keep) for name, keep in sent}
+            self._payloads[sent] = codec.encode(tensors, self.value_dtype)
+        return self._payloads[sent]
+
+    def _tensor(self, name: str, keep: float) -> codec.SparseTensor:
+        values = self.global_state[name]
+        if keep >= 1.0 or not is_prunable(values.shape):
+            return codec.SparseTensor.from_dense(values)
+        if (name, keep) not in self._masks:
+            self._masks[(name, keep)] = magnitude_mask(values, keep)
+        return codec.SparseTensor.from_dense(values, self._masks[(name, keep)])

@@ -1,0 +1,17 @@
+"""FedAvg on the full dense model: the reference every other method is measured against."""
+
+from __future__ import annotations
+
+from edge_sdk.plan import SubmodelPlan, TensorPlan
+
+from .base import Strategy
+
+
+class FedAvg(Strategy):
+    name = "fedavg"
+
+    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
+        tensors = tuple(TensorPlan(name) for layer in self.layers for name in layer)
+        return SubmodelPlan(client_id, round_number, self.spec, tensors,
+                            aggregation_weight=float(num_samples), upload_dtype=self.upload_dtype,
+                            selected_layers=tuple(range(len(self.layers))))

@@ -1,0 +1,84 @@
+"""FedP3 (Yi et al., ICLR 2024): per-device layer selection, global pruning, partial upload.
+
+Readings taken where the paper and its released code leave room (see docs/ARCHITECTURE.md):
+- hidden layers are every parameterised layer but the last; the output layer is always uploaded
+  and, as in the released code, never overwritten from the server (`personal_head`);
+- devices fall into as many groups as there are hidden layers, by client id modulo that count;
+- a device trains all layers by default (`train_layers="all"`) and uploads only its selection;
+- the weighted rule weights a device by the number of layers it uploads, normalised per entry.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from edge_sdk.models import ModelSpec
+from edge_sdk.plan import SubmodelPlan, TensorPlan
+
+from .base import Strategy
+
+
+@dataclass(frozen=True)
+class FedP3Config:
+    selection: str = "opu2"
+    global_keep: float = 1.0
+    local_keep: float = 1.0
+    aggregation: Literal["mean", "weighted"] = "mean"
+    train_layers: Literal["all", "selected"] = "all"
+    personal_head: bool = True
+
+
+_SELECTION = re.compile(r"^(lowerb|opu(\d+)|opr(\d+))$")
+
+
+def parse_selection(text: str, hidden_layers: int) -> tuple[str, int]:
+    match = _SELECTION.match(text.lower())
+    if not match:
+        raise ValueError(f"fedp3.selection {text!r} not understood; use lowerb, opuK or oprK "
+                         "(e.g. opu2, opu3, opr2)")
+    kind = match.group(1)[:3] if match.group(1) != "lowerb" else "lowerb"
+    k = 1 if kind == "lowerb" else int(match.group(2) or match.group(3))
+    if not 1 <= k <= hidden_layers:
+        raise ValueError(f"fedp3.selection {text!r}: k must be between 1 and the {hidden_layers} "
+                         "hidden layers of this model")
+    return kind, k
+
+
+class FedP3(Strategy):
+    name = "fedp3"
+
+    def __init__(self, spec: ModelSpec, config: FedP3Config, upload_dtype: str = "fp32", seed: int = 0):
+        super().__init__(spec, upload_dtype, seed)
+        self.config = config
+        self.hidden = len(self.layers) - 1
+        if self.hidden < 1:
+            raise ValueError(f"FedP3 needs a model with hidden layers; {spec.name} has none")
+        self.kind, self.k = parse_selection(config.selection, self.hidden)
+
+    def selected_layers(self, client_id: int, round_number: int) -> tuple[int, ...]:
+        if self.kind == "opr":
+            rng = np.random.default_rng([self.seed, round_number, client_id])
+            return tuple(sorted(int(i) for i in rng.choice(self.hidden, self.k, replace=False)))
+        group = client_id % self.hidden
+        return tuple(sorted((group + j) % self.hidden for j in range(self.k)))
+
+    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
+        cfg = self.config
+        selected = self.selected_layers(client_id, round_number)
+        tensors: list[TensorPlan] = []
+        for index, names in enumerate(self.layers[:-1]):
+            chosen = index in selected
+            for name in names:
+                tensors.append(TensorPlan(
+                    name, train=chosen or cfg.train_layers == "all", upload=chosen,
+                    download_keep=1.0 if chosen else cfg.global_keep, local_keep=cfg.local_keep))
+        for name in self.layers[-1]:
+            tensors.append(TensorPlan(name, private=cfg.personal_head, local_keep=cfg.local_keep))
+        weight = float(len(selected) + 1) if cfg.aggregation == "weighted" else 1.0
+        return SubmodelPlan(client_id, round_number, self.spec, tuple(tensors),
+                            aggregation_weight=weight, upload_dtype=self.upload_dtype,
+                            selected_layers=selected)

@@ -1,0 +1,1 @@
+"""Device profiles and the catalogue of real device classes: issue 3."""

@@ -1,0 +1,150 @@
+"""What a device does with one task: the code path shared by the simulator and the MQTT edge SDK.
+
+A task is a plan plus an encoded download. The device rebuilds the planned network, keeps its own
+copy of private tensors, trains under its plan (and DP, within its privacy budget), and answers
+with the encoded values of the entries it trained and is asked to upload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import codec
+from .data.partition import ClientData
+from .models import ModelSpec, SpecModel, build_model, tensor_shapes
+from .plan import SubmodelPlan
+from .pruning import is_prunable, magnitude_mask
+from .training import (DPConfig, PrivacyBudgetExceeded, PrivacyLedger, TrainConfig, TrainReport,
+                       accuracy, dp_sampling, train_locally)
+
+
+class TaskError(ValueError):
+    """A task the device cannot run as sent (e.g. a private tensor it never received)."""
+
+
+@dataclass
+class TaskOutcome:
+    client_id: int
+    round: int
+    payload: bytes | None
+    num_samples: int
+    report: TrainReport | None = None
+    epsilon: float | None = None
+    refused: str | None = None
+
+
+class LocalClient:
+    def __init__(self, data: ClientData, train: TrainConfig, dp: DPConfig | None = None,
+                 planned_rounds: int = 1, seed: int = 0):
+        self.client_id = data.client_id
+        self.data = data
+        self.train_config = train
+        self.dp = dp
+        self.seed = seed
+        self.planned_rounds = planned_rounds
+        self.state: dict[str, torch.Tensor] = {}
+        self.spec: ModelSpec | None = None
+        self.ledger = PrivacyLedger(delta=dp.delta, budget_epsilon=dp.budget,
+                                    accountant=dp.accountant) if dp else None
+        self._noise_multiplier: float | None = None
+
+    @property
+    def num_train(self) -> int:
+        return len(self.data.train_y)
+
+    def run_task(self, plan: SubmodelPlan, download: bytes) -> TaskOutcome:
+        shapes = tensor_shapes(plan.spec)
+        received = codec.decode(download, expected_shapes=shapes)
+        sampling = noise = None
+        if self.dp is not None:
+            sampling = dp_sampling(self.num_train, self.train_config.batch_size,
+                                   self.train_config.local_epochs)
+            noise = self._noise(sampling)
+            try:
+                self.ledger.check_affordable(noise, *sampling)
+            except PrivacyBudgetExceeded as exc:
+                return TaskOutcome(self.client_id, plan.round, None, self.num_train,
+                                   epsilon=self.ledger.epsilon(), refused=str(exc))
+
+        model = build_model(plan.spec)
+        start, from_download = self._starting_state(plan, shapes, received)
+        model.load_state_dict(start)
+        masks: dict[str, torch.Tensor] = {}
+        upload_masks: dict[str, np.ndarray] = {}
+        for entry in plan.tensors:
+            model.get_parameter(entry.name).requires_grad_(entry.train)
+            # Entries pruned on the way down were never trained from the global value: don't send.
+            sent = received.get(entry.name) if entry.name in from_download else None
+            keep = _index_mask(sent) if sent is not None and sent.indices is not None else \
+                np.ones(shapes[entry.name], dtype=bool)
+            if entry.local_keep < 1.0 and is_prunable(shapes[entry.name]):
+                keep &= magnitude_mask(start[entry.name].numpy(), entry.local_keep)
+                masks[entry.name] = torch.from_numpy(keep.astype(np.float32))
+            upload_masks[entry.name] = keep
+        report = train_locally(model, self.data.train_x, self.data.train_y, self.train_config,
+                               masks, seed=_task_seed(self.seed, self.client_id, plan.round),
+                               dp=self.dp, noise_multiplier=noise)
+        self.state = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.spec = plan.spec
+        epsilon = None
+        if self.ledger is not None:
+            self.ledger.record(report.privacy_history)
+            epsilon = self.ledger.epsilon()
+        update = {name: codec.SparseTensor.from_dense(self.state[name].numpy(), upload_masks[name])
+                  for name in plan.uploaded}
+        dtype = codec.ValueDtype.FLOAT16 if plan.upload_dtype == "fp16" else codec.ValueDtype.FLOAT32
+        return TaskOutcome(self.client_id, plan.round, codec.encode(update, dtype), self.num_train,
+                           report, epsilon)
+
+    def _noise(self, sampling: tuple[float, int]) -> float:
+        if self._noise_multiplier is None:
+            sample_rate, steps = sampling
+            self._noise_multiplier = self.dp.resolve_noise(sample_rate, steps * self.planned_rounds)
+        return self._noise_multiplier
+
+    def _starting_state(self, plan: SubmodelPlan, shapes, received):
+        """Private tensors come from the device's own copy; everything else from the download."""
+        same_model = self.spec is not None and self.spec.digest() == plan.spec.digest()
+        start: dict[str, torch.Tensor] = {}
+        from_download: set[str] = set()
+        for entry in plan.tensors:
+            if entry.private and same_model and entry.name in self.state:
+                start[entry.name] = self.state[entry.name]
+            elif entry.name in received:
+                start[entry.name] = torch.from_numpy(received[entry.name].to_dense())
+                from_download.add(entry.name)
+            else:
+                raise TaskError(f"task for round {plan.round} sends no value for {entry.name!r} and "
+                                "the device holds no copy of it; the coordinator must send it")
+        missing = set(shapes) - set(start)
+        if missing:
+            raise TaskError(f"plan does not cover tensors {sorted(missing)}")
+        return start, from_download
+
+    def personal_model(self) -> SpecModel | None:
+        """The device's personalized model: what it trained last, private tensors included."""
+        if self.spec is None:
+            return None
+        model = build_model(self.spec)
+        model.load_state_dict(self.state)
+        return model
+
+    def evaluate(self, model: torch.nn.Module | None = None) -> float:
+        """Accuracy of `model` (default: the device's own) on the device's local test split."""
+        model = model if model is not None else self.personal_model()
+        if model is None:
+            raise TaskError(f"client {self.client_id} has no model yet; give it one to evaluate")
+        return accuracy(model, self.data.test_x, self.data.test_y)
+
+
+def _index_mask(tensor: codec.SparseTensor) -> np.ndarray:
+    mask = np.zeros(tensor.numel, dtype=bool)
+    mask[tensor.indices] = True
+    return mask.reshape(tensor.shape)
+
+
+def _task_seed(seed: int, client_id: int, round_number: int) -> int:
+    return int(np.random.SeedSequence([seed, client_id, round_number]).generate_state(1)[0])

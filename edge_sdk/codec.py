@@ -1,0 +1,628 @@
+"""Sparse tensor-update codec: the wire format between edge devices and the server.
+
+Edge devices upload pruned model updates and the server sends pruned models
+down, both over slow, metered and sometimes hostile links. The format is
+hand-written (rather than pickle/torch.save) so that it is compact, stable
+across library versions, and safe to parse from untrusted peers.
+
+Wire format, version 1
+======================
+
+All integers are little-endian.
+
+Header (16 bytes, not compressed)::
+
+    offset size  field
+    0      4     magic                       b"FPTU"
+    4      1     format version (u8)         1
+    5      1     value dtype (u8)            1 = float32, 2 = float16
+    6      1     flags (u8)                  reserved, must be 0
+    7      1     reserved (u8)               must be 0
+    8      4     tensor count (u32)
+    12     4     body length (u32)           size of the body after decompression
+
+Body: a single zstd frame whose frame header carries the content size (which
+must equal the header's body length). The encoder also asks zstd to store its
+content checksum; decoders verify it when present but do not require it.
+Nothing may follow the frame. Decompressed, the body is the concatenation of
+``tensor count`` records, each::
+
+    name length            u16
+    name                   UTF-8, ``name length`` bytes, unique in the payload
+    ndim                   u8
+    dims                   u32 x ndim (ndim = 0 is a scalar, numel = 1)
+    index kind             u8  (0 = DENSE, 1 = BITMAP, 2 = DELTA_VARINT)
+    nnz                    u32 number of stored values
+    index-bytes length     u32
+    index bytes
+    values                 nnz x (float32 | float16 per header), in index order
+
+Index kinds (indices are flat, row-major positions into the tensor):
+
+* DENSE: every entry is present; nnz == numel and there are no index bytes.
+* BITMAP: ``np.packbits(mask, bitorder="little")`` of the flat boolean mask,
+  exactly ceil(numel / 8) bytes; padding bits in the last byte are 0 and the
+  popcount equals nnz.
+* DELTA_VARINT: the first index, then the gap to each following index (>= 1,
+  so indices are strictly increasing), each as an unsigned LEB128 varint
+  (7 bits per byte, least significant group first, high bit set on every byte
+  but the last). Varints are minimal-length and at most 9 bytes (63 bits).
+
+The encoder uses DENSE when every entry is present; otherwise it picks
+whichever of BITMAP and DELTA_VARINT has fewer index bytes (BITMAP on a tie,
+as it decodes faster). Values must be finite; float16 payloads reject values
+that would overflow to infinity rather than send them silently.
+
+Decoder resource limits: ``max_decoded_bytes`` bounds both the decompressed
+body and the float32 dense footprint (4 bytes x numel, summed over tensors) of
+the payload, because receivers densify updates and a few header bytes could
+otherwise declare a tensor of astronomical size.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zstandard
+
+__all__ = [
+    "CodecError",
+    "IndexKind",
+    "SparseTensor",
+    "ValueDtype",
+    "decode",
+    "encode",
+    "encoded_size_breakdown",
+]
+
+MAGIC = b"FPTU"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<4sBBBBII")
+# name length + ndim + index kind + nnz + index-bytes length: the smallest record.
+_MIN_RECORD_BYTES = 2 + 1 + 1 + 4 + 4
+_U16_MAX = 2**16 - 1
+_U32_MAX = 2**32 - 1
+_MAX_VARINT_BYTES = 9  # 63 bits, enough for any int64 index
+_ZSTD_MIN_LEVEL = -(2**17)
+# LEB128 length n is needed once a value reaches 2**(7*(n-1)).
+_VARINT_THRESHOLDS = np.array([1 << (7 * k) for k in range(1, _MAX_VARINT_BYTES)], dtype=np.uint64)
+# Table popcount rather than np.bitwise_count, which needs numpy >= 2.
+_POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)
+
+
+class CodecError(ValueError):
+    """Raised for every payload or tensor the codec refuses, encode or decode."""
+
+
+class ValueDtype(enum.IntEnum):
+    FLOAT32 = 1
+    FLOAT16 = 2
+
+
+class IndexKind(enum.IntEnum):
+    DENSE = 0
+    BITMAP = 1
+    DELTA_VARINT = 2
+
+
+_WIRE_DTYPES = {
+    ValueDtype.FLOAT32: np.dtype("<f4"),
+    ValueDtype.FLOAT16: np.dtype("<f2"),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class SparseTensor:
+    """A tensor of which only the entries at ``indices`` are meaningful.
+
+    Inputs are normalised and validated on construction so that encode can
+    trust them and decode can reuse the same checks. Equality is identity,
+    since element-wise array comparison has no single truth value.
+    """
+
+    shape: tuple[int, ...]
+    indices: np.ndarray | None
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        shape = _normalise_shape(self.shape)
+        numel = math.prod(shape)
+        if numel > np.iinfo(np.int64).max:
+            raise CodecError(f"shape {shape} has {numel} elements, more than int64 indices can address")
+        values = _normalise_values(self.values)
+        indices = None if self.indices is None else _normalise_indices(self.indices, numel)
+        expected = numel if indices is None else len(indices)
+        if len(values) != expected:
+            what = "numel of the dense shape" if indices is None else "the number of indices"
+            raise CodecError(
+                f"got {len(values)} values but {what} is {expected}; pass one value per stored entry"
+            )
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "indices", indices)
+        object.__setattr__(self, "values", values)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nnz(self) -> int:
+        return len(self.values)
+
+    def to_dense(self, fill: float = 0.0) -> np.ndarray:
+        """Materialise as a new float32 array; ``fill`` stands in for absent entries."""
+        if self.indices is None:
+            return self.values.reshape(self.shape).copy()
+        out = np.full(self.numel, fill, dtype=np.float32)
+        out[self.indices] = self.values
+        return out.reshape(self.shape)
+
+    @staticmethod
+    def from_dense(array: Any, mask: np.ndarray | None = None) -> SparseTensor:
+        """Keep the entries of ``array`` where ``mask`` is True (all of them if mask is None)."""
+        arr = np.asarray(array)
+        if arr.dtype.kind not in "fiu":
+            raise CodecError(f"array dtype {arr.dtype} is not real numeric; convert it to float32")
+        flat = arr.astype(np.float32).ravel()
+        if mask is None:
+            return SparseTensor(arr.shape, None, flat)
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_:
+            raise CodecError(f"mask dtype is {mask.dtype}, expected bool; pass mask.astype(bool)")
+        if mask.shape != arr.shape:
+            raise CodecError(f"mask shape {mask.shape} does not match array shape {arr.shape}")
+        indices = np.flatnonzero(mask.ravel()).astype(np.int64)
+        return SparseTensor(arr.shape, indices, flat[indices])
+
+
+def _normalise_shape(shape: Any) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"shape {shape!r} is not a sequence of integers") from exc
+    if any(d < 0 for d in dims):
+        raise CodecError(f"shape {dims} has a negative dimension")
+    return dims
+
+
+def _normalise_values(values: Any) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fiu":
+        raise CodecError(f"values dtype {arr.dtype} is not real numeric; convert them to float32")
+    if arr.ndim != 1:
+        raise CodecError(f"values must be 1-D (flat), got shape {arr.shape}; pass values.ravel()")
+    return arr.astype(np.float32, copy=False)
+
+
+def _normalise_indices(indices: Any, numel: int) -> np.ndarray:
+    arr = np.asarray(indices)
+    if arr.ndim != 1:
+        raise CodecError(f"indices must be 1-D flat positions, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise CodecError(f"indices dtype {arr.dtype} is not integer; pass int64 flat indices")
+    if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+        raise CodecError(f"index {int(arr.max())} is out of range for {numel} elements")
+    arr = arr.astype(np.int64, copy=False)
+    if arr[0] < 0 or arr[-1] >= numel:
+        bad = int(arr[0]) if arr[0] < 0 else int(arr[-1])
+        raise CodecError(f"index {bad} is out of range for {numel} elements")
+    if arr.size > 1 and not np.all(arr[1:] > arr[:-1]):
+        raise CodecError("indices must be sorted and unique (strictly increasing); use np.unique")
+    return arr
+
+
+# --------------------------------------------------------------------------- varints
+
+
+def _varint_lengths(values: np.ndarray) -> np.ndarray:
+    return np.searchsorted(_VARINT_THRESHOLDS, values, side="right") + 1
+
+
+def _encode_varints(values: np.ndarray) -> bytes:
+    """Unsigned LEB128, one pass per byte position rather than per element."""
+    values = np.asarray(values, dtype=np.uint64)
+    if values.size == 0:
+        return b""
+    lengths = _varint_lengths(values)
+    starts = np.cumsum(lengths) - lengths
+    out = np.empty(int(lengths.sum()), dtype=np.uint8)
+    for k in range(int(lengths.max())):
+        sel = lengths > k
+        group = (values[sel] >> np.uint64(7 * k)) & np.uint64(0x7F)
+        more = (lengths[sel] > k + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[sel] + k] = (group | more).astype(np.uint8)
+    return out.tobytes()
+
+
+def _decode_varints(raw: bytes | memoryview, count: int) -> np.ndarray:
+    """Inverse of _encode_varints; rejects truncated, overlong and non-minimal varints."""
+    data = np.frombuffer(raw, dtype=np.uint8)
+    if data.size == 0:
+        if count:
+            raise CodecError(f"expected {count} varints but the index bytes are empty")
+        return np.zeros(0, dtype=np.uint64)
+    last = (data & 0x80) == 0
+    if not last[-1]:
+        raise CodecError("index bytes end in the middle of a varint (continuation bit set on last byte)")
+    ends = np.flatnonzero(last)
+    if ends.size != count:
+        raise CodecError(f"index bytes hold {ends.size} varints but nnz is {count}")
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    if lengths.max() > _MAX_VARINT_BYTES:
+        raise CodecError(f"varint longer than {_MAX_VARINT_BYTES} bytes (values must fit in 63 bits)")
+    if np.any((lengths > 1) & (data[ends] == 0)):
+        raise CodecError("non-minimal varint (trailing zero group); encoders must use the shortest form")
+    out = np.zeros(count, dtype=np.uint64)
+    for k in range(int(lengths.max())):
+        sel = lengths > k
+        group = (data[starts[sel] + k] & 0x7F).astype(np.uint64)
+        out[sel] |= group << np.uint64(7 * k)
+    return out
+
+
+# --------------------------------------------------------------------------- indices
+
+
+def _choose_index_encoding(tensor: SparseTensor) -> tuple[IndexKind, bytes]:
+    if tensor.indices is None or tensor.nnz == tensor.numel:
+        return IndexKind.DENSE, b""
+    gaps = np.diff(tensor.indices, prepend=0).astype(np.uint64)
+    varint_size = int(_varint_lengths(gaps).sum())
+    bitmap_size = -(-tensor.numel // 8)
+    if bitmap_size <= varint_size:
+        mask = np.zeros(tensor.numel, dtype=bool)
+        mask[tensor.indices] = True
+        return IndexKind.BITMAP, np.packbits(mask, bitorder="little").tobytes()
+    return IndexKind.DELTA_VARINT, _encode_varints(gaps)
+
+
+def _decode_bitmap(raw: memoryview, nnz: int, numel: int) -> np.ndarray:
+    packed = np.frombuffer(raw, dtype=np.uint8)
+    tail_bits = numel % 8
+    if tail_bits and packed[-1] >> tail_bits:
+        raise CodecError("bitmap has bits set past the end of the tensor (padding must be 0)")
+    popcount = int(_POPCOUNT[packed].sum(dtype=np.int64))
+    if popcount != nnz:
+        raise CodecError(f"bitmap popcount {popcount} does not match nnz {nnz}")
+    bits = np.unpackbits(packed, count=numel, bitorder="little")
+    return np.flatnonzero(bits).astype(np.int64)
+
+
+def _decode_delta_varint(raw: memoryview, nnz: int, numel: int) -> np.ndarray:
+    gaps = _decode_varints(raw, nnz)
+    if nnz > 1 and not np.all(gaps[1:] >= 1):
+        raise CodecError("indices are not strictly increasing (a gap of 0 after the first index)")
+    positions = np.cumsum(gaps, dtype=np.uint64)
+    # Each gap is < 2**63, so a uint64 wrap-around shows up as a decrease.
+    if nnz > 1 and not np.all(positions[1:] > positions[:-1]):
+        raise CodecError(f"indices overflow; they must stay below numel {numel}")
+    if nnz and int(positions[-1]) >= numel:
+        raise CodecError(f"index {int(positions[-1])} is out of range for {numel} elements")
+    return positions.astype(np.int64)
+
+
+def _check_index_length(kind: IndexKind, nnz: int, numel: int, length: int) -> None:
+    if nnz > numel:
+        raise CodecError(f"nnz {nnz} exceeds numel {numel}")
+    if kind is IndexKind.DENSE:
+        if nnz != numel or length:
+            raise CodecError(
+                f"DENSE index needs nnz == numel ({numel}) and no index bytes, got nnz {nnz}, {length} bytes"
+            )
+    elif kind is IndexKind.BITMAP:
+        if length != -(-numel // 8):
+            raise CodecError(
+                f"BITMAP index must be {-(-numel // 8)} bytes for {numel} elements, got {length}"
+            )
+    elif not nnz <= length <= _MAX_VARINT_BYTES * nnz:
+        raise CodecError(f"DELTA_VARINT index of {length} bytes cannot hold {nnz} varints")
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def encode(
+    tensors: Mapping[str, SparseTensor],
+    value_dtype: ValueDtype = ValueDtype.FLOAT32,
+    level: int = 3,
+) -> bytes:
+    """Serialise ``tensors`` (in mapping order) into one self-describing payload."""
+    try:
+        value_dtype = ValueDtype(value_dtype)
+    except ValueError as exc:
+        names = [d.name for d in ValueDtype]
+        raise CodecError(f"value_dtype {value_dtype!r} unknown; use one of {names}") from exc
+    max_level = zstandard.MAX_COMPRESSION_LEVEL
+    if isinstance(level, bool) or not isinstance(level, int) or not _ZSTD_MIN_LEVEL <= level <= max_level:
+        raise CodecError(f"zstd level {level!r} invalid; use an int in [{_ZSTD_MIN_LEVEL}, {max_level}]")
+    if len(tensors) > _U32_MAX:
+        raise CodecError(f"{len(tensors)} tensors exceed the u32 tensor count; split the update")
+
+    parts: list[bytes] = []
+    body_length = 0
+    for name, tensor in tensors.items():
+        record = _encode_record(name, tensor, value_dtype)
+        body_length += sum(len(p) for p in record)
+        parts.extend(record)
+    if body_length > _U32_MAX:
+        raise CodecError(f"body of {body_length} bytes exceeds the u32 length field; split the update")
+
+    body = b"".join(parts)
+    compressor = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
+    frame = compressor.compress(body)
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, value_dtype, 0, 0, len(tensors), body_length)
+    return header + frame
+
+
+def _encode_record(name: str, tensor: SparseTensor, value_dtype: ValueDtype) -> list[bytes]:
+    if not isinstance(name, str):
+        raise CodecError(f"tensor name {name!r} is not a str")
+    try:
+        name_bytes = name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CodecError(f"tensor name {name!r} is not valid UTF-8 text") from exc
+    if len(name_bytes) > _U16_MAX:
+        raise CodecError(
+            f"tensor name {name[:40]!r}... is {len(name_bytes)} UTF-8 bytes; the limit is {_U16_MAX}"
+        )
+    if not isinstance(tensor, SparseTensor):
+        raise CodecError(f"tensor {name!r} is a {type(tensor).__name__}, expected SparseTensor")
+    if len(tensor.shape) > 255:
+        raise CodecError(f"tensor {name!r} has {len(tensor.shape)} dims; the format allows at most 255")
+    if any(d > _U32_MAX for d in tensor.shape):
+        raise CodecError(f"tensor {name!r} shape {tensor.shape} has a dimension above u32 range")
+    if tensor.nnz > _U32_MAX:
+        raise CodecError(f"tensor {name!r} stores {tensor.nnz} values, above the u32 nnz field; split it")
+    if not np.all(np.isfinite(tensor.values)):
+        raise CodecError(f"tensor {name!r} contains NaN or Inf values; fix the update before sending it")
+
+    wire_values = _to_wire_values(name, tensor.values, value_dtype)
+    kind, index_bytes = _choose_index_encoding(tensor)
+    if len(index_bytes) > _U32_MAX:
+        raise CodecError(f"tensor {name!r} index needs {len(index_bytes)} bytes, above u32 range; split it")
+    ndim = len(tensor.shape)
+    return [
+        struct.pack("<H", len(name_bytes)),
+        name_bytes,
+        struct.pack(f"<B{ndim}I", ndim, *tensor.shape),
+        struct.pack("<BII", kind, tensor.nnz, len(index_bytes)),
+        index_bytes,
+        wire_values,
+    ]
+
+
+def _to_wire_values(name: str, values: np.ndarray, value_dtype: ValueDtype) -> bytes:
+    with np.errstate(over="ignore"):
+        wire = values.astype(_WIRE_DTYPES[value_dtype])
+    if value_dtype is ValueDtype.FLOAT16 and not np.all(np.isfinite(wire)):
+        worst = float(np.abs(values).max())
+        raise CodecError(
+            f"tensor {name!r} has values up to {worst:g}, beyond float16 range (max 65504); "
+            "scale the update or send it as FLOAT32"
+        )
+    return wire.tobytes()
+
+
+# --------------------------------------------------------------------------- decode
+
+
+class _Reader:
+    """Bounds-checked cursor, so truncation surfaces as CodecError and never as struct/Index errors."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self.pos = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self.pos
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n > self.remaining:
+            raise CodecError(
+                f"truncated body: {what} needs {n} bytes at offset {self.pos} "
+                f"but only {self.remaining} remain"
+            )
+        chunk = self._data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def uint(self, size: int, what: str) -> int:
+        return int.from_bytes(self.take(size, what), "little")
+
+
+@dataclass(frozen=True)
+class _Record:
+    name: str
+    shape: tuple[int, ...]
+    kind: IndexKind
+    nnz: int
+    index_bytes: memoryview
+    value_bytes: memoryview
+    record_bytes: int
+
+
+def _read_header(payload: bytes, max_decoded_bytes: int) -> tuple[ValueDtype, int, int]:
+    if len(payload) < HEADER.size:
+        raise CodecError(
+            f"payload is {len(payload)} bytes, shorter than the {HEADER.size}-byte header; it was truncated"
+        )
+    magic, version, dtype, flags, reserved, count, body_length = HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise CodecError(f"not a fedprune update payload (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise CodecError(f"format version {version} not supported; this build reads {FORMAT_VERSION}")
+    if dtype not in ValueDtype._value2member_map_:
+        raise CodecError(f"value dtype code {dtype} unknown; this build reads {[int(d) for d in ValueDtype]}")
+    if flags or reserved:
+        raise CodecError(f"flags 0x{flags:02x} / reserved 0x{reserved:02x} must be 0 in format version 1")
+    if body_length > max_decoded_bytes:
+        raise CodecError(
+            f"declared body length {body_length} bytes exceeds max_decoded_bytes={max_decoded_bytes}; "
+            "refusing to decompress (raise max_decoded_bytes if the update is legitimately this large)"
+        )
+    if count > body_length // _MIN_RECORD_BYTES:
+        raise CodecError(f"tensor count {count} cannot fit in a {body_length}-byte body")
+    return ValueDtype(dtype), count, body_length
+
+
+def _decompress_body(frame: bytes, body_length: int) -> bytes:
+    try:
+        content_size = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"body is not a valid zstd frame ({exc})") from exc
+    if content_size < 0:
+        raise CodecError("zstd frame does not declare its content size; the encoder must write it")
+    if content_size != body_length:
+        raise CodecError(
+            f"zstd frame content size {content_size} differs from declared body length {body_length}"
+        )
+    try:
+        body = zstandard.ZstdDecompressor().decompress(
+            frame, max_output_size=body_length, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"corrupt or trailing data in zstd body ({exc})") from exc
+    if len(body) != body_length:
+        raise CodecError(f"body decompressed to {len(body)} bytes, header declared {body_length}")
+    return body
+
+
+def _parse(
+    payload: bytes,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None,
+    max_decoded_bytes: int,
+) -> tuple[ValueDtype, int, list[_Record]]:
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
+    if isinstance(max_decoded_bytes, bool) or not isinstance(max_decoded_bytes, int) or max_decoded_bytes < 0:
+        raise CodecError(f"max_decoded_bytes must be a non-negative int, got {max_decoded_bytes!r}")
+    payload = bytes(payload)
+    expected = None
+    if expected_shapes is not None:
+        expected = {name: _normalise_shape(shape) for name, shape in expected_shapes.items()}
+
+    value_dtype, count, body_length = _read_header(payload, max_decoded_bytes)
+    body = _decompress_body(payload[HEADER.size :], body_length)
+    itemsize = _WIRE_DTYPES[value_dtype].itemsize
+
+    reader = _Reader(body)
+    records: list[_Record] = []
+    seen: set[str] = set()
+    dense_footprint = 0
+    for position in range(count):
+        start = reader.pos
+        where = f"record {position}"
+        name_raw = reader.take(reader.uint(2, f"{where} name length"), f"{where} name")
+        try:
+            name = bytes(name_raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CodecError(f"{where}: tensor name is not valid UTF-8") from exc
+        where = f"tensor {name!r}"
+        if name in seen:
+            raise CodecError(f"{where} appears more than once in the payload")
+        seen.add(name)
+
+        ndim = reader.uint(1, f"{where} ndim")
+        dims = reader.take(4 * ndim, f"{where} dims")
+        shape = tuple(int(d) for d in np.frombuffer(dims, dtype="<u4"))
+        if expected is not None:
+            if name not in expected:
+                raise CodecError(f"{where} is not part of the model; expected one of {sorted(expected)[:10]}")
+            if shape != expected[name]:
+                raise CodecError(f"{where} has shape {shape}, expected {expected[name]}")
+        numel = math.prod(shape)  # exact Python int: no overflow
+        dense_footprint += 4 * numel
+        if dense_footprint > max_decoded_bytes:
+            raise CodecError(
+                f"{where} declares shape {shape} ({numel} elements); the payload's float32 dense size "
+                f"would reach {dense_footprint} bytes, over max_decoded_bytes={max_decoded_bytes}"
+            )
+
+        kind_code = reader.uint(1, f"{where} index kind")
+        if kind_code not in IndexKind._value2member_map_:
+            raise CodecError(f"{where} has unknown index kind {kind_code}")
+        kind = IndexKind(kind_code)
+        nnz = reader.uint(4, f"{where} nnz")
+        index_length = reader.uint(4, f"{where} index-bytes length")
+        try:
+            _check_index_length(kind, nnz, numel, index_length)
+        except CodecError as exc:
+            raise CodecError(f"{where}: {exc}") from None
+        index_bytes = reader.take(index_length, f"{where} index bytes")
+        value_bytes = reader.take(nnz * itemsize, f"{where} values")
+        records.append(_Record(name, shape, kind, nnz, index_bytes, value_bytes, reader.pos - start))
+
+    if reader.remaining:
+        raise CodecError(f"{reader.remaining} bytes of trailing garbage after the last of {count} records")
+    return value_dtype, len(payload), records
+
+
+def _materialise(record: _Record, value_dtype: ValueDtype) -> SparseTensor:
+    where = f"tensor {record.name!r}"
+    numel = math.prod(record.shape)
+    try:
+        if record.kind is IndexKind.DENSE:
+            indices = None
+        elif record.kind is IndexKind.BITMAP:
+            indices = _decode_bitmap(record.index_bytes, record.nnz, numel)
+        else:
+            indices = _decode_delta_varint(record.index_bytes, record.nnz, numel)
+    except CodecError as exc:
+        raise CodecError(f"{where}: {exc}") from None
+    values = np.frombuffer(record.value_bytes, dtype=_WIRE_DTYPES[value_dtype]).astype(np.float32)
+    if not np.all(np.isfinite(values)):
+        raise CodecError(f"{where} contains NaN or Inf values; the sender produced a corrupt update")
+    return SparseTensor(record.shape, indices, values)
+
+
+def decode(
+    payload: bytes,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    max_decoded_bytes: int = 256 * 2**20,
+) -> dict[str, SparseTensor]:
+    """Parse an untrusted payload; any malformed input raises CodecError.
+
+    ``expected_shapes`` (if given) must contain every tensor in the payload
+    with a matching shape; tensors absent from the payload are allowed, since
+    partial updates are normal.
+    """
+    value_dtype, _, records = _parse(payload, expected_shapes, max_decoded_bytes)
+    return {r.name: _materialise(r, value_dtype) for r in records}
+
+
+def encoded_size_breakdown(payload: bytes, max_decoded_bytes: int = 256 * 2**20) -> dict:
+    """Where a payload's bytes go, for docs and benchmarks; validates like decode."""
+    value_dtype, payload_bytes, records = _parse(payload, None, max_decoded_bytes)
+    for record in records:
+        _materialise(record, value_dtype)
+    return {
+        "value_dtype": value_dtype,
+        "payload_bytes": payload_bytes,
+        "header_bytes": HEADER.size,
+        "compressed_body_bytes": payload_bytes - HEADER.size,
+        "body_bytes": sum(r.record_bytes for r in records),
+        "tensors": {
+            r.name: {
+                "shape": r.shape,
+                "numel": math.prod(r.shape),
+                "nnz": r.nnz,
+                "index_kind": r.kind,
+                "index_bytes": len(r.index_bytes),
+                "value_bytes": len(r.value_bytes),
+                "record_bytes": r.record_bytes,
+            }
+            for r in records
+        },
+    }

@@ -1,0 +1,75 @@
+"""Submodel plans: what one device does with each tensor of the model in one round.
+
+A plan is the contract between the coordinator's strategy and the device's trainer. It says per
+tensor whether the device trains it, uploads it, or keeps its own copy (private), and how the
+tensor is pruned on the way down (`download_keep`, realised by the sparse download itself) and
+during local training (`local_keep`, a magnitude mask the device computes). Aggregation works in
+the global model's flat index space, so later width-sliced submodels only add an index map here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    train: bool = True
+    upload: bool = True
+    private: bool = False
+    download_keep: float = 1.0
+    local_keep: float = 1.0
+
+    def __post_init__(self) -> None:
+        for label, ratio in (("download_keep", self.download_keep), ("local_keep", self.local_keep)):
+            if not 0.0 < ratio <= 1.0:
+                raise ValueError(f"tensor {self.name}: {label} must be in (0, 1], got {ratio}")
+        if self.upload and not self.train:
+            raise ValueError(f"tensor {self.name}: uploading a tensor the device does not train "
+                             "sends nothing new; set train=True or upload=False")
+
+
+@dataclass(frozen=True)
+class SubmodelPlan:
+    client_id: int
+    round: int
+    spec: ModelSpec
+    tensors: tuple[TensorPlan, ...]
+    aggregation_weight: float = 1.0
+    upload_dtype: str = "fp32"
+    selected_layers: tuple[int, ...] = field(default_factory=tuple)
+
+    def tensor(self, name: str) -> TensorPlan:
+        for entry in self.tensors:
+            if entry.name == name:
+                return entry
+        raise KeyError(f"plan for client {self.client_id} has no tensor {name!r}")
+
+    @property
+    def uploaded(self) -> list[str]:
+        return [t.name for t in self.tensors if t.upload]
+
+    @property
+    def trained(self) -> list[str]:
+        return [t.name for t in self.tensors if t.train]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["spec"] = self.spec.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SubmodelPlan:
+        return cls(
+            client_id=int(data["client_id"]),
+            round=int(data["round"]),
+            spec=ModelSpec.from_dict(data["spec"]),
+            tensors=tuple(TensorPlan(**t) for t in data["tensors"]),
+            aggregation_weight=float(data.get("aggregation_weight", 1.0)),
+            upload_dtype=str(data.get("upload_dtype", "fp32")),
+            selected_layers=tuple(data.get("selected_layers", ())),
+        )

@@ -1,0 +1,133 @@
+"""Local training on a device, with or without DP-SGD.
+
+DP uses Opacus in ghost-clipping mode ("fast gradient clipping"): on FedP3's CNN it is about ten
+times faster than the default hooks mode and never materialises a batch x parameters tensor of
+per-sample gradients (RESEARCH 5), which matters on memory-tight devices. Pruning masks stay
+outside the model (Opacus rejects trainable layers with buffers); weights are re-masked after every
+step because DP noise lands on pruned entries too.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .privacy import DPConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 48
+    lr: float = 0.01
+    momentum: float = 0.0
+    clip_norm: float | None = 10.0  # plain gradient-norm clipping without DP (FedP3 uses 10)
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("local_epochs and batch_size must be >= 1 and lr > 0")
+
+
+@dataclass
+class TrainReport:
+    steps: int = 0
+    samples: int = 0
+    mean_loss: float = float("nan")
+    privacy_history: list[tuple[float, float, int]] = field(default_factory=list)
+
+
+def dp_sampling(num_samples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """(sample rate, steps) exactly as Opacus's DPDataLoader will use them."""
+    batches = max(1, math.ceil(num_samples / batch_size))
+    return 1.0 / batches, batches * epochs
+
+
+def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
+                  masks: dict[str, torch.Tensor], seed: int, dp: DPConfig | None = None,
+                  noise_multiplier: float | None = None) -> TrainReport:
+    """Train the parameters of `model` that require grad; masked entries stay exactly zero."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return TrainReport()
+    named = dict(model.named_parameters())
+    masked = [(named[name], mask) for name, mask in masks.items()]
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    generator = torch.Generator().manual_seed(seed)
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    engine = None
+    if dp is None:
+        loader = _ShuffledBatches(x, y, config.batch_size, generator)
+    else:
+        from opacus import PrivacyEngine
+
+        dataset = torch.utils.data.TensorDataset(x, y)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, collate_fn=_stack)
+        engine = PrivacyEngine(accountant=dp.accountant)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # secure-RNG advice; see docs/ARCHITECTURE.md
+            model, optimizer, criterion, loader = engine.make_private(
+                module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
+                noise_multiplier=noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                grad_sample_mode="ghost", noise_generator=generator)
+    report = TrainReport()
+    total_loss = 0.0
+    model.train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook")
+        for _ in range(config.local_epochs):
+            for xb, yb in loader:
+                if len(xb) == 0:  # Poisson sampling can draw an empty batch; it still counts
+                    optimizer.zero_grad()
+                    report.steps += 1
+                    continue
+                loss = criterion(model(xb), yb)
+                loss.backward()
+                if dp is None and config.clip_norm:
+                    torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                with torch.no_grad():
+                    for param, mask in masked:
+                        param.mul_(mask)
+                report.steps += 1
+                report.samples += len(xb)
+                total_loss += float(loss.detach()) * len(xb)
+    report.mean_loss = total_loss / max(report.samples, 1)
+    if engine is not None:
+        # Steps skipped on an empty Poisson batch are charged too: conservative and exact.
+        report.privacy_history = [(float(noise_multiplier), float(loader.sample_rate), report.steps)]
+    return report
+
+
+class _ShuffledBatches:
+    """Index-sliced mini-batches: ~10x less overhead than a per-item DataLoader without DP."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator):
+        self.x, self.y, self.batch_size, self.generator = x, y, batch_size, generator
+
+    def __iter__(self):
+        order = torch.randperm(len(self.y), generator=self.generator)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+def _stack(batch):
+    xs, ys = zip(*batch)
+    return torch.stack(xs), torch.stack(ys)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> float:
+    if len(y) == 0:
+        return float("nan")
+    model.eval()
+    correct = 0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start:start + batch_size])
+        correct += int((logits.argmax(1) == y[start:start + batch_size]).sum())
+    return correct / len(y)

@@ -1,0 +1,1 @@
+"""Per-device export of personalized submodels (ONNX, TFLite): issue 4."""

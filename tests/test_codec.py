@@ -1,0 +1,572 @@
+"""Tests for the sparse update wire format (edge_sdk/codec.py).
+
+The hand-built payloads below are written from the format description in the
+module docstring, not from the encoder, so they pin the wire contract.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import tracemalloc
+
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_sdk.codec import (
+    CodecError,
+    IndexKind,
+    SparseTensor,
+    ValueDtype,
+    _decode_varints,
+    _encode_varints,
+    decode,
+    encode,
+    encoded_size_breakdown,
+)
+
+HEADER = struct.Struct("<4sBBBBII")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def wrap(body: bytes, count: int, dtype: int = 1, declared: int | None = None, **zstd_kwargs) -> bytes:
+    """Payload from a raw body, built straight from the documented format."""
+    declared = len(body) if declared is None else declared
+    frame = zstandard.ZstdCompressor(level=3, **zstd_kwargs).compress(body)
+    return HEADER.pack(b"FPTU", 1, dtype, 0, 0, count, declared) + frame
+
+
+def record(name: str | bytes, shape, kind: int, nnz: int, index: bytes, values: bytes) -> bytes:
+    raw = name if isinstance(name, bytes) else name.encode()
+    return (
+        struct.pack("<H", len(raw))
+        + raw
+        + struct.pack(f"<B{len(shape)}I", len(shape), *shape)
+        + struct.pack("<BII", kind, nnz, len(index))
+        + index
+        + values
+    )
+
+
+def f32(*xs: float) -> bytes:
+    return np.array(xs, dtype="<f4").tobytes()
+
+
+def body_of(payload: bytes) -> bytes:
+    return zstandard.ZstdDecompressor().decompress(payload[16:])
+
+
+def leb128(n: int) -> bytes:
+    """Reference (loop-based) LEB128 used to cross-check the vectorised codec."""
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def assert_same(decoded: SparseTensor, original: SparseTensor, fp16: bool = False) -> None:
+    assert decoded.shape == original.shape
+    assert decoded.values.dtype == np.float32
+    expected_values = original.values.astype(np.float16).astype(np.float32) if fp16 else original.values
+    np.testing.assert_array_equal(decoded.values, expected_values)
+    if decoded.indices is None or original.indices is None:
+        np.testing.assert_array_equal(presence(decoded), presence(original))
+    else:
+        np.testing.assert_array_equal(decoded.indices, original.indices)
+
+
+def presence(t: SparseTensor) -> np.ndarray:
+    mask = np.zeros(t.numel, bool)
+    mask[slice(None) if t.indices is None else t.indices] = True
+    return mask
+
+
+def random_sparse(rng: np.random.Generator, shape, density: float | None) -> SparseTensor:
+    array = rng.normal(scale=3.0, size=shape).astype(np.float32)
+    if density is None:
+        return SparseTensor.from_dense(array)
+    return SparseTensor.from_dense(array, rng.random(shape) < density)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def mixed_payload() -> bytes:
+    rng = np.random.default_rng(7)
+    return encode(
+        {
+            "dense": random_sparse(rng, (3, 4), None),
+            "bitmap": random_sparse(rng, (40,), 0.5),
+            "varint": random_sparse(rng, (500,), 0.02),
+            "scalar": random_sparse(rng, (), None),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("value_dtype", list(ValueDtype))
+@pytest.mark.parametrize(
+    "shape, density, kind",
+    [
+        ((32, 16), None, IndexKind.DENSE),
+        ((32, 16), 0.5, IndexKind.BITMAP),
+        ((200, 50), 0.01, IndexKind.DELTA_VARINT),
+        ((), None, IndexKind.DENSE),
+        ((2, 3, 4, 5), 0.5, IndexKind.BITMAP),
+        ((8, 8, 16, 16), 0.01, IndexKind.DELTA_VARINT),
+    ],
+)
+def test_round_trip(rng, shape, density, kind, value_dtype):
+    tensor = random_sparse(rng, shape, density)
+    payload = encode({"t": tensor}, value_dtype=value_dtype)
+    decoded = decode(payload, expected_shapes={"t": shape})
+    assert list(decoded) == ["t"]
+    assert_same(decoded["t"], tensor, fp16=value_dtype is ValueDtype.FLOAT16)
+    assert encoded_size_breakdown(payload)["tensors"]["t"]["index_kind"] is kind
+    if value_dtype is ValueDtype.FLOAT16:
+        np.testing.assert_allclose(decoded["t"].values, tensor.values, rtol=2**-10, atol=2**-24)
+
+
+def test_round_trip_empty_mask_and_zero_size(rng):
+    empty = SparseTensor.from_dense(rng.normal(size=(10, 10)), np.zeros((10, 10), bool))
+    zero_size = SparseTensor.from_dense(np.zeros((0, 5)))
+    decoded = decode(encode({"empty": empty, "zero": zero_size}))
+    assert decoded["empty"].nnz == 0
+    np.testing.assert_array_equal(decoded["empty"].to_dense(fill=-1.0), np.full((10, 10), -1.0, np.float32))
+    assert decoded["zero"].shape == (0, 5) and decoded["zero"].nnz == 0
+
+
+def test_scalar_and_to_dense(rng):
+    decoded = decode(encode({"s": SparseTensor.from_dense(np.float32(2.5))}))["s"]
+    assert decoded.shape == () and decoded.numel == 1 and decoded.to_dense() == np.float32(2.5)
+
+
+def test_full_mask_is_sent_dense(rng):
+    array = rng.normal(size=(4, 4))
+    payload = encode({"t": SparseTensor.from_dense(array, np.ones((4, 4), bool))})
+    assert encoded_size_breakdown(payload)["tensors"]["t"]["index_kind"] is IndexKind.DENSE
+    np.testing.assert_array_equal(decode(payload)["t"].to_dense(), array.astype(np.float32))
+
+
+def test_order_and_empty_mapping():
+    tensors = {name: SparseTensor.from_dense(np.ones(2)) for name in ["z", "a", "m"]}
+    assert list(decode(encode(tensors))) == ["z", "a", "m"]
+    assert decode(encode({})) == {}
+
+
+@pytest.mark.parametrize("density", [0.002, 0.05, 0.1, 0.125, 0.2, 0.5, 0.9])
+def test_chosen_index_kind_is_the_smaller(rng, density):
+    tensor = random_sparse(rng, (4000,), density)
+    gaps = np.diff(tensor.indices, prepend=0)
+    varint_size = sum(len(leb128(int(g))) for g in gaps)
+    bitmap_size = math.ceil(4000 / 8)
+    info = encoded_size_breakdown(encode({"t": tensor}))["tensors"]["t"]
+    assert info["index_bytes"] == min(varint_size, bitmap_size)
+    assert info["index_kind"] is (IndexKind.BITMAP if bitmap_size <= varint_size else IndexKind.DELTA_VARINT)
+    assert info["nnz"] == tensor.nnz and info["value_bytes"] == 4 * tensor.nnz
+
+
+def test_size_of_sparse_fp16_update():
+    rng = np.random.default_rng(0)
+    array = rng.normal(size=1_000_000).astype(np.float32)
+    payload = encode({"w": SparseTensor.from_dense(array, rng.random(1_000_000) < 0.1)}, ValueDtype.FLOAT16)
+    assert len(payload) < 0.25 * 4_000_000
+
+
+# --------------------------------------------------------------------------- bytes match the format
+
+# gaps: 3, 697 (= 0x39 | 0x80, 0x05)
+VARINT_INDEX = b"\x03\xb9\x05"
+# indices 0, 5, 15 of 16: bits 0 and 5 of byte 0, bit 7 of byte 1
+BITMAP_INDEX = b"\x21\x80"
+
+
+def hand_built_tensors() -> dict[str, SparseTensor]:
+    return {
+        "layer.w": SparseTensor((2, 3), None, np.arange(1, 7, dtype=np.float32)),
+        "mask": SparseTensor((16,), np.array([0, 5, 15]), np.array([0.5, -1.0, 2.0], np.float32)),
+        "embed": SparseTensor((10, 100), np.array([3, 700]), np.array([7.0, -0.25], np.float32)),
+    }
+
+
+def hand_built_body(value_bytes=f32) -> bytes:
+    return (
+        record("layer.w", (2, 3), 0, 6, b"", value_bytes(1, 2, 3, 4, 5, 6))
+        + record("mask", (16,), 1, 3, BITMAP_INDEX, value_bytes(0.5, -1.0, 2.0))
+        + record("embed", (10, 100), 2, 2, VARINT_INDEX, value_bytes(7.0, -0.25))
+    )
+
+
+def test_hand_built_payload_decodes():
+    decoded = decode(wrap(hand_built_body(), 3))
+    for name, original in hand_built_tensors().items():
+        assert_same(decoded[name], original)
+    np.testing.assert_array_equal(decoded["mask"].indices, [0, 5, 15])
+    np.testing.assert_array_equal(decoded["embed"].indices, [3, 700])
+    assert decoded["layer.w"].indices is None
+
+
+def test_encode_matches_hand_built_bytes():
+    body = hand_built_body()
+    payload = encode(hand_built_tensors())
+    assert payload[:16] == HEADER.pack(b"FPTU", 1, 1, 0, 0, 3, len(body))
+    assert zstandard.frame_content_size(payload[16:]) == len(body)
+    assert body_of(payload) == body
+
+
+def test_encode_matches_hand_built_bytes_fp16():
+    f16 = lambda *xs: np.array(xs, dtype="<f2").tobytes()
+    body = hand_built_body(f16)
+    payload = encode(hand_built_tensors(), value_dtype=ValueDtype.FLOAT16, level=19)
+    assert payload[:16] == HEADER.pack(b"FPTU", 1, 2, 0, 0, 3, len(body))
+    assert body_of(payload) == body
+    assert_same(decode(wrap(body, 3, dtype=2))["mask"], hand_built_tensors()["mask"], fp16=True)
+
+
+def test_scalar_record_bytes():
+    body = record("s", (), 0, 1, b"", f32(1.5))
+    assert body == b"\x01\x00s\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00" + f32(1.5)
+    assert body_of(encode({"s": SparseTensor((), None, np.array([1.5], np.float32))})) == body
+
+
+# --------------------------------------------------------------------------- varints
+
+KNOWN_VARINTS = [
+    (0, b"\x00"),
+    (1, b"\x01"),
+    (127, b"\x7f"),
+    (128, b"\x80\x01"),
+    (300, b"\xac\x02"),
+    (16384, b"\x80\x80\x01"),
+    (2**63 - 1, b"\xff" * 8 + b"\x7f"),
+]
+
+
+def test_varint_known_vectors():
+    values = np.array([v for v, _ in KNOWN_VARINTS], dtype=np.uint64)
+    encoded = b"".join(e for _, e in KNOWN_VARINTS)
+    assert _encode_varints(values) == encoded
+    np.testing.assert_array_equal(_decode_varints(encoded, len(values)), values)
+    for value, expected in KNOWN_VARINTS:
+        assert leb128(value) == expected
+
+
+def test_varint_known_vectors_in_payload():
+    gaps = [0, 1, 127, 128, 300, 16384]
+    indices = np.cumsum(gaps)
+    tensor = SparseTensor((1_000_000,), indices, np.ones(len(gaps), np.float32))
+    index = b"".join(e for _, e in KNOWN_VARINTS[:6])
+    expected = record("v", (1_000_000,), 2, 6, index, f32(*[1.0] * 6))
+    payload = encode({"v": tensor})
+    assert body_of(payload) == expected
+    np.testing.assert_array_equal(decode(payload)["v"].indices, indices)
+
+
+@pytest.mark.parametrize(
+    "raw, count, message",
+    [
+        (b"\x80", 1, "middle of a varint"),
+        (b"\x01\x02", 1, "2 varints"),
+        (b"\x80\x00", 1, "non-minimal"),
+        (b"\xff" * 9 + b"\x01", 1, "longer than 9"),
+        (b"", 1, "empty"),
+    ],
+)
+def test_bad_varints(raw, count, message):
+    with pytest.raises(CodecError, match=message):
+        _decode_varints(raw, count)
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_rejected_at_encode(bad):
+    values = np.array([1.0, bad], np.float32)
+    with pytest.raises(CodecError, match="'grad.bias'.*NaN or Inf"):
+        encode({"ok": SparseTensor.from_dense(np.ones(3)), "grad.bias": SparseTensor((2,), None, values)})
+
+
+@pytest.mark.parametrize("dtype, bad", [(1, np.nan), (1, np.inf), (2, np.nan), (2, -np.inf)])
+def test_non_finite_rejected_at_decode(dtype, bad):
+    wire = "<f4" if dtype == 1 else "<f2"
+    values = np.array([1.0, bad, 3.0], dtype=wire).tobytes()
+    body = record("fc.weight", (3,), 0, 3, b"", values)
+    with pytest.raises(CodecError, match="'fc.weight'.*NaN or Inf"):
+        decode(wrap(body, 1, dtype=dtype))
+
+
+def test_fp16_overflow_rejected():
+    with pytest.raises(CodecError, match="'big'.*float16 range"):
+        encode({"big": SparseTensor.from_dense(np.array([1.0, 70000.0]))}, ValueDtype.FLOAT16)
+    # The largest finite half still encodes, as does a value that rounds down to it.
+    edge = SparseTensor.from_dense(np.array([65504.0, -65510.0]))
+    decoded = decode(encode({"ok": edge}, ValueDtype.FLOAT16))
+    np.testing.assert_array_equal(decoded["ok"].values, [65504.0, -65504.0])
+
+
+# --------------------------------------------------------------------------- expected shapes
+
+
+def test_expected_shapes_mismatch_and_unknown():
+    payload = encode({"conv1.weight": SparseTensor.from_dense(np.zeros((4, 3, 3, 3)))})
+    with pytest.raises(CodecError, match=r"'conv1.weight' has shape \(4, 3, 3, 3\), expected \(8, 3, 3, 3\)"):
+        decode(payload, expected_shapes={"conv1.weight": (8, 3, 3, 3)})
+    with pytest.raises(CodecError, match="'conv1.weight' is not part of the model"):
+        decode(payload, expected_shapes={"fc.weight": (10, 4)})
+    # Tensors missing from a (partial) update are fine.
+    assert list(decode(payload, expected_shapes={"conv1.weight": [4, 3, 3, 3], "fc.weight": (10, 4)})) == [
+        "conv1.weight"
+    ]
+
+
+# --------------------------------------------------------------------------- hostile payloads
+
+
+def test_header_errors(mixed_payload):
+    with pytest.raises(CodecError, match=r"not a fedprune update payload \(magic b'PK\\x03\\x04'"):
+        decode(b"PK\x03\x04" + mixed_payload[4:])
+    with pytest.raises(CodecError, match="format version 7 not supported; this build reads 1"):
+        decode(mixed_payload[:4] + b"\x07" + mixed_payload[5:])
+    with pytest.raises(CodecError, match="value dtype code 9"):
+        decode(mixed_payload[:5] + b"\x09" + mixed_payload[6:])
+    with pytest.raises(CodecError, match="flags"):
+        decode(mixed_payload[:6] + b"\x01" + mixed_payload[7:])
+    with pytest.raises(CodecError, match="payload must be bytes"):
+        decode("FPTU")  # type: ignore[arg-type]
+    # bytearray / memoryview are accepted
+    assert list(decode(memoryview(bytearray(mixed_payload)))) == ["dense", "bitmap", "varint", "scalar"]
+
+
+VALID = record("a", (4,), 0, 4, b"", f32(1, 2, 3, 4))
+
+
+@pytest.mark.parametrize(
+    "body, count, message",
+    [
+        (VALID + VALID, 2, "'a' appears more than once"),
+        (VALID + b"\x00", 1, "1 bytes of trailing garbage"),
+        (VALID, 2, "truncated body"),
+        (record(b"\xff\xfe", (1,), 0, 1, b"", f32(1)), 1, "UTF-8"),
+        (record("a", (4,), 7, 4, b"", f32(1, 2, 3, 4)), 1, "unknown index kind 7"),
+        (record("a", (4,), 0, 3, b"", f32(1, 2, 3)), 1, "DENSE index needs nnz == numel"),
+        (record("a", (4,), 0, 4, b"\x00", f32(1, 2, 3, 4)), 1, "DENSE index needs"),
+        (record("a", (4,), 2, 5, b"\x00\x01\x01\x01\x01", f32(1, 2, 3, 4, 5)), 1, "nnz 5 exceeds numel 4"),
+        (record("a", (16,), 1, 2, b"\x21\x00\x00", f32(1, 2)), 1, "BITMAP index must be 2 bytes"),
+        (record("a", (16,), 1, 3, b"\x21\x00", f32(1, 2, 3)), 1, "popcount 2 does not match nnz 3"),
+        (record("a", (4,), 1, 2, b"\x21", f32(1, 2)), 1, "padding must be 0"),
+        (record("a", (10,), 2, 2, b"\x03\x07", f32(1, 2)), 1, "index 10 is out of range for 10"),
+        (record("a", (10,), 2, 2, b"\x03\x00", f32(1, 2)), 1, "not strictly increasing"),
+        (record("a", (10,), 2, 2, b"\x03", f32(1, 2)), 1, "cannot hold 2 varints"),
+        (record("a", (2**20, 2**20), 2, 1, b"\x03", f32(1)), 1, "over max_decoded_bytes"),
+        (
+            record("a", (2**32 - 1,) * 8, 2, 1, b"\x03", f32(1)),
+            1,
+            r"declares shape \(4294967295, 4294967295.*over max_decoded_bytes",
+        ),
+        (
+            record("a", (4,), 2, 2, b"\xff" * 8 + b"\x7f" + b"\xff" * 8 + b"\x7f", f32(1, 2)),
+            1,
+            "index 18446744073709551614 is out of range",
+        ),
+        (record("a", (4,), 2, 3, (b"\xff" * 8 + b"\x7f") * 3, f32(1, 2, 3)), 1, "indices overflow"),
+        (VALID, 10**6, "tensor count 1000000 cannot fit"),
+    ],
+)
+def test_malformed_bodies(body, count, message):
+    with pytest.raises(CodecError, match=message):
+        decode(wrap(body, count))
+
+
+def test_body_length_mismatch_and_trailing_frame_data(mixed_payload):
+    body = body_of(mixed_payload)
+    with pytest.raises(CodecError, match="differs from declared body length"):
+        decode(wrap(body, 4, declared=len(body) + 1))
+    with pytest.raises(CodecError, match="differs from declared body length"):
+        decode(wrap(body, 4, declared=len(body) - 1))
+    with pytest.raises(CodecError, match="trailing data|corrupt"):
+        decode(mixed_payload + b"\x00")
+    with pytest.raises(CodecError, match="does not declare its content size"):
+        decode(wrap(body, 4, write_content_size=False))
+    with pytest.raises(CodecError, match="not a valid zstd frame"):
+        decode(mixed_payload[:16] + b"garbage!" * 4)
+
+
+def test_checksum_detects_corruption(mixed_payload):
+    corrupted = bytearray(mixed_payload)
+    corrupted[-1] ^= 0xFF
+    with pytest.raises(CodecError):
+        decode(bytes(corrupted))
+
+
+def test_truncation_at_every_prefix(mixed_payload):
+    for n in range(len(mixed_payload)):
+        with pytest.raises(CodecError):
+            decode(mixed_payload[:n])
+    body = body_of(mixed_payload)
+    for n in range(len(body)):
+        with pytest.raises(CodecError):
+            decode(wrap(body[:n], 4))
+
+
+# --------------------------------------------------------------------------- decompression bombs
+
+BOMB_SIZE = 100 * 2**20
+
+
+@pytest.fixture(scope="module")
+def bomb_frames() -> dict[str, bytes]:
+    """100 MB of zeros as zstd frames, built in 1 MB chunks to keep the test light."""
+    frames = {}
+    for label, with_size in [("sized", True), ("unsized", False)]:
+        cobj = zstandard.ZstdCompressor(level=1, write_content_size=with_size).compressobj(
+            size=BOMB_SIZE if with_size else -1
+        )
+        chunk = bytes(2**20)
+        frames[label] = b"".join(cobj.compress(chunk) for _ in range(100)) + cobj.flush()
+    return frames
+
+
+def peak_allocation(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak
+
+
+def expect_refusal(payload: bytes, message: str, **kwargs) -> None:
+    def attempt() -> None:
+        with pytest.raises(CodecError, match=message):
+            decode(payload, **kwargs)
+
+    assert peak_allocation(attempt) < 2**20
+
+
+def test_declared_body_length_over_limit_refused_before_decompressing():
+    payload = HEADER.pack(b"FPTU", 1, 1, 0, 0, 1, 2**32 - 1) + zstandard.compress(b"tiny")
+    expect_refusal(payload, "exceeds max_decoded_bytes=268435456; refusing to decompress")
+
+
+def test_real_bomb_refused(bomb_frames):
+    sized, unsized = bomb_frames["sized"], bomb_frames["unsized"]
+    assert zstandard.frame_content_size(sized) == BOMB_SIZE and len(sized) < 2**16
+    honest = HEADER.pack(b"FPTU", 1, 1, 0, 0, 1, BOMB_SIZE) + sized
+    expect_refusal(honest, "exceeds max_decoded_bytes", max_decoded_bytes=2**20)
+    lying = HEADER.pack(b"FPTU", 1, 1, 0, 0, 1, 1000) + sized
+    expect_refusal(lying, "content size 104857600 differs from declared body length 1000")
+    unsized_payload = HEADER.pack(b"FPTU", 1, 1, 0, 0, 1, 1000) + unsized
+    expect_refusal(unsized_payload, "does not declare its content size")
+
+
+# --------------------------------------------------------------------------- encode-side validation
+
+
+def test_invalid_tensors_rejected():
+    with pytest.raises(CodecError, match="strictly increasing"):
+        SparseTensor((10,), np.array([3, 2]), np.ones(2, np.float32))
+    with pytest.raises(CodecError, match="out of range"):
+        SparseTensor((10,), np.array([10]), np.ones(1, np.float32))
+    with pytest.raises(CodecError, match="got 3 values"):
+        SparseTensor((2, 2), None, np.ones(3, np.float32))
+    with pytest.raises(CodecError, match="mask dtype"):
+        SparseTensor.from_dense(np.ones(3), np.ones(3))
+    with pytest.raises(CodecError, match="mask shape"):
+        SparseTensor.from_dense(np.ones(3), np.ones(4, bool))
+    with pytest.raises(CodecError, match="value_dtype"):
+        encode({}, value_dtype=5)  # type: ignore[arg-type]
+    with pytest.raises(CodecError, match="zstd level"):
+        encode({}, level=99)
+    with pytest.raises(CodecError, match="not a str"):
+        encode({1: SparseTensor.from_dense(np.ones(1))})  # type: ignore[dict-item]
+    with pytest.raises(CodecError, match="u32"):
+        encode({"t": SparseTensor((2**32,), np.array([0]), np.ones(1, np.float32))})
+
+
+# --------------------------------------------------------------------------- properties
+
+shapes = st.lists(st.integers(0, 9), min_size=0, max_size=4).map(tuple)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=shapes,
+    density=st.one_of(st.none(), st.floats(0.0, 1.0)),
+    seed=st.integers(0, 2**32 - 1),
+    value_dtype=st.sampled_from(list(ValueDtype)),
+    level=st.sampled_from([-5, 1, 3, 19]),
+)
+def test_property_round_trip(shape, density, seed, value_dtype, level):
+    rng = np.random.default_rng(seed)
+    tensors = {
+        "t": random_sparse(rng, shape, density),
+        "u": random_sparse(rng, (int(rng.integers(1, 3000)),), 0.03),
+    }
+    payload = encode(tensors, value_dtype=value_dtype, level=level)
+    decoded = decode(payload, expected_shapes={k: t.shape for k, t in tensors.items()})
+    for name, original in tensors.items():
+        assert_same(decoded[name], original, fp16=value_dtype is ValueDtype.FLOAT16)
+
+
+def decodes_or_rejects(payload: bytes) -> None:
+    try:
+        decode(payload, max_decoded_bytes=2**22)
+    except CodecError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.binary(max_size=300).map(lambda b: b"FPTU\x01\x01\x00\x00" + b)))
+def test_property_random_bytes(data):
+    decodes_or_rejects(data)
+
+
+mutations = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4)
+
+
+def mutate(data: bytes, edits, cut: int | None) -> bytes:
+    buf = bytearray(data)
+    for position, value in edits:
+        buf[position % len(buf)] = value
+    return bytes(buf if cut is None else buf[: cut % (len(buf) + 1)])
+
+
+@settings(max_examples=200, deadline=None)
+@given(edits=mutations, cut=st.one_of(st.none(), st.integers(0, 10**6)))
+def test_property_mutated_payload(mixed_payload_cached, edits, cut):
+    decodes_or_rejects(mutate(mixed_payload_cached, edits, cut))
+
+
+@settings(max_examples=300, deadline=None)
+@given(edits=mutations, cut=st.one_of(st.none(), st.integers(0, 10**6)), count=st.integers(0, 6))
+def test_property_mutated_body(mixed_payload_cached, edits, cut, count):
+    """Mutate the decompressed body and re-wrap it, so the record parser sees the damage."""
+    decodes_or_rejects(wrap(mutate(body_of(mixed_payload_cached), edits, cut), count))
+
+
+@pytest.fixture(scope="module")
+def mixed_payload_cached() -> bytes:
+    rng = np.random.default_rng(11)
+    return encode(
+        {
+            "dense": random_sparse(rng, (3, 4), None),
+            "bitmap": random_sparse(rng, (40,), 0.5),
+            "varint": random_sparse(rng, (500,), 0.02),
+            "scalar": random_sparse(rng, (), None),
+        },
+        ValueDtype.FLOAT16,
+    )
