@@ -70,6 +70,7 @@ class SimulationConfig(_Section):
     clients: int = Field(10, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)
     partition: str = "classes:5"
+    max_client_samples: int | None = Field(None, ge=2)
     rounds: int = Field(3, ge=1)
     seed: int = 0
     train: TrainSection = TrainSection()

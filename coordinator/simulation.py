@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from edge_sdk import codec
 from edge_sdk.client import LocalClient
-from edge_sdk.data import load_dataset, make_client_data, to_tensor
+from edge_sdk.data import ClientData, load_dataset, make_client_data, to_tensor
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.training import DPConfig, TrainConfig, accuracy
 
@@ -83,9 +83,10 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
     strategy = make_strategy(config, spec)
     train = TrainConfig(**config.train.model_dump())
     dp = dp_config(config)
-    clients = [LocalClient(data, train, dp, planned_rounds=config.rounds, seed=config.seed)
+    clients = [LocalClient(_capped(data, config.max_client_samples), train, dp,
+                           planned_rounds=config.rounds, seed=config.seed)
                for data in make_client_data(source, config.clients, config.partition, config.seed)]
-    test_x, test_y = to_tensor(source.test_x, source.info), torch.from_numpy(source.test_y)
+    test_x, test_y = to_tensor(source.test_x, source.info), torch.tensor(source.test_y)
 
     global_model = build_model(spec, seed=config.seed)
     global_state = {k: v.detach().numpy().copy() for k, v in global_model.state_dict().items()}
@@ -130,6 +131,16 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
     if dp is not None:
         result.privacy = [privacy_entry(c) for c in clients]
     return result
+
+
+def _capped(data: ClientData, limit: int | None) -> ClientData:
+    """Keep at most `limit` samples per client, in the same 70/30 proportion (quick runs, tests)."""
+    if limit is None or len(data.train_y) + len(data.test_y) <= limit:
+        return data
+    n_train = max(1, round(limit * len(data.train_y) / (len(data.train_y) + len(data.test_y))))
+    n_test = max(1, limit - n_train)
+    return ClientData(data.client_id, data.train_x[:n_train], data.train_y[:n_train],
+                      data.test_x[:n_test], data.test_y[:n_test])
 
 
 def privacy_entry(client: LocalClient) -> dict[str, Any]:

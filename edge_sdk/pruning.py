@@ -23,7 +23,7 @@ def magnitude_mask(values: np.ndarray, keep: float) -> np.ndarray:
     flat = np.abs(np.asarray(values, dtype=np.float32)).ravel()
     mask = np.ones(flat.shape, dtype=bool)
     if keep < 1.0:
-        k = math.ceil(keep * flat.size)
+        k = math.ceil(keep * flat.size - 1e-9)  # 0.55 * 100 is 55.00000000000001 in floats
         order = np.argsort(-flat, kind="stable")
         mask[order[k:]] = False
     return mask.reshape(np.shape(values))

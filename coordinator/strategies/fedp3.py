@@ -44,7 +44,7 @@ def parse_selection(text: str, hidden_layers: int) -> tuple[str, int]:
     k = 1 if kind == "lowerb" else int(match.group(2) or match.group(3))
     if not 1 <= k <= hidden_layers:
         raise ValueError(f"fedp3.selection {text!r}: k must be between 1 and the {hidden_layers} "
-                         "hidden layers of this model")
+                         "hidden layers of this model (forms: lowerb, opuK, oprK)")
     return kind, k
 
 

@@ -68,11 +68,15 @@ class PrivacyLedger:
     history: list[tuple[float, float, int]] = field(default_factory=list)
 
     def epsilon(self, extra: list[tuple[float, float, int]] | None = None) -> float:
-        history = self.history + (extra or [])
-        if not history:
+        # Steps at the same (noise, rate) compose additively, so merging them is exact and keeps
+        # the cost of an epsilon query independent of how many rounds the device has done.
+        merged: dict[tuple[float, float], int] = {}
+        for sigma, rate, steps in self.history + (extra or []):
+            merged[(sigma, rate)] = merged.get((sigma, rate), 0) + steps
+        if not merged:
             return 0.0
         accountant = create_accountant(self.accountant)
-        accountant.history = [tuple(entry) for entry in history]
+        accountant.history = [(sigma, rate, steps) for (sigma, rate), steps in merged.items()]
         return float(accountant.get_epsilon(delta=self.delta))
 
     def check_affordable(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
