@@ -66,9 +66,9 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
 
         dataset = torch.utils.data.TensorDataset(x, y)
         loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, collate_fn=_stack)
-        engine = PrivacyEngine(accountant=dp.accountant)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # secure-RNG advice; see docs/ARCHITECTURE.md
+            engine = PrivacyEngine(accountant=dp.accountant)
             model, optimizer, criterion, loader = engine.make_private(
                 module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
                 noise_multiplier=noise_multiplier, max_grad_norm=dp.max_grad_norm,
