@@ -78,12 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from edge_sdk.data import DataError
-
     try:
         return args.handler(args)
-    except (ConfigError, DataError, ValueError) as exc:
+    except ValueError as exc:  # ConfigError, DataError, CodecError, SpecError all derive from it
         print(f"fedprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
