@@ -1,1 +1,58 @@
-"""Device profiles and the catalogue of real device classes: issue 3."""
+"""Device profiles: what each edge device can give to training (issue 3).
+
+A `DeviceProfile` is the one input the memory planner needs about a device: memory it
+may use, training throughput on a reference model, link speeds. It comes either from
+`fedprune profile` run on the device, or, before a device reports and in simulations,
+from the catalogue of real device classes built from public tables in the shared
+data. `sample_fleet` draws seeded fleets from that catalogue.
+
+This package imports none of fedprune's other packages: `edge_sdk` and everything
+above it depend on it, never the reverse.
+"""
+
+from .catalogue import (
+    CATALOGUE,
+    FLASH_KB_BYTES,
+    PHONE_CLASSES,
+    REFERENCE_BATCH_SIZE,
+    REFERENCE_DP_SAMPLES_PER_S,
+    REFERENCE_MODEL,
+    REFERENCE_SAMPLES_PER_S,
+    CatalogueError,
+    catalogue_names,
+    catalogue_profile,
+)
+from .fleet import parse_fleet_arg, sample_fleet
+from .profile import (
+    SUPPORTED_SCHEMA_VERSIONS,
+    BatteryProfile,
+    ComputeProfile,
+    DeviceProfile,
+    NetworkProfile,
+    ProfileError,
+    load_profile,
+    parse_profile,
+)
+
+__all__ = [
+    "CATALOGUE",
+    "FLASH_KB_BYTES",
+    "PHONE_CLASSES",
+    "REFERENCE_BATCH_SIZE",
+    "REFERENCE_DP_SAMPLES_PER_S",
+    "REFERENCE_MODEL",
+    "REFERENCE_SAMPLES_PER_S",
+    "SUPPORTED_SCHEMA_VERSIONS",
+    "BatteryProfile",
+    "CatalogueError",
+    "ComputeProfile",
+    "DeviceProfile",
+    "NetworkProfile",
+    "ProfileError",
+    "catalogue_names",
+    "catalogue_profile",
+    "load_profile",
+    "parse_fleet_arg",
+    "parse_profile",
+    "sample_fleet",
+]
