@@ -29,6 +29,12 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from edge_sdk.profiling import main_profile
+
+    return main_profile(args)
+
+
 def _print_summary(result: dict) -> None:
     print(f"{'round':>5} {'personal':>9} {'global':>7} {'bytes up':>12} {'bytes down':>12} "
           f"{'devices':>7} {'sec':>6}")
@@ -46,6 +52,55 @@ def _print_summary(result: dict) -> None:
         print(f"privacy: per-device epsilon max {max(eps):.3f}, median "
               f"{sorted(eps)[len(eps) // 2]:.3f} at delta={delta} (Opacus "
               f"{result['privacy'][0]['accountant'].upper()} accountant, record-level DP)")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from device_profiles import catalogue_profile, load_profile
+    from edge_sdk.budget import DataSlice
+    from edge_sdk.data import load_dataset
+    from edge_sdk.models import model_spec
+
+    from .planning.memory import MemoryCoefficients
+    from .planning.planner import PlannerSettings, plan_device
+    from .planning.verify import measure_rehearsal
+
+    profile = load_profile(args.profile) if args.profile else catalogue_profile(args.catalogue)
+    info = load_dataset(args.dataset, args.data_dir).info
+    settings = PlannerSettings(deadline_seconds=args.deadline, local_samples=args.local_samples,
+                               batch_size=args.batch_size, dp=not args.no_dp)
+    plan = plan_device(profile, model_spec(args.model, info.input_shape, info.num_classes),
+                       args.model, settings, MemoryCoefficients.load(),
+                       DataSlice(dataset=args.dataset, data_dir=args.data_dir))
+    if args.verify:
+        peak, _ = measure_rehearsal(plan)
+        plan = plan.model_copy(update={"measured_peak_bytes": peak})
+    if args.out:
+        plan.save(args.out)
+    if args.json:
+        print(plan.model_dump_json(indent=2))
+    else:
+        verdict = "fits" if plan.fits else "DOES NOT FIT: " + "; ".join(plan.reasons)
+        measured = (f", measured {plan.measured_peak_bytes / 1e6:.0f} MB"
+                    if plan.measured_peak_bytes else "")
+        print(f"{plan.device}: width {plan.width_ratio}, physical batch {plan.physical_batch_size}"
+              f"/{plan.batch_size}, predicted peak {plan.predicted_peak_bytes / 1e6:.0f} MB of "
+              f"{plan.budget_bytes / 1e6:.0f} MB{measured}; {plan.value_dtype} keep "
+              f"{plan.download_keep}: {plan.download_bytes:,} B down, {plan.upload_bytes:,} B up; "
+              f"{plan.local_samples} samples/round -> {verdict}")
+    return 0 if plan.fits else 1
+
+
+def _edge_rehearse(args: argparse.Namespace) -> int:
+    from edge_sdk.budget import BudgetPlan
+    from edge_sdk.rehearsal import rehearse
+
+    report = rehearse(BudgetPlan.load(args.plan))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{report['device']}: trained {report['samples']} samples in "
+              f"{report['seconds']:.1f} s, peak RSS {report['peak_rss_bytes'] / 1e6:.1f} MB")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +128,51 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json-out", help="write the results JSON here")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.set_defaults(handler=_simulate)
+
+    prof = sub.add_parser("profile", help="measure this device and write its profile (run on the device)",
+                          description="Measure this device's memory, cores, disk, battery, training "
+                          "throughput (plain and DP) and link to the coordinator, and write the "
+                          "DeviceProfile JSON the memory planner reads. The link is measured with "
+                          "--broker or given with --bandwidth; one of the two is required.")
+    prof.add_argument("--broker", metavar="URL",
+                      help="the coordinator's MQTT broker, mqtt://HOST[:PORT]; measures latency "
+                      "and bandwidth")
+    prof.add_argument("--bandwidth", metavar="UP,DOWN",
+                      help="link speed in bytes/s with an optional k/M/G suffix, e.g. 1M,4M; "
+                      "overrides the measured bandwidth")
+    prof.add_argument("--out", default="profile.json",
+                      help="where to write the profile (default: %(default)s)")
+    prof.add_argument("--name", help="device name in the profile (default: the host name)")
+    prof.add_argument("--quick", action="store_true",
+                      help="about 1 s per compute test instead of 3 s (less precise)")
+    prof.set_defaults(handler=_profile)
+
+    plan = sub.add_parser("plan", help="size a device's submodel from its profile",
+                          description="Pick the width, batch shape, precision and local samples "
+                          "that fit a device's memory, bandwidth and compute.")
+    source = plan.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", help="profile JSON written by `fedprune profile`")
+    source.add_argument("--catalogue", help="a named catalogue device, e.g. rpi4-2gb")
+    plan.add_argument("--model", default="fedp3_cnn")
+    plan.add_argument("--dataset", default="fashion-mnist")
+    plan.add_argument("--data-dir")
+    plan.add_argument("--deadline", type=float, default=600.0, help="round deadline in seconds")
+    plan.add_argument("--local-samples", type=int, default=420)
+    plan.add_argument("--batch-size", type=int, default=48)
+    plan.add_argument("--no-dp", action="store_true", help="plan for plain SGD instead of DP-SGD")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--out", help="save the plan here")
+    plan.add_argument("--verify", action="store_true", help="run `fedprune edge rehearse` on the "
+                      "plan as a fresh process and add its measured peak RSS")
+    plan.set_defaults(handler=_plan)
+
+    edge = sub.add_parser("edge", help="commands that run on the device")
+    edge_sub = edge.add_subparsers(dest="edge_command", required=True)
+    rehearse = edge_sub.add_parser("rehearse", help="one real local DP epoch of a plan; prints "
+                                   "peak RSS")
+    rehearse.add_argument("--plan", required=True)
+    rehearse.add_argument("--json", action="store_true")
+    rehearse.set_defaults(handler=_edge_rehearse)
     return parser
 
 

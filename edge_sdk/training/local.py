@@ -26,10 +26,15 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.0
     clip_norm: float | None = 10.0  # plain gradient-norm clipping without DP (FedP3 uses 10)
+    # Under DP, a logical batch larger than this is processed in physical chunks (Opacus virtual
+    # steps): same privacy and the same update, less peak memory.
+    physical_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("local_epochs and batch_size must be >= 1 and lr > 0")
+        if self.physical_batch_size is not None and self.physical_batch_size < 1:
+            raise ValueError("physical_batch_size must be >= 1")
 
 
 @dataclass
@@ -79,10 +84,9 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook")
         for _ in range(config.local_epochs):
-            for xb, yb in loader:
-                if len(xb) == 0:  # Poisson sampling can draw an empty batch; it still counts
+            for xb, yb in _physical(loader, optimizer, config, dp is not None):
+                if len(xb) == 0:  # Poisson sampling can draw an empty batch
                     optimizer.zero_grad()
-                    report.steps += 1
                     continue
                 loss = criterion(model(xb), yb)
                 loss.backward()
@@ -98,9 +102,24 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
                 total_loss += float(loss.detach()) * len(xb)
     report.mean_loss = total_loss / max(report.samples, 1)
     if engine is not None:
-        # Steps skipped on an empty Poisson batch are charged too: conservative and exact.
-        report.privacy_history = [(float(noise_multiplier), float(loader.sample_rate), report.steps)]
+        # Every logical Poisson batch is a step of the mechanism, empty or split into physical
+        # chunks alike, so the charge is the loader's batch count per epoch: exact.
+        report.privacy_history = [(float(noise_multiplier), float(loader.sample_rate),
+                                   len(loader) * config.local_epochs)]
     return report
+
+
+def _physical(loader, optimizer, config: TrainConfig, private: bool):
+    """Batches as the model sees them: under DP, split by Opacus's BatchMemoryManager."""
+    limit = config.physical_batch_size
+    if not private or limit is None or limit >= config.batch_size:
+        yield from loader
+        return
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=limit,
+                            optimizer=optimizer) as chunks:
+        yield from chunks
 
 
 class _ShuffledBatches:

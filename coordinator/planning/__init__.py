@@ -1,0 +1,1 @@
+"""Sizing devices: the memory model, the planner, and verification by rehearsal."""

@@ -1,0 +1,54 @@
+"""Run one real local epoch of a budget plan and report the process's peak resident memory.
+
+The planner's promise ("this submodel fits") is only worth what a measurement confirms. A
+rehearsal does on the device exactly what a task would: build the width-sliced model, load the
+device's data, and train one epoch with the plan's batch shape (DP-SGD with virtual steps when
+the plan says so). Run it under `/usr/bin/time -v` or inside a memory cgroup to check it
+independently; `fedprune plan --verify` runs it as a fresh subprocess and reads the child's peak.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+import torch
+
+from .budget import BudgetPlan
+from .data import client_data_for, load_dataset
+from .models import build_model, model_spec
+from .slicing import width_spec
+from .training import DPConfig, TrainConfig, train_locally
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rehearse(plan: BudgetPlan) -> dict[str, Any]:
+    source = load_dataset(plan.data.dataset, plan.data.data_dir)
+    data = client_data_for(source, plan.data.clients, plan.data.partition, plan.data.seed,
+                           plan.data.client_id)
+    x, y = data.train_x[:plan.local_samples], data.train_y[:plan.local_samples]
+    spec = width_spec(model_spec(plan.model, source.info.input_shape, source.info.num_classes),
+                      plan.width_ratio)
+    model = build_model(spec, seed=plan.data.seed)
+    train = TrainConfig(local_epochs=1, batch_size=plan.batch_size, momentum=plan.momentum,
+                        physical_batch_size=plan.physical_batch_size)
+    dp = DPConfig(noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm) \
+        if plan.dp else None
+    started = time.perf_counter()
+    report = train_locally(model, x, y, train, {}, seed=plan.data.seed, dp=dp,
+                           noise_multiplier=plan.noise_multiplier if plan.dp else None)
+    return {
+        "device": plan.device,
+        "width_ratio": plan.width_ratio,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "samples": report.samples,
+        "physical_steps": report.steps,
+        "seconds": time.perf_counter() - started,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "torch_threads": torch.get_num_threads(),
+    }

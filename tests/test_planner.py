@@ -1,0 +1,135 @@
+"""The budget planner: memory first, virtual steps before narrowing, transfer, compute, refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from coordinator.planning.memory import MemoryCoefficients, footprint, predict_peak_bytes
+from coordinator.planning.planner import PlannerSettings, payload_bytes, plan_device
+from coordinator.planning.verify import measure_rehearsal
+from device_profiles import catalogue_profile
+from edge_sdk import codec
+from edge_sdk.budget import BudgetPlan, BudgetPlanError, DataSlice
+from edge_sdk.models import build_model, model_spec
+from edge_sdk.slicing import width_spec
+
+BASE = model_spec("fedp3_cnn", (1, 28, 28), 10)
+COEFFS = MemoryCoefficients.load()
+SETTINGS = PlannerSettings()
+
+
+def with_memory(available_bytes: int, name: str = "rpi4-4gb"):
+    profile = catalogue_profile(name)
+    return profile.model_copy(update={"memory_available_bytes": available_bytes,
+                                      "memory_total_bytes": max(available_bytes,
+                                                                profile.memory_total_bytes)})
+
+
+def plan_for(profile, **settings):
+    return plan_device(profile, BASE, "fedp3_cnn", PlannerSettings(**settings), COEFFS)
+
+
+def budget_for_peak(spec, physical) -> int:
+    """Available memory at which exactly this configuration just fits under the safety margin."""
+    peak = predict_peak_bytes(spec, physical, SETTINGS.local_samples, COEFFS)
+    return int(peak / SETTINGS.safety_margin) + 1
+
+
+def test_a_roomy_device_gets_the_full_model_and_full_batch():
+    plan = plan_for(catalogue_profile("rpi5-8gb"))
+    assert plan.fits and plan.reasons == []
+    assert plan.width_ratio == 1.0 and plan.physical_batch_size == 48
+    assert plan.predicted_peak_bytes <= plan.budget_bytes
+
+
+def test_virtual_steps_come_before_narrowing_the_model():
+    # Between the peak at physical batch 48 and at 24: keeps full width, splits the batch.
+    full = budget_for_peak(BASE, 48)
+    plan = plan_for(with_memory(full - 2_000_000))
+    assert plan.width_ratio == 1.0
+    assert plan.physical_batch_size < 48
+    assert plan.batch_size == 48
+
+
+def test_less_memory_means_a_narrower_model_that_still_fits():
+    budgets = [budget_for_peak(width_spec(BASE, w), 8) for w in (1.0, 0.5, 0.25)]
+    ratios = [plan_for(with_memory(b)).width_ratio for b in budgets]
+    assert ratios == [1.0, 0.5, 0.25]
+    narrower = plan_for(with_memory(budgets[1] - 1_000_000))
+    assert narrower.width_ratio < 0.5 and narrower.fits
+    assert narrower.predicted_peak_bytes <= narrower.budget_bytes
+
+
+def test_nothing_fits_is_refused_with_the_reason():
+    plan = plan_for(with_memory(50_000_000))
+    assert not plan.fits
+    assert any(r.startswith("memory: even width 0.125") for r in plan.reasons)
+
+
+def test_slow_links_get_fp16_then_sparser_transfers():
+    fast = plan_for(catalogue_profile("rpi5-8gb"))
+    assert (fast.value_dtype, fast.download_keep) == ("fp32", 1.0)
+    profile = catalogue_profile("rpi5-8gb")
+    slow_net = profile.network.model_copy(update={"uplink_bytes_per_s": 10_000.0,
+                                                  "downlink_bytes_per_s": 10_000.0})
+    slow = plan_for(profile.model_copy(update={"network": slow_net}), deadline_seconds=600)
+    assert slow.value_dtype == "fp16" and slow.download_keep < 1.0
+    assert slow.transfer_seconds <= 300
+    hopeless_net = profile.network.model_copy(update={"uplink_bytes_per_s": 100.0,
+                                                      "downlink_bytes_per_s": 100.0})
+    hopeless = plan_for(profile.model_copy(update={"network": hopeless_net}))
+    assert not hopeless.fits and any(r.startswith("transfer:") for r in hopeless.reasons)
+
+
+def test_slow_compute_caps_local_samples_to_the_deadline():
+    profile = catalogue_profile("rpi4-2gb")
+    plan = plan_for(profile, deadline_seconds=10, local_samples=2000)
+    assert plan.width_ratio == 1.0
+    assert 48 <= plan.local_samples < 2000
+    assert plan.local_steps == -(-plan.local_samples // 48)
+    assert plan.transfer_seconds + plan.compute_seconds <= 10 + 1e-6
+
+
+def test_payload_bytes_are_the_codec_bytes():
+    spec = width_spec(BASE, 0.5)
+    state = {k: v.detach().numpy() for k, v in build_model(spec, seed=0).state_dict().items()}
+    expected = len(codec.encode({k: codec.SparseTensor.from_dense(v) for k, v in state.items()}))
+    assert payload_bytes(spec, "fp32", 1.0) == (expected, expected)
+    half = payload_bytes(spec, "fp16", 1.0)[0]
+    assert 0.45 * expected < half < 0.6 * expected
+    assert payload_bytes(spec, "fp16", 0.25)[0] < half
+
+
+def test_predicted_peak_grows_with_width_and_batch():
+    widths = [predict_peak_bytes(width_spec(BASE, w), 48, 420, COEFFS) for w in (0.25, 0.5, 1.0)]
+    assert widths == sorted(widths) and widths[0] < widths[-1]
+    assert predict_peak_bytes(BASE, 8, 420, COEFFS) < predict_peak_bytes(BASE, 192, 420, COEFFS)
+    hooks = predict_peak_bytes(BASE, 48, 420, COEFFS, per_sample_gradients=True)
+    assert hooks - predict_peak_bytes(BASE, 48, 420, COEFFS) == 4 * footprint(BASE).parameters * 48
+
+
+def test_plan_file_round_trip_and_clear_errors(tmp_path):
+    plan = plan_for(catalogue_profile("rpi4-2gb"))
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert BudgetPlan.load(path) == plan
+    data = json.loads(path.read_text())
+    data["width_ratio"] = 1.5
+    path.write_text(json.dumps(data))
+    with pytest.raises(BudgetPlanError, match="width_ratio"):
+        BudgetPlan.load(path)
+    with pytest.raises(BudgetPlanError, match="fedprune plan"):
+        BudgetPlan.load(tmp_path / "missing.json")
+
+
+def test_rehearsal_peak_is_measured_and_near_the_prediction():
+    plan = plan_for(catalogue_profile("rpi4-2gb"), local_samples=200)
+    plan = plan.model_copy(update={"width_ratio": 0.25, "data": DataSlice(clients=10, client_id=1)})
+    spec = width_spec(BASE, 0.25)
+    predicted = predict_peak_bytes(spec, plan.physical_batch_size, plan.local_samples, COEFFS)
+    peak, report = measure_rehearsal(plan, threads=1)
+    assert report["samples"] > 0 and report["parameters"] == footprint(spec).parameters
+    assert peak > 100_000_000  # torch + opacus + data really were loaded
+    assert abs(predicted - peak) / peak < 0.25
