@@ -19,7 +19,8 @@ def _simulate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set, strategy=args.strategy, dataset=args.dataset,
                          data_dir=args.data_dir, model=args.model, clients=args.clients,
                          partition=args.partition, rounds=args.rounds, seed=args.seed,
-                         fraction=args.fraction, **{"train.local_epochs": args.local_epochs})
+                         fraction=args.fraction, fleet=args.fleet,
+                         **{"train.local_epochs": args.local_epochs})
     result = run_simulation(config, progress=not args.quiet).to_dict()
     _print_summary(result)
     if args.json_out:
@@ -46,6 +47,15 @@ def _print_summary(result: dict) -> None:
     print(f"final: personalized accuracy {final['personalized_accuracy']:.4f}, global accuracy "
           f"{final['global_accuracy']:.4f}, {final['bytes_up_total']:,} bytes up, "
           f"{final['bytes_down_total']:,} bytes down")
+    if "clients" in result:
+        planned = result["clients"]
+        widths: dict[float, int] = {}
+        for entry in planned:
+            if entry["fits"]:
+                widths[entry["width_ratio"]] = widths.get(entry["width_ratio"], 0) + 1
+        refused = sum(not entry["fits"] for entry in planned)
+        print("fleet: " + ", ".join(f"{n} at width {w}" for w, n in sorted(widths.items(), reverse=True))
+              + (f", {refused} with no submodel that fits (not trained)" if refused else ""))
     if "privacy" in result:
         eps = [p["epsilon"] for p in result["privacy"]]
         delta = result["privacy"][0]["delta"]
@@ -71,9 +81,14 @@ def _plan(args: argparse.Namespace) -> int:
     plan = plan_device(profile, model_spec(args.model, info.input_shape, info.num_classes),
                        args.model, settings, MemoryCoefficients.load(),
                        DataSlice(dataset=args.dataset, data_dir=args.data_dir))
-    if args.verify:
+    if args.verify and plan.fits:
         peak, _ = measure_rehearsal(plan)
-        plan = plan.model_copy(update={"measured_peak_bytes": peak})
+        update: dict = {"measured_peak_bytes": peak}
+        if peak > plan.budget_bytes:
+            update.update(fits=False, reasons=[
+                f"verify: measured peak {peak / 1e6:.0f} MB is over the budget of "
+                f"{plan.budget_bytes / 1e6:.0f} MB (predicted {plan.predicted_peak_bytes / 1e6:.0f} MB)"])
+        plan = plan.model_copy(update=update)
     if args.out:
         plan.save(args.out)
     if args.json:
@@ -125,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rounds", type=int)
     sim.add_argument("--local-epochs", type=int)
     sim.add_argument("--seed", type=int)
+    sim.add_argument("--fleet", help="catalogue[:SEED]: give each device a sampled catalogue "
+                     "profile and train the submodel the planner sizes for it")
     sim.add_argument("--json-out", help="write the results JSON here")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.set_defaults(handler=_simulate)

@@ -71,6 +71,9 @@ class SimulationConfig(_Section):
     fraction: float = Field(1.0, gt=0, le=1)
     partition: str = "classes:5"
     max_client_samples: int | None = Field(None, ge=2)
+    fleet: str | None = None  # "catalogue[:seed]": sample device profiles and plan each submodel
+    slicing: Literal["prefix", "rolling", "magnitude"] = "prefix"
+    deadline_seconds: float = Field(600.0, gt=0)
     rounds: int = Field(3, ge=1)
     seed: int = 0
     train: TrainSection = TrainSection()

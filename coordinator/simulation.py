@@ -6,6 +6,7 @@ with the wire codec, so the byte counts reported are the bytes a broker would ca
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,9 @@ from edge_sdk.training import DPConfig, TrainConfig, accuracy
 
 from .aggregation import StreamingAggregator
 from .config import SimulationConfig
-from .strategies import DownloadBuilder, FedAvg, FedP3, FedP3Config, Strategy
+from .planning.fleet import SubmodelViews, plan_fleet
+from .planning.planner import PlannerSettings
+from .strategies import FedAvg, FedP3, FedP3Config, Strategy
 
 _DTYPES = {"fp32": codec.ValueDtype.FLOAT32, "fp16": codec.ValueDtype.FLOAT16}
 
@@ -47,6 +50,7 @@ class SimulationResult:
     config: dict[str, Any]
     rounds: list[RoundResult] = field(default_factory=list)
     privacy: list[dict[str, Any]] | None = None
+    clients: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         last = self.rounds[-1]
@@ -60,6 +64,7 @@ class SimulationResult:
                 "bytes_down_total": sum(r.bytes_down for r in self.rounds),
             },
             **({"privacy": self.privacy} if self.privacy is not None else {}),
+            **({"clients": self.clients} if self.clients is not None else {}),
         }
 
 
@@ -83,9 +88,13 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
     strategy = make_strategy(config, spec)
     train = TrainConfig(**config.train.model_dump())
     dp = dp_config(config)
-    clients = [LocalClient(_capped(data, config.max_client_samples), train, dp,
-                           planned_rounds=config.rounds, seed=config.seed)
-               for data in make_client_data(source, config.clients, config.partition, config.seed)]
+    shards = [_capped(data, config.max_client_samples)
+              for data in make_client_data(source, config.clients, config.partition, config.seed)]
+    fleet = _plan_fleet(config, spec, shards) if config.fleet else None
+    clients = [LocalClient(_fleet_shard(data, fleet), _fleet_train(train, data.client_id, fleet), dp,
+                           planned_rounds=config.rounds, seed=config.seed) for data in shards]
+    widths = [a.plan.width_ratio for a in fleet] if fleet else [1.0] * config.clients
+    eligible = [a.plan.fits for a in fleet] if fleet else [True] * config.clients
     test_x, test_y = to_tensor(source.test_x, source.info), torch.tensor(source.test_y)
 
     global_model = build_model(spec, seed=config.seed)
@@ -93,28 +102,34 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
     shapes = {k: v.shape for k, v in global_state.items()}
     rng = np.random.default_rng(config.seed)
     per_round = max(1, round(config.fraction * config.clients))
-    result = SimulationResult(config=config.model_dump())
+    result = SimulationResult(config=config.model_dump(),
+                              clients=[a.to_dict() for a in fleet] if fleet else None)
     bar = tqdm(total=config.rounds * per_round, disable=not progress, unit="task",
                desc=f"{config.strategy} {config.partition}")
     for round_number in range(1, config.rounds + 1):
         started = time.perf_counter()
         chosen = sorted(rng.choice(config.clients, per_round, replace=False).tolist())
-        downloads = DownloadBuilder(global_state, _DTYPES[config.codec.download_dtype])
+        views = SubmodelViews(spec, global_state, _DTYPES[config.codec.download_dtype],
+                              config.slicing, round_number)
         aggregator = StreamingAggregator(shapes)
         bytes_up = bytes_down = refused = 0
         for client_id in chosen:
+            bar.update(1)
+            if not eligible[client_id]:  # the planner found no submodel this device can hold
+                refused += 1
+                continue
             client = clients[client_id]
-            plan = strategy.plan(client_id, round_number, client.num_train)
-            payload = downloads.payload(plan, device_has_private_copy=client.spec is not None)
+            view = views.view(widths[client_id])
+            plan = view.adapt(strategy.plan(client_id, round_number, client.num_train))
+            payload = view.downloads.payload(plan, device_has_private_copy=client.spec is not None)
             bytes_down += len(payload)
             outcome = client.run_task(plan, payload)
-            bar.update(1)
             if outcome.refused:
                 refused += 1
                 continue
             bytes_up += len(outcome.payload)
-            update = codec.decode(outcome.payload, {n: shapes[n] for n in plan.uploaded})
-            aggregator.add_update(update, plan.aggregation_weight)
+            update = codec.decode(outcome.payload, {n: view.shapes[n] for n in plan.uploaded})
+            aggregator.add_update(view.to_global(update), plan.aggregation_weight)
         global_state = aggregator.apply(global_state)
         global_model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
         personal = [c.evaluate(c.personal_model() or global_model) for c in clients]
@@ -131,6 +146,27 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
     if dp is not None:
         result.privacy = [privacy_entry(c) for c in clients]
     return result
+
+
+def _plan_fleet(config: SimulationConfig, spec, shards: list[ClientData]):
+    settings = PlannerSettings(deadline_seconds=config.deadline_seconds,
+                               batch_size=config.train.batch_size, dp=config.dp.enabled,
+                               momentum=config.train.momentum, slicing=config.slicing)
+    return plan_fleet(config.fleet, spec, config.model, [len(d.train_y) for d in shards], settings)
+
+
+def _fleet_shard(data: ClientData, fleet) -> ClientData:
+    """A device trains on as many samples per round as its plan's compute budget allows."""
+    if fleet is None:
+        return data
+    n = max(1, fleet[data.client_id].plan.local_samples)
+    return ClientData(data.client_id, data.train_x[:n], data.train_y[:n], data.test_x, data.test_y)
+
+
+def _fleet_train(train: TrainConfig, client_id: int, fleet) -> TrainConfig:
+    if fleet is None:
+        return train
+    return dataclasses.replace(train, physical_batch_size=fleet[client_id].plan.physical_batch_size)
 
 
 def _capped(data: ClientData, limit: int | None) -> ClientData:

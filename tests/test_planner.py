@@ -133,3 +133,23 @@ def test_rehearsal_peak_is_measured_and_near_the_prediction():
     assert report["samples"] > 0 and report["parameters"] == footprint(spec).parameters
     assert peak > 100_000_000  # torch + opacus + data really were loaded
     assert abs(predicted - peak) / peak < 0.25
+
+
+def test_plan_verify_on_an_unseen_profile_fits_only_within_budget(tmp_path):
+    """A profile file the catalogue never saw: the CLI plans it, rehearses it, and reports."""
+    import subprocess
+    import sys
+
+    profile = catalogue_profile("rpi4-2gb").model_copy(update={"name": "someones-board",
+                                                             "memory_available_bytes": 700_000_000})
+    path = tmp_path / "board.json"
+    profile.save(path)
+    proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "plan", "--profile", str(path),
+                           "--local-samples", "200", "--verify", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    plan = json.loads(proc.stdout)
+    assert plan["measured_peak_bytes"] > 0
+    assert plan["fits"] == (plan["measured_peak_bytes"] <= plan["budget_bytes"])
+    assert plan["fits"] and proc.returncode == 0
+    assert {"width_ratio", "predicted_peak_bytes", "budget_bytes", "download_bytes",
+            "upload_bytes", "fits"} <= set(plan)

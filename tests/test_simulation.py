@@ -113,3 +113,43 @@ def test_cli_bad_input_is_a_clear_error(args, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_fleet_simulation_plans_each_device(monkeypatch):
+    """Sampled catalogue devices are planned; those that cannot hold any submodel never train."""
+    config = load_config(None, FAST_SGD, strategy="fedavg", clients=6, rounds=1,
+                         partition="classes:5", max_client_samples=200, fleet="catalogue:3")
+    result = run_simulation(config, progress=False).to_dict()
+    assert [c["client"] for c in result["clients"]] == list(range(6))
+    for entry in result["clients"]:
+        assert entry["fits"] == (entry["predicted_peak_bytes"] <= entry["budget_bytes"])
+    refused = sum(not c["fits"] for c in result["clients"])
+    assert result["rounds"][0]["participants"] == 6 - refused
+
+
+def test_width_sliced_devices_train_and_merge_by_coverage(monkeypatch):
+    """Devices planned at widths 1.0, 0.5 and 0.25 train physically smaller models together."""
+    import coordinator.simulation as simulation
+    from coordinator.planning.fleet import DeviceAssignment
+    from device_profiles import catalogue_profile
+
+    real_plan_fleet = simulation.plan_fleet
+
+    def narrowed(fleet, base, model_name, local_samples, settings):
+        assignments = real_plan_fleet("catalogue:0", base, model_name, local_samples, settings)
+        ratios = [1.0, 0.5, 0.25, 1.0, 0.5, 0.25]
+        return [DeviceAssignment(a.client_id, catalogue_profile("rpi4-4gb"),
+                                 a.plan.model_copy(update={"width_ratio": ratios[a.client_id],
+                                                           "fits": True, "reasons": []}))
+                for a in assignments]
+
+    monkeypatch.setattr(simulation, "plan_fleet", narrowed)
+    config = load_config(None, FAST_SGD + ["train.local_epochs=3"], strategy="fedavg", clients=6,
+                         rounds=2, partition="classes:5", max_client_samples=400,
+                         fleet="catalogue", deadline_seconds=1e6)
+    result = run_simulation(config, progress=False).to_dict()
+    assert [c["width_ratio"] for c in result["clients"]] == [1.0, 0.5, 0.25, 1.0, 0.5, 0.25]
+    assert all(r["participants"] == 6 for r in result["rounds"])
+    assert result["final"]["personalized_accuracy"] > 0.4  # chance on a device's 5 classes: 0.2
+    # A 0.25-width device moves far fewer bytes than a full one: total is well under 6 full models.
+    assert result["rounds"][0]["bytes_down"] < 4 * 4_533_613
