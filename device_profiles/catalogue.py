@@ -246,46 +246,48 @@ def _pi(spec: _PiClass, name: str, data_dir: str | Path | None = None) -> Device
     )
 
 
-def _jetson_nano(name: str, data_dir: str | Path | None = None) -> DeviceProfile:
-    total, reserve, factor = 4 * GIB, 1 * GIB, 1 / 6
+@dataclass(frozen=True)
+class _FixedClass:
+    """A device class with no public machine-readable table: its numbers are stated here."""
+
+    description: str
+    total: int
+    reserve: int
+    reserve_why: str
+    factor: float
+    factor_text: str
+    cores: int
+    arch: str
+    os: str
+    link: _Link
+
+
+_JETSON_NANO = _FixedClass(
+    "NVIDIA Jetson Nano 4GB, 4 GB RAM shared by CPU and GPU, 4 Cortex-A57 cores (vendor spec; "
+    "no public machine-readable table)", 4 * GIB, 1 * GIB, "L4T/Ubuntu", 1 / 6, "1/6 (CPU only)",
+    4, "aarch64", "Linux (NVIDIA L4T, Ubuntu)", _WIFI_AC)
+_GATEWAY = _FixedClass(
+    "generic 512 MiB, 2-core ARMv7 IoT gateway (assumed class; no public table)", 512 * MIB,
+    128 * MIB, "a minimal embedded Linux", 1 / 40, "1/40", 2, "armv7l", "Linux (embedded)", _LTE)
+
+
+def _fixed(spec: _FixedClass, name: str, data_dir: str | Path | None = None) -> DeviceProfile:
+    reserve_text = f"{spec.reserve // GIB} GiB" if spec.reserve % GIB == 0 else f"{spec.reserve // MIB} MiB"
     source = (
-        f"catalogue {name}: NVIDIA Jetson Nano 4GB, 4 GB RAM shared by CPU and GPU, 4 Cortex-A57 "
-        f"cores (vendor spec; no public machine-readable table); available = total - 1 GiB "
-        f"reserve for L4T/Ubuntu (assumption); {_compute_note('1/6 (CPU only)')}; "
-        f"{_WIFI_AC.note()}"
+        f"catalogue {name}: {spec.description}; available = total - {reserve_text} reserve for "
+        f"{spec.reserve_why} (assumption); {_compute_note(spec.factor_text)}; {spec.link.note()}"
     )
     return DeviceProfile(
         schema_version=1,
         name=name,
         source=source,
-        memory_total_bytes=total,
-        memory_available_bytes=total - reserve,
-        cpu_cores=4,
-        arch="aarch64",
-        os="Linux (NVIDIA L4T, Ubuntu)",
-        compute=_compute(factor),
-        network=_WIFI_AC.profile(),
-    )
-
-
-def _gateway(name: str, data_dir: str | Path | None = None) -> DeviceProfile:
-    total, reserve, factor = 512 * MIB, 128 * MIB, 1 / 40
-    source = (
-        f"catalogue {name}: generic 512 MiB, 2-core ARMv7 IoT gateway (assumed class; no public "
-        f"table); available = total - 128 MiB reserve for a minimal embedded Linux (assumption); "
-        f"{_compute_note('1/40')}; {_LTE.note()}"
-    )
-    return DeviceProfile(
-        schema_version=1,
-        name=name,
-        source=source,
-        memory_total_bytes=total,
-        memory_available_bytes=total - reserve,
-        cpu_cores=2,
-        arch="armv7l",
-        os="Linux (embedded)",
-        compute=_compute(factor),
-        network=_LTE.profile(),
+        memory_total_bytes=spec.total,
+        memory_available_bytes=spec.total - spec.reserve,
+        cpu_cores=spec.cores,
+        arch=spec.arch,
+        os=spec.os,
+        compute=_compute(spec.factor),
+        network=spec.link.profile(),
     )
 
 
@@ -368,9 +370,9 @@ _PI_CLASSES = {
 # tables themselves are read once and cached.
 CATALOGUE: dict[str, Callable[..., DeviceProfile]] = {
     **{name: partial(_pi, spec, name) for name, spec in _PI_CLASSES.items()},
-    "jetson-nano-4gb": partial(_jetson_nano, "jetson-nano-4gb"),
+    "jetson-nano-4gb": partial(_fixed, _JETSON_NANO, "jetson-nano-4gb"),
     **{name: partial(_phone, name) for name in PHONE_CLASSES},
-    "gateway-512mb": partial(_gateway, "gateway-512mb"),
+    "gateway-512mb": partial(_fixed, _GATEWAY, "gateway-512mb"),
 }
 
 
