@@ -4,7 +4,7 @@ Same data, devices, rounds and local training; the only difference is that with 
 device gets a sampled catalogue profile and trains the submodel the planner sized for it (devices
 with no fitting submodel sit out), while the reference pretends every device holds the full model.
 
-    python benchmarks/fleet_fmnist.py --clients 30 --rounds 5 --fleet catalogue:0
+    python benchmarks/fleet_fmnist.py --clients 30 --max-client-samples 600 --rounds 5 --fleet catalogue:0
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from coordinator.simulation import run_simulation
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=30)
+    parser.add_argument("--max-client-samples", type=int, default=600)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--fleet", default="catalogue:0")
@@ -30,7 +31,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = dict(strategy=args.strategy, clients=args.clients, rounds=args.rounds,
-                  partition="classes:5", **{"train.local_epochs": args.local_epochs,
+                  partition="classes:5", max_client_samples=args.max_client_samples, **{"train.local_epochs": args.local_epochs,
                                             "train.momentum": 0.9})
     rows = []
     for label, fleet in (("every device on the full model", None), (f"planned fleet {args.fleet}", args.fleet)):
@@ -38,7 +39,8 @@ def main() -> None:
         (out / f"{'full' if fleet is None else 'fleet'}.json").write_text(json.dumps(result, indent=2))
         rows.append((label, result))
         print(f"done {label}", flush=True)
-    print(f"\n{args.strategy}, {args.clients} devices, S1, {args.rounds} rounds x {args.local_epochs} "
+    print(f"\n{args.strategy}, {args.clients} devices x {args.max_client_samples} samples, S1, "
+          f"{args.rounds} rounds x {args.local_epochs} "
           "local epochs, SGD lr 0.01 momentum 0.9, Fashion-MNIST, FedP3 CNN")
     print("| run | personalized acc % | global acc % | bytes up | bytes down | devices trained | widths |")
     print("|---|---:|---:|---:|---:|---:|---|")
