@@ -2,7 +2,7 @@
 
 Runs `fedprune edge rehearse` as a fresh child for a grid of width ratios and physical batch
 sizes (DP-SGD, ghost clipping, FedP3 CNN on a Fashion-MNIST shard), reads each child's peak RSS
-from the kernel (wait4), fits the three coefficients of coordinator/planning/memory.py by
+from the kernel (its VmHWM), fits the three coefficients of coordinator/planning/memory.py by
 non-negative least squares, prints predicted vs measured, and writes memory_calibration.json.
 
     python benchmarks/calibrate_memory.py --threads 2

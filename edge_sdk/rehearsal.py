@@ -23,8 +23,20 @@ from .training import DPConfig, TrainConfig, train_locally
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process's own address space.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: the latter carries over the high-water mark of the
+    address space the process had before exec, which for a child started by a large parent (a
+    test runner, a coordinator) is the parent's memory, not the rehearsal's.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # other kernels
 
 
 def rehearse(plan: BudgetPlan) -> dict[str, Any]:

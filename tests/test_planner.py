@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from coordinator.planning.memory import MemoryCoefficients, footprint, predict_peak_bytes
@@ -129,7 +130,9 @@ def test_rehearsal_peak_is_measured_and_near_the_prediction():
     plan = plan.model_copy(update={"width_ratio": 0.25, "data": DataSlice(clients=10, client_id=1)})
     spec = width_spec(BASE, 0.25)
     predicted = predict_peak_bytes(spec, plan.physical_batch_size, plan.local_samples, COEFFS)
+    ballast = np.ones(100_000_000)  # 800 MB in the parent must not count as the child's peak
     peak, report = measure_rehearsal(plan, threads=1)
+    del ballast
     assert report["samples"] > 0 and report["parameters"] == footprint(spec).parameters
     assert peak > 100_000_000  # torch + opacus + data really were loaded
     assert abs(predicted - peak) / peak < 0.25

@@ -1,7 +1,8 @@
 """Check a plan by measurement: run `fedprune edge rehearse` as a fresh child, read its peak.
 
-The peak comes from the kernel's accounting of that one child (wait4's rusage), not from the
-child's own report, so a rehearsal cannot under-report itself.
+The peak is the kernel's high-water mark of the child's own address space (VmHWM, read by the
+child at the end). Not wait4's ru_maxrss: on Linux that also counts the pre-exec address space,
+i.e. the parent's memory at fork, so a large parent would inflate every measurement.
 """
 
 from __future__ import annotations
@@ -31,12 +32,9 @@ def measure_rehearsal(plan: BudgetPlan, threads: int | None = None) -> tuple[int
         child = subprocess.Popen(
             [sys.executable, "-m", "coordinator.cli", "edge", "rehearse", "--plan", str(path),
              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        # Drain pipes first (a full pipe would block the child), then reap it with its rusage.
-        out, err = child.stdout.read(), child.stderr.read()
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        out, err = child.communicate()
     if child.returncode != 0:
         raise RehearsalFailed(f"rehearsal of {plan.device} exited with {child.returncode}: "
                               f"{err.decode(errors='replace').strip()[-2000:]}")
     report = json.loads(out.decode().strip().splitlines()[-1])
-    return usage.ru_maxrss * 1024, report
+    return int(report["peak_rss_bytes"]), report
