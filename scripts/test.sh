@@ -3,4 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Tests start their own Mosquitto brokers on free ports; install the binary when it is missing.
+if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+  apt-get update -qq && apt-get install -y -qq mosquitto
+fi
 python3 -m pytest -q "$@"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from edge_sdk.profiling import (
 )
 
 MIB = 1 << 20
-BROKER = ("127.0.0.1", 1883)
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MEMINFO = """\
 MemTotal:        8000000 kB
 MemFree:          500000 kB
@@ -139,18 +141,32 @@ def test_cli_quick_profile_with_given_bandwidth(tmp_path):
     assert "samples/s DP" in proc.stdout
 
 
-def _broker_up() -> bool:
-    try:
-        socket.create_connection(BROKER, timeout=1).close()
-    except OSError:
-        return False
-    return True
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A real Mosquitto of our own on a free loopback port, stopped by pid afterwards."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    broker = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if broker.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {broker.stderr.read().decode()}")
+            time.sleep(0.05)
+    yield f"mqtt://127.0.0.1:{port}"
+    broker.terminate()
+    broker.wait(timeout=10)
 
 
-@pytest.mark.skipif(not _broker_up(), reason="no MQTT broker on 127.0.0.1:1883")
-def test_cli_quick_profile_measures_the_link_through_the_broker(tmp_path):
+def test_cli_quick_profile_measures_the_link_through_the_broker(tmp_path, mosquitto):
     out = tmp_path / "profile.json"
-    proc = _profile_cli(tmp_path, "--broker", "mqtt://127.0.0.1:1883", "--quick", "--out", str(out))
+    proc = _profile_cli(tmp_path, "--broker", mosquitto, "--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     network = load_profile(out).network
     assert network.source == "measured"
