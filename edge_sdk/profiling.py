@@ -96,24 +96,52 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def cgroup_memory(root: str | Path = "/sys/fs/cgroup") -> tuple[int | None, int | None]:
-    """(limit, current usage) of this container's memory cgroup; limit None when there is none.
+def cgroup_memory(root: str | Path = "/sys/fs/cgroup",
+                  self_cgroup: str | Path = "/proc/self/cgroup") -> tuple[int | None, int | None]:
+    """(limit, current usage) of the tightest memory cgroup around this process; limit None when
+    there is none.
 
-    A container's limit, not the host's free memory, is where the kernel OOM-kills training, so
-    it has to bound the available figure. cgroup v2 is tried first; on v1 (or hybrid) hosts the
-    memory controller lives under `memory/`.
+    A cgroup's limit, not the host's free memory, is where the kernel OOM-kills training, so it
+    has to bound the available figure. On cgroup v2 the process may sit in a nested group (a
+    systemd service with MemoryMax=, a pod inside a node), and any ancestor's limit applies, so
+    every level from the process's own group up to `root` is read and the level with the least
+    headroom wins. On v1 (or hybrid) hosts the memory controller lives under `memory/`.
     """
     root = Path(root)
-    v2_max = root / "memory.max"
-    if v2_max.exists():
-        text = v2_max.read_text().strip()
-        limit = None if text == "max" else _read_int(v2_max)
-        return limit, _read_int(root / "memory.current")
+    levels = [directory for directory in _v2_groups(root, Path(self_cgroup))
+              if (directory / "memory.max").exists()]
+    if levels:
+        best: tuple[int | None, int | None] = (None, _read_int(levels[0] / "memory.current"))
+        for directory in levels:
+            limit = _read_int(directory / "memory.max")  # "max" reads as None
+            usage = _read_int(directory / "memory.current")
+            if limit is not None and (best[0] is None or limit - (usage or 0) < best[0] - (best[1] or 0)):
+                best = (limit, usage)
+        return best
     v1 = root / "memory"
     limit = _read_int(v1 / "memory.limit_in_bytes")
     if limit is None or limit >= _V1_UNLIMITED:
         return None, _read_int(v1 / "memory.usage_in_bytes")
     return limit, _read_int(v1 / "memory.usage_in_bytes")
+
+
+def _v2_groups(root: Path, self_cgroup: Path) -> list[Path]:
+    """The process's own v2 group directory and each ancestor up to `root`, innermost first."""
+    relative = ""
+    try:
+        for line in self_cgroup.read_text().splitlines():
+            if line.startswith("0::"):
+                relative = line[3:].strip().lstrip("/")
+    except OSError:
+        pass
+    directory = root / relative if relative else root
+    groups = []
+    while True:
+        groups.append(directory)
+        if directory == root or root not in directory.parents:
+            break
+        directory = directory.parent
+    return groups
 
 
 def memory_budget(proc_root: str | Path = "/proc",

@@ -186,3 +186,23 @@ def test_cli_errors_are_clear(tmp_path, args, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_nested_cgroup_v2_limits_follow_the_process_and_the_tightest_ancestor_wins(tmp_path):
+    cgroup = tmp_path / "cgroup"
+    service = cgroup / "system.slice" / "fedprune.service"
+    service.mkdir(parents=True)
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text(str(900 * MIB))
+    (cgroup / "system.slice" / "memory.max").write_text(str(300 * MIB))
+    (cgroup / "system.slice" / "memory.current").write_text(str(200 * MIB))
+    (service / "memory.max").write_text(str(256 * MIB))
+    (service / "memory.current").write_text(str(56 * MIB))
+    self_cgroup = tmp_path / "self_cgroup"
+    self_cgroup.write_text("0::/system.slice/fedprune.service\n")
+    # The service allows 200 MiB more, but its slice only 100 MiB more: the slice binds.
+    assert cgroup_memory(cgroup, self_cgroup) == (300 * MIB, 200 * MIB)
+    (cgroup / "system.slice" / "memory.max").write_text("max\n")
+    assert cgroup_memory(cgroup, self_cgroup) == (256 * MIB, 56 * MIB)
+    self_cgroup.write_text("0::/\n")
+    assert cgroup_memory(cgroup, self_cgroup) == (None, 900 * MIB)
