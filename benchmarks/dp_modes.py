@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ def one(mode: str, samples: int, threads: int) -> dict:
 
     from edge_sdk.data import load_dataset, to_tensor
     from edge_sdk.models import build_model, model_spec
+    from edge_sdk.rehearsal import peak_rss_bytes
 
     torch.set_num_threads(threads)
     source = load_dataset("fashion-mnist")
@@ -42,7 +42,7 @@ def one(mode: str, samples: int, threads: int) -> dict:
             module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
             noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
         criterion, loader = (rest[0], rest[1]) if mode == "ghost" else (criterion, rest[0])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_bytes()
     started = time.perf_counter()
     seen = 0
     for xb, yb in loader:
@@ -52,9 +52,9 @@ def one(mode: str, samples: int, threads: int) -> dict:
         optimizer.zero_grad()
         seen += len(xb)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_bytes()
     return {"mode": mode, "samples_per_s": seen / seconds,
-            "peak_rss_mb": peak / 1024, "rss_growth_mb": (peak - base) / 1024}
+            "peak_rss_mb": peak / 2**20, "rss_growth_mb": (peak - base) / 2**20}
 
 
 def main() -> None:

@@ -27,9 +27,6 @@ from .planning.fleet import SubmodelViews, plan_fleet
 from .planning.planner import PlannerSettings
 from .strategies import FedAvg, FedP3, FedP3Config, Strategy
 
-_DTYPES = {"fp32": codec.ValueDtype.FLOAT32, "fp16": codec.ValueDtype.FLOAT16}
-
-
 @dataclass
 class RoundResult:
     round: int
@@ -109,7 +106,7 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
     for round_number in range(1, config.rounds + 1):
         started = time.perf_counter()
         chosen = sorted(rng.choice(config.clients, per_round, replace=False).tolist())
-        views = SubmodelViews(spec, global_state, _DTYPES[config.codec.download_dtype],
+        views = SubmodelViews(spec, global_state, codec.ValueDtype.from_name(config.codec.download_dtype),
                               config.slicing, round_number)
         aggregator = StreamingAggregator(shapes)
         bytes_up = bytes_down = refused = 0

@@ -95,8 +95,8 @@ class LocalClient:
             epsilon = self.ledger.epsilon()
         update = {name: codec.SparseTensor.from_dense(self.state[name].numpy(), upload_masks[name])
                   for name in plan.uploaded}
-        dtype = codec.ValueDtype.FLOAT16 if plan.upload_dtype == "fp16" else codec.ValueDtype.FLOAT32
-        return TaskOutcome(self.client_id, plan.round, codec.encode(update, dtype), self.num_train,
+        payload = codec.encode(update, codec.ValueDtype.from_name(plan.upload_dtype))
+        return TaskOutcome(self.client_id, plan.round, payload, self.num_train,
                            report, epsilon)
 
     def _noise(self, sampling: tuple[float, int]) -> float:

@@ -104,6 +104,14 @@ class ValueDtype(enum.IntEnum):
     FLOAT32 = 1
     FLOAT16 = 2
 
+    @classmethod
+    def from_name(cls, name: str) -> ValueDtype:
+        """The config spelling ("fp32" / "fp16") used by plans and run configurations."""
+        try:
+            return {"fp32": cls.FLOAT32, "fp16": cls.FLOAT16}[name]
+        except KeyError:
+            raise CodecError(f"value dtype {name!r} not supported; use fp32 or fp16") from None
+
 
 class IndexKind(enum.IntEnum):
     DENSE = 0

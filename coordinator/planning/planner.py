@@ -12,6 +12,7 @@ will be killed by the OOM killer or miss every deadline.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,14 +116,16 @@ def _throughput(profile: DeviceProfile, base: ModelSpec, spec: ModelSpec, dp: bo
     return rate * footprint(base).macs / max(footprint(spec).macs, 1)
 
 
+@lru_cache(maxsize=256)
 def payload_bytes(spec: ModelSpec, dtype: str, keep: float) -> tuple[int, int]:
     """Exact encoded sizes of a download and an upload of this submodel (codec, not estimates).
 
     Values come from a fresh initialisation; sizes depend on counts and index layout, which the
     magnitude mask fixes, not on the trained values (zstd gains little on float mantissas).
+    Cached: a fleet plans many devices with the same few (width, precision, keep) settings.
     """
     state = {k: v.detach().numpy() for k, v in build_model(spec, seed=0).state_dict().items()}
-    value_dtype = codec.ValueDtype.FLOAT16 if dtype == "fp16" else codec.ValueDtype.FLOAT32
+    value_dtype = codec.ValueDtype.from_name(dtype)
     tensors = {}
     for name, values in state.items():
         mask = magnitude_mask(values, keep) if keep < 1.0 and is_prunable(values.shape) else None
