@@ -19,10 +19,13 @@ def _simulate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set, strategy=args.strategy, dataset=args.dataset,
                          data_dir=args.data_dir, model=args.model, clients=args.clients,
                          partition=args.partition, rounds=args.rounds, seed=args.seed,
-                         fraction=args.fraction, fleet=args.fleet,
+                         fraction=args.fraction, fleet=args.fleet, export_dir=args.export_dir,
                          **{"train.local_epochs": args.local_epochs})
     result = run_simulation(config, progress=not args.quiet).to_dict()
     _print_summary(result)
+    if result.get("exports"):
+        print(f"exported {len(result['exports'])} client bundles (checkpoint, artifacts, "
+              f"manifest.json) to {args.export_dir or config.export_dir}")
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(result, indent=2))
@@ -105,6 +108,36 @@ def _plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
+def _export(args: argparse.Namespace) -> int:
+    from edge_sdk.budget import BudgetPlan
+    from edge_sdk.checkpoint import load_checkpoint
+
+    from .exporting import device_plan, export_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    plan = None
+    if args.plan:
+        plan = BudgetPlan.load(args.plan)
+    elif args.device:
+        plan = device_plan(args.device, checkpoint, args.data_dir)
+    formats = ("onnx", "tflite") if args.format == "both" else (args.format,)
+    precisions = ("fp32", *args.quantize)
+    manifest = export_checkpoint(checkpoint, args.out, plan=plan, formats=formats,
+                                 precisions=precisions, data_dir=args.data_dir,
+                                 device_id=args.device_id, samples=args.verify_samples)
+    print(f"{manifest.device_id}: width {manifest.width_ratio:g}, {manifest.parameters:,} parameters "
+          f"({manifest.sparsity:.1%} zero), {manifest.flops_per_sample:,} FLOPs per sample")
+    print(f"{'artifact':<22}{'bytes':>12}{'zstd':>12}{'max |diff|':>12}{'top-1 agree':>12}"
+          f"{'accuracy':>10}{'torch':>8}")
+    for a in manifest.artifacts:
+        p = a.parity
+        print(f"{a.path:<22}{a.bytes:>12,}{a.compressed_bytes:>12,}{p.max_abs_diff:>12.2e}"
+              f"{p.top1_agreement:>12.4f}{p.accuracy:>10.4f}{p.torch_accuracy:>8.4f}")
+    print(f"verified on {manifest.artifacts[0].parity.samples} real {manifest.dataset} test images; "
+          f"bundle and manifest.json in {args.out}")
+    return 0
+
+
 def _edge_rehearse(args: argparse.Namespace) -> int:
     from edge_sdk.budget import BudgetPlan
     from edge_sdk.rehearsal import rehearse
@@ -142,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int)
     sim.add_argument("--fleet", help="catalogue[:SEED]: give each device a sampled catalogue "
                      "profile and train the submodel the planner sizes for it")
+    sim.add_argument("--export-dir", help="export every client's final model here (ONNX and "
+                     "TFLite, verified), one folder per client with its manifest.json")
     sim.add_argument("--json-out", help="write the results JSON here")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.set_defaults(handler=_simulate)
@@ -182,6 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--verify", action="store_true", help="run `fedprune edge rehearse` on the "
                       "plan as a fresh process and add its measured peak RSS")
     plan.set_defaults(handler=_plan)
+
+    exp = sub.add_parser("export", help="export a device's submodel to ONNX/TFLite, verified",
+                         description="Export a checkpoint as a device's submodel: width from "
+                         "--plan or --device (planned on the spot), else the checkpoint as it is. "
+                         "Every artifact is run in onnxruntime / ai-edge-litert on real test images "
+                         "and published only if it matches torch; manifest.json records the "
+                         "input contract, provenance and parity.")
+    exp.add_argument("--checkpoint", required=True, help="checkpoint.pt (global or a device's)")
+    target = exp.add_mutually_exclusive_group()
+    target.add_argument("--device", help="catalogue device name (e.g. rpi4-2gb) or a profile JSON")
+    target.add_argument("--plan", help="plan JSON written by `fedprune plan --out`")
+    exp.add_argument("--format", choices=["onnx", "tflite", "both"], default="both")
+    exp.add_argument("--quantize", action="append", choices=["fp16", "int8"], default=[],
+                     help="also export this variant beside fp32 (repeatable)")
+    exp.add_argument("--out", required=True, help="bundle directory")
+    exp.add_argument("--device-id", help="device id for the manifest (default: the plan's device)")
+    exp.add_argument("--data-dir", help="dataset folder for the verification images")
+    exp.add_argument("--verify-samples", type=int, default=512,
+                     help="real test images each artifact is checked on (default: %(default)s)")
+    exp.set_defaults(handler=_export)
 
     edge = sub.add_parser("edge", help="commands that run on the device")
     edge_sub = edge.add_subparsers(dest="edge_command", required=True)

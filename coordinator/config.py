@@ -76,6 +76,9 @@ class SimulationConfig(_Section):
     deadline_seconds: float = Field(600.0, gt=0)
     rounds: int = Field(3, ge=1)
     seed: int = 0
+    export_dir: str | None = None  # export every client's final model here, one folder each
+    export_formats: list[Literal["onnx", "tflite"]] = Field(["onnx", "tflite"], min_length=1)
+    export_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(["fp32"], min_length=1)
     train: TrainSection = TrainSection()
     fedp3: FedP3Section = FedP3Section()
     dp: DPSection = DPSection()

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from edge_sdk import codec
+from edge_sdk.checkpoint import Checkpoint
 from edge_sdk.client import LocalClient
 from edge_sdk.data import ClientData, load_dataset, make_client_data, to_tensor
 from edge_sdk.models import build_model, model_spec
@@ -23,9 +24,11 @@ from edge_sdk.training import DPConfig, TrainConfig, accuracy
 
 from .aggregation import StreamingAggregator
 from .config import SimulationConfig
+from .exporting import export_clients
 from .planning.fleet import SubmodelViews, plan_fleet
 from .planning.planner import PlannerSettings
 from .strategies import FedAvg, FedP3, FedP3Config, Strategy
+
 
 @dataclass
 class RoundResult:
@@ -48,6 +51,7 @@ class SimulationResult:
     rounds: list[RoundResult] = field(default_factory=list)
     privacy: list[dict[str, Any]] | None = None
     clients: list[dict[str, Any]] | None = None
+    exports: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         last = self.rounds[-1]
@@ -62,6 +66,7 @@ class SimulationResult:
             },
             **({"privacy": self.privacy} if self.privacy is not None else {}),
             **({"clients": self.clients} if self.clients is not None else {}),
+            **({"exports": self.exports} if self.exports is not None else {}),
         }
 
 
@@ -142,6 +147,12 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
     bar.close()
     if dp is not None:
         result.privacy = [privacy_entry(c) for c in clients]
+    if config.export_dir:
+        final = Checkpoint(spec, {k: torch.from_numpy(v) for k, v in global_state.items()},
+                           config.model, source.info.name, None, config.rounds)
+        result.exports = export_clients(config.export_dir, clients, widths, final, source.info,
+                                        slicing=config.slicing, formats=config.export_formats,
+                                        precisions=config.export_precisions, progress=progress)
     return result
 
 

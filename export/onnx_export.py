@@ -1,80 +1,78 @@
-"""Export a device's submodel to ONNX, and refuse to publish it unless onnxruntime agrees.
+"""torch -> ONNX (opset 18, dynamic batch), and its fp16 and int8 dynamic-range variants.
 
-A device runs the exported file, not our torch model, so parity is checked at export time on
-real inputs: the largest absolute logit difference and the top-1 agreement with torch are
-measured in onnxruntime and recorded; an artifact outside tolerance is deleted, never published.
-The file is written next to its destination and renamed into place only after it passes.
+The dynamo exporter gives one self-contained file (no external data) whose batch dimension is
+symbolic, so a device can batch as it likes. fp16 is onnxruntime's float16 converter with fp32
+inputs and outputs kept, so callers never change; int8 is onnxruntime's dynamic quantization
+(int8 weights, activations quantized on the fly), which needs no calibration data.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
+import contextlib
+import logging
+import tempfile
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from .parity import ExportError
 
 OPSET = 18
 
 
-class ExportError(RuntimeError):
-    """The model could not be exported, or the export disagrees with torch."""
-
-
-@dataclass(frozen=True)
-class OnnxArtifact:
-    path: str
-    bytes: int
-    sha256: str
-    opset: int
-    max_abs_diff: float
-    top1_agreement: float
-    verified_on: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def export_onnx(model: torch.nn.Module, path: str | Path, example_inputs: torch.Tensor,
-                metadata: dict[str, str] | None = None, tolerance: float = 1e-4) -> OnnxArtifact:
-    """Export with a dynamic batch dimension, embed `metadata` as metadata_props, verify."""
-    import onnxruntime as ort
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".partial")
-    model = model.eval()
+def to_onnx(model: torch.nn.Module, example: torch.Tensor,
+            metadata: dict[str, str] | None = None) -> bytes:
+    """Serialized ONNX model with `metadata` as metadata_props; input `input`, output `logits`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                model, (example_inputs[:1],), None, input_names=["input"], output_names=["logits"],
-                dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False,
+                model.eval(), (example[:1],), None, input_names=["input"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
                 opset_version=OPSET, verbose=False)
     except Exception as exc:  # the exporter raises many types; name the model and the cause
-        raise ExportError(f"torch.onnx could not export {type(model).__name__}: {exc}") from exc
+        raise ExportError(f"torch.onnx could not export {type(model).__name__}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     proto = program.model_proto
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = key, str(value)
-    staging.write_bytes(proto.SerializeToString())
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
     try:
-        session = ort.InferenceSession(str(staging), providers=["CPUExecutionProvider"])
-        got = session.run(None, {"input": example_inputs.numpy()})[0]
-        with torch.no_grad():
-            want = model(example_inputs).numpy()
-        diff = float(np.abs(got - want).max())
-        agreement = float((got.argmax(1) == want.argmax(1)).mean())
-        if not diff <= tolerance or agreement < 1.0:
-            raise ExportError(f"ONNX export disagrees with torch: max |logit difference| {diff:.3g} "
-                              f"(tolerance {tolerance:g}), top-1 agreement {agreement:.4f} on "
-                              f"{len(example_inputs)} inputs; not published")
-        os.replace(staging, path)
+        yield
     finally:
-        staging.unlink(missing_ok=True)
-    data = path.read_bytes()
-    return OnnxArtifact(str(path), len(data), hashlib.sha256(data).hexdigest(), OPSET, diff,
-                        agreement, len(example_inputs))
+        root.setLevel(level)
+
+
+def onnx_precision(model: bytes, precision: str) -> bytes:
+    if precision == "fp32":
+        return model
+    import onnx
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return convert_float_to_float16(onnx.load_from_string(model),
+                                            keep_io_types=True).SerializeToString()
+    if precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        # It logs a generic "consider pre-processing" warning on the root logger every call.
+        with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
+            source, target = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
+            source.write_bytes(model)
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+            quantized = onnx.load(target)
+        # quantize_dynamic keeps metadata_props only on some versions; carry them over.
+        original = onnx.load_from_string(model)
+        if not quantized.metadata_props:
+            quantized.metadata_props.extend(original.metadata_props)
+        return quantized.SerializeToString()
+    raise ExportError(f"unknown precision {precision!r}; use fp32, fp16 or int8")

@@ -21,14 +21,11 @@ per-sample gradients, which is why the fedprune default avoids the batch x param
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
-import torch
-
-from edge_sdk.models import ModelSpec, build_model
+from edge_sdk.models import ModelSpec
+from edge_sdk.models.cost import ModelFootprint, footprint  # noqa: F401  (re-exported for the planner)
 
 CALIBRATION_FILE = Path(__file__).with_name("memory_calibration.json")
 
@@ -51,39 +48,6 @@ class MemoryCoefficients:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class ModelFootprint:
-    parameters: int
-    activation_elements: int   # per sample, summed over every layer's output
-    input_elements: int        # per sample
-    macs: int                  # multiply-accumulates per sample, forward
-
-
-@lru_cache(maxsize=256)
-def footprint(spec: ModelSpec) -> ModelFootprint:
-    """Measured on the real network with forward hooks, so it follows the builder exactly."""
-    model = build_model(spec)
-    elements = 0
-    macs = 0
-
-    def hook(module, inputs, output):
-        nonlocal elements, macs
-        elements += output[0].numel()
-        if isinstance(module, torch.nn.Conv2d):
-            macs += output[0].numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
-        elif isinstance(module, torch.nn.Linear):
-            macs += module.in_features * module.out_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if len(list(m.children())) == 0]
-    with torch.no_grad():
-        model(torch.zeros(1, *spec.input_shape))
-    for handle in handles:
-        handle.remove()
-    return ModelFootprint(sum(p.numel() for p in model.parameters()), elements,
-                          math.prod(spec.input_shape), macs)
 
 
 def predict_peak_bytes(spec: ModelSpec, physical_batch: int, local_samples: int,

@@ -1,0 +1,123 @@
+"""From checkpoints to per-device bundles: pick the device's width, slice, export, verify.
+
+The exporter itself (`export/`) knows nothing of devices or plans; this is where a device's plan
+(or its profile, planned on the spot) decides which submodel of a global checkpoint it gets, and
+where the simulator hands every client's final model to the exporter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_sdk.budget import BudgetPlan
+from edge_sdk.checkpoint import Checkpoint, CheckpointError
+from edge_sdk.data import load_dataset, to_tensor
+from edge_sdk.models import SpecModel, build_model
+from edge_sdk.runtime import BundleManifest
+from edge_sdk.slicing import extract, select_channels, slice_map, width_spec
+from export import export_bundle
+
+VERIFY_SAMPLES = 512
+
+
+def submodel(checkpoint: Checkpoint, width_ratio: float, method: str = "magnitude",
+             round_number: int = 0) -> SpecModel:
+    """The checkpoint's model at `width_ratio` of its full width (itself at 1.0)."""
+    if width_ratio >= 1.0 or width_ratio == checkpoint.width_ratio:
+        return checkpoint.build()
+    if checkpoint.width_ratio < 1.0:
+        raise CheckpointError(f"the checkpoint is already a width-{checkpoint.width_ratio:g} "
+                              f"submodel; slice to width {width_ratio:g} from the global checkpoint")
+    state = {k: v.numpy() for k, v in checkpoint.state.items()}
+    smap = slice_map(checkpoint.spec, select_channels(checkpoint.spec, state, width_ratio, method,
+                                                      round_number))
+    model = build_model(width_spec(checkpoint.spec, width_ratio))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in extract(state, smap).items()})
+    return model.eval()
+
+
+def device_plan(device: str, checkpoint: Checkpoint, data_dir: str | None = None) -> BudgetPlan:
+    """Plan a catalogue device (by name) or a profiled one (profile JSON path) for this model."""
+    from device_profiles import catalogue_profile, load_profile
+
+    from .planning.memory import MemoryCoefficients
+    from .planning.planner import PlannerSettings, plan_device
+
+    if checkpoint.width_ratio < 1.0:
+        raise CheckpointError("planning a device needs the global (full-width) checkpoint")
+    profile = load_profile(device) if Path(device).suffix == ".json" else catalogue_profile(device)
+    return plan_device(profile, checkpoint.spec, checkpoint.model, PlannerSettings(),
+                       MemoryCoefficients.load())
+
+
+def verification_inputs(dataset: str, data_dir: str | None, samples: int = VERIFY_SAMPLES):
+    source = load_dataset(dataset, data_dir)
+    x, y = source.test_x[:samples], source.test_y[:samples]
+    return source.info, to_tensor(x, source.info).numpy(), np.asarray(y)
+
+
+def export_checkpoint(checkpoint: Checkpoint, out_dir: str | Path, *, plan: BudgetPlan | None = None,
+                      formats: Sequence[str] = ("onnx", "tflite"), precisions: Sequence[str] = ("fp32",),
+                      data_dir: str | None = None, device_id: str | None = None,
+                      samples: int = VERIFY_SAMPLES, threads: int | None = None) -> BundleManifest:
+    if plan is not None and not plan.fits:
+        raise CheckpointError(f"device {plan.device} has no submodel that fits: "
+                              + "; ".join(plan.reasons))
+    width = plan.width_ratio if plan else checkpoint.width_ratio
+    model = submodel(checkpoint, width, plan.slicing if plan else "magnitude",
+                     checkpoint.round or 0)
+    info, x, y = verification_inputs(checkpoint.dataset, data_dir, samples)
+    return export_bundle(model, out_dir, model_name=checkpoint.model, info=info,
+                         device_id=device_id or (plan.device if plan else None)
+                         or checkpoint.device_id or "global",
+                         verify_x=x, verify_y=y, round_number=checkpoint.round, width_ratio=width,
+                         checkpoint_sha256=checkpoint.sha256, formats=formats,
+                         precisions=precisions, threads=threads)
+
+
+def export_clients(out_dir: str | Path, clients, widths: Sequence[float], global_checkpoint: Checkpoint,
+                   info, *, slicing: str, formats: Sequence[str], precisions: Sequence[str],
+                   progress: bool = True) -> list[dict]:
+    """One folder per client with its checkpoint and verified bundle; the global model beside them.
+
+    A client that trained holds its personalized model (private tensors included); one that was
+    never selected gets the global model at its planned width. Each bundle is verified on the
+    client's own local test split, the data it will see.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    global_checkpoint.save(out_dir / "global" / "checkpoint.pt")
+    exported = []
+    for client, width in tqdm(list(zip(clients, widths)), desc="export", unit="client",
+                              disable=not progress):
+        device_id = f"client-{client.client_id:03d}"
+        if client.spec is not None:
+            checkpoint = Checkpoint(client.spec, dict(client.state), global_checkpoint.model,
+                                    global_checkpoint.dataset, device_id, global_checkpoint.round,
+                                    width, {"source": "personalized"})
+        else:
+            model = submodel(global_checkpoint, width, slicing, global_checkpoint.round or 0)
+            checkpoint = Checkpoint(model.spec, dict(model.state_dict()), global_checkpoint.model,
+                                    global_checkpoint.dataset, device_id, global_checkpoint.round,
+                                    width, {"source": "global"})
+        folder = out_dir / device_id
+        checkpoint.save(folder / "checkpoint.pt")
+        x = to_tensor(client.data.test_x[:VERIFY_SAMPLES], info).numpy()
+        manifest = export_bundle(checkpoint.build(), folder, model_name=checkpoint.model, info=info,
+                                 device_id=device_id, verify_x=x,
+                                 verify_y=np.asarray(client.data.test_y[:VERIFY_SAMPLES]),
+                                 round_number=checkpoint.round, width_ratio=width,
+                                 checkpoint_sha256=checkpoint.sha256, formats=formats,
+                                 precisions=precisions)
+        exported.append({"client": client.client_id, "dir": str(folder),
+                         "source": checkpoint.extra["source"], "width_ratio": width,
+                         "artifacts": [{"format": a.format, "precision": a.precision,
+                                        "bytes": a.bytes, "accuracy": a.parity.accuracy,
+                                        "torch_accuracy": a.parity.torch_accuracy}
+                                       for a in manifest.artifacts]})
+    return exported

@@ -1,0 +1,153 @@
+"""Export one device's model as a verified bundle: artifacts, their .zst copies and manifest.json.
+
+Every artifact is run in the runtime the device will use (onnxruntime, ai-edge-litert) on real
+test inputs before anything is published; the whole bundle is built in a staging folder and
+moved into place only when every artifact passes, with manifest.json written last. A reader
+therefore sees the old bundle or the new one, never a half-exported one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import zstandard
+
+from edge_sdk.data import DatasetInfo
+from edge_sdk.models import SpecModel
+from edge_sdk.models.cost import footprint
+from edge_sdk.runtime import MANIFEST_NAME, ArtifactEntry, BundleManifest, Parity, open_backend
+
+from .onnx_export import OPSET, onnx_precision, to_onnx
+from .parity import TOLERANCES, ExportError, compare, localize, torch_outputs
+from .tflite_export import TFLITE_BATCH, tflite_precision, to_tflite
+
+FORMATS = ("onnx", "tflite")
+PRECISIONS = ("fp32", "fp16", "int8")
+_EXPORTER_PACKAGES = ("fedprune", "torch", "onnx", "onnxruntime", "litert-torch",
+                      "ai-edge-quantizer", "ai-edge-litert")
+
+
+def exporter_versions() -> dict[str, str]:
+    versions = {}
+    for dist in _EXPORTER_PACKAGES:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _convert(fmt: str, precision: str, module: torch.nn.Module, example: torch.Tensor,
+             metadata: dict[str, str] | None = None) -> bytes:
+    if fmt == "onnx":
+        return onnx_precision(to_onnx(module, example, metadata), precision)
+    return tflite_precision(to_tflite(module, example), precision)
+
+
+def export_bundle(model: SpecModel, out_dir: str | Path, *, model_name: str, info: DatasetInfo,
+                  device_id: str, verify_x: np.ndarray, verify_y: np.ndarray | None = None,
+                  round_number: int | None = None, width_ratio: float = 1.0,
+                  checkpoint_sha256: str | None = None, formats: Sequence[str] = FORMATS,
+                  precisions: Sequence[str] = ("fp32",), threads: int | None = None) -> BundleManifest:
+    """Export `model` in every format x precision, verify each, publish them with a manifest.
+
+    `verify_x` are normalised real inputs (N, C, H, W); `verify_y` their labels, if known, so the
+    manifest can record accuracy of torch and of each artifact on them.
+    """
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ExportError(f"unknown format {fmt!r}; use {' or '.join(FORMATS)}")
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise ExportError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    if len(verify_x) == 0:
+        raise ExportError("verification needs at least one real input")
+    model = model.eval()
+    out_dir = Path(out_dir)
+    verify_x = np.ascontiguousarray(verify_x, dtype=np.float32)
+    example = torch.from_numpy(verify_x[:TFLITE_BATCH])
+    want = torch_outputs(model, verify_x)
+    header = _header(model, model_name, info, device_id, round_number, width_ratio, checkpoint_sha256)
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in header.items()}
+
+    staging = out_dir / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    entries = []
+    try:
+        for fmt in formats:
+            for precision in precisions:
+                data = _convert(fmt, precision, model, example, metadata)
+                backend = open_backend(fmt, data, threads)
+                got = backend.run(verify_x)
+                result = compare(got, want, TOLERANCES[precision])
+                if not result.ok:
+                    layer = localize(model.layers, [f"layers.{i}" for i in range(len(model.layers))],
+                                     verify_x[:64], lambda m, x: open_backend(
+                                         fmt, _convert(fmt, precision, m, example), threads).run(x),
+                                     TOLERANCES[precision])
+                    where = f"; first layer that departs from torch: {layer}" if layer else ""
+                    raise ExportError(f"{fmt}/{precision} export of {device_id} disagrees with torch "
+                                      f"on {len(verify_x)} real inputs: {result.describe()}{where}. "
+                                      "Not published; drop this variant or report the layer")
+                entries.append(_write(staging, fmt, precision, data, backend, result, got, want,
+                                      verify_y, len(verify_x)))
+        manifest = BundleManifest(**header, exporters=exporter_versions(),
+                                  created_at=datetime.datetime.now(datetime.UTC).isoformat(
+                                      timespec="seconds"),
+                                  artifacts=tuple(entries))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for entry in entries:
+            for name in (entry.path, entry.compressed_path):
+                os.replace(staging / name, out_dir / name)
+        manifest.save(staging / MANIFEST_NAME)
+        os.replace(staging / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _header(model: SpecModel, model_name: str, info: DatasetInfo, device_id: str,
+            round_number: int | None, width_ratio: float, checkpoint_sha256: str | None) -> dict:
+    spec = model.spec
+    weights = [p.detach() for p in model.parameters()]
+    parameters = sum(w.numel() for w in weights)
+    nonzero = sum(int(torch.count_nonzero(w)) for w in weights)
+    macs = footprint(spec).macs
+    return {"device_id": device_id, "round": round_number, "model": model_name,
+            "spec": spec.to_dict(), "spec_digest": spec.digest(), "width_ratio": width_ratio,
+            "dataset": info.name, "input_shape": tuple(info.input_shape),
+            "input_scale": info.input_scale, "mean": tuple(info.mean), "std": tuple(info.std),
+            "labels": tuple(info.labels), "parameters": parameters, "nonzero_parameters": nonzero,
+            "sparsity": 1.0 - nonzero / max(parameters, 1), "macs_per_sample": macs,
+            "flops_per_sample": 2 * macs, "checkpoint_sha256": checkpoint_sha256}
+
+
+def _write(staging: Path, fmt: str, precision: str, data: bytes, backend, result, got, want,
+           labels, samples: int) -> ArtifactEntry:
+    name = f"model-{precision}.{fmt}"
+    packed = zstandard.ZstdCompressor(level=19).compress(data)
+    (staging / name).write_bytes(data)
+    (staging / f"{name}.zst").write_bytes(packed)
+    accuracy = torch_accuracy = None
+    if labels is not None:
+        labels = np.asarray(labels)
+        accuracy = float((got.argmax(1) == labels).mean())
+        torch_accuracy = float((want.argmax(1) == labels).mean())
+    return ArtifactEntry(
+        format=fmt, precision=precision, path=name, bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(), compressed_path=f"{name}.zst",
+        compressed_bytes=len(packed), batch=None if fmt == "onnx" else TFLITE_BATCH,
+        opset=OPSET if fmt == "onnx" else None,
+        parity=Parity(runtime=backend.runtime, runtime_version=backend.version, samples=samples,
+                      max_abs_diff=result.max_abs_diff, top1_agreement=result.top1_agreement,
+                      accuracy=accuracy, torch_accuracy=torch_accuracy))

@@ -1,0 +1,64 @@
+"""torch -> TFLite with litert-torch, and fp16 / int8 dynamic-range variants with ai-edge-quantizer.
+
+litert-torch traces a fixed batch of one: a dynamic batch does not survive flatten on this
+toolchain, and on-device inference is batch-one anyway; the edge runtime loops over a batch.
+fp16 stores weights as float16 (FLOAT_CASTING); int8 is dynamic-range (int8 channel-wise
+weights, activations quantized at run time), the TFLite analogue of the ONNX int8 variant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+
+import torch
+
+from .parity import ExportError
+
+# litert-torch prints a progress tree and the converter logs every pass; a CLI wants neither.
+os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+TFLITE_BATCH = 1
+
+
+def _require(module: str, package: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as exc:
+        raise ExportError(f"TFLite export needs {package}: pip install 'fedprune[tflite]'") from exc
+
+
+def to_tflite(model: torch.nn.Module, example: torch.Tensor) -> bytes:
+    litert_torch = _require("litert_torch", "litert-torch")
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            converted = litert_torch.convert(model.eval(), (example[:TFLITE_BATCH],))
+            return bytes(converted.model_content())
+    except Exception as exc:
+        raise ExportError(f"litert-torch could not convert {type(model).__name__}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def tflite_precision(model: bytes, precision: str) -> bytes:
+    if precision == "fp32":
+        return model
+    if precision not in ("fp16", "int8"):
+        raise ExportError(f"unknown precision {precision!r}; use fp32, fp16 or int8")
+    quantizer = _require("ai_edge_quantizer.quantizer", "ai-edge-quantizer")
+    from ai_edge_quantizer import recipe
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+    from ai_edge_quantizer.qtyping import TFLOperationName
+
+    q = quantizer.Quantizer(bytearray(model))
+    if precision == "int8":
+        q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+    else:
+        q.add_weight_only_config(regex=".*", operation_name=TFLOperationName.ALL_SUPPORTED,
+                                 num_bits=16, algorithm_key=AlgorithmName.FLOAT_CASTING)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return bytes(q.quantize().quantized_model)
