@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..runtime.predictor import normalise
+
 from .locate import DataError, download_enabled_by_default, ensure_file, resolve_data_dir
 
 __all__ = [
@@ -277,12 +279,14 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool |
 
 
 def to_tensor(x: np.ndarray, info: DatasetInfo) -> torch.Tensor:
-    """Scale and standardise per channel; works on (N, C, H, W) or (C, H, W)."""
-    arr = np.asarray(x, dtype=np.float32)
+    """Scale and standardise per channel, as the exported models' input contract says.
+
+    Works on (N, C, H, W) or one (C, H, W) sample; the arithmetic is the edge runtime's own, so
+    training, evaluation and on-device inference see identical inputs.
+    """
+    arr = np.asarray(x)
     channels = len(info.mean)
     if arr.ndim < 3 or arr.shape[-3] != channels:
         raise ValueError(f"expected channel axis of size {channels} at position -3, got shape {arr.shape}")
-    mean = np.asarray(info.mean, dtype=np.float32).reshape(channels, 1, 1)
-    std = np.asarray(info.std, dtype=np.float32).reshape(channels, 1, 1)
-    out = (arr / np.float32(info.input_scale) - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+    out = normalise(arr, info.input_shape, info.input_scale, info.mean, info.std)
+    return torch.from_numpy(out[0] if arr.ndim == 3 else out)
