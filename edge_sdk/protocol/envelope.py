@@ -1,0 +1,89 @@
+"""The binary envelope every fedprune MQTT message travels in.
+
+    offset  size  field
+    0       4     magic b"FPRN"
+    4       1     version (1)
+    5       1     message type (MessageType)
+    6       2     flags (0; reserved)
+    8       4     header length H, big-endian
+    12      4     payload length P, big-endian
+    16      H     header: a UTF-8 JSON object (schema per message type in messages.py)
+    16+H    P     payload: codec bytes (FPTU), a zstd artifact, or nothing
+
+Lengths are checked against the buffer and the limits before anything is parsed or allocated,
+and the message must end exactly where the lengths say: a truncated, padded or oversized message
+is refused with an `EnvelopeError` that says which field is wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+MAGIC = b"FPRN"
+VERSION = 1
+_PREFIX = struct.Struct(">4sBBHII")
+PREFIX_BYTES = _PREFIX.size  # 16
+HEADER_LIMIT = 64 * 1024
+DEFAULT_PAYLOAD_LIMIT = 64 * 1024 * 1024
+
+
+class EnvelopeError(ValueError):
+    """A message that is not a valid fedprune envelope; the text names the field."""
+
+
+class MessageType(enum.IntEnum):
+    REGISTER = 1   # device -> coordinator: profile and data size
+    TASK = 2       # coordinator -> device: plan, training settings, download payload
+    UPDATE = 3     # device -> coordinator: the sparse update
+    ACK = 4        # coordinator -> device: update accepted (or refused, with the reason)
+    REFUSAL = 5    # device -> coordinator: the device will not run a task, and why
+    STATUS = 6     # device -> coordinator (retained; last will): online / offline
+    ARTIFACT = 7   # coordinator -> device: an exported model for local inference
+
+
+@dataclass(frozen=True)
+class Envelope:
+    type: MessageType
+    header: dict[str, Any]
+    payload: bytes = b""
+
+
+def encode_envelope(kind: MessageType, header: dict[str, Any], payload: bytes = b"") -> bytes:
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    if len(head) > HEADER_LIMIT:
+        raise EnvelopeError(f"header is {len(head):,} bytes; the limit is {HEADER_LIMIT:,}")
+    return _PREFIX.pack(MAGIC, VERSION, int(kind), 0, len(head), len(payload)) + head + payload
+
+
+def decode_envelope(data: bytes, payload_limit: int = DEFAULT_PAYLOAD_LIMIT) -> Envelope:
+    if len(data) < PREFIX_BYTES:
+        raise EnvelopeError(f"message is {len(data)} bytes, shorter than the {PREFIX_BYTES}-byte prefix")
+    magic, version, kind, flags, head_len, payload_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise EnvelopeError(f"magic is {magic!r}, expected {MAGIC!r}: not a fedprune message")
+    if version != VERSION:
+        raise EnvelopeError(f"envelope version {version}; this side speaks version {VERSION}")
+    try:
+        kind = MessageType(kind)
+    except ValueError:
+        raise EnvelopeError(f"unknown message type {kind}") from None
+    if flags:
+        raise EnvelopeError(f"flags are {flags:#06x}; version {VERSION} defines none")
+    if head_len > HEADER_LIMIT:
+        raise EnvelopeError(f"header length {head_len:,} is over the limit of {HEADER_LIMIT:,}")
+    if payload_len > payload_limit:
+        raise EnvelopeError(f"payload length {payload_len:,} is over the limit of {payload_limit:,}")
+    if len(data) != PREFIX_BYTES + head_len + payload_len:
+        raise EnvelopeError(f"message is {len(data):,} bytes but its lengths say "
+                            f"{PREFIX_BYTES + head_len + payload_len:,}: truncated or padded")
+    try:
+        header = json.loads(bytes(data[PREFIX_BYTES:PREFIX_BYTES + head_len]).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EnvelopeError(f"header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise EnvelopeError(f"header must be a JSON object, got {type(header).__name__}")
+    return Envelope(kind, header, bytes(data[PREFIX_BYTES + head_len:]))

@@ -1,0 +1,96 @@
+"""Header schemas per message type, validated with pydantic on receipt.
+
+Unknown header fields are ignored (a newer peer may add fields within envelope version 1);
+missing or mistyped ones are refused with the field named. The idempotency key of a task and
+of its update is (device, round, task): a redelivered or replayed update carries the same key
+and is counted once.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .envelope import Envelope, EnvelopeError, MessageType
+
+
+class _Header(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    device: str = Field(min_length=1, max_length=64)
+
+
+class _TaskKey(_Header):
+    round: int = Field(ge=1)
+    task: str = Field(min_length=1, max_length=64)
+
+
+class RegisterHeader(_Header):
+    profile: dict[str, Any]
+    num_samples: int = Field(ge=1)             # local training samples the device holds
+    formats: list[str] = ["onnx"]              # runtimes it can run exported models in
+    sdk_version: str = "unknown"
+    epsilon_spent: float | None = Field(None, ge=0)
+    epsilon_budget: float | None = Field(None, gt=0)
+
+
+class TaskHeader(_TaskKey):
+    plan: dict[str, Any]                       # SubmodelPlan.to_dict()
+    train: dict[str, Any]                      # TrainConfig fields
+    dp: dict[str, Any] | None = None           # DPConfig fields; the device adds its own budget
+    planned_rounds: int = Field(ge=1)
+    deadline: float                            # unix time; an update after it is refused
+    width_ratio: float = Field(1.0, gt=0, le=1)
+
+
+class UpdateHeader(_TaskKey):
+    num_samples: int = Field(ge=1)
+    epsilon: float | None = Field(None, ge=0)
+    train_seconds: float = Field(0.0, ge=0)
+
+
+class AckHeader(_TaskKey):
+    accepted: bool
+    duplicate: bool = False
+    reason: str | None = None
+
+
+class RefusalCode(str, enum.Enum):
+    PRIVACY_BUDGET = "privacy_budget"          # the task would exceed the device's epsilon budget
+    BAD_TASK = "bad_task"                      # the task could not be decoded or run as sent
+    INTERNAL = "internal"                      # the device failed while training
+
+
+class RefusalHeader(_TaskKey):
+    code: RefusalCode
+    message: str = Field(max_length=4096)
+    epsilon: float | None = None
+
+
+class StatusHeader(_Header):
+    online: bool
+
+
+class ArtifactHeader(_Header):
+    round: int = Field(ge=0)
+    manifest: dict[str, Any]                   # the bundle's manifest.json
+    artifact: str                              # which entry of the manifest the payload is (path)
+
+
+_SCHEMAS: dict[MessageType, type[_Header]] = {
+    MessageType.REGISTER: RegisterHeader, MessageType.TASK: TaskHeader,
+    MessageType.UPDATE: UpdateHeader, MessageType.ACK: AckHeader,
+    MessageType.REFUSAL: RefusalHeader, MessageType.STATUS: StatusHeader,
+    MessageType.ARTIFACT: ArtifactHeader,
+}
+
+
+def parse_header(envelope: Envelope, expected: MessageType | None = None) -> _Header:
+    if expected is not None and envelope.type != expected:
+        raise EnvelopeError(f"expected a {expected.name} message, got {envelope.type.name}")
+    try:
+        return _SCHEMAS[envelope.type].model_validate(envelope.header)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise EnvelopeError(f"{envelope.type.name} header is invalid: {problems}") from None

@@ -1,0 +1,72 @@
+"""Topic names under `<prefix>/<fleet>/`; one place so both sides and the docs agree.
+
+Per-device topics end in the device id, so a broker ACL can give each device exactly its own
+(`pattern write fedprune/+/update/%c`, `pattern read fedprune/+/task/%c`): the protocol is
+shaped for issue 7's isolation without changes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_id(kind: str, value: str) -> str:
+    if not _ID.match(value):
+        raise ValueError(f"{kind} {value!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit (it becomes an MQTT topic level)")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    fleet: str = "default"
+    prefix: str = "fedprune"
+
+    def __post_init__(self) -> None:
+        check_id("fleet", self.fleet)
+        for level in self.prefix.split("/"):
+            check_id("topic prefix level", level)
+
+    @property
+    def root(self) -> str:
+        return f"{self.prefix}/{self.fleet}"
+
+    # device -> coordinator
+    def register(self, device: str) -> str:
+        return f"{self.root}/register/{device}"
+
+    def update(self, device: str) -> str:
+        return f"{self.root}/update/{device}"
+
+    def refusal(self, device: str) -> str:
+        return f"{self.root}/refusal/{device}"
+
+    def status(self, device: str) -> str:
+        return f"{self.root}/status/{device}"
+
+    # coordinator -> device
+    def task(self, device: str) -> str:
+        return f"{self.root}/task/{device}"
+
+    def ack(self, device: str) -> str:
+        return f"{self.root}/ack/{device}"
+
+    def artifact(self, device: str) -> str:
+        return f"{self.root}/artifact/{device}"
+
+    def coordinator_subscriptions(self) -> list[str]:
+        return [f"{self.root}/{kind}/+" for kind in ("register", "update", "refusal", "status")]
+
+    def device_subscriptions(self, device: str) -> list[str]:
+        return [self.task(device), self.ack(device), self.artifact(device)]
+
+    def device_of(self, topic: str) -> tuple[str, str]:
+        """(kind, device) of a per-device topic under this root; ValueError otherwise."""
+        parts = topic.split("/")
+        root = self.root.split("/")
+        if parts[:len(root)] != root or len(parts) != len(root) + 2:
+            raise ValueError(f"topic {topic!r} is not under {self.root}/<kind>/<device>")
+        return parts[-2], check_id("device id", parts[-1])
