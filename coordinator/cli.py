@@ -138,6 +138,34 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coordinator_serve(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .service import CoordinatorService, ServiceConfig
+    from edge_sdk.logs import configure_logging
+
+    config = load_config(args.config, args.set, schema=ServiceConfig)
+    configure_logging(args.log_level, json_lines=not args.plain_logs)
+    service = CoordinatorService(config)
+    service.install_signal_handlers()
+    service.run()
+    return 0
+
+
+def _edge_run(args: argparse.Namespace) -> int:
+    from edge_sdk.agent import EdgeAgent, load_edge_config
+
+    from edge_sdk.logs import configure_logging
+
+    config = load_edge_config(args.config)
+    configure_logging(args.log_level, json_lines=not args.plain_logs)
+    agent = EdgeAgent(config)
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stopping.set())
+    agent.run()
+    return 0
+
+
 def _edge_rehearse(args: argparse.Namespace) -> int:
     from edge_sdk.budget import BudgetPlan
     from edge_sdk.rehearsal import rehearse
@@ -238,8 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="real test images each artifact is checked on (default: %(default)s)")
     exp.set_defaults(handler=_export)
 
+    coord = sub.add_parser("coordinator", help="the coordinator service")
+    coord_sub = coord.add_subparsers(dest="coordinator_command", required=True)
+    serve = coord_sub.add_parser("serve", help="run rounds over MQTT for a fleet of edge devices",
+                                 description="Registry, round engine, persistence and the status "
+                                 "endpoint; see docs/PROTOCOL.md for the wire contract.")
+    serve.add_argument("--config", help="coordinator.toml (see deploy/coordinator.example.toml)")
+    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. rounds.total=5 (repeatable)")
+    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--plain-logs", action="store_true", help="text logs instead of JSON lines")
+    serve.set_defaults(handler=_coordinator_serve)
+
     edge = sub.add_parser("edge", help="commands that run on the device")
     edge_sub = edge.add_subparsers(dest="edge_command", required=True)
+    run = edge_sub.add_parser("run", help="join a fleet: register, train tasks with DP, send updates")
+    run.add_argument("--config", required=True, help="edge.toml (see deploy/edge.example.toml)")
+    run.add_argument("--log-level", default="INFO")
+    run.add_argument("--plain-logs", action="store_true", help="text logs instead of JSON lines")
+    run.set_defaults(handler=_edge_run)
     rehearse = edge_sub.add_parser("rehearse", help="one real local DP epoch of a plan; prints "
                                    "peak RSS")
     rehearse.add_argument("--plan", required=True)

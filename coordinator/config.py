@@ -99,8 +99,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                **direct: Any) -> SimulationConfig:
-    """Defaults < TOML file < `direct` (explicit CLI flags) < `--set` overrides."""
+                schema: type[BaseModel] = SimulationConfig, **direct: Any) -> Any:
+    """Defaults < TOML file < `direct` (explicit CLI flags) < `--set` overrides, as `schema`."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -116,7 +116,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         keys, value = parse_override(item)
         _assign(data, keys, value)
     try:
-        return SimulationConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
                              for err in exc.errors())

@@ -24,6 +24,8 @@ OPSET = 18
 def to_onnx(model: torch.nn.Module, example: torch.Tensor,
             metadata: dict[str, str] | None = None) -> bytes:
     """Serialized ONNX model with `metadata` as metadata_props; input `input`, output `logits`."""
+    # The exporter warns about every optional op library it does not find (torchvision, ...).
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

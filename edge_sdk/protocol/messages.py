@@ -33,6 +33,7 @@ class RegisterHeader(_Header):
     sdk_version: str = "unknown"
     epsilon_spent: float | None = Field(None, ge=0)
     epsilon_budget: float | None = Field(None, gt=0)
+    model_digest: str | None = None            # spec digest of the model the device holds
 
 
 class TaskHeader(_TaskKey):
@@ -48,6 +49,7 @@ class UpdateHeader(_TaskKey):
     num_samples: int = Field(ge=1)
     epsilon: float | None = Field(None, ge=0)
     train_seconds: float = Field(0.0, ge=0)
+    local_accuracy: float | None = Field(None, ge=0, le=1)  # personal model, local test split
 
 
 class AckHeader(_TaskKey):

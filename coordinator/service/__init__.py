@@ -1,0 +1,8 @@
+"""The coordinator service: round engine, MQTT link, persistence and the status endpoint."""
+
+from .config import ServiceConfig
+from .engine import RoundEngine
+from .service import CoordinatorService
+from .store import Store
+
+__all__ = ["CoordinatorService", "RoundEngine", "ServiceConfig", "Store"]

@@ -1,0 +1,403 @@
+"""The coordinator's round state machine, driven by messages and the clock from one thread.
+
+    (no round) --enough eligible devices--> collecting --all answered / deadline--> committing
+    committing --checkpoint written--> committed            (or aborted below quorum; retried)
+
+Everything that must survive a crash is in the store before anything depending on it is sent:
+a round and its tasks before the tasks are published, an update before it is acknowledged, the
+new global checkpoint before the round is marked committed. On restart the engine reloads the
+last committed checkpoint, resumes the open round (re-sending its unanswered tasks; devices
+de-duplicate by task key), and re-runs a commit that was interrupted, which is deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from device_profiles import DeviceProfile
+from edge_sdk import codec
+from edge_sdk.checkpoint import Checkpoint, load_checkpoint
+from edge_sdk.data import load_dataset, to_tensor
+from edge_sdk.models import build_model, model_spec
+from edge_sdk.protocol import (EnvelopeError, MessageType, RefusalCode, Topics, decode_envelope,
+                               encode_envelope, parse_header)
+from edge_sdk.training import accuracy
+
+from ..aggregation import StreamingAggregator
+from ..planning.fleet import SubmodelViews
+from ..planning.memory import MemoryCoefficients
+from ..planning.planner import PlannerSettings, plan_device
+from ..simulation import dp_config, make_strategy
+from .config import ServiceConfig
+from .store import Store, TaskRow
+
+log = logging.getLogger("fedprune.coordinator")
+
+Publish = Callable[[str, bytes], None]
+
+
+class RoundEngine:
+    def __init__(self, config: ServiceConfig, store: Store, publish: Publish,
+                 clock: Callable[[], float] = time.time):
+        self.config, self.store, self.publish, self.clock = config, store, publish, clock
+        self.topics = Topics(config.broker.fleet, config.broker.topic_prefix)
+        source = load_dataset(config.dataset, config.data_dir)
+        self.info = source.info
+        self.spec = model_spec(config.model, source.info.input_shape, source.info.num_classes)
+        self.strategy = make_strategy(config, self.spec)
+        self.dp = dp_config(config)
+        self.test_x = to_tensor(source.test_x, source.info) if config.evaluate else None
+        self.test_y = torch.tensor(source.test_y) if config.evaluate else None
+        self.state_dir = Path(config.state_dir)
+        self.planner = PlannerSettings(deadline_seconds=config.rounds.deadline_seconds,
+                                       batch_size=config.train.batch_size, dp=self.dp is not None,
+                                       momentum=config.train.momentum, slicing=config.slicing)
+        self.coefficients = MemoryCoefficients.load()
+        self.global_state = self._load_global()
+        self.shapes = {k: v.shape for k, v in self.global_state.items()}
+        self.views: SubmodelViews | None = None
+        self.plans: dict[str, Any] = {}
+        self.waiting_since: float | None = None
+        self.on_commit: Callable[[dict], None] | None = None
+        self.round = store.current_round()
+        if self.round is not None:
+            log.info("resuming round %d (%s)", self.round.number, self.round.state)
+            self._prepare_views(self.round.number)
+            self._resend_unanswered()
+
+    # --- global model ----------------------------------------------------------------------
+    def _load_global(self) -> dict[str, np.ndarray]:
+        last = self.store.last_committed()
+        if last is not None and last.checkpoint:
+            saved = load_checkpoint(last.checkpoint)
+            return {k: v.numpy().copy() for k, v in saved.state.items()}
+        model = build_model(self.spec, seed=self.config.seed)
+        return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+    def committed_rounds(self) -> int:
+        return sum(r.state == "committed" for r in self.store.rounds())
+
+    @property
+    def done(self) -> bool:
+        return self.round is None and self.committed_rounds() >= self.config.rounds.total
+
+    # --- messages --------------------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes) -> None:
+        try:
+            kind, device = self.topics.device_of(topic)
+        except ValueError as exc:
+            log.warning("ignoring message: %s", exc)
+            return
+        try:
+            envelope = decode_envelope(payload, self.config.broker.max_payload_bytes)
+            header = parse_header(envelope)
+        except EnvelopeError as exc:
+            log.warning("refused a malformed %s message from %s: %s", kind, device, exc)
+            return
+        if header.device != device:
+            log.warning("message on %s's topic claims to be from %s; refused", device, header.device)
+            return
+        handler = {MessageType.REGISTER: self._on_register, MessageType.STATUS: self._on_status,
+                   MessageType.UPDATE: self._on_update, MessageType.REFUSAL: self._on_refusal}
+        if envelope.type not in handler:
+            log.warning("%s sent a %s message, which devices do not send", device, envelope.type.name)
+            return
+        handler[envelope.type](header, envelope.payload)
+
+    def _on_register(self, header, _payload: bytes) -> None:
+        try:
+            profile = DeviceProfile.model_validate(header.profile)
+        except ValidationError as exc:
+            log.warning("device %s registered with an invalid profile: %s", header.device,
+                        exc.errors()[0]["msg"])
+            return
+        settings = replace(self.planner, local_samples=header.num_samples)
+        plan = plan_device(profile, self.spec, self.config.model, settings, self.coefficients)
+        self.store.upsert_device(
+            header.device, profile=header.profile, num_samples=header.num_samples,
+            formats=header.formats, plan=plan.model_dump(mode="json"), width_ratio=plan.width_ratio,
+            fits=plan.fits, online=True, model_digest=header.model_digest,
+            epsilon=header.epsilon_spent, epsilon_budget=header.epsilon_budget)
+        log.info("registered %s (%s): width %g, %s", header.device, profile.name, plan.width_ratio,
+                 "fits" if plan.fits else "does not fit: " + "; ".join(plan.reasons))
+
+    def _on_status(self, header, _payload: bytes) -> None:
+        self.store.update_device(header.device, online=header.online)
+        log.info("%s is %s", header.device, "online" if header.online else "offline")
+
+    def _ack(self, header, accepted: bool, reason: str | None = None, duplicate: bool = False) -> None:
+        self.publish(self.topics.ack(header.device), encode_envelope(MessageType.ACK, {
+            "device": header.device, "round": header.round, "task": header.task,
+            "accepted": accepted, "duplicate": duplicate, "reason": reason}))
+
+    def _on_update(self, header, payload: bytes) -> None:
+        current = self.round
+        if current is None or header.round != current.number:
+            stored = self.store.has_update(header.round, header.device, header.task)
+            self._ack(header, stored, None if stored else
+                      f"round {header.round} is not open (open: "
+                      f"{current.number if current else 'none'}); the update is stale",
+                      duplicate=stored)
+            return
+        task = self.store.tasks(current.number).get(header.device)
+        if task is None or task.task != header.task:
+            self._ack(header, False, f"no task {header.task} for {header.device} in round {current.number}")
+            return
+        if task.state == "accepted":  # QoS 1 redelivery or a replay: counted once
+            self._ack(header, True, duplicate=True)
+            return
+        if self.clock() > current.deadline:
+            self.store.set_task(current.number, header.device, state="rejected", reason="late")
+            self._ack(header, False, "late: the round's deadline had passed")
+            return
+        plan = self._plan_for(header.device, task)
+        try:
+            update = codec.decode(payload, expected_shapes=self.views.view(task.width_ratio).shapes)
+            if set(update) != set(plan.uploaded):
+                raise codec.CodecError(f"update carries {sorted(update)}, the plan asked for "
+                                       f"{sorted(plan.uploaded)}")
+        except codec.CodecError as exc:
+            self.store.set_task(current.number, header.device, state="rejected", reason=str(exc))
+            self._ack(header, False, f"update refused: {exc}")
+            return
+        stored = self.store.accept_update(current.number, header.device, header.task, payload,
+                                          task.aggregation_weight, header.num_samples,
+                                          header.epsilon, header.local_accuracy)
+        self.store.update_device(header.device, epsilon=header.epsilon,
+                                 model_digest=self.views.view(task.width_ratio).spec.digest())
+        self._ack(header, True, duplicate=not stored)
+        log.info("round %d: accepted %d-byte update from %s", current.number, len(payload), header.device)
+
+    def _on_refusal(self, header, _payload: bytes) -> None:
+        current = self.round
+        if current is None or header.round != current.number:
+            return
+        task = self.store.tasks(current.number).get(header.device)
+        if task is None or task.task != header.task or task.state != "sent":
+            return
+        self.store.set_task(current.number, header.device, state="refused",
+                            reason=f"{header.code.value}: {header.message}")
+        if header.code == RefusalCode.PRIVACY_BUDGET:
+            self.store.update_device(header.device, exhausted=True, epsilon=header.epsilon)
+        elif header.code == RefusalCode.BAD_TASK:
+            self.store.update_device(header.device, model_digest=None)  # resend everything next time
+        log.warning("round %d: %s refused its task (%s): %s", current.number, header.device,
+                    header.code.value, header.message)
+
+    # --- the clock -------------------------------------------------------------------------
+    def tick(self) -> None:
+        now = self.clock()
+        if self.round is None:
+            if self.committed_rounds() < self.config.rounds.total:
+                self._maybe_open(now)
+            return
+        if self.round.state == "committing":
+            self._commit()
+            return
+        tasks = self.store.tasks(self.round.number)
+        answered = all(t.state != "sent" for t in tasks.values())
+        if answered or now >= self.round.deadline:
+            accepted = sum(t.state == "accepted" for t in tasks.values())
+            if accepted >= self.round.quorum:
+                self._commit()
+            else:
+                self._abort(f"{accepted} accepted updates, quorum {self.round.quorum}")
+
+    def _eligible(self):
+        return [d for d in self.store.devices() if d.online and d.fits and not d.exhausted]
+
+    def _maybe_open(self, now: float) -> None:
+        rounds = self.config.rounds
+        eligible = self._eligible()
+        if len(eligible) < rounds.min_devices:
+            self.waiting_since = None
+            return
+        self.waiting_since = self.waiting_since or now
+        if len(eligible) < rounds.devices_per_round and now - self.waiting_since < rounds.registration_grace_seconds:
+            return
+        self.waiting_since = None
+        self._open(eligible, now)
+
+    def _prepare_views(self, number: int) -> None:
+        self.views = SubmodelViews(self.spec, self.global_state,
+                                   codec.ValueDtype.from_name(self.config.codec.download_dtype),
+                                   self.config.slicing, number)
+        self.plans = {}
+
+    def _plan_for(self, device_id: str, task: TaskRow):
+        if device_id not in self.plans:
+            device = self.store.device(device_id)
+            view = self.views.view(task.width_ratio)
+            self.plans[device_id] = view.adapt(self.strategy.plan(device.index, task.round,
+                                                                  device.num_samples))
+        return self.plans[device_id]
+
+    def _task_message(self, device, task: TaskRow, deadline: float) -> bytes:
+        plan = self._plan_for(device.id, task)
+        view = self.views.view(task.width_ratio)
+        payload = view.downloads.payload(plan, device_has_private_copy=device.model_digest == view.spec.digest())
+        train = {**self.config.train.model_dump(),
+                 "physical_batch_size": device.plan.get("physical_batch_size")}
+        header = {"device": device.id, "round": task.round, "task": task.task,
+                  "plan": plan.to_dict(), "train": train,
+                  "dp": self.config.dp.model_dump(exclude={"epsilon_budget"}) if self.dp else None,
+                  "planned_rounds": self.config.rounds.total, "deadline": deadline,
+                  "width_ratio": task.width_ratio}
+        return encode_envelope(MessageType.TASK, header, payload)
+
+    def _open(self, eligible, now: float) -> None:
+        number = self.store.next_round_number()
+        rng = np.random.default_rng([self.config.seed, number])
+        count = min(self.config.rounds.devices_per_round, len(eligible))
+        chosen = [eligible[i] for i in sorted(rng.choice(len(eligible), count, replace=False))]
+        self._prepare_views(number)
+        deadline = now + self.config.rounds.deadline_seconds
+        quorum = max(1, math.ceil(self.config.rounds.min_fraction * count))
+        tasks = [TaskRow(round=number, device=d.id, task=uuid.uuid4().hex[:16], state="sent",
+                         width_ratio=d.width_ratio, aggregation_weight=1.0, bytes_down=0, sent_at=now)
+                 for d in chosen]
+        messages = []
+        for device, task in zip(chosen, tasks):
+            message = self._task_message(device, task, deadline)
+            task.aggregation_weight = self._plan_for(device.id, task).aggregation_weight
+            task.bytes_down = len(message)
+            messages.append((self.topics.task(device.id), message))
+        self.store.open_round(number, deadline, [d.id for d in chosen], quorum, tasks)
+        self.round = self.store.current_round()
+        for topic, message in messages:  # persisted first: a crash here re-sends on restart
+            self.publish(topic, message)
+        log.info("round %d: sent tasks to %d devices (quorum %d, deadline in %.0f s)", number,
+                 count, quorum, self.config.rounds.deadline_seconds)
+        if self.config.export.enabled:
+            self._send_artifacts(chosen, number)
+
+    def _resend_unanswered(self) -> None:
+        devices = {d.id: d for d in self.store.devices()}
+        for device_id, task in self.store.tasks(self.round.number).items():
+            if task.state == "sent" and device_id in devices:
+                self.publish(self.topics.task(device_id),
+                             self._task_message(devices[device_id], task, self.round.deadline))
+
+    def _send_artifacts(self, chosen, number: int) -> None:
+        """The model each device starts the round from, exported for its width and runtime."""
+        from export import ExportError, export_bundle
+
+        from ..exporting import submodel
+
+        base = Checkpoint(self.spec, {k: torch.from_numpy(v) for k, v in self.global_state.items()},
+                          self.config.model, self.info.name, None, number - 1)
+        x = self.test_x[:self.config.export.verify_samples].numpy() if self.test_x is not None else \
+            to_tensor(load_dataset(self.config.dataset, self.config.data_dir).test_x[:64], self.info).numpy()
+        bundles = {}
+        for device in chosen:
+            formats = [f for f in self.config.export.formats if f in device.formats]
+            if not formats:
+                continue
+            key = (device.width_ratio, formats[0])
+            if key not in bundles:
+                out = self.state_dir / "exports" / f"round-{number:04d}" / f"w{device.width_ratio:g}-{formats[0]}"
+                try:
+                    bundles[key] = (out, export_bundle(
+                        submodel(base, device.width_ratio, self.config.slicing, number),
+                        out, model_name=self.config.model, info=self.info,
+                        device_id=f"width-{device.width_ratio:g}", verify_x=x, round_number=number - 1,
+                        width_ratio=device.width_ratio, formats=(formats[0],)))
+                except ExportError as exc:
+                    log.error("round %d: export for width %g failed: %s", number, device.width_ratio, exc)
+                    bundles[key] = None
+            if bundles[key] is None:
+                continue
+            out, manifest = bundles[key]
+            entry = manifest.artifacts[0]
+            self.publish(self.topics.artifact(device.id), encode_envelope(
+                MessageType.ARTIFACT, {"device": device.id, "round": number - 1,
+                                       "manifest": manifest.model_dump(mode="json"),
+                                       "artifact": entry.compressed_path},
+                (out / entry.compressed_path).read_bytes()))
+
+    # --- commit ----------------------------------------------------------------------------
+    def _commit(self) -> None:
+        number = self.round.number
+        self.store.set_round(number, state="committing")
+        tasks = self.store.tasks(number)
+        aggregator = StreamingAggregator(self.shapes)
+        bytes_up, epsilons, local = 0, [], []
+        for update in self.store.updates(number):
+            view = self.views.view(tasks[update.device].width_ratio)
+            decoded = codec.decode(update.payload, expected_shapes=view.shapes)
+            aggregator.add_update(view.to_global(decoded), update.weight)
+            bytes_up += update.bytes
+            if update.epsilon is not None:
+                epsilons.append(update.epsilon)
+            if update.local_accuracy is not None:
+                local.append(update.local_accuracy)
+        new_state = aggregator.apply(self.global_state)
+        path = self.state_dir / "checkpoints" / f"global-r{number:04d}.pt"
+        checkpoint = Checkpoint(self.spec, {k: torch.from_numpy(v) for k, v in new_state.items()},
+                                self.config.model, self.info.name, None, number)
+        checkpoint.save(path)
+        global_accuracy = None
+        if self.test_x is not None:
+            global_accuracy = accuracy(checkpoint.build(), self.test_x, self.test_y)
+        states = [t.state for t in tasks.values()]
+        for device_id, task in tasks.items():
+            if task.state == "sent":
+                self.store.set_task(number, device_id, state="missing")
+        summary = {"round": number, "selected": len(tasks), "accepted": states.count("accepted"),
+                   "refused": states.count("refused"), "rejected": states.count("rejected"),
+                   "missing": states.count("sent"), "bytes_up": bytes_up,
+                   "bytes_down": sum(t.bytes_down for t in tasks.values()),
+                   "epsilon_max": max(epsilons) if epsilons else None,
+                   "personalized_accuracy": float(np.mean(local)) if local else None,
+                   "global_accuracy": global_accuracy,
+                   "seconds": self.clock() - self.round.started_at}
+        self.store.set_round(number, state="committed", checkpoint=str(path),
+                             finished_at=self.clock(), summary=summary)
+        self.global_state, self.round = new_state, None
+        log.info("round %d committed: %s", number, summary)
+        if self.on_commit:
+            self.on_commit(summary)
+
+    def _abort(self, why: str) -> None:
+        number = self.round.number
+        for device_id, task in self.store.tasks(number).items():
+            if task.state == "sent":
+                self.store.set_task(number, device_id, state="missing")
+        self.store.set_round(number, state="aborted", finished_at=self.clock(), summary={"reason": why})
+        log.warning("round %d aborted: %s; a new round will be opened", number, why)
+        self.round = None
+        attempts = sum(r.state == "aborted" for r in self.store.rounds())
+        if attempts > self.config.rounds.retries * self.config.rounds.total:
+            raise RuntimeError(f"{attempts} rounds aborted; giving up (last: {why})")
+
+    # --- status ----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        devices = self.store.devices()
+        rounds = self.store.rounds()
+        current = next((r for r in reversed(rounds) if r.state in ("collecting", "committing")), None)
+        progress = None
+        if current is not None:
+            tasks = self.store.tasks(current.number)
+            progress = {"round": current.number, "state": current.state,
+                        "deadline_in": max(0.0, current.deadline - self.clock()),
+                        "selected": len(tasks), "quorum": current.quorum,
+                        "answered": {s: sum(t.state == s for t in tasks.values())
+                                     for s in ("sent", "accepted", "refused", "rejected")}}
+        return {"fleet": self.config.broker.fleet,
+                "rounds_committed": sum(r.state == "committed" for r in rounds),
+                "rounds_total": self.config.rounds.total, "current": progress,
+                "devices": [{"id": d.id, "online": d.online, "width_ratio": d.width_ratio,
+                             "fits": d.fits, "epsilon": d.epsilon, "exhausted": d.exhausted,
+                             "device_class": d.profile.get("name")} for d in devices],
+                "rounds": [{"number": r.number, "state": r.state, **(r.summary or {})} for r in rounds]}

@@ -1,0 +1,62 @@
+"""The coordinator's MQTT connection: a persistent QoS 1 session and an inbox for the engine.
+
+paho's network thread only enqueues; the engine consumes from one thread. The session is
+persistent (clean_session=False) under a fixed client id, so updates published while the
+coordinator is down or restarting are queued by the broker and delivered when it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+import paho.mqtt.client as mqtt
+
+from edge_sdk.protocol import Topics
+
+log = logging.getLogger("fedprune.coordinator.mqtt")
+
+
+class CoordinatorLink:
+    def __init__(self, host: str, port: int, topics: Topics, client_id: str, keepalive: int = 30):
+        self.topics = topics
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.connected = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv311, clean_session=False)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.max_inflight_messages_set(100)
+        self.client.max_queued_messages_set(0)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
+        self.host, self.port, self.keepalive = host, port, keepalive
+        self.stopping = False
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        for topic in self.topics.coordinator_subscriptions():
+            client.subscribe(topic, qos=1)
+        self.connected.set()
+        log.info("connected to mqtt://%s:%d", self.host, self.port)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
+        self.connected.clear()
+        if not self.stopping:
+            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+
+    def start(self) -> None:
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """QoS 1; paho queues it while disconnected and sends it on reconnect."""
+        self.client.publish(topic, payload, qos=1)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,211 @@
+"""Persistent coordinator state through SQLAlchemy: SQLite by default, PostgreSQL by URL.
+
+Accepted updates are stored whole (their encoded payload) in the same transaction that accepts
+them, keyed by the idempotency key (round, device, task): a QoS 1 redelivery or a replay hits
+the primary key and is recognised as a duplicate, and a coordinator killed at any point finds
+every update it acknowledged when it restarts. Aggregation reads them back at commit.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, LargeBinary, String,
+                        create_engine, func, select)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DeviceRow(Base):
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, unique=True)  # stable integer id for strategies
+    profile: Mapped[dict] = mapped_column(JSON)
+    num_samples: Mapped[int] = mapped_column(Integer)
+    formats: Mapped[list] = mapped_column(JSON)
+    plan: Mapped[dict] = mapped_column(JSON)                  # the memory planner's BudgetPlan
+    width_ratio: Mapped[float] = mapped_column(Float)
+    fits: Mapped[bool] = mapped_column(Boolean)
+    online: Mapped[bool] = mapped_column(Boolean, default=True)
+    model_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    epsilon: Mapped[float | None] = mapped_column(Float, nullable=True)
+    epsilon_budget: Mapped[float | None] = mapped_column(Float, nullable=True)
+    exhausted: Mapped[bool] = mapped_column(Boolean, default=False)  # refused for its budget
+    registered_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+
+
+class RoundRow(Base):
+    __tablename__ = "rounds"
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))  # collecting | committing | committed | aborted
+    started_at: Mapped[float] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    selected: Mapped[list] = mapped_column(JSON)
+    quorum: Mapped[int] = mapped_column(Integer)
+    checkpoint: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    summary: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class TaskRow(Base):
+    __tablename__ = "tasks"
+    round: Mapped[int] = mapped_column(ForeignKey("rounds.number"), primary_key=True)
+    device: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))  # sent | accepted | refused | rejected | missing
+    width_ratio: Mapped[float] = mapped_column(Float)
+    aggregation_weight: Mapped[float] = mapped_column(Float)
+    bytes_down: Mapped[int] = mapped_column(Integer)
+    sent_at: Mapped[float] = mapped_column(Float)
+    answered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reason: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+
+
+class UpdateRow(Base):
+    __tablename__ = "updates"
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    weight: Mapped[float] = mapped_column(Float)
+    num_samples: Mapped[int] = mapped_column(Integer)
+    epsilon: Mapped[float | None] = mapped_column(Float, nullable=True)
+    local_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    bytes: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class Store:
+    def __init__(self, url: str):
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine = create_engine(url, **kwargs)
+        Base.metadata.create_all(self.engine)
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- devices ---------------------------------------------------------------------------
+    def upsert_device(self, device_id: str, **fields: Any) -> DeviceRow:
+        now = time.time()
+        with self.session.begin() as s:
+            row = s.get(DeviceRow, device_id)
+            if row is None:
+                highest = s.scalar(select(func.max(DeviceRow.index)))
+                index = 0 if highest is None else highest + 1
+                row = DeviceRow(id=device_id, index=index, registered_at=now, last_seen=now, **fields)
+                s.add(row)
+            else:
+                for key, value in fields.items():
+                    setattr(row, key, value)
+                row.last_seen = now
+        return row
+
+    def update_device(self, device_id: str, **fields: Any) -> None:
+        with self.session.begin() as s:
+            row = s.get(DeviceRow, device_id)
+            if row is not None:
+                for key, value in fields.items():
+                    setattr(row, key, value)
+                row.last_seen = time.time()
+
+    def device(self, device_id: str) -> DeviceRow | None:
+        with self.session() as s:
+            return s.get(DeviceRow, device_id)
+
+    def devices(self) -> list[DeviceRow]:
+        with self.session() as s:
+            return list(s.scalars(select(DeviceRow).order_by(DeviceRow.index)))
+
+    # --- rounds and tasks ------------------------------------------------------------------
+    def open_round(self, number: int, deadline: float, selected: list[str], quorum: int,
+                   tasks: list[TaskRow]) -> None:
+        with self.session.begin() as s:
+            s.add(RoundRow(number=number, state="collecting", started_at=time.time(),
+                           deadline=deadline, selected=selected, quorum=quorum, summary={}))
+            s.flush()
+            s.add_all(tasks)
+
+    def current_round(self) -> RoundRow | None:
+        """The round in progress (collecting or committing), if any."""
+        with self.session() as s:
+            return s.scalar(select(RoundRow).where(RoundRow.state.in_(("collecting", "committing")))
+                            .order_by(RoundRow.number.desc()))
+
+    def last_committed(self) -> RoundRow | None:
+        with self.session() as s:
+            return s.scalar(select(RoundRow).where(RoundRow.state == "committed")
+                            .order_by(RoundRow.number.desc()))
+
+    def rounds(self) -> list[RoundRow]:
+        with self.session() as s:
+            return list(s.scalars(select(RoundRow).order_by(RoundRow.number)))
+
+    def next_round_number(self) -> int:
+        with self.session() as s:
+            return (s.scalar(select(func.max(RoundRow.number))) or 0) + 1
+
+    def set_round(self, number: int, **fields: Any) -> None:
+        with self.session.begin() as s:
+            row = s.get(RoundRow, number)
+            for key, value in fields.items():
+                setattr(row, key, value)
+
+    def tasks(self, round_number: int) -> dict[str, TaskRow]:
+        with self.session() as s:
+            return {t.device: t for t in s.scalars(select(TaskRow).where(TaskRow.round == round_number))}
+
+    def set_task(self, round_number: int, device: str, **fields: Any) -> None:
+        with self.session.begin() as s:
+            row = s.get(TaskRow, (round_number, device))
+            for key, value in fields.items():
+                setattr(row, key, value)
+
+    # --- updates ---------------------------------------------------------------------------
+    def accept_update(self, round_number: int, device: str, task: str, payload: bytes, weight: float,
+                      num_samples: int, epsilon: float | None,
+                      local_accuracy: float | None = None) -> bool:
+        """Store an update and mark its task accepted, atomically. False: already stored."""
+        now = time.time()
+        try:
+            with self.session.begin() as s:
+                s.add(UpdateRow(round=round_number, device=device, task=task, payload=payload,
+                                weight=weight, num_samples=num_samples, epsilon=epsilon,
+                                local_accuracy=local_accuracy, bytes=len(payload), received_at=now))
+                s.flush()
+                row = s.get(TaskRow, (round_number, device))
+                row.state, row.answered_at = "accepted", now
+        except IntegrityError:
+            return False
+        return True
+
+    def updates(self, round_number: int) -> Iterator[UpdateRow]:
+        """One at a time, so aggregation memory does not grow with the number of devices."""
+        with self.session() as s:
+            keys = s.execute(select(UpdateRow.device, UpdateRow.task)
+                             .where(UpdateRow.round == round_number)
+                             .order_by(UpdateRow.device)).all()
+        for device, task in keys:
+            with self.session() as s:
+                yield s.get(UpdateRow, (round_number, device, task))
+
+    def has_update(self, round_number: int, device: str, task: str) -> bool:
+        with self.session() as s:
+            return s.get(UpdateRow, (round_number, device, task)) is not None
+
+    def update_count(self, round_number: int) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(UpdateRow)
+                            .where(UpdateRow.round == round_number)) or 0

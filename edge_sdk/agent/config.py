@@ -1,0 +1,72 @@
+"""edge.toml: who the device is, where its broker is, what data it trains on, what it may spend."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..budget import DataSlice
+from ..protocol.topics import check_id
+
+
+class EdgeConfigError(ValueError):
+    """An edge config that cannot run; the message names the key."""
+
+
+class EdgeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    device_id: str
+    broker: str = "mqtt://127.0.0.1:1883"
+    fleet: str = "default"
+    topic_prefix: str = "fedprune"
+    state_dir: str = "edge-state"
+    # "catalogue:<name>" for a catalogue device class, or a profile JSON from `fedprune profile`.
+    profile: str = "catalogue:rpi4-4gb"
+    formats: list[Literal["onnx", "tflite"]] = ["onnx"]
+    # Enforced here, on the device: a task that would push epsilon past it is refused.
+    epsilon_budget: float | None = Field(None, gt=0)
+    threads: int = Field(1, ge=1)
+    max_samples: int | None = Field(None, ge=2)
+    keepalive: int = Field(30, ge=5)
+    max_payload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    data: DataSlice = DataSlice()
+
+    @field_validator("device_id", "fleet")
+    @classmethod
+    def _topic_safe(cls, value: str) -> str:
+        return check_id("id", value)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        url = urlparse(value)
+        if url.scheme not in ("mqtt", "tcp") or not url.hostname:
+            raise ValueError(f"broker must look like mqtt://HOST[:PORT], got {value!r}")
+        return value
+
+    @property
+    def broker_host(self) -> str:
+        return urlparse(self.broker).hostname
+
+    @property
+    def broker_port(self) -> int:
+        return urlparse(self.broker).port or 1883
+
+
+def load_edge_config(path: str | Path, **overrides) -> EdgeConfig:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise EdgeConfigError(f"edge config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise EdgeConfigError(f"{path} is not valid TOML: {exc}") from None
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return EdgeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise EdgeConfigError(f"{path}: {problems}") from None
