@@ -166,6 +166,31 @@ def _edge_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(devices=args.devices, rounds=args.rounds, broker=args.broker,
+                      json_out=args.json_out, out_dir=args.out, epsilon=args.epsilon,
+                      samples=args.samples, data_dir=args.data_dir)
+    rounds = result["rounds"]
+    if len(rounds) < args.rounds:
+        print(f"demo stopped after {len(rounds)} of {args.rounds} rounds; logs in {result['logs']}",
+              file=sys.stderr)
+        return 1
+    last = rounds[-1]
+    print(f"\nfinal: personalized accuracy {last['personalized_accuracy']:.4f} (chance 0.10), "
+          f"global {last['global_accuracy']:.4f}; {sum(r['bytes_up'] for r in rounds):,} bytes up, "
+          f"{sum(r['bytes_down'] for r in rounds):,} down; max epsilon {last['epsilon_max']:.2f} "
+          f"at delta {result['privacy']['delta']} ({result['privacy']['accountant']} accountant, "
+          "record-level DP on each device)")
+    print(f"checkpoints: {result['checkpoints']}\nexported models: {result['exports']} "
+          f"(and each device's latest in {Path(result['devices'][0]['artifact']).parent.parent}/<device>/artifact)"
+          f"\ndatabase: {result['database']}\nlogs: {result['logs']}")
+    if args.json_out:
+        print(f"results written to {args.json_out}")
+    return 0
+
+
 def _edge_rehearse(args: argparse.Namespace) -> int:
     from edge_sdk.budget import BudgetPlan
     from edge_sdk.rehearsal import rehearse
@@ -265,6 +290,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--verify-samples", type=int, default=512,
                      help="real test images each artifact is checked on (default: %(default)s)")
     exp.set_defaults(handler=_export)
+
+    demo = sub.add_parser("demo", help="broker + coordinator + N edge processes, end to end",
+                          description="Start an embedded MQTT broker on loopback (or use --broker), "
+                          "the coordinator, and N edge processes with different catalogue device "
+                          "profiles training Fashion-MNIST (S1) with DP; print a per-round table.")
+    demo.add_argument("--devices", type=int, default=4)
+    demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--broker", metavar="URL", help="use this broker (mqtt://HOST:PORT) instead "
+                      "of the embedded one")
+    demo.add_argument("--epsilon", type=float, default=8.0, help="each device's DP budget over the run")
+    demo.add_argument("--samples", type=int, default=1500, help="local samples per device")
+    demo.add_argument("--data-dir")
+    demo.add_argument("--out", default="runs/demo", help="state, checkpoints, exports and logs")
+    demo.add_argument("--json-out")
+    demo.set_defaults(handler=_demo)
 
     coord = sub.add_parser("coordinator", help="the coordinator service")
     coord_sub = coord.add_subparsers(dest="coordinator_command", required=True)

@@ -280,7 +280,8 @@ class RoundEngine:
         log.info("round %d: sent tasks to %d devices (quorum %d, deadline in %.0f s)", number,
                  count, quorum, self.config.rounds.deadline_seconds)
         if self.config.export.enabled:
-            self._send_artifacts(chosen, number)
+            artifact_bytes = self._send_artifacts(chosen, number)
+            self.store.set_round(number, summary={"artifact_bytes": artifact_bytes})
 
     def _resend_unanswered(self) -> None:
         devices = {d.id: d for d in self.store.devices()}
@@ -289,7 +290,7 @@ class RoundEngine:
                 self.publish(self.topics.task(device_id),
                              self._task_message(devices[device_id], task, self.round.deadline))
 
-    def _send_artifacts(self, chosen, number: int) -> None:
+    def _send_artifacts(self, chosen, number: int) -> int:
         """The model each device starts the round from, exported for its width and runtime."""
         from export import ExportError, export_bundle
 
@@ -299,7 +300,7 @@ class RoundEngine:
                           self.config.model, self.info.name, None, number - 1)
         x = self.test_x[:self.config.export.verify_samples].numpy() if self.test_x is not None else \
             to_tensor(load_dataset(self.config.dataset, self.config.data_dir).test_x[:64], self.info).numpy()
-        bundles = {}
+        bundles, sent = {}, 0
         for device in chosen:
             formats = [f for f in self.config.export.formats if f in device.formats]
             if not formats:
@@ -320,11 +321,14 @@ class RoundEngine:
                 continue
             out, manifest = bundles[key]
             entry = manifest.artifacts[0]
-            self.publish(self.topics.artifact(device.id), encode_envelope(
+            message = encode_envelope(
                 MessageType.ARTIFACT, {"device": device.id, "round": number - 1,
                                        "manifest": manifest.model_dump(mode="json"),
                                        "artifact": entry.compressed_path},
-                (out / entry.compressed_path).read_bytes()))
+                (out / entry.compressed_path).read_bytes())
+            self.publish(self.topics.artifact(device.id), message)
+            sent += len(message)
+        return sent
 
     # --- commit ----------------------------------------------------------------------------
     def _commit(self) -> None:
@@ -354,7 +358,8 @@ class RoundEngine:
         for device_id, task in tasks.items():
             if task.state == "sent":
                 self.store.set_task(number, device_id, state="missing")
-        summary = {"round": number, "selected": len(tasks), "accepted": states.count("accepted"),
+        summary = {**(self.store.round_row(number).summary or {}), "round": number,
+                   "selected": len(tasks), "accepted": states.count("accepted"),
                    "refused": states.count("refused"), "rejected": states.count("rejected"),
                    "missing": states.count("sent"), "bytes_up": bytes_up,
                    "bytes_down": sum(t.bytes_down for t in tasks.values()),

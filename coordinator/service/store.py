@@ -149,6 +149,10 @@ class Store:
             return s.scalar(select(RoundRow).where(RoundRow.state == "committed")
                             .order_by(RoundRow.number.desc()))
 
+    def round_row(self, number: int) -> RoundRow | None:
+        with self.session() as s:
+            return s.get(RoundRow, number)
+
     def rounds(self) -> list[RoundRow]:
         with self.session() as s:
             return list(s.scalars(select(RoundRow).order_by(RoundRow.number)))
