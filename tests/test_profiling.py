@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from device_profiles import load_profile
+from mqtt_brokers import Mosquitto
 from edge_sdk.profiling import (
     ProfilingError,
     battery_state,
@@ -23,7 +21,6 @@ from edge_sdk.profiling import (
 )
 
 MIB = 1 << 20
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MEMINFO = """\
 MemTotal:        8000000 kB
 MemFree:          500000 kB
@@ -143,25 +140,10 @@ def test_cli_quick_profile_with_given_bandwidth(tmp_path):
 
 @pytest.fixture
 def mosquitto(tmp_path):
-    """A real Mosquitto of our own on a free loopback port, stopped by pid afterwards."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    broker = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if broker.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {broker.stderr.read().decode()}")
-            time.sleep(0.05)
-    yield f"mqtt://127.0.0.1:{port}"
-    broker.terminate()
-    broker.wait(timeout=10)
+    """A real Mosquitto of our own (the shipped config) on a free loopback port."""
+    broker = Mosquitto(tmp_path).start()
+    yield broker.url
+    broker.stop()
 
 
 def test_cli_quick_profile_measures_the_link_through_the_broker(tmp_path, mosquitto):

@@ -30,8 +30,8 @@ from edge_sdk import codec
 from edge_sdk.checkpoint import Checkpoint, load_checkpoint
 from edge_sdk.data import load_dataset, to_tensor
 from edge_sdk.models import build_model, model_spec
-from edge_sdk.protocol import (EnvelopeError, MessageType, RefusalCode, Topics, decode_envelope,
-                               encode_envelope, parse_header)
+from edge_sdk.protocol import (Envelope, EnvelopeError, MessageType, RefusalCode, Topics,
+                               decode_envelope, encode_envelope, parse_header, peek_header)
 from edge_sdk.training import accuracy
 
 from ..aggregation import StreamingAggregator
@@ -104,6 +104,7 @@ class RoundEngine:
             header = parse_header(envelope)
         except EnvelopeError as exc:
             log.warning("refused a malformed %s message from %s: %s", kind, device, exc)
+            self._tell_refused_update(device, payload, exc)
             return
         if header.device != device:
             log.warning("message on %s's topic claims to be from %s; refused", device, header.device)
@@ -114,6 +115,17 @@ class RoundEngine:
             log.warning("%s sent a %s message, which devices do not send", device, envelope.type.name)
             return
         handler[envelope.type](header, envelope.payload)
+
+    def _tell_refused_update(self, device: str, payload: bytes, error: EnvelopeError) -> None:
+        """An update refused before decoding (too large, damaged payload) is still answered when
+        its header names a task of this device, so the device learns why."""
+        try:
+            kind, raw = peek_header(payload)
+            header = parse_header(Envelope(kind, raw), MessageType.UPDATE)
+        except EnvelopeError:
+            return
+        if header.device == device:
+            self._ack(header, False, f"update refused: {error}")
 
     def _on_register(self, header, _payload: bytes) -> None:
         try:

@@ -164,9 +164,6 @@ class EdgeAgent:
                 self.mqtt.publish(self.topics.update(device), pending, qos=1)
             log.info("task %s already %s", key, done)
             return
-        if time.time() > header.deadline:
-            self._refuse(header, RefusalCode.BAD_TASK, "the task's deadline passed before it arrived")
-            return
         try:
             plan = SubmodelPlan.from_dict(header.plan)
             client = self._client(header)
@@ -196,6 +193,11 @@ class EdgeAgent:
             "train_seconds": time.perf_counter() - started,
             "local_accuracy": client.evaluate(),
             "payload_sha256": hashlib.sha256(outcome.payload).hexdigest()}, outcome.payload)
+        if len(envelope) > self.config.max_payload_bytes:
+            self._refuse(header, RefusalCode.BAD_TASK, f"the update is {len(envelope):,} bytes, over "
+                         f"the fleet's limit of {self.config.max_payload_bytes:,}; plan a smaller "
+                         "upload (fp16, sparser) for this device")
+            return
         self.state.put_outbox(key, envelope)  # on disk before it is sent: a crash resends it
         self.state.mark(key, "sent")
         self.mqtt.publish(self.topics.update(device), envelope, qos=1)

@@ -60,6 +60,20 @@ def encode_envelope(kind: MessageType, header: dict[str, Any], payload: bytes = 
 
 
 def decode_envelope(data: bytes, payload_limit: int = DEFAULT_PAYLOAD_LIMIT) -> Envelope:
+    kind, header, head_len, payload_len = _prefix_and_header(data, payload_limit)
+    if len(data) != PREFIX_BYTES + head_len + payload_len:
+        raise EnvelopeError(f"message is {len(data):,} bytes but its lengths say "
+                            f"{PREFIX_BYTES + head_len + payload_len:,}: truncated or padded")
+    return Envelope(kind, header, bytes(data[PREFIX_BYTES + head_len:]))
+
+
+def peek_header(data: bytes) -> tuple[MessageType, dict[str, Any]]:
+    """Type and header of a message whose payload may be refused, so the sender can be told why."""
+    kind, header, _, _ = _prefix_and_header(data, payload_limit=1 << 32)
+    return kind, header
+
+
+def _prefix_and_header(data: bytes, payload_limit: int) -> tuple[MessageType, dict[str, Any], int, int]:
     if len(data) < PREFIX_BYTES:
         raise EnvelopeError(f"message is {len(data)} bytes, shorter than the {PREFIX_BYTES}-byte prefix")
     magic, version, kind, flags, head_len, payload_len = _PREFIX.unpack_from(data)
@@ -77,13 +91,13 @@ def decode_envelope(data: bytes, payload_limit: int = DEFAULT_PAYLOAD_LIMIT) -> 
         raise EnvelopeError(f"header length {head_len:,} is over the limit of {HEADER_LIMIT:,}")
     if payload_len > payload_limit:
         raise EnvelopeError(f"payload length {payload_len:,} is over the limit of {payload_limit:,}")
-    if len(data) != PREFIX_BYTES + head_len + payload_len:
-        raise EnvelopeError(f"message is {len(data):,} bytes but its lengths say "
-                            f"{PREFIX_BYTES + head_len + payload_len:,}: truncated or padded")
+    if len(data) < PREFIX_BYTES + head_len:
+        raise EnvelopeError(f"message is {len(data):,} bytes, too short for its "
+                            f"{head_len:,}-byte header: truncated")
     try:
         header = json.loads(bytes(data[PREFIX_BYTES:PREFIX_BYTES + head_len]).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EnvelopeError(f"header is not UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
         raise EnvelopeError(f"header must be a JSON object, got {type(header).__name__}")
-    return Envelope(kind, header, bytes(data[PREFIX_BYTES + head_len:]))
+    return kind, header, head_len, payload_len

@@ -41,7 +41,7 @@ class TaskHeader(_TaskKey):
     train: dict[str, Any]                      # TrainConfig fields
     dp: dict[str, Any] | None = None           # DPConfig fields; the device adds its own budget
     planned_rounds: int = Field(ge=1)
-    deadline: float                            # unix time; an update after it is refused
+    deadline: float      # coordinator's unix time; it alone judges lateness (device clocks drift)
     width_ratio: float = Field(1.0, gt=0, le=1)
 
 

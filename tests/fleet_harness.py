@@ -1,0 +1,90 @@
+"""Drive the real coordinator engine and real edge agents without a broker, message by message.
+
+Each agent's publish is captured instead of sent; `deliver` hands captured messages to the other
+side exactly as a broker would (same topic, same bytes). Tests choose the order, drop, delay or
+replay messages, and "crash" the engine by building a new one on the same store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coordinator.service import RoundEngine, ServiceConfig, Store
+from edge_sdk.agent import EdgeAgent, EdgeConfig
+from edge_sdk.protocol import Topics
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    def __init__(self, tmp: Path, db_url: str, devices: int = 3, samples: int = 150,
+                 budgets: dict[int, float] | None = None, **service):
+        self.tmp = tmp
+        self.topics = Topics("test")
+        settings = {"strategy": "fedavg", "state_dir": str(tmp / "coordinator"), "database": db_url,
+                    "http_port": None, "evaluate": True,
+                    "broker": {"fleet": "test"},
+                    "rounds": {"total": 2, "devices_per_round": devices, "min_devices": devices,
+                               "registration_grace_seconds": 0, "deadline_seconds": 60},
+                    "export": {"enabled": False}, "train": {"lr": 0.05}}
+        for key, value in service.items():
+            if isinstance(value, dict):
+                settings.setdefault(key, {}).update(value)
+            else:
+                settings[key] = value
+        self.config = ServiceConfig.model_validate(settings)
+        self.clock = Clock()
+        self.store = Store(db_url)
+        self.to_devices: list[tuple[str, bytes]] = []
+        self.engine = self.new_engine()
+        self.to_coordinator: list[tuple[str, bytes]] = []
+        self.agents = {}
+        for i in range(devices):
+            device = f"dev-{i}"
+            config = EdgeConfig(device_id=device, fleet="test", state_dir=str(tmp / device),
+                                profile="catalogue:rpi4-4gb", max_samples=samples,
+                                epsilon_budget=(budgets or {}).get(i),
+                                data={"clients": devices, "client_id": i})
+            agent = EdgeAgent(config)
+            agent.mqtt.publish = self._capture(self.to_coordinator)
+            self.agents[device] = agent
+
+    @staticmethod
+    def _capture(queue):
+        def publish(topic, payload, qos=0, retain=False):
+            queue.append((topic, bytes(payload)))
+        return publish
+
+    def new_engine(self) -> RoundEngine:
+        """A coordinator starting (or restarting) on the same store and state directory."""
+        self.engine = RoundEngine(self.config, self.store, lambda t, p: self.to_devices.append((t, p)),
+                                  clock=self.clock)
+        return self.engine
+
+    def register_all(self) -> None:
+        for device, agent in self.agents.items():
+            self.engine.handle(self.topics.register(device), agent._registration())
+
+    def take(self, queue: list, kind: str, device: str | None = None) -> list[tuple[str, bytes]]:
+        """Remove and return queued messages of one kind (and device)."""
+        picked = [(t, p) for t, p in queue if self.topics.device_of(t)[0] == kind
+                  and (device is None or self.topics.device_of(t)[1] == device)]
+        for item in picked:
+            queue.remove(item)
+        return picked
+
+    def deliver_to_devices(self, kind: str = "task", device: str | None = None) -> None:
+        for topic, payload in self.take(self.to_devices, kind, device):
+            self.agents[self.topics.device_of(topic)[1]].handle(topic, payload)
+
+    def deliver_to_coordinator(self, kind: str = "update", device: str | None = None) -> list:
+        messages = self.take(self.to_coordinator, kind, device)
+        for topic, payload in messages:
+            self.engine.handle(topic, payload)
+        return messages
