@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from edge_sdk.agent import EdgeConfig
 from edge_sdk.logs import configure_logging
 
 from .embedded_broker import EmbeddedBroker
@@ -30,18 +31,13 @@ DEVICE_CLASSES = ("rpi4-2gb", "jetson-nano-4gb", "phone-mid", "rpi5-8gb", "phone
 
 def _edge_config(out: Path, device: str, index: int, devices: int, broker: str, fleet: str,
                  epsilon: float, samples: int, data_dir: str | None) -> Path:
-    path = out / "edges" / f"{device}.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f'device_id = "{device}"', f'broker = "{broker}"', f'fleet = "{fleet}"',
-             f'state_dir = "{(out / "edges" / device).resolve()}"',
-             f'profile = "catalogue:{DEVICE_CLASSES[index % len(DEVICE_CLASSES)]}"',
-             f"epsilon_budget = {epsilon}", f"max_samples = {samples}", "", "[data]",
-             'dataset = "fashion-mnist"', 'partition = "classes:5"', f"clients = {devices}",
-             f"client_id = {index}"]
-    if data_dir:
-        lines.append(f'data_dir = "{data_dir}"')
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    config = EdgeConfig(device_id=device, broker=broker, fleet=fleet,
+                        state_dir=str((out / "edges" / device).resolve()),
+                        profile=f"catalogue:{DEVICE_CLASSES[index % len(DEVICE_CLASSES)]}",
+                        epsilon_budget=epsilon, max_samples=samples,
+                        data={"dataset": "fashion-mnist", "partition": "classes:5",
+                              "clients": devices, "client_id": index, "data_dir": data_dir})
+    return config.save(out / "edges" / f"{device}.toml")
 
 
 def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,

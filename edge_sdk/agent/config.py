@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,20 @@ class EdgeConfig(BaseModel):
         if url.scheme not in ("mqtt", "tcp") or not url.hostname:
             raise ValueError(f"broker must look like mqtt://HOST[:PORT], got {value!r}")
         return value
+
+    def to_toml(self) -> str:
+        """This config as edge.toml text (JSON literals are valid TOML for these value types)."""
+        def lines(values: dict) -> list[str]:
+            return [f"{key} = {json.dumps(value)}" for key, value in values.items() if value is not None]
+        data = self.model_dump(mode="json")
+        section = data.pop("data")
+        return "\n".join(lines(data) + ["", "[data]"] + lines(section)) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_toml())
+        return path
 
     @property
     def broker_host(self) -> str:
