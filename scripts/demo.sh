@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up, then run the main job: FedP3 (OPU2) with 10 devices on Fashion-MNIST, S1 partition.
+# Set up, then run the main job: an embedded MQTT broker, the coordinator and 4 edge processes
+# (different device classes) training FedP3 on Fashion-MNIST (S1) with DP, 3 rounds.
+# Extra arguments go to `fedprune demo` (e.g. --devices 8 --rounds 5 --broker mqtt://host:1883).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-fedprune simulate --strategy fedp3 --set fedp3.selection=opu2 --dataset fashion-mnist \
-  --clients 10 --partition classes:5 --rounds 3 --local-epochs 1 --json-out runs/demo.json "$@"
+fedprune demo --devices 4 --rounds 3 --json-out runs/demo.json "$@"
