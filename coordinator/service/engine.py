@@ -30,6 +30,7 @@ from edge_sdk import codec
 from edge_sdk.checkpoint import Checkpoint, load_checkpoint
 from edge_sdk.data import load_dataset, to_tensor
 from edge_sdk.models import build_model, model_spec
+from edge_sdk.rehearsal import peak_rss_bytes
 from edge_sdk.protocol import (Envelope, EnvelopeError, MessageType, RefusalCode, Topics,
                                decode_envelope, encode_envelope, parse_header, peek_header)
 from edge_sdk.training import accuracy
@@ -412,6 +413,7 @@ class RoundEngine:
                         "answered": {s: sum(t.state == s for t in tasks.values())
                                      for s in ("sent", "accepted", "refused", "rejected")}}
         return {"fleet": self.config.broker.fleet,
+                "process": {"peak_rss_bytes": peak_rss_bytes(), "devices_registered": len(devices)},
                 "rounds_committed": sum(r.state == "committed" for r in rounds),
                 "rounds_total": self.config.rounds.total, "current": progress,
                 "devices": [{"id": d.id, "online": d.online, "width_ratio": d.width_ratio,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections import deque
 import threading
 
 import paho.mqtt.client as mqtt
@@ -32,6 +33,8 @@ class CoordinatorLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.host, self.port, self.keepalive = host, port, keepalive
+        self.pending: deque[mqtt.MQTTMessageInfo] = deque()
+        self.window = 32
         self.stopping = False
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
@@ -53,8 +56,20 @@ class CoordinatorLink:
         self.client.loop_start()
 
     def publish(self, topic: str, payload: bytes) -> None:
-        """QoS 1; paho queues it while disconnected and sends it on reconnect."""
-        self.client.publish(topic, payload, qos=1)
+        """QoS 1; paho queues it while disconnected and sends it on reconnect.
+
+        paho keeps every queued message in memory, so a round's tasks to a thousand devices would
+        all sit here at once; waiting for the oldest once `window` are unsent keeps the
+        coordinator's memory independent of the fleet's size.
+        """
+        self.pending.append(self.client.publish(topic, payload, qos=1))
+        while len(self.pending) > self.window:
+            oldest = self.pending.popleft()
+            if self.connected.is_set():
+                try:
+                    oldest.wait_for_publish(timeout=30)
+                except (RuntimeError, ValueError):  # not queued: paho logged why
+                    pass
 
     def stop(self) -> None:
         self.stopping = True

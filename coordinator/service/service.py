@@ -13,6 +13,7 @@ import threading
 from urllib.parse import urlparse
 
 from edge_sdk.protocol import Topics
+from edge_sdk.rehearsal import peak_rss_bytes
 
 from .config import ServiceConfig
 from .engine import RoundEngine
@@ -60,7 +61,9 @@ class CoordinatorService:
                     pass
                 self.engine.tick()
                 if self.config.exit_when_done and self.engine.done:
-                    log.info("all %d rounds committed", self.config.rounds.total)
+                    log.info("all %d rounds committed", self.config.rounds.total,
+                             extra={"peak_rss_bytes": peak_rss_bytes(),
+                                    "devices_registered": len(self.store.devices())})
                     break
         finally:
             self.stop()
