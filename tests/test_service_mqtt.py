@@ -179,3 +179,14 @@ def test_one_round_over_the_embedded_amqtt_broker(tmp_path):
     assert not service_thread.is_alive()
     (committed,) = [r for r in service.engine.status()["rounds"] if r["state"] == "committed"]
     assert committed["accepted"] == 2 and np.isfinite(committed["global_accuracy"])
+
+
+def test_an_agent_measures_its_own_profile_once_and_registers_with_it(tmp_path, broker):
+    config = _edge_config(tmp_path, broker.url, "measured", 0, devices=2).model_copy(
+        update={"profile": "measure"})
+    agent = EdgeAgent(config)
+    saved = DeviceState(config.state_dir).root / "profile.json"
+    profile = json.loads(saved.read_text())
+    assert profile["name"] == config.device_id and profile["network"]["source"] == "measured"
+    assert agent.profile == profile
+    assert EdgeAgent(config).profile == profile  # kept: not measured again

@@ -163,7 +163,7 @@ class RoundEngine:
                       f"{current.number if current else 'none'}); the update is stale",
                       duplicate=stored)
             return
-        task = self.store.tasks(current.number).get(header.device)
+        task = self.store.task(current.number, header.device)
         if task is None or task.task != header.task:
             self._ack(header, False, f"no task {header.task} for {header.device} in round {current.number}")
             return
@@ -196,7 +196,7 @@ class RoundEngine:
         current = self.round
         if current is None or header.round != current.number:
             return
-        task = self.store.tasks(current.number).get(header.device)
+        task = self.store.task(current.number, header.device)
         if task is None or task.task != header.task or task.state != "sent":
             return
         self.store.set_task(current.number, header.device, state="refused",
@@ -218,10 +218,9 @@ class RoundEngine:
         if self.round.state == "committing":
             self._commit()
             return
-        tasks = self.store.tasks(self.round.number)
-        answered = all(t.state != "sent" for t in tasks.values())
-        if answered or now >= self.round.deadline:
-            accepted = sum(t.state == "accepted" for t in tasks.values())
+        counts = self.store.task_counts(self.round.number)
+        if counts.get("sent", 0) == 0 or now >= self.round.deadline:
+            accepted = counts.get("accepted", 0)
             if accepted >= self.round.quorum:
                 self._commit()
             else:

@@ -2,7 +2,8 @@
 
 paho's network thread only enqueues; the engine consumes from one thread. The session is
 persistent (clean_session=False) under a fixed client id, so updates published while the
-coordinator is down or restarting are queued by the broker and delivered when it returns.
+coordinator is down or restarting are queued by the broker and delivered when it returns; and
+messages are acknowledged only once handled (see `__init__`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ log = logging.getLogger("fedprune.coordinator.mqtt")
 class CoordinatorLink:
     def __init__(self, host: str, port: int, topics: Topics, client_id: str, keepalive: int = 30):
         self.topics = topics
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.inbox: queue.Queue[tuple[str, bytes, int, int]] = queue.Queue()
         self.connected = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv311, clean_session=False)
@@ -31,7 +32,14 @@ class CoordinatorLink:
         self.client.max_queued_messages_set(0)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
+        # Manual acknowledgement: a message is acknowledged to the broker only after the engine
+        # has handled it (an update: stored). The broker sends at most its in-flight window
+        # (max_inflight_messages) of unacknowledged messages, so the inbox, and the
+        # coordinator's memory, stay small however many devices answer at once; and a message
+        # the coordinator received but had not stored when it crashed is delivered again.
+        self.client.manual_ack_set(True)
+        self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload, msg.mid,
+                                                                   msg.qos))
         self.host, self.port, self.keepalive = host, port, keepalive
         self.pending: deque[mqtt.MQTTMessageInfo] = deque()
         self.window = 32
@@ -54,6 +62,9 @@ class CoordinatorLink:
     def start(self) -> None:
         self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
         self.client.loop_start()
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.client.ack(mid, qos)
 
     def publish(self, topic: str, payload: bytes) -> None:
         """QoS 1; paho queues it while disconnected and sends it on reconnect.

@@ -68,11 +68,12 @@ class CoordinatorService:
         finally:
             self.stop()
 
-    def _handle(self, topic: str, payload: bytes) -> None:
+    def _handle(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
         try:
             self.engine.handle(topic, payload)
         except Exception:  # noqa: BLE001 - one bad message must not stop the fleet
             log.exception("failed to handle a message on %s; it was dropped", topic)
+        self.link.ack(mid, qos)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -171,6 +171,16 @@ class Store:
         with self.session() as s:
             return {t.device: t for t in s.scalars(select(TaskRow).where(TaskRow.round == round_number))}
 
+    def task(self, round_number: int, device: str) -> TaskRow | None:
+        with self.session() as s:
+            return s.get(TaskRow, (round_number, device))
+
+    def task_counts(self, round_number: int) -> dict[str, int]:
+        """Tasks of a round per state, counted by the database (cheap at a thousand devices)."""
+        with self.session() as s:
+            return dict(s.execute(select(TaskRow.state, func.count()).where(TaskRow.round == round_number)
+                                  .group_by(TaskRow.state)).all())
+
     def set_task(self, round_number: int, device: str, **fields: Any) -> None:
         with self.session.begin() as s:
             row = s.get(TaskRow, (round_number, device))

@@ -25,7 +25,8 @@ class EdgeConfig(BaseModel):
     fleet: str = "default"
     topic_prefix: str = "fedprune"
     state_dir: str = "edge-state"
-    # "catalogue:<name>" for a catalogue device class, or a profile JSON from `fedprune profile`.
+    # "catalogue:<name>" for a catalogue device class, a profile JSON from `fedprune profile`, or
+    # "measure" to profile this device on first start (kept in state_dir/profile.json).
     profile: str = "catalogue:rpi4-4gb"
     formats: list[Literal["onnx", "tflite"]] = ["onnx"]
     # Enforced here, on the device: a task that would push epsilon past it is refused.

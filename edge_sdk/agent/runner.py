@@ -31,11 +31,23 @@ from .state import DeviceState, task_key
 log = logging.getLogger("fedprune.edge")
 
 
-def load_profile_dict(spec: str) -> dict[str, Any]:
+def load_profile_dict(config: EdgeConfig, state: DeviceState) -> dict[str, Any]:
+    """"catalogue:<name>", a profile JSON path, or "measure": profile this device once (quick
+    compute tests, link measured through the broker) and keep the result in the state dir."""
     from device_profiles import catalogue_profile, load_profile
 
+    spec = config.profile
     if spec.startswith("catalogue:"):
         return catalogue_profile(spec.split(":", 1)[1]).model_dump(mode="json")
+    if spec == "measure":
+        measured = state.root / "profile.json"
+        if not measured.exists():
+            from ..profiling import measure_profile
+            log.info("measuring this device's profile (once; kept in %s)", measured)
+            profile = measure_profile(name=config.device_id, broker=config.broker, quick=True,
+                                      disk_path=state.root, progress=False)
+            measured.write_text(profile.model_dump_json(indent=2))
+        spec = str(measured)
     return load_profile(spec).model_dump(mode="json")
 
 
@@ -44,7 +56,7 @@ class EdgeAgent:
         self.config = config
         self.topics = Topics(config.fleet, config.topic_prefix)
         self.state = DeviceState(config.state_dir)
-        self.profile = load_profile_dict(config.profile)
+        self.profile = load_profile_dict(config, self.state)
         source = load_dataset(config.data.dataset, config.data.data_dir)
         data = client_data_for(source, config.data.clients, config.data.partition,
                                config.data.seed, config.data.client_id)
@@ -54,7 +66,7 @@ class EdgeAgent:
                               data.test_x[:max(1, n // 2)], data.test_y[:max(1, n // 2)])
         self.data = data
         self.client: LocalClient | None = None
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.inbox: queue.Queue[tuple[str, bytes, int, int]] = queue.Queue()
         self.connected = threading.Event()
         self.stopping = threading.Event()
         self.mqtt = self._make_client()
@@ -71,7 +83,9 @@ class EdgeAgent:
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
+        # Acknowledged only after handling: a task received just before a crash is redelivered.
+        client.manual_ack_set(True)
+        client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload, msg.mid, msg.qos))
         return client
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
@@ -129,10 +143,11 @@ class EdgeAgent:
         try:
             while not self.stopping.is_set() and (until is None or time.time() < until):
                 try:
-                    topic, payload = self.inbox.get(timeout=0.5)
+                    topic, payload, mid, qos = self.inbox.get(timeout=0.5)
                 except queue.Empty:
                     continue
                 self.handle(topic, payload)
+                self.mqtt.ack(mid, qos)
         finally:
             self.stop()
 
