@@ -7,6 +7,7 @@ with the encoded values of the entries it trained and is asked to upload.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from . import codec
 from .data.partition import ClientData
 from .models import ModelSpec, SpecModel, build_model, tensor_shapes
-from .plan import SubmodelPlan
+from .plan import SubmodelPlan, TrainPhase
 from .pruning import is_prunable, magnitude_mask
 from .training import (DPConfig, PrivacyBudgetExceeded, PrivacyLedger, TrainConfig, TrainReport,
                        accuracy, dp_sampling, train_locally)
@@ -58,10 +59,11 @@ class LocalClient:
     def run_task(self, plan: SubmodelPlan, download: bytes) -> TaskOutcome:
         shapes = tensor_shapes(plan.spec)
         received = codec.decode(download, expected_shapes=shapes)
+        phases = plan.phases or (TrainPhase(tuple(plan.trained), self.train_config.local_epochs),)
         sampling = noise = None
         if self.dp is not None:
             sampling = dp_sampling(self.num_train, self.train_config.batch_size,
-                                   self.train_config.local_epochs)
+                                   sum(phase.epochs for phase in phases))
             noise = self._noise(sampling)
             try:
                 self.ledger.check_affordable(noise, *sampling)
@@ -75,7 +77,6 @@ class LocalClient:
         masks: dict[str, torch.Tensor] = {}
         upload_masks: dict[str, np.ndarray] = {}
         for entry in plan.tensors:
-            model.get_parameter(entry.name).requires_grad_(entry.train)
             # Entries pruned on the way down were never trained from the global value: don't send.
             sent = received.get(entry.name) if entry.name in from_download else None
             keep = _index_mask(sent) if sent is not None and sent.indices is not None else \
@@ -84,9 +85,15 @@ class LocalClient:
                 keep &= magnitude_mask(start[entry.name].numpy(), entry.local_keep)
                 masks[entry.name] = torch.from_numpy(keep.astype(np.float32))
             upload_masks[entry.name] = keep
-        report = train_locally(model, self.data.train_x, self.data.train_y, self.train_config,
-                               masks, seed=_task_seed(self.seed, self.client_id, plan.round),
-                               dp=self.dp, noise_multiplier=noise)
+        report = TrainReport()
+        for number, phase in enumerate(phases):
+            for name, param in model.named_parameters():
+                param.requires_grad_(name in phase.tensors)
+            part = train_locally(model, self.data.train_x, self.data.train_y,
+                                 dataclasses.replace(self.train_config, local_epochs=phase.epochs),
+                                 masks, seed=_task_seed(self.seed, self.client_id, plan.round) + number,
+                                 dp=self.dp, noise_multiplier=noise)
+            report = report.merged(part)
         self.state = {name: p.detach().clone() for name, p in model.named_parameters()}
         self.spec = plan.spec
         epsilon = None

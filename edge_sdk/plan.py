@@ -34,6 +34,23 @@ class TensorPlan:
 
 
 @dataclass(frozen=True)
+class TrainPhase:
+    """One stage of local training: only `tensors` train, for `epochs` passes over the data.
+
+    FedRep trains the private head first with the body frozen, then the body; FFGG fine-tunes
+    the private part at the current global parameters before computing the global part's update.
+    A plan without phases trains every tensor marked `train` for the configured local epochs.
+    """
+
+    tensors: tuple[str, ...]
+    epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"a training phase needs at least one epoch, got {self.epochs}")
+
+
+@dataclass(frozen=True)
 class SubmodelPlan:
     client_id: int
     round: int
@@ -42,6 +59,11 @@ class SubmodelPlan:
     aggregation_weight: float = 1.0
     upload_dtype: str = "fp32"
     selected_layers: tuple[int, ...] = field(default_factory=tuple)
+    phases: tuple[TrainPhase, ...] = ()
+    # FjORD: widths (fractions of the full model) to sample per batch, up to the device's own.
+    ordered_dropout: tuple[float, ...] = ()
+    # FedDP (released code): after each local epoch, zero conv weights with |w| <= threshold.
+    prune_threshold: float | None = None
 
     def tensor(self, name: str) -> TensorPlan:
         for entry in self.tensors:
@@ -72,4 +94,8 @@ class SubmodelPlan:
             aggregation_weight=float(data.get("aggregation_weight", 1.0)),
             upload_dtype=str(data.get("upload_dtype", "fp32")),
             selected_layers=tuple(data.get("selected_layers", ())),
+            phases=tuple(TrainPhase(tuple(p["tensors"]), int(p["epochs"]))
+                         for p in data.get("phases", ())),
+            ordered_dropout=tuple(float(p) for p in data.get("ordered_dropout", ())),
+            prune_threshold=data.get("prune_threshold"),
         )

@@ -32,7 +32,8 @@ from edge_sdk.data import load_dataset, to_tensor
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.rehearsal import peak_rss_bytes
 from edge_sdk.protocol import (Envelope, EnvelopeError, MessageType, RefusalCode, Topics,
-                               decode_envelope, encode_envelope, parse_header, peek_header)
+                               decode_envelope, encode_envelope, envelope_size, parse_header,
+                               peek_header)
 from edge_sdk.training import accuracy
 
 from ..aggregation import StreamingAggregator
@@ -255,7 +256,7 @@ class RoundEngine:
                                                                   device.num_samples))
         return self.plans[device_id]
 
-    def _task_message(self, device, task: TaskRow, deadline: float) -> bytes:
+    def _task_parts(self, device, task: TaskRow, deadline: float) -> tuple[dict, bytes]:
         plan = self._plan_for(device.id, task)
         view = self.views.view(task.width_ratio)
         payload = view.downloads.payload(plan, device_has_private_copy=device.model_digest == view.spec.digest())
@@ -266,7 +267,10 @@ class RoundEngine:
                   "dp": self.config.dp.model_dump(exclude={"epsilon_budget"}) if self.dp else None,
                   "planned_rounds": self.config.rounds.total, "deadline": deadline,
                   "width_ratio": task.width_ratio}
-        return encode_envelope(MessageType.TASK, header, payload)
+        return header, payload
+
+    def _task_message(self, device, task: TaskRow, deadline: float) -> bytes:
+        return encode_envelope(MessageType.TASK, *self._task_parts(device, task, deadline))
 
     def _open(self, eligible, now: float) -> None:
         number = self.store.next_round_number()
@@ -279,16 +283,16 @@ class RoundEngine:
         tasks = [TaskRow(round=number, device=d.id, task=uuid.uuid4().hex[:16], state="sent",
                          width_ratio=d.width_ratio, aggregation_weight=1.0, bytes_down=0, sent_at=now)
                  for d in chosen]
-        messages = []
         for device, task in zip(chosen, tasks):
-            message = self._task_message(device, task, deadline)
+            header, payload = self._task_parts(device, task, deadline)
             task.aggregation_weight = self._plan_for(device.id, task).aggregation_weight
-            task.bytes_down = len(message)
-            messages.append((self.topics.task(device.id), message))
+            task.bytes_down = envelope_size(header, len(payload))
         self.store.open_round(number, deadline, [d.id for d in chosen], quorum, tasks)
         self.round = self.store.current_round()
-        for topic, message in messages:  # persisted first: a crash here re-sends on restart
-            self.publish(topic, message)
+        # Persisted first: a crash while sending re-sends on restart. Built one at a time so a
+        # thousand tasks are never in memory at once (the link bounds what is queued).
+        for device, task in zip(chosen, tasks):
+            self.publish(self.topics.task(device.id), self._task_message(device, task, deadline))
         log.info("round %d: sent tasks to %d devices (quorum %d, deadline in %.0f s)", number,
                  count, quorum, self.config.rounds.deadline_seconds)
         if self.config.export.enabled:

@@ -20,6 +20,11 @@ from edge_sdk.pruning import is_prunable, magnitude_mask
 
 class Strategy(ABC):
     name: str = "base"
+    # Width selection this method implies for width-sliced devices (None: the run's `slicing`).
+    slicing: str | None = None
+    # "values": uploads are averaged as they are; "delta": the server averages each device's
+    # change from the model it started from and steps with `server_update`.
+    aggregates: str = "values"
 
     def __init__(self, spec: ModelSpec, upload_dtype: str = "fp32", seed: int = 0):
         self.spec = spec
@@ -30,6 +35,14 @@ class Strategy(ABC):
     @abstractmethod
     def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
         """The device's plan for this round."""
+
+    def server_update(self, old: dict[str, np.ndarray], aggregated: dict[str, np.ndarray]
+                      ) -> dict[str, np.ndarray]:
+        """The new global state from the aggregate (a mean of values, or of deltas)."""
+        return aggregated
+
+    def all_tensors(self) -> list[str]:
+        return [name for layer in self.layers for name in layer]
 
 
 class DownloadBuilder:

@@ -5,7 +5,8 @@ imports it from here.
 """
 
 from .envelope import (HEADER_LIMIT, MAGIC, PREFIX_BYTES, VERSION, Envelope, EnvelopeError,
-                       MessageType, decode_envelope, encode_envelope, peek_header)
+                       MessageType, decode_envelope, encode_envelope, envelope_size,
+                       peek_header)
 from .messages import (AckHeader, ArtifactHeader, RefusalCode, RefusalHeader, RegisterHeader,
                        StatusHeader, TaskHeader, UpdateHeader, parse_header)
 from .topics import Topics
@@ -13,4 +14,4 @@ from .topics import Topics
 __all__ = ["HEADER_LIMIT", "MAGIC", "PREFIX_BYTES", "VERSION", "AckHeader", "ArtifactHeader",
            "Envelope", "EnvelopeError", "MessageType", "RefusalCode", "RefusalHeader",
            "RegisterHeader", "StatusHeader", "TaskHeader", "Topics", "UpdateHeader",
-           "decode_envelope", "encode_envelope", "parse_header", "peek_header"]
+           "decode_envelope", "encode_envelope", "envelope_size", "parse_header", "peek_header"]

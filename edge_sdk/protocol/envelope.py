@@ -52,8 +52,17 @@ class Envelope:
     payload: bytes = b""
 
 
+def _header_bytes(header: dict[str, Any]) -> bytes:
+    return json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+
+
+def envelope_size(header: dict[str, Any], payload_bytes: int) -> int:
+    """Bytes `encode_envelope` would produce, without building the message."""
+    return PREFIX_BYTES + len(_header_bytes(header)) + payload_bytes
+
+
 def encode_envelope(kind: MessageType, header: dict[str, Any], payload: bytes = b"") -> bytes:
-    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    head = _header_bytes(header)
     if len(head) > HEADER_LIMIT:
         raise EnvelopeError(f"header is {len(head):,} bytes; the limit is {HEADER_LIMIT:,}")
     return _PREFIX.pack(MAGIC, VERSION, int(kind), 0, len(head), len(payload)) + head + payload

@@ -44,6 +44,14 @@ class TrainReport:
     mean_loss: float = float("nan")
     privacy_history: list[tuple[float, float, int]] = field(default_factory=list)
 
+    def merged(self, later: TrainReport) -> TrainReport:
+        """This report followed by a later phase's: steps and privacy add up."""
+        if self.samples == 0:
+            return later
+        loss = later.mean_loss if later.samples else self.mean_loss
+        return TrainReport(self.steps + later.steps, self.samples + later.samples, loss,
+                           self.privacy_history + later.privacy_history)
+
 
 def dp_sampling(num_samples: int, batch_size: int, epochs: int) -> tuple[float, int]:
     """(sample rate, steps) exactly as Opacus's DPDataLoader will use them."""
@@ -102,6 +110,7 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
                 total_loss += float(loss.detach()) * len(xb)
     report.mean_loss = total_loss / max(report.samples, 1)
     if engine is not None:
+        model.to_standard_module()  # remove Opacus's hooks: a later phase wraps the model again
         # Every logical Poisson batch is a step of the mechanism, empty or split into physical
         # chunks alike, so the charge is the loader's batch count per epoch: exact.
         report.privacy_history = [(float(noise_multiplier), float(loader.sample_rate),
