@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -62,8 +62,47 @@ class CodecSection(_Section):
     download_dtype: Literal["fp32", "fp16"] = "fp32"
 
 
+class PersonalSection(_Section):
+    head_layers: int = Field(1, ge=1)
+    head_epochs: int = Field(2, ge=1)
+    body_epochs: int = Field(1, ge=1)
+
+
+class FFGGSection(_Section):
+    private: str = "head"
+    private_epochs: int = Field(2, ge=1)
+    global_epochs: int = Field(1, ge=1)
+    server_lr: float = Field(1.0, gt=0)
+    max_staleness: int = Field(0, ge=0)
+
+
+class FedDPSection(_Section):
+    variant: Literal["threshold", "gate"] = "threshold"
+    threshold: float = Field(1e-3, gt=0)
+    gate: float = Field(0.5, gt=0, lt=1)
+
+
+class AggregatorSection(_Section):
+    rule: Literal["mean", "median", "trimmed_mean", "centered_clip"] = "mean"
+    trim: float = Field(0.2, ge=0, lt=0.5)
+    clip_radius: float = Field(1.0, gt=0)
+    clip_iterations: int = Field(3, ge=1)
+    bucket: int = Field(0, ge=0)
+
+
+class ByzantineSection(_Section):
+    fraction: float = Field(0.0, ge=0, lt=1)
+    attack: Literal["sign_flip", "scale", "noise"] = "sign_flip"
+    scale: float = Field(4.0, gt=0)
+    noise: float = Field(1.0, gt=0)
+
+
+Strategies = Literal["fedavg", "fedp3", "fedper", "fedrep", "ffgg", "heterofl", "fedrolex", "fjord",
+                     "feddp"]
+
+
 class SimulationConfig(_Section):
-    strategy: Literal["fedavg", "fedp3"] = "fedavg"
+    strategy: Strategies = "fedavg"
     dataset: Literal["fashion-mnist", "fmnist", "mnist", "femnist"] = "fashion-mnist"
     data_dir: str | None = None
     model: str = "fedp3_cnn"
@@ -73,6 +112,8 @@ class SimulationConfig(_Section):
     max_client_samples: int | None = Field(None, ge=2)
     fleet: str | None = None  # "catalogue[:seed]": sample device profiles and plan each submodel
     slicing: Literal["prefix", "rolling", "magnitude"] = "prefix"
+    # Without a fleet: device i gets width_levels[i % len] (HeteroFL, FedRolex, FjORD tiers).
+    width_levels: list[float] | None = None
     deadline_seconds: float = Field(600.0, gt=0)
     rounds: int = Field(3, ge=1)
     seed: int = 0
@@ -81,8 +122,20 @@ class SimulationConfig(_Section):
     export_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(["fp32"], min_length=1)
     train: TrainSection = TrainSection()
     fedp3: FedP3Section = FedP3Section()
+    personal: PersonalSection = PersonalSection()
+    ffgg: FFGGSection = FFGGSection()
+    feddp: FedDPSection = FedDPSection()
+    aggregator: AggregatorSection = AggregatorSection()
+    byzantine: ByzantineSection = ByzantineSection()
     dp: DPSection = DPSection()
     codec: CodecSection = CodecSection()
+
+    @field_validator("width_levels")
+    @classmethod
+    def _levels(cls, value):
+        if value is not None and (not value or not all(0 < w <= 1 for w in value)):
+            raise ValueError("width_levels must be a non-empty list of widths in (0, 1]")
+        return value
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -20,14 +20,18 @@ from edge_sdk.checkpoint import Checkpoint
 from edge_sdk.client import LocalClient
 from edge_sdk.data import ClientData, load_dataset, make_client_data, to_tensor
 from edge_sdk.models import build_model, model_spec
+from edge_sdk.models.cost import footprint, inference_macs
+from edge_sdk.slicing import width_spec
 from edge_sdk.training import DPConfig, TrainConfig, accuracy
 
-from .aggregation import StreamingAggregator
+from .combine import RoundCombiner
 from .config import SimulationConfig
 from .exporting import export_clients
 from .planning.fleet import SubmodelViews, plan_fleet
 from .planning.planner import PlannerSettings
-from .strategies import FedAvg, FedP3, FedP3Config, Strategy
+from .byzantine import ByzantineSettings, attack
+from .robust import RobustSettings
+from .strategies import Strategy, build_strategy
 
 
 @dataclass
@@ -40,6 +44,7 @@ class RoundResult:
     seconds: float
     participants: int
     refused: int
+    client_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -52,6 +57,7 @@ class SimulationResult:
     privacy: list[dict[str, Any]] | None = None
     clients: list[dict[str, Any]] | None = None
     exports: list[dict[str, Any]] | None = None
+    cost: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         last = self.rounds[-1]
@@ -63,6 +69,8 @@ class SimulationResult:
                 "global_accuracy": last.global_accuracy,
                 "bytes_up_total": sum(r.bytes_up for r in self.rounds),
                 "bytes_down_total": sum(r.bytes_down for r in self.rounds),
+                "client_seconds_total": sum(r.client_seconds for r in self.rounds),
+                **self.cost,
             },
             **({"privacy": self.privacy} if self.privacy is not None else {}),
             **({"clients": self.clients} if self.clients is not None else {}),
@@ -71,10 +79,7 @@ class SimulationResult:
 
 
 def make_strategy(config: SimulationConfig, spec) -> Strategy:
-    if config.strategy == "fedavg":
-        return FedAvg(spec, config.codec.upload_dtype, config.seed)
-    return FedP3(spec, FedP3Config(**config.fedp3.model_dump()), config.codec.upload_dtype,
-                 config.seed)
+    return build_strategy(config, spec)
 
 
 def dp_config(config: SimulationConfig) -> DPConfig | None:
@@ -86,8 +91,9 @@ def dp_config(config: SimulationConfig) -> DPConfig | None:
 def run_simulation(config: SimulationConfig, progress: bool = True) -> SimulationResult:
     torch.manual_seed(config.seed)
     source = load_dataset(config.dataset, config.data_dir)
-    spec = model_spec(config.model, source.info.input_shape, source.info.num_classes)
-    strategy = make_strategy(config, spec)
+    strategy = make_strategy(config, model_spec(config.model, source.info.input_shape,
+                                                source.info.num_classes))
+    spec = strategy.spec  # a strategy may change the architecture (FedDP's gates)
     train = TrainConfig(**config.train.model_dump())
     dp = dp_config(config)
     shards = [_capped(data, config.max_client_samples)
@@ -95,15 +101,22 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
     fleet = _plan_fleet(config, spec, shards) if config.fleet else None
     clients = [LocalClient(_fleet_shard(data, fleet), _fleet_train(train, data.client_id, fleet), dp,
                            planned_rounds=config.rounds, seed=config.seed) for data in shards]
-    widths = [a.plan.width_ratio for a in fleet] if fleet else [1.0] * config.clients
+    widths = _widths(config, fleet)
+    if any(w < 1 for w in widths) and any(layer.gate < 1 for layer in spec.layers):
+        raise ValueError("feddp's gate variant runs at full width only; drop --fleet / width_levels")
     eligible = [a.plan.fits for a in fleet] if fleet else [True] * config.clients
     test_x, test_y = to_tensor(source.test_x, source.info), torch.tensor(source.test_y)
 
     global_model = build_model(spec, seed=config.seed)
     global_state = {k: v.detach().numpy().copy() for k, v in global_model.state_dict().items()}
-    shapes = {k: v.shape for k, v in global_state.items()}
     rng = np.random.default_rng(config.seed)
     per_round = max(1, round(config.fraction * config.clients))
+    byzantine = ByzantineSettings(**config.byzantine.model_dump(), seed=config.seed)
+    malicious = byzantine.malicious(config.clients) if byzantine.fraction else set()
+    robust = RobustSettings(**config.aggregator.model_dump(), seed=config.seed)
+    staleness = config.ffgg.max_staleness if config.strategy == "ffgg" else 0
+    history = [global_state]  # the last `staleness` + 1 global states, newest last
+    slicing = strategy.slicing or config.slicing
     result = SimulationResult(config=config.model_dump(),
                               clients=[a.to_dict() for a in fleet] if fleet else None)
     bar = tqdm(total=config.rounds * per_round, disable=not progress, unit="task",
@@ -111,28 +124,38 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
     for round_number in range(1, config.rounds + 1):
         started = time.perf_counter()
         chosen = sorted(rng.choice(config.clients, per_round, replace=False).tolist())
-        views = SubmodelViews(spec, global_state, codec.ValueDtype.from_name(config.codec.download_dtype),
-                              config.slicing, round_number)
-        aggregator = StreamingAggregator(shapes)
+        dtype = codec.ValueDtype.from_name(config.codec.download_dtype)
+        views_by_age = {age: SubmodelViews(spec, history[-1 - age], dtype, slicing, round_number - age)
+                        for age in range(len(history))}
+        combiner = RoundCombiner(strategy, global_state, robust)
         bytes_up = bytes_down = refused = 0
+        client_seconds = 0.0
         for client_id in chosen:
             bar.update(1)
             if not eligible[client_id]:  # the planner found no submodel this device can hold
                 refused += 1
                 continue
             client = clients[client_id]
-            view = views.view(widths[client_id])
+            age = int(rng.integers(0, len(history))) if staleness else 0  # async: a stale start
+            base = history[-1 - age]
+            view = views_by_age[age].view(widths[client_id])
             plan = view.adapt(strategy.plan(client_id, round_number, client.num_train))
             payload = view.downloads.payload(plan, device_has_private_copy=client.spec is not None)
             bytes_down += len(payload)
+            started_task = time.perf_counter()
             outcome = client.run_task(plan, payload)
+            client_seconds += time.perf_counter() - started_task
             if outcome.refused:
                 refused += 1
                 continue
             bytes_up += len(outcome.payload)
-            update = codec.decode(outcome.payload, {n: view.shapes[n] for n in plan.uploaded})
-            aggregator.add_update(view.to_global(update), plan.aggregation_weight)
-        global_state = aggregator.apply(global_state)
+            update = view.to_global(codec.decode(outcome.payload,
+                                                 {n: view.shapes[n] for n in plan.uploaded}))
+            if client_id in malicious:
+                update = attack(update, base, byzantine, rng)
+            combiner.add(update, plan.aggregation_weight, base)
+        global_state = combiner.result()
+        history = (history + [global_state])[-(staleness + 1):]
         global_model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
         personal = [c.evaluate(c.personal_model() or global_model) for c in clients]
         result.rounds.append(RoundResult(
@@ -140,11 +163,12 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
             personalized_accuracy=float(np.nanmean(personal)),
             global_accuracy=accuracy(global_model, test_x, test_y),
             bytes_up=bytes_up, bytes_down=bytes_down,
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - started, client_seconds=client_seconds,
             participants=len(chosen) - refused, refused=refused))
         bar.set_postfix(personal=f"{result.rounds[-1].personalized_accuracy:.3f}",
                         glob=f"{result.rounds[-1].global_accuracy:.3f}")
     bar.close()
+    result.cost = _inference_cost(spec, widths)
     if dp is not None:
         result.privacy = [privacy_entry(c) for c in clients]
     if config.export_dir:
@@ -154,6 +178,22 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
                                         slicing=config.slicing, formats=config.export_formats,
                                         precisions=config.export_precisions, progress=progress)
     return result
+
+
+def _widths(config: SimulationConfig, fleet) -> list[float]:
+    if fleet:
+        return [a.plan.width_ratio for a in fleet]
+    if config.width_levels:
+        return [config.width_levels[i % len(config.width_levels)] for i in range(config.clients)]
+    return [1.0] * config.clients
+
+
+def _inference_cost(spec, widths: list[float]) -> dict[str, Any]:
+    """FLOPs per sample of the models devices run (2 x MACs; gated channels skipped)."""
+    per_width = {w: 2 * inference_macs(spec if w >= 1 else width_spec(spec, w)) for w in set(widths)}
+    return {"flops_per_sample_full": 2 * footprint(spec).macs,
+            "flops_per_sample_mean": float(np.mean([per_width[w] for w in widths])),
+            "flops_per_sample_by_width": {f"{w:g}": f for w, f in sorted(per_width.items())}}
 
 
 def _plan_fleet(config: SimulationConfig, spec, shards: list[ClientData]):

@@ -85,6 +85,10 @@ class LocalClient:
                 keep &= magnitude_mask(start[entry.name].numpy(), entry.local_keep)
                 masks[entry.name] = torch.from_numpy(keep.astype(np.float32))
             upload_masks[entry.name] = keep
+        before_batch, remove_hooks = _ordered_dropout(model, plan.ordered_dropout,
+                                                      np.random.default_rng(_task_seed(
+                                                          self.seed, self.client_id, plan.round)))
+        after_epoch = _threshold_pruning(model, plan.prune_threshold)
         report = TrainReport()
         for number, phase in enumerate(phases):
             for name, param in model.named_parameters():
@@ -92,8 +96,14 @@ class LocalClient:
             part = train_locally(model, self.data.train_x, self.data.train_y,
                                  dataclasses.replace(self.train_config, local_epochs=phase.epochs),
                                  masks, seed=_task_seed(self.seed, self.client_id, plan.round) + number,
-                                 dp=self.dp, noise_multiplier=noise)
+                                 dp=self.dp, noise_multiplier=noise, before_batch=before_batch,
+                                 after_epoch=after_epoch)
             report = report.merged(part)
+        remove_hooks()
+        if plan.prune_threshold is not None:  # pruned entries are not sent: they are zero
+            for name, param in model.named_parameters():
+                if name in upload_masks and param.dim() == 4:
+                    upload_masks[name] &= param.detach().numpy() != 0
         self.state = {name: p.detach().clone() for name, p in model.named_parameters()}
         self.spec = plan.spec
         epsilon = None
@@ -145,6 +155,52 @@ class LocalClient:
         if model is None:
             raise TaskError(f"client {self.client_id} has no model yet; give it one to evaluate")
         return accuracy(model, self.data.test_x, self.data.test_y)
+
+
+def _ordered_dropout(model: SpecModel, levels: tuple[float, ...], rng: np.random.Generator):
+    """FjORD: before each batch, keep only the first ceil(p x C) units of every hidden layer, p
+    drawn from `levels` (fractions of this device's submodel). Returns (before_batch, remove)."""
+    if not levels:
+        return None, lambda: None
+    hidden = list(model.layers[:-1])
+    widths = [getattr(layer, "conv", None) or getattr(layer, "linear", None) for layer in hidden]
+    active = {"p": 1.0}
+    handles = []
+    for layer, inner in zip(hidden, widths):
+        if inner is None:
+            continue
+        units = inner.out_channels if isinstance(inner, torch.nn.Conv2d) else inner.out_features
+
+        def hook(module, inputs, output, units=units):
+            keep = max(1, int(np.ceil(active["p"] * units)))
+            if keep >= units:
+                return output
+            mask = torch.zeros(units, dtype=output.dtype)
+            mask[:keep] = 1
+            return output * mask.view(1, -1, *([1] * (output.dim() - 2)))
+        handles.append(layer.register_forward_hook(hook))
+
+    def before_batch() -> None:
+        active["p"] = float(rng.choice(levels))
+
+    def remove() -> None:
+        for handle in handles:
+            handle.remove()
+    return before_batch, remove
+
+
+def _threshold_pruning(model: SpecModel, threshold: float | None):
+    """FedDP (released code): after each local epoch, conv weights with |w| <= threshold become
+    zero and stay zero for the rest of the task."""
+    if threshold is None:
+        return None
+    convs = {name: p for name, p in model.named_parameters() if p.dim() == 4}
+
+    def after_epoch(masks: dict[str, torch.Tensor]) -> None:
+        for name, param in convs.items():
+            keep = (param.detach().abs() > threshold).to(param.dtype)
+            masks[name] = masks[name] * keep if name in masks else keep
+    return after_epoch
 
 
 def _index_mask(tensor: codec.SparseTensor) -> np.ndarray:

@@ -56,9 +56,15 @@ class SubmodelView:
     shapes: dict[str, tuple[int, ...]]
     downloads: DownloadBuilder
     smap: Mapping[str, np.ndarray] | None  # None: the full model, global indices as they are
+    ratio: float = 1.0
 
     def adapt(self, plan: SubmodelPlan) -> SubmodelPlan:
-        return dataclasses.replace(plan, spec=self.spec)
+        """The strategy's plan on this width: its spec, and FjORD's levels made relative to it."""
+        levels = plan.ordered_dropout
+        if levels:
+            ratio = self.ratio
+            levels = tuple(p / ratio for p in levels if p <= ratio + 1e-9) or (1.0,)
+        return dataclasses.replace(plan, spec=self.spec, ordered_dropout=levels)
 
     def to_global(self, update: dict[str, codec.SparseTensor]) -> dict[str, codec.SparseTensor]:
         return update if self.smap is None else to_global(update, self.smap)
@@ -78,7 +84,7 @@ class SubmodelViews:
             if ratio >= 1.0:
                 self._views[ratio] = SubmodelView(self.base, tensor_shapes(self.base),
                                                   DownloadBuilder(self.global_state, self.value_dtype),
-                                                  None)
+                                                  None, 1.0)
             else:
                 kept = select_channels(self.base, self.global_state, ratio, self.method,
                                        self.round_number)
@@ -86,5 +92,5 @@ class SubmodelViews:
                 spec = width_spec(self.base, ratio)
                 self._views[ratio] = SubmodelView(
                     spec, tensor_shapes(spec),
-                    DownloadBuilder(extract(self.global_state, smap), self.value_dtype), smap)
+                    DownloadBuilder(extract(self.global_state, smap), self.value_dtype), smap, ratio)
         return self._views[ratio]

@@ -9,7 +9,8 @@ from urllib.parse import urlparse
 
 from pydantic import Field, field_validator
 
-from ..config import CodecSection, DPSection, FedP3Section, TrainSection, _Section
+from ..config import (AggregatorSection, CodecSection, DPSection, FedDPSection, FedP3Section,
+                      FFGGSection, PersonalSection, Strategies, TrainSection, _Section)
 
 
 class BrokerSection(_Section):
@@ -48,7 +49,8 @@ class ExportSection(_Section):
 
 
 class ServiceConfig(_Section):
-    strategy: Literal["fedavg", "fedp3"] = "fedp3"
+    strategy: Strategies = "fedp3"
+    width_levels: list[float] | None = None
     dataset: Literal["fashion-mnist", "fmnist", "mnist", "femnist"] = "fashion-mnist"
     data_dir: str | None = None
     model: str = "fedp3_cnn"
@@ -65,6 +67,10 @@ class ServiceConfig(_Section):
     export: ExportSection = ExportSection()
     train: TrainSection = TrainSection()
     fedp3: FedP3Section = FedP3Section()
+    personal: PersonalSection = PersonalSection()
+    ffgg: FFGGSection = FFGGSection()
+    feddp: FedDPSection = FedDPSection()
+    aggregator: AggregatorSection = AggregatorSection()
     dp: DPSection = DPSection()
     codec: CodecSection = CodecSection()
 

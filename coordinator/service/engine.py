@@ -36,8 +36,9 @@ from edge_sdk.protocol import (Envelope, EnvelopeError, MessageType, RefusalCode
                                peek_header)
 from edge_sdk.training import accuracy
 
-from ..aggregation import StreamingAggregator
+from ..combine import RoundCombiner
 from ..planning.fleet import SubmodelViews
+from ..robust import RobustSettings
 from ..planning.memory import MemoryCoefficients
 from ..planning.planner import PlannerSettings, plan_device
 from ..simulation import dp_config, make_strategy
@@ -56,9 +57,11 @@ class RoundEngine:
         self.topics = Topics(config.broker.fleet, config.broker.topic_prefix)
         source = load_dataset(config.dataset, config.data_dir)
         self.info = source.info
-        self.spec = model_spec(config.model, source.info.input_shape, source.info.num_classes)
-        self.strategy = make_strategy(config, self.spec)
+        self.strategy = make_strategy(config, model_spec(config.model, source.info.input_shape,
+                                                         source.info.num_classes))
+        self.spec = self.strategy.spec
         self.dp = dp_config(config)
+        self.robust = RobustSettings(**config.aggregator.model_dump(), seed=config.seed)
         self.test_x = to_tensor(source.test_x, source.info) if config.evaluate else None
         self.test_y = torch.tensor(source.test_y) if config.evaluate else None
         self.state_dir = Path(config.state_dir)
@@ -67,7 +70,6 @@ class RoundEngine:
                                        momentum=config.train.momentum, slicing=config.slicing)
         self.coefficients = MemoryCoefficients.load()
         self.global_state = self._load_global()
-        self.shapes = {k: v.shape for k, v in self.global_state.items()}
         self.views: SubmodelViews | None = None
         self.plans: dict[str, Any] = {}
         self.waiting_since: float | None = None
@@ -245,7 +247,7 @@ class RoundEngine:
     def _prepare_views(self, number: int) -> None:
         self.views = SubmodelViews(self.spec, self.global_state,
                                    codec.ValueDtype.from_name(self.config.codec.download_dtype),
-                                   self.config.slicing, number)
+                                   self.strategy.slicing or self.config.slicing, number)
         self.plans = {}
 
     def _plan_for(self, device_id: str, task: TaskRow):
@@ -351,18 +353,18 @@ class RoundEngine:
         number = self.round.number
         self.store.set_round(number, state="committing")
         tasks = self.store.tasks(number)
-        aggregator = StreamingAggregator(self.shapes)
+        combiner = RoundCombiner(self.strategy, self.global_state, self.robust)
         bytes_up, epsilons, local = 0, [], []
         for update in self.store.updates(number):
             view = self.views.view(tasks[update.device].width_ratio)
             decoded = codec.decode(update.payload, expected_shapes=view.shapes)
-            aggregator.add_update(view.to_global(decoded), update.weight)
+            combiner.add(view.to_global(decoded), update.weight)
             bytes_up += update.bytes
             if update.epsilon is not None:
                 epsilons.append(update.epsilon)
             if update.local_accuracy is not None:
                 local.append(update.local_accuracy)
-        new_state = aggregator.apply(self.global_state)
+        new_state = combiner.result()
         path = self.state_dir / "checkpoints" / f"global-r{number:04d}.pt"
         checkpoint = Checkpoint(self.spec, {k: torch.from_numpy(v) for k, v in new_state.items()},
                                 self.config.model, self.info.name, None, number)

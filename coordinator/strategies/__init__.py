@@ -2,6 +2,13 @@
 
 from .base import DownloadBuilder, Strategy
 from .fedavg import FedAvg
+from .feddp import FedDP, FedDPConfig
 from .fedp3 import FedP3, FedP3Config, parse_selection
+from .ffgg import FFGG, FFGGConfig
+from .personal import FedPer, FedRep, PersonalConfig
+from .registry import STRATEGIES, build_strategy
+from .width import FedRolex, FjORD, HeteroFL
 
-__all__ = ["DownloadBuilder", "Strategy", "FedAvg", "FedP3", "FedP3Config", "parse_selection"]
+__all__ = ["STRATEGIES", "DownloadBuilder", "FFGG", "FFGGConfig", "FedAvg", "FedDP", "FedDPConfig",
+           "FedP3", "FedP3Config", "FedPer", "FedRep", "FedRolex", "FjORD", "HeteroFL",
+           "PersonalConfig", "Strategy", "build_strategy", "parse_selection"]

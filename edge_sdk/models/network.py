@@ -7,6 +7,7 @@ without knowing the architecture.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
@@ -22,8 +23,17 @@ class ConvLayer(nn.Module):
         self.norm = nn.GroupNorm(_groups(spec.out), spec.out) if spec.norm else None
         self.act = spec.act
         self.pool = nn.MaxPool2d(spec.pool) if spec.pool > 1 else None
+        self.keep = math.ceil(spec.gate * spec.out) if spec.gate < 1 else None
+        self.gate = None
+        if self.keep is not None:
+            # FBS-style gate (FedDP's paper variant): global pooling -> small FC -> the top-k
+            # channels per sample survive, scaled by their saliency; the rest are zero in the
+            # forward and get no gradient, and need not be computed at inference.
+            self.gate = nn.Linear(in_ch, spec.out)
+            nn.init.constant_(self.gate.bias, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        saliency = torch.relu(self.gate(x.mean(dim=(2, 3)))) if self.gate is not None else None
         x = self.conv(x)
         if self.norm is not None:
             x = self.norm(x)
@@ -31,6 +41,9 @@ class ConvLayer(nn.Module):
             x = torch.relu(x)
         if self.pool is not None:
             x = self.pool(x)
+        if saliency is not None:
+            cutoff = saliency.topk(self.keep, dim=1).values[:, -1:]
+            x = x * (saliency * (saliency >= cutoff))[:, :, None, None]
         return x
 
 

@@ -37,9 +37,14 @@ class LayerSpec:
     pool: int = 0
     act: bool = True
     norm: bool = False
+    # FedDP's per-sample channel gate (conv only): keep this share of output channels per input.
+    gate: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.gate == 1.0:  # absent when unused, so specs without gates keep their digests
+            del data["gate"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,9 @@ class ModelSpec:
                 raise SpecError(f"layer {i}: unknown kind {layer.kind!r} (conv, fc, resblock, gap)")
             if layer.kind != "gap" and layer.out < 1:
                 raise SpecError(f"layer {i} ({layer.kind}): out must be >= 1, got {layer.out}")
+            if not 0 < layer.gate <= 1 or (layer.gate < 1 and layer.kind != "conv"):
+                raise SpecError(f"layer {i}: gate must be in (0, 1] and only on conv layers, "
+                                f"got {layer.gate} on {layer.kind}")
         last = self.layers[-1]
         if last.kind != "fc" or last.out != self.num_classes or last.act:
             raise SpecError("the last layer must be the output layer: fc with out == num_classes "

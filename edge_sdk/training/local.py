@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -61,13 +62,20 @@ def dp_sampling(num_samples: int, batch_size: int, epochs: int) -> tuple[float, 
 
 def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
                   masks: dict[str, torch.Tensor], seed: int, dp: DPConfig | None = None,
-                  noise_multiplier: float | None = None) -> TrainReport:
-    """Train the parameters of `model` that require grad; masked entries stay exactly zero."""
+                  noise_multiplier: float | None = None,
+                  before_batch: Callable[[], None] | None = None,
+                  after_epoch: Callable[[dict[str, torch.Tensor]], None] | None = None) -> TrainReport:
+    """Train the parameters of `model` that require grad; masked entries stay exactly zero.
+
+    `before_batch` runs before every batch (FjORD samples its width there); `after_epoch` may
+    add or tighten masks between epochs (FedDP's threshold pruning); masks are re-applied.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return TrainReport()
     named = dict(model.named_parameters())
     masked = [(named[name], mask) for name, mask in masks.items()]
+    masks = dict(masks)
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
     generator = torch.Generator().manual_seed(seed)
     criterion: nn.Module = nn.CrossEntropyLoss()
@@ -96,6 +104,8 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
                 if len(xb) == 0:  # Poisson sampling can draw an empty batch
                     optimizer.zero_grad()
                     continue
+                if before_batch is not None:
+                    before_batch()
                 loss = criterion(model(xb), yb)
                 loss.backward()
                 if dp is None and config.clip_norm:
@@ -108,6 +118,12 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
                 report.steps += 1
                 report.samples += len(xb)
                 total_loss += float(loss.detach()) * len(xb)
+            if after_epoch is not None:
+                after_epoch(masks)
+                masked = [(named[name], mask) for name, mask in masks.items()]
+                with torch.no_grad():
+                    for param, mask in masked:
+                        param.mul_(mask)
     report.mean_loss = total_loss / max(report.samples, 1)
     if engine is not None:
         model.to_standard_module()  # remove Opacus's hooks: a later phase wraps the model again
