@@ -98,7 +98,7 @@ class ByzantineSection(_Section):
 
 
 Strategies = Literal["fedavg", "fedp3", "fedper", "fedrep", "ffgg", "heterofl", "fedrolex", "fjord",
-                     "feddp"]
+                     "feddp", "local"]
 
 
 class SimulationConfig(_Section):

@@ -52,3 +52,15 @@ class FedRep(FedPer):
     def phases(self) -> tuple[TrainPhase, ...]:
         return (TrainPhase(tuple(self.head), self.config.head_epochs),
                 TrainPhase(tuple(self.body), self.config.body_epochs))
+
+
+class LocalOnly(Strategy):
+    """Every device trains alone on its own data: nothing is uploaded or aggregated. The floor
+    any federated method must beat, and what FFGG is compared with as heterogeneity grows."""
+
+    name = "local"
+
+    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
+        return SubmodelPlan(client_id, round_number, self.spec,
+                            tuple(TensorPlan(n, upload=False, private=True) for n in self.all_tensors()),
+                            upload_dtype=self.upload_dtype)

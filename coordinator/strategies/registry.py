@@ -11,10 +11,11 @@ from .fedavg import FedAvg
 from .feddp import FedDP, FedDPConfig
 from .fedp3 import FedP3, FedP3Config
 from .ffgg import FFGG, FFGGConfig
-from .personal import FedPer, FedRep, PersonalConfig
+from .personal import FedPer, FedRep, LocalOnly, PersonalConfig
 from .width import FedRolex, FjORD, HeteroFL
 
-STRATEGIES = ("fedavg", "fedp3", "fedper", "fedrep", "ffgg", "heterofl", "fedrolex", "fjord", "feddp")
+STRATEGIES = ("fedavg", "fedp3", "fedper", "fedrep", "ffgg", "heterofl", "fedrolex", "fjord", "feddp",
+              "local")
 
 
 def build_strategy(config: Any, spec: ModelSpec) -> Strategy:
@@ -36,6 +37,8 @@ def build_strategy(config: Any, spec: ModelSpec) -> Strategy:
         return FedRolex(spec, dtype, seed)
     if name == "fjord":
         return FjORD(spec, tuple(config.width_levels or (1.0, 0.75, 0.5, 0.25)), dtype, seed)
+    if name == "local":
+        return LocalOnly(spec, dtype, seed)
     if name == "feddp":
         return FedDP(spec, FedDPConfig(**config.feddp.model_dump()), dtype, seed)
     raise ValueError(f"unknown strategy {name!r}; use one of {', '.join(STRATEGIES)}")
