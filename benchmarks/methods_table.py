@@ -50,8 +50,10 @@ def runs() -> list[tuple[str, str, dict]]:
         jobs.append(("byzantine", f"20% sign flip | {rule}",
                      {**BASE, "strategy": "ffgg", "partition": "classes:5", "byzantine.fraction": 0.2,
                       "byzantine.attack": "sign_flip", "aggregator.rule": rule,
-                      "aggregator.clip_radius": 5.0}))
+                      "aggregator.clip_radius": 0.5}))
     jobs.append(("byzantine", "no attack | mean", {**BASE, "strategy": "ffgg", "partition": "classes:5"}))
+    for setting, extra in SETTINGS.items():  # added after the first run; numbered last
+        jobs.append(("methods", f"{setting} | hidenseek", {**BASE, "strategy": "hidenseek", **extra}))
     return jobs
 
 
@@ -68,7 +70,7 @@ def main() -> None:
         index, count = (int(v) for v in args.shard.split("/"))
         torch.set_num_threads(1)
         for n, (group, label, options) in enumerate(jobs):
-            if n % count != index:
+            if n % count != index or (out / f"{n:03d}.json").exists():
                 continue
             strategy = options.pop("strategy").split(" ")[0]
             config = load_config(None, [], strategy=strategy, **options)
@@ -79,6 +81,10 @@ def main() -> None:
         return
     rows = [json.loads((out / f"{n:03d}.json").read_text()) for n in range(len(jobs))
             if (out / f"{n:03d}.json").exists()]
+    groups = ["methods", "heterogeneity", "byzantine"]
+    settings = list(SETTINGS)
+    rows.sort(key=lambda r: (groups.index(r["group"]),
+                             settings.index(r["label"].split(" | ")[0]) if r["group"] == "methods" else 0))
     print("| setting | method | personalized % | global % | MB up | MB down | client s | MFLOPs/sample |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:

@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any key, e.g. fedp3.selection=opu3, dp.target_epsilon=4 (repeatable)")
     sim.add_argument("--strategy", choices=["fedavg", "fedp3", "fedper", "fedrep", "ffgg",
-                                            "heterofl", "fedrolex", "fjord", "feddp", "local"])
+                                            "heterofl", "fedrolex", "fjord", "feddp", "local",
+                                            "hidenseek"])
     sim.add_argument("--dataset", choices=["fashion-mnist", "fmnist", "mnist", "femnist"])
     sim.add_argument("--data-dir", help="folder with the dataset files (default: $FEDPRUNE_DATA, "
                      "then ../shared/data, then download with checksum)")

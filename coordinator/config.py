@@ -82,6 +82,12 @@ class FedDPSection(_Section):
     gate: float = Field(0.5, gt=0, lt=1)
 
 
+class HideNseekSection(_Section):
+    density: float = Field(0.2, gt=0, le=1)
+    synflow_iterations: int = Field(20, ge=1)
+    aggregation: Literal["vote", "mean"] = "vote"
+
+
 class AggregatorSection(_Section):
     rule: Literal["mean", "median", "trimmed_mean", "centered_clip"] = "mean"
     trim: float = Field(0.2, ge=0, lt=0.5)
@@ -98,7 +104,7 @@ class ByzantineSection(_Section):
 
 
 Strategies = Literal["fedavg", "fedp3", "fedper", "fedrep", "ffgg", "heterofl", "fedrolex", "fjord",
-                     "feddp", "local"]
+                     "feddp", "local", "hidenseek"]
 
 
 class SimulationConfig(_Section):
@@ -125,6 +131,7 @@ class SimulationConfig(_Section):
     personal: PersonalSection = PersonalSection()
     ffgg: FFGGSection = FFGGSection()
     feddp: FedDPSection = FedDPSection()
+    hidenseek: HideNseekSection = HideNseekSection()
     aggregator: AggregatorSection = AggregatorSection()
     byzantine: ByzantineSection = ByzantineSection()
     dp: DPSection = DPSection()

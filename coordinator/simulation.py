@@ -102,13 +102,16 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
     clients = [LocalClient(_fleet_shard(data, fleet), _fleet_train(train, data.client_id, fleet), dp,
                            planned_rounds=config.rounds, seed=config.seed) for data in shards]
     widths = _widths(config, fleet)
-    if any(w < 1 for w in widths) and any(layer.gate < 1 for layer in spec.layers):
-        raise ValueError("feddp's gate variant runs at full width only; drop --fleet / width_levels")
+    if any(w < 1 for w in widths) and (any(layer.gate < 1 for layer in spec.layers)
+                                       or strategy.download_masks is not None):
+        raise ValueError(f"{config.strategy} runs at full width only (FedDP gates and HideNseek "
+                         "masks are not width-sliced); drop --fleet / width_levels")
     eligible = [a.plan.fits for a in fleet] if fleet else [True] * config.clients
     test_x, test_y = to_tensor(source.test_x, source.info), torch.tensor(source.test_y)
 
     global_model = build_model(spec, seed=config.seed)
-    global_state = {k: v.detach().numpy().copy() for k, v in global_model.state_dict().items()}
+    global_state = strategy.initial_state() or {k: v.detach().numpy().copy()
+                                                 for k, v in global_model.state_dict().items()}
     rng = np.random.default_rng(config.seed)
     per_round = max(1, round(config.fraction * config.clients))
     byzantine = ByzantineSettings(**config.byzantine.model_dump(), seed=config.seed)
@@ -124,8 +127,9 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
     for round_number in range(1, config.rounds + 1):
         started = time.perf_counter()
         chosen = sorted(rng.choice(config.clients, per_round, replace=False).tolist())
-        dtype = codec.ValueDtype.from_name(config.codec.download_dtype)
-        views_by_age = {age: SubmodelViews(spec, history[-1 - age], dtype, slicing, round_number - age)
+        dtype = codec.ValueDtype.from_name(strategy.download_dtype or config.codec.download_dtype)
+        views_by_age = {age: SubmodelViews(spec, history[-1 - age], dtype, slicing, round_number - age,
+                                           strategy.download_masks)
                         for age in range(len(history))}
         combiner = RoundCombiner(strategy, global_state, robust)
         bytes_up = bytes_down = refused = 0
@@ -150,13 +154,15 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
                 continue
             bytes_up += len(outcome.payload)
             update = view.to_global(codec.decode(outcome.payload,
-                                                 {n: view.shapes[n] for n in plan.uploaded}))
+                                                 {n: view.shapes[n] for n in plan.uploaded},
+                                                 known_indices=strategy.upload_known_indices))
             if client_id in malicious:
                 update = attack(update, base, byzantine, rng)
             combiner.add(update, plan.aggregation_weight, base)
         global_state = combiner.result()
         history = (history + [global_state])[-(staleness + 1):]
-        global_model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
+        global_model.load_state_dict({k: torch.from_numpy(v)
+                                      for k, v in strategy.materialize(global_state).items()})
         personal = [c.evaluate(c.personal_model() or global_model) for c in clients]
         result.rounds.append(RoundResult(
             round=round_number,

@@ -18,6 +18,7 @@ from .data.partition import ClientData
 from .models import ModelSpec, SpecModel, build_model, tensor_shapes
 from .plan import SubmodelPlan, TrainPhase
 from .pruning import is_prunable, magnitude_mask
+from .supermask import run_supermask_task
 from .training import (DPConfig, PrivacyBudgetExceeded, PrivacyLedger, TrainConfig, TrainReport,
                        accuracy, dp_sampling, train_locally)
 
@@ -51,6 +52,7 @@ class LocalClient:
         self.ledger = PrivacyLedger(delta=dp.delta, budget_epsilon=dp.budget,
                                     accountant=dp.accountant) if dp else None
         self._noise_multiplier: float | None = None
+        self.scores: dict[str, torch.Tensor] = {}  # HideNseek: the device's own sign scores
 
     @property
     def num_train(self) -> int:
@@ -71,6 +73,8 @@ class LocalClient:
                 return TaskOutcome(self.client_id, plan.round, None, self.num_train,
                                    epsilon=self.ledger.epsilon(), refused=str(exc))
 
+        if plan.mode == "supermask":
+            return self._run_supermask(plan, received)
         model = build_model(plan.spec)
         start, from_download = self._starting_state(plan, shapes, received)
         model.load_state_dict(start)
@@ -115,6 +119,18 @@ class LocalClient:
         payload = codec.encode(update, codec.ValueDtype.from_name(plan.upload_dtype))
         return TaskOutcome(self.client_id, plan.round, payload, self.num_train,
                            report, epsilon)
+
+    def _run_supermask(self, plan: SubmodelPlan, received) -> TaskOutcome:
+        if self.dp is not None:
+            raise TaskError("HideNseek's supermask training has no DP variant here; run it without dp")
+        if self.spec is None or self.spec.digest() != plan.spec.digest():
+            self.scores = {}
+        state, upload, report = run_supermask_task(
+            plan, received, self.scores, self.data.train_x, self.data.train_y, self.train_config,
+            _task_seed(self.seed, self.client_id, plan.round))
+        self.state, self.spec = state, plan.spec
+        payload = codec.encode(upload, codec.ValueDtype.SIGN1, known_indices=set(upload))
+        return TaskOutcome(self.client_id, plan.round, payload, self.num_train, report)
 
     def _noise(self, sampling: tuple[float, int]) -> float:
         if self._noise_multiplier is None:

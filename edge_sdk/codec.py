@@ -64,7 +64,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,20 +103,26 @@ class CodecError(ValueError):
 class ValueDtype(enum.IntEnum):
     FLOAT32 = 1
     FLOAT16 = 2
+    SIGN1 = 3  # values are -1 or +1, one bit each (HideNseek's sign masks)
 
     @classmethod
     def from_name(cls, name: str) -> ValueDtype:
-        """The config spelling ("fp32" / "fp16") used by plans and run configurations."""
+        """The config spelling ("fp32" / "fp16" / "sign1") used by plans and run configurations."""
         try:
-            return {"fp32": cls.FLOAT32, "fp16": cls.FLOAT16}[name]
+            return {"fp32": cls.FLOAT32, "fp16": cls.FLOAT16, "sign1": cls.SIGN1}[name]
         except KeyError:
-            raise CodecError(f"value dtype {name!r} not supported; use fp32 or fp16") from None
+            raise CodecError(f"value dtype {name!r} not supported; use fp32, fp16 or sign1") from None
 
 
 class IndexKind(enum.IntEnum):
     DENSE = 0
     BITMAP = 1
     DELTA_VARINT = 2
+    KNOWN = 3  # no index bytes: the receiver already holds this tensor's index set
+
+
+def _value_bytes(value_dtype: ValueDtype, nnz: int) -> int:
+    return -(-nnz // 8) if value_dtype is ValueDtype.SIGN1 else nnz * _WIRE_DTYPES[value_dtype].itemsize
 
 
 _WIRE_DTYPES = {
@@ -333,6 +339,9 @@ def _check_index_length(kind: IndexKind, nnz: int, numel: int, length: int) -> N
             raise CodecError(
                 f"BITMAP index must be {-(-numel // 8)} bytes for {numel} elements, got {length}"
             )
+    elif kind is IndexKind.KNOWN:
+        if length:
+            raise CodecError(f"KNOWN index carries no index bytes, got {length}")
     elif not nnz <= length <= _MAX_VARINT_BYTES * nnz:
         raise CodecError(f"DELTA_VARINT index of {length} bytes cannot hold {nnz} varints")
 
@@ -344,8 +353,14 @@ def encode(
     tensors: Mapping[str, SparseTensor],
     value_dtype: ValueDtype = ValueDtype.FLOAT32,
     level: int = 3,
+    known_indices: Collection[str] = (),
 ) -> bytes:
-    """Serialise ``tensors`` (in mapping order) into one self-describing payload."""
+    """Serialise ``tensors`` (in mapping order) into one payload.
+
+    Tensors named in ``known_indices`` are sent without their index set (IndexKind.KNOWN): the
+    receiver must pass the same indices to `decode`. That is how a fixed mask both sides hold
+    (HideNseek's pruning mask) costs nothing per round.
+    """
     try:
         value_dtype = ValueDtype(value_dtype)
     except ValueError as exc:
@@ -360,7 +375,7 @@ def encode(
     parts: list[bytes] = []
     body_length = 0
     for name, tensor in tensors.items():
-        record = _encode_record(name, tensor, value_dtype)
+        record = _encode_record(name, tensor, value_dtype, name in known_indices)
         body_length += sum(len(p) for p in record)
         parts.extend(record)
     if body_length > _U32_MAX:
@@ -373,7 +388,8 @@ def encode(
     return header + frame
 
 
-def _encode_record(name: str, tensor: SparseTensor, value_dtype: ValueDtype) -> list[bytes]:
+def _encode_record(name: str, tensor: SparseTensor, value_dtype: ValueDtype,
+                   known: bool = False) -> list[bytes]:
     if not isinstance(name, str):
         raise CodecError(f"tensor name {name!r} is not a str")
     try:
@@ -396,7 +412,7 @@ def _encode_record(name: str, tensor: SparseTensor, value_dtype: ValueDtype) -> 
         raise CodecError(f"tensor {name!r} contains NaN or Inf values; fix the update before sending it")
 
     wire_values = _to_wire_values(name, tensor.values, value_dtype)
-    kind, index_bytes = _choose_index_encoding(tensor)
+    kind, index_bytes = (IndexKind.KNOWN, b"") if known else _choose_index_encoding(tensor)
     if len(index_bytes) > _U32_MAX:
         raise CodecError(f"tensor {name!r} index needs {len(index_bytes)} bytes, above u32 range; split it")
     ndim = len(tensor.shape)
@@ -411,6 +427,10 @@ def _encode_record(name: str, tensor: SparseTensor, value_dtype: ValueDtype) -> 
 
 
 def _to_wire_values(name: str, values: np.ndarray, value_dtype: ValueDtype) -> bytes:
+    if value_dtype is ValueDtype.SIGN1:
+        if not np.all(np.abs(values) == 1):
+            raise CodecError(f"tensor {name!r}: SIGN1 carries only -1 and +1 values")
+        return np.packbits(values > 0, bitorder="little").tobytes()
     with np.errstate(over="ignore"):
         wire = values.astype(_WIRE_DTYPES[value_dtype])
     if value_dtype is ValueDtype.FLOAT16 and not np.all(np.isfinite(wire)):
@@ -523,7 +543,6 @@ def _parse(
 
     value_dtype, count, body_length = _read_header(payload, max_decoded_bytes)
     body = _decompress_body(payload[HEADER.size :], body_length)
-    itemsize = _WIRE_DTYPES[value_dtype].itemsize
 
     reader = _Reader(body)
     records: list[_Record] = []
@@ -569,7 +588,7 @@ def _parse(
         except CodecError as exc:
             raise CodecError(f"{where}: {exc}") from None
         index_bytes = reader.take(index_length, f"{where} index bytes")
-        value_bytes = reader.take(nnz * itemsize, f"{where} values")
+        value_bytes = reader.take(_value_bytes(value_dtype, nnz), f"{where} values")
         records.append(_Record(name, shape, kind, nnz, index_bytes, value_bytes, reader.pos - start))
 
     if reader.remaining:
@@ -577,18 +596,31 @@ def _parse(
     return value_dtype, len(payload), records
 
 
-def _materialise(record: _Record, value_dtype: ValueDtype) -> SparseTensor:
+def _materialise(record: _Record, value_dtype: ValueDtype,
+                 known_indices: Mapping[str, np.ndarray] | None = None) -> SparseTensor:
     where = f"tensor {record.name!r}"
     numel = math.prod(record.shape)
     try:
         if record.kind is IndexKind.DENSE:
             indices = None
+        elif record.kind is IndexKind.KNOWN:
+            if known_indices is None or record.name not in known_indices:
+                raise CodecError("is sent without indices (KNOWN); pass its index set to decode")
+            indices = _normalise_indices(known_indices[record.name], numel)
+            if len(indices) != record.nnz:
+                raise CodecError(f"carries {record.nnz} values for {len(indices)} known indices")
         elif record.kind is IndexKind.BITMAP:
             indices = _decode_bitmap(record.index_bytes, record.nnz, numel)
         else:
             indices = _decode_delta_varint(record.index_bytes, record.nnz, numel)
     except CodecError as exc:
         raise CodecError(f"{where}: {exc}") from None
+    if value_dtype is ValueDtype.SIGN1:
+        packed = np.frombuffer(record.value_bytes, dtype=np.uint8)
+        if record.nnz % 8 and packed[-1] >> (record.nnz % 8):
+            raise CodecError(f"{where}: sign bits set past the last value (padding must be 0)")
+        bits = np.unpackbits(packed, count=record.nnz, bitorder="little")
+        return SparseTensor(record.shape, indices, np.where(bits == 1, 1.0, -1.0).astype(np.float32))
     values = np.frombuffer(record.value_bytes, dtype=_WIRE_DTYPES[value_dtype]).astype(np.float32)
     if not np.all(np.isfinite(values)):
         raise CodecError(f"{where} contains NaN or Inf values; the sender produced a corrupt update")
@@ -599,6 +631,7 @@ def decode(
     payload: bytes,
     expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
     max_decoded_bytes: int = 256 * 2**20,
+    known_indices: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, SparseTensor]:
     """Parse an untrusted payload; any malformed input raises CodecError.
 
@@ -607,7 +640,7 @@ def decode(
     partial updates are normal.
     """
     value_dtype, _, records = _parse(payload, expected_shapes, max_decoded_bytes)
-    return {r.name: _materialise(r, value_dtype) for r in records}
+    return {r.name: _materialise(r, value_dtype, known_indices) for r in records}
 
 
 def encoded_size_breakdown(payload: bytes, max_decoded_bytes: int = 256 * 2**20) -> dict:

@@ -64,6 +64,9 @@ class SubmodelPlan:
     ordered_dropout: tuple[float, ...] = ()
     # FedDP (released code): after each local epoch, zero conv weights with |w| <= threshold.
     prune_threshold: float | None = None
+    # HideNseek: "supermask" trains sign scores over frozen weights built from `init_seed`.
+    mode: str = "weights"
+    init_seed: int | None = None
 
     def tensor(self, name: str) -> TensorPlan:
         for entry in self.tensors:
@@ -98,4 +101,6 @@ class SubmodelPlan:
                          for p in data.get("phases", ())),
             ordered_dropout=tuple(float(p) for p in data.get("ordered_dropout", ())),
             prune_threshold=data.get("prune_threshold"),
+            mode=str(data.get("mode", "weights")),
+            init_seed=data.get("init_seed"),
         )

@@ -30,6 +30,8 @@ from edge_sdk.codec import (
 
 HEADER = struct.Struct("<4sBBBBII")
 
+FLOAT_DTYPES = [ValueDtype.FLOAT32, ValueDtype.FLOAT16]
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -116,7 +118,7 @@ def mixed_payload() -> bytes:
 # --------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("value_dtype", list(ValueDtype))
+@pytest.mark.parametrize("value_dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize(
     "shape, density, kind",
     [
@@ -507,7 +509,7 @@ shapes = st.lists(st.integers(0, 9), min_size=0, max_size=4).map(tuple)
     shape=shapes,
     density=st.one_of(st.none(), st.floats(0.0, 1.0)),
     seed=st.integers(0, 2**32 - 1),
-    value_dtype=st.sampled_from(list(ValueDtype)),
+    value_dtype=st.sampled_from(FLOAT_DTYPES),
     level=st.sampled_from([-5, 1, 3, 19]),
 )
 def test_property_round_trip(shape, density, seed, value_dtype, level):
@@ -570,3 +572,24 @@ def mixed_payload_cached() -> bytes:
         },
         ValueDtype.FLOAT16,
     )
+
+
+# --- sign masks and receiver-known indices (HideNseek's uplink) ----------------------------------
+
+
+def test_sign1_with_known_indices_costs_one_bit_per_kept_entry():
+    rng = np.random.default_rng(0)
+    kept = np.flatnonzero(rng.random(8000) < 0.2)
+    signs = np.where(rng.random(len(kept)) < 0.5, -1.0, 1.0).astype(np.float32)
+    tensor = SparseTensor((80, 100), kept, signs)
+    payload = encode({"w": tensor}, ValueDtype.SIGN1, known_indices={"w"})
+    body = -(-len(kept) // 8)
+    assert len(payload) <= 16 + body + 64  # header + bits + record and zstd framing
+    back = decode(payload, known_indices={"w": kept})["w"]
+    assert np.array_equal(back.indices, kept) and np.array_equal(back.values, signs)
+    with pytest.raises(CodecError, match="KNOWN"):
+        decode(payload)
+    with pytest.raises(CodecError, match="known indices"):
+        decode(payload, known_indices={"w": kept[:-1]})
+    with pytest.raises(CodecError, match="only -1 and \\+1"):
+        encode({"w": SparseTensor((3,), None, np.array([1, 0.5, -1], np.float32))}, ValueDtype.SIGN1)

@@ -41,10 +41,13 @@ def test_every_strategy_learns_well_above_chance(strategy):
 def _one_task(strategy_name: str, fmnist_clients, **extra):
     config = _config(strategy_name, **extra)
     strategy = make_strategy(config, SPEC)
-    state = {k: v.detach().numpy() for k, v in build_model(strategy.spec, seed=0).state_dict().items()}
+    state = strategy.initial_state() or {k: v.detach().numpy()
+                                         for k, v in build_model(strategy.spec, seed=0).state_dict().items()}
     from coordinator.strategies import DownloadBuilder
     plan = strategy.plan(0, 1, 100)
-    download = DownloadBuilder(state, codec.ValueDtype.FLOAT32).payload(plan, device_has_private_copy=False)
+    dtype = codec.ValueDtype.from_name(strategy.download_dtype or "fp32")
+    download = DownloadBuilder(state, dtype, strategy.download_masks).payload(
+        plan, device_has_private_copy=False)
     client = LocalClient(fmnist_clients[0], TrainConfig(batch_size=32, lr=0.05))
     client.data = type(client.data)(0, client.data.train_x[:200], client.data.train_y[:200],
                                     client.data.test_x[:50], client.data.test_y[:50])
@@ -160,3 +163,34 @@ def test_ffgg_server_steps_on_the_mean_change():
     np.testing.assert_allclose(new[name], 0.5 * 3.0)  # old + lr x mean change
     untouched = strategy.private[0]
     np.testing.assert_array_equal(new[untouched], old[untouched])
+
+
+def test_synflow_keeps_the_target_density_without_emptying_a_layer():
+    from coordinator.strategies import synflow_masks
+    masks = synflow_masks(SPEC, density=0.2, iterations=10, seed=0)
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.size for m in masks.values())
+    assert kept == pytest.approx(0.2 * total, rel=0.02)
+    assert all(m.any() for m in masks.values())  # SynFlow avoids layer collapse
+    assert set(masks) == {n for n, p in build_model(SPEC).named_parameters() if p.dim() > 1}
+
+
+def test_hidenseek_uploads_one_bit_per_kept_weight_and_votes(fmnist_clients):
+    strategy, plan, outcome = _one_task("hidenseek", fmnist_clients)
+    kept = {n: int(m.sum()) for n, m in strategy.masks.items()}
+    sign_bytes = sum(-(-k // 8) for k in kept.values())
+    framing = 16 + sum(2 + len(n) + 1 + 4 * 4 + 9 for n in kept) + 64  # header, records, zstd
+    assert len(outcome.payload) <= sign_bytes + framing
+    update = codec.decode(outcome.payload, known_indices=strategy.upload_known_indices)
+    for name, tensor in update.items():
+        assert np.array_equal(tensor.indices, strategy.upload_known_indices[name])
+        assert set(np.unique(tensor.values)) <= {-1.0, 1.0}
+    name = next(iter(strategy.masks))
+    old = {n: np.ones(m.shape, np.float32) for n, m in strategy.masks.items()}
+    mean = {n: np.full(m.shape, 0.5, np.float32) for n, m in strategy.masks.items()}
+    old[name].reshape(-1)[:3] = [1.0, 1.0, -1.0]
+    mean[name].reshape(-1)[:3] = [0.5, -0.2, 0.0]
+    new = strategy.server_update(old, mean)
+    np.testing.assert_array_equal(new[name].reshape(-1)[:3], [1.0, -1.0, -1.0])  # a tie keeps the old sign
+    weights = strategy.materialize(strategy.initial_state())
+    assert np.array_equal(weights[name] != 0, strategy.masks[name])  # pruned weights are zero

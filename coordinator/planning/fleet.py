@@ -74,8 +74,9 @@ class SubmodelViews:
     """One round's submodels, one per width ratio in use."""
 
     def __init__(self, base: ModelSpec, global_state: Mapping[str, np.ndarray],
-                 value_dtype: codec.ValueDtype, method: str, round_number: int):
-        self.base, self.global_state = base, global_state
+                 value_dtype: codec.ValueDtype, method: str, round_number: int,
+                 fixed_masks: Mapping[str, np.ndarray] | None = None):
+        self.base, self.global_state, self.fixed_masks = base, global_state, fixed_masks
         self.value_dtype, self.method, self.round_number = value_dtype, method, round_number
         self._views: dict[float, SubmodelView] = {}
 
@@ -83,7 +84,8 @@ class SubmodelViews:
         if ratio not in self._views:
             if ratio >= 1.0:
                 self._views[ratio] = SubmodelView(self.base, tensor_shapes(self.base),
-                                                  DownloadBuilder(self.global_state, self.value_dtype),
+                                                  DownloadBuilder(self.global_state, self.value_dtype,
+                                                                  self.fixed_masks),
                                                   None, 1.0)
             else:
                 kept = select_channels(self.base, self.global_state, ratio, self.method,

@@ -10,7 +10,8 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator
 
 from ..config import (AggregatorSection, CodecSection, DPSection, FedDPSection, FedP3Section,
-                      FFGGSection, PersonalSection, Strategies, TrainSection, _Section)
+                      FFGGSection, HideNseekSection, PersonalSection, Strategies, TrainSection,
+                      _Section)
 
 
 class BrokerSection(_Section):
@@ -70,6 +71,7 @@ class ServiceConfig(_Section):
     personal: PersonalSection = PersonalSection()
     ffgg: FFGGSection = FFGGSection()
     feddp: FedDPSection = FedDPSection()
+    hidenseek: HideNseekSection = HideNseekSection()
     aggregator: AggregatorSection = AggregatorSection()
     dp: DPSection = DPSection()
     codec: CodecSection = CodecSection()

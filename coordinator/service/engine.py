@@ -86,6 +86,9 @@ class RoundEngine:
         if last is not None and last.checkpoint:
             saved = load_checkpoint(last.checkpoint)
             return {k: v.numpy().copy() for k, v in saved.state.items()}
+        initial = self.strategy.initial_state()
+        if initial is not None:
+            return initial
         model = build_model(self.spec, seed=self.config.seed)
         return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
@@ -179,7 +182,8 @@ class RoundEngine:
             return
         plan = self._plan_for(header.device, task)
         try:
-            update = codec.decode(payload, expected_shapes=self.views.view(task.width_ratio).shapes)
+            update = codec.decode(payload, expected_shapes=self.views.view(task.width_ratio).shapes,
+                                  known_indices=self.strategy.upload_known_indices)
             if set(update) != set(plan.uploaded):
                 raise codec.CodecError(f"update carries {sorted(update)}, the plan asked for "
                                        f"{sorted(plan.uploaded)}")
@@ -246,8 +250,10 @@ class RoundEngine:
 
     def _prepare_views(self, number: int) -> None:
         self.views = SubmodelViews(self.spec, self.global_state,
-                                   codec.ValueDtype.from_name(self.config.codec.download_dtype),
-                                   self.strategy.slicing or self.config.slicing, number)
+                                   codec.ValueDtype.from_name(self.strategy.download_dtype
+                                                              or self.config.codec.download_dtype),
+                                   self.strategy.slicing or self.config.slicing, number,
+                                   self.strategy.download_masks)
         self.plans = {}
 
     def _plan_for(self, device_id: str, task: TaskRow):
@@ -314,7 +320,8 @@ class RoundEngine:
 
         from ..exporting import submodel
 
-        base = Checkpoint(self.spec, {k: torch.from_numpy(v) for k, v in self.global_state.items()},
+        base = Checkpoint(self.spec, {k: torch.from_numpy(v)
+                                      for k, v in self.strategy.materialize(self.global_state).items()},
                           self.config.model, self.info.name, None, number - 1)
         x = self.test_x[:self.config.export.verify_samples].numpy() if self.test_x is not None else \
             to_tensor(load_dataset(self.config.dataset, self.config.data_dir).test_x[:64], self.info).numpy()
@@ -357,7 +364,8 @@ class RoundEngine:
         bytes_up, epsilons, local = 0, [], []
         for update in self.store.updates(number):
             view = self.views.view(tasks[update.device].width_ratio)
-            decoded = codec.decode(update.payload, expected_shapes=view.shapes)
+            decoded = codec.decode(update.payload, expected_shapes=view.shapes,
+                                   known_indices=self.strategy.upload_known_indices)
             combiner.add(view.to_global(decoded), update.weight)
             bytes_up += update.bytes
             if update.epsilon is not None:
@@ -371,7 +379,10 @@ class RoundEngine:
         checkpoint.save(path)
         global_accuracy = None
         if self.test_x is not None:
-            global_accuracy = accuracy(checkpoint.build(), self.test_x, self.test_y)
+            model = build_model(self.spec)
+            model.load_state_dict({k: torch.from_numpy(v)
+                                   for k, v in self.strategy.materialize(new_state).items()})
+            global_accuracy = accuracy(model, self.test_x, self.test_y)
         states = [t.state for t in tasks.values()]
         for device_id, task in tasks.items():
             if task.state == "sent":

@@ -25,6 +25,11 @@ class Strategy(ABC):
     # "values": uploads are averaged as they are; "delta": the server averages each device's
     # change from the model it started from and steps with `server_update`.
     aggregates: str = "values"
+    # Fixed index sets (HideNseek's mask): downloads use them instead of magnitude pruning, and
+    # uploads arrive without indices (the codec's KNOWN kind), decoded with `upload_known_indices`.
+    download_masks: dict[str, np.ndarray] | None = None
+    download_dtype: str | None = None  # overrides the run's codec.download_dtype
+    upload_known_indices: dict[str, np.ndarray] | None = None
 
     def __init__(self, spec: ModelSpec, upload_dtype: str = "fp32", seed: int = 0):
         self.spec = spec
@@ -41,6 +46,14 @@ class Strategy(ABC):
         """The new global state from the aggregate (a mean of values, or of deltas)."""
         return aggregated
 
+    def initial_state(self) -> dict[str, np.ndarray] | None:
+        """The global state to start from, when it is not the seeded network's weights."""
+        return None
+
+    def materialize(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The network weights a global state stands for (the state itself, but for HideNseek)."""
+        return state
+
     def all_tensors(self) -> list[str]:
         return [name for layer in self.layers for name in layer]
 
@@ -52,9 +65,11 @@ class DownloadBuilder:
     OPU-k), so encoding once per distinct plan keeps a 100-device round cheap.
     """
 
-    def __init__(self, global_state: Mapping[str, np.ndarray], value_dtype: codec.ValueDtype):
+    def __init__(self, global_state: Mapping[str, np.ndarray], value_dtype: codec.ValueDtype,
+                 fixed_masks: Mapping[str, np.ndarray] | None = None):
         self.global_state = global_state
         self.value_dtype = value_dtype
+        self.fixed_masks = fixed_masks or {}
         self._masks: dict[tuple[str, float], np.ndarray] = {}
         self._payloads: dict[tuple, bytes] = {}
 
@@ -68,6 +83,8 @@ class DownloadBuilder:
 
     def _tensor(self, name: str, keep: float) -> codec.SparseTensor:
         values = self.global_state[name]
+        if name in self.fixed_masks:
+            return codec.SparseTensor.from_dense(values, self.fixed_masks[name])
         if keep >= 1.0 or not is_prunable(values.shape):
             return codec.SparseTensor.from_dense(values)
         if (name, keep) not in self._masks:

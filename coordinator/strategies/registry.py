@@ -11,11 +11,12 @@ from .fedavg import FedAvg
 from .feddp import FedDP, FedDPConfig
 from .fedp3 import FedP3, FedP3Config
 from .ffgg import FFGG, FFGGConfig
+from .hidenseek import HideNseek, HideNseekConfig
 from .personal import FedPer, FedRep, LocalOnly, PersonalConfig
 from .width import FedRolex, FjORD, HeteroFL
 
 STRATEGIES = ("fedavg", "fedp3", "fedper", "fedrep", "ffgg", "heterofl", "fedrolex", "fjord", "feddp",
-              "local")
+              "local", "hidenseek")
 
 
 def build_strategy(config: Any, spec: ModelSpec) -> Strategy:
@@ -37,6 +38,8 @@ def build_strategy(config: Any, spec: ModelSpec) -> Strategy:
         return FedRolex(spec, dtype, seed)
     if name == "fjord":
         return FjORD(spec, tuple(config.width_levels or (1.0, 0.75, 0.5, 0.25)), dtype, seed)
+    if name == "hidenseek":
+        return HideNseek(spec, HideNseekConfig(**config.hidenseek.model_dump()), dtype, seed)
     if name == "local":
         return LocalOnly(spec, dtype, seed)
     if name == "feddp":

@@ -1,0 +1,101 @@
+"""HideNseek (RESEARCH.md section 1): prune at initialisation with SynFlow, then learn only signs.
+
+Server side: SynFlow (Tanaka et al., 2020) scores |theta x dR/dtheta| with R the output of the
+all-ones input through the network with absolute weights (data-free); pruning is iterative with
+an exponential schedule (keep density^(k/n) after iteration k of n) and global scope over every
+prunable weight. The kept set is fixed for the run; the initial weights come from a shared seed
+and never travel. The global state of a prunable tensor is the aggregated sign of each kept
+weight (zero where pruned); devices train sign scores (edge_sdk/supermask.py) and upload one bit
+per kept weight. The server combines signs by majority vote (ties keep the old sign) or, with
+`aggregation = "mean"`, keeps the mean sign as a soft value and sends it as fp16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from edge_sdk.models import ModelSpec, build_model
+from edge_sdk.plan import SubmodelPlan, TensorPlan
+
+from .base import Strategy
+
+
+@dataclass(frozen=True)
+class HideNseekConfig:
+    density: float = 0.2
+    synflow_iterations: int = 20
+    aggregation: Literal["vote", "mean"] = "vote"
+
+
+def synflow_masks(spec: ModelSpec, density: float, iterations: int, seed: int) -> dict[str, np.ndarray]:
+    """Kept entries per prunable weight tensor (dim >= 2), `density` of them overall."""
+    if not 0 < density <= 1:
+        raise ValueError(f"hidenseek.density must be in (0, 1], got {density}")
+    model = build_model(spec, seed=seed).double()
+    prunable = {n: p for n, p in model.named_parameters() if p.dim() > 1}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.abs_()
+    original = {n: p.detach().clone() for n, p in prunable.items()}
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable.items()}
+    total = sum(p.numel() for p in prunable.values())
+    ones = torch.ones(1, *spec.input_shape, dtype=torch.float64)
+    for k in range(1, iterations + 1):
+        with torch.no_grad():
+            for name, param in prunable.items():
+                param.copy_(original[name] * masks[name])
+        model.zero_grad()
+        model(ones).sum().backward()
+        scores = {n: (p.grad * p).detach().abs() for n, p in prunable.items()}
+        keep = max(1, int(round(density ** (k / iterations) * total)))
+        threshold = torch.topk(torch.cat([s.reshape(-1) for s in scores.values()]), keep).values[-1]
+        masks = {n: masks[n] & (scores[n] >= threshold) & (scores[n] > 0) for n in prunable}
+    return {n: m.numpy() for n, m in masks.items()}
+
+
+class HideNseek(Strategy):
+    name = "hidenseek"
+
+    def __init__(self, spec: ModelSpec, config: HideNseekConfig, upload_dtype: str = "fp32", seed: int = 0):
+        super().__init__(spec, "sign1", seed)
+        self.config = config
+        self.init_seed = seed
+        self.masks = synflow_masks(spec, config.density, config.synflow_iterations, seed)
+        self.download_masks = self.masks
+        self.download_dtype = "sign1" if config.aggregation == "vote" else "fp16"
+        self.upload_known_indices = {n: np.flatnonzero(m.reshape(-1)) for n, m in self.masks.items()}
+        self.initial = {n: p.detach().numpy().copy()
+                        for n, p in build_model(spec, seed=seed).state_dict().items()}
+
+    def initial_state(self) -> dict[str, np.ndarray]:
+        """Global state: +1 on every kept weight (the initial weights' own signs), 0 where pruned."""
+        state = {n: v.copy() for n, v in self.initial.items()}
+        for name, mask in self.masks.items():
+            state[name] = mask.astype(np.float32)
+        return state
+
+    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
+        return SubmodelPlan(client_id, round_number, self.spec,
+                            tuple(TensorPlan(n) for n in self.masks),
+                            aggregation_weight=1.0, upload_dtype="sign1", mode="supermask",
+                            init_seed=self.init_seed)
+
+    def server_update(self, old, aggregated):
+        if self.config.aggregation == "mean":
+            return aggregated
+        new = dict(aggregated)
+        for name in self.masks:
+            vote = np.sign(aggregated[name])
+            new[name] = np.where(vote == 0, old[name], vote).astype(old[name].dtype)
+        return new
+
+    def materialize(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The network the global state stands for: initial weights x mask x sign."""
+        weights = dict(state)
+        for name in self.masks:
+            weights[name] = (self.initial[name] * np.sign(state[name])).astype(np.float32)
+        return weights
