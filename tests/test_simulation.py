@@ -60,7 +60,10 @@ def test_results_carry_the_documented_schema(fedavg_result):
                               "bytes_down", "seconds"}
         assert entry["bytes_up"] > 0 and entry["bytes_down"] > 0
     assert set(fedavg_result["final"]) == {"personalized_accuracy", "global_accuracy",
-                                           "bytes_up_total", "bytes_down_total"}
+                                           "bytes_up_total", "bytes_down_total",
+                                           "client_seconds_total", "flops_per_sample_full",
+                                           "flops_per_sample_mean", "flops_per_sample_by_width"}
+    assert fedavg_result["final"]["flops_per_sample_mean"] == fedavg_result["final"]["flops_per_sample_full"]
     assert fedavg_result["final"]["bytes_up_total"] == sum(r["bytes_up"] for r in fedavg_result["rounds"])
     assert "privacy" not in fedavg_result
 
