@@ -194,3 +194,10 @@ def test_hidenseek_uploads_one_bit_per_kept_weight_and_votes(fmnist_clients):
     np.testing.assert_array_equal(new[name].reshape(-1)[:3], [1.0, -1.0, -1.0])  # a tie keeps the old sign
     weights = strategy.materialize(strategy.initial_state())
     assert np.array_equal(weights[name] != 0, strategy.masks[name])  # pruned weights are zero
+
+
+def test_ffgg_applies_stale_updates_within_the_staleness_bound():
+    config = _config("ffgg", **{"ffgg.max_staleness": 2, "ffgg.server_lr": 0.5})
+    result = run_simulation(config, progress=False).to_dict()
+    assert result["final"]["personalized_accuracy"] > 0.45
+    assert result["config"]["ffgg"]["max_staleness"] == 2
