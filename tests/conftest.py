@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,3 +26,21 @@ def fmnist_clients(fmnist):
 @pytest.fixture(autouse=True)
 def _two_threads():
     torch.set_num_threads(2)
+
+
+@pytest.fixture
+def fault_matrix(request):
+    """Record one row of the fault matrix: scenario, what happened, updates accepted/lost/duplicated.
+
+    Rows go to $FEDPRUNE_FAULT_MATRIX (JSON lines) when set; `benchmarks/fault_matrix.py` sets it,
+    runs the fault tests and renders docs/RELIABILITY.md.
+    """
+    def record(scenario: str, outcome: str, accepted: int, lost: int, duplicated: int,
+               redelivered: int = 0) -> None:
+        path = os.environ.get("FEDPRUNE_FAULT_MATRIX")
+        if path:
+            with Path(path).open("a") as handle:
+                handle.write(json.dumps({"test": request.node.name, "scenario": scenario,
+                                         "outcome": outcome, "accepted": accepted, "lost": lost,
+                                         "duplicated": duplicated, "redelivered": redelivered}) + "\n")
+    return record

@@ -174,6 +174,7 @@ class RoundEngine:
             self._ack(header, False, f"no task {header.task} for {header.device} in round {current.number}")
             return
         if task.state == "accepted":  # QoS 1 redelivery or a replay: counted once
+            self.store.count_duplicate(current.number)
             self._ack(header, True, duplicate=True)
             return
         if self.clock() > current.deadline:

@@ -167,6 +167,12 @@ class Store:
             for key, value in fields.items():
                 setattr(row, key, value)
 
+    def count_duplicate(self, number: int) -> None:
+        """A second copy of an accepted update arrived (and was not counted again)."""
+        with self.session.begin() as s:
+            row = s.get(RoundRow, number)
+            row.summary = {**(row.summary or {}), "duplicates": (row.summary or {}).get("duplicates", 0) + 1}
+
     def tasks(self, round_number: int) -> dict[str, TaskRow]:
         with self.session() as s:
             return {t.device: t for t in s.scalars(select(TaskRow).where(TaskRow.round == round_number))}
