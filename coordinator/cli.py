@@ -151,6 +151,21 @@ def _coordinator_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coordinator_provision(args: argparse.Namespace) -> int:
+    from .provision import provision
+
+    devices = ([d.strip() for d in args.devices.split(",") if d.strip()] if args.devices
+               else [f"{args.prefix}-{i:03d}" for i in range(args.count)])
+    if not devices:
+        raise ValueError("give --devices ID,ID,... or --count N")
+    result = provision(args.out, devices, args.broker, args.broker_host or ["localhost", "127.0.0.1"],
+                       args.fleet, args.listener_port)
+    print(f"provisioned {len(devices)} devices in {result['out']}; include "
+          f"{result['broker_conf']} in mosquitto.conf, copy devices/<id>/ to each device and "
+          "keep ca/ca.key offline")
+    return 0
+
+
 def _edge_run(args: argparse.Namespace) -> int:
     from edge_sdk.agent import EdgeAgent, load_edge_config
 
@@ -319,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--plain-logs", action="store_true", help="text logs instead of JSON lines")
     serve.set_defaults(handler=_coordinator_serve)
+    prov = coord_sub.add_parser("provision", help="per-device credentials, broker ACLs, TLS and "
+                                "signing keys", description="Create a fleet CA and broker "
+                                "certificate, a Mosquitto password file and topic ACLs, the "
+                                "coordinator's signing key and config, and one edge.toml per device.")
+    prov.add_argument("--devices", help="comma-separated device ids")
+    prov.add_argument("--count", type=int, default=0, help="or this many ids: PREFIX-000, ...")
+    prov.add_argument("--prefix", default="dev")
+    prov.add_argument("--broker", required=True, help="the URL devices use, e.g. mqtts://broker.lan:8883")
+    prov.add_argument("--broker-host", action="append", help="names and IPs in the broker "
+                      "certificate (repeatable; default localhost and 127.0.0.1)")
+    prov.add_argument("--fleet", default="default")
+    prov.add_argument("--listener-port", type=int, default=8883)
+    prov.add_argument("--out", required=True)
+    prov.set_defaults(handler=_coordinator_provision)
 
     edge = sub.add_parser("edge", help="commands that run on the device")
     edge_sub = edge.add_subparsers(dest="edge_command", required=True)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
 
 from pydantic import Field, field_validator
+
+from edge_sdk.protocol.transport import BrokerAddress
 
 from ..config import (AggregatorSection, CodecSection, DPSection, FedDPSection, FedP3Section,
                       FFGGSection, HideNseekSection, PersonalSection, Strategies, TrainSection,
@@ -23,13 +24,14 @@ class BrokerSection(_Section):
     # Refuse any message over this many bytes before decoding it; keep it at or under the
     # broker's message_size_limit (deploy/mosquitto/mosquitto.conf sets 64 MiB).
     max_payload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None       # the fleet CA, for mqtts:// URLs
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        url = urlparse(value)
-        if url.scheme not in ("mqtt", "tcp") or not url.hostname:
-            raise ValueError(f"broker.url must look like mqtt://HOST[:PORT], got {value!r}")
+        BrokerAddress.parse(value)
         return value
 
 
@@ -63,6 +65,7 @@ class ServiceConfig(_Section):
     http_port: int | None = Field(8080, ge=0, le=65535)  # None: no endpoint; 0: any free port
     evaluate: bool = True                     # global accuracy on the test set after each round
     exit_when_done: bool = False
+    signing_key: str | None = None            # Ed25519 private key PEM: tasks and artifacts are signed
     broker: BrokerSection = BrokerSection()
     rounds: RoundsSection = RoundsSection()
     export: ExportSection = ExportSection()

@@ -30,6 +30,7 @@ from edge_sdk import codec
 from edge_sdk.checkpoint import Checkpoint, load_checkpoint
 from edge_sdk.data import load_dataset, to_tensor
 from edge_sdk.models import build_model, model_spec
+from edge_sdk.protocol.signing import load_private_key, sign
 from edge_sdk.rehearsal import peak_rss_bytes
 from edge_sdk.protocol import (Envelope, EnvelopeError, MessageType, RefusalCode, Topics,
                                decode_envelope, encode_envelope, envelope_size, parse_header,
@@ -62,6 +63,7 @@ class RoundEngine:
         self.spec = self.strategy.spec
         self.dp = dp_config(config)
         self.robust = RobustSettings(**config.aggregator.model_dump(), seed=config.seed)
+        self.signing_key = load_private_key(config.signing_key) if config.signing_key else None
         self.test_x = to_tensor(source.test_x, source.info) if config.evaluate else None
         self.test_y = torch.tensor(source.test_y) if config.evaluate else None
         self.state_dir = Path(config.state_dir)
@@ -279,7 +281,14 @@ class RoundEngine:
         return header, payload
 
     def _task_message(self, device, task: TaskRow, deadline: float) -> bytes:
-        return encode_envelope(MessageType.TASK, *self._task_parts(device, task, deadline))
+        return self._envelope(MessageType.TASK, *self._task_parts(device, task, deadline))
+
+    def _signed(self, header: dict, payload: bytes) -> dict:
+        """Tasks and artifacts are signed when the coordinator has a signing key."""
+        return header if self.signing_key is None else sign(header, payload, self.signing_key)
+
+    def _envelope(self, kind: MessageType, header: dict, payload: bytes) -> bytes:
+        return encode_envelope(kind, self._signed(header, payload), payload)
 
     def _open(self, eligible, now: float) -> None:
         number = self.store.next_round_number()
@@ -295,7 +304,7 @@ class RoundEngine:
         for device, task in zip(chosen, tasks):
             header, payload = self._task_parts(device, task, deadline)
             task.aggregation_weight = self._plan_for(device.id, task).aggregation_weight
-            task.bytes_down = envelope_size(header, len(payload))
+            task.bytes_down = envelope_size(self._signed(header, payload), len(payload))
         self.store.open_round(number, deadline, [d.id for d in chosen], quorum, tasks)
         self.round = self.store.current_round()
         # Persisted first: a crash while sending re-sends on restart. Built one at a time so a
@@ -347,7 +356,7 @@ class RoundEngine:
                 continue
             out, manifest = bundles[key]
             entry = manifest.artifacts[0]
-            message = encode_envelope(
+            message = self._envelope(
                 MessageType.ARTIFACT, {"device": device.id, "round": number - 1,
                                        "manifest": manifest.model_dump(mode="json"),
                                        "artifact": entry.compressed_path},

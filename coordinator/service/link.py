@@ -16,17 +16,18 @@ import threading
 import paho.mqtt.client as mqtt
 
 from edge_sdk.protocol import Topics
+from edge_sdk.protocol.transport import make_client
 
 log = logging.getLogger("fedprune.coordinator.mqtt")
 
 
 class CoordinatorLink:
-    def __init__(self, host: str, port: int, topics: Topics, client_id: str, keepalive: int = 30):
+    def __init__(self, url: str, topics: Topics, client_id: str, keepalive: int = 30,
+                 username: str | None = None, password: str | None = None, tls_ca: str | None = None):
         self.topics = topics
         self.inbox: queue.Queue[tuple[str, bytes, int, int]] = queue.Queue()
         self.connected = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=mqtt.MQTTv311, clean_session=False)
+        self.client, address = make_client(client_id, url, username, password, tls_ca)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.max_inflight_messages_set(100)
         self.client.max_queued_messages_set(0)
@@ -40,7 +41,7 @@ class CoordinatorLink:
         self.client.manual_ack_set(True)
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload, msg.mid,
                                                                    msg.qos))
-        self.host, self.port, self.keepalive = host, port, keepalive
+        self.host, self.port, self.keepalive = address.host, address.port, keepalive
         self.pending: deque[mqtt.MQTTMessageInfo] = deque()
         self.window = 32
         self.stopping = False

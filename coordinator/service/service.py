@@ -10,7 +10,6 @@ import logging
 import queue
 import signal
 import threading
-from urllib.parse import urlparse
 
 from edge_sdk.protocol import Topics
 from edge_sdk.rehearsal import peak_rss_bytes
@@ -28,10 +27,10 @@ class CoordinatorService:
     def __init__(self, config: ServiceConfig):
         self.config = config
         self.store = Store(config.database_url)
-        url = urlparse(config.broker.url)
-        self.link = CoordinatorLink(url.hostname, url.port or 1883,
-                                    Topics(config.broker.fleet, config.broker.topic_prefix),
-                                    config.broker.client_id, config.broker.keepalive)
+        broker = config.broker
+        self.link = CoordinatorLink(broker.url, Topics(broker.fleet, broker.topic_prefix),
+                                    broker.client_id, broker.keepalive, broker.username,
+                                    broker.password, broker.tls_ca)
         self.engine = RoundEngine(config, self.store, self.link.publish)
         self.stopping = threading.Event()
         self.http = None

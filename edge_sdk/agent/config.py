@@ -6,12 +6,12 @@ import json
 import tomllib
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..budget import DataSlice
 from ..protocol.topics import check_id
+from ..protocol.transport import BrokerAddress
 
 
 class EdgeConfigError(ValueError):
@@ -35,6 +35,12 @@ class EdgeConfig(BaseModel):
     max_samples: int | None = Field(None, ge=2)
     keepalive: int = Field(30, ge=5)
     max_payload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Security (from `fedprune coordinator provision`): broker credentials, the fleet CA for
+    # mqtts://, and the coordinator's public key; with it set, unsigned or forged tasks are refused.
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    coordinator_key: str | None = None
     data: DataSlice = DataSlice()
 
     @field_validator("device_id", "fleet")
@@ -45,9 +51,7 @@ class EdgeConfig(BaseModel):
     @field_validator("broker")
     @classmethod
     def _broker_url(cls, value: str) -> str:
-        url = urlparse(value)
-        if url.scheme not in ("mqtt", "tcp") or not url.hostname:
-            raise ValueError(f"broker must look like mqtt://HOST[:PORT], got {value!r}")
+        BrokerAddress.parse(value)
         return value
 
     def to_toml(self) -> str:
@@ -64,13 +68,6 @@ class EdgeConfig(BaseModel):
         path.write_text(self.to_toml())
         return path
 
-    @property
-    def broker_host(self) -> str:
-        return urlparse(self.broker).hostname
-
-    @property
-    def broker_port(self) -> int:
-        return urlparse(self.broker).port or 1883
 
 
 def load_edge_config(path: str | Path, **overrides) -> EdgeConfig:

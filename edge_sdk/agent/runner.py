@@ -25,6 +25,8 @@ from ..plan import SubmodelPlan
 from ..protocol import (AckHeader, ArtifactHeader, EnvelopeError, MessageType, RefusalCode,
                         TaskHeader, Topics, decode_envelope, encode_envelope, parse_header)
 from ..training import DPConfig, PrivacyLedger, TrainConfig
+from ..protocol.signing import load_public_key, verify
+from ..protocol.transport import make_client
 from .config import EdgeConfig
 from .state import DeviceState, task_key
 
@@ -69,12 +71,14 @@ class EdgeAgent:
         self.inbox: queue.Queue[tuple[str, bytes, int, int]] = queue.Queue()
         self.connected = threading.Event()
         self.stopping = threading.Event()
+        self.coordinator_key = load_public_key(config.coordinator_key) if config.coordinator_key else None
         self.mqtt = self._make_client()
 
     # --- connection ------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.config.device_id,
-                             protocol=mqtt.MQTTv311, clean_session=False)
+        config = self.config
+        client, self.address = make_client(config.device_id, config.broker, config.username,
+                                           config.password, config.tls_ca)
         client.will_set(self.topics.status(self.config.device_id),
                         encode_envelope(MessageType.STATUS,
                                         {"device": self.config.device_id, "online": False}),
@@ -123,8 +127,7 @@ class EdgeAgent:
 
     # --- main loop -------------------------------------------------------------------------
     def start(self) -> None:
-        self.mqtt.connect_async(self.config.broker_host, self.config.broker_port,
-                                keepalive=self.config.keepalive)
+        self.mqtt.connect_async(self.address.host, self.address.port, keepalive=self.config.keepalive)
         self.mqtt.loop_start()
 
     def stop(self) -> None:
@@ -154,6 +157,13 @@ class EdgeAgent:
     def handle(self, topic: str, payload: bytes) -> None:
         try:
             envelope = decode_envelope(payload, self.config.max_payload_bytes)
+            if self.coordinator_key is not None and envelope.type in (MessageType.TASK,
+                                                                      MessageType.ARTIFACT):
+                try:
+                    verify(envelope.header, envelope.payload, self.coordinator_key)
+                except EnvelopeError as exc:
+                    self._refuse_forged(envelope, exc)
+                    return
             if envelope.type == MessageType.TASK:
                 self._on_task(parse_header(envelope), envelope.payload)
             elif envelope.type == MessageType.ACK:
@@ -243,14 +253,25 @@ class EdgeAgent:
         return self.client
 
     def _refuse(self, header: TaskHeader, code: RefusalCode, message: str,
-                epsilon: float | None = None) -> None:
+                epsilon: float | None = None, record: bool = True) -> None:
         key = task_key(header.round, header.task)
-        self.state.mark(key, "refused")
+        if record:  # a forged task is not recorded: its id must not block the real one
+            self.state.mark(key, "refused")
         log.warning("refusing task %s (%s): %s", key, code.value, message)
         self.mqtt.publish(self.topics.refusal(self.config.device_id), encode_envelope(
             MessageType.REFUSAL, {"device": self.config.device_id, "round": header.round,
                                   "task": header.task, "code": code.value,
                                   "message": message[:4000], "epsilon": epsilon}), qos=1)
+
+    def _refuse_forged(self, envelope, error: EnvelopeError) -> None:
+        """A task that is not the coordinator's is never run; say so if it names a task."""
+        log.warning("refusing a %s message: %s", envelope.type.name, error)
+        if envelope.type == MessageType.TASK:
+            try:
+                header = parse_header(envelope)
+            except EnvelopeError:
+                return
+            self._refuse(header, RefusalCode.BAD_TASK, f"refused: {error}", record=False)
 
     def _on_ack(self, header: AckHeader) -> None:
         key = task_key(header.round, header.task)

@@ -1,0 +1,179 @@
+"""Security against a real Mosquitto configured by `fedprune coordinator provision`: TLS, per-device
+passwords and topic ACLs, signed tasks, and a round whose every message is inspected."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator.config import load_config
+from device_profiles import DeviceProfile
+from coordinator.provision import provision
+from coordinator.service import CoordinatorService, ServiceConfig
+from edge_sdk import codec
+from edge_sdk.agent import load_edge_config
+from edge_sdk.protocol import MessageType, decode_envelope, encode_envelope, parse_header
+from edge_sdk.protocol.signing import load_public_key, sign
+from edge_sdk.protocol.transport import make_client
+from fleet_harness import Harness
+from mqtt_brokers import Mosquitto, free_port
+
+FLEET = "sec"
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    # Outside pytest's 0700 temp tree: Mosquitto drops root privileges and must read these files.
+    root = Path(tempfile.mkdtemp(prefix="fedprune-secure-"))
+    root.chmod(0o755)
+    port = free_port()
+    provision(root / "prov", ["dev-a", "dev-b"], f"mqtts://127.0.0.1:{port}", ["127.0.0.1", "localhost"],
+              FLEET, port)
+    for path in (root / "prov" / "broker").iterdir():
+        path.chmod(0o644)  # the broker drops root privileges; in production chown to mosquitto
+    broker = Mosquitto(root / "broker", extra=(root / "prov" / "broker" / "fedprune-security.conf").read_text())
+    broker.start()
+    yield root / "prov", port
+    broker.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _connect(prov: Path, user: str, password: str | None = None, client_id: str | None = None):
+    if user == "coordinator":
+        config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceConfig).broker
+        url, user, secret, ca = config.url, config.username, config.password, config.tls_ca
+    else:
+        edge = load_edge_config(prov / "devices" / user / "edge.toml")
+        url, secret, ca = edge.broker, edge.password, edge.tls_ca
+    client, address = make_client(client_id or f"{user}-{time.monotonic_ns()}", url, user,
+                                  password if password is not None else secret, ca, clean_session=True)
+    outcome, received = {}, []
+    client.on_connect = lambda c, u, f, rc, p=None: outcome.setdefault("rc", rc)
+    client.on_message = lambda c, u, m: received.append((m.topic, m.payload))
+    client.connect(address.host, address.port)
+    client.loop_start()
+    deadline = time.time() + 5
+    while "rc" not in outcome and time.time() < deadline:
+        time.sleep(0.05)
+    return client, outcome.get("rc"), received
+
+
+def test_anonymous_and_wrong_passwords_are_refused_over_tls(fleet):
+    prov, _ = fleet
+    client, rc, _ = _connect(prov, "dev-a", password="not-the-password")
+    client.loop_stop()
+    assert rc is not None and rc.is_failure and "authorized" in str(rc).lower()
+    good, rc, _ = _connect(prov, "dev-a")
+    good.loop_stop()
+    assert rc is not None and not rc.is_failure
+
+
+def test_a_device_cannot_publish_as_another_nor_read_anothers_task(fleet):
+    prov, _ = fleet
+    spy, _, seen = _connect(prov, "coordinator")
+    spy.subscribe(f"fedprune/{FLEET}/update/#", qos=1)
+    a, _, a_got = _connect(prov, "dev-a")
+    b, _, b_got = _connect(prov, "dev-b")
+    a.subscribe(f"fedprune/{FLEET}/task/dev-b", qos=1)   # not its topic: the ACL hides it
+    b.subscribe(f"fedprune/{FLEET}/task/dev-b", qos=1)
+    time.sleep(0.5)
+    forged = encode_envelope(MessageType.UPDATE, {"device": "dev-b", "round": 1, "task": "x",
+                                                  "num_samples": 1})
+    a.publish(f"fedprune/{FLEET}/update/dev-a", b"control", qos=1).wait_for_publish(5)
+    spy.publish(f"fedprune/{FLEET}/task/dev-b", b"task for b", qos=1).wait_for_publish(5)
+    a.publish(f"fedprune/{FLEET}/update/dev-b", forged, qos=1)  # denied (Mosquitto may also drop a)
+    time.sleep(1.0)
+    for client in (spy, a, b):
+        client.loop_stop()
+    assert [t for t, _ in seen] == [f"fedprune/{FLEET}/update/dev-a"]  # the forgery never arrived
+    assert [p for _, p in b_got] == [b"task for b"] and a_got == []
+
+
+def test_devices_run_only_tasks_signed_by_the_coordinator(tmp_path):
+    key_path, pub_path = tmp_path / "signing.key", tmp_path / "signing.pub"
+    from cryptography.hazmat.primitives import serialization
+    key = Ed25519PrivateKey.generate()
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
+    h = Harness(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", devices=2, signing_key=str(key_path))
+    for agent in h.agents.values():
+        agent.coordinator_key = load_public_key(pub_path)
+    h.register_all()
+    h.engine.tick()
+    tasks = {h.topics.device_of(t)[1]: (t, p) for t, p in h.take(h.to_devices, "task")}
+    topic, genuine = tasks["dev-0"]
+    envelope = decode_envelope(genuine)
+    imposter = sign(envelope.header, envelope.payload, Ed25519PrivateKey.generate())
+    tampered = bytearray(genuine)
+    tampered[-10] ^= 0x01
+    for bad in (encode_envelope(MessageType.TASK, imposter, envelope.payload), bytes(tampered),
+                encode_envelope(MessageType.TASK, {k: v for k, v in envelope.header.items()
+                                                   if k != "signature"}, envelope.payload)):
+        h.agents["dev-0"].handle(topic, bad)
+    refusals = [parse_header(decode_envelope(p)) for _, p in h.take(h.to_coordinator, "refusal")]
+    assert len(refusals) == 3 and all(r.code.value == "bad_task" for r in refusals)
+    assert "forged or altered" in refusals[0].message and "not signed" in refusals[2].message
+    assert h.agents["dev-0"].state.outbox() == [] and h.agents["dev-0"].client is None  # never trained
+    h.agents["dev-0"].handle(topic, genuine)  # the real task still runs: forgeries did not block it
+    assert len(h.take(h.to_coordinator, "update", "dev-0")) == 1
+
+
+def test_a_round_over_tls_with_acls_carries_no_raw_data_and_no_private_tensor(fleet, tmp_path):
+    prov, _ = fleet
+    spy, _, seen = _connect(prov, "coordinator", client_id="inspector")
+    spy.subscribe(f"fedprune/{FLEET}/#", qos=1)
+    config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceConfig)
+    config = config.model_copy(update={
+        "strategy": "fedper", "state_dir": str(tmp_path / "coordinator"), "http_port": None,
+        "exit_when_done": True,
+        "rounds": config.rounds.model_copy(update={"total": 1, "devices_per_round": 2, "min_devices": 2,
+                                                   "registration_grace_seconds": 0,
+                                                   "deadline_seconds": 120})})
+    devices = []
+    for i, device in enumerate(("dev-a", "dev-b")):
+        edge = load_edge_config(prov / "devices" / device / "edge.toml").model_copy(update={
+            "state_dir": str(tmp_path / device), "profile": "catalogue:rpi4-4gb", "max_samples": 300,
+            "data": load_edge_config(prov / "devices" / device / "edge.toml").data.model_copy(
+                update={"clients": 2, "client_id": i})})
+        path = edge.save(tmp_path / f"{device}.toml")
+        devices.append(subprocess.Popen([sys.executable, "-m", "coordinator.cli", "edge", "run",
+                                         "--config", str(path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                        stdout=open(tmp_path / f"{device}.log", "w"), stderr=subprocess.STDOUT))
+    service = CoordinatorService(config)
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    thread.join(180)
+    time.sleep(0.5)
+    for process in devices:
+        process.terminate()
+        process.wait(20)
+    spy.loop_stop()
+    assert not thread.is_alive() and service.store.last_committed().summary["accepted"] == 2
+    head = set(service.engine.strategy.head)
+    shapes = {n: tuple(v.shape) for n, v in service.engine.global_state.items()}
+    kinds = set()
+    for topic, payload in seen:
+        envelope = decode_envelope(payload)
+        kinds.add(envelope.type)
+        # Only the documented header fields travel (PROTOCOL.md); a profile is the strict schema.
+        documented = set(type(parse_header(envelope)).model_fields) | {"signature", "payload_sha256"}
+        assert set(envelope.header) <= documented, envelope.header.keys() - documented
+        if envelope.type == MessageType.REGISTER:
+            DeviceProfile.model_validate(envelope.header["profile"])
+        if envelope.type == MessageType.UPDATE:
+            tensors = codec.decode(envelope.payload, expected_shapes=shapes)
+            assert tensors and not head & set(tensors)  # the private head never left a device
+        if envelope.type == MessageType.TASK:
+            assert "signature" in envelope.header
+    assert {MessageType.REGISTER, MessageType.TASK, MessageType.UPDATE, MessageType.ACK} <= kinds
