@@ -130,6 +130,14 @@ def test_late_stale_foreign_and_oversized_updates_are_refused_and_the_device_tol
     (ack,) = _acks(h, "dev-2")
     assert not ack.accepted and ack.reason.startswith("update refused")
 
+    # A finite but huge update (a scaled attack): refused for its norm, device told.
+    huge = {name: codec.SparseTensor(t.shape, t.indices, t.values * 1e4)
+            for name, t in codec.decode(decode_envelope(updates["dev-2"][1]).payload).items()}
+    h.engine.handle(topic, encode_envelope(MessageType.UPDATE, env.header,
+                                           codec.encode(huge, codec.ValueDtype.FLOAT32)))
+    (ack,) = _acks(h, "dev-2")
+    assert not ack.accepted and "L2 norm" in ack.reason
+
     # After the deadline: late.
     h.clock.now += 61
     h.engine.handle(*updates["dev-0"])

@@ -64,6 +64,9 @@ class ServiceConfig(_Section):
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(8080, ge=0, le=65535)  # None: no endpoint; 0: any free port
     evaluate: bool = True                     # global accuracy on the test set after each round
+    # Refuse an update whose change from the global model has an L2 norm above this (a blown-up
+    # or scaled attack); None accepts any finite update. Robust aggregation handles subtler ones.
+    max_update_norm: float | None = Field(1000.0, gt=0)
     exit_when_done: bool = False
     signing_key: str | None = None            # Ed25519 private key PEM: tasks and artifacts are signed
     broker: BrokerSection = BrokerSection()

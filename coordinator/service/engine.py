@@ -190,6 +190,7 @@ class RoundEngine:
             if set(update) != set(plan.uploaded):
                 raise codec.CodecError(f"update carries {sorted(update)}, the plan asked for "
                                        f"{sorted(plan.uploaded)}")
+            self._check_norm(update, task.width_ratio)
         except codec.CodecError as exc:
             self.store.set_task(current.number, header.device, state="rejected", reason=str(exc))
             self._ack(header, False, f"update refused: {exc}")
@@ -201,6 +202,21 @@ class RoundEngine:
                                  model_digest=self.views.view(task.width_ratio).spec.digest())
         self._ack(header, True, duplicate=not stored)
         log.info("round %d: accepted %d-byte update from %s", current.number, len(payload), header.device)
+
+    def _check_norm(self, update: dict[str, codec.SparseTensor], width_ratio: float) -> None:
+        """Refuse a change from the global model larger than `max_update_norm` (L2, all tensors)."""
+        limit = self.config.max_update_norm
+        if limit is None or self.strategy.download_masks is not None:  # signs: bounded by design
+            return
+        view = self.views.view(width_ratio)
+        squared = 0.0
+        for name, tensor in view.to_global(update).items():
+            start = self.global_state[name].reshape(-1)
+            start = start if tensor.indices is None else start[tensor.indices]
+            squared += float(np.sum((tensor.values.astype(np.float64) - start) ** 2))
+        if squared > limit ** 2:
+            raise codec.CodecError(f"the update changes the model by an L2 norm of {squared ** 0.5:.3g}, "
+                                   f"over the coordinator's limit of {limit:g}")
 
     def _on_refusal(self, header, _payload: bytes) -> None:
         current = self.round
