@@ -80,7 +80,7 @@ class RoundEngine:
         if self.round is not None:
             log.info("resuming round %d (%s)", self.round.number, self.round.state)
             self._prepare_views(self.round.number)
-            self._resend_unanswered()
+            self.resend_unanswered()
 
     # --- global model ----------------------------------------------------------------------
     def _load_global(self) -> dict[str, np.ndarray]:
@@ -333,7 +333,11 @@ class RoundEngine:
             artifact_bytes = self._send_artifacts(chosen, number)
             self.store.set_round(number, summary={"artifact_bytes": artifact_bytes})
 
-    def _resend_unanswered(self) -> None:
+    def resend_unanswered(self) -> None:
+        """Re-send the open round's unanswered tasks (same ids; devices never run a task twice):
+        after a restart, or after the broker connection came back."""
+        if self.round is None or self.round.state != "collecting":
+            return
         devices = {d.id: d for d in self.store.devices()}
         for device_id, task in self.store.tasks(self.round.number).items():
             if task.state == "sent" and device_id in devices:

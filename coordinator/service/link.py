@@ -20,6 +20,8 @@ from edge_sdk.protocol.transport import make_client
 
 log = logging.getLogger("fedprune.coordinator.mqtt")
 
+RECONNECTED = ""  # inbox marker (no real topic is empty): the link (re)connected
+
 
 class CoordinatorLink:
     def __init__(self, url: str, topics: Topics, client_id: str, keepalive: int = 30,
@@ -53,6 +55,8 @@ class CoordinatorLink:
         for topic in self.topics.coordinator_subscriptions():
             client.subscribe(topic, qos=1)
         self.connected.set()
+        # Tell the engine: a task published while the broker was going down may be lost.
+        self.inbox.put((RECONNECTED, b"", 0, 0))
         log.info("connected to mqtt://%s:%d", self.host, self.port)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):

@@ -16,7 +16,7 @@ from edge_sdk.rehearsal import peak_rss_bytes
 
 from .config import ServiceConfig
 from .engine import RoundEngine
-from .link import CoordinatorLink
+from .link import RECONNECTED, CoordinatorLink
 from .status_http import serve_status
 from .store import Store
 
@@ -68,6 +68,9 @@ class CoordinatorService:
             self.stop()
 
     def _handle(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
+        if topic == RECONNECTED:
+            self.engine.resend_unanswered()
+            return
         try:
             self.engine.handle(topic, payload)
         except Exception:  # noqa: BLE001 - one bad message must not stop the fleet
