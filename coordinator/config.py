@@ -107,25 +107,18 @@ Strategies = Literal["fedavg", "fedp3", "fedper", "fedrep", "ffgg", "heterofl", 
                      "feddp", "local", "hidenseek"]
 
 
-class SimulationConfig(_Section):
+class LearningSettings(_Section):
+    """What a run learns and how: shared by `fedprune simulate` and the coordinator service, so a
+    key means the same in both."""
+
     strategy: Strategies = "fedavg"
     dataset: Literal["fashion-mnist", "fmnist", "mnist", "femnist"] = "fashion-mnist"
     data_dir: str | None = None
     model: str = "fedp3_cnn"
-    clients: int = Field(10, ge=1)
-    fraction: float = Field(1.0, gt=0, le=1)
-    partition: str = "classes:5"
-    max_client_samples: int | None = Field(None, ge=2)
-    fleet: str | None = None  # "catalogue[:seed]": sample device profiles and plan each submodel
     slicing: Literal["prefix", "rolling", "magnitude"] = "prefix"
     # Without a fleet: device i gets width_levels[i % len] (HeteroFL, FedRolex, FjORD tiers).
     width_levels: list[float] | None = None
-    deadline_seconds: float = Field(600.0, gt=0)
-    rounds: int = Field(3, ge=1)
     seed: int = 0
-    export_dir: str | None = None  # export every client's final model here, one folder each
-    export_formats: list[Literal["onnx", "tflite"]] = Field(["onnx", "tflite"], min_length=1)
-    export_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(["fp32"], min_length=1)
     train: TrainSection = TrainSection()
     fedp3: FedP3Section = FedP3Section()
     personal: PersonalSection = PersonalSection()
@@ -133,7 +126,6 @@ class SimulationConfig(_Section):
     feddp: FedDPSection = FedDPSection()
     hidenseek: HideNseekSection = HideNseekSection()
     aggregator: AggregatorSection = AggregatorSection()
-    byzantine: ByzantineSection = ByzantineSection()
     dp: DPSection = DPSection()
     codec: CodecSection = CodecSection()
 
@@ -143,6 +135,20 @@ class SimulationConfig(_Section):
         if value is not None and (not value or not all(0 < w <= 1 for w in value)):
             raise ValueError("width_levels must be a non-empty list of widths in (0, 1]")
         return value
+
+
+class SimulationConfig(LearningSettings):
+    clients: int = Field(10, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1)
+    partition: str = "classes:5"
+    max_client_samples: int | None = Field(None, ge=2)
+    fleet: str | None = None  # "catalogue[:seed]": sample device profiles and plan each submodel
+    deadline_seconds: float = Field(600.0, gt=0)
+    rounds: int = Field(3, ge=1)
+    export_dir: str | None = None  # export every client's final model here, one folder each
+    export_formats: list[Literal["onnx", "tflite"]] = Field(["onnx", "tflite"], min_length=1)
+    export_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(["fp32"], min_length=1)
+    byzantine: ByzantineSection = ByzantineSection()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -1,5 +1,5 @@
-"""coordinator.toml: the service's broker, rounds, storage and the learning settings it shares
-with `fedprune simulate` (strategy, [train], [fedp3], [dp], [codec] mean the same in both)."""
+"""coordinator.toml: the service's broker, rounds and storage, on top of the learning settings it
+shares with `fedprune simulate` (`LearningSettings`: strategy, [train], [fedp3], [dp], ...)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from pydantic import Field, field_validator
 
 from edge_sdk.protocol.transport import BrokerAddress
 
-from ..config import (AggregatorSection, CodecSection, DPSection, FedDPSection, FedP3Section,
-                      FFGGSection, HideNseekSection, PersonalSection, Strategies, TrainSection,
-                      _Section)
+from ..config import LearningSettings, Strategies, _Section
 
 
 class BrokerSection(_Section):
@@ -51,14 +49,9 @@ class ExportSection(_Section):
     verify_samples: int = Field(256, ge=1)
 
 
-class ServiceConfig(_Section):
+class ServiceConfig(LearningSettings):
     strategy: Strategies = "fedp3"
-    width_levels: list[float] | None = None
-    dataset: Literal["fashion-mnist", "fmnist", "mnist", "femnist"] = "fashion-mnist"
-    data_dir: str | None = None
-    model: str = "fedp3_cnn"
     slicing: Literal["prefix", "rolling", "magnitude"] = "magnitude"
-    seed: int = 0
     state_dir: str = "coordinator-state"
     database: str | None = None               # SQLAlchemy URL; default sqlite in state_dir
     http_host: str = "127.0.0.1"
@@ -72,15 +65,6 @@ class ServiceConfig(_Section):
     broker: BrokerSection = BrokerSection()
     rounds: RoundsSection = RoundsSection()
     export: ExportSection = ExportSection()
-    train: TrainSection = TrainSection()
-    fedp3: FedP3Section = FedP3Section()
-    personal: PersonalSection = PersonalSection()
-    ffgg: FFGGSection = FFGGSection()
-    feddp: FedDPSection = FedDPSection()
-    hidenseek: HideNseekSection = HideNseekSection()
-    aggregator: AggregatorSection = AggregatorSection()
-    dp: DPSection = DPSection()
-    codec: CodecSection = CodecSection()
 
     @property
     def database_url(self) -> str:
