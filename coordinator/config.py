@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from edge_sdk.validation import describe
 
 
 class ConfigError(ValueError):
@@ -184,8 +185,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
-                             for err in exc.errors())
+        problems = describe(exc, "config")
         raise ConfigError(f"invalid configuration: {problems}") from None
 
 

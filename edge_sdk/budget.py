@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from .validation import describe
 
 
 class BudgetPlanError(ValueError):
@@ -76,6 +77,6 @@ class BudgetPlan(BaseModel):
         except json.JSONDecodeError as exc:
             raise BudgetPlanError(f"plan file {path} is not JSON: {exc}") from None
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = describe(exc, "plan")
             raise BudgetPlanError(f"plan file {path} is invalid: {problems}. Re-create it with "
                                   "`fedprune plan`.") from None

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..budget import DataSlice
 from ..protocol.topics import check_id
 from ..protocol.transport import BrokerAddress
+from ..validation import describe
 
 
 class EdgeConfigError(ValueError):
@@ -81,5 +82,5 @@ def load_edge_config(path: str | Path, **overrides) -> EdgeConfig:
     try:
         return EdgeConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = describe(exc, "config")
         raise EdgeConfigError(f"{path}: {problems}") from None

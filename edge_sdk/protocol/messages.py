@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .envelope import Envelope, EnvelopeError, MessageType
+from ..validation import describe
 
 
 class _Header(BaseModel):
@@ -94,5 +95,5 @@ def parse_header(envelope: Envelope, expected: MessageType | None = None) -> _He
     try:
         return _SCHEMAS[envelope.type].model_validate(envelope.header)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = describe(exc, "header")
         raise EnvelopeError(f"{envelope.type.name} header is invalid: {problems}") from None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ..validation import describe
 
 MANIFEST_NAME = "manifest.json"
 
@@ -107,5 +108,5 @@ def load_manifest(path: str | Path) -> BundleManifest:
     try:
         return BundleManifest.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = describe(exc, "manifest")
         raise ManifestError(f"{path} is not a fedprune bundle manifest: {problems}") from None
