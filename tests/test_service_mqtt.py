@@ -96,19 +96,22 @@ def test_two_rounds_over_mosquitto_as_a_plain_subscriber_sees_them(tmp_path, bro
     devices = [_spawn(config, tmp_path) for config in configs]
     service = _service(tmp_path, broker.url, fleet)
     service_thread = _run_in_thread(service.run)
-    _wait(lambda: service.status_url is not None, 10, "the status endpoint")
-    with urllib.request.urlopen(service.status_url, timeout=5) as reply:
-        live = json.loads(reply.read())
-    assert live["fleet"] == fleet and live["rounds_total"] == 2
-    with urllib.request.urlopen(service.status_url.replace("/status", "/healthz"), timeout=5) as reply:
-        assert json.loads(reply.read()) == {"ok": True}
-    service_thread.join(240)
-    assert not service_thread.is_alive(), "the coordinator did not finish two rounds in 240 s"
-    status = service.engine.status()
-    time.sleep(1.0)  # the last acks reach the devices
-    _stop(devices)
-    sub.send_signal(signal.SIGINT)  # a clean exit flushes its output
-    lines = sub.communicate(timeout=10)[0].splitlines()
+    try:
+        _wait(lambda: service.status_url is not None, 10, "the status endpoint")
+        with urllib.request.urlopen(service.status_url, timeout=5) as reply:
+            live = json.loads(reply.read())
+        assert live["fleet"] == fleet and live["rounds_total"] == 2
+        with urllib.request.urlopen(service.status_url.replace("/status", "/healthz"), timeout=5) as reply:
+            assert json.loads(reply.read()) == {"ok": True}
+        service_thread.join(240)
+        assert not service_thread.is_alive(), "the coordinator did not finish two rounds in 240 s"
+        status = service.engine.status()
+        time.sleep(1.0)  # the last acks reach the devices
+    finally:  # devices and the subscriber never outlive the test, even when it fails
+        service.stopping.set()
+        _stop(devices)
+        sub.send_signal(signal.SIGINT)  # a clean exit flushes its output
+        lines = sub.communicate(timeout=10)[0].splitlines()
     retained = subprocess.run([MOSQUITTO_SUB, "-p", str(broker.port), "-C", "1", "-W", "5", "-F", "%x",
                                "-t", f"fedprune/{fleet}/register/{fleet}-dev-0"],
                               capture_output=True, text=True, timeout=10).stdout
