@@ -119,7 +119,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.plan:
         plan = BudgetPlan.load(args.plan)
     elif args.device:
-        plan = device_plan(args.device, checkpoint, args.data_dir)
+        plan = device_plan(args.device, checkpoint)
     formats = ("onnx", "tflite") if args.format == "both" else (args.format,)
     precisions = ("fp32", *args.quantize)
     manifest = export_checkpoint(checkpoint, args.out, plan=plan, formats=formats,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from edge_sdk.validation import describe
+from edge_sdk.validation import describe, read_toml
 
 
 class ConfigError(ValueError):
@@ -170,12 +170,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults < TOML file < `direct` (explicit CLI flags) < `--set` overrides, as `schema`."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        data = read_toml(path, "config file", ConfigError)
     for key, value in direct.items():
         if value is not None:
             _assign(data, key.split("."), value)

@@ -40,7 +40,7 @@ def submodel(checkpoint: Checkpoint, width_ratio: float, method: str = "magnitud
     return model.eval()
 
 
-def device_plan(device: str, checkpoint: Checkpoint, data_dir: str | None = None) -> BudgetPlan:
+def device_plan(device: str, checkpoint: Checkpoint) -> BudgetPlan:
     """Plan a catalogue device (by name) or a profiled one (profile JSON path) for this model."""
     from device_profiles import catalogue_profile, load_profile
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -12,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..budget import DataSlice
 from ..protocol.topics import check_id
 from ..protocol.transport import BrokerAddress
-from ..validation import describe
+from ..validation import describe, read_toml
 
 
 class EdgeConfigError(ValueError):
@@ -70,15 +69,8 @@ class EdgeConfig(BaseModel):
         return path
 
 
-
-def load_edge_config(path: str | Path, **overrides) -> EdgeConfig:
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise EdgeConfigError(f"edge config {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise EdgeConfigError(f"{path} is not valid TOML: {exc}") from None
-    data.update({k: v for k, v in overrides.items() if v is not None})
+def load_edge_config(path: str | Path) -> EdgeConfig:
+    data = read_toml(path, "edge config", EdgeConfigError)
     try:
         return EdgeConfig.model_validate(data)
     except ValidationError as exc:
