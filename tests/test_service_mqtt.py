@@ -51,7 +51,7 @@ def _service(tmp: Path, url: str, fleet: str, **rounds) -> CoordinatorService:
 def _edge_config(tmp: Path, url: str, fleet: str, i: int, devices: int = 3) -> EdgeConfig:
     return EdgeConfig(device_id=f"{fleet}-dev-{i}", broker=url, fleet=fleet,
                       state_dir=str(tmp / f"dev-{i}"), profile="catalogue:rpi4-4gb",
-                      max_samples=300, epsilon_budget=8.0,
+                      max_samples=800, epsilon_budget=8.0,
                       data={"clients": devices, "client_id": i})
 
 
