@@ -51,6 +51,7 @@ class UpdateHeader(_TaskKey):
     epsilon: float | None = Field(None, ge=0)
     train_seconds: float = Field(0.0, ge=0)
     local_accuracy: float | None = Field(None, ge=0, le=1)  # personal model, local test split
+    payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # checked by the coordinator
 
 
 class AckHeader(_TaskKey):
@@ -61,6 +62,8 @@ class AckHeader(_TaskKey):
 
 class RefusalCode(str, enum.Enum):
     PRIVACY_BUDGET = "privacy_budget"          # the task would exceed the device's epsilon budget
+    PRIVACY_POLICY = "privacy_policy"          # the task asks for less privacy than the device's
+                                               # own config requires (no DP, or a larger delta)
     BAD_TASK = "bad_task"                      # the task could not be decoded or run as sent
     INTERNAL = "internal"                      # the device failed while training
 
