@@ -66,6 +66,8 @@ class RefusalCode(str, enum.Enum):
                                                # own config requires (no DP, or a larger delta)
     BAD_TASK = "bad_task"                      # the task could not be decoded or run as sent
     INTERNAL = "internal"                      # the device failed while training
+    BAD_ARTIFACT = "bad_artifact"              # the exported model was refused (not stored); the
+                                               # task it came with is unaffected
 
 
 class RefusalHeader(_TaskKey):
@@ -79,7 +81,8 @@ class StatusHeader(_Header):
 
 
 class ArtifactHeader(_Header):
-    round: int = Field(ge=0)
+    round: int = Field(ge=0)                   # the round of the model (the global model it is)
+    task: str = Field(min_length=1, max_length=64)  # the task it starts: a refusal names it
     manifest: dict[str, Any]                   # the bundle's manifest.json
     artifact: str                              # which entry of the manifest the payload is (path)
 
