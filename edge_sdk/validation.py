@@ -1,9 +1,14 @@
 """One wording for refusing what users write and peers send: TOML files that are missing or
-malformed, and pydantic validation errors (`field.path: what is wrong`)."""
+malformed, JSON that is malformed or built to exhaust the parser, and pydantic validation errors
+(`field.path: what is wrong`)."""
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import tomllib
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -23,3 +28,79 @@ def read_toml(path: str | Path, what: str, error: type[Exception]) -> dict[str, 
 def describe(exc: ValidationError, root: str = "value") -> str:
     return "; ".join(f"{'.'.join(str(p) for p in error['loc']) or root}: {error['msg']}"
                      for error in exc.errors())
+
+
+# Limits of `load_json`: far above anything fedprune writes (its headers and manifests nest under
+# 10 levels and their integers are counts, sizes and rounds), far below what breaks the parser
+# (CPython's json recurses per level; int() of >4,300 digits raises, and is quadratic before).
+JSON_MAX_DEPTH = 32
+JSON_MAX_DIGITS = 20
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class _Refused(ValueError):
+    """Raised inside the json hooks; `load_json` turns it into the caller's error."""
+
+
+def load_json(data: bytes, what: str, error: type[Exception], max_bytes: int) -> Any:
+    """Parse JSON that came from a peer or a file, or raise `error` saying why it was refused.
+
+    Whatever the bytes are, the only exception is `error`: the size, nesting depth and integer
+    lengths are bounded before the parser can recurse or convert, NaN, Infinity and overflowing
+    floats (1e999) are refused (fedprune never writes them, and they poison sums and databases),
+    and so are unpaired surrogate escapes ("\\ud800"), which no UTF-8 encoder can write back.
+    """
+    if len(data) > max_bytes:
+        raise error(f"{what} is {len(data):,} bytes; the limit is {max_bytes:,}")
+    try:
+        text = bytes(data).decode("utf-8")
+        _check_depth(text)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_int=_bounded_int,
+                           parse_float=_finite_float)
+        if _SURROGATE_ESCAPE.search(text):
+            _check_encodable(value)
+    except _Refused as exc:
+        raise error(f"{what} is refused: {exc}") from None
+    except UnicodeError as exc:
+        raise error(f"{what} is not valid UTF-8 text: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # json.JSONDecodeError is a ValueError
+        raise error(f"{what} is not valid JSON: {exc}") from None
+    return value
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than JSON_MAX_DEPTH without recursing: strings are cut out, then
+    the running depth of the remaining brackets is summed."""
+    brackets = _NOT_A_BRACKET.sub("", _STRING.sub("", text))
+    deepest = max(accumulate(1 if c in "[{" else -1 for c in brackets), default=0)
+    if deepest > JSON_MAX_DEPTH:
+        raise _Refused(f"it nests {deepest} levels deep; the limit is {JSON_MAX_DEPTH}")
+
+
+def _check_encodable(value: Any) -> None:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Refused("a string holds an unpaired surrogate escape (\\ud800-\\udfff), "
+                       "which is not text") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a number JSON allows; send finite numbers only")
+
+
+def _bounded_int(literal: str) -> int:
+    digits = len(literal) - literal.startswith("-")
+    if digits > JSON_MAX_DIGITS:
+        raise _Refused(f"an integer has {digits:,} digits; the limit is {JSON_MAX_DIGITS}")
+    return int(literal)
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise _Refused(f"the number {literal[:40]} overflows a float; send finite numbers only")
+    return value

@@ -12,7 +12,9 @@
 
 Lengths are checked against the buffer and the limits before anything is parsed or allocated,
 and the message must end exactly where the lengths say: a truncated, padded or oversized message
-is refused with an `EnvelopeError` that says which field is wrong.
+is refused with an `EnvelopeError` that says which field is wrong. The header is parsed by the
+bounded JSON loader (`edge_sdk.validation.load_json`: at most 32 levels of nesting, integers of at
+most 20 digits, no NaN/Infinity/overflowing floats), so no sequence of bytes raises anything else.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import json
 import struct
 from dataclasses import dataclass
 from typing import Any
+
+from ..validation import load_json
 
 MAGIC = b"FPRN"
 VERSION = 1
@@ -53,7 +57,17 @@ class Envelope:
 
 
 def _header_bytes(header: dict[str, Any]) -> bytes:
-    return json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    try:
+        return json.dumps(header, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise EnvelopeError(f"header cannot be sent: {exc}") from None
+
+
+def _load_header(head: bytes) -> dict[str, Any]:
+    header = load_json(head, "header", EnvelopeError, HEADER_LIMIT)
+    if not isinstance(header, dict):
+        raise EnvelopeError(f"header must be a JSON object, got {type(header).__name__}")
+    return header
 
 
 def envelope_size(header: dict[str, Any], payload_bytes: int) -> int:
@@ -63,8 +77,7 @@ def envelope_size(header: dict[str, Any], payload_bytes: int) -> int:
 
 def encode_envelope(kind: MessageType, header: dict[str, Any], payload: bytes = b"") -> bytes:
     head = _header_bytes(header)
-    if len(head) > HEADER_LIMIT:
-        raise EnvelopeError(f"header is {len(head):,} bytes; the limit is {HEADER_LIMIT:,}")
+    _load_header(head)  # what the receiver would refuse (too big or deep, huge ints) fails here
     return _PREFIX.pack(MAGIC, VERSION, int(kind), 0, len(head), len(payload)) + head + payload
 
 
@@ -103,10 +116,5 @@ def _prefix_and_header(data: bytes, payload_limit: int) -> tuple[MessageType, di
     if len(data) < PREFIX_BYTES + head_len:
         raise EnvelopeError(f"message is {len(data):,} bytes, too short for its "
                             f"{head_len:,}-byte header: truncated")
-    try:
-        header = json.loads(bytes(data[PREFIX_BYTES:PREFIX_BYTES + head_len]).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EnvelopeError(f"header is not UTF-8 JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise EnvelopeError(f"header must be a JSON object, got {type(header).__name__}")
+    header = _load_header(bytes(data[PREFIX_BYTES:PREFIX_BYTES + head_len]))
     return kind, header, head_len, payload_len

@@ -4,19 +4,21 @@ It is the input contract (shape, scale, mean, std, labels) a device must honour 
 accuracy measured at export time, the provenance (device, round, spec digest, checkpoint hash,
 exporter versions) an operator needs to trace a prediction back to a training round, and the
 parity figures that justified publishing each artifact. Validated with pydantic on load so a
-hand-edited or truncated manifest fails with the field that is wrong.
+hand-edited or truncated manifest fails with the field that is wrong; it arrives from the
+coordinator too (ARTIFACT headers), so it is parsed with the bounded JSON loader and every float
+must be finite.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from ..validation import describe
+from ..validation import describe, load_json
 
 MANIFEST_NAME = "manifest.json"
+MANIFEST_LIMIT = 1024 * 1024  # bytes; a real manifest is a few kB
 
 Format = Literal["onnx", "tflite"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -29,7 +31,7 @@ class ManifestError(ValueError):
 class Parity(BaseModel):
     """Agreement of one artifact with the torch model it came from, on real test inputs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     runtime: str
     runtime_version: str
     samples: int = Field(ge=1)
@@ -40,7 +42,7 @@ class Parity(BaseModel):
 
 
 class ArtifactEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     format: Format
     precision: Precision
     path: str                         # relative to the manifest
@@ -54,7 +56,7 @@ class ArtifactEntry(BaseModel):
 
 
 class BundleManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     schema_version: Literal[1] = 1
     device_id: str
     round: int | None = None
@@ -99,12 +101,17 @@ def load_manifest(path: str | Path) -> BundleManifest:
     if path.is_dir():
         path = path / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text())
+        with path.open("rb") as file:
+            raw = file.read(MANIFEST_LIMIT + 1)
     except FileNotFoundError:
         raise ManifestError(f"{path} does not exist; point at a bundle written by "
                             "`fedprune export --out DIR`") from None
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path} is not valid JSON ({exc}); re-export the bundle") from None
+    except OSError as exc:
+        raise ManifestError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = load_json(raw, str(path), ManifestError, MANIFEST_LIMIT)
+    except ManifestError as exc:
+        raise ManifestError(f"{exc}; re-export the bundle") from None
     try:
         return BundleManifest.model_validate(data)
     except ValidationError as exc:
