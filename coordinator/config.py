@@ -19,7 +19,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # TOML has inf and nan literals (and `--set train.lr=inf` reads one): refuse them, as no
+    # setting means anything at a non-finite value and a NaN passes every `gt`/`le` bound check.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TrainSection(_Section):

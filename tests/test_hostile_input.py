@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import json
 import struct
+import typing
 
 import pytest
 
-from edge_sdk.protocol import MAGIC, EnvelopeError, MessageType, decode_envelope, peek_header
+from coordinator.config import ConfigError, load_config
+from coordinator.service import ServiceConfig
+from edge_sdk.protocol import (MAGIC, AckHeader, ArtifactHeader, Envelope, EnvelopeError,
+                               MessageType, RefusalHeader, RegisterHeader, StatusHeader, TaskHeader,
+                               Topics, UpdateHeader, decode_envelope, encode_envelope, parse_header,
+                               peek_header)
+from edge_sdk.protocol.topics import check_id
 from edge_sdk.runtime import BundleManifest, ManifestError, load_manifest
 
 # The documented limits of every JSON header and manifest (docs/PROTOCOL.md), not imported: a
@@ -97,3 +104,108 @@ def test_a_manifest_with_a_non_finite_number_is_refused(tmp_path, literal):
         load_manifest(path)
     with pytest.raises(ValueError, match="input_scale"):  # as an ARTIFACT header carries it
         BundleManifest.model_validate({**MANIFEST, "input_scale": float("inf")})
+
+
+# --- item 2: device ids, task ids and fleet names: one strict character set, at parse time ------
+
+UNSAFE_IDS = ["dev1\n", "/../../../tmp/x", "../x", "a/b", ".hidden", "", "a" * 65, "a b", "+", "#",
+              "d\x00", "\u00e9t\u00e9", "dev1\r"]
+
+
+def test_check_id_is_a_full_match_of_the_one_character_set():
+    for good in ("pi-7", "a", "A.b_c-9", "a" * 64, "a.."):
+        assert check_id("device id", good) == good
+    for bad in UNSAFE_IDS + [5, None]:
+        with pytest.raises(ValueError, match="1-64 letters, digits"):
+            check_id("device id", bad)
+    with pytest.raises(ValueError):
+        Topics("lab\n")
+    with pytest.raises(ValueError):
+        Topics().device_of("fedprune/default/update/dev1\n")
+
+
+KEY = {"device": "pi-7", "round": 1, "task": "t-1"}
+VALID_HEADERS = {
+    MessageType.REGISTER: {"device": "pi-7", "profile": {}, "num_samples": 5},
+    MessageType.TASK: {**KEY, "plan": {}, "train": {}, "planned_rounds": 3, "deadline": 1e9},
+    MessageType.UPDATE: {**KEY, "num_samples": 5, "payload_sha256": "0" * 64},
+    MessageType.ACK: {**KEY, "accepted": True},
+    MessageType.REFUSAL: {**KEY, "code": "internal", "message": "m"},
+    MessageType.STATUS: {"device": "pi-7", "online": True},
+    MessageType.ARTIFACT: {"device": "pi-7", "round": 0, "task": "t-1", "manifest": {}, "artifact": "a"},
+}
+SCHEMAS = {MessageType.REGISTER: RegisterHeader, MessageType.TASK: TaskHeader,
+           MessageType.UPDATE: UpdateHeader, MessageType.ACK: AckHeader,
+           MessageType.REFUSAL: RefusalHeader, MessageType.STATUS: StatusHeader,
+           MessageType.ARTIFACT: ArtifactHeader}
+ID_FIELDS = [(kind, field) for kind, header in VALID_HEADERS.items()
+             for field in ("device", "task") if field in header]
+
+
+def test_the_valid_headers_used_below_are_valid():
+    for kind, header in VALID_HEADERS.items():
+        assert parse_header(decode_envelope(encode_envelope(kind, header)))
+
+
+@pytest.mark.parametrize("kind, field", ID_FIELDS, ids=[f"{k.name}.{f}" for k, f in ID_FIELDS])
+def test_every_header_refuses_unsafe_device_and_task_ids(kind, field):
+    accepted = []
+    for bad in UNSAFE_IDS:
+        try:
+            parse_header(decode_envelope(encode_envelope(kind, {**VALID_HEADERS[kind], field: bad})))
+            accepted.append(bad)
+        except EnvelopeError as exc:
+            assert f"{field}: Value error" in str(exc) or "at least 1" in str(exc) or \
+                "at most 64" in str(exc), exc
+    assert not accepted, f"{kind.name} header accepted {field} values {accepted}"
+
+
+# --- item 6: every float in every header, and every config float, must be finite ----------------
+
+def _float_fields(schema) -> list[str]:
+    return [name for name, info in schema.model_fields.items()
+            if info.annotation is float or float in typing.get_args(info.annotation)]
+
+
+FLOAT_FIELDS = [(kind, field) for kind, schema in SCHEMAS.items() for field in _float_fields(schema)]
+
+
+def test_the_float_fields_are_found():
+    assert (MessageType.UPDATE, "epsilon") in FLOAT_FIELDS and (MessageType.TASK, "deadline") in FLOAT_FIELDS
+
+
+@pytest.mark.parametrize("kind, field", FLOAT_FIELDS, ids=[f"{k.name}.{f}" for k, f in FLOAT_FIELDS])
+def test_every_header_float_must_be_finite(kind, field):
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(EnvelopeError, match=field):
+            parse_header(Envelope(kind, {**VALID_HEADERS[kind], field: bad}))
+
+
+@pytest.mark.parametrize("literal", ["Infinity", "NaN", "-Infinity", "1e999"])
+def test_an_update_claiming_a_non_finite_epsilon_is_refused_on_the_wire(literal):
+    header = json.dumps({**VALID_HEADERS[MessageType.UPDATE], "epsilon": 1.5}).replace("1.5", literal)
+    with pytest.raises(EnvelopeError, match="epsilon|not a number|overflows"):
+        parse_header(decode_envelope(raw_envelope(header.encode())))
+    with pytest.raises(EnvelopeError, match="header cannot be sent"):  # and it cannot be sent
+        encode_envelope(MessageType.UPDATE, {**VALID_HEADERS[MessageType.UPDATE], "epsilon": float("inf")})
+
+
+@pytest.mark.parametrize("section, key", [("train", "lr"), ("dp", "delta"), ("aggregator", "clip_radius")])
+@pytest.mark.parametrize("literal", ["inf", "-inf", "nan"])
+def test_config_files_and_overrides_refuse_non_finite_numbers(tmp_path, section, key, literal):
+    path = tmp_path / "run.toml"
+    path.write_text(f"[{section}]\n{key} = {literal}\n")
+    for schema in (None, ServiceConfig):
+        kwargs = {"schema": schema} if schema else {}
+        with pytest.raises(ConfigError, match=f"{section}.{key}: Input should be a finite number"):
+            load_config(path, **kwargs)
+        with pytest.raises(ConfigError, match=f"{section}.{key}: Input should be a finite number"):
+            load_config(None, [f"{section}.{key}={literal}"], **kwargs)
+
+
+def test_service_config_sections_refuse_non_finite_numbers(tmp_path):
+    path = tmp_path / "coordinator.toml"
+    path.write_text("max_update_norm = inf\n[rounds]\ndeadline_seconds = inf\n")
+    with pytest.raises(ConfigError, match="max_update_norm: Input should be a finite number; "
+                                          "rounds.deadline_seconds: Input should be a finite number"):
+        load_config(path, schema=ServiceConfig)

@@ -1,30 +1,37 @@
 """Header schemas per message type, validated with pydantic on receipt.
 
 Unknown header fields are ignored (a newer peer may add fields within envelope version 1);
-missing or mistyped ones are refused with the field named. The idempotency key of a task and
-of its update is (device, round, task): a redelivered or replayed update carries the same key
-and is counted once.
+missing or mistyped ones are refused with the field named. Device and task ids are checked with
+`topics.check_id` here, at parse time, because both sides build topics and file names from them;
+every float must be finite (a NaN or Infinity epsilon would poison sums and the database). The
+idempotency key of a task and of its update is (device, round, task): a redelivered or replayed
+update carries the same key and is counted once.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Any
+from functools import partial
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .envelope import Envelope, EnvelopeError, MessageType
+from .topics import check_id
 from ..validation import describe
+
+DeviceId = Annotated[str, AfterValidator(partial(check_id, "device id"))]
+TaskId = Annotated[str, AfterValidator(partial(check_id, "task id"))]
 
 
 class _Header(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    device: str = Field(min_length=1, max_length=64)
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    device: DeviceId
 
 
 class _TaskKey(_Header):
     round: int = Field(ge=1)
-    task: str = Field(min_length=1, max_length=64)
+    task: TaskId
 
 
 class RegisterHeader(_Header):
@@ -73,7 +80,7 @@ class RefusalCode(str, enum.Enum):
 class RefusalHeader(_TaskKey):
     code: RefusalCode
     message: str = Field(max_length=4096)
-    epsilon: float | None = None
+    epsilon: float | None = Field(None, ge=0)
 
 
 class StatusHeader(_Header):
@@ -82,7 +89,7 @@ class StatusHeader(_Header):
 
 class ArtifactHeader(_Header):
     round: int = Field(ge=0)                   # the round of the model (the global model it is)
-    task: str = Field(min_length=1, max_length=64)  # the task it starts: a refusal names it
+    task: TaskId                               # the task it starts: a refusal names it
     manifest: dict[str, Any]                   # the bundle's manifest.json
     artifact: str                              # which entry of the manifest the payload is (path)
 
@@ -96,10 +103,14 @@ _SCHEMAS: dict[MessageType, type[_Header]] = {
 
 
 def parse_header(envelope: Envelope, expected: MessageType | None = None) -> _Header:
+    """The validated header of `envelope`; EnvelopeError naming the fields otherwise."""
+    schema = _SCHEMAS.get(envelope.type)
+    if schema is None:
+        raise EnvelopeError(f"unknown message type {envelope.type!r}")
     if expected is not None and envelope.type != expected:
         raise EnvelopeError(f"expected a {expected.name} message, got {envelope.type.name}")
     try:
-        return _SCHEMAS[envelope.type].model_validate(envelope.header)
+        return schema.model_validate(envelope.header)
     except ValidationError as exc:
         problems = describe(exc, "header")
         raise EnvelopeError(f"{envelope.type.name} header is invalid: {problems}") from None

@@ -10,13 +10,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Device ids, task ids and fleet names become MQTT topic levels and parts of file names on both
+# sides, so one character set for all of them: no '/', no leading '.', no control characters.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-def check_id(kind: str, value: str) -> str:
-    if not _ID.match(value):
+def check_id(kind: str, value: object) -> str:
+    """`value` if it is a safe id; ValueError naming `kind` otherwise.
+
+    `fullmatch`, not `match` with `$`: `$` also matches before a trailing newline ("dev1\n").
+    """
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise ValueError(f"{kind} {value!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit (it becomes an MQTT topic level)")
+                         "starting with a letter or digit (it becomes an MQTT topic level and a "
+                         "file name)")
     return value
 
 
