@@ -53,10 +53,17 @@ whichever of BITMAP and DELTA_VARINT has fewer index bytes (BITMAP on a tie,
 as it decodes faster). Values must be finite; float16 payloads reject values
 that would overflow to infinity rather than send them silently.
 
-Decoder resource limits: ``max_decoded_bytes`` bounds both the decompressed
-body and the float32 dense footprint (4 bytes x numel, summed over tensors) of
-the payload, because receivers densify updates and a few header bytes could
-otherwise declare a tensor of astronomical size.
+Decoder resource limits: ``max_decoded_bytes`` bounds the float32 dense
+footprint (4 bytes x numel, summed over tensors) of the payload, because
+receivers densify updates and a few header bytes could otherwise declare a
+tensor of astronomical size, and it bounds what decoding holds at once: the
+decompressed body plus the decoded arrays (4 bytes per value, 8 more per index
+of a BITMAP or DELTA_VARINT tensor). Both are checked from the record headers
+before any array is built, and indices are decoded in fixed-size chunks, so the
+peak memory of `decode` stays near ``max_decoded_bytes`` whatever the bytes.
+With ``expected_shapes``, the body may also be no longer than the largest body
+those tensors can have at the payload's value dtype (`decoded_bytes_limit`),
+so an update far larger than the model is refused before it is decompressed.
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ __all__ = [
     "SparseTensor",
     "ValueDtype",
     "decode",
+    "decoded_bytes_limit",
     "encode",
     "encoded_size_breakdown",
 ]
@@ -94,6 +102,9 @@ _ZSTD_MIN_LEVEL = -(2**17)
 _VARINT_THRESHOLDS = np.array([1 << (7 * k) for k in range(1, _MAX_VARINT_BYTES)], dtype=np.uint64)
 # Table popcount rather than np.bitwise_count, which needs numpy >= 2.
 _POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)
+# Index bytes decoded per step: the scratch arrays of index decoding stay near 1 MiB, however
+# large the tensor (decoding a whole index at once took ~12x the payload in temporaries).
+_INDEX_CHUNK = 1 << 14
 
 
 class CodecError(ValueError):
@@ -257,32 +268,50 @@ def _encode_varints(values: np.ndarray) -> bytes:
 
 
 def _decode_varints(raw: bytes | memoryview, count: int) -> np.ndarray:
-    """Inverse of _encode_varints; rejects truncated, overlong and non-minimal varints."""
+    """Inverse of _encode_varints; rejects truncated, overlong and non-minimal varints.
+
+    Decoded a chunk of whole varints at a time, so the only large allocation is the result.
+    """
     data = np.frombuffer(raw, dtype=np.uint8)
     if data.size == 0:
         if count:
             raise CodecError(f"expected {count} varints but the index bytes are empty")
         return np.zeros(0, dtype=np.uint64)
-    last = (data & 0x80) == 0
-    if not last[-1]:
+    if data[-1] & 0x80:
         raise CodecError("index bytes end in the middle of a varint (continuation bit set on last byte)")
-    ends = np.flatnonzero(last)
-    if ends.size != count:
-        raise CodecError(f"index bytes hold {ends.size} varints but nnz is {count}")
+    held = sum(int(np.count_nonzero(data[i:i + _INDEX_CHUNK] < 0x80))
+               for i in range(0, data.size, _INDEX_CHUNK))
+    if held != count:
+        raise CodecError(f"index bytes hold {held} varints but nnz is {count}")
+    out = np.empty(count, dtype=np.uint64)
+    done = pos = 0
+    while pos < data.size:
+        chunk = data[pos:pos + _INDEX_CHUNK]
+        ends = np.flatnonzero(chunk < 0x80)
+        if ends.size == 0:  # _INDEX_CHUNK continuation bytes in a row
+            raise CodecError(f"varint longer than {_MAX_VARINT_BYTES} bytes (values must fit in 63 bits)")
+        out[done:done + ends.size] = _decode_whole_varints(chunk, ends)
+        done += ends.size
+        pos += int(ends[-1]) + 1
+    return out
+
+
+def _decode_whole_varints(chunk: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The varints of `chunk` that end at `ends` (positions of bytes without continuation bit)."""
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
     lengths = ends - starts + 1
     if lengths.max() > _MAX_VARINT_BYTES:
         raise CodecError(f"varint longer than {_MAX_VARINT_BYTES} bytes (values must fit in 63 bits)")
-    if np.any((lengths > 1) & (data[ends] == 0)):
+    if np.any((lengths > 1) & (chunk[ends] == 0)):
         raise CodecError("non-minimal varint (trailing zero group); encoders must use the shortest form")
-    out = np.zeros(count, dtype=np.uint64)
+    values = np.zeros(ends.size, dtype=np.uint64)
     for k in range(int(lengths.max())):
         sel = lengths > k
-        group = (data[starts[sel] + k] & 0x7F).astype(np.uint64)
-        out[sel] |= group << np.uint64(7 * k)
-    return out
+        group = (chunk[starts[sel] + k] & 0x7F).astype(np.uint64)
+        values[sel] |= group << np.uint64(7 * k)
+    return values
 
 
 # --------------------------------------------------------------------------- indices
@@ -302,28 +331,35 @@ def _choose_index_encoding(tensor: SparseTensor) -> tuple[IndexKind, bytes]:
 
 
 def _decode_bitmap(raw: memoryview, nnz: int, numel: int) -> np.ndarray:
+    """Set positions of the bitmap, unpacked a chunk at a time (not one byte per element)."""
     packed = np.frombuffer(raw, dtype=np.uint8)
     tail_bits = numel % 8
     if tail_bits and packed[-1] >> tail_bits:
         raise CodecError("bitmap has bits set past the end of the tensor (padding must be 0)")
-    popcount = int(_POPCOUNT[packed].sum(dtype=np.int64))
+    chunks = range(0, packed.size, _INDEX_CHUNK)
+    popcount = sum(int(_POPCOUNT[packed[i:i + _INDEX_CHUNK]].sum(dtype=np.int64)) for i in chunks)
     if popcount != nnz:
         raise CodecError(f"bitmap popcount {popcount} does not match nnz {nnz}")
-    bits = np.unpackbits(packed, count=numel, bitorder="little")
-    return np.flatnonzero(bits).astype(np.int64)
+    out = np.empty(nnz, dtype=np.int64)
+    done = 0
+    for i in chunks:
+        found = np.flatnonzero(np.unpackbits(packed[i:i + _INDEX_CHUNK], bitorder="little"))
+        np.add(found, 8 * i, out=out[done:done + found.size])
+        done += found.size
+    return out
 
 
 def _decode_delta_varint(raw: memoryview, nnz: int, numel: int) -> np.ndarray:
-    gaps = _decode_varints(raw, nnz)
-    if nnz > 1 and not np.all(gaps[1:] >= 1):
+    positions = _decode_varints(raw, nnz)  # the gaps, summed in place below
+    if nnz > 1 and positions[1:].min() == 0:
         raise CodecError("indices are not strictly increasing (a gap of 0 after the first index)")
-    positions = np.cumsum(gaps, dtype=np.uint64)
+    np.cumsum(positions, out=positions)
     # Each gap is < 2**63, so a uint64 wrap-around shows up as a decrease.
     if nnz > 1 and not np.all(positions[1:] > positions[:-1]):
         raise CodecError(f"indices overflow; they must stay below numel {numel}")
     if nnz and int(positions[-1]) >= numel:
         raise CodecError(f"index {int(positions[-1])} is out of range for {numel} elements")
-    return positions.astype(np.int64)
+    return positions.view(np.int64)  # all below numel <= int64 max
 
 
 def _check_index_length(kind: IndexKind, nnz: int, numel: int, length: int) -> None:
@@ -481,7 +517,7 @@ class _Record:
     record_bytes: int
 
 
-def _read_header(payload: bytes, max_decoded_bytes: int) -> tuple[ValueDtype, int, int]:
+def _read_header(payload: bytes) -> tuple[ValueDtype, int, int]:
     if len(payload) < HEADER.size:
         raise CodecError(
             f"payload is {len(payload)} bytes, shorter than the {HEADER.size}-byte header; it was truncated"
@@ -495,17 +531,12 @@ def _read_header(payload: bytes, max_decoded_bytes: int) -> tuple[ValueDtype, in
         raise CodecError(f"value dtype code {dtype} unknown; this build reads {[int(d) for d in ValueDtype]}")
     if flags or reserved:
         raise CodecError(f"flags 0x{flags:02x} / reserved 0x{reserved:02x} must be 0 in format version 1")
-    if body_length > max_decoded_bytes:
-        raise CodecError(
-            f"declared body length {body_length} bytes exceeds max_decoded_bytes={max_decoded_bytes}; "
-            "refusing to decompress (raise max_decoded_bytes if the update is legitimately this large)"
-        )
     if count > body_length // _MIN_RECORD_BYTES:
         raise CodecError(f"tensor count {count} cannot fit in a {body_length}-byte body")
     return ValueDtype(dtype), count, body_length
 
 
-def _decompress_body(frame: bytes, body_length: int) -> bytes:
+def _decompress_body(frame: memoryview, body_length: int) -> bytes:
     try:
         content_size = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as exc:
@@ -517,14 +548,72 @@ def _decompress_body(frame: bytes, body_length: int) -> bytes:
             f"zstd frame content size {content_size} differs from declared body length {body_length}"
         )
     try:
-        body = zstandard.ZstdDecompressor().decompress(
-            frame, max_output_size=body_length, allow_extra_data=False
-        )
+        if body_length == 0:  # decompress() returns b"" for it unread, whatever follows
+            body = _decompress_empty_frame(frame)
+        else:
+            body = zstandard.ZstdDecompressor().decompress(
+                frame, max_output_size=body_length, allow_extra_data=False
+            )
     except zstandard.ZstdError as exc:
         raise CodecError(f"corrupt or trailing data in zstd body ({exc})") from exc
     if len(body) != body_length:
         raise CodecError(f"body decompressed to {len(body)} bytes, header declared {body_length}")
     return body
+
+
+def _decompress_empty_frame(frame: memoryview) -> bytes:
+    """An empty frame, read to its end, so that any byte after it is refused like after others."""
+    reader = zstandard.ZstdDecompressor().decompressobj()
+    body = reader.decompress(frame)
+    if not reader.eof:
+        raise CodecError("zstd frame is truncated")
+    if reader.unused_data:
+        raise CodecError(f"{len(reader.unused_data)} bytes of trailing data after the zstd frame")
+    return body
+
+
+def decoded_bytes_limit(expected_shapes: Mapping[str, tuple[int, ...]], value_dtype: ValueDtype) -> int:
+    """The largest decompressed body a payload of these tensors can have at `value_dtype`.
+
+    Every tensor present once, with every entry stored behind the largest index a valid
+    payload allows: DELTA_VARINT of 1-byte gaps, one byte per element (a varint of gap g takes
+    at most max(g, 1) bytes and the gaps sum to less than numel, so no valid index is longer;
+    BITMAP and DENSE are shorter), plus the record's name, dims and counts. A receiver that
+    knows the model refuses any longer body before decompressing it.
+    """
+    value_dtype = ValueDtype(value_dtype)
+    total = 0
+    for name, shape in expected_shapes.items():
+        dims = _normalise_shape(shape)
+        numel = math.prod(dims)
+        framing = _MIN_RECORD_BYTES + len(name.encode("utf-8", "surrogatepass")) + 4 * len(dims)
+        total += framing + numel + _value_bytes(value_dtype, numel)
+    return total
+
+
+def _check_body_length(body_length: int, count: int, value_dtype: ValueDtype,
+                       expected: Mapping[str, tuple[int, ...]] | None, max_decoded_bytes: int) -> None:
+    """Refuse, before decompressing, a body longer than the limit or than the model allows."""
+    if expected is not None:
+        if count > len(expected):
+            raise CodecError(f"payload declares {count} tensors; the model has {len(expected)}")
+        model = decoded_bytes_limit(expected, value_dtype)
+        if body_length > model and model < max_decoded_bytes:
+            raise CodecError(
+                f"declared body length {body_length} bytes exceeds the {model} bytes the expected "
+                f"tensors can take at {value_dtype.name}; refusing to decompress (the payload does "
+                "not fit the model: sender and receiver disagree on it)"
+            )
+    if body_length > max_decoded_bytes:
+        raise CodecError(
+            f"declared body length {body_length} bytes exceeds max_decoded_bytes={max_decoded_bytes}; "
+            "refusing to decompress (raise max_decoded_bytes if the update is legitimately this large)"
+        )
+
+
+def _decoded_array_bytes(kind: IndexKind, nnz: int) -> int:
+    """Bytes of the arrays `_materialise` builds: float32 values, int64 indices if sent."""
+    return nnz * (12 if kind in (IndexKind.BITMAP, IndexKind.DELTA_VARINT) else 4)
 
 
 def _parse(
@@ -541,13 +630,15 @@ def _parse(
     if expected_shapes is not None:
         expected = {name: _normalise_shape(shape) for name, shape in expected_shapes.items()}
 
-    value_dtype, count, body_length = _read_header(payload, max_decoded_bytes)
-    body = _decompress_body(payload[HEADER.size :], body_length)
+    value_dtype, count, body_length = _read_header(payload)
+    _check_body_length(body_length, count, value_dtype, expected, max_decoded_bytes)
+    body = _decompress_body(memoryview(payload)[HEADER.size :], body_length)
 
     reader = _Reader(body)
     records: list[_Record] = []
     seen: set[str] = set()
     dense_footprint = 0
+    held = body_length  # bytes decoding holds at its peak: the body and every decoded array
     for position in range(count):
         start = reader.pos
         where = f"record {position}"
@@ -587,6 +678,12 @@ def _parse(
             _check_index_length(kind, nnz, numel, index_length)
         except CodecError as exc:
             raise CodecError(f"{where}: {exc}") from None
+        held += _decoded_array_bytes(kind, nnz)
+        if held > max_decoded_bytes:
+            raise CodecError(
+                f"{where} stores {nnz} values; decoding the payload would hold {held} bytes "
+                f"(body and arrays), over max_decoded_bytes={max_decoded_bytes}"
+            )
         index_bytes = reader.take(index_length, f"{where} index bytes")
         value_bytes = reader.take(_value_bytes(value_dtype, nnz), f"{where} values")
         records.append(_Record(name, shape, kind, nnz, index_bytes, value_bytes, reader.pos - start))
@@ -619,10 +716,13 @@ def _materialise(record: _Record, value_dtype: ValueDtype,
         packed = np.frombuffer(record.value_bytes, dtype=np.uint8)
         if record.nnz % 8 and packed[-1] >> (record.nnz % 8):
             raise CodecError(f"{where}: sign bits set past the last value (padding must be 0)")
-        bits = np.unpackbits(packed, count=record.nnz, bitorder="little")
-        return SparseTensor(record.shape, indices, np.where(bits == 1, 1.0, -1.0).astype(np.float32))
+        signs = np.unpackbits(packed, count=record.nnz, bitorder="little").astype(np.float32)
+        signs *= 2
+        signs -= 1  # bits 0/1 -> values -1/+1, without a float64 temporary
+        return SparseTensor(record.shape, indices, signs)
     values = np.frombuffer(record.value_bytes, dtype=_WIRE_DTYPES[value_dtype]).astype(np.float32)
-    if not np.all(np.isfinite(values)):
+    # min and max propagate NaN and reach +-Inf: the finiteness check without a boolean array.
+    if values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
         raise CodecError(f"{where} contains NaN or Inf values; the sender produced a corrupt update")
     return SparseTensor(record.shape, indices, values)
 
@@ -637,7 +737,8 @@ def decode(
 
     ``expected_shapes`` (if given) must contain every tensor in the payload
     with a matching shape; tensors absent from the payload are allowed, since
-    partial updates are normal.
+    partial updates are normal. It also caps the body at `decoded_bytes_limit` of
+    those shapes (when below ``max_decoded_bytes``), so the limit fits the model.
     """
     value_dtype, _, records = _parse(payload, expected_shapes, max_decoded_bytes)
     return {r.name: _materialise(r, value_dtype, known_indices) for r in records}

@@ -327,7 +327,9 @@ def test_expected_shapes_mismatch_and_unknown():
     with pytest.raises(CodecError, match=r"'conv1.weight' has shape \(4, 3, 3, 3\), expected \(8, 3, 3, 3\)"):
         decode(payload, expected_shapes={"conv1.weight": (8, 3, 3, 3)})
     with pytest.raises(CodecError, match="'conv1.weight' is not part of the model"):
-        decode(payload, expected_shapes={"fc.weight": (10, 4)})
+        decode(payload, expected_shapes={"fc.weight": (100, 4)})
+    with pytest.raises(CodecError, match="the payload does not fit the model"):
+        decode(payload, expected_shapes={"fc.weight": (10, 4)})  # refused before decompressing
     # Tensors missing from a (partial) update are fine.
     assert list(decode(payload, expected_shapes={"conv1.weight": [4, 3, 3, 3], "fc.weight": (10, 4)})) == [
         "conv1.weight"

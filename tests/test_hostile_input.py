@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import struct
+import tracemalloc
 import typing
 
+import numpy as np
 import pytest
+import zstandard
 
 from coordinator.config import ConfigError, load_config
 from coordinator.service import ServiceConfig
+from edge_sdk import codec
 from edge_sdk.protocol import (MAGIC, AckHeader, ArtifactHeader, Envelope, EnvelopeError,
                                MessageType, RefusalHeader, RegisterHeader, StatusHeader, TaskHeader,
                                Topics, UpdateHeader, decode_envelope, encode_envelope, parse_header,
@@ -209,3 +213,113 @@ def test_service_config_sections_refuse_non_finite_numbers(tmp_path):
     with pytest.raises(ConfigError, match="max_update_norm: Input should be a finite number; "
                                           "rounds.deadline_seconds: Input should be a finite number"):
         load_config(path, schema=ServiceConfig)
+
+
+# --- items 8 and 12: update payloads -------------------------------------------------------------
+
+def codec_payload(body: bytes, count: int, dtype: int = 1, declared: int | None = None) -> bytes:
+    """An update payload around a raw body, built from the documented format (edge_sdk/codec.py)."""
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(body)
+    return struct.pack("<4sBBBBII", b"FPTU", 1, dtype, 0, 0, count,
+                       len(body) if declared is None else declared) + frame
+
+
+def codec_record(name: str, shape: tuple[int, ...], kind: int, nnz: int, index: bytes, values: bytes) -> bytes:
+    return (struct.pack("<H", len(name.encode())) + name.encode()
+            + struct.pack(f"<B{len(shape)}I", len(shape), *shape)
+            + struct.pack("<BII", kind, nnz, len(index)) + index + values)
+
+
+def every_entry_behind_one_byte_gaps(name: str, shape: tuple[int, ...], dtype: int) -> bytes:
+    """The longest valid record of a tensor: all entries stored, as DELTA_VARINT gaps of 1."""
+    numel = int(np.prod(shape))
+    values = {1: np.ones(numel, "<f4").tobytes(), 2: np.ones(numel, "<f2").tobytes(),
+              3: np.packbits(np.ones(numel, bool), bitorder="little").tobytes()}[dtype]
+    return codec_record(name, shape, 2, numel, b"\x00" + b"\x01" * (numel - 1), values)
+
+
+def peak_bytes(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_an_update_far_larger_than_the_model_is_refused_before_decompressing():
+    """The issue's bomb: a small payload whose body inflates to 64 MiB, sent for a 4-element
+    model, was decompressed in full (under the default 256 MiB limit) before being refused."""
+    size = 64 * 2**20
+    compressor = zstandard.ZstdCompressor(level=1, write_content_size=True).compressobj(size=size)
+    frame = b"".join(compressor.compress(bytes(2**20)) for _ in range(64)) + compressor.flush()
+    bomb = struct.pack("<4sBBBBII", b"FPTU", 1, 1, 0, 0, 1, size) + frame
+    assert len(bomb) < 8 * 1024
+
+    refusals = []
+
+    def attempt():
+        with pytest.raises(codec.CodecError) as refused:
+            codec.decode(bomb, expected_shapes={"w": (4,)})
+        refusals.append(str(refused.value))
+    assert peak_bytes(attempt) < 2**20
+    assert "the payload does not fit the model" in refusals[0]
+
+
+@pytest.mark.parametrize("dtype", [1, 2, 3])
+def test_the_decode_limit_from_expected_shapes_is_the_largest_valid_body(dtype):
+    from edge_sdk.codec import decoded_bytes_limit
+    shapes = {"conv.weight": (4, 3, 3), "conv.bias": (4,), "scale": ()}
+    body = b"".join(every_entry_behind_one_byte_gaps(n, s, dtype) for n, s in shapes.items())
+    assert decoded_bytes_limit(shapes, codec.ValueDtype(dtype)) == len(body)
+    decoded = codec.decode(codec_payload(body, 3, dtype), expected_shapes=shapes)
+    assert decoded["conv.weight"].nnz == 36 and decoded["scale"].nnz == 1
+    with pytest.raises(codec.CodecError, match="does not fit the model"):
+        codec.decode(codec_payload(body + b"\0", 3, dtype), expected_shapes=shapes)
+    # The honest encoder's payloads are always within it (partial updates too).
+    rng = np.random.default_rng(dtype)
+    tensors = {n: codec.SparseTensor.from_dense(rng.normal(size=s), rng.random(s) < 0.5)
+               for n, s in shapes.items() if n != "scale"}
+    value_dtype = codec.ValueDtype(dtype)
+    if value_dtype is codec.ValueDtype.SIGN1:
+        tensors = {n: codec.SparseTensor(t.shape, t.indices, np.sign(t.values) + (t.values == 0))
+                   for n, t in tensors.items()}
+    assert codec.decode(codec.encode(tensors, value_dtype), expected_shapes=shapes).keys() == tensors.keys()
+
+
+LIMIT = 16 * 2**20
+
+
+@pytest.mark.parametrize("kind, dtype, numel", [
+    (2, 2, LIMIT // 4),             # 4 Mi one-byte varints: within the dense bound, 15x in temporaries
+    (2, 2, (LIMIT - 64) // 15),     # the largest such payload decode accepts
+    (2, 1, (LIMIT - 64) // 17),
+    (1, 2, (LIMIT - 64) // 15),     # a full bitmap
+    (2, 3, LIMIT // 4),             # sign bits
+])
+def test_decode_without_expected_shapes_stays_near_max_decoded_bytes(kind, dtype, numel):
+    index = b"\x00" + b"\x01" * (numel - 1) if kind == 2 else b"\xff" * (numel // 8)
+    numel = numel if kind == 2 else numel // 8 * 8
+    values = (np.packbits(np.ones(numel, bool)).tobytes() if dtype == 3
+              else np.ones(numel, "<f2" if dtype == 2 else "<f4").tobytes())
+    payload = codec_payload(codec_record("w", (numel,), kind, numel, index, values), 1, dtype)
+
+    def attempt():
+        try:
+            assert codec.decode(payload, max_decoded_bytes=LIMIT)["w"].nnz == numel
+        except codec.CodecError as exc:
+            assert "over max_decoded_bytes" in str(exc)
+    assert peak_bytes(attempt) < 1.1 * LIMIT
+
+
+def test_an_empty_zstd_frame_followed_by_garbage_is_refused():
+    empty = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True).compress(b"")
+    header = struct.pack("<4sBBBBII", b"FPTU", 1, 1, 0, 0, 0, 0)
+    assert codec.decode(header + empty) == {}
+    with pytest.raises(codec.CodecError, match="7 bytes of trailing data"):
+        codec.decode(header + empty + b"garbage")
+    with pytest.raises(codec.CodecError, match="trailing data"):
+        codec.decode(header + empty + empty)
+    with pytest.raises(codec.CodecError, match="truncated"):
+        codec.decode(header + empty[:-4])  # the frame without its checksum
