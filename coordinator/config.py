@@ -164,6 +164,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except (ValueError, RecursionError) as exc:  # >4,300 digits; nesting deeper than the stack
+        raise ConfigError(f"--set {item[:80]!r}: the value cannot be parsed "
+                          f"({str(exc)[:120] or type(exc).__name__})") from None
     return key.strip().split("."), value
 
 

@@ -212,4 +212,6 @@ def load_profile(path: str | Path) -> DeviceProfile:
             f"{source} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}). "
             f"{_FIX_HINT}"
         ) from None
+    except (ValueError, RecursionError) as exc:  # a >4,300-digit integer; nesting past the stack
+        raise ProfileError(f"{source} cannot be parsed as JSON ({str(exc)[:120]}). {_FIX_HINT}") from None
     return parse_profile(data, origin=str(source))

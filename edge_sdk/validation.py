@@ -15,14 +15,32 @@ from typing import Any
 from pydantic import ValidationError
 
 
+TOML_LIMIT = 1024 * 1024  # bytes; a config file is a few kB
+
+
 def read_toml(path: str | Path, what: str, error: type[Exception]) -> dict[str, Any]:
-    """The parsed file, or `error` saying that the `what` file is missing or not valid TOML."""
+    """The parsed file, or `error` saying that the `what` file is missing or not valid TOML.
+
+    Only `error`, whatever the file holds: tomllib recurses per nesting level (RecursionError)
+    and int() refuses over 4,300 digits (ValueError), so those are caught too.
+    """
     try:
-        return tomllib.loads(Path(path).read_text())
+        with Path(path).open("rb") as file:
+            raw = file.read(TOML_LIMIT + 1)
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise error(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > TOML_LIMIT:
+        raise error(f"{what} {path} is over {TOML_LIMIT:,} bytes; is it the right file?")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not UTF-8 text: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise error(f"{what} {path} is not valid TOML: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise error(f"{what} {path} cannot be parsed: {str(exc)[:200] or type(exc).__name__}") from None
 
 
 def describe(exc: ValidationError, root: str = "value") -> str:

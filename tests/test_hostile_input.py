@@ -110,6 +110,43 @@ def test_a_manifest_with_a_non_finite_number_is_refused(tmp_path, literal):
         BundleManifest.model_validate({**MANIFEST, "input_scale": float("inf")})
 
 
+POISON_TOML = [
+    pytest.param(b"a = " + b"[" * 5000, "cannot be parsed", id="deep-array"),   # RecursionError before
+    pytest.param(b"a = " + b"{b = " * 3000, "cannot be parsed", id="deep-table"),
+    pytest.param(b"seed = " + b"9" * 5000, "cannot be parsed", id="5000-digit-int"),  # ValueError
+    pytest.param(b"seed = 1\n\xff\xfe", "not UTF-8", id="not-utf8"),            # UnicodeDecodeError
+]
+
+
+@pytest.mark.parametrize("text, reason", POISON_TOML)
+def test_poison_config_files_are_config_errors(tmp_path, text, reason):
+    from edge_sdk.agent import load_edge_config
+    from edge_sdk.agent.config import EdgeConfigError
+    path = tmp_path / "config.toml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=reason):
+        load_config(path)
+    with pytest.raises(ConfigError, match=reason):
+        load_config(path, schema=ServiceConfig)
+    with pytest.raises(EdgeConfigError, match=reason):
+        load_edge_config(path)
+
+
+@pytest.mark.parametrize("item", ["seed=" + "[" * 5000, "seed=" + "9" * 5000])
+def test_poison_set_overrides_are_config_errors(item):
+    with pytest.raises(ConfigError, match="the value cannot be parsed"):
+        load_config(None, [item])
+
+
+@pytest.mark.parametrize("text", [b"[" * 50000, b'{"ram_mb": ' + b"9" * 5000 + b"}"])
+def test_poison_profile_files_are_profile_errors(tmp_path, text):
+    from device_profiles import ProfileError, load_profile
+    path = tmp_path / "profile.json"
+    path.write_bytes(text)
+    with pytest.raises(ProfileError, match="cannot be parsed as JSON"):
+        load_profile(path)
+
+
 # --- item 2: device ids, task ids and fleet names: one strict character set, at parse time ------
 
 UNSAFE_IDS = ["dev1\n", "/../../../tmp/x", "../x", "a/b", ".hidden", "", "a" * 65, "a b", "+", "#",
