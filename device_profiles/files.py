@@ -52,7 +52,7 @@ def _create_temp(directory: Path, name: str, private: bool) -> tuple[int, Path]:
 def atomic_writer(path: str | Path, *, private: bool = False) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces `path` when the block ends without an exception.
 
-    For writers that stream (a download) or that need a file object (torch.save). If the
+    For writers that stream (a download) rather than hold the bytes. If the
     block raises, the target is untouched and the temp file is removed.
     """
     target = Path(path)

@@ -11,12 +11,12 @@ hand-edited or truncated profile can be fixed in one pass.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from .files import atomic_write
 
 __all__ = [
     "SUPPORTED_SCHEMA_VERSIONS",
@@ -133,17 +133,8 @@ class DeviceProfile(BaseModel):
         return value
 
     def save(self, path: str | Path) -> None:
-        """Write JSON (indent 2) via a temporary file, so a crash never leaves half a profile."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(self.model_dump_json(indent=2))
-                fh.write("\n")
-            os.replace(tmp_name, target)
-        finally:
-            Path(tmp_name).unlink(missing_ok=True)
+        """Write JSON (indent 2) atomically, so a crash never leaves half a profile."""
+        atomic_write(path, (self.model_dump_json(indent=2) + "\n").encode())
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from device_profiles.files import atomic_write
+
 from .validation import describe
 
 
@@ -22,7 +25,7 @@ class BudgetPlanError(ValueError):
 class DataSlice(BaseModel):
     """Which local data the device trains on (in rehearsals: its shard of a public dataset)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     dataset: str = "fashion-mnist"
     partition: str = "classes:5"
     clients: int = Field(100, ge=1)
@@ -32,7 +35,7 @@ class DataSlice(BaseModel):
 
 
 class BudgetPlan(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     schema_version: Literal[1] = 1
     device: str
     model: str
@@ -63,7 +66,8 @@ class BudgetPlan(BaseModel):
     measured_peak_bytes: int | None = None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=2))
+        """Atomic: a device reading its plan while `fedprune plan` rewrites it sees one whole."""
+        atomic_write(path, self.model_dump_json(indent=2).encode())
 
     @classmethod
     def load(cls, path: str | Path) -> BudgetPlan:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from device_profiles.files import atomic_write
 
 from .models import ModelSpec, SpecError, build_model
 
@@ -44,17 +45,17 @@ class Checkpoint:
         return model.eval()
 
     def save(self, path: str | Path) -> str:
-        """Write atomically (a crash leaves the old file or none) and return the file's sha256."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(path.name + ".partial")
+        """Write atomically and durably (a crash or power cut leaves the old file or the new
+        one, fsynced) and return the file's sha256."""
+        buffer = io.BytesIO()
         torch.save({"format": FORMAT, "version": VERSION, "spec": self.spec.to_json(),
                     "state": {k: v.detach().cpu().contiguous() for k, v in self.state.items()},
                     "model": self.model, "dataset": self.dataset, "device_id": self.device_id,
                     "round": self.round, "width_ratio": self.width_ratio, "extra": self.extra},
-                   staging)
-        os.replace(staging, path)
-        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+                   buffer)
+        data = buffer.getvalue()
+        atomic_write(path, data)
+        self.sha256 = hashlib.sha256(data).hexdigest()
         return self.sha256
 
 

@@ -1,8 +1,8 @@
 """Export one device's model as a verified bundle: artifacts, their .zst copies and manifest.json.
 
 Every artifact is run in the runtime the device will use (onnxruntime, ai-edge-litert) on real
-test inputs before anything is published; the whole bundle is built in a staging folder and
-moved into place only when every artifact passes, with manifest.json written last. A reader
+test inputs before anything is published; files are written only when every artifact passes,
+each atomically and durably (device_profiles.files), with manifest.json written last. A reader
 therefore sees the old bundle or the new one, never a half-exported one.
 """
 
@@ -12,8 +12,6 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,10 +19,12 @@ import numpy as np
 import torch
 import zstandard
 
+from device_profiles.files import atomic_write
 from edge_sdk.data import DatasetInfo
 from edge_sdk.models import SpecModel
 from edge_sdk.models.cost import footprint
 from edge_sdk.runtime import MANIFEST_NAME, ArtifactEntry, BundleManifest, Parity, open_backend
+from edge_sdk.runtime.manifest import artifact_file_name
 
 from .onnx_export import OPSET, onnx_precision, to_onnx
 from .parity import TOLERANCES, ExportError, compare, localize, torch_outputs
@@ -79,40 +79,33 @@ def export_bundle(model: SpecModel, out_dir: str | Path, *, model_name: str, inf
     header = _header(model, model_name, info, device_id, round_number, width_ratio, checkpoint_sha256)
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in header.items()}
 
-    staging = out_dir / f".staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    entries = []
-    try:
-        for fmt in formats:
-            for precision in precisions:
-                data = _convert(fmt, precision, model, example, metadata)
-                backend = open_backend(fmt, data, threads)
-                got = backend.run(verify_x)
-                result = compare(got, want, TOLERANCES[precision])
-                if not result.ok:
-                    layer = localize(model.layers, [f"layers.{i}" for i in range(len(model.layers))],
-                                     verify_x[:64], lambda m, x: open_backend(
-                                         fmt, _convert(fmt, precision, m, example), threads).run(x),
-                                     TOLERANCES[precision])
-                    where = f"; first layer that departs from torch: {layer}" if layer else ""
-                    raise ExportError(f"{fmt}/{precision} export of {device_id} disagrees with torch "
-                                      f"on {len(verify_x)} real inputs: {result.describe()}{where}. "
-                                      "Not published; drop this variant or report the layer")
-                entries.append(_write(staging, fmt, precision, data, backend, result, got, want,
-                                      verify_y, len(verify_x)))
-        manifest = BundleManifest(**header, exporters=exporter_versions(),
-                                  created_at=datetime.datetime.now(datetime.UTC).isoformat(
-                                      timespec="seconds"),
-                                  artifacts=tuple(entries))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for entry in entries:
-            for name in (entry.path, entry.compressed_path):
-                os.replace(staging / name, out_dir / name)
-        manifest.save(staging / MANIFEST_NAME)
-        os.replace(staging / MANIFEST_NAME, out_dir / MANIFEST_NAME)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    entries, files = [], {}
+    for fmt in formats:
+        for precision in precisions:
+            data = _convert(fmt, precision, model, example, metadata)
+            backend = open_backend(fmt, data, threads)
+            got = backend.run(verify_x)
+            result = compare(got, want, TOLERANCES[precision])
+            if not result.ok:
+                layer = localize(model.layers, [f"layers.{i}" for i in range(len(model.layers))],
+                                 verify_x[:64], lambda m, x: open_backend(
+                                     fmt, _convert(fmt, precision, m, example), threads).run(x),
+                                 TOLERANCES[precision])
+                where = f"; first layer that departs from torch: {layer}" if layer else ""
+                raise ExportError(f"{fmt}/{precision} export of {device_id} disagrees with torch "
+                                  f"on {len(verify_x)} real inputs: {result.describe()}{where}. "
+                                  "Not published; drop this variant or report the layer")
+            entry, packed = _entry(fmt, precision, data, backend, result, got, want, verify_y,
+                                   len(verify_x))
+            entries.append(entry)
+            files.update({entry.path: data, entry.compressed_path: packed})
+    manifest = BundleManifest(**header, exporters=exporter_versions(),
+                              created_at=datetime.datetime.now(datetime.UTC).isoformat(
+                                  timespec="seconds"),
+                              artifacts=tuple(entries))
+    for name, data in files.items():
+        atomic_write(out_dir / name, data)
+    manifest.save(out_dir / MANIFEST_NAME)  # last: until it is replaced, readers see the old bundle
     return manifest
 
 
@@ -132,18 +125,17 @@ def _header(model: SpecModel, model_name: str, info: DatasetInfo, device_id: str
             "flops_per_sample": 2 * macs, "checkpoint_sha256": checkpoint_sha256}
 
 
-def _write(staging: Path, fmt: str, precision: str, data: bytes, backend, result, got, want,
-           labels, samples: int) -> ArtifactEntry:
-    name = f"model-{precision}.{fmt}"
+def _entry(fmt: str, precision: str, data: bytes, backend, result, got, want, labels,
+           samples: int) -> tuple[ArtifactEntry, bytes]:
+    """The manifest entry of one verified artifact, and its zstd-compressed bytes."""
+    name = artifact_file_name(fmt, precision)
     packed = zstandard.ZstdCompressor(level=19).compress(data)
-    (staging / name).write_bytes(data)
-    (staging / f"{name}.zst").write_bytes(packed)
     accuracy = torch_accuracy = None
     if labels is not None:
         labels = np.asarray(labels)
         accuracy = float((got.argmax(1) == labels).mean())
         torch_accuracy = float((want.argmax(1) == labels).mean())
-    return ArtifactEntry(
+    entry = ArtifactEntry(
         format=fmt, precision=precision, path=name, bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(), compressed_path=f"{name}.zst",
         compressed_bytes=len(packed), batch=None if fmt == "onnx" else TFLITE_BATCH,
@@ -151,3 +143,4 @@ def _write(staging: Path, fmt: str, precision: str, data: bytes, backend, result
         parity=Parity(runtime=backend.runtime, runtime_version=backend.version, samples=samples,
                       max_abs_diff=result.max_abs_diff, top1_agreement=result.top1_agreement,
                       accuracy=accuracy, torch_accuracy=torch_accuracy))
+    return entry, packed

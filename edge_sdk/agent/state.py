@@ -4,35 +4,61 @@
       model.pt          the personalized model (Checkpoint), private tensors included
       ledger.json       every DP step the device has spent, and the noise it calibrated
       tasks.json        finished task keys -> "sent" | "acked" | "refused"
-      outbox/<key>.bin  update envelopes not yet acknowledged; resent after a reconnect
-      artifact/         the latest exported model bundle (manifest.json + *.zst)
+      outbox/<key>.bin  update envelopes not yet acknowledged; resent until acknowledged
+      artifact/         the latest exported model bundle (manifest.json + model-<p>.<f>.zst)
 
-Every file is replaced atomically, and the ledger and model are written before the update is
-published: privacy spent is never forgotten, even if the update is lost.
+Every file is replaced with `device_profiles.files` (fsynced, renamed, directory fsynced), and
+the ledger and model are written before the update is published: privacy spent is never
+forgotten, even if the update is lost or the power is cut.
+
+Names that come from messages (task ids) are checked with the protocol's id rule before they
+become part of a file name, and every path is resolved and checked to stay in its folder:
+the checks at parse time are the first line, these the second.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
+from device_profiles.files import atomic_publish_dir, atomic_write, recover_dir
+
+from ..protocol.topics import check_id
+from ..runtime.manifest import MANIFEST_NAME
 from ..training import PrivacyLedger
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".partial")
-    with open(staging, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
+class StateError(ValueError):
+    """A name that would put a file outside the device's state directory; nothing was written."""
 
 
 def task_key(round_number: int, task: str) -> str:
+    """The file-safe key of (round, task); refuses a task id that is not a protocol id."""
+    if not isinstance(round_number, int) or round_number < 0:
+        raise StateError(f"round {round_number!r} is not a round number")
+    try:
+        check_id("task id", task)
+    except (ValueError, TypeError) as exc:
+        raise StateError(str(exc)) from None
     return f"r{round_number:06d}-{task}"
+
+
+def check_plain_name(name: str) -> str:
+    """`name` if it is one file name (no folder part, not '.' or '..'); StateError otherwise."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name \
+            or "\0" in name or Path(name).name != name:
+        raise StateError(f"{str(name)[:200]!r} is not a plain file name")
+    return name
+
+
+def inside(folder: Path, name: str) -> Path:
+    """`folder / name`, refused unless it is a plain name that resolves (symlinks followed) to
+    a child of `folder`."""
+    path = folder / check_plain_name(name)
+    if path.resolve().parent != folder.resolve():
+        raise StateError(f"{name!r} resolves outside {folder}; refused")
+    return path
 
 
 class DeviceState:
@@ -40,6 +66,7 @@ class DeviceState:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "outbox").mkdir(exist_ok=True)
+        recover_dir(self.artifact_dir)  # a bundle swap cut short by a crash: keep the old one
 
     # --- privacy -------------------------------------------------------------------------
     def load_ledger(self) -> tuple[PrivacyLedger | None, float | None]:
@@ -63,18 +90,24 @@ class DeviceState:
         tasks[key] = status
         atomic_write(self.root / "tasks.json", json.dumps(tasks, indent=1).encode())
 
+    def _outbox_path(self, key: str) -> Path:
+        return inside(self.root / "outbox", f"{key}.bin")
+
     def put_outbox(self, key: str, envelope: bytes) -> None:
-        atomic_write(self.root / "outbox" / f"{key}.bin", envelope)
+        atomic_write(self._outbox_path(key), envelope)
 
     def outbox(self) -> list[tuple[str, bytes]]:
         return [(p.stem, p.read_bytes()) for p in sorted((self.root / "outbox").glob("*.bin"))]
 
+    def outbox_keys(self) -> list[str]:
+        return [p.stem for p in sorted((self.root / "outbox").glob("*.bin"))]
+
     def outbox_entry(self, key: str) -> bytes | None:
-        path = self.root / "outbox" / f"{key}.bin"
+        path = self._outbox_path(key)
         return path.read_bytes() if path.exists() else None
 
     def drop_outbox(self, key: str) -> None:
-        (self.root / "outbox" / f"{key}.bin").unlink(missing_ok=True)
+        self._outbox_path(key).unlink(missing_ok=True)
 
     # --- artifacts -----------------------------------------------------------------------
     @property
@@ -82,15 +115,14 @@ class DeviceState:
         return self.root / "artifact"
 
     def save_artifact(self, manifest: dict, name: str, packed: bytes) -> None:
-        """Swap in a new bundle as a whole: the old one stays usable until the new one is complete."""
+        """Swap in a new bundle as a whole: the old one stays usable until the new one is complete.
+
+        `name` must be a plain file name (the caller builds it from validated fields, never
+        from a message); it is checked again here.
+        """
         staging = self.root / "artifact.partial"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        (staging / name).write_bytes(packed)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        old = self.root / "artifact.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if self.artifact_dir.exists():
-            os.replace(self.artifact_dir, old)
-        os.replace(staging, self.artifact_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        atomic_write(inside(staging, name), packed)
+        atomic_write(staging / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
+        atomic_publish_dir(staging, self.artifact_dir)

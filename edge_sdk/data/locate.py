@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
+
+from device_profiles.files import atomic_writer
 
 __all__ = [
     "DataError",
@@ -103,33 +104,29 @@ def _remember_digest(path: Path, digest: str) -> None:
 def _download(url: str, target: Path, sha256: str) -> None:
     """Fetch to a temp file beside the target and rename only once verified, so an
     interrupted or wrong download never leaves a plausible-looking file behind."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as resp:
-                    total = resp.headers.get("Content-Length")
-                    with tqdm(
-                        total=int(total) if total and total.isdigit() else None,
-                        unit="B",
-                        unit_scale=True,
-                        desc=target.name,
-                        disable=None,
-                        leave=False,
-                    ) as bar:
-                        while chunk := resp.read(_CHUNK):
-                            out.write(chunk)
-                            h.update(chunk)
-                            bar.update(len(chunk))
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                raise DataError(
-                    f"could not download {url} to {target}: {exc}. "
-                    f"Place the file there by hand, or point --data-dir / FEDPRUNE_DATA "
-                    f"at a directory that already holds it."
-                ) from exc
+    h = hashlib.sha256()
+    with atomic_writer(target) as out:  # an exception in the block leaves no file at all
+        try:
+            with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as resp:
+                total = resp.headers.get("Content-Length")
+                with tqdm(
+                    total=int(total) if total and total.isdigit() else None,
+                    unit="B",
+                    unit_scale=True,
+                    desc=target.name,
+                    disable=None,
+                    leave=False,
+                ) as bar:
+                    while chunk := resp.read(_CHUNK):
+                        out.write(chunk)
+                        h.update(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise DataError(
+                f"could not download {url} to {target}: {exc}. "
+                f"Place the file there by hand, or point --data-dir / FEDPRUNE_DATA "
+                f"at a directory that already holds it."
+            ) from exc
         actual = h.hexdigest()
         if actual != sha256:
             raise DataError(
@@ -137,10 +134,7 @@ def _download(url: str, target: Path, sha256: str) -> None:
                 f"the file was discarded (not written to {target}). The server or mirror "
                 f"(FEDPRUNE_MIRROR) serves different content: use another source."
             )
-        os.replace(tmp, target)
-        _remember_digest(target, actual)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _remember_digest(target, actual)
 
 
 def ensure_file(data_dir: Path, rel_path: str, sha256: str, url: str | None, download: bool) -> Path:

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from device_profiles.files import atomic_write
+
 from ..validation import describe, load_json
 
 MANIFEST_NAME = "manifest.json"
@@ -22,6 +25,12 @@ MANIFEST_LIMIT = 1024 * 1024  # bytes; a real manifest is a few kB
 
 Format = Literal["onnx", "tflite"]
 Precision = Literal["fp32", "fp16", "int8"]
+
+
+def artifact_file_name(fmt: Format, precision: Precision) -> str:
+    """The one name an artifact file has in a bundle, built from validated fields only: a
+    device stores what it receives under this name, never under a name from the message."""
+    return f"model-{precision}.{fmt}"
 
 
 class ManifestError(ValueError):
@@ -92,7 +101,7 @@ class BundleManifest(BaseModel):
                             "`fedprune export --format ... --quantize ...`")
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=2))
+        atomic_write(path, self.model_dump_json(indent=2).encode())
 
 
 def load_manifest(path: str | Path) -> BundleManifest:
