@@ -40,7 +40,9 @@ class TaskOutcome:
 
 class LocalClient:
     def __init__(self, data: ClientData, train: TrainConfig, dp: DPConfig | None = None,
-                 planned_rounds: int = 1, seed: int = 0):
+                 planned_rounds: int = 1, seed: int = 0, ledger: PrivacyLedger | None = None):
+        """`ledger`: what this client has already spent, and the delta it accounts at (a device
+        passes its own, restored from disk); by default a new one at dp.delta."""
         self.client_id = data.client_id
         self.data = data
         self.train_config = train
@@ -49,8 +51,9 @@ class LocalClient:
         self.planned_rounds = planned_rounds
         self.state: dict[str, torch.Tensor] = {}
         self.spec: ModelSpec | None = None
-        self.ledger = PrivacyLedger(delta=dp.delta, budget_epsilon=dp.budget,
-                                    accountant=dp.accountant) if dp else None
+        if ledger is None and dp is not None:
+            ledger = PrivacyLedger(delta=dp.delta, budget_epsilon=dp.budget, accountant=dp.accountant)
+        self.ledger = ledger
         self._noise_multiplier: float | None = None
         self.scores: dict[str, torch.Tensor] = {}  # HideNseek: the device's own sign scores
 

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from device_profiles.files import atomic_write
+
 from ..budget import DataSlice
 from ..protocol.topics import check_id
 from ..protocol.transport import BrokerAddress
@@ -19,7 +21,7 @@ class EdgeConfigError(ValueError):
 
 
 class EdgeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     device_id: str
     broker: str = "mqtt://127.0.0.1:1883"
     fleet: str = "default"
@@ -29,12 +31,20 @@ class EdgeConfig(BaseModel):
     # "measure" to profile this device on first start (kept in state_dir/profile.json).
     profile: str = "catalogue:rpi4-4gb"
     formats: list[Literal["onnx", "tflite"]] = ["onnx"]
-    # Enforced here, on the device: a task that would push epsilon past it is refused.
+    # Privacy is the device's decision, not the coordinator's. With require_dp, or with a
+    # budget (which implies it), a task without DP or with a delta above dp_delta is refused
+    # (privacy_policy), and one that would push epsilon past the budget too (privacy_budget).
+    # The ledger always accounts at dp_delta, whatever delta a task names.
     epsilon_budget: float | None = Field(None, gt=0)
+    dp_delta: float = Field(1e-5, gt=0, lt=1)
+    require_dp: bool = False
     threads: int = Field(1, ge=1)
     max_samples: int | None = Field(None, ge=2)
     keepalive: int = Field(30, ge=5)
     max_payload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # An update not acknowledged after this long is published again (and on every reconnect):
+    # an update lost by a coordinator that failed to store it is not lost for good.
+    resend_seconds: float = Field(30.0, ge=1)
     # Security (from `fedprune coordinator provision`): broker credentials, the fleet CA for
     # mqtts://, and the coordinator's public key; with it set, unsigned or forged tasks are refused.
     username: str | None = None
@@ -47,6 +57,11 @@ class EdgeConfig(BaseModel):
     @classmethod
     def _topic_safe(cls, value: str) -> str:
         return check_id("id", value)
+
+    @property
+    def dp_required(self) -> bool:
+        """Whether this device trains only with DP (always when it has an epsilon budget)."""
+        return self.require_dp or self.epsilon_budget is not None
 
     @field_validator("broker")
     @classmethod
@@ -63,9 +78,9 @@ class EdgeConfig(BaseModel):
         return "\n".join(lines(data) + ["", "[data]"] + lines(section)) + "\n"
 
     def save(self, path: str | Path) -> Path:
+        """Written 0600 from the start: edge.toml may hold the device's broker password."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_toml())
+        atomic_write(path, self.to_toml().encode(), private=True)
         return path
 
 

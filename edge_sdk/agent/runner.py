@@ -4,7 +4,13 @@ paho runs the network in its own thread (keepalives continue while the device tr
 messages go into a queue that `run` drains one at a time, so training, state and ledger are only
 ever touched by one thread. Sessions are persistent (clean_session=False) and every publish is
 QoS 1, so a task sent while the device was offline arrives when it returns, and an update is
-resent from the outbox until the coordinator acknowledges it.
+resent from the outbox (on every reconnect, and every `resend_seconds` while connected) until
+the coordinator acknowledges it.
+
+Every message is hostile until proven otherwise: `handle` never raises. A message that can never
+be handled (unparseable, forged, naming a path, asking for less privacy than the device's own
+config allows) is acknowledged to the broker, so it is not redelivered forever, and reported: a
+REFUSAL when it names a task of this device, a log line with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -17,20 +23,36 @@ import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import zstandard
+from pydantic import ValidationError
 
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..client import LocalClient
 from ..data import client_data_for, load_dataset
 from ..plan import SubmodelPlan
-from ..protocol import (AckHeader, ArtifactHeader, EnvelopeError, MessageType, RefusalCode,
-                        TaskHeader, Topics, decode_envelope, encode_envelope, parse_header)
-from ..training import DPConfig, PrivacyLedger, TrainConfig
+from ..protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError, MessageType,
+                        RefusalCode, TaskHeader, Topics, decode_envelope, encode_envelope,
+                        parse_header, peek_header)
 from ..protocol.signing import load_public_key, verify
+from ..protocol.topics import check_id
 from ..protocol.transport import make_client
+from ..runtime.manifest import BundleManifest, artifact_file_name
+from ..runtime.predictor import MAX_ARTIFACT_BYTES
+from ..training import DPConfig, PrivacyLedger, TrainConfig
+from ..validation import describe
 from .config import EdgeConfig
-from .state import DeviceState, task_key
+from .state import DeviceState, StateError, check_plain_name, task_key
 
 log = logging.getLogger("fedprune.edge")
+
+# The topic kind each message type may arrive on: a message on another kind of topic is refused.
+_TOPIC_KIND = {MessageType.TASK: "task", MessageType.ACK: "ack", MessageType.ARTIFACT: "artifact"}
+# Signed by the coordinator when the device holds its key: nothing else is acted upon.
+_SIGNED_TYPES = (MessageType.TASK, MessageType.ACK, MessageType.ARTIFACT)
+
+
+class ArtifactRefused(ValueError):
+    """An exported model the device will not store; the text is the reason sent back."""
 
 
 def load_profile_dict(config: EdgeConfig, state: DeviceState) -> dict[str, Any]:
@@ -48,7 +70,7 @@ def load_profile_dict(config: EdgeConfig, state: DeviceState) -> dict[str, Any]:
             log.info("measuring this device's profile (once; kept in %s)", measured)
             profile = measure_profile(name=config.device_id, broker=config.broker, quick=True,
                                       disk_path=state.root, progress=False)
-            measured.write_text(profile.model_dump_json(indent=2))
+            profile.save(measured)
         spec = str(measured)
     return load_profile(spec).model_dump(mode="json")
 
@@ -72,6 +94,8 @@ class EdgeAgent:
         self.connected = threading.Event()
         self.stopping = threading.Event()
         self.coordinator_key = load_public_key(config.coordinator_key) if config.coordinator_key else None
+        self._sent_at: dict[str, float] = {}  # outbox key -> monotonic time it was last published
+        self.unhandled = 0  # messages acknowledged without being handled (poison, forgeries)
         self.mqtt = self._make_client()
 
     # --- connection ------------------------------------------------------------------------
@@ -104,9 +128,8 @@ class EdgeAgent:
                        qos=1, retain=True)
         # Retained: a coordinator that starts (or restarts) later still sees every registration.
         client.publish(self.topics.register(device), self._registration(), qos=1, retain=True)
-        for key, envelope in self.state.outbox():  # unacknowledged updates: resend, same key
-            log.info("resending update %s", key)
-            client.publish(self.topics.update(device), envelope, qos=1)
+        for key in self.state.outbox_keys():  # every unacknowledged update, same key
+            self._resend(key)
         self.connected.set()
         log.info("connected to %s as %s", self.config.broker, device)
 
@@ -141,10 +164,16 @@ class EdgeAgent:
         self.mqtt.loop_stop()
 
     def run(self, until: float | None = None) -> None:
-        """Handle messages until stopped (or until the unix time `until`)."""
+        """Handle messages until stopped (or until the unix time `until`).
+
+        Every message is acknowledged once handled, including one that could not be: `handle`
+        has reported it, and redelivering it would only fail again on every reconnect.
+        """
         self.start()
         try:
             while not self.stopping.is_set() and (until is None or time.time() < until):
+                if self.connected.is_set():
+                    self.resend_overdue()
                 try:
                     topic, payload, mid, qos = self.inbox.get(timeout=0.5)
                 except queue.Empty:
@@ -154,47 +183,117 @@ class EdgeAgent:
         finally:
             self.stop()
 
+    def resend_overdue(self) -> None:
+        """Publish again every update still unacknowledged `resend_seconds` after it was sent:
+        a coordinator that could not store it (and so did not acknowledge it) gets it again
+        without waiting for a reconnect. The coordinator counts an update once per (device,
+        round, task), so resending one whose ACK is merely late costs bandwidth, never a count.
+        """
+        now = time.monotonic()
+        for key, sent_at in list(self._sent_at.items()):  # the network thread may add keys
+            if now - sent_at >= self.config.resend_seconds:
+                self._resend(key)
+
+    def _resend(self, key: str) -> None:
+        envelope = self.state.outbox_entry(key)
+        if envelope is None:  # acknowledged meanwhile
+            self._sent_at.pop(key, None)
+            return
+        log.info("resending unacknowledged update %s", key)
+        self._publish_update(key, envelope)
+
+    def _publish_update(self, key: str, envelope: bytes) -> None:
+        self._sent_at[key] = time.monotonic()
+        self.mqtt.publish(self.topics.update(self.config.device_id), envelope, qos=1)
+
     def handle(self, topic: str, payload: bytes) -> None:
+        """Handle one message. Never raises: whatever a message causes is caught and reported."""
         try:
-            envelope = decode_envelope(payload, self.config.max_payload_bytes)
-            if self.coordinator_key is not None and envelope.type in (MessageType.TASK,
-                                                                      MessageType.ARTIFACT):
-                try:
-                    verify(envelope.header, envelope.payload, self.coordinator_key)
-                except EnvelopeError as exc:
-                    self._refuse_forged(envelope, exc)
-                    return
-            if envelope.type == MessageType.TASK:
-                self._on_task(parse_header(envelope), envelope.payload)
-            elif envelope.type == MessageType.ACK:
-                self._on_ack(parse_header(envelope))
-            elif envelope.type == MessageType.ARTIFACT:
-                self._on_artifact(parse_header(envelope), envelope.payload)
+            self._dispatch(topic, payload)
+        except Exception as exc:  # noqa: BLE001 - no message may stop the device
+            self._report_unhandled(topic, payload, exc)
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        envelope = decode_envelope(payload, self.config.max_payload_bytes)
+        kind, device = self.topics.device_of(topic)
+        if device != self.config.device_id or _TOPIC_KIND.get(envelope.type) != kind:
+            raise EnvelopeError(f"a {envelope.type.name} message does not belong on {topic}")
+        if self.coordinator_key is not None and envelope.type in _SIGNED_TYPES:
+            try:
+                verify(envelope.header, envelope.payload, self.coordinator_key)
+            except EnvelopeError as exc:
+                self._refuse_forged(envelope, exc)
+                return
+        header = parse_header(envelope)
+        if header.device != self.config.device_id:
+            raise EnvelopeError(f"the header names device {header.device!r}, not this one")
+        if envelope.type == MessageType.TASK:
+            self._on_task(header, envelope.payload)
+        elif envelope.type == MessageType.ACK:
+            self._on_ack(header)
+        else:
+            self._on_artifact(header, envelope.payload)
+
+    def _report_unhandled(self, topic: str, payload: bytes, error: Exception) -> None:
+        """Tell the coordinator why, if the message names one of this device's tasks."""
+        self.unhandled += 1
+        reason = f"{type(error).__name__}: {error}"[:2000]
+        if not isinstance(error, ValueError):  # not a refusal of bad input: a bug to look at
+            log.error("message on %s could not be handled", topic, exc_info=error)
+        log.warning("acknowledged a message on %s that cannot be handled (%s)", topic, reason)
+        named = self._named_task(payload)
+        if named is None:
+            return
+        kind, round_number, task = named
+        if kind == MessageType.ARTIFACT:
+            self._send_refusal(round_number + 1, task, RefusalCode.BAD_ARTIFACT,
+                               f"artifact refused: {reason}")
+        elif kind == MessageType.TASK:
+            code = RefusalCode.BAD_TASK if isinstance(error, ValueError) else RefusalCode.INTERNAL
+            self._send_refusal(round_number, task, code, f"task cannot be handled: {reason}")
+
+    def _named_task(self, payload: bytes) -> tuple[MessageType, int, str] | None:
+        """(type, round, task) a TASK or ARTIFACT message names for this device, if it can be
+        read, and, when the device holds the coordinator's key, only if it is signed by it."""
+        try:
+            if self.coordinator_key is not None:
+                envelope = decode_envelope(payload, self.config.max_payload_bytes)
+                verify(envelope.header, envelope.payload, self.coordinator_key)
+                kind, header = envelope.type, envelope.header
             else:
-                log.warning("ignoring %s message on %s", envelope.type.name, topic)
-        except EnvelopeError as exc:
-            log.warning("refusing a malformed message on %s: %s", topic, exc)
+                kind, header = peek_header(payload)
+            round_number, task = header.get("round"), header.get("task")
+            if kind not in (MessageType.TASK, MessageType.ARTIFACT) or \
+                    header.get("device") != self.config.device_id or \
+                    type(round_number) is not int or round_number < 0:
+                return None
+            check_id("task id", task)  # a task id that is not an id is not repeated back
+            return kind, round_number, task
+        except Exception:  # noqa: BLE001 - unreadable: the log line is all that can be done
+            return None
 
     # --- tasks -----------------------------------------------------------------------------
     def _on_task(self, header: TaskHeader, payload: bytes) -> None:
         device = self.config.device_id
-        if header.device != device:
-            log.warning("task for %s arrived on %s's topic; ignored", header.device, device)
-            return
         key = task_key(header.round, header.task)
         done = self.state.tasks().get(key)
         if done is not None:  # a redelivered task: answer again, never train twice
             pending = self.state.outbox_entry(key)
             if pending is not None:
-                self.mqtt.publish(self.topics.update(device), pending, qos=1)
+                self._publish_update(key, pending)
             log.info("task %s already %s", key, done)
             return
         try:
             plan = SubmodelPlan.from_dict(header.plan)
-            client = self._client(header)
+            dp = self._task_dp(header)
         except (ValueError, TypeError, KeyError) as exc:
             self._refuse(header, RefusalCode.BAD_TASK, f"task cannot be run as sent: {exc}")
             return
+        breach = self._privacy_breach(dp)
+        if breach is not None:
+            self._refuse(header, RefusalCode.PRIVACY_POLICY, breach)
+            return
+        client = self._client(header, dp)
         started = time.perf_counter()
         try:
             outcome = client.run_task(plan, payload)
@@ -225,23 +324,44 @@ class EdgeAgent:
             return
         self.state.put_outbox(key, envelope)  # on disk before it is sent: a crash resends it
         self.state.mark(key, "sent")
-        self.mqtt.publish(self.topics.update(device), envelope, qos=1)
+        self._publish_update(key, envelope)
         log.info("round %d: sent %d-byte update (epsilon %s)", header.round, len(envelope),
                  f"{outcome.epsilon:.3f}" if outcome.epsilon is not None else "n/a")
 
-    def _client(self, header: TaskHeader) -> LocalClient:
-        """The device's trainer, restored from disk on first use; DP settings from the task,
-        the budget from the device's own config."""
+    def _task_dp(self, header: TaskHeader) -> DPConfig | None:
+        """The task's DP settings with the device's own budget (never the coordinator's)."""
+        if header.dp is None:
+            return None
+        return DPConfig(**{**header.dp, "epsilon_budget": self.config.epsilon_budget})
+
+    def _privacy_breach(self, dp: DPConfig | None) -> str | None:
+        """Why the task asks for less privacy than this device's config allows, if it does."""
+        config = self.config
+        if not config.dp_required:
+            return None
+        if dp is None:
+            return ("this device trains only with differential privacy (its edge.toml sets "
+                    f"{'epsilon_budget' if config.epsilon_budget is not None else 'require_dp'}) "
+                    "and the task has no dp settings; send it with dp")
+        if not dp.delta <= config.dp_delta:
+            return (f"the task's dp.delta {dp.delta:g} is above this device's dp_delta "
+                    f"{config.dp_delta:g}; a larger delta is a weaker guarantee. Send "
+                    f"dp.delta <= {config.dp_delta:g}")
+        return None
+
+    def _client(self, header: TaskHeader, dp: DPConfig | None) -> LocalClient:
+        """The device's trainer, restored from disk on first use. DP settings come from the
+        task, the budget and the delta the ledger accounts at from the device's own config."""
         train = TrainConfig(**header.train)
-        dp = None
-        if header.dp is not None:
-            dp = DPConfig(**{**header.dp, "epsilon_budget": self.config.epsilon_budget})
         if self.client is None:
-            self.client = LocalClient(self.data, train, dp, planned_rounds=header.planned_rounds)
             ledger, noise = self.state.load_ledger()
             if ledger is not None:
                 ledger.budget_epsilon = self.config.epsilon_budget
-                self.client.ledger, self.client._noise_multiplier = ledger, noise
+            elif dp is not None:
+                ledger = PrivacyLedger(self.config.dp_delta, dp.budget, dp.accountant)
+            self.client = LocalClient(self.data, train, dp, planned_rounds=header.planned_rounds,
+                                      ledger=ledger)
+            self.client._noise_multiplier = noise
             model_file = self.state.root / "model.pt"
             if model_file.exists():
                 saved = load_checkpoint(model_file)
@@ -249,46 +369,108 @@ class EdgeAgent:
         else:
             self.client.train_config, self.client.dp = train, dp
             if dp is not None and self.client.ledger is None:
-                self.client.ledger = PrivacyLedger(dp.delta, self.config.epsilon_budget, dp.accountant)
+                self.client.ledger = PrivacyLedger(self.config.dp_delta, self.config.epsilon_budget,
+                                                   dp.accountant)
+        if self.client.ledger is not None:  # the history re-accounts exactly at any delta
+            self.client.ledger.delta = self.config.dp_delta
         return self.client
 
     def _refuse(self, header: TaskHeader, code: RefusalCode, message: str,
                 epsilon: float | None = None, record: bool = True) -> None:
-        key = task_key(header.round, header.task)
-        if record:  # a forged task is not recorded: its id must not block the real one
+        self._send_refusal(header.round, header.task, code, message, epsilon, record)
+
+    def _send_refusal(self, round_number: int, task: str, code: RefusalCode, message: str,
+                      epsilon: float | None = None, record: bool = False) -> None:
+        """REFUSAL for (round, task); `record` marks the task refused so it is never run. Not
+        for forgeries (their id must not block the real task) nor for a refused artifact (the
+        task it came with is unaffected)."""
+        key = task_key(round_number, task)
+        if record:
             self.state.mark(key, "refused")
         log.warning("refusing task %s (%s): %s", key, code.value, message)
         self.mqtt.publish(self.topics.refusal(self.config.device_id), encode_envelope(
-            MessageType.REFUSAL, {"device": self.config.device_id, "round": header.round,
-                                  "task": header.task, "code": code.value,
+            MessageType.REFUSAL, {"device": self.config.device_id, "round": round_number,
+                                  "task": task, "code": code.value,
                                   "message": message[:4000], "epsilon": epsilon}), qos=1)
 
-    def _refuse_forged(self, envelope, error: EnvelopeError) -> None:
-        """A task that is not the coordinator's is never run; say so if it names a task."""
-        log.warning("refusing a %s message: %s", envelope.type.name, error)
+    def _refuse_forged(self, envelope: Envelope, error: EnvelopeError) -> None:
+        """A message that is not the coordinator's is never acted upon; a forged task is
+        answered if it names one (not recorded: its id must not block the real task)."""
+        self.unhandled += 1
+        log.warning("ignoring a %s message not signed by the coordinator: %s",
+                    envelope.type.name, error)
         if envelope.type == MessageType.TASK:
             try:
                 header = parse_header(envelope)
-            except EnvelopeError:
+                self._refuse(header, RefusalCode.BAD_TASK, f"refused: {error}", record=False)
+            except (EnvelopeError, StateError):
                 return
-            self._refuse(header, RefusalCode.BAD_TASK, f"refused: {error}", record=False)
 
     def _on_ack(self, header: AckHeader) -> None:
         key = task_key(header.round, header.task)
+        if key not in self.state.tasks():
+            log.warning("ACK for %s, an update this device never sent; ignored", key)
+            return
         self.state.drop_outbox(key)
+        self._sent_at.pop(key, None)
         self.state.mark(key, "acked" if header.accepted else "rejected")
         if not header.accepted:
             log.warning("coordinator rejected update %s: %s", key, header.reason)
 
+    # --- artifacts -------------------------------------------------------------------------
     def _on_artifact(self, header: ArtifactHeader, payload: bytes) -> None:
-        entry = next((a for a in header.manifest.get("artifacts", [])
-                      if a.get("compressed_path") == header.artifact), None)
-        if entry is None:
-            log.warning("artifact message names %s, which its manifest does not list", header.artifact)
+        try:
+            manifest, name = self._checked_artifact(header, payload)
+        except ArtifactRefused as exc:
+            self._send_refusal(header.round + 1, header.task, RefusalCode.BAD_ARTIFACT, str(exc))
             return
-        manifest = {**header.manifest, "artifacts": [entry]}
-        self.state.save_artifact(manifest, header.artifact, payload)
-        log.info("round %d: stored exported model %s", header.round, header.artifact)
+        self.state.save_artifact(manifest, name, payload)
+        log.info("round %d: stored exported model %s", header.round, name)
+
+    def _checked_artifact(self, header: ArtifactHeader, payload: bytes) -> tuple[dict, str]:
+        """The manifest to store (one entry, under the device's own file names) and the name of
+        the compressed file, once the manifest validates and the payload matches its sha256."""
+        try:
+            manifest = BundleManifest.model_validate(header.manifest)
+        except ValidationError as exc:
+            raise ArtifactRefused(f"the manifest is invalid: {describe(exc, 'manifest')}") from None
+        entry = next((a for a in manifest.artifacts if a.compressed_path == header.artifact), None)
+        if entry is None:
+            raise ArtifactRefused(f"the message names artifact {header.artifact[:200]!r}, which "
+                                  "its manifest does not list")
+        try:  # never used as paths (the device names its files), but a sender that tries is refused
+            check_plain_name(entry.path), check_plain_name(entry.compressed_path)
+        except StateError as exc:
+            raise ArtifactRefused(f"the manifest's artifact names a path: {exc}") from None
+        if len(payload) != entry.compressed_bytes:
+            raise ArtifactRefused(f"the payload is {len(payload):,} bytes, the manifest says "
+                                  f"{entry.compressed_bytes:,}")
+        _check_decompressed(payload, entry.bytes, entry.sha256)
+        name = artifact_file_name(entry.format, entry.precision)
+        stored = entry.model_copy(update={"path": name, "compressed_path": f"{name}.zst"})
+        return manifest.model_copy(update={"artifacts": (stored,)}).model_dump(mode="json"), \
+            stored.compressed_path
+
+
+def _check_decompressed(packed: bytes, size: int, sha256: str) -> None:
+    """Refuse unless `packed` decompresses to exactly `size` bytes with this sha256. Streamed,
+    and stopped one byte past `size`: a decompression bomb costs nothing."""
+    if size > MAX_ARTIFACT_BYTES:
+        raise ArtifactRefused(f"the manifest says {size:,} bytes; the limit is {MAX_ARTIFACT_BYTES:,}")
+    digest, seen = hashlib.sha256(), 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(packed) as reader:
+            while seen <= size and (chunk := reader.read(min(1 << 20, size + 1 - seen))):
+                digest.update(chunk)
+                seen += len(chunk)
+    except zstandard.ZstdError as exc:
+        raise ArtifactRefused(f"the payload is not a zstd frame: {exc}") from None
+    if seen != size:
+        raise ArtifactRefused(f"the payload decompresses to {'more than ' if seen > size else ''}"
+                              f"{seen:,} bytes, the manifest says {size:,}")
+    if digest.hexdigest() != sha256:
+        raise ArtifactRefused(f"the decompressed artifact has sha256 {digest.hexdigest()[:16]}..., "
+                              f"the manifest says {sha256[:16]}...: corrupt or replaced")
 
 
 def _sdk_version() -> str:
