@@ -562,6 +562,52 @@ def test_property_mutated_body(mixed_payload_cached, edits, cut, count):
     decodes_or_rejects(wrap(mutate(body_of(mixed_payload_cached), edits, cut), count))
 
 
+# Hostile records built field by field from the documented format: the extremes of every count
+# (u32 max dims, nnz and lengths, 255 dimensions), NaN/Inf value bit patterns, unknown index
+# kinds, names that are not UTF-8, runs of varint continuation bytes, empty frames.
+HOSTILE_U32 = st.sampled_from([0, 1, 3, 7, 8, 9, 2**16, 2**31, 2**32 - 1])
+NON_FINITE = {1: [b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\x00\x00\x80\xff"],
+              2: [b"\x00\x7e", b"\x00\x7c", b"\x00\xfc"], 3: [b"\xff"]}
+
+
+@st.composite
+def hostile_records(draw) -> tuple[bytes, int]:
+    dtype = draw(st.sampled_from([1, 2, 3]))
+    body = b""
+    count = draw(st.integers(0, 3))
+    for _ in range(count):
+        name = draw(st.one_of(st.sampled_from([b"w", b"b", b""]), st.binary(max_size=4)))
+        ndim = draw(st.sampled_from([0, 1, 2, 8, 255]))
+        dims = [draw(HOSTILE_U32) if draw(st.booleans()) else draw(st.integers(0, 20)) for _ in range(min(ndim, 8))]
+        dims += [1] * (ndim - len(dims))
+        kind = draw(st.integers(0, 4))
+        nnz = draw(st.one_of(HOSTILE_U32, st.integers(0, 40)))
+        index = draw(st.one_of(st.binary(max_size=40), st.integers(1, 40).map(lambda n: b"\x80" * n + b"\x01")))
+        values = draw(st.one_of(st.binary(max_size=80),
+                                st.lists(st.sampled_from(NON_FINITE[dtype] + [b"\x00" * (4 if dtype == 1 else 2)]),
+                                         max_size=20).map(b"".join)))
+        length = draw(st.one_of(st.just(len(index)), HOSTILE_U32))
+        body += (struct.pack("<H", len(name)) + name + struct.pack(f"<B{ndim}I", ndim, *dims)
+                 + struct.pack("<BII", kind, nnz, length) + index + values)
+    return body, dtype
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_records(), st.integers(0, 4), st.booleans(), st.booleans())
+def test_property_hostile_records_are_refused_within_the_memory_bound(record_and_dtype, count, with_shapes, trail):
+    body, dtype = record_and_dtype
+    payload = wrap(body, count, dtype) + (b"\x00garbage" if trail else b"")
+    limit = 2**20
+    expected = {"w": (3, 4), "b": (4,), "": ()} if with_shapes else None
+
+    def attempt() -> None:
+        try:
+            decode(payload, expected_shapes=expected, max_decoded_bytes=limit)
+        except CodecError:
+            pass
+    assert peak_allocation(attempt) < 1.1 * limit + 2**20
+
+
 @pytest.fixture(scope="module")
 def mixed_payload_cached() -> bytes:
     rng = np.random.default_rng(11)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import tomllib
 from pathlib import Path
@@ -100,6 +101,71 @@ def test_any_single_byte_corruption_is_refused_cleanly_or_decodes(kind, header, 
         decode_envelope(bytes(data))
     except EnvelopeError:
         pass
+
+
+# Hostile JSON text: what the generators above never made, and what crashed decode_envelope
+# (issue 11): nesting past the recursion limit, integers of thousands of digits, NaN/Infinity and
+# overflowing floats, unpaired surrogate escapes.
+HOSTILE_LEAVES = st.one_of(
+    st.integers(-(10**30), 10**30).map(str),
+    st.integers(1, 6000).map(lambda n: "9" * n),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e400", "1e-400", "-0", "0.5"]),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.sampled_from(['"\\ud800"', '"\\udfff x"', '"\\ud83d\\ude00"', '"a\\"["', '"dev1\\n"']),
+)
+HOSTILE_JSON = st.recursive(
+    HOSTILE_LEAVES,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]"),
+        st.lists(inner, max_size=3).map(lambda xs: "{" + ",".join(f'"k{i}":{x}' for i, x in enumerate(xs)) + "}"),
+        st.tuples(st.integers(1, 3000), inner, st.booleans()).map(
+            lambda t: ("[" * t[0] + t[1] + "]" * t[0]) if t[2] else ('{"a":' * t[0] + t[1] + "}" * t[0])),
+    ),
+    max_leaves=6,
+)
+VALID_HEADERS = {
+    MessageType.REGISTER: {"device": "pi-7", "profile": {}, "num_samples": 5},
+    MessageType.TASK: {"device": "pi-7", "round": 1, "task": "t", "plan": {}, "train": {},
+                       "planned_rounds": 3, "deadline": 1e9},
+    MessageType.UPDATE: {"device": "pi-7", "round": 1, "task": "t", "num_samples": 5,
+                         "payload_sha256": "0" * 64, "epsilon": 0.5},
+    MessageType.ACK: {"device": "pi-7", "round": 1, "task": "t", "accepted": True},
+    MessageType.REFUSAL: {"device": "pi-7", "round": 1, "task": "t", "code": "internal", "message": "m"},
+    MessageType.STATUS: {"device": "pi-7", "online": True},
+    MessageType.ARTIFACT: {"device": "pi-7", "round": 0, "task": "t", "manifest": {}, "artifact": "a"},
+}
+
+
+def raw_envelope(kind: MessageType, header: bytes) -> bytes:
+    return MAGIC + bytes([1, kind, 0, 0]) + struct.pack(">II", len(header), 0) + header
+
+
+def refused_or_parsed(data: bytes) -> None:
+    """The whole receive path of a message: only EnvelopeError may come out."""
+    try:
+        parse_header(decode_envelope(data))
+    except EnvelopeError:
+        pass
+    try:
+        peek_header(data)
+    except EnvelopeError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(HOSTILE_JSON)
+def test_hostile_json_headers_are_refused_cleanly(fragment):
+    refused_or_parsed(raw_envelope(MessageType.UPDATE, fragment.encode()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(list(MessageType)), st.data(), HOSTILE_JSON)
+def test_any_header_field_replaced_by_hostile_json_is_refused_cleanly(kind, data, fragment):
+    valid = VALID_HEADERS[kind]
+    field = data.draw(st.sampled_from(sorted(valid) + ["extra"]))
+    placeholder = "\u0001PLACEHOLDER\u0001"
+    text = json.dumps({**valid, field: placeholder}).replace(json.dumps(placeholder), fragment)
+    refused_or_parsed(raw_envelope(kind, text.encode()))
 
 
 def test_shipped_example_configs_are_valid():
