@@ -317,7 +317,8 @@ class Row:
     executions: int
     edges: int
     features: int
-    findings: int
+    findings: int  # inputs that made an undocumented exception escape
+    distinct: int  # of those, distinct (exception type, raising line) pairs
 
 
 def run_target(name: str, seconds: int, findings: Path) -> Row:
@@ -335,15 +336,24 @@ def run_target(name: str, seconds: int, findings: Path) -> Row:
     if not executed or not coverage:
         raise SystemExit(f"{name}: the fuzzing worker exited {done.returncode} without libFuzzer's "
                          f"statistics; its output ends:\n{log[-3000:]}")
-    found = [p for p in (findings / name).glob("*") if p.suffix != ".txt"] if (findings / name).exists() else []
+    reports = sorted((findings / name).glob("*.txt")) if (findings / name).exists() else []
     edges, features = coverage[-1]
-    return Row(name, int(executed[-1]), int(edges), int(features), len(found))
+    return Row(name, int(executed[-1]), int(edges), int(features), len(reports),
+               len({_signature(report.read_text()) for report in reports}))
+
+
+def _signature(report: str) -> tuple[str, str]:
+    """(exception type, the line that raised it) of a saved traceback."""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', report)
+    kind = report.strip().splitlines()[-1].split(":")[0] if report.strip() else "?"
+    return kind, ":".join(frames[-1]) if frames else "?"
 
 
 def table(rows: list[Row], seconds: int) -> str:
-    lines = [f"| target | executions ({seconds} s) | coverage (edges) | features | findings |",
+    lines = [f"| target | executions ({seconds} s) | coverage (edges) | features | findings (distinct) |",
              "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r.target} | {r.executions:,} | {r.edges:,} | {r.features:,} | {r.findings} |" for r in rows]
+    lines += [f"| {r.target} | {r.executions:,} | {r.edges:,} | {r.features:,} | {r.findings} ({r.distinct}) |"
+              for r in rows]
     return "\n".join(lines)
 
 
