@@ -7,11 +7,20 @@ replay messages, and "crash" the engine by building a new one on the same store.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from coordinator.service import RoundEngine, ServiceConfig, Store
 from edge_sdk.agent import EdgeAgent, EdgeConfig
-from edge_sdk.protocol import Topics
+from edge_sdk.protocol import MessageType, Topics, encode_envelope
+
+
+def update_message(header: dict, payload: bytes, **changes) -> bytes:
+    """An UPDATE with `header` (and `changes`) whose payload_sha256 matches `payload`, as a
+    device (or an attacker holding its credentials) would build it."""
+    return encode_envelope(MessageType.UPDATE, {**header, **changes,
+                                                "payload_sha256": hashlib.sha256(payload).hexdigest()},
+                           payload)
 
 
 class Clock:

@@ -5,6 +5,8 @@ Runs against SQLite and PostgreSQL (127.0.0.1:5432, database `test`).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import sqlalchemy
@@ -14,9 +16,11 @@ from coordinator.service.store import Base
 from edge_sdk import codec
 from edge_sdk.checkpoint import load_checkpoint
 from edge_sdk.protocol import MessageType, decode_envelope, encode_envelope, parse_header
-from fleet_harness import Harness
+from fleet_harness import Harness, update_message
 
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+# FEDPRUNE_TEST_POSTGRES: another database, for test runs that must not share `test` (the
+# fixture drops its tables).
+POSTGRES = os.environ.get("FEDPRUNE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def _postgres_available() -> bool:
@@ -133,8 +137,7 @@ def test_late_stale_foreign_and_oversized_updates_are_refused_and_the_device_tol
     # A finite but huge update (a scaled attack): refused for its norm, device told.
     huge = {name: codec.SparseTensor(t.shape, t.indices, t.values * 1e4)
             for name, t in codec.decode(decode_envelope(updates["dev-2"][1]).payload).items()}
-    h.engine.handle(topic, encode_envelope(MessageType.UPDATE, env.header,
-                                           codec.encode(huge, codec.ValueDtype.FLOAT32)))
+    h.engine.handle(topic, update_message(env.header, codec.encode(huge, codec.ValueDtype.FLOAT32)))
     (ack,) = _acks(h, "dev-2")
     assert not ack.accepted and "L2 norm" in ack.reason
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from edge_sdk.protocol.transport import BrokerAddress
 
@@ -25,12 +25,33 @@ class BrokerSection(_Section):
     username: str | None = None
     password: str | None = None
     tls_ca: str | None = None       # the fleet CA, for mqtts:// URLs
+    # Messages waiting for the engine, at most. QoS 1 deliveries are bounded by the broker's
+    # in-flight window (mosquitto.conf: max_inflight_messages 20) long before this; QoS 0 ones,
+    # which the protocol never uses, are dropped on arrival and counted.
+    inbox_limit: int = Field(1000, ge=10)
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
         BrokerAddress.parse(value)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _client_id_from_username(cls, data):
+        if isinstance(data, dict) and data.get("username") and "client_id" not in data:
+            data = {**data, "client_id": data["username"]}
+        return data
+
+    @model_validator(mode="after")
+    def _client_id_is_username(self):
+        """A broker that binds client ids to user names (use_username_as_clientid, so that no
+        client can take over another's session) would rename a differing id anyway."""
+        if self.username is not None and self.client_id != self.username:
+            raise ValueError(f"broker.client_id {self.client_id!r} must equal broker.username "
+                             f"{self.username!r} (or be left out): the broker binds the client id "
+                             "to the user name")
+        return self
 
 
 class RoundsSection(_Section):
@@ -41,6 +62,16 @@ class RoundsSection(_Section):
     deadline_seconds: float = Field(300.0, gt=0)
     registration_grace_seconds: float = Field(2.0, ge=0)  # wait for late registrations
     retries: int = Field(3, ge=0)              # aborted attempts allowed per round number
+
+
+class RetrySection(_Section):
+    """A message whose handling failed for a reason that may pass (the database is down or
+    locked, the disk is full) is tried again in-process, waiting first_delay_seconds, then twice
+    as long each time up to max_delay_seconds; after `attempts` failures it is kept in
+    state_dir/dead-letter/ and acknowledged, so it is neither lost nor redelivered forever."""
+    attempts: int = Field(6, ge=1)
+    first_delay_seconds: float = Field(0.5, gt=0)
+    max_delay_seconds: float = Field(10.0, gt=0)
 
 
 class ExportSection(_Section):
@@ -60,10 +91,18 @@ class ServiceConfig(LearningSettings):
     # Refuse an update whose change from the global model has an L2 norm above this (a blown-up
     # or scaled attack); None accepts any finite update. Robust aggregation handles subtler ones.
     max_update_norm: float | None = Field(1000.0, gt=0)
+    # A registration claiming more local training samples than this is refused. Sample-weighted
+    # strategies (fedavg, fedper, ...) weigh a device by its registered samples, and an update
+    # may claim no more than that: this is the largest aggregation weight a device can claim.
+    max_device_samples: int = Field(1_000_000, ge=1, le=2**31 - 1)
+    # Updates refused for one task (damaged, too large, wrong tensors) before the coordinator
+    # stops decoding further updates for it: a device cannot make it decompress bombs forever.
+    max_refused_updates: int = Field(3, ge=1)
     exit_when_done: bool = False
     signing_key: str | None = None            # Ed25519 private key PEM: tasks and artifacts are signed
     broker: BrokerSection = BrokerSection()
     rounds: RoundsSection = RoundsSection()
+    retry: RetrySection = RetrySection()
     export: ExportSection = ExportSection()
 
     @property

@@ -8,14 +8,23 @@ a round and its tasks before the tasks are published, an update before it is ack
 new global checkpoint before the round is marked committed. On restart the engine reloads the
 last committed checkpoint, resumes the open round (re-sending its unanswered tasks; devices
 de-duplicate by task key), and re-runs a commit that was interrupted, which is deterministic.
+
+Every message is hostile until parsed, and no content makes `handle` raise: a message that can
+never be handled is refused with the reason (an ACK accepted=false when it names a task, a log
+line otherwise) and the caller acknowledges it to the broker. Only failures that may pass (the
+database is down, the disk is full: `is_transient`) escape, so that the service keeps the message
+and tries again. `tick` likewise aborts a round whose commit fails for good, with the reason in its
+summary, instead of failing again on every restart.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from device_profiles import DeviceProfile
 from edge_sdk import codec
@@ -49,6 +60,29 @@ from .store import Store, TaskRow
 log = logging.getLogger("fedprune.coordinator")
 
 Publish = Callable[[str, bytes], None]
+
+# The message type each device topic carries; anything else on it is refused.
+TOPIC_TYPES = {"register": MessageType.REGISTER, "status": MessageType.STATUS,
+               "update": MessageType.UPDATE, "refusal": MessageType.REFUSAL}
+
+
+class UpdateRefused(ValueError):
+    """An update the coordinator will not aggregate; the text, sent back in the ACK, says why."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure that may pass without the message changing: the database is down, locked or
+    timed out, the disk is full. The message is kept and tried again, not refused."""
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, (OperationalError, InterfaceError, PoolTimeout, OSError))
+
+
+def _decoded_limit(shapes: dict[str, tuple[int, ...]], dtype: codec.ValueDtype) -> int:
+    """The most memory decoding an update of exactly these tensors may hold: the largest body
+    they can have (`codec.decoded_bytes_limit`) and the arrays decoding builds (float32 values
+    and int64 indices: 12 bytes per element). Nothing a larger payload declares is allocated."""
+    return codec.decoded_bytes_limit(shapes, dtype) + 12 * sum(math.prod(s) for s in shapes.values())
 
 
 class RoundEngine:
@@ -76,6 +110,9 @@ class RoundEngine:
         self.plans: dict[str, Any] = {}
         self.waiting_since: float | None = None
         self.on_commit: Callable[[dict], None] | None = None
+        # Refused updates per (round, device): past max_refused_updates, no more are decoded.
+        self.refused_updates: Counter[tuple[int, str]] = Counter()
+        self.counters: Counter[str] = Counter()  # messages refused or failed, for status()
         self.round = store.current_round()
         if self.round is not None:
             log.info("resuming round %d (%s)", self.round.number, self.round.state)
@@ -99,44 +136,93 @@ class RoundEngine:
 
     @property
     def done(self) -> bool:
-        return self.round is None and self.committed_rounds() >= self.config.rounds.total
+        return self.round is None and (self.committed_rounds() >= self.config.rounds.total
+                                       or self._gave_up() is not None)
+
+    def _gave_up(self) -> str | None:
+        """Why no further round is opened: too many aborted attempts (None: not given up)."""
+        rounds = self.store.rounds()
+        attempts = sum(r.state == "aborted" for r in rounds)
+        if attempts <= self.config.rounds.retries * self.config.rounds.total:
+            return None
+        last = next(r for r in reversed(rounds) if r.state == "aborted")
+        return f"{attempts} rounds aborted (last: {(last.summary or {}).get('reason')})"
 
     # --- messages --------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
+        """Act on one message. Returns whatever its content (handled, or refused and reported);
+        raises only a transient failure (`is_transient`), for the caller to try again."""
+        try:
+            self._dispatch(topic, payload)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            self.counters["messages_failed"] += 1
+            log.exception("could not handle a message on %s (%s: %s); it is dropped", topic,
+                          type(exc).__name__, exc)
+            self._tell_refused_update(topic, payload, f"the coordinator could not handle it: "
+                                                      f"{type(exc).__name__}: {exc}")
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
         try:
             kind, device = self.topics.device_of(topic)
         except ValueError as exc:
-            log.warning("ignoring message: %s", exc)
+            self._refused_message("ignoring message: %s", exc)
+            return
+        expected = TOPIC_TYPES.get(kind)
+        if expected is None:
+            self._refused_message("ignoring a message on %s: devices do not publish there", topic)
             return
         try:
             envelope = decode_envelope(payload, self.config.broker.max_payload_bytes)
             header = parse_header(envelope)
         except EnvelopeError as exc:
-            log.warning("refused a malformed %s message from %s: %s", kind, device, exc)
-            self._tell_refused_update(device, payload, exc)
+            self._refused_message("refused a malformed %s message from %s: %s", kind, device, exc)
+            self._tell_refused_update(topic, payload, f"update refused: {exc}")
             return
         if header.device != device:
-            log.warning("message on %s's topic claims to be from %s; refused", device, header.device)
+            self._refused_message("message on %s's topic claims to be from %s; refused", device,
+                                  header.device)
+            return
+        if envelope.type != expected:
+            self._refused_message("%s sent a %s message on its %s topic; refused", device,
+                                  envelope.type.name, kind)
+            if envelope.type == MessageType.UPDATE:
+                self._ack(header, False, f"update refused: an UPDATE goes on the update topic, "
+                                         f"not on {kind}")
             return
         handler = {MessageType.REGISTER: self._on_register, MessageType.STATUS: self._on_status,
                    MessageType.UPDATE: self._on_update, MessageType.REFUSAL: self._on_refusal}
-        if envelope.type not in handler:
-            log.warning("%s sent a %s message, which devices do not send", device, envelope.type.name)
-            return
         handler[envelope.type](header, envelope.payload)
 
-    def _tell_refused_update(self, device: str, payload: bytes, error: EnvelopeError) -> None:
-        """An update refused before decoding (too large, damaged payload) is still answered when
-        its header names a task of this device, so the device learns why."""
+    def _refused_message(self, text: str, *args) -> None:
+        self.counters["messages_refused"] += 1
+        log.warning(text, *args)
+
+    def _tell_refused_update(self, topic: str, payload: bytes, reason: str) -> None:
+        """An update refused before it was understood (too large, damaged, or failing) is still
+        answered when its header names a task of the device whose topic it came on, so the device
+        learns why."""
         try:
-            kind, raw = peek_header(payload)
-            header = parse_header(Envelope(kind, raw), MessageType.UPDATE)
-        except EnvelopeError:
+            kind, device = self.topics.device_of(topic)
+            if kind != "update":
+                return
+            message_type, raw = peek_header(payload)
+            header = parse_header(Envelope(message_type, raw), MessageType.UPDATE)
+            if header.device == device:
+                self._ack(header, False, reason)
+        except (ValueError, EnvelopeError):
             return
-        if header.device == device:
-            self._ack(header, False, f"update refused: {error}")
 
     def _on_register(self, header, _payload: bytes) -> None:
+        limit = self.config.max_device_samples
+        if header.num_samples > limit:
+            self._refused_message(
+                "refused the registration of %s: it claims %d training samples, over "
+                "max_device_samples = %d (its aggregation weight would be that count; raise "
+                "max_device_samples in coordinator.toml if a device really holds more)",
+                header.device, header.num_samples, limit)
+            return
         try:
             profile = DeviceProfile.model_validate(header.profile)
         except ValidationError as exc:
@@ -158,9 +244,11 @@ class RoundEngine:
         log.info("%s is %s", header.device, "online" if header.online else "offline")
 
     def _ack(self, header, accepted: bool, reason: str | None = None, duplicate: bool = False) -> None:
-        self.publish(self.topics.ack(header.device), encode_envelope(MessageType.ACK, {
+        """Signed like tasks (when the coordinator has a key): a forged ACK would make a device
+        drop an update it still has to deliver."""
+        self.publish(self.topics.ack(header.device), self._envelope(MessageType.ACK, {
             "device": header.device, "round": header.round, "task": header.task,
-            "accepted": accepted, "duplicate": duplicate, "reason": reason}))
+            "accepted": accepted, "duplicate": duplicate, "reason": reason}, b""))
 
     def _on_update(self, header, payload: bytes) -> None:
         current = self.round
@@ -176,22 +264,28 @@ class RoundEngine:
             self._ack(header, False, f"no task {header.task} for {header.device} in round {current.number}")
             return
         if task.state == "accepted":  # QoS 1 redelivery or a replay: counted once
-            self.store.count_duplicate(current.number)
+            self.store.count(current.number, "duplicates")
             self._ack(header, True, duplicate=True)
+            return
+        if current.state == "committing":  # resumed after a crash: its updates are already fixed
+            self._ack(header, False, f"round {current.number} is committing: the update came too "
+                                     "late to be counted (nothing to resend)")
+            return
+        refused = self.refused_updates[(current.number, header.device)]
+        if refused >= self.config.max_refused_updates:
+            self._ack(header, False, f"{refused} updates for task {header.task} were refused; "
+                                     "no further one is decoded this round")
             return
         if self.clock() > current.deadline:
             self.store.set_task(current.number, header.device, state="rejected", reason="late")
             self._ack(header, False, "late: the round's deadline had passed")
             return
-        plan = self._plan_for(header.device, task)
         try:
-            update = codec.decode(payload, expected_shapes=self.views.view(task.width_ratio).shapes,
-                                  known_indices=self.strategy.upload_known_indices)
-            if set(update) != set(plan.uploaded):
-                raise codec.CodecError(f"update carries {sorted(update)}, the plan asked for "
-                                       f"{sorted(plan.uploaded)}")
+            self._check_claims(header, payload)
+            update = self._decode_update(payload, task)
             self._check_norm(update, task.width_ratio)
-        except codec.CodecError as exc:
+        except (codec.CodecError, UpdateRefused) as exc:
+            self.refused_updates[(current.number, header.device)] += 1
             self.store.set_task(current.number, header.device, state="rejected", reason=str(exc))
             self._ack(header, False, f"update refused: {exc}")
             return
@@ -202,6 +296,34 @@ class RoundEngine:
                                  model_digest=self.views.view(task.width_ratio).spec.digest())
         self._ack(header, True, duplicate=not stored)
         log.info("round %d: accepted %d-byte update from %s", current.number, len(payload), header.device)
+
+    def _check_claims(self, header, payload: bytes) -> None:
+        """What the header says must hold before the payload is decoded: its digest, and no more
+        samples than the coordinator planned the device's task (and weight) with."""
+        digest = hashlib.sha256(payload).hexdigest()
+        if digest != header.payload_sha256:
+            raise UpdateRefused(f"payload_sha256 {header.payload_sha256} does not match the "
+                                   f"payload's sha256 {digest}: damaged or altered")
+        planned = self.store.device(header.device).num_samples
+        if header.num_samples > planned:
+            raise UpdateRefused(f"num_samples {header.num_samples} is over the {planned} "
+                                   f"samples {header.device} registered, which its task was "
+                                   "planned and weighted with")
+
+    def _decode_update(self, payload: bytes, task: TaskRow) -> dict[str, codec.SparseTensor]:
+        """Exactly the tensors the task's plan uploads, refused before decompression when the
+        payload declares more bytes than those tensors can take."""
+        plan = self._plan_for(task.device, task)
+        view = self.views.view(task.width_ratio)
+        shapes = {name: view.shapes[name] for name in plan.uploaded}
+        update = codec.decode(payload, expected_shapes=shapes,
+                              max_decoded_bytes=_decoded_limit(shapes, codec.ValueDtype.from_name(
+                                  plan.upload_dtype)),
+                              known_indices=self.strategy.upload_known_indices)
+        if set(update) != set(plan.uploaded):
+            raise UpdateRefused(f"update carries {sorted(update)}, the plan asked for "
+                                   f"{sorted(plan.uploaded)}")
+        return update
 
     def _check_norm(self, update: dict[str, codec.SparseTensor], width_ratio: float) -> None:
         """Refuse a change from the global model larger than `max_update_norm` (L2, all tensors)."""
@@ -215,19 +337,30 @@ class RoundEngine:
             start = start if tensor.indices is None else start[tensor.indices]
             squared += float(np.sum((tensor.values.astype(np.float64) - start) ** 2))
         if squared > limit ** 2:
-            raise codec.CodecError(f"the update changes the model by an L2 norm of {squared ** 0.5:.3g}, "
+            raise UpdateRefused(f"the update changes the model by an L2 norm of {squared ** 0.5:.3g}, "
                                    f"over the coordinator's limit of {limit:g}")
 
     def _on_refusal(self, header, _payload: bytes) -> None:
         current = self.round
         if current is None or header.round != current.number:
+            log.info("%s refused task %s of round %d (%s), which is not open: %s", header.device,
+                     header.task, header.round, header.code.value, header.message)
             return
         task = self.store.task(current.number, header.device)
-        if task is None or task.task != header.task or task.state != "sent":
+        if task is None or task.task != header.task:
+            return
+        if header.code == RefusalCode.BAD_ARTIFACT:  # information: the task itself runs on
+            self.store.count(current.number, "artifact_refusals")
+            log.warning("round %d: %s refused its exported model: %s", current.number,
+                        header.device, header.message)
+            return
+        if task.state != "sent":
             return
         self.store.set_task(current.number, header.device, state="refused",
                             reason=f"{header.code.value}: {header.message}")
-        if header.code == RefusalCode.PRIVACY_BUDGET:
+        if header.code in (RefusalCode.PRIVACY_BUDGET, RefusalCode.PRIVACY_POLICY):
+            # Not eligible again: its budget is spent, or this run's DP settings are weaker than
+            # its own config requires (they do not change while the coordinator runs).
             self.store.update_device(header.device, exhausted=True, epsilon=header.epsilon)
         elif header.code == RefusalCode.BAD_TASK:
             self.store.update_device(header.device, model_digest=None)  # resend everything next time
@@ -236,7 +369,19 @@ class RoundEngine:
 
     # --- the clock -------------------------------------------------------------------------
     def tick(self) -> None:
-        now = self.clock()
+        """Advance the open round by the clock. A step that fails for good (a stored update that
+        no longer decodes, a summary the database refuses) aborts the round with the reason, so
+        a restart does not fail on the same commit again; a transient failure is raised for the
+        caller to retry (the round and its accepted updates are kept)."""
+        try:
+            self._advance(self.clock())
+        except Exception as exc:
+            if is_transient(exc) or self.round is None:
+                raise
+            log.exception("round %d: %s failed", self.round.number, self.round.state)
+            self._abort(f"{self.round.state} failed: {type(exc).__name__}: {exc}")
+
+    def _advance(self, now: float) -> None:
         if self.round is None:
             if self.committed_rounds() < self.config.rounds.total:
                 self._maybe_open(now)
@@ -260,6 +405,10 @@ class RoundEngine:
         eligible = self._eligible()
         if len(eligible) < rounds.min_devices:
             self.waiting_since = None
+            return
+        gave_up = self._gave_up()
+        if gave_up is not None:
+            log.error("not opening another round: %s", gave_up)
             return
         self.waiting_since = self.waiting_since or now
         if len(eligible) < rounds.devices_per_round and now - self.waiting_since < rounds.registration_grace_seconds:
@@ -330,7 +479,7 @@ class RoundEngine:
         log.info("round %d: sent tasks to %d devices (quorum %d, deadline in %.0f s)", number,
                  count, quorum, self.config.rounds.deadline_seconds)
         if self.config.export.enabled:
-            artifact_bytes = self._send_artifacts(chosen, number)
+            artifact_bytes = self._send_artifacts(chosen, tasks, number)
             self.store.set_round(number, summary={"artifact_bytes": artifact_bytes})
 
     def resend_unanswered(self) -> None:
@@ -344,8 +493,9 @@ class RoundEngine:
                 self.publish(self.topics.task(device_id),
                              self._task_message(devices[device_id], task, self.round.deadline))
 
-    def _send_artifacts(self, chosen, number: int) -> int:
-        """The model each device starts the round from, exported for its width and runtime."""
+    def _send_artifacts(self, chosen, tasks: list[TaskRow], number: int) -> int:
+        """The model each device starts the round from, exported for its width and runtime; its
+        header names the device's task, which a refusal of the artifact names in turn."""
         from export import ExportError, export_bundle
 
         from ..exporting import submodel
@@ -356,7 +506,7 @@ class RoundEngine:
         x = self.test_x[:self.config.export.verify_samples].numpy() if self.test_x is not None else \
             to_tensor(load_dataset(self.config.dataset, self.config.data_dir).test_x[:64], self.info).numpy()
         bundles, sent = {}, 0
-        for device in chosen:
+        for device, task in zip(chosen, tasks):
             formats = [f for f in self.config.export.formats if f in device.formats]
             if not formats:
                 continue
@@ -377,7 +527,7 @@ class RoundEngine:
             out, manifest = bundles[key]
             entry = manifest.artifacts[0]
             message = self._envelope(
-                MessageType.ARTIFACT, {"device": device.id, "round": number - 1,
+                MessageType.ARTIFACT, {"device": device.id, "round": number - 1, "task": task.task,
                                        "manifest": manifest.model_dump(mode="json"),
                                        "artifact": entry.compressed_path},
                 (out / entry.compressed_path).read_bytes())
@@ -389,14 +539,15 @@ class RoundEngine:
     def _commit(self) -> None:
         number = self.round.number
         self.store.set_round(number, state="committing")
+        self.round = self.store.round_row(number)
         tasks = self.store.tasks(number)
         combiner = RoundCombiner(self.strategy, self.global_state, self.robust)
-        bytes_up, epsilons, local = 0, [], []
+        bytes_up, epsilons, local, contributions = 0, [], [], []
         for update in self.store.updates(number):
-            view = self.views.view(tasks[update.device].width_ratio)
-            decoded = codec.decode(update.payload, expected_shapes=view.shapes,
-                                   known_indices=self.strategy.upload_known_indices)
-            combiner.add(view.to_global(decoded), update.weight)
+            task = tasks[update.device]
+            decoded = self._decode_update(update.payload, task)
+            combiner.add(self.views.view(task.width_ratio).to_global(decoded), update.weight)
+            contributions.append(f"{update.device}/{update.task}")
             bytes_up += update.bytes
             if update.epsilon is not None:
                 epsilons.append(update.epsilon)
@@ -425,7 +576,8 @@ class RoundEngine:
                    "epsilon_max": max(epsilons) if epsilons else None,
                    "personalized_accuracy": float(np.mean(local)) if local else None,
                    "global_accuracy": global_accuracy,
-                   "seconds": self.clock() - self.round.started_at}
+                   "seconds": self.clock() - self.round.started_at,
+                   "contributions": contributions}
         self.store.set_round(number, state="committed", checkpoint=str(path),
                              finished_at=self.clock(), summary=summary)
         self.global_state, self.round = new_state, None
@@ -438,12 +590,10 @@ class RoundEngine:
         for device_id, task in self.store.tasks(number).items():
             if task.state == "sent":
                 self.store.set_task(number, device_id, state="missing")
-        self.store.set_round(number, state="aborted", finished_at=self.clock(), summary={"reason": why})
+        summary = {**(self.store.round_row(number).summary or {}), "reason": why}
+        self.store.set_round(number, state="aborted", finished_at=self.clock(), summary=summary)
         log.warning("round %d aborted: %s; a new round will be opened", number, why)
         self.round = None
-        attempts = sum(r.state == "aborted" for r in self.store.rounds())
-        if attempts > self.config.rounds.retries * self.config.rounds.total:
-            raise RuntimeError(f"{attempts} rounds aborted; giving up (last: {why})")
 
     # --- status ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -460,6 +610,8 @@ class RoundEngine:
                                      for s in ("sent", "accepted", "refused", "rejected")}}
         return {"fleet": self.config.broker.fleet,
                 "process": {"peak_rss_bytes": peak_rss_bytes(), "devices_registered": len(devices)},
+                "messages": {"refused": self.counters["messages_refused"],
+                             "failed": self.counters["messages_failed"]},
                 "rounds_committed": sum(r.state == "committed" for r in rounds),
                 "rounds_total": self.config.rounds.total, "current": progress,
                 "devices": [{"id": d.id, "online": d.online, "width_ratio": d.width_ratio,

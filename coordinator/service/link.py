@@ -4,14 +4,17 @@ paho's network thread only enqueues; the engine consumes from one thread. The se
 persistent (clean_session=False) under a fixed client id, so updates published while the
 coordinator is down or restarting are queued by the broker and delivered when it returns; and
 messages are acknowledged only once handled (see `__init__`).
+
+The inbox is bounded: every topic of the protocol is QoS 1, whose deliveries the broker limits to
+its in-flight window; QoS 0 ones, which nothing limits, are dropped on arrival and counted.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-from collections import deque
 import threading
+from collections import Counter, deque
 
 import paho.mqtt.client as mqtt
 
@@ -25,9 +28,14 @@ RECONNECTED = ""  # inbox marker (no real topic is empty): the link (re)connecte
 
 class CoordinatorLink:
     def __init__(self, url: str, topics: Topics, client_id: str, keepalive: int = 30,
-                 username: str | None = None, password: str | None = None, tls_ca: str | None = None):
+                 username: str | None = None, password: str | None = None, tls_ca: str | None = None,
+                 inbox_limit: int = 1000):
         self.topics = topics
         self.inbox: queue.Queue[tuple[str, bytes, int, int]] = queue.Queue()
+        self.inbox_limit = inbox_limit
+        # dropped_qos0: deliveries at QoS 0 (the protocol sends none); dropped_inbox_full:
+        # deliveries past inbox_limit (not acknowledged, so the broker sends them again).
+        self.counters: Counter[str] = Counter()
         self.connected = threading.Event()
         self.client, address = make_client(client_id, url, username, password, tls_ca)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -41,8 +49,7 @@ class CoordinatorLink:
         # coordinator's memory, stay small however many devices answer at once; and a message
         # the coordinator received but had not stored when it crashed is delivered again.
         self.client.manual_ack_set(True)
-        self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload, msg.mid,
-                                                                   msg.qos))
+        self.client.on_message = self._on_message
         self.host, self.port, self.keepalive = address.host, address.port, keepalive
         self.pending: deque[mqtt.MQTTMessageInfo] = deque()
         self.window = 32
@@ -58,6 +65,21 @@ class CoordinatorLink:
         # Tell the engine: a task published while the broker was going down may be lost.
         self.inbox.put((RECONNECTED, b"", 0, 0))
         log.info("connected to mqtt://%s:%d", self.host, self.port)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        """paho's network thread, the inbox's only producer: its size check is exact."""
+        if msg.qos == 0:
+            self.counters["dropped_qos0"] += 1
+            if self.counters["dropped_qos0"] in (1, 10, 100) or self.counters["dropped_qos0"] % 1000 == 0:
+                log.warning("dropped %d QoS 0 messages (latest on %s): fedprune peers publish at "
+                            "QoS 1 only", self.counters["dropped_qos0"], msg.topic)
+            return
+        if self.inbox.qsize() >= self.inbox_limit:
+            self.counters["dropped_inbox_full"] += 1
+            log.warning("inbox full (%d messages); a message on %s is left unacknowledged for the "
+                        "broker to deliver again", self.inbox_limit, msg.topic)
+            return
+        self.inbox.put((msg.topic, msg.payload, msg.mid, msg.qos))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
         self.connected.clear()

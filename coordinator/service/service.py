@@ -2,25 +2,44 @@
 
 One thread runs the engine: it drains the link's inbox and ticks the clock. Nothing else
 touches the engine's state, so it needs no locks.
+
+Acknowledgement policy: a message is acknowledged to the broker once the engine has handled it,
+or refused it (the engine tells the device why). One whose handling failed for a reason that may
+pass (`is_transient`: the database is down or locked, the disk is full) is not: it is tried again
+with exponential backoff ([retry] in coordinator.toml), and if it still fails it is kept in
+state_dir/dead-letter/ (the raw bytes as <sha256>.bin, topic and reason in <sha256>.json) and only
+then acknowledged, so it is neither lost nor redelivered forever. The device, which got no ACK,
+sends the update again on its resend timer.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import queue
 import signal
 import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 
+from device_profiles.files import atomic_write
 from edge_sdk.protocol import Topics
 from edge_sdk.rehearsal import peak_rss_bytes
 
 from .config import ServiceConfig
-from .engine import RoundEngine
+from .engine import RoundEngine, is_transient
 from .link import RECONNECTED, CoordinatorLink
 from .status_http import serve_status
 from .store import Store
 
 log = logging.getLogger("fedprune.coordinator")
+
+
+class _Stopped(Exception):
+    """The service is stopping while waiting to try again: the message stays unacknowledged."""
 
 
 class CoordinatorService:
@@ -30,8 +49,12 @@ class CoordinatorService:
         broker = config.broker
         self.link = CoordinatorLink(broker.url, Topics(broker.fleet, broker.topic_prefix),
                                     broker.client_id, broker.keepalive, broker.username,
-                                    broker.password, broker.tls_ca)
+                                    broker.password, broker.tls_ca, broker.inbox_limit)
         self.engine = RoundEngine(config, self.store, self.link.publish)
+        self.dead_letters = Path(config.state_dir) / "dead-letter"
+        # transient_failures: attempts that failed and were tried again; dead_lettered: messages
+        # kept in dead-letter/ after the last attempt.
+        self.counters: Counter[str] = Counter()
         self.stopping = threading.Event()
         self.http = None
 
@@ -42,10 +65,19 @@ class CoordinatorService:
         host, port = self.http.server_address[:2]
         return f"http://{host}:{port}/status"
 
+    def status(self) -> dict:
+        """The engine's status, plus what the link dropped and what handling retried or kept."""
+        return {**self.engine.status(),
+                "inbox": {"queued": self.link.inbox.qsize(), "limit": self.link.inbox_limit,
+                          "dropped_qos0": self.link.counters["dropped_qos0"],
+                          "dropped_inbox_full": self.link.counters["dropped_inbox_full"]},
+                "handling": {"transient_failures": self.counters["transient_failures"],
+                             "dead_lettered": self.counters["dead_lettered"]}}
+
     def start(self) -> None:
         self.link.start()
         if self.config.http_port is not None:
-            self.http = serve_status(self.config.http_host, self.config.http_port, self.engine.status)
+            self.http = serve_status(self.config.http_host, self.config.http_port, self.status)
 
     def run(self) -> None:
         """Serve until stopped, or until every round is committed when exit_when_done is set."""
@@ -58,24 +90,77 @@ class CoordinatorService:
                         self._handle(*self.link.inbox.get_nowait())
                 except queue.Empty:
                     pass
-                self.engine.tick()
+                self._tick()
                 if self.config.exit_when_done and self.engine.done:
-                    log.info("all %d rounds committed", self.config.rounds.total,
+                    log.info("done: %d of %d rounds committed", self.engine.committed_rounds(),
+                             self.config.rounds.total,
                              extra={"peak_rss_bytes": peak_rss_bytes(),
                                     "devices_registered": len(self.store.devices())})
                     break
+        except _Stopped:
+            pass
         finally:
             self.stop()
 
     def _handle(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
         if topic == RECONNECTED:
-            self.engine.resend_unanswered()
+            if self._attempt(self.engine.resend_unanswered, "re-sending unanswered tasks"):
+                log.error("unanswered tasks were not re-sent; they will be on the next reconnect")
             return
-        try:
-            self.engine.handle(topic, payload)
-        except Exception:  # noqa: BLE001 - one bad message must not stop the fleet
-            log.exception("failed to handle a message on %s; it was dropped", topic)
+        failure = self._attempt(lambda: self.engine.handle(topic, payload), f"a message on {topic}")
+        if failure is not None and not self._dead_letter(topic, payload, failure):
+            return  # kept nowhere: left unacknowledged for the broker to deliver again
         self.link.ack(mid, qos)
+
+    def _tick(self) -> None:
+        """The engine aborts a round that fails for good; a transient failure is retried here,
+        and again at the next tick: the round and its accepted updates are kept meanwhile."""
+        failure = self._attempt(self.engine.tick, "the round step")
+        if failure is not None:
+            log.error("the round step keeps failing (%s: %s); trying again", type(failure).__name__,
+                      failure)
+
+    def _attempt(self, action: Callable[[], None], what: str) -> Exception | None:
+        """Run `action`, trying a transient failure again with exponential backoff; the last
+        failure if it never passed, None once it did."""
+        retry = self.config.retry
+        delay = retry.first_delay_seconds
+        for attempt in range(1, retry.attempts + 1):
+            try:
+                action()
+                return None
+            except Exception as exc:  # noqa: BLE001 - one failure must not stop the fleet
+                if not is_transient(exc):  # the engine refuses bad content itself: a defect
+                    log.exception("%s failed", what)
+                    return exc
+                self.counters["transient_failures"] += 1
+                if attempt == retry.attempts:
+                    return exc
+                log.warning("%s failed (%s: %s); attempt %d of %d, trying again in %.2g s", what,
+                            type(exc).__name__, exc, attempt, retry.attempts, delay)
+                if self.stopping.wait(delay):
+                    raise _Stopped from exc
+                delay = min(2 * delay, retry.max_delay_seconds)
+        raise AssertionError("unreachable")
+
+    def _dead_letter(self, topic: str, payload: bytes, failure: Exception) -> bool:
+        """Keep a message that could not be handled, so the broker can be told it was received.
+        False: it could not be written either."""
+        name = hashlib.sha256(payload).hexdigest()
+        reason = f"{type(failure).__name__}: {failure}"
+        try:
+            atomic_write(self.dead_letters / f"{name}.bin", payload, private=True)
+            atomic_write(self.dead_letters / f"{name}.json", json.dumps({
+                "topic": topic, "reason": reason, "attempts": self.config.retry.attempts,
+                "at": time.time()}, indent=1).encode(), private=True)
+        except OSError as exc:
+            log.error("could not keep a failed message in %s (%s); it is not acknowledged",
+                      self.dead_letters, exc)
+            return False
+        self.counters["dead_lettered"] += 1
+        log.error("a message on %s failed %d times (%s); kept as %s and acknowledged", topic,
+                  self.config.retry.attempts, reason, self.dead_letters / f"{name}.bin")
+        return True
 
     def stop(self) -> None:
         self.stopping.set()

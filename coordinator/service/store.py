@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, LargeBinary, String,
-                        create_engine, func, select)
+                        create_engine, func, make_url, select)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -86,10 +86,14 @@ class UpdateRow(Base):
 class Store:
     def __init__(self, url: str):
         kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            # How long to wait for a lock before failing (a transient failure, retried by the
+            # service): 30 s unless the URL says otherwise (sqlite:///x.db?timeout=2).
+            kwargs["connect_args"] = {"check_same_thread": False,
+                                      **({} if "timeout" in parsed.query else {"timeout": 30})}
         self.engine = create_engine(url, **kwargs)
         Base.metadata.create_all(self.engine)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
@@ -167,11 +171,12 @@ class Store:
             for key, value in fields.items():
                 setattr(row, key, value)
 
-    def count_duplicate(self, number: int) -> None:
-        """A second copy of an accepted update arrived (and was not counted again)."""
+    def count(self, number: int, event: str) -> None:
+        """One more `event` in the round's summary: "duplicates" (a second copy of an accepted
+        update, not counted again), "artifact_refusals" (a device refused its exported model)."""
         with self.session.begin() as s:
             row = s.get(RoundRow, number)
-            row.summary = {**(row.summary or {}), "duplicates": (row.summary or {}).get("duplicates", 0) + 1}
+            row.summary = {**(row.summary or {}), event: (row.summary or {}).get(event, 0) + 1}
 
     def tasks(self, round_number: int) -> dict[str, TaskRow]:
         with self.session() as s:

@@ -1,0 +1,463 @@
+"""The coordinator under hostile or failing input: every message refused with a reason or handled,
+none raising; updates checked against what was planned before anything is decoded; a commit that
+fails for good aborted once; a database that fails for a while losing nothing (issue 11).
+
+The engine tests drive the real round engine and real edge agents through `fleet_harness` on
+SQLite and PostgreSQL; the service tests run `CoordinatorService` against a real Mosquitto and
+break the database for real (a lock held by another connection), never with a patched store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import sqlite3
+import struct
+import threading
+import time
+import tracemalloc
+import uuid
+
+import psycopg
+import pytest
+import sqlalchemy
+import zstandard
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator.service import CoordinatorService
+from edge_sdk import codec
+from edge_sdk.protocol import MAGIC, VERSION, MessageType, decode_envelope, encode_envelope
+from edge_sdk.protocol.signing import verify
+from edge_sdk.protocol.transport import make_client
+from fleet_harness import Harness, update_message
+from mqtt_brokers import Mosquitto
+from test_coordinator_engine import _acks, db_url  # noqa: F401 - the fixture: SQLite and PostgreSQL
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    """The engine's own logic does not depend on the database: these tests run on SQLite only."""
+    return f"sqlite:///{tmp_path / 'coordinator.db'}"
+
+
+def _raw(kind: MessageType, head: bytes, payload: bytes = b"") -> bytes:
+    """An envelope whose header bytes are exactly `head` (a peer need not send valid JSON)."""
+    return struct.pack(">4sBBHII", MAGIC, VERSION, int(kind), 0, len(head), len(payload)) + head + payload
+
+
+def _round_with_updates(h: Harness) -> dict[str, tuple[str, bytes]]:
+    """Round 1 open, every device trained: its update, not yet delivered, per device."""
+    h.register_all()
+    h.engine.tick()
+    h.deliver_to_devices("task")
+    return {h.topics.device_of(t)[1]: (t, p) for t, p in h.take(h.to_coordinator, "update")}
+
+
+def _header(message: bytes) -> dict:
+    return decode_envelope(message).header
+
+
+def _payload(message: bytes) -> bytes:
+    return decode_envelope(message).payload
+
+
+# --- item 3: no content makes the engine raise ------------------------------------------------
+def test_no_message_content_makes_the_engine_raise_and_updates_are_answered(tmp_path, sqlite_url):
+    h = Harness(tmp_path, sqlite_url, devices=1)
+    updates = _round_with_updates(h)
+    topic, honest = updates["dev-0"]
+    header, payload = _header(honest), _payload(honest)
+    registration = decode_envelope(h.agents["dev-0"]._registration()).header
+    nested: object = {}
+    for _ in range(40):
+        nested = {"x": nested}
+    t = h.topics
+    hostile = [
+        (topic, _raw(MessageType.UPDATE, b"[" * 50_000)),                   # RecursionError before
+        (topic, _raw(MessageType.UPDATE, b'{"device": "dev-0", "round": ' + b"9" * 5000 + b"}")),
+        (topic, update_message(header, payload, num_samples=10**19)),       # overflowed the store
+        (t.register("dev-0"), encode_envelope(MessageType.REGISTER, {**registration,
+                                                                     "num_samples": 10**19})),
+        (t.register("dev-0"), _raw(MessageType.REGISTER, json.dumps({**registration,
+                                                                    "profile": nested}).encode())),
+        (t.refusal("dev-0"), encode_envelope(MessageType.REFUSAL, {
+            "device": "dev-0", "round": 1, "task": header["task"], "code": "nonsense", "message": "x"})),
+        (t.status("dev-0"), encode_envelope(MessageType.STATUS, {"device": "dev-0", "online": "maybe"})),
+        (t.register("dev-0"), honest),                                      # an UPDATE on register
+        (f"fedprune/test/task/dev-0", honest),                              # not a device topic
+    ]
+    for hostile_topic, message in hostile:
+        h.engine.handle(hostile_topic, message)  # returns: nothing escapes
+    reasons = [a.reason for a in _acks(h, "dev-0")]
+    assert h.store.update_count(1) == 0 and h.engine.round.number == 1
+    assert any("registered" in r for r in reasons), reasons           # the 10**19-sample claim
+    assert any("update topic" in r for r in reasons), reasons         # UPDATE on the register topic
+    assert h.store.device("dev-0").num_samples == 150                 # no registration took
+    assert h.engine.status()["messages"]["refused"] >= 6
+    h.engine.handle(topic, honest)  # the device's real update is still accepted afterwards
+    (ack,) = _acks(h, "dev-0")
+    assert ack.accepted and h.store.update_count(1) == 1
+
+
+# --- item 6: non-finite numbers, and a commit that fails for good ------------------------------
+def test_non_finite_numbers_in_an_update_header_never_reach_the_store(tmp_path, db_url):
+    h = Harness(tmp_path, db_url, devices=1)
+    topic, honest = _round_with_updates(h)["dev-0"]
+    for field, value in (("epsilon", float("inf")), ("local_accuracy", float("nan")),
+                         ("train_seconds", float("inf"))):
+        text = json.dumps({**_header(honest), field: value})  # what a hostile peer can send
+        h.engine.handle(topic, _raw(MessageType.UPDATE, text.encode(), _payload(honest)))
+        assert h.store.update_count(1) == 0, f"{field} = {value} was stored"
+    h.engine.handle(topic, honest)
+    assert h.store.update_count(1) == 1
+
+
+def test_a_commit_that_fails_aborts_the_round_once_and_a_restart_does_not_crash(tmp_path, db_url):
+    h = Harness(tmp_path, db_url, devices=2)
+    updates = _round_with_updates(h)
+    h.engine.handle(*updates["dev-0"])
+    # An update stored by an earlier coordinator that no longer decodes (or a damaged row).
+    task = h.store.task(1, "dev-1")
+    h.store.accept_update(1, "dev-1", task.task, b"FPTU not a payload", task.aggregation_weight,
+                          150, None)
+    h.engine.tick()
+    (row,) = h.store.rounds()
+    assert row.state == "aborted" and "committing failed" in row.summary["reason"]
+    assert "CodecError" in row.summary["reason"] and h.engine.round is None
+    h.new_engine()  # a restart finds no half-done commit to fail on again
+    h.engine.tick()
+    assert [r.state for r in h.store.rounds()] == ["aborted", "collecting"]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_round_summary_postgresql_refuses_aborts_the_round_once(tmp_path, db_url):
+    """PostgreSQL's json type refuses Infinity: an epsilon stored as inf (before headers were
+    checked) made every commit of the round fail, before and after each restart."""
+    h = Harness(tmp_path, db_url, devices=2)
+    updates = _round_with_updates(h)
+    h.engine.handle(*updates["dev-0"])
+    task = h.store.task(1, "dev-1")
+    h.store.accept_update(1, "dev-1", task.task, _payload(updates["dev-1"][1]),
+                          task.aggregation_weight, 150, float("inf"))
+    h.engine.tick()
+    (row,) = h.store.rounds()
+    assert row.state == "aborted" and "DataError" in row.summary["reason"]
+    h.new_engine()
+    h.engine.tick()
+    assert [r.state for r in h.store.rounds()] == ["aborted", "collecting"]
+
+
+# --- item 7: a device's weight is what was planned ---------------------------------------------
+def test_an_update_claiming_more_samples_than_planned_is_refused(tmp_path, sqlite_url):
+    h = Harness(tmp_path, sqlite_url, devices=2)
+    updates = _round_with_updates(h)
+    assert {t.aggregation_weight for t in h.store.tasks(1).values()} == {150.0}  # FedAvg: samples
+    topic, honest = updates["dev-0"]
+    h.engine.handle(topic, update_message(_header(honest), _payload(honest), num_samples=151))
+    (ack,) = _acks(h, "dev-0")
+    assert not ack.accepted and "num_samples 151 is over the 150 samples dev-0 registered" in ack.reason
+    assert h.store.update_count(1) == 0
+    registration = decode_envelope(h.agents["dev-1"]._registration()).header
+    h.engine.handle(h.topics.register("dev-1"), encode_envelope(
+        MessageType.REGISTER, {**registration, "num_samples": 1_000_001}))
+    assert h.store.device("dev-1").num_samples == 150  # over max_device_samples: not taken
+
+
+# --- item 8: decoded within what the task's tensors can take; refusals bounded -----------------
+def test_a_decompression_bomb_is_refused_before_allocating_and_refusals_are_bounded(tmp_path, sqlite_url):
+    h = Harness(tmp_path, sqlite_url, devices=1)
+    topic, honest = _round_with_updates(h)["dev-0"]
+    header = _header(honest)
+    body = bytes(96 * 2**20)  # 96 MiB of zeros: under the codec's default 256 MiB limit
+    bomb = codec.HEADER.pack(codec.MAGIC, codec.FORMAT_VERSION, 1, 0, 0, 1, len(body)) + \
+        zstandard.ZstdCompressor().compress(body)
+    del body
+    assert len(bomb) < 16_000
+    tracemalloc.start()
+    try:
+        h.engine.handle(topic, update_message(header, bomb))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 2**20, f"handling the bomb allocated {peak / 2**20:.0f} MiB"
+    (ack,) = _acks(h, "dev-0")
+    assert not ack.accepted and "refusing to decompress" in ack.reason
+    for _ in range(h.config.max_refused_updates - 1):
+        h.engine.handle(topic, update_message(header, bomb))
+    h.engine.handle(topic, honest)  # even a good one: the task had its share of refusals
+    *_, ack = _acks(h, "dev-0")
+    assert not ack.accepted and "no further one is decoded" in ack.reason
+    assert h.store.update_count(1) == 0
+
+
+# --- item 12: digest, topic kind, committing, signed ACKs --------------------------------------
+def test_an_update_whose_payload_sha256_does_not_match_is_refused(tmp_path, sqlite_url):
+    h = Harness(tmp_path, sqlite_url, devices=1)
+    topic, honest = _round_with_updates(h)["dev-0"]
+    h.engine.handle(topic, encode_envelope(MessageType.UPDATE, {
+        **_header(honest), "payload_sha256": hashlib.sha256(b"something else").hexdigest()},
+        _payload(honest)))
+    (ack,) = _acks(h, "dev-0")
+    assert not ack.accepted and "does not match the payload's sha256" in ack.reason
+    assert h.store.update_count(1) == 0
+
+
+def test_an_update_on_a_register_topic_is_refused(tmp_path, sqlite_url):
+    h = Harness(tmp_path, sqlite_url, devices=1)
+    _, honest = _round_with_updates(h)["dev-0"]
+    h.engine.handle(h.topics.register("dev-0"), honest)
+    (ack,) = _acks(h, "dev-0")
+    assert not ack.accepted and "an UPDATE goes on the update topic, not on register" in ack.reason
+    assert h.store.update_count(1) == 0
+
+
+def test_updates_arriving_while_a_resumed_round_commits_are_refused(tmp_path, sqlite_url):
+    h = Harness(tmp_path, sqlite_url, devices=2)
+    updates = _round_with_updates(h)
+    h.engine.handle(*updates["dev-0"])
+    h.store.set_round(1, state="committing")  # what _commit writes first; then the process died
+    h.new_engine()
+    assert h.engine.round.state == "committing"
+    h.engine.handle(*updates["dev-1"])  # queued by the broker while the coordinator was down
+    (ack,) = _acks(h, "dev-1")
+    assert not ack.accepted and "round 1 is committing" in ack.reason
+    h.engine.tick()
+    row = h.store.last_committed()
+    tasks = h.store.tasks(1)
+    assert row.summary["contributions"] == [f"dev-0/{tasks['dev-0'].task}"]
+    assert h.store.update_count(1) == 1 and tasks["dev-1"].state == "missing"
+
+
+def test_acks_are_signed_when_the_coordinator_signs_tasks(tmp_path, sqlite_url):
+    key = Ed25519PrivateKey.generate()
+    key_path = tmp_path / "signing.key"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    h = Harness(tmp_path, sqlite_url, devices=1, signing_key=str(key_path))
+    topic, honest = _round_with_updates(h)["dev-0"]
+    h.engine.handle(topic, update_message(_header(honest), b"refused too"))
+    h.engine.handle(topic, honest)
+    acks = [decode_envelope(p) for _, p in h.take(h.to_devices, "ack", "dev-0")]
+    assert [a.header["accepted"] for a in acks] == [False, True]
+    for ack in acks:
+        verify(ack.header, b"", key.public_key())  # raises if unsigned or altered
+
+
+# --- contracts 4, 6, 9: privacy policy, contributions, artifacts -------------------------------
+def test_the_round_summary_lists_each_contribution_once(tmp_path, sqlite_url):
+    h = Harness(tmp_path, sqlite_url, devices=2)
+    updates = _round_with_updates(h)
+    for device in ("dev-1", "dev-0"):
+        h.engine.handle(*updates[device])
+    h.engine.handle(*updates["dev-0"])  # a QoS 1 redelivery: counted as a duplicate, added once
+    h.engine.tick()
+    summary = h.store.last_committed().summary
+    tasks = h.store.tasks(1)
+    assert sorted(summary["contributions"]) == sorted(f"{d}/{t.task}" for d, t in tasks.items())
+    assert len(summary["contributions"]) == 2 and summary["duplicates"] == 1
+
+
+def test_a_device_refusing_for_its_privacy_policy_is_not_selected_again(tmp_path, sqlite_url):
+    h = Harness(tmp_path, sqlite_url, devices=2, rounds={"min_devices": 1})
+    updates = _round_with_updates(h)
+    task = h.store.task(1, "dev-1")
+    # What a device whose own config requires DP answers a task without it (contract 4).
+    h.engine.handle(h.topics.refusal("dev-1"), encode_envelope(MessageType.REFUSAL, {
+        "device": "dev-1", "round": 1, "task": task.task, "code": "privacy_policy",
+        "message": "the task asks for no DP; this device has an epsilon budget"}))
+    h.engine.handle(*updates["dev-0"])
+    h.engine.tick()
+    assert h.store.last_committed().summary["refused"] == 1
+    assert h.store.device("dev-1").exhausted
+    h.engine.tick()
+    assert set(h.store.tasks(2)) == {"dev-0"}
+
+
+def test_a_refused_artifact_is_counted_and_leaves_the_task_running(tmp_path, sqlite_url):
+    h = Harness(tmp_path, sqlite_url, devices=1, rounds={"min_devices": 1},
+                export={"enabled": True, "verify_samples": 8})
+    h.register_all()
+    h.engine.tick()
+    (artifact,) = h.take(h.to_devices, "artifact", "dev-0")
+    task = h.store.task(1, "dev-0")
+    header = _header(artifact[1])
+    assert header["task"] == task.task and header["round"] == 0
+    # The device refuses the exported model (contract 9): information, not an answer to the task.
+    h.engine.handle(h.topics.refusal("dev-0"), encode_envelope(MessageType.REFUSAL, {
+        "device": "dev-0", "round": 1, "task": task.task, "code": "bad_artifact",
+        "message": "artifact name '../x' is not one this device stores"}))
+    assert h.store.task(1, "dev-0").state == "sent"
+    h.deliver_to_devices("task")
+    h.deliver_to_coordinator("update")
+    h.engine.tick()
+    summary = h.store.last_committed().summary
+    assert summary["artifact_refusals"] == 1 and summary["accepted"] == 1
+
+
+# --- items 9 and 10: the service over a real Mosquitto, with a database that fails ------------
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    mosquitto = Mosquitto(tmp_path_factory.mktemp("broker")).start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+class _Lock:
+    """Another connection holding the database (or its updates table) exclusively."""
+
+    def __init__(self, db_url: str):
+        url = sqlalchemy.make_url(db_url)
+        if url.get_backend_name() == "sqlite":
+            self.conn = sqlite3.connect(url.database, isolation_level=None, check_same_thread=False)
+            self.conn.execute("BEGIN EXCLUSIVE")
+        else:
+            self.conn = psycopg.connect(url.set(drivername="postgresql", query={})
+                                        .render_as_string(hide_password=False))
+            self.conn.execute("LOCK TABLE updates IN ACCESS EXCLUSIVE MODE")
+
+    def release(self) -> None:
+        self.conn.rollback() if isinstance(self.conn, psycopg.Connection) else self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+def _failing_fast(db_url: str) -> str:
+    """The same database, waiting 0.2 s for a lock instead of 30 s before failing."""
+    if db_url.startswith("sqlite"):
+        return f"{db_url}?timeout=0.2"
+    return f"{db_url}?options=-c%20lock_timeout%3D200"
+
+
+def _service(h: Harness, broker: Mosquitto, name: str, **retry) -> CoordinatorService:
+    changes = {"broker": h.config.broker.model_copy(update={"url": broker.url, "client_id": name})}
+    if retry:
+        changes["retry"] = h.config.retry.model_copy(update=retry)
+    config = h.config.model_copy(update=changes)
+    service = CoordinatorService(config)
+    service.start()
+    assert _next(service)[0] == ""  # connected (the RECONNECTED marker)
+    return service
+
+
+def _next(service: CoordinatorService) -> tuple:
+    """The next message the service's link received (waiting for it: an event, not a sleep)."""
+    try:
+        return service.link.inbox.get(timeout=30)
+    except queue.Empty:
+        raise AssertionError("the service received nothing within 30 s") from None
+
+
+def _device(broker: Mosquitto, device: str):
+    client, address = make_client(f"{device}-{time.monotonic_ns()}", broker.url, clean_session=True)
+    acks: list[bytes] = []
+    arrived, subscribed = threading.Event(), threading.Event()
+    client.on_message = lambda c, u, m: (acks.append(m.payload), arrived.set())
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.connect(address.host, address.port)
+    client.loop_start()
+    client.subscribe(f"fedprune/test/ack/{device}", qos=1)
+    assert subscribed.wait(30), "the device's client could not subscribe"
+    return client, acks, arrived
+
+
+class _LogEvent(logging.Handler):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text, self.seen = text, threading.Event()
+
+    def emit(self, record):
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+def _handle_next(service: CoordinatorService) -> None:
+    """One turn of the service's loop, for the message that arrives next."""
+    service._handle(*_next(service))
+
+
+def test_an_update_the_database_cannot_store_for_a_while_is_stored_once_it_can(tmp_path, db_url, broker):
+    h = Harness(tmp_path, _failing_fast(db_url), devices=1)
+    h.clock.now = time.time()  # the service's engine runs on the real clock
+    topic, honest = _round_with_updates(h)["dev-0"]
+    service = _service(h, broker, f"retry-{uuid.uuid4().hex[:8]}")
+    device, acks, arrived = _device(broker, "dev-0")
+    retrying = _LogEvent(f"a message on {topic} failed")
+    logging.getLogger("fedprune.coordinator").addHandler(retrying)
+    lock = _Lock(db_url)
+    try:
+        # The lock goes once the service has failed to store the update and is waiting to retry.
+        releaser = threading.Thread(target=lambda: (retrying.seen.wait(30), lock.release()))
+        releaser.start()
+        device.publish(topic, honest, qos=1).wait_for_publish(30)
+        _handle_next(service)
+        releaser.join()
+        assert retrying.seen.is_set(), "the service never retried the update: it was dropped"
+        assert arrived.wait(30), "the device got no ACK"
+    finally:
+        logging.getLogger("fedprune.coordinator").removeHandler(retrying)
+        device.loop_stop()
+        service.stop()
+    (ack,) = [decode_envelope(a).header for a in acks]
+    assert ack["accepted"] and not ack["duplicate"]
+    assert h.store.has_update(1, "dev-0", ack["task"])
+    assert service.status()["handling"]["transient_failures"] >= 1
+    assert not (tmp_path / "coordinator" / "dead-letter").exists()
+
+
+def test_an_update_that_always_fails_is_dead_lettered_and_acknowledged(tmp_path, db_url, broker):
+    h = Harness(tmp_path, _failing_fast(db_url), devices=1)
+    h.clock.now = time.time()
+    topic, honest = _round_with_updates(h)["dev-0"]
+    session = f"dead-{uuid.uuid4().hex[:8]}"
+    service = _service(h, broker, session, attempts=2, first_delay_seconds=0.05)
+    device, _, _ = _device(broker, "dev-0")
+    lock = _Lock(db_url)
+    try:
+        device.publish(topic, honest, qos=1).wait_for_publish(30)
+        _handle_next(service)
+    finally:
+        lock.release()
+        service.stop()
+    name = hashlib.sha256(honest).hexdigest()
+    folder = tmp_path / "coordinator" / "dead-letter"
+    assert (folder / f"{name}.bin").read_bytes() == honest
+    kept = json.loads((folder / f"{name}.json").read_text())
+    assert kept["topic"] == topic and "OperationalError" in kept["reason"] and kept["attempts"] == 2
+    assert (folder / f"{name}.bin").stat().st_mode & 0o777 == 0o600
+    assert service.status()["handling"]["dead_lettered"] == 1
+    # Acknowledged: the same persistent session, reconnected, is not sent it again; the next
+    # message it receives is one published after it reconnected.
+    again = _service(h, broker, session)
+    try:
+        device.publish(h.topics.status("dev-0"), encode_envelope(
+            MessageType.STATUS, {"device": "dev-0", "online": True}), qos=1).wait_for_publish(30)
+        assert _next(again)[0] == h.topics.status("dev-0")
+    finally:
+        device.loop_stop()
+        again.stop()
+    assert h.store.update_count(1) == 0  # kept for the operator; the device resends on its timer
+
+
+def test_a_qos0_flood_does_not_grow_the_inbox_and_is_counted(tmp_path, broker):
+    h = Harness(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", devices=1)
+    service = _service(h, broker, f"flood-{uuid.uuid4().hex[:8]}")
+    flooder, _, _ = _device(broker, "dev-0")
+    try:
+        for _ in range(500):
+            flooder.publish(h.topics.update("dev-0"), b"x" * 1000, qos=0)
+        # Sent after the flood on the same connection: delivered after it.
+        flooder.publish(h.topics.status("dev-0"), encode_envelope(
+            MessageType.STATUS, {"device": "dev-0", "online": True}), qos=1).wait_for_publish(10)
+        received = []
+        while True:
+            topic, *_ = _next(service)
+            if topic == h.topics.status("dev-0"):
+                break
+            received.append(topic)
+        assert received == [] and service.link.inbox.qsize() == 0
+        assert service.status()["inbox"]["dropped_qos0"] == 500
+    finally:
+        flooder.loop_stop()
+        service.stop()
