@@ -5,11 +5,16 @@ Writes, under --out:
     broker/server.crt, server.key         the broker's certificate, for --broker-host names
     broker/passwords                      Mosquitto password file (hashed by `mosquitto_passwd`)
     broker/acl                            per-device topic ACLs (user name = device id)
-    broker/fedprune-security.conf         the listener, password_file and acl_file lines to include
+    broker/fedprune-security.conf         the listener, password_file, acl_file and client-id binding
     coordinator/coordinator.toml          broker credentials, CA and signing key
     coordinator/signing.key, signing.pub  Ed25519: the coordinator signs tasks, devices verify
     devices/<id>/edge.toml                each device's credentials, CA and the coordinator's key
-Passwords are random (secrets.token_urlsafe); nothing is reused between devices.
+Passwords are random (secrets.token_urlsafe); nothing is reused between devices. Keys, passwords
+and configs holding a password are created with mode 0600 (device_profiles.files.atomic_write),
+never readable by others even for a moment. The broker binds each client id to its user name
+(`use_username_as_clientid`), so a device cannot connect under another's client id and take over
+its session (or the coordinator's) with the queued messages in it; device ids the coordinator
+uses itself are refused.
 """
 
 from __future__ import annotations
@@ -27,16 +32,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
+from device_profiles.files import atomic_write
 from edge_sdk.agent import EdgeConfig
 from edge_sdk.protocol.topics import Topics, check_id
 
-COORDINATOR_USER = "fedprune-coordinator"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    path.chmod(0o600)
+COORDINATOR_USER = "fedprune-coordinator"  # its broker user name and client id
+RESERVED_IDS = frozenset({COORDINATOR_USER})  # names no device may have
 
 
 def _pem_key(key) -> bytes:
@@ -69,23 +70,23 @@ def _certificates(out: Path, hosts: list[str]) -> None:
               .not_valid_after(now + datetime.timedelta(days=825))
               .add_extension(x509.SubjectAlternativeName(names), critical=False)
               .sign(ca_key, hashes.SHA256()))
-    (out / "ca").mkdir(parents=True, exist_ok=True)
-    (out / "ca" / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    _write_private(out / "ca" / "ca.key", _pem_key(ca_key))
-    (out / "broker").mkdir(parents=True, exist_ok=True)
-    (out / "broker" / "server.crt").write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    _write_private(out / "broker" / "server.key", _pem_key(server_key))
+    atomic_write(out / "ca" / "ca.crt", ca.public_bytes(serialization.Encoding.PEM))
+    atomic_write(out / "ca" / "ca.key", _pem_key(ca_key), private=True)
+    atomic_write(out / "broker" / "server.crt", server.public_bytes(serialization.Encoding.PEM))
+    atomic_write(out / "broker" / "server.key", _pem_key(server_key), private=True)
 
 
 def _password_file(path: Path, users: dict[str, str]) -> None:
+    """Mosquitto's hashed password file: written in plain text (0600), then hashed in place by
+    `mosquitto_passwd -U`, under umask 077 because the tool's own backup copy would otherwise
+    be created readable by others."""
     tool = shutil.which("mosquitto_passwd")
     if tool is None:
         raise ValueError("mosquitto_passwd is not installed; install mosquitto (apt-get install "
                          "mosquitto) on the machine that provisions the fleet")
-    path.unlink(missing_ok=True)
-    path.touch(mode=0o600)
-    for user, password in users.items():
-        subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True)
+    atomic_write(path, "".join(f"{user}:{password}\n" for user, password in users.items()).encode(),
+                 private=True)
+    subprocess.run([tool, "-U", str(path)], check=True, capture_output=True, umask=0o077)
 
 
 def acl_text(topics: Topics) -> str:
@@ -102,6 +103,9 @@ def provision(out: str | Path, devices: list[str], broker_url: str, broker_hosts
     out = Path(out)
     for device in devices:
         check_id("device id", device)
+        if device in RESERVED_IDS:
+            raise ValueError(f"device id {device!r} is the coordinator's own broker user name and "
+                             "client id; give the device another id")
     if len(set(devices)) != len(devices):
         raise ValueError("device ids must be unique")
     topics = Topics(fleet)
@@ -109,34 +113,37 @@ def provision(out: str | Path, devices: list[str], broker_url: str, broker_hosts
     passwords = {device: secrets.token_urlsafe(24) for device in devices}
     coordinator_password = secrets.token_urlsafe(24)
     _password_file(out / "broker" / "passwords", {COORDINATOR_USER: coordinator_password, **passwords})
-    (out / "broker" / "acl").write_text(acl_text(topics))
+    atomic_write(out / "broker" / "acl", acl_text(topics).encode())
     broker_dir = (out / "broker").resolve()
     ca_dir = (out / "ca").resolve()
-    (out / "broker" / "fedprune-security.conf").write_text("\n".join([
+    atomic_write(out / "broker" / "fedprune-security.conf", "\n".join([
         f"listener {listener_port}", f"cafile {ca_dir / 'ca.crt'}",
         f"certfile {broker_dir / 'server.crt'}", f"keyfile {broker_dir / 'server.key'}",
         "require_certificate false", "allow_anonymous false",
-        f"password_file {broker_dir / 'passwords'}", f"acl_file {broker_dir / 'acl'}", ""]))
+        f"password_file {broker_dir / 'passwords'}", f"acl_file {broker_dir / 'acl'}",
+        "# The client id is the user name, whatever the client asks for: no client can take over",
+        "# another's persistent session (and the messages queued in it) by using its client id.",
+        "use_username_as_clientid true", ""]).encode())
     signing = Ed25519PrivateKey.generate()
     coordinator = out / "coordinator"
-    _write_private(coordinator / "signing.key", _pem_key(signing))
+    ca_cert = (out / "ca" / "ca.crt").read_bytes()
+    atomic_write(coordinator / "signing.key", _pem_key(signing), private=True)
     public = signing.public_key().public_bytes(serialization.Encoding.PEM,
                                               serialization.PublicFormat.SubjectPublicKeyInfo)
-    (coordinator / "signing.pub").write_bytes(public)
-    shutil.copy(out / "ca" / "ca.crt", coordinator / "ca.crt")
-    _write_private(coordinator / "coordinator.toml", "\n".join([
+    atomic_write(coordinator / "signing.pub", public)
+    atomic_write(coordinator / "ca.crt", ca_cert)
+    atomic_write(coordinator / "coordinator.toml", "\n".join([
         f'signing_key = "{(coordinator / "signing.key").resolve()}"', "", "[broker]",
         f'url = "{broker_url}"', f'fleet = "{fleet}"', f'client_id = "{COORDINATOR_USER}"',
         f'username = "{COORDINATOR_USER}"', f'password = "{coordinator_password}"',
-        f'tls_ca = "{(coordinator / "ca.crt").resolve()}"', ""]).encode())
+        f'tls_ca = "{(coordinator / "ca.crt").resolve()}"', ""]).encode(), private=True)
     for device in devices:
         folder = out / "devices" / device
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(out / "ca" / "ca.crt", folder / "ca.crt")
-        (folder / "coordinator.pub").write_bytes(public)
+        atomic_write(folder / "ca.crt", ca_cert)
+        atomic_write(folder / "coordinator.pub", public)
         config = EdgeConfig(device_id=device, broker=broker_url, fleet=fleet,
                             state_dir=f"/var/lib/fedprune-edge/{device}", username=device,
                             password=passwords[device], tls_ca=str((folder / "ca.crt").resolve()),
                             coordinator_key=str((folder / "coordinator.pub").resolve()))
-        _write_private(folder / "edge.toml", config.to_toml().encode())
+        atomic_write(folder / "edge.toml", config.to_toml().encode(), private=True)
     return {"devices": devices, "out": str(out), "broker_conf": str(out / "broker" / "fedprune-security.conf")}

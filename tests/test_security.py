@@ -28,6 +28,10 @@ from fleet_harness import Harness
 from mqtt_brokers import Mosquitto, free_port
 
 FLEET = "sec"
+# A read-only observer of the whole fleet, added by the fixture (not by provisioning): the broker
+# binds client ids to user names, so the tests cannot watch under the coordinator's own user
+# while the coordinator is connected.
+INSPECTOR, INSPECTOR_PASSWORD = "inspector", "inspector-password"
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +42,11 @@ def fleet():
     port = free_port()
     provision(root / "prov", ["dev-a", "dev-b"], f"mqtts://127.0.0.1:{port}", ["127.0.0.1", "localhost"],
               FLEET, port)
+    broker_dir = root / "prov" / "broker"
+    subprocess.run(["mosquitto_passwd", "-b", str(broker_dir / "passwords"), INSPECTOR,
+                    INSPECTOR_PASSWORD], check=True, capture_output=True)
+    with (broker_dir / "acl").open("a") as acl:
+        acl.write(f"\nuser {INSPECTOR}\ntopic read fedprune/{FLEET}/#\n")
     for path in (root / "prov" / "broker").iterdir():
         path.chmod(0o644)  # the broker drops root privileges; in production chown to mosquitto
     broker = Mosquitto(root / "broker", extra=(root / "prov" / "broker" / "fedprune-security.conf").read_text())
@@ -48,9 +57,10 @@ def fleet():
 
 
 def _connect(prov: Path, user: str, password: str | None = None, client_id: str | None = None):
-    if user == "coordinator":
+    if user in ("coordinator", INSPECTOR):
         config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceConfig).broker
-        url, user, secret, ca = config.url, config.username, config.password, config.tls_ca
+        url, secret, ca = config.url, config.password, config.tls_ca
+        user, secret = (config.username, secret) if user == "coordinator" else (INSPECTOR, INSPECTOR_PASSWORD)
     else:
         edge = load_edge_config(prov / "devices" / user / "edge.toml")
         url, secret, ca = edge.broker, edge.password, edge.tls_ca
@@ -131,7 +141,7 @@ def test_devices_run_only_tasks_signed_by_the_coordinator(tmp_path):
 
 def test_a_round_over_tls_with_acls_carries_no_raw_data_and_no_private_tensor(fleet, tmp_path):
     prov, _ = fleet
-    spy, _, seen = _connect(prov, "coordinator", client_id="inspector")
+    spy, _, seen = _connect(prov, INSPECTOR)
     spy.subscribe(f"fedprune/{FLEET}/#", qos=1)
     config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceConfig)
     config = config.model_copy(update={

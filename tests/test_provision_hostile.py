@@ -1,0 +1,179 @@
+"""Provisioning against an attacker who holds one device's credentials, and a reader of the disk
+(issue 11): no device may take the coordinator's name, secrets are never readable by others, and
+the generated Mosquitto configuration binds every client id to its user name, so device A cannot
+take over device B's (or the coordinator's) persistent session. The takeover is tried against a
+real Mosquitto run with the generated TLS configuration."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from coordinator.config import ConfigError, load_config
+from coordinator.provision import COORDINATOR_USER, provision
+from coordinator.service import ServiceConfig
+from coordinator.service.config import BrokerSection
+from edge_sdk.agent import load_edge_config
+from edge_sdk.protocol.transport import make_client
+from mqtt_brokers import Mosquitto, free_port
+
+FLEET = "prov"
+PRIVATE = ["ca/ca.key", "broker/server.key", "broker/passwords", "coordinator/signing.key",
+           "coordinator/coordinator.toml", "devices/dev-a/edge.toml", "devices/dev-b/edge.toml"]
+
+
+@pytest.mark.parametrize("device", [COORDINATOR_USER, "dev1\n", "../dev", "dev/1"])
+def test_a_device_cannot_take_the_coordinators_name_or_an_unsafe_one(tmp_path, device):
+    """A device provisioned as "fedprune-coordinator" replaced the coordinator's password entry
+    (and got its ACL: read and write on every topic of the fleet)."""
+    with pytest.raises(ValueError, match="coordinator's own broker user name|is not valid"):
+        provision(tmp_path / "prov", ["dev-a", device], "mqtts://127.0.0.1:8883", ["127.0.0.1"], FLEET)
+    assert not (tmp_path / "prov" / "broker" / "passwords").exists()
+
+
+_chmods: list[tuple] | None = None
+
+
+def _record_chmod(event: str, args: tuple) -> None:
+    if _chmods is not None and event == "os.chmod":
+        _chmods.append(args)
+
+
+sys.addaudithook(_record_chmod)  # audit hooks cannot be removed: it records only when asked
+
+
+def test_secrets_are_created_private_and_never_chmodded(tmp_path):
+    """Under umask 0 a file created with the default mode is world-readable until a chmod; the
+    secrets must be 0600 from creation, so no chmod may be needed (nor done) at all."""
+    global _chmods
+    previous = os.umask(0)
+    _chmods = []
+    try:
+        provision(tmp_path / "prov", ["dev-a", "dev-b"], "mqtts://127.0.0.1:8883", ["127.0.0.1"], FLEET)
+        chmods = _chmods
+    finally:
+        _chmods = None
+        os.umask(previous)
+    assert chmods == [], f"provisioning changed modes after creating files: {chmods}"
+    for name in PRIVATE:
+        assert (tmp_path / "prov" / name).stat().st_mode & 0o777 == 0o600, name
+    assert (tmp_path / "prov" / "ca" / "ca.crt").stat().st_mode & 0o077  # public stays readable
+    hashed = (tmp_path / "prov" / "broker" / "passwords").read_text()
+    users = [line.split(":")[0] for line in hashed.splitlines()]
+    assert users == [COORDINATOR_USER, "dev-a", "dev-b"] and "$7$" in hashed
+
+
+def test_the_coordinators_client_id_is_its_user_name(tmp_path):
+    assert BrokerSection(username="fedprune-coordinator").client_id == "fedprune-coordinator"
+    with pytest.raises(ValueError, match="must equal broker.username"):
+        BrokerSection(username="fedprune-coordinator", client_id="other")
+    provision(tmp_path / "prov", ["dev-a"], "mqtts://127.0.0.1:8883", ["127.0.0.1"], FLEET)
+    broker = load_config(tmp_path / "prov" / "coordinator" / "coordinator.toml", schema=ServiceConfig).broker
+    assert broker.client_id == broker.username == COORDINATOR_USER
+    conf = (tmp_path / "prov" / "broker" / "fedprune-security.conf").read_text().splitlines()
+    assert "use_username_as_clientid true" in conf
+    with pytest.raises(ConfigError):
+        load_config(None, ["broker.username=x", "broker.client_id=y"], schema=ServiceConfig)
+
+
+# --- the takeover, against Mosquitto ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fleet():
+    # Outside pytest's 0700 temp tree: Mosquitto drops root privileges and must read these files.
+    root = Path(tempfile.mkdtemp(prefix="fedprune-takeover-"))
+    root.chmod(0o755)
+    port = free_port()
+    provision(root / "prov", ["dev-a", "dev-b"], f"mqtts://127.0.0.1:{port}", ["127.0.0.1"], FLEET, port)
+    for path in (root / "prov" / "broker").iterdir():
+        path.chmod(0o644)  # the broker drops root privileges; in production chown to mosquitto
+    broker = Mosquitto(root / "broker", extra=(root / "prov" / "broker" / "fedprune-security.conf").read_text())
+    broker.start()
+    yield root / "prov"
+    broker.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class _Peer:
+    """An MQTT client with one identity's credentials and whatever client id it asks for."""
+
+    def __init__(self, prov: Path, user: str, client_id: str, clean_session: bool = False):
+        if user == COORDINATOR_USER:
+            config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceConfig).broker
+            url, password, ca = config.url, config.password, config.tls_ca
+        else:
+            edge = load_edge_config(prov / "devices" / user / "edge.toml")
+            url, password, ca = edge.broker, edge.password, edge.tls_ca
+        self.client, address = make_client(client_id, url, user, password, ca, clean_session)
+        self.connected, self.received, self.disconnects = threading.Event(), [], []
+        self.arrived = threading.Condition()
+        self.client.on_connect = lambda c, u, f, rc, p=None: rc.is_failure or self.connected.set()
+        self.client.on_disconnect = lambda c, u, f, rc, p=None: self.disconnects.append(str(rc))
+        self.client.on_message = self._on_message
+        self.client.connect(address.host, address.port)
+        self.client.loop_start()
+        assert self.connected.wait(10), f"{user} could not connect"
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self.arrived:
+            self.received.append(message.payload)
+            self.arrived.notify_all()
+
+    def wait_for(self, payload: bytes, timeout: float = 10) -> bool:
+        with self.arrived:
+            return self.arrived.wait_for(lambda: payload in self.received, timeout)
+
+    def subscribe(self, topic: str) -> None:
+        done = threading.Event()
+        self.client.on_subscribe = lambda *args: done.set()
+        self.client.subscribe(topic, qos=1)
+        assert done.wait(10)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """QoS 1, and wait for the broker's PUBACK: the broker has processed what came before."""
+        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_a_device_cannot_take_over_another_devices_session_or_its_queued_task(fleet):
+    task_b = f"fedprune/{FLEET}/task/dev-b"
+    b = _Peer(fleet, "dev-b", "dev-b")
+    b.subscribe(task_b)
+    b.close()  # offline; its persistent session keeps the subscription and queues for it
+    coordinator = _Peer(fleet, COORDINATOR_USER, COORDINATOR_USER, clean_session=True)
+    coordinator.publish(task_b, b"task queued for dev-b")
+    # dev-a's credentials, dev-b's client id: without the binding this resumed dev-b's session,
+    # where the queued task was delivered to dev-a (and dropped by the ACL): lost for dev-b.
+    a = _Peer(fleet, "dev-a", "dev-b")
+    a.publish(f"fedprune/{FLEET}/update/dev-a", b"after connecting")  # the session was served
+    a.close()
+    b = _Peer(fleet, "dev-b", "dev-b")
+    try:
+        assert b.wait_for(b"task queued for dev-b"), "dev-b's queued task was taken from its session"
+        assert b"task queued for dev-b" not in a.received
+    finally:
+        b.close()
+        coordinator.close()
+
+
+def test_a_device_cannot_kick_the_coordinator_off_its_session(fleet):
+    coordinator = _Peer(fleet, COORDINATOR_USER, COORDINATOR_USER)
+    coordinator.subscribe(f"fedprune/{FLEET}/update/+")
+    intruder = _Peer(fleet, "dev-a", COORDINATOR_USER)
+    try:
+        # Round trips on both connections: any takeover has happened by the time they return.
+        intruder.publish(f"fedprune/{FLEET}/update/dev-a", b"update from dev-a")
+        assert coordinator.wait_for(b"update from dev-a")
+        coordinator.publish(f"fedprune/{FLEET}/task/dev-a", b"a task")
+        assert coordinator.disconnects == [] and intruder.disconnects == []
+    finally:
+        intruder.close()
+        coordinator.close()
