@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -30,17 +31,18 @@ def _two_threads():
 
 @pytest.fixture
 def fault_matrix(request):
-    """Record one row of the fault matrix: scenario, what happened, updates accepted/lost/duplicated.
+    """Record one row of the fault matrix: the scenario, what happened, and the counts that
+    `measure` (tests/test_faults.py) took from the devices' state and the coordinator's database;
+    a row takes no number that was not measured.
 
     Rows go to $FEDPRUNE_FAULT_MATRIX (JSON lines) when set; `benchmarks/fault_matrix.py` sets it,
     runs the fault tests and renders docs/RELIABILITY.md.
     """
-    def record(scenario: str, outcome: str, accepted: int, lost: int, duplicated: int,
-               redelivered: int = 0) -> None:
+    def record(scenario: str, outcome: str, measured) -> None:
+        assert type(measured).__name__ == "Measured", "a row takes the counts measure() returned"
         path = os.environ.get("FEDPRUNE_FAULT_MATRIX")
         if path:
             with Path(path).open("a") as handle:
                 handle.write(json.dumps({"test": request.node.name, "scenario": scenario,
-                                         "outcome": outcome, "accepted": accepted, "lost": lost,
-                                         "duplicated": duplicated, "redelivered": redelivered}) + "\n")
+                                         "outcome": outcome, **dataclasses.asdict(measured)}) + "\n")
     return record
