@@ -5,8 +5,9 @@
     python benchmarks/fuzz.py --slice                      # the seeded slice, without atheris
 
 A target is a function of bytes that must return or raise its parser's documented error
-(EnvelopeError, CodecError, ManifestError, ConfigError, EdgeConfigError, ProfileError). Any other
-exception is a finding: its input is written to FINDINGS/<target>/<sha256> (with the traceback
+(EnvelopeError, CodecError, ManifestError, ConfigError, EdgeConfigError, ProfileError), within
+SLOW_SECONDS (a parser that is quadratic in a 64 KiB header is a denial of service). Any other
+exception, or a slower input, is a finding: its input is written to FINDINGS/<target>/<sha256> (with the traceback
 beside it, .txt) and fuzzing goes on. Each target runs in its own process, instrumented for
 coverage, seeded with valid inputs and a dictionary of hostile tokens (deep nesting, huge
 integers, NaN and Infinity, lone surrogates); the table reports libFuzzer's executions, coverage
@@ -28,6 +29,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ INSTRUMENTED = ["edge_sdk.protocol", "edge_sdk.codec", "edge_sdk.validation", "e
                 "device_profiles", "tomllib"]
 MIN_EXECUTIONS = 5000
 MAX_INPUT_BYTES = 16384
+SLOW_SECONDS = 2.0  # typical inputs take under 10 ms
 
 # What broke the parsers before (issue 11), as tokens to splice: the dictionary libFuzzer mutates
 # with, and the alphabet of the slice's mutator.
@@ -50,7 +53,11 @@ TOKENS = [b"[", b"]", b"{", b"}", b'"', b"\\", b":", b",", b"=", b"\n", b"null",
           b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e400", b"inf", b"nan", b"+inf",
           b"\\ud800", b"\\udfff", b"\\u0000", b"\xff", b"\xc3\x28", b"\x00", b"9" * 21,
           b"9" * 5000, b"0x" + b"f" * 64, b"[" * 40, b'{"a":' * 40, b"a = [" * 40, b"\n[a]\n",
-          b"\n[[a]]\n", b"/../../tmp/x", b"dev1\n"]
+          b"\n[[a]]\n", b"/../../tmp/x", b"dev1\n", b'\\"', b'a\\"' * 8]
+
+
+class SlowInput(Exception):
+    """An input the target took more than SLOW_SECONDS on."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +164,7 @@ def build_targets(workdir: Path) -> dict[str, Target]:
         return MAGIC + bytes([1, MessageType.UPDATE, 0, 0]) + struct.pack(">II", len(head), 0) + head
     hostile_envelopes = tuple(raw_envelope(head) for head in (
         b"[" * 50000, b'{"a":' * 5000, b'{"n":' + b"9" * 5000 + b"}", b'{"e":NaN}', b'{"e":1e999}',
-        b'{"s":"\\ud800"}', b'{"s":"\xff"}'))
+        b'{"s":"\\ud800"}', b'{"s":"\xff"}', b'"' + b'a\\"' * 21000))
 
     manifest = {
         "device_id": "pi-7", "round": 3, "model": "fedp3_cnn", "spec": {"layers": [{"kind": "conv"}]},
@@ -202,14 +209,17 @@ def scratch_dir(label: str) -> Path:
 
 
 def escaped(target: Target, data: bytes) -> Exception | None:
-    """The exception `data` makes escape from `target` other than its documented error."""
+    """The exception `data` makes escape from `target` other than its documented error, or
+    SlowInput if it took too long either way."""
+    start = time.perf_counter()
     try:
         target.run(data)
     except target.errors:
-        return None
+        pass
     except Exception as exc:  # noqa: BLE001 - that is the point: anything else is a finding
         return exc
-    return None
+    took = time.perf_counter() - start
+    return SlowInput(f"{took:.1f} s for {len(data):,} bytes") if took > SLOW_SECONDS else None
 
 
 # --------------------------------------------------------------------------- the seeded slice
@@ -218,7 +228,7 @@ def hostile_corpus(target: Target) -> list[bytes]:
     """Fixed inputs: every token alone, spliced into the middle of each seed, and the shapes
     that broke the parsers (deep nesting, huge integers, non-finite numbers)."""
     corpus = list(TOKENS) + list(target.hostile) + [b"[" * 5000, b'{"a":' * 3000, b"9" * 5000, b"a = " + b"[" * 3000,
-                             b"a = " + b"9" * 5000]
+                             b"a = " + b"9" * 5000, b'"' + b'a\\"' * 8000, b'["' + b'\\"' * 12000]
     for seed in target.seeds:
         middle = len(seed) // 2
         corpus += [seed[:middle] + token + seed[middle:] for token in TOKENS]

@@ -54,7 +54,10 @@ def describe(exc: ValidationError, root: str = "value") -> str:
 JSON_MAX_DEPTH = 32
 JSON_MAX_DIGITS = 20
 
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A string, or an unterminated one up to the end: matches never restart inside a string, so
+# cutting them out is linear (a pattern that must find the closing quote retries at every quote:
+# quadratic, minutes for a 64 KiB header of escaped quotes).
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import tracemalloc
 import typing
 
@@ -75,6 +76,16 @@ def test_the_json_limits_are_inclusive():
     # Brackets inside strings are text, not nesting; emoji escapes are paired surrogates.
     text = b'{"s":"' + b"[" * 100 + b'\\"[", "e":"\\ud83d\\ude00"}'
     assert decode_envelope(raw_envelope(text)).header["e"] == "\N{GRINNING FACE}"
+
+
+@pytest.mark.parametrize("header", [b'"' + b'a\\"' * 21000, b'["' + b'\\"' * 32000, b'"\\' * 32000])
+def test_unterminated_strings_of_escaped_quotes_are_refused_in_linear_time(header):
+    """The nesting check cuts strings out with a regular expression; one that retried at every
+    quote took two minutes on this 64 KiB header (found by the fuzzer's slow-input check)."""
+    start = time.perf_counter()
+    with pytest.raises(EnvelopeError, match="Unterminated string"):
+        decode_envelope(raw_envelope(header))
+    assert time.perf_counter() - start < 1.0
 
 
 @pytest.mark.parametrize("header, reason", POISON_JSON)
