@@ -13,9 +13,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 AccountantName = Literal["rdp", "prv"]
 
 
@@ -53,6 +50,8 @@ class DPConfig:
     def resolve_noise(self, sample_rate: float, planned_steps: int) -> float:
         if self.noise_multiplier is not None:
             return self.noise_multiplier
+        from opacus.accountants.utils import get_noise_multiplier  # lazy: opacus costs ~4 s to import
+
         return get_noise_multiplier(target_epsilon=self.target_epsilon, target_delta=self.delta,
                                     sample_rate=sample_rate, steps=planned_steps,
                                     accountant=self.accountant)
@@ -75,6 +74,8 @@ class PrivacyLedger:
             merged[(sigma, rate)] = merged.get((sigma, rate), 0) + steps
         if not merged:
             return 0.0
+        from opacus.accountants import create_accountant
+
         accountant = create_accountant(self.accountant)
         accountant.history = [(sigma, rate, steps) for (sigma, rate), steps in merged.items()]
         return float(accountant.get_epsilon(delta=self.delta))
