@@ -19,19 +19,47 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STATIC_ROWS = [  # engine-level tests (tests/fleet_harness.py: message by message, no broker)
+# Asserted by other tests, not measured here: (scenario, what happened, test, how it runs). Engine
+# tests drive the real round engine and edge agents message by message (tests/fleet_harness.py),
+# no broker; service tests run CoordinatorService in the test process against Mosquitto.
+ENGINE, SERVICE = "engine, SQLite and PostgreSQL", "service over Mosquitto, SQLite and PostgreSQL"
+STATIC_ROWS = [
     ("QoS 1 redelivery of an accepted update", "acknowledged as a duplicate, counted once",
-     "test_coordinator_engine.py::test_a_round_commits_with_every_update_counted_once"),
+     "test_coordinator_engine.py::test_a_round_commits_with_every_update_counted_once", ENGINE),
     ("coordinator restarted mid-round (engine on the same database), first update replayed after it",
      "round resumed, unanswered tasks re-sent with the same ids, replay counted once, the committed "
      "model equals the aggregate of the 3 distinct updates",
-     "test_coordinator_engine.py::test_restart_mid_round_resumes_without_losing_or_double_counting"),
+     "test_coordinator_engine.py::test_restart_mid_round_resumes_without_losing_or_double_counting",
+     ENGINE),
     ("late update (after the deadline), stale update (round closed), update on another device's "
      "topic, oversized and bit-flipped updates", "each refused and, where its header is readable, "
      "the device told why; the model untouched",
-     "test_coordinator_engine.py::test_late_stale_foreign_and_oversized_updates_are_refused_and_the_device_told"),
+     "test_coordinator_engine.py::test_late_stale_foreign_and_oversized_updates_are_refused_and_the_device_told",
+     ENGINE),
+    ("coordinator killed after marking a round committing; an update queued meanwhile arrives "
+     "after the restart", "refused with the reason (round 1 is committing); the commit aggregates "
+     "exactly the update stored before the crash",
+     "test_engine_hostile.py::test_updates_arriving_while_a_resumed_round_commits_are_refused",
+     "engine, SQLite"),
+    ("a stored update that no longer decodes when the round commits",
+     "the round is aborted once with the reason; after a restart a new round opens instead of "
+     "the commit failing again",
+     "test_engine_hostile.py::test_a_commit_that_fails_aborts_the_round_once_and_a_restart_does_not_crash",
+     ENGINE),
+    ("the database locked by another connection while an update is stored",
+     "not acknowledged to the broker; retried with backoff and stored once the lock goes; the "
+     "device gets one ACK, accepted",
+     "test_engine_hostile.py::test_an_update_the_database_cannot_store_for_a_while_is_stored_once_it_can",
+     SERVICE),
+    ("the database locked for every attempt to store an update",
+     "after the last attempt the raw message is kept in state_dir/dead-letter/ (mode 0600, with "
+     "topic and reason) and acknowledged; the broker does not deliver it again; it is not stored "
+     "(the device resends it on its timer)",
+     "test_engine_hostile.py::test_an_update_that_always_fails_is_dead_lettered_and_acknowledged",
+     SERVICE),
 ]
-COLUMNS = ("sent", "counted", "refused", "lost", "duplicated", "redelivered", "counted_unsent")
+COLUMNS = ("sent", "counted", "refused", "lost", "duplicated", "redelivered", "counted_unsent",
+           "dead_lettered")
 DEFINITIONS = (
     "Counts are of updates, each identified by (device, round, task), and are measured after the "
     "test by one function (`measure` in tests/test_faults.py) from the devices' state directories "
@@ -54,6 +82,8 @@ DEFINITIONS = (
     "acknowledged as duplicates without being counted again (the rounds' `duplicates` counters).",
     "- **counted, never sent**: contributions that match no update any device records sending "
     "(a forged or phantom update in the aggregate).",
+    "- **dead-lettered**: messages the coordinator could not store after its last retry and kept "
+    "in `state_dir/dead-letter/` (acknowledged, so never redelivered).",
 )
 
 
@@ -67,7 +97,16 @@ def _failed_tests(junit: Path) -> list[str]:
     return failed
 
 
+def _check_static_rows() -> None:
+    """A renamed or removed test must not stay cited here."""
+    for _, _, test, _ in STATIC_ROWS:
+        path, name = test.split("::")
+        if f"def {name}(" not in (ROOT / "tests" / path).read_text():
+            raise SystemExit(f"STATIC_ROWS cites tests/{test}, which does not exist; update it")
+
+
 def main() -> None:
+    _check_static_rows()
     work = Path(tempfile.mkdtemp(prefix="fault-matrix-"))
     rows_path, junit = work / "rows.jsonl", work / "junit.xml"
     started = time.time()
@@ -88,8 +127,8 @@ def main() -> None:
              f"{platform.machine()}, {os.cpu_count()} cores; the fault tests took {seconds:.0f} s; "
              f"pytest exit status: {run.returncode}.", "", *DEFINITIONS, "",
              "| scenario | what happened | sent | counted | refused | lost | duplicated | "
-             "redelivered | counted, never sent |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "redelivered | counted, never sent | dead-lettered |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         outcome = row["outcome"]
         if row["refusals"]:
@@ -99,11 +138,12 @@ def main() -> None:
     if failed:
         lines += ["", "These fault tests FAILED and recorded no row: "
                   + ", ".join(f"`{name}`" for name in failed) + "."]
-    lines += ["", "Also asserted by the suite, as engine-level tests (the real round engine and real "
-              "edge agents driven message by message by `tests/fleet_harness.py`, no broker, each on "
-              "SQLite and PostgreSQL); these rows are not measured by the fault matrix:", "",
-              "| scenario | what happened | test |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | `tests/{c}` |" for a, b, c in STATIC_ROWS]
+    lines += ["", "Also asserted by the suite, and not measured by the fault matrix: engine-level "
+              "tests (the real round engine and real edge agents driven message by message by "
+              "`tests/fleet_harness.py`, no broker) and service-level tests (`CoordinatorService` in "
+              "the test process against Mosquitto, the database locked by another connection):", "",
+              "| scenario | what happened | test | runs as |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | `tests/{c}` | {d} |" for a, b, c, d in STATIC_ROWS]
     (ROOT / "docs" / "RELIABILITY.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     sys.exit(run.returncode)

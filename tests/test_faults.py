@@ -162,7 +162,8 @@ class Measured:
       logged); lost: sent, neither counted nor refused; duplicated: contributions beyond the first
       of the same update across the committed rounds; redelivered: second copies that reached
       the coordinator (the rounds' `duplicates` counters); counted_unsent: contributions that no
-      device records sending (a forged or phantom update).
+      device records sending (a forged or phantom update); dead_lettered: messages the
+      coordinator gave up retrying and kept in state_dir/dead-letter/.
     """
     sent: int
     counted: int
@@ -171,6 +172,7 @@ class Measured:
     duplicated: int
     redelivered: int
     counted_unsent: int
+    dead_lettered: int
     refusals: list[str] = field(default_factory=list)  # why each refused update was refused
 
 
@@ -224,7 +226,7 @@ def _settle(tmp: Path, timeout: float = 10) -> None:
 
 def measure(store: Store, tmp: Path) -> Measured:
     """Count the updates of one test from the devices' state dirs and logs (every `d*.toml` config
-    under `tmp`) and the coordinator's database (see `Measured` for the definitions)."""
+    under `tmp`), the coordinator's database and its dead-letter folder (`Measured` defines each)."""
     _settle(tmp)
     rounds = store.rounds()
     contributions: Counter[tuple[int, str]] = Counter()
@@ -260,12 +262,13 @@ def measure(store: Store, tmp: Path) -> Measured:
                     duplicated=sum(n - 1 for n in contributions.values()),
                     redelivered=sum((r.summary or {}).get("duplicates", 0) for r in rounds),
                     counted_unsent=sum(n for key, n in contributions.items() if key not in sent_keys),
+                    dead_lettered=len(list((tmp / "coordinator" / "dead-letter").glob("*.bin"))),
                     refusals=refusals)
 
 
 def _assert_nothing_lost_or_doubled(measured: Measured, counted: int) -> None:
-    assert (measured.counted, measured.lost, measured.duplicated, measured.counted_unsent) == \
-        (counted, 0, 0, 0), measured
+    assert (measured.counted, measured.lost, measured.duplicated, measured.counted_unsent,
+            measured.dead_lettered) == (counted, 0, 0, 0, 0), measured
 
 
 def _committed(store: Store) -> int:
