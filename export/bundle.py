@@ -3,7 +3,8 @@
 Every artifact is run in the runtime the device will use (onnxruntime, ai-edge-litert) on real
 test inputs before anything is published; files are written only when every artifact passes,
 each atomically and durably (device_profiles.files), with manifest.json written last. A reader
-therefore sees the old bundle or the new one, never a half-exported one.
+that opens the folder mid-publish finds the old manifest, whose sha256 refuses an artifact
+already replaced: it never runs a model its manifest does not describe.
 """
 
 from __future__ import annotations
