@@ -193,6 +193,19 @@ def test_a_decompression_bomb_is_refused_before_allocating_and_refusals_are_boun
     assert h.store.update_count(1) == 0
 
 
+def test_an_update_that_arrived_in_time_is_not_late_because_the_engine_was_busy(tmp_path, sqlite_url):
+    """The engine is one thread: an export at round start can keep it busy past the deadline while
+    updates wait in the inbox. Lateness is judged by when the update arrived."""
+    h = Harness(tmp_path, sqlite_url, devices=2)
+    updates = _round_with_updates(h)
+    arrived = h.clock.now + 59
+    h.clock.now += 75  # the engine gets to the inbox after the 60 s deadline
+    h.engine.handle(*updates["dev-0"], received_at=arrived)
+    h.engine.handle(*updates["dev-1"])  # arrives now: late
+    (on_time,), (late,) = _acks(h, "dev-0"), _acks(h, "dev-1")
+    assert on_time.accepted and not late.accepted and "late" in late.reason
+
+
 # --- item 12: digest, topic kind, committing, signed ACKs --------------------------------------
 def test_an_update_whose_payload_sha256_does_not_match_is_refused(tmp_path, sqlite_url):
     h = Harness(tmp_path, sqlite_url, devices=1)
@@ -374,7 +387,7 @@ class _LogEvent(logging.Handler):
 
 def _handle_next(service: CoordinatorService) -> None:
     """One turn of the service's loop, for the message that arrives next."""
-    service._handle(*_next(service))
+    service._handle(_next(service))
 
 
 def test_an_update_the_database_cannot_store_for_a_while_is_stored_once_it_can(tmp_path, db_url, broker):
@@ -461,3 +474,30 @@ def test_a_qos0_flood_does_not_grow_the_inbox_and_is_counted(tmp_path, broker):
     finally:
         flooder.loop_stop()
         service.stop()
+
+
+def test_the_inbox_is_bounded_and_what_it_cannot_hold_is_delivered_again(tmp_path, broker):
+    h = Harness(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", devices=1, broker={"inbox_limit": 10})
+    session = f"bounded-{uuid.uuid4().hex[:8]}"
+    service = _service(h, broker, session)
+    device, _, _ = _device(broker, "dev-0")
+    topic = h.topics.status("dev-0")
+    try:
+        for i in range(15):  # QoS 1: within Mosquitto's in-flight window of 20, all are sent
+            device.publish(topic, f"status {i}".encode(), qos=1).wait_for_publish(30)
+        deadline = time.monotonic() + 30
+        while service.link.inbox.qsize() + service.link.counters["dropped_inbox_full"] < 15:
+            assert time.monotonic() < deadline, "the broker did not deliver the 15 messages"
+            time.sleep(0.05)
+        assert service.link.inbox.qsize() == 10
+        assert service.status()["inbox"]["dropped_inbox_full"] == 5
+    finally:
+        service.stop()
+    # None was acknowledged: the same session, reconnected (with room this time), gets all 15.
+    h.config = h.config.model_copy(update={"broker": h.config.broker.model_copy(update={"inbox_limit": 100})})
+    again = _service(h, broker, session)
+    try:
+        assert sorted(_next(again)[1] for _ in range(15)) == sorted(f"status {i}".encode() for i in range(15))
+    finally:
+        device.loop_stop()
+        again.stop()

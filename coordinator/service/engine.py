@@ -149,11 +149,13 @@ class RoundEngine:
         return f"{attempts} rounds aborted (last: {(last.summary or {}).get('reason')})"
 
     # --- messages --------------------------------------------------------------------------
-    def handle(self, topic: str, payload: bytes) -> None:
-        """Act on one message. Returns whatever its content (handled, or refused and reported);
-        raises only a transient failure (`is_transient`), for the caller to try again."""
+    def handle(self, topic: str, payload: bytes, received_at: float | None = None) -> None:
+        """Act on one message that arrived at `received_at` (now, by default: a busy engine must
+        not judge an update late that arrived in time). Returns whatever its content (handled,
+        or refused and reported); raises only a transient failure (`is_transient`), for the
+        caller to try again."""
         try:
-            self._dispatch(topic, payload)
+            self._dispatch(topic, payload, self.clock() if received_at is None else received_at)
         except Exception as exc:
             if is_transient(exc):
                 raise
@@ -163,7 +165,7 @@ class RoundEngine:
             self._tell_refused_update(topic, payload, f"the coordinator could not handle it: "
                                                       f"{type(exc).__name__}: {exc}")
 
-    def _dispatch(self, topic: str, payload: bytes) -> None:
+    def _dispatch(self, topic: str, payload: bytes, received_at: float) -> None:
         try:
             kind, device = self.topics.device_of(topic)
         except ValueError as exc:
@@ -191,8 +193,11 @@ class RoundEngine:
                 self._ack(header, False, f"update refused: an UPDATE goes on the update topic, "
                                          f"not on {kind}")
             return
+        if envelope.type == MessageType.UPDATE:
+            self._on_update(header, envelope.payload, received_at)
+            return
         handler = {MessageType.REGISTER: self._on_register, MessageType.STATUS: self._on_status,
-                   MessageType.UPDATE: self._on_update, MessageType.REFUSAL: self._on_refusal}
+                   MessageType.REFUSAL: self._on_refusal}
         handler[envelope.type](header, envelope.payload)
 
     def _refused_message(self, text: str, *args) -> None:
@@ -250,7 +255,7 @@ class RoundEngine:
             "device": header.device, "round": header.round, "task": header.task,
             "accepted": accepted, "duplicate": duplicate, "reason": reason}, b""))
 
-    def _on_update(self, header, payload: bytes) -> None:
+    def _on_update(self, header, payload: bytes, received_at: float) -> None:
         current = self.round
         if current is None or header.round != current.number:
             stored = self.store.has_update(header.round, header.device, header.task)
@@ -276,7 +281,7 @@ class RoundEngine:
             self._ack(header, False, f"{refused} updates for task {header.task} were refused; "
                                      "no further one is decoded this round")
             return
-        if self.clock() > current.deadline:
+        if received_at > current.deadline:
             self.store.set_task(current.number, header.device, state="rejected", reason="late")
             self._ack(header, False, "late: the round's deadline had passed")
             return

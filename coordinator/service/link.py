@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import Counter, deque
+from typing import NamedTuple
 
 import paho.mqtt.client as mqtt
 
@@ -26,12 +28,20 @@ log = logging.getLogger("fedprune.coordinator.mqtt")
 RECONNECTED = ""  # inbox marker (no real topic is empty): the link (re)connected
 
 
+class Delivery(NamedTuple):
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: float  # unix time of arrival: lateness is judged by it, not by handling time
+
+
 class CoordinatorLink:
     def __init__(self, url: str, topics: Topics, client_id: str, keepalive: int = 30,
                  username: str | None = None, password: str | None = None, tls_ca: str | None = None,
                  inbox_limit: int = 1000):
         self.topics = topics
-        self.inbox: queue.Queue[tuple[str, bytes, int, int]] = queue.Queue()
+        self.inbox: queue.Queue[Delivery] = queue.Queue()
         self.inbox_limit = inbox_limit
         # dropped_qos0: deliveries at QoS 0 (the protocol sends none); dropped_inbox_full:
         # deliveries past inbox_limit (not acknowledged, so the broker sends them again).
@@ -63,7 +73,7 @@ class CoordinatorLink:
             client.subscribe(topic, qos=1)
         self.connected.set()
         # Tell the engine: a task published while the broker was going down may be lost.
-        self.inbox.put((RECONNECTED, b"", 0, 0))
+        self.inbox.put(Delivery(RECONNECTED, b"", 0, 0, time.time()))
         log.info("connected to mqtt://%s:%d", self.host, self.port)
 
     def _on_message(self, client, userdata, msg) -> None:
@@ -79,7 +89,7 @@ class CoordinatorLink:
             log.warning("inbox full (%d messages); a message on %s is left unacknowledged for the "
                         "broker to deliver again", self.inbox_limit, msg.topic)
             return
-        self.inbox.put((msg.topic, msg.payload, msg.mid, msg.qos))
+        self.inbox.put(Delivery(msg.topic, msg.payload, msg.mid, msg.qos, time.time()))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
         self.connected.clear()

@@ -31,7 +31,7 @@ from edge_sdk.rehearsal import peak_rss_bytes
 
 from .config import ServiceConfig
 from .engine import RoundEngine, is_transient
-from .link import RECONNECTED, CoordinatorLink
+from .link import RECONNECTED, CoordinatorLink, Delivery
 from .status_http import serve_status
 from .store import Store
 
@@ -85,9 +85,9 @@ class CoordinatorService:
         try:
             while not self.stopping.is_set():
                 try:
-                    self._handle(*self.link.inbox.get(timeout=0.2))
+                    self._handle(self.link.inbox.get(timeout=0.2))
                     while True:  # drain what arrived meanwhile before ticking
-                        self._handle(*self.link.inbox.get_nowait())
+                        self._handle(self.link.inbox.get_nowait())
                 except queue.Empty:
                     pass
                 self._tick()
@@ -102,15 +102,17 @@ class CoordinatorService:
         finally:
             self.stop()
 
-    def _handle(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
+    def _handle(self, delivery: Delivery) -> None:
+        topic, payload = delivery.topic, delivery.payload
         if topic == RECONNECTED:
             if self._attempt(self.engine.resend_unanswered, "re-sending unanswered tasks"):
                 log.error("unanswered tasks were not re-sent; they will be on the next reconnect")
             return
-        failure = self._attempt(lambda: self.engine.handle(topic, payload), f"a message on {topic}")
+        failure = self._attempt(lambda: self.engine.handle(topic, payload, delivery.received_at),
+                                f"a message on {topic}")
         if failure is not None and not self._dead_letter(topic, payload, failure):
             return  # kept nowhere: left unacknowledged for the broker to deliver again
-        self.link.ack(mid, qos)
+        self.link.ack(delivery.mid, delivery.qos)
 
     def _tick(self) -> None:
         """The engine aborts a round that fails for good; a transient failure is retried here,
