@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -109,12 +110,14 @@ def main() -> None:
     _check_static_rows()
     work = Path(tempfile.mkdtemp(prefix="fault-matrix-"))
     rows_path, junit = work / "rows.jsonl", work / "junit.xml"
-    started = time.time()
+    started, load = time.time(), os.getloadavg()[0]  # other work on the machine slows the run
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "faults", "tests/test_faults.py",
                           f"--junitxml={junit}"], cwd=ROOT,
                          env={**os.environ, "FEDPRUNE_FAULT_MATRIX": str(rows_path),
                               "OMP_NUM_THREADS": "1"})
     seconds = time.time() - started
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # pytest and every process it started
+    cpu_seconds = usage.ru_utime + usage.ru_stime
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
     failed = _failed_tests(junit)
     lines = ["# Reliability: the fault matrix", "",
@@ -124,7 +127,8 @@ def main() -> None:
              "shows each delivery; the coordinator and every device as separate `fedprune` processes; "
              "the coordinator on SQLite, and on PostgreSQL where the row says so) and writes this "
              "file from the rows they record. Machine: "
-             f"{platform.machine()}, {os.cpu_count()} cores; the fault tests took {seconds:.0f} s; "
+             f"{platform.machine()}, {os.cpu_count()} cores; the fault tests took {seconds:.0f} s "
+             f"({cpu_seconds:.0f} CPU-seconds; load average {load:.1f} when they started); "
              f"pytest exit status: {run.returncode}.", "", *DEFINITIONS, "",
              "| scenario | what happened | sent | counted | refused | lost | duplicated | "
              "redelivered | counted, never sent | dead-lettered |",

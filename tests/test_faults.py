@@ -314,7 +314,7 @@ def test_coordinator_sigkill_mid_round_resumes(tmp_path, broker, database, fault
         kind = "PostgreSQL" if "postgresql" in request.node.name else "SQLite"
         fault_matrix(f"coordinator SIGKILLed in round 1 after storing {before} of 3 updates, then "
                      f"restarted on the same {kind} database (3 devices, 2 rounds)",
-                     "resumed round 1 from the database, re-sent the unanswered task; both rounds "
+                     "round 1 resumed from the database and committed with all 3 updates; round 2 "
                      "committed", measured)
     finally:
         _stop(devices + [coordinator])
