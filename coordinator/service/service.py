@@ -127,7 +127,14 @@ class CoordinatorService:
         failure if it never passed, None once it did."""
         retry = self.config.retry
         delay = retry.first_delay_seconds
+        failure: Exception | None = None
         for attempt in range(1, retry.attempts + 1):
+            if failure is not None:
+                log.warning("%s failed (%s: %s); attempt %d of %d in %.2g s", what,
+                            type(failure).__name__, failure, attempt, retry.attempts, delay)
+                if self.stopping.wait(delay):
+                    raise _Stopped from failure
+                delay = min(2 * delay, retry.max_delay_seconds)
             try:
                 action()
                 return None
@@ -136,14 +143,8 @@ class CoordinatorService:
                     log.exception("%s failed", what)
                     return exc
                 self.counters["transient_failures"] += 1
-                if attempt == retry.attempts:
-                    return exc
-                log.warning("%s failed (%s: %s); attempt %d of %d, trying again in %.2g s", what,
-                            type(exc).__name__, exc, attempt, retry.attempts, delay)
-                if self.stopping.wait(delay):
-                    raise _Stopped from exc
-                delay = min(2 * delay, retry.max_delay_seconds)
-        raise AssertionError("unreachable")
+                failure = exc
+        return failure
 
     def _dead_letter(self, topic: str, payload: bytes, failure: Exception) -> bool:
         """Keep a message that could not be handled, so the broker can be told it was received.
