@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from databases import empty_postgres
 from edge_sdk.data import load_dataset, make_client_data
 
 
@@ -46,3 +47,13 @@ def fault_matrix(request):
                 handle.write(json.dumps({"test": request.node.name, "scenario": scenario,
                                          "outcome": outcome, **dataclasses.asdict(measured)}) + "\n")
     return record
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """The coordinator's database URL: SQLite in the test's folder, then an emptied PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'coordinator.db'}"
+        return
+    with empty_postgres() as url:
+        yield url

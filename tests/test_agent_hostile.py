@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import struct
 import threading
 import time
 from pathlib import Path
@@ -22,12 +21,13 @@ import zstandard
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from wire import raw_envelope
 from edge_sdk.agent import EdgeAgent, EdgeConfig, load_edge_config
 from edge_sdk.agent.config import EdgeConfigError
 from edge_sdk.budget import BudgetPlan, BudgetPlanError
 from edge_sdk.data import to_tensor
 from edge_sdk.models import build_model, model_spec
-from edge_sdk.protocol import (MAGIC, VERSION, MessageType, Topics, decode_envelope,
+from edge_sdk.protocol import (MAGIC, MessageType, Topics, decode_envelope,
                                encode_envelope, parse_header)
 from edge_sdk.protocol.signing import load_public_key, sign
 from edge_sdk.runtime import Predictor, load_manifest
@@ -69,10 +69,6 @@ def _files_outside(root: Path, *inside: Path) -> set[Path]:
             if not any(p == folder or folder in p.parents for folder in inside)}
 
 
-def _raw_envelope(kind: MessageType, header: bytes, payload: bytes = b"") -> bytes:
-    """An envelope whose header bytes are exactly `header`, JSON or not."""
-    return struct.pack(">4sBBHII", MAGIC, VERSION, int(kind), 0, len(header), len(payload)) \
-        + header + payload
 
 
 def _key_files(tmp_path: Path) -> tuple[Path, Path, Ed25519PrivateKey]:
@@ -235,13 +231,13 @@ def _poison() -> list[tuple[str, bytes]]:
     """(topic kind, message) pairs that can never be handled; from the issue and beyond."""
     task = MessageType.TASK
     return [
-        ("task", _raw_envelope(task, b"[" * 50000)),                       # RecursionError
-        ("task", _raw_envelope(task, b'{"device":"dev-0","round":1,"task":"t","deadline":'
+        ("task", raw_envelope(task, b"[" * 50000)),                       # RecursionError
+        ("task", raw_envelope(task, b'{"device":"dev-0","round":1,"task":"t","deadline":'
                                + b"9" * 5000 + b"}")),                     # int-digits ValueError
-        ("task", _raw_envelope(task, b'{"device":"dev-0","round":1,"task":"t","deadline":NaN}')),
-        ("task", _raw_envelope(task, b'{"device":"dev-0","round":1,"task":"t","plan":'
+        ("task", raw_envelope(task, b'{"device":"dev-0","round":1,"task":"t","deadline":NaN}')),
+        ("task", raw_envelope(task, b'{"device":"dev-0","round":1,"task":"t","plan":'
                                + b"[" * 20000 + b"]" * 20000 + b"}")),
-        ("task", _raw_envelope(task, b"\xff\xfe not utf-8")),
+        ("task", raw_envelope(task, b"\xff\xfe not utf-8")),
         ("task", MAGIC + b"\x01\x02\x00\x00" + b"\xff" * 8),               # lengths past the end
         ("task", encode_envelope(task, {**NAMED, "plan": 5, "train": [1], "planned_rounds": 1,
                                         "deadline": 1.0})),

@@ -5,46 +5,13 @@ Runs against SQLite and PostgreSQL (127.0.0.1:5432, database `test`).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-import pytest
-import sqlalchemy
 
 from coordinator.aggregation import StreamingAggregator
-from coordinator.service.store import Base
 from edge_sdk import codec
 from edge_sdk.checkpoint import load_checkpoint
 from edge_sdk.protocol import MessageType, decode_envelope, encode_envelope, parse_header
 from fleet_harness import Harness, update_message
-
-# FEDPRUNE_TEST_POSTGRES: another database, for test runs that must not share `test` (the
-# fixture drops its tables).
-POSTGRES = os.environ.get("FEDPRUNE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def _postgres_available() -> bool:
-    try:
-        with sqlalchemy.create_engine(POSTGRES).connect():
-            return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'coordinator.db'}"
-        return
-    if not _postgres_available():
-        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 (database test, trust auth); "
-                    "start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
-    engine = sqlalchemy.create_engine(POSTGRES)
-    Base.metadata.drop_all(engine)
-    yield POSTGRES
-    Base.metadata.drop_all(engine)
-    engine.dispose()
-
 
 def _acks(harness, device):
     """Deliver the coordinator's acks to the device, and return them parsed."""

@@ -14,7 +14,6 @@ import json
 import logging
 import queue
 import sqlite3
-import struct
 import threading
 import time
 import tracemalloc
@@ -28,13 +27,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.service import CoordinatorService
+from wire import raw_envelope
 from edge_sdk import codec
-from edge_sdk.protocol import MAGIC, VERSION, MessageType, decode_envelope, encode_envelope
+from edge_sdk.protocol import MessageType, decode_envelope, encode_envelope
 from edge_sdk.protocol.signing import verify
 from edge_sdk.protocol.transport import make_client
 from fleet_harness import Harness, update_message
 from mqtt_brokers import Mosquitto
-from test_coordinator_engine import _acks, db_url  # noqa: F401 - the fixture: SQLite and PostgreSQL
+from test_coordinator_engine import _acks
 
 
 @pytest.fixture
@@ -43,9 +43,6 @@ def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path / 'coordinator.db'}"
 
 
-def _raw(kind: MessageType, head: bytes, payload: bytes = b"") -> bytes:
-    """An envelope whose header bytes are exactly `head` (a peer need not send valid JSON)."""
-    return struct.pack(">4sBBHII", MAGIC, VERSION, int(kind), 0, len(head), len(payload)) + head + payload
 
 
 def _round_with_updates(h: Harness) -> dict[str, tuple[str, bytes]]:
@@ -76,12 +73,12 @@ def test_no_message_content_makes_the_engine_raise_and_updates_are_answered(tmp_
         nested = {"x": nested}
     t = h.topics
     hostile = [
-        (topic, _raw(MessageType.UPDATE, b"[" * 50_000)),                   # RecursionError before
-        (topic, _raw(MessageType.UPDATE, b'{"device": "dev-0", "round": ' + b"9" * 5000 + b"}")),
+        (topic, raw_envelope(MessageType.UPDATE, b"[" * 50_000)),                   # RecursionError before
+        (topic, raw_envelope(MessageType.UPDATE, b'{"device": "dev-0", "round": ' + b"9" * 5000 + b"}")),
         (topic, update_message(header, payload, num_samples=10**19)),       # overflowed the store
         (t.register("dev-0"), encode_envelope(MessageType.REGISTER, {**registration,
                                                                      "num_samples": 10**19})),
-        (t.register("dev-0"), _raw(MessageType.REGISTER, json.dumps({**registration,
+        (t.register("dev-0"), raw_envelope(MessageType.REGISTER, json.dumps({**registration,
                                                                     "profile": nested}).encode())),
         (t.refusal("dev-0"), encode_envelope(MessageType.REFUSAL, {
             "device": "dev-0", "round": 1, "task": header["task"], "code": "nonsense", "message": "x"})),
@@ -109,7 +106,7 @@ def test_non_finite_numbers_in_an_update_header_never_reach_the_store(tmp_path, 
     for field, value in (("epsilon", float("inf")), ("local_accuracy", float("nan")),
                          ("train_seconds", float("inf"))):
         text = json.dumps({**_header(honest), field: value})  # what a hostile peer can send
-        h.engine.handle(topic, _raw(MessageType.UPDATE, text.encode(), _payload(honest)))
+        h.engine.handle(topic, raw_envelope(MessageType.UPDATE, text.encode(), _payload(honest)))
         assert h.store.update_count(1) == 0, f"{field} = {value} was stored"
     h.engine.handle(topic, honest)
     assert h.store.update_count(1) == 1

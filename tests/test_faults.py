@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -25,15 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import sqlalchemy
 
-from coordinator.service.store import Base, Store
+from coordinator.service.store import Store
+from wire import raw_envelope
 from edge_sdk.agent import EdgeConfig, load_edge_config
 from edge_sdk.agent.state import task_key
-from edge_sdk.protocol import (MAGIC, VERSION, MessageType, Topics, decode_envelope, parse_header)
+from edge_sdk.protocol import (MessageType, Topics, decode_envelope, parse_header)
 from edge_sdk.protocol.transport import make_client
 from mqtt_brokers import Mosquitto
-from test_coordinator_engine import POSTGRES, _postgres_available
+from databases import empty_postgres
 
 pytestmark = pytest.mark.faults
 
@@ -80,21 +79,15 @@ def broker(tmp_path):
 def database(request, tmp_path):
     """The coordinator's store, tables created before any coordinator starts: SQLite in its state
     dir, or PostgreSQL's `test` database, emptied around the test like the engine tests do."""
-    kind = getattr(request, "param", "sqlite")
-    if kind == "postgresql":
-        if not _postgres_available():
-            pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 (database test, trust auth)")
-        engine = sqlalchemy.create_engine(POSTGRES)
-        Base.metadata.drop_all(engine)
-        engine.dispose()
-    store = Store(POSTGRES if kind == "postgresql" else
-                  f"sqlite:///{tmp_path / 'coordinator' / 'coordinator.db'}")
+    if getattr(request, "param", "sqlite") == "postgresql":
+        with empty_postgres() as url:
+            store = Store(url)
+            yield store
+            store.close()
+        return
+    store = Store(f"sqlite:///{tmp_path / 'coordinator' / 'coordinator.db'}")
     yield store
     store.close()
-    if kind == "postgresql":
-        engine = sqlalchemy.create_engine(POSTGRES)
-        Base.metadata.drop_all(engine)
-        engine.dispose()
 
 
 def _device(tmp: Path, url: str, fleet: str, i: int, devices: int, samples: int = SAMPLES) -> Process:
@@ -346,9 +339,6 @@ def test_a_third_of_the_devices_vanish_mid_round(tmp_path, broker, database, fau
 
 
 # --- poison messages ---------------------------------------------------------------------------
-def _raw(kind: MessageType, head: bytes, payload: bytes = b"") -> bytes:
-    """An envelope around header bytes as given (encode_envelope would refuse to build these)."""
-    return struct.pack(">4sBBHII", MAGIC, VERSION, int(kind), 0, len(head), len(payload)) + head + payload
 
 
 def _header(fields: dict, **raw: str) -> bytes:
@@ -372,17 +362,17 @@ def _poisons(topics: Topics, victim: str, task: str) -> list[tuple[str, str, byt
               "payload_sha256": hashlib.sha256(junk).hexdigest()}
     device_topic, coordinator_topic = topics.task(victim), topics.update(victim)
     return [
-        ("task: header of 50,000 '['", device_topic, _raw(MessageType.TASK, deep)),
+        ("task: header of 50,000 '['", device_topic, raw_envelope(MessageType.TASK, deep)),
         ("task: 5,000-digit integer", device_topic,
-         _raw(MessageType.TASK, _header({"device": victim}, round=digits))),
-        ("task: path-traversal task id", device_topic, _raw(MessageType.TASK, _header(traversal))),
+         raw_envelope(MessageType.TASK, _header({"device": victim}, round=digits))),
+        ("task: path-traversal task id", device_topic, raw_envelope(MessageType.TASK, _header(traversal))),
         ('artifact: {"artifacts": 5}', topics.artifact(victim),
-         _raw(MessageType.ARTIFACT, _header(artifact), b"\x28\xb5\x2f\xfd")),
-        ("update: header of 50,000 '['", coordinator_topic, _raw(MessageType.UPDATE, deep)),
+         raw_envelope(MessageType.ARTIFACT, _header(artifact), b"\x28\xb5\x2f\xfd")),
+        ("update: header of 50,000 '['", coordinator_topic, raw_envelope(MessageType.UPDATE, deep)),
         ("update: 5,000-digit integer", coordinator_topic,
-         _raw(MessageType.UPDATE, _header(update, round=digits))),
+         raw_envelope(MessageType.UPDATE, _header(update, round=digits))),
         ("update: epsilon Infinity", coordinator_topic,
-         _raw(MessageType.UPDATE, _header(update, epsilon="Infinity"), junk)),
+         raw_envelope(MessageType.UPDATE, _header(update, epsilon="Infinity"), junk)),
     ]
 
 
@@ -437,7 +427,7 @@ def test_poison_messages_are_refused_once_and_crash_nothing(tmp_path, broker, da
         poisons = _poisons(topics, victim, task)
         # Then a well-formed update from a device the coordinator does not know: its ACK is the
         # sign the coordinator handled everything before it.
-        sentinel = _raw(MessageType.UPDATE, _header({"device": ghost, "round": 1, "task": "0" * 16,
+        sentinel = raw_envelope(MessageType.UPDATE, _header({"device": ghost, "round": 1, "task": "0" * 16,
                                                      "num_samples": 1,
                                                      "payload_sha256": hashlib.sha256(b"").hexdigest()}))
         for _, topic, message in poisons:

@@ -15,8 +15,9 @@ import zstandard
 
 from coordinator.config import ConfigError, load_config
 from coordinator.service import ServiceConfig
+from wire import raw_envelope
 from edge_sdk import codec
-from edge_sdk.protocol import (MAGIC, AckHeader, ArtifactHeader, Envelope, EnvelopeError,
+from edge_sdk.protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError,
                                MessageType, RefusalHeader, RegisterHeader, StatusHeader, TaskHeader,
                                Topics, UpdateHeader, decode_envelope, encode_envelope, parse_header,
                                peek_header)
@@ -29,9 +30,6 @@ JSON_MAX_DEPTH = 32
 JSON_MAX_DIGITS = 20
 
 
-def raw_envelope(header: bytes, kind: MessageType = MessageType.UPDATE, payload: bytes = b"") -> bytes:
-    """An envelope around header bytes as given: what a hostile broker client can publish."""
-    return MAGIC + bytes([1, kind, 0, 0]) + struct.pack(">II", len(header), len(payload)) + header + payload
 
 
 MANIFEST = {
@@ -63,19 +61,19 @@ POISON_JSON = [
 def test_poison_headers_are_envelope_errors_with_a_reason(header, reason):
     for parse in (decode_envelope, peek_header):
         with pytest.raises(EnvelopeError, match=reason):
-            parse(raw_envelope(header))
+            parse(raw_envelope(MessageType.UPDATE, header))
 
 
 def test_the_json_limits_are_inclusive():
     nested = b'{"device":"d","x":' + b"[" * (JSON_MAX_DEPTH - 1) + b"]" * (JSON_MAX_DEPTH - 1) + b"}"
-    assert decode_envelope(raw_envelope(nested)).header["device"] == "d"
+    assert decode_envelope(raw_envelope(MessageType.UPDATE, nested)).header["device"] == "d"
     with pytest.raises(EnvelopeError, match=f"nests {JSON_MAX_DEPTH + 1} levels"):
-        decode_envelope(raw_envelope(b'{"x":' + b"[" * JSON_MAX_DEPTH + b"]" * JSON_MAX_DEPTH + b"}"))
+        decode_envelope(raw_envelope(MessageType.UPDATE, b'{"x":' + b"[" * JSON_MAX_DEPTH + b"]" * JSON_MAX_DEPTH + b"}"))
     digits = b'{"n":' + b"9" * JSON_MAX_DIGITS + b"}"
-    assert decode_envelope(raw_envelope(digits)).header["n"] == 10**JSON_MAX_DIGITS - 1
+    assert decode_envelope(raw_envelope(MessageType.UPDATE, digits)).header["n"] == 10**JSON_MAX_DIGITS - 1
     # Brackets inside strings are text, not nesting; emoji escapes are paired surrogates.
     text = b'{"s":"' + b"[" * 100 + b'\\"[", "e":"\\ud83d\\ude00"}'
-    assert decode_envelope(raw_envelope(text)).header["e"] == "\N{GRINNING FACE}"
+    assert decode_envelope(raw_envelope(MessageType.UPDATE, text)).header["e"] == "\N{GRINNING FACE}"
 
 
 @pytest.mark.parametrize("header", [b'"' + b'a\\"' * 21000, b'["' + b'\\"' * 32000, b'"\\' * 32000])
@@ -84,7 +82,7 @@ def test_unterminated_strings_of_escaped_quotes_are_refused_in_linear_time(heade
     quote took two minutes on this 64 KiB header (found by the fuzzer's slow-input check)."""
     start = time.perf_counter()
     with pytest.raises(EnvelopeError, match="Unterminated string"):
-        decode_envelope(raw_envelope(header))
+        decode_envelope(raw_envelope(MessageType.UPDATE, header))
     assert time.perf_counter() - start < 1.0
 
 
@@ -237,7 +235,7 @@ def test_every_header_float_must_be_finite(kind, field):
 def test_an_update_claiming_a_non_finite_epsilon_is_refused_on_the_wire(literal):
     header = json.dumps({**VALID_HEADERS[MessageType.UPDATE], "epsilon": 1.5}).replace("1.5", literal)
     with pytest.raises(EnvelopeError, match="epsilon|not a number|overflows"):
-        parse_header(decode_envelope(raw_envelope(header.encode())))
+        parse_header(decode_envelope(raw_envelope(MessageType.UPDATE, header.encode())))
     with pytest.raises(EnvelopeError, match="header cannot be sent"):  # and it cannot be sent
         encode_envelope(MessageType.UPDATE, {**VALID_HEADERS[MessageType.UPDATE], "epsilon": float("inf")})
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from coordinator.config import load_config
 from coordinator.service import ServiceConfig
+from wire import raw_envelope
 from edge_sdk.agent import load_edge_config
 from edge_sdk.protocol import (HEADER_LIMIT, MAGIC, Envelope, EnvelopeError, MessageType, Topics,
                                decode_envelope, encode_envelope, parse_header, peek_header)
@@ -136,8 +137,6 @@ VALID_HEADERS = {
 }
 
 
-def raw_envelope(kind: MessageType, header: bytes) -> bytes:
-    return MAGIC + bytes([1, kind, 0, 0]) + struct.pack(">II", len(header), 0) + header
 
 
 def refused_or_parsed(data: bytes) -> None:
