@@ -97,14 +97,18 @@ class DeviceState:
         atomic_write(self._outbox_path(key), envelope)
 
     def outbox(self) -> list[tuple[str, bytes]]:
-        return [(p.stem, p.read_bytes()) for p in sorted((self.root / "outbox").glob("*.bin"))]
+        """Unacknowledged updates; one acknowledged (and dropped) while this reads is left out."""
+        entries = ((key, self.outbox_entry(key)) for key in self.outbox_keys())
+        return [(key, envelope) for key, envelope in entries if envelope is not None]
 
     def outbox_keys(self) -> list[str]:
         return [p.stem for p in sorted((self.root / "outbox").glob("*.bin"))]
 
     def outbox_entry(self, key: str) -> bytes | None:
-        path = self._outbox_path(key)
-        return path.read_bytes() if path.exists() else None
+        try:
+            return self._outbox_path(key).read_bytes()
+        except FileNotFoundError:
+            return None
 
     def drop_outbox(self, key: str) -> None:
         self._outbox_path(key).unlink(missing_ok=True)
