@@ -616,6 +616,15 @@ def _decoded_array_bytes(kind: IndexKind, nnz: int) -> int:
     return nnz * (12 if kind in (IndexKind.BITMAP, IndexKind.DELTA_VARINT) else 4)
 
 
+def decoding_memory_limit(expected_shapes: Mapping[str, tuple[int, ...]], value_dtype: ValueDtype) -> int:
+    """The most memory decoding a valid payload of exactly these tensors holds: its largest body
+    (`decoded_bytes_limit`) and every array decoding builds. A receiver that passes it as
+    `max_decoded_bytes` allocates nothing a larger payload declares, whatever the model's size."""
+    arrays = sum(_decoded_array_bytes(IndexKind.DELTA_VARINT, math.prod(_normalise_shape(shape)))
+                 for shape in expected_shapes.values())
+    return decoded_bytes_limit(expected_shapes, value_dtype) + arrays
+
+
 def _parse(
     payload: bytes,
     expected_shapes: Mapping[str, tuple[int, ...]] | None,

@@ -78,13 +78,6 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, (OperationalError, InterfaceError, PoolTimeout, OSError))
 
 
-def _decoded_limit(shapes: dict[str, tuple[int, ...]], dtype: codec.ValueDtype) -> int:
-    """The most memory decoding an update of exactly these tensors may hold: the largest body
-    they can have (`codec.decoded_bytes_limit`) and the arrays decoding builds (float32 values
-    and int64 indices: 12 bytes per element). Nothing a larger payload declares is allocated."""
-    return codec.decoded_bytes_limit(shapes, dtype) + 12 * sum(math.prod(s) for s in shapes.values())
-
-
 class RoundEngine:
     def __init__(self, config: ServiceConfig, store: Store, publish: Publish,
                  clock: Callable[[], float] = time.time):
@@ -321,9 +314,8 @@ class RoundEngine:
         plan = self._plan_for(task.device, task)
         view = self.views.view(task.width_ratio)
         shapes = {name: view.shapes[name] for name in plan.uploaded}
-        update = codec.decode(payload, expected_shapes=shapes,
-                              max_decoded_bytes=_decoded_limit(shapes, codec.ValueDtype.from_name(
-                                  plan.upload_dtype)),
+        limit = codec.decoding_memory_limit(shapes, codec.ValueDtype.from_name(plan.upload_dtype))
+        update = codec.decode(payload, expected_shapes=shapes, max_decoded_bytes=limit,
                               known_indices=self.strategy.upload_known_indices)
         if set(update) != set(plan.uploaded):
             raise UpdateRefused(f"update carries {sorted(update)}, the plan asked for "
