@@ -127,6 +127,7 @@ class DeviceState:
         staging = self.root / "artifact.partial"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        atomic_write(inside(staging, name), packed)
-        atomic_write(staging / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
+        # A fresh folder no reader looks at: plain writes; the publish fsyncs each file once.
+        inside(staging, name).write_bytes(packed)
+        (staging / MANIFEST_NAME).write_bytes(json.dumps(manifest, indent=2).encode())
         atomic_publish_dir(staging, self.artifact_dir)
