@@ -41,6 +41,7 @@ from edge_sdk import codec
 from edge_sdk.checkpoint import Checkpoint, load_checkpoint
 from edge_sdk.data import load_dataset, to_tensor
 from edge_sdk.models import build_model, model_spec
+from edge_sdk.protocol.topics import DEVICE_TO_COORDINATOR
 from edge_sdk.protocol.signing import load_private_key, sign
 from edge_sdk.rehearsal import peak_rss_bytes
 from edge_sdk.protocol import (Envelope, EnvelopeError, MessageType, RefusalCode, Topics,
@@ -60,11 +61,6 @@ from .store import Store, TaskRow
 log = logging.getLogger("fedprune.coordinator")
 
 Publish = Callable[[str, bytes], None]
-
-# The message type each device topic carries; anything else on it is refused.
-TOPIC_TYPES = {"register": MessageType.REGISTER, "status": MessageType.STATUS,
-               "update": MessageType.UPDATE, "refusal": MessageType.REFUSAL}
-
 
 class UpdateRefused(ValueError):
     """An update the coordinator will not aggregate; the text, sent back in the ACK, says why."""
@@ -164,7 +160,7 @@ class RoundEngine:
         except ValueError as exc:
             self._refused_message("ignoring message: %s", exc)
             return
-        expected = TOPIC_TYPES.get(kind)
+        expected = DEVICE_TO_COORDINATOR.get(kind)
         if expected is None:
             self._refused_message("ignoring a message on %s: devices do not publish there", topic)
             return

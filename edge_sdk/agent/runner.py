@@ -34,7 +34,7 @@ from ..protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError, Mess
                         RefusalCode, TaskHeader, Topics, decode_envelope, encode_envelope,
                         parse_header, peek_header)
 from ..protocol.signing import load_public_key, verify
-from ..protocol.topics import check_id
+from ..protocol.topics import COORDINATOR_TO_DEVICE, check_id
 from ..protocol.transport import make_client
 from ..runtime.manifest import BundleManifest, artifact_file_name
 from ..runtime.predictor import MAX_ARTIFACT_BYTES
@@ -45,8 +45,6 @@ from .state import DeviceState, StateError, check_plain_name, task_key
 
 log = logging.getLogger("fedprune.edge")
 
-# The topic kind each message type may arrive on: a message on another kind of topic is refused.
-_TOPIC_KIND = {MessageType.TASK: "task", MessageType.ACK: "ack", MessageType.ARTIFACT: "artifact"}
 # Signed by the coordinator when the device holds its key: nothing else is acted upon.
 _SIGNED_TYPES = (MessageType.TASK, MessageType.ACK, MessageType.ARTIFACT)
 
@@ -216,7 +214,7 @@ class EdgeAgent:
     def _dispatch(self, topic: str, payload: bytes) -> None:
         envelope = decode_envelope(payload, self.config.max_payload_bytes)
         kind, device = self.topics.device_of(topic)
-        if device != self.config.device_id or _TOPIC_KIND.get(envelope.type) != kind:
+        if device != self.config.device_id or COORDINATOR_TO_DEVICE.get(kind) != envelope.type:
             raise EnvelopeError(f"a {envelope.type.name} message does not belong on {topic}")
         if self.coordinator_key is not None and envelope.type in _SIGNED_TYPES:
             try:

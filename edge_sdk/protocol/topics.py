@@ -10,6 +10,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .envelope import MessageType
+
+# The one topic kind each message type travels on, by direction; a message on another kind of
+# topic is refused by its receiver.
+DEVICE_TO_COORDINATOR = {"register": MessageType.REGISTER, "status": MessageType.STATUS,
+                         "update": MessageType.UPDATE, "refusal": MessageType.REFUSAL}
+COORDINATOR_TO_DEVICE = {"task": MessageType.TASK, "ack": MessageType.ACK,
+                         "artifact": MessageType.ARTIFACT}
+
 # Device ids, task ids and fleet names become MQTT topic levels and parts of file names on both
 # sides, so one character set for all of them: no '/', no leading '.', no control characters.
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -65,7 +74,7 @@ class Topics:
         return f"{self.root}/artifact/{device}"
 
     def coordinator_subscriptions(self) -> list[str]:
-        return [f"{self.root}/{kind}/+" for kind in ("register", "update", "refusal", "status")]
+        return [f"{self.root}/{kind}/+" for kind in DEVICE_TO_COORDINATOR]
 
     def device_subscriptions(self, device: str) -> list[str]:
         return [self.task(device), self.ack(device), self.artifact(device)]
