@@ -47,7 +47,37 @@ def resnet_small(input_shape=(1, 28, 28), num_classes: int = 10) -> ModelSpec:
     ))
 
 
-MODELS = {"fedp3_cnn": fedp3_cnn, "lenet": lenet, "mlp": mlp, "resnet_small": resnet_small}
+def resnet18(input_shape=(1, 28, 28), num_classes: int = 10) -> ModelSpec:
+    """CIFAR-style ResNet-18 (HeteroFL's PreResNet-18 layout) with GroupNorm for Opacus.
+
+    3x3 stem conv of 64 channels (padding 1, GroupNorm, no max-pool), four stages of two basic
+    blocks of 64, 128, 256 and 512 channels (stride 2 at the first block of stages 2-4), global
+    average pool, fc. About 11.2 M parameters on 1x28x28 with 10 classes. Our blocks are
+    post-activation (conv-norm-relu), HeteroFL's are pre-activation; the shapes are the same.
+    """
+    layers = [LayerSpec("conv", out=64, kernel=3, padding=1, norm=True)]
+    for stage, channels in enumerate((64, 128, 256, 512)):
+        layers.append(LayerSpec("resblock", out=channels, stride=1 if stage == 0 else 2))
+        layers.append(LayerSpec("resblock", out=channels))
+    layers += [LayerSpec("gap"), LayerSpec("fc", out=num_classes, act=False)]
+    return ModelSpec("resnet18", tuple(input_shape), num_classes, tuple(layers))
+
+
+def leaf_cnn(input_shape=(1, 28, 28), num_classes: int = 62) -> ModelSpec:
+    """LEAF's FEMNIST CNN: conv(32,5,same)-pool-conv(64,5,same)-pool-fc2048-fc classes.
+
+    About 6.6 M parameters with 62 classes, almost all in the 3136 x 2048 fc.
+    """
+    return ModelSpec("leaf_cnn", tuple(input_shape), num_classes, (
+        LayerSpec("conv", out=32, kernel=5, padding=2, pool=2),
+        LayerSpec("conv", out=64, kernel=5, padding=2, pool=2),
+        LayerSpec("fc", out=2048),
+        LayerSpec("fc", out=num_classes, act=False),
+    ))
+
+
+MODELS = {"fedp3_cnn": fedp3_cnn, "lenet": lenet, "mlp": mlp, "resnet_small": resnet_small,
+          "resnet18": resnet18, "leaf_cnn": leaf_cnn}
 
 
 def model_spec(name: str, input_shape, num_classes: int) -> ModelSpec:
