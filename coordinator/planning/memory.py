@@ -1,30 +1,49 @@
 """Predicted peak resident memory of one local DP-SGD epoch of a submodel.
 
     peak = baseline
-         + bytes_per_parameter x parameters
-         + activation_factor x 4 bytes x activation elements per sample x physical batch
+         + max( bytes_per_parameter x parameters,                                  (update phase)
+                backward_bytes_per_parameter x parameters                        (backward phase)
+                + activation_factor x saved activation bytes per sample x physical batch
+                + per_sample_gradient_factor x 4 B x per-sample gradient elements x physical batch )
          + 4 bytes x input elements x local samples                         (the local data)
          [+ 4 bytes x parameters x physical batch   only in Opacus "hooks" mode]
 
-- baseline: the interpreter with torch, Opacus and the dataset loader imported and run;
-- bytes_per_parameter: weights, gradients, optimizer and DP-optimizer state (momentum buffer,
-  summed clipped gradient, noise), in bytes per parameter;
-- activation_factor: how many copies of the forward activations the backward pass and ghost
-  clipping's per-sample norm computation keep alive (activations and their gradients).
+The peak is the larger of two moments, not their sum: during the backward pass the activations
+and per-sample gradients are alive; during the DP optimizer step they are gone but every
+parameter has its weight, gradient, summed clipped gradient, noise and the allocator's freed but
+not returned blocks. A wide fc layer (LEAF's CNN, 6.4 M parameters in one tensor) peaks at the
+step whatever the batch; a conv network (ResNet-18) peaks in the backward pass and grows with it.
 
-The three coefficients are fitted (non-negative least squares) to peaks measured by
-`benchmarks/calibrate_memory.py` on this machine kind and stored in `memory_calibration.json`
-with the command and machine; docs/BENCHMARKS.md records the fit. Ghost clipping never holds
-per-sample gradients, which is why the fedprune default avoids the batch x parameters term.
+- baseline: the interpreter with torch, Opacus and the dataset loader imported and run;
+- bytes_per_parameter: everything per parameter at the optimizer step;
+- backward_bytes_per_parameter: what per parameter is alive during the backward pass;
+- saved activation bytes: what autograd keeps for the backward pass of one sample, measured on
+  the real network with `saved_tensors_hooks` (every conv input, normalisation output, ReLU output,
+  max-pool index, ..., parameters excluded, each storage counted once); `activation_factor` is
+  how many times that is alive at the peak (ghost clipping runs the backward twice on the same
+  graph, plus the gradients flowing through it and Opacus's unfolded conv inputs);
+- per-sample gradient elements: Opacus's ghost clipping computes per-sample gradient norms
+  without per-sample gradients only for Linear layers; a Conv2d or GroupNorm layer still gets a
+  batch x its parameters per-sample gradient, one layer at a time. So the transient is the
+  largest such layer's parameter count per sample: 1,200 on FedP3's CNN, 2.36 M (0.45 GB at
+  batch 48) for ResNet-18's last 3x3 conv.
+
+The coefficients are fitted to peaks measured by `benchmarks/calibrate_memory.py` on this machine
+kind and stored in `memory_calibration.json` with the command and machine; docs/BENCHMARKS.md
+records the fit and its out-of-sample errors.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
-from edge_sdk.models import ModelSpec
+import torch
+
+from edge_sdk.models import ModelSpec, build_model
 from edge_sdk.models.cost import ModelFootprint, footprint  # noqa: F401  (re-exported for the planner)
 
 CALIBRATION_FILE = Path(__file__).with_name("memory_calibration.json")
@@ -36,27 +55,79 @@ class MemoryCoefficients:
     bytes_per_parameter: float
     activation_factor: float
     source: str = "uncalibrated defaults"
+    per_sample_gradient_factor: float = 0.0
+    # None: the calibration predates the two-phase formula; the terms then add up (conservative).
+    backward_bytes_per_parameter: float | None = None
 
     @classmethod
     def load(cls, path: Path = CALIBRATION_FILE) -> MemoryCoefficients:
         if not path.exists():
-            # Conservative defaults until calibrated: 400 MB runtime, 24 B/param, 3 copies.
-            return cls(400e6, 24.0, 3.0)
+            # Conservative defaults until calibrated: 480 MB runtime, 48 B/param at the step, 16
+            # in the backward pass, 5 copies of the saved activations, 3 of the largest
+            # per-sample gradient.
+            return cls(480e6, 48.0, 5.0, per_sample_gradient_factor=3.0,
+                       backward_bytes_per_parameter=16.0)
         data = json.loads(path.read_text())
         return cls(**{k: data[k] for k in ("baseline_bytes", "bytes_per_parameter",
-                                           "activation_factor", "source")})
+                                           "activation_factor", "source",
+                                           "per_sample_gradient_factor",
+                                           "backward_bytes_per_parameter") if k in data})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class MemoryFeatures:
+    """Per-model quantities the memory model multiplies by its coefficients."""
+
+    parameters: int
+    saved_activation_bytes: int      # per sample: what autograd keeps for backward
+    per_sample_gradient_elements: int  # per sample: largest conv/GroupNorm layer's parameters
+    input_elements: int              # per sample
+
+
+@lru_cache(maxsize=256)
+def memory_features(spec: ModelSpec) -> MemoryFeatures:
+    """Measured on the built network (batch 2, divided by 2), so it follows the builder exactly."""
+    model = build_model(spec, seed=0)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    # Layers Opacus has no ghost norm sampler for: their per-sample gradients are materialised.
+    transient = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()
+                     if isinstance(m, (torch.nn.Conv2d, torch.nn.GroupNorm))), default=0)
+    batch = 2
+    x = torch.zeros(batch, *spec.input_shape, requires_grad=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return MemoryFeatures(
+        parameters=sum(p.numel() for p in model.parameters()),
+        saved_activation_bytes=math.ceil(sum(saved.values()) / batch),
+        per_sample_gradient_elements=transient,
+        input_elements=math.prod(spec.input_shape),
+    )
+
+
 def predict_peak_bytes(spec: ModelSpec, physical_batch: int, local_samples: int,
                        coefficients: MemoryCoefficients, per_sample_gradients: bool = False) -> int:
-    fp = footprint(spec)
-    peak = (coefficients.baseline_bytes
-            + coefficients.bytes_per_parameter * fp.parameters
-            + coefficients.activation_factor * 4 * fp.activation_elements * physical_batch
-            + 4 * fp.input_elements * local_samples)
+    f = memory_features(spec)
+    c = coefficients
+    batch_terms = (c.activation_factor * f.saved_activation_bytes * physical_batch
+                   + c.per_sample_gradient_factor * 4 * f.per_sample_gradient_elements * physical_batch)
+    if c.backward_bytes_per_parameter is None:
+        moving = c.bytes_per_parameter * f.parameters + batch_terms
+    else:
+        moving = max(c.bytes_per_parameter * f.parameters,
+                     c.backward_bytes_per_parameter * f.parameters + batch_terms)
+    peak = c.baseline_bytes + moving + 4 * f.input_elements * local_samples
     if per_sample_gradients:
-        peak += 4 * fp.parameters * physical_batch
+        peak += 4 * f.parameters * physical_batch
     return int(peak)
