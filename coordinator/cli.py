@@ -47,18 +47,20 @@ def _print_summary(result: dict) -> None:
               f"{r['bytes_up']:>12,} {r['bytes_down']:>12,} {r['participants']:>7} "
               f"{r['seconds']:>6.1f}")
     final = result["final"]
-    print(f"final: personalized accuracy {final['personalized_accuracy']:.4f}, global accuracy "
-          f"{final['global_accuracy']:.4f}, {final['bytes_up_total']:,} bytes up, "
+    print(f"final: personalized accuracy {final['personalized_accuracy']:.4f} (each device's own "
+          f"model, own test split), global model {final['global_device_accuracy']:.4f} on the "
+          f"devices' test splits and {final['global_accuracy']:.4f} on the official test set; "
+          f"chance {final['chance_accuracy']:.2f}; {final['bytes_up_total']:,} bytes up, "
           f"{final['bytes_down_total']:,} bytes down")
     if "clients" in result:
-        planned = result["clients"]
-        widths: dict[float, int] = {}
-        for entry in planned:
-            if entry["fits"]:
-                widths[entry["width_ratio"]] = widths.get(entry["width_ratio"], 0) + 1
-        refused = sum(not entry["fits"] for entry in planned)
-        print("fleet: " + ", ".join(f"{n} at width {w}" for w, n in sorted(widths.items(), reverse=True))
-              + (f", {refused} with no submodel that fits (not trained)" if refused else ""))
+        from .planning.fleet import plan_table
+
+        print(plan_table(result["clients"]))
+        lost = final["updates_lost"]
+        print(f"simulated time {final['simulated_seconds_total']:.0f} s over "
+              f"{len(result['rounds'])} rounds; {final['updates_aggregated']} updates aggregated, "
+              f"{lost} lost (straggled or out of memory); chance level of the partition "
+              f"{final['chance_accuracy']:.2f}")
     if "privacy" in result:
         eps = [p["epsilon"] for p in result["privacy"]]
         delta = result["privacy"][0]["delta"]

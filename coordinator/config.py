@@ -146,7 +146,12 @@ class SimulationConfig(LearningSettings):
     partition: str = "classes:5"
     max_client_samples: int | None = Field(None, ge=2)
     fleet: str | None = None  # "catalogue[:seed]": sample device profiles and plan each submodel
-    deadline_seconds: float = Field(600.0, gt=0)
+    # How a fleet's devices are sized (coordinator/planning/fleet.py): per device ("planned"),
+    # or a baseline without a planner ("uniform", "full", "full-all").
+    sizing: Literal["planned", "uniform", "full", "full-all"] = "planned"
+    deadline_seconds: float = Field(600.0, gt=0)  # a round's deadline on the simulated clock
+    # Accuracies whose simulated time-to-reach the results report (planned fleets).
+    target_accuracies: list[float] = Field([0.5, 0.6, 0.7, 0.8], max_length=20)
     rounds: int = Field(3, ge=1)
     export_dir: str | None = None  # export every client's final model here, one folder each
     export_formats: list[Literal["onnx", "tflite"]] = Field(["onnx", "tflite"], min_length=1)

@@ -6,8 +6,8 @@ with the wire codec, so the byte counts reported are the bytes a broker would ca
 
 from __future__ import annotations
 
-import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,36 +15,48 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edge_sdk import codec
+from device_profiles import DeviceProfile
 from edge_sdk.checkpoint import Checkpoint
-from edge_sdk.client import LocalClient
+from edge_sdk.client import LocalClient, TaskOutcome
 from edge_sdk.data import ClientData, load_dataset, make_client_data, to_tensor
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.models.cost import footprint, inference_macs
 from edge_sdk.slicing import width_spec
-from edge_sdk.training import DPConfig, TrainConfig, accuracy
+from edge_sdk.training import TrainConfig, accuracy
 
+from .byzantine import ByzantineSettings, attack
 from .combine import RoundCombiner
 from .config import SimulationConfig
 from .exporting import export_clients
-from .planning.fleet import SubmodelViews, plan_fleet
-from .planning.planner import PlannerSettings
-from .byzantine import ByzantineSettings, attack
+from .planning.clock import task_time, time_to_accuracy
+from .planning.fleet import DeviceAssignment, plan_fleet
 from .robust import RobustSettings
-from .strategies import Strategy, build_strategy
+from .rounds import RoundPipeline, Task, dp_config, make_strategy, planner_settings
+from .strategies import Strategy
 
 
 @dataclass
 class RoundResult:
     round: int
-    personalized_accuracy: float
-    global_accuracy: float
+    # Accuracies, each on a stated model and data (docs/ARCHITECTURE.md, "Accuracy"):
+    personalized_accuracy: float   # each device's own model on its own test split, mean
+    global_device_accuracy: float  # the global model on each device's test split, mean
+    global_accuracy: float         # the global model on the dataset's official test set
+    chance_accuracy: float         # the partition's chance: each device's majority class, mean
     bytes_up: int
     bytes_down: int
     seconds: float
     participants: int
     refused: int
     client_seconds: float = 0.0
+    # The simulated clock (a planned fleet only): the round's simulated duration, and devices
+    # whose task could not finish by the deadline (not aggregated) or whose model did not fit
+    # in memory (full-all only: its training dies).
+    simulated_seconds: float | None = None
+    straggled: int = 0
+    out_of_memory: int = 0
+    left_out: int = 0
+    devices: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -61,34 +73,45 @@ class SimulationResult:
 
     def to_dict(self) -> dict[str, Any]:
         last = self.rounds[-1]
+        final = {
+            "personalized_accuracy": last.personalized_accuracy,
+            "global_device_accuracy": last.global_device_accuracy,
+            "global_accuracy": last.global_accuracy,
+            "chance_accuracy": last.chance_accuracy,
+            "bytes_up_total": sum(r.bytes_up for r in self.rounds),
+            "bytes_down_total": sum(r.bytes_down for r in self.rounds),
+            "client_seconds_total": sum(r.client_seconds for r in self.rounds),
+            "updates_aggregated": sum(r.participants for r in self.rounds),
+            "updates_lost": sum(r.straggled + r.out_of_memory for r in self.rounds),
+            **self.cost,
+        }
+        if last.simulated_seconds is not None:
+            seconds = [r.simulated_seconds for r in self.rounds]
+            targets = tuple(self.config.get("target_accuracies") or ())
+            final["simulated_seconds_total"] = sum(seconds)
+            final["simulated_seconds_to_personalized_accuracy"] = time_to_accuracy(
+                seconds, [r.personalized_accuracy for r in self.rounds], targets)
+            final["simulated_seconds_to_global_accuracy"] = time_to_accuracy(
+                seconds, [r.global_accuracy for r in self.rounds], targets)
         return {
             "config": self.config,
             "rounds": [r.to_dict() for r in self.rounds],
-            "final": {
-                "personalized_accuracy": last.personalized_accuracy,
-                "global_accuracy": last.global_accuracy,
-                "bytes_up_total": sum(r.bytes_up for r in self.rounds),
-                "bytes_down_total": sum(r.bytes_down for r in self.rounds),
-                "client_seconds_total": sum(r.client_seconds for r in self.rounds),
-                **self.cost,
-            },
+            "final": final,
             **({"privacy": self.privacy} if self.privacy is not None else {}),
             **({"clients": self.clients} if self.clients is not None else {}),
             **({"exports": self.exports} if self.exports is not None else {}),
         }
 
 
-def make_strategy(config: SimulationConfig, spec) -> Strategy:
-    return build_strategy(config, spec)
+# Called with (client id, task, download bytes, outcome or None) for every task a device is
+# sent: tests check what devices received against what was planned.
+TaskObserver = Callable[[int, Task, bytes, "TaskOutcome | None"], None]
 
 
-def dp_config(config: SimulationConfig) -> DPConfig | None:
-    if not config.dp.enabled:
-        return None
-    return DPConfig(**config.dp.model_dump())
-
-
-def run_simulation(config: SimulationConfig, progress: bool = True) -> SimulationResult:
+def run_simulation(config: SimulationConfig, progress: bool = True,
+                   profiles: list[DeviceProfile] | None = None,
+                   observe: TaskObserver | None = None) -> SimulationResult:
+    """`profiles`: the fleet's devices, one per client, instead of sampling `config.fleet`."""
     torch.manual_seed(config.seed)
     source = load_dataset(config.dataset, config.data_dir)
     strategy = make_strategy(config, model_spec(config.model, source.info.input_shape,
@@ -98,16 +121,12 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
     dp = dp_config(config)
     shards = [_capped(data, config.max_client_samples)
               for data in make_client_data(source, config.clients, config.partition, config.seed)]
-    fleet = _plan_fleet(config, spec, shards) if config.fleet else None
-    clients = [LocalClient(_fleet_shard(data, fleet), _fleet_train(train, data.client_id, fleet), dp,
-                           planned_rounds=config.rounds, seed=config.seed) for data in shards]
-    widths = _widths(config, fleet)
-    if any(w < 1 for w in widths) and (any(layer.gate < 1 for layer in spec.layers)
-                                       or strategy.download_masks is not None):
-        raise ValueError(f"{config.strategy} runs at full width only (FedDP gates and HideNseek "
-                         "masks are not width-sliced); drop --fleet / width_levels")
-    eligible = [a.plan.fits for a in fleet] if fleet else [True] * config.clients
+    fleet = _plan_fleet(config, strategy, shards, profiles) \
+        if (config.fleet or profiles is not None) else None
+    clients = [LocalClient(data, train, dp, planned_rounds=config.rounds, seed=config.seed)
+               for data in shards]
     test_x, test_y = to_tensor(source.test_x, source.info), torch.tensor(source.test_y)
+    chance = float(np.mean([_majority_share(c.data.test_y) for c in clients]))
 
     global_model = build_model(spec, seed=config.seed)
     global_state = strategy.initial_state() or {k: v.detach().numpy().copy()
@@ -119,61 +138,65 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
     robust = RobustSettings(**config.aggregator.model_dump(), seed=config.seed)
     staleness = config.ffgg.max_staleness if config.strategy == "ffgg" else 0
     history = [global_state]  # the last `staleness` + 1 global states, newest last
-    slicing = strategy.slicing or config.slicing
+    sizing = {a.client_id: a.plan for a in fleet} if fleet else {}
     result = SimulationResult(config=config.model_dump(),
                               clients=[a.to_dict() for a in fleet] if fleet else None)
     bar = tqdm(total=config.rounds * per_round, disable=not progress, unit="task",
                desc=f"{config.strategy} {config.partition}")
+    pipeline = None
     for round_number in range(1, config.rounds + 1):
         started = time.perf_counter()
         chosen = sorted(rng.choice(config.clients, per_round, replace=False).tolist())
-        dtype = codec.ValueDtype.from_name(strategy.download_dtype or config.codec.download_dtype)
-        views_by_age = {age: SubmodelViews(spec, history[-1 - age], dtype, slicing, round_number - age,
-                                           strategy.download_masks)
-                        for age in range(len(history))}
+        pipelines = {age: RoundPipeline(strategy, config, history[-1 - age], round_number, train,
+                                        slicing_round=round_number - age)
+                     for age in range(len(history))}
+        pipeline = pipelines[0]
         combiner = RoundCombiner(strategy, global_state, robust)
-        bytes_up = bytes_down = refused = 0
-        client_seconds = 0.0
+        row = RoundResult(round_number, 0.0, 0.0, 0.0, chance, 0, 0, 0.0, 0, 0,
+                          simulated_seconds=0.0 if fleet else None)
         for client_id in chosen:
             bar.update(1)
-            if not eligible[client_id]:  # the planner found no submodel this device can hold
-                refused += 1
+            assignment = fleet[client_id] if fleet else None
+            if assignment is not None and not assignment.selected:  # no submodel it can hold
+                row.left_out += 1
                 continue
             client = clients[client_id]
             age = int(rng.integers(0, len(history))) if staleness else 0  # async: a stale start
             base = history[-1 - age]
-            view = views_by_age[age].view(widths[client_id])
-            plan = view.adapt(strategy.plan(client_id, round_number, client.num_train))
-            payload = view.downloads.payload(plan, device_has_private_copy=client.spec is not None)
-            bytes_down += len(payload)
-            started_task = time.perf_counter()
-            outcome = client.run_task(plan, payload)
-            client_seconds += time.perf_counter() - started_task
-            if outcome.refused:
-                refused += 1
+            task = pipelines[age].task(client_id, client.num_train, sizing.get(client_id))
+            payload = pipelines[age].download(task, device_has_private_copy=client.spec is not None)
+            row.bytes_down += len(payload)
+            entry = {"client": client_id, **task.sizing(), "download_bytes": len(payload)}
+            if assignment is not None:
+                entry["predicted_peak_bytes"] = assignment.plan.predicted_peak_bytes
+                outcome = _run_on_the_clock(assignment, client, task, payload, spec, dp, config,
+                                            entry, row)
+            else:
+                outcome = _run(client, task, payload, entry, row)
+            if observe is not None:
+                observe(client_id, task, payload, outcome)
+            row.devices.append(entry)
+            if outcome is None or entry["outcome"] != "accepted":
                 continue
-            bytes_up += len(outcome.payload)
-            update = view.to_global(codec.decode(outcome.payload,
-                                                 {n: view.shapes[n] for n in plan.uploaded},
-                                                 known_indices=strategy.upload_known_indices))
+            update = pipelines[age].intake(task, outcome.payload)
             if client_id in malicious:
                 update = attack(update, base, byzantine, rng)
-            combiner.add(update, plan.aggregation_weight, base)
+            combiner.add(update, task.plan.aggregation_weight, base)
+            row.participants += 1
         global_state = combiner.result()
         history = (history + [global_state])[-(staleness + 1):]
         global_model.load_state_dict({k: torch.from_numpy(v)
                                       for k, v in strategy.materialize(global_state).items()})
-        personal = [c.evaluate(c.personal_model() or global_model) for c in clients]
-        result.rounds.append(RoundResult(
-            round=round_number,
-            personalized_accuracy=float(np.nanmean(personal)),
-            global_accuracy=accuracy(global_model, test_x, test_y),
-            bytes_up=bytes_up, bytes_down=bytes_down,
-            seconds=time.perf_counter() - started, client_seconds=client_seconds,
-            participants=len(chosen) - refused, refused=refused))
-        bar.set_postfix(personal=f"{result.rounds[-1].personalized_accuracy:.3f}",
-                        glob=f"{result.rounds[-1].global_accuracy:.3f}")
+        row.personalized_accuracy = float(np.nanmean([c.evaluate(c.personal_model() or global_model)
+                                                      for c in clients]))
+        row.global_device_accuracy = float(np.nanmean([c.evaluate(global_model) for c in clients]))
+        row.global_accuracy = accuracy(global_model, test_x, test_y)
+        row.seconds = time.perf_counter() - started
+        result.rounds.append(row)
+        bar.set_postfix(personal=f"{row.personalized_accuracy:.3f}",
+                        glob=f"{row.global_accuracy:.3f}")
     bar.close()
+    widths = [pipeline.width_for(i, sizing.get(i)) for i in range(config.clients)]
     result.cost = _inference_cost(spec, widths)
     if dp is not None:
         result.privacy = [privacy_entry(c) for c in clients]
@@ -181,17 +204,65 @@ def run_simulation(config: SimulationConfig, progress: bool = True) -> Simulatio
         final = Checkpoint(spec, {k: torch.from_numpy(v) for k, v in global_state.items()},
                            config.model, source.info.name, None, config.rounds)
         result.exports = export_clients(config.export_dir, clients, widths, final, source.info,
-                                        slicing=config.slicing, formats=config.export_formats,
+                                        slicing=pipeline.slicing, formats=config.export_formats,
                                         precisions=config.export_precisions, progress=progress)
     return result
 
 
-def _widths(config: SimulationConfig, fleet) -> list[float]:
-    if fleet:
-        return [a.plan.width_ratio for a in fleet]
-    if config.width_levels:
-        return [config.width_levels[i % len(config.width_levels)] for i in range(config.clients)]
-    return [1.0] * config.clients
+def _run(client: LocalClient, task: Task, payload: bytes, entry: dict,
+         row: RoundResult) -> TaskOutcome:
+    """The device runs its task: its training settings are the task's."""
+    client.train_config = task.train
+    started = time.perf_counter()
+    outcome = client.run_task(task.plan, payload)
+    row.client_seconds += time.perf_counter() - started
+    entry["outcome"] = "refused" if outcome.refused else "accepted"
+    if outcome.refused:
+        row.refused += 1
+    else:
+        row.bytes_up += len(outcome.payload)
+        entry.update(upload_bytes=len(outcome.payload), trained_samples=outcome.num_samples)
+    return outcome
+
+
+def _run_on_the_clock(assignment, client: LocalClient, task: Task, payload: bytes, base_spec,
+                      dp, config: SimulationConfig, entry: dict, row: RoundResult) -> TaskOutcome | None:
+    """A planned device's task on the simulated clock. A device whose model does not fit in its
+    memory dies in training; one that cannot have finished training by the deadline is cut off
+    there (not trained, nothing sent); one whose upload ends past the deadline sent it, but it is
+    not aggregated. The round lasts until its last device answers, at most the deadline."""
+    deadline = config.deadline_seconds
+    profile, epochs = assignment.profile, task.train.local_epochs
+    samples = len(client.round_samples(task.plan)[1])
+    before_upload = task_time(profile, base_spec, task.plan.spec, dp is not None, len(payload), 0,
+                              samples, epochs)
+    if assignment.out_of_memory:
+        entry.update(outcome="out_of_memory", seconds=before_upload.download_seconds)
+        row.out_of_memory += 1
+        row.simulated_seconds = max(row.simulated_seconds, min(deadline, before_upload.download_seconds))
+        return None
+    if before_upload.total > deadline:
+        entry.update(outcome="straggled", seconds=before_upload.total)
+        row.straggled += 1
+        row.simulated_seconds = deadline
+        return None
+    outcome = _run(client, task, payload, entry, row)
+    if outcome.refused:
+        entry["seconds"] = before_upload.total
+        return outcome
+    clock = task_time(profile, base_spec, task.plan.spec, dp is not None, len(payload),
+                      len(outcome.payload), outcome.num_samples, epochs)
+    late = clock.total > deadline
+    entry.update(outcome="straggled" if late else "accepted", seconds=clock.total)
+    row.straggled += late
+    row.simulated_seconds = max(row.simulated_seconds, min(deadline, clock.total))
+    return outcome
+
+
+def _majority_share(labels) -> float:
+    """Accuracy of always answering the device's most frequent test label: its chance level."""
+    labels = np.asarray(labels)
+    return float(np.bincount(labels).max() / len(labels)) if len(labels) else float("nan")
 
 
 def _inference_cost(spec, widths: list[float]) -> dict[str, Any]:
@@ -202,25 +273,15 @@ def _inference_cost(spec, widths: list[float]) -> dict[str, Any]:
             "flops_per_sample_by_width": {f"{w:g}": f for w, f in sorted(per_width.items())}}
 
 
-def _plan_fleet(config: SimulationConfig, spec, shards: list[ClientData]):
-    settings = PlannerSettings(deadline_seconds=config.deadline_seconds,
-                               batch_size=config.train.batch_size, dp=config.dp.enabled,
-                               momentum=config.train.momentum, slicing=config.slicing)
-    return plan_fleet(config.fleet, spec, config.model, [len(d.train_y) for d in shards], settings)
-
-
-def _fleet_shard(data: ClientData, fleet) -> ClientData:
-    """A device trains on as many samples per round as its plan's compute budget allows."""
-    if fleet is None:
-        return data
-    n = max(1, fleet[data.client_id].plan.local_samples)
-    return ClientData(data.client_id, data.train_x[:n], data.train_y[:n], data.test_x, data.test_y)
-
-
-def _fleet_train(train: TrainConfig, client_id: int, fleet) -> TrainConfig:
-    if fleet is None:
-        return train
-    return dataclasses.replace(train, physical_batch_size=fleet[client_id].plan.physical_batch_size)
+def _plan_fleet(config: SimulationConfig, strategy: Strategy, shards: list[ClientData],
+                profiles: list[DeviceProfile] | None) -> list[DeviceAssignment]:
+    """Each device sized from its profile, for the transfer layout of its own plan (which
+    tensors it uploads decides where download and upload keep apply)."""
+    settings = planner_settings(config, strategy, config.deadline_seconds)
+    samples = [len(d.train_y) for d in shards]
+    uploaded = [frozenset(strategy.plan(i, 1, n).uploaded) for i, n in enumerate(samples)]
+    return plan_fleet(config.fleet or "catalogue", strategy.spec, config.model, samples, settings,
+                      config.sizing, uploaded, profiles)
 
 
 def _capped(data: ClientData, limit: int | None) -> ClientData:

@@ -35,8 +35,12 @@ class DataSlice(BaseModel):
 
 
 class BudgetPlan(BaseModel):
+    """One device's sizing. Every choice is made by the planner from the device's profile and is
+    applied by the round pipeline to each task the device is sent; `decisions` says, per choice,
+    the number that forced it."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     device: str
     model: str
     width_ratio: float = Field(gt=0, le=1)
@@ -49,9 +53,10 @@ class BudgetPlan(BaseModel):
     noise_multiplier: float = Field(1.0, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
-    value_dtype: Literal["fp32", "fp16"] = "fp32"
-    download_keep: float = Field(1.0, gt=0, le=1)
-    upload_keep: float = Field(1.0, gt=0, le=1)
+    download_dtype: Literal["fp32", "fp16"] = "fp32"
+    download_keep: float = Field(1.0, gt=0, le=1)   # on weights the device does not upload
+    upload_dtype: Literal["fp32", "fp16"] = "fp32"
+    upload_keep: float = Field(1.0, gt=0, le=1)     # on weights it uploads: most-changed entries
     parameters: int = Field(ge=0)
     predicted_peak_bytes: int = Field(ge=0)
     budget_bytes: int = Field(ge=0)
@@ -62,6 +67,7 @@ class BudgetPlan(BaseModel):
     deadline_seconds: float = Field(gt=0)
     fits: bool
     reasons: list[str] = Field(default_factory=list)
+    decisions: dict[str, str] = Field(default_factory=dict)  # choice -> the number that forced it
     data: DataSlice = DataSlice()
     measured_peak_bytes: int | None = None
 

@@ -17,7 +17,7 @@ from . import codec
 from .data.partition import ClientData
 from .models import ModelSpec, SpecModel, build_model, tensor_shapes
 from .plan import SubmodelPlan, TrainPhase
-from .pruning import is_prunable, magnitude_mask
+from .pruning import is_prunable, magnitude_mask, top_changes_mask
 from .supermask import run_supermask_task
 from .training import (DPConfig, PrivacyBudgetExceeded, PrivacyLedger, TrainConfig, TrainReport,
                        accuracy, dp_sampling, train_locally)
@@ -61,23 +61,36 @@ class LocalClient:
     def num_train(self) -> int:
         return len(self.data.train_y)
 
+    def round_samples(self, plan: SubmodelPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training samples of this task: all of them, or the plan's `local_samples` as a
+        window that moves on by that many every round, so a device whose compute allows only
+        part of its data per round still trains on all of it over the rounds."""
+        x, y = self.data.train_x, self.data.train_y
+        n = len(y) if plan.local_samples is None else min(plan.local_samples, len(y))
+        if n >= len(y):
+            return x, y
+        picked = (((plan.round - 1) * n) + np.arange(n)) % len(y)
+        index = torch.from_numpy(picked)
+        return x[index], y[index]
+
     def run_task(self, plan: SubmodelPlan, download: bytes) -> TaskOutcome:
         shapes = tensor_shapes(plan.spec)
         received = codec.decode(download, expected_shapes=shapes)
         phases = plan.phases or (TrainPhase(tuple(plan.trained), self.train_config.local_epochs),)
+        train_x, train_y = self.round_samples(plan)
         sampling = noise = None
         if self.dp is not None:
-            sampling = dp_sampling(self.num_train, self.train_config.batch_size,
+            sampling = dp_sampling(len(train_y), self.train_config.batch_size,
                                    sum(phase.epochs for phase in phases))
             noise = self._noise(sampling)
             try:
                 self.ledger.check_affordable(noise, *sampling)
             except PrivacyBudgetExceeded as exc:
-                return TaskOutcome(self.client_id, plan.round, None, self.num_train,
+                return TaskOutcome(self.client_id, plan.round, None, len(train_y),
                                    epsilon=self.ledger.epsilon(), refused=str(exc))
 
         if plan.mode == "supermask":
-            return self._run_supermask(plan, received)
+            return self._run_supermask(plan, received, train_x, train_y)
         model = build_model(plan.spec)
         start, from_download = self._starting_state(plan, shapes, received)
         model.load_state_dict(start)
@@ -100,7 +113,7 @@ class LocalClient:
         for number, phase in enumerate(phases):
             for name, param in model.named_parameters():
                 param.requires_grad_(name in phase.tensors)
-            part = train_locally(model, self.data.train_x, self.data.train_y,
+            part = train_locally(model, train_x, train_y,
                                  dataclasses.replace(self.train_config, local_epochs=phase.epochs),
                                  masks, seed=_task_seed(self.seed, self.client_id, plan.round) + number,
                                  dp=self.dp, noise_multiplier=noise, before_batch=before_batch,
@@ -117,23 +130,27 @@ class LocalClient:
         if self.ledger is not None:
             self.ledger.record(report.privacy_history)
             epsilon = self.ledger.epsilon()
-        update = {name: codec.SparseTensor.from_dense(self.state[name].numpy(), upload_masks[name])
-                  for name in plan.uploaded}
+        update = {}
+        for name in plan.uploaded:
+            trained, sent_mask = self.state[name].numpy(), upload_masks[name]
+            if plan.upload_keep < 1.0 and is_prunable(shapes[name]):
+                sent_mask = top_changes_mask(start[name].numpy(), trained, sent_mask, plan.upload_keep)
+            update[name] = codec.SparseTensor.from_dense(trained, sent_mask)
         payload = codec.encode(update, codec.ValueDtype.from_name(plan.upload_dtype))
-        return TaskOutcome(self.client_id, plan.round, payload, self.num_train,
+        return TaskOutcome(self.client_id, plan.round, payload, len(train_y),
                            report, epsilon)
 
-    def _run_supermask(self, plan: SubmodelPlan, received) -> TaskOutcome:
+    def _run_supermask(self, plan: SubmodelPlan, received, train_x, train_y) -> TaskOutcome:
         if self.dp is not None:
             raise TaskError("HideNseek's supermask training has no DP variant here; run it without dp")
         if self.spec is None or self.spec.digest() != plan.spec.digest():
             self.scores = {}
         state, upload, report = run_supermask_task(
-            plan, received, self.scores, self.data.train_x, self.data.train_y, self.train_config,
+            plan, received, self.scores, train_x, train_y, self.train_config,
             _task_seed(self.seed, self.client_id, plan.round))
         self.state, self.spec = state, plan.spec
         payload = codec.encode(upload, codec.ValueDtype.SIGN1, known_indices=set(upload))
-        return TaskOutcome(self.client_id, plan.round, payload, self.num_train, report)
+        return TaskOutcome(self.client_id, plan.round, payload, len(train_y), report)
 
     def _noise(self, sampling: tuple[float, int]) -> float:
         if self._noise_multiplier is None:

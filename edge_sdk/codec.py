@@ -536,6 +536,11 @@ def _read_header(payload: bytes) -> tuple[ValueDtype, int, int]:
     return ValueDtype(dtype), count, body_length
 
 
+def value_dtype_of(payload: bytes) -> ValueDtype:
+    """The value type a payload declares in its header (CodecError when it has none)."""
+    return _read_header(payload)[0]
+
+
 def _decompress_body(frame: memoryview, body_length: int) -> bytes:
     try:
         content_size = zstandard.frame_content_size(frame)

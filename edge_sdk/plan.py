@@ -67,6 +67,19 @@ class SubmodelPlan:
     # HideNseek: "supermask" trains sign scores over frozen weights built from `init_seed`.
     mode: str = "weights"
     init_seed: int | None = None
+    # The device's sizing (its planner decision): of each uploaded weight or kernel, send only
+    # the `upload_keep` share of entries that changed most (biases and norms always whole); train
+    # on at most `local_samples` samples this round (None: all the device holds).
+    upload_keep: float = 1.0
+    local_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.upload_keep <= 1.0:
+            raise ValueError(f"upload_keep must be in (0, 1], got {self.upload_keep}")
+        if self.local_samples is not None and self.local_samples < 1:
+            raise ValueError(f"local_samples must be at least 1, got {self.local_samples}")
+        if self.upload_dtype not in ("fp32", "fp16", "sign1"):
+            raise ValueError(f"upload_dtype must be fp32, fp16 or sign1, got {self.upload_dtype!r}")
 
     def tensor(self, name: str) -> TensorPlan:
         for entry in self.tensors:
@@ -103,4 +116,6 @@ class SubmodelPlan:
             prune_threshold=data.get("prune_threshold"),
             mode=str(data.get("mode", "weights")),
             init_seed=data.get("init_seed"),
+            upload_keep=float(data.get("upload_keep", 1.0)),
+            local_samples=None if data.get("local_samples") is None else int(data["local_samples"]),
         )

@@ -27,3 +27,23 @@ def magnitude_mask(values: np.ndarray, keep: float) -> np.ndarray:
         order = np.argsort(-flat, kind="stable")
         mask[order[k:]] = False
     return mask.reshape(np.shape(values))
+
+
+def top_changes_mask(before: np.ndarray, after: np.ndarray, allowed: np.ndarray, keep: float) -> np.ndarray:
+    """Of the `allowed` entries, the ceil(keep x count) whose value changed most (|after - before|).
+
+    A device on a slow uplink sends only these (its planned upload keep); the coordinator's
+    coverage-aware mean leaves every entry it did not send to the devices that did.
+    """
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep ratio must be in (0, 1], got {keep}")
+    allowed = np.asarray(allowed, dtype=bool)
+    if keep >= 1.0:
+        return allowed.copy()
+    change = np.abs(np.asarray(after, dtype=np.float32) - np.asarray(before, dtype=np.float32)).ravel()
+    candidates = np.flatnonzero(allowed.ravel())
+    k = max(1, math.ceil(keep * candidates.size - 1e-9)) if candidates.size else 0
+    order = np.argsort(-change[candidates], kind="stable")
+    mask = np.zeros(allowed.size, dtype=bool)
+    mask[candidates[order[:k]]] = True
+    return mask.reshape(allowed.shape)

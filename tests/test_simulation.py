@@ -59,10 +59,14 @@ def test_results_carry_the_documented_schema(fedavg_result):
         assert set(entry) >= {"round", "personalized_accuracy", "global_accuracy", "bytes_up",
                               "bytes_down", "seconds"}
         assert entry["bytes_up"] > 0 and entry["bytes_down"] > 0
-    assert set(fedavg_result["final"]) == {"personalized_accuracy", "global_accuracy",
+    assert set(fedavg_result["final"]) == {"personalized_accuracy", "global_device_accuracy",
+                                           "global_accuracy", "chance_accuracy",
                                            "bytes_up_total", "bytes_down_total",
-                                           "client_seconds_total", "flops_per_sample_full",
+                                           "client_seconds_total", "updates_aggregated",
+                                           "updates_lost", "flops_per_sample_full",
                                            "flops_per_sample_mean", "flops_per_sample_by_width"}
+    # S1 (five classes per device): each device's chance is about 1/5, not 1/10
+    assert 0.18 < fedavg_result["final"]["chance_accuracy"] < 0.3
     assert fedavg_result["final"]["flops_per_sample_mean"] == fedavg_result["final"]["flops_per_sample_full"]
     assert fedavg_result["final"]["bytes_up_total"] == sum(r["bytes_up"] for r in fedavg_result["rounds"])
     assert "privacy" not in fedavg_result
@@ -125,8 +129,10 @@ def test_fleet_simulation_plans_each_device(monkeypatch):
     result = run_simulation(config, progress=False).to_dict()
     assert [c["client"] for c in result["clients"]] == list(range(6))
     for entry in result["clients"]:
-        assert entry["fits"] == (entry["predicted_peak_bytes"] <= entry["budget_bytes"])
-    refused = sum(not c["fits"] for c in result["clients"])
+        plan = entry["plan"]
+        assert plan["fits"] == (plan["predicted_peak_bytes"] <= plan["budget_bytes"])
+        assert entry["selected"] == plan["fits"]
+    refused = sum(not c["plan"]["fits"] for c in result["clients"])
     assert result["rounds"][0]["participants"] == 6 - refused
 
 
@@ -138,12 +144,12 @@ def test_width_sliced_devices_train_and_merge_by_coverage(monkeypatch):
 
     real_plan_fleet = simulation.plan_fleet
 
-    def narrowed(fleet, base, model_name, local_samples, settings):
-        assignments = real_plan_fleet("catalogue:0", base, model_name, local_samples, settings)
+    def narrowed(fleet, *args):
+        assignments = real_plan_fleet("catalogue:0", *args)
         ratios = [1.0, 0.5, 0.25, 1.0, 0.5, 0.25]
         return [DeviceAssignment(a.client_id, catalogue_profile("rpi4-4gb"),
                                  a.plan.model_copy(update={"width_ratio": ratios[a.client_id],
-                                                           "fits": True, "reasons": []}))
+                                                           "fits": True, "reasons": []}), True)
                 for a in assignments]
 
     monkeypatch.setattr(simulation, "plan_fleet", narrowed)
@@ -151,7 +157,7 @@ def test_width_sliced_devices_train_and_merge_by_coverage(monkeypatch):
                          rounds=2, partition="classes:5", max_client_samples=400,
                          fleet="catalogue", deadline_seconds=1e6)
     result = run_simulation(config, progress=False).to_dict()
-    assert [c["width_ratio"] for c in result["clients"]] == [1.0, 0.5, 0.25, 1.0, 0.5, 0.25]
+    assert [c["plan"]["width_ratio"] for c in result["clients"]] == [1.0, 0.5, 0.25, 1.0, 0.5, 0.25]
     assert all(r["participants"] == 6 for r in result["rounds"])
     assert result["final"]["personalized_accuracy"] > 0.4  # chance on a device's 5 classes: 0.2
     # A 0.25-width device moves far fewer bytes than a full one: total is well under 6 full models.

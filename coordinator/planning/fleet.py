@@ -1,28 +1,31 @@
-"""A planned fleet: every device's sampled profile, its budget plan, and its submodel per round.
+"""A planned fleet in the simulator: every device's sampled profile and its sizing.
 
-`SubmodelViews` is where width slicing meets the round: for each width ratio it extracts the
-sliced global state once per round (channels chosen by prefix, rolling window or magnitude),
-encodes downloads from it, and maps uploads back to global indices for the aggregator.
+`policy` says how devices are sized, so the payoff of per-device sizing can be measured against
+what a framework without a planner would do on the same fleet (benchmarks/payoff.py):
+
+- `planned`: each device's own plan (width, physical batch, transfer, local samples);
+- `uniform`: one width for everyone, the widest the weakest participating device can hold;
+  transfer and local samples as the run configures them;
+- `full`: the full model; devices that cannot hold it or would miss the deadline are left out;
+- `full-all`: the full model sent to everyone; a device that cannot hold it runs out of memory
+  and one past the deadline straggles: both updates are lost.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
-
-import numpy as np
+from typing import Literal
 
 from device_profiles import DeviceProfile, parse_fleet_arg, sample_fleet
-from edge_sdk import codec
 from edge_sdk.budget import BudgetPlan
-from edge_sdk.models import ModelSpec, tensor_shapes
-from edge_sdk.plan import SubmodelPlan
-from edge_sdk.slicing import extract, select_channels, slice_map, to_global, width_spec
+from edge_sdk.models import ModelSpec
 
-from ..strategies import DownloadBuilder
 from .memory import MemoryCoefficients
 from .planner import PlannerSettings, plan_device
+
+SizingPolicy = Literal["planned", "uniform", "full", "full-all"]
+SIZING_POLICIES: tuple[str, ...] = ("planned", "uniform", "full", "full-all")
 
 
 @dataclass(frozen=True)
@@ -30,69 +33,73 @@ class DeviceAssignment:
     client_id: int
     profile: DeviceProfile
     plan: BudgetPlan
+    # Whether the device is given tasks at all: its plan fits, or (full-all) it is sent the
+    # model regardless.
+    selected: bool
+
+    @property
+    def out_of_memory(self) -> bool:
+        """The model it is sent needs more memory than the device has: its training dies."""
+        return any(r.startswith("memory:") for r in self.plan.reasons)
 
     def to_dict(self) -> dict:
         return {"client": self.client_id, "device": self.profile.name,
-                "width_ratio": self.plan.width_ratio,
-                "predicted_peak_bytes": self.plan.predicted_peak_bytes,
-                "budget_bytes": self.plan.budget_bytes, "fits": self.plan.fits,
-                "physical_batch_size": self.plan.physical_batch_size,
-                "local_samples": self.plan.local_samples, "reasons": self.plan.reasons}
+                "memory_available_bytes": self.profile.memory_available_bytes,
+                "downlink_bytes_per_s": self.profile.network.downlink_bytes_per_s,
+                "uplink_bytes_per_s": self.profile.network.uplink_bytes_per_s,
+                "selected": self.selected, "plan": self.plan.model_dump(mode="json")}
 
 
 def plan_fleet(fleet: str, base: ModelSpec, model_name: str, local_samples: list[int],
-               settings: PlannerSettings) -> list[DeviceAssignment]:
-    profiles = sample_fleet(len(local_samples), parse_fleet_arg(fleet))
+               settings: PlannerSettings, policy: SizingPolicy = "planned",
+               uploaded: list[frozenset[str] | None] | None = None,
+               profiles: list[DeviceProfile] | None = None) -> list[DeviceAssignment]:
+    """`uploaded[i]`: the tensors device i uploads (its transfer layout), from the strategy;
+    `profiles`: the devices, instead of sampling them from `fleet`."""
+    if profiles is None:
+        profiles = sample_fleet(len(local_samples), parse_fleet_arg(fleet))
+    elif len(profiles) != len(local_samples):
+        raise ValueError(f"{len(profiles)} profiles for {len(local_samples)} devices")
     coefficients = MemoryCoefficients.load()
-    return [DeviceAssignment(i, profile, plan_device(
-                profile, base, model_name,
-                dataclasses.replace(settings, local_samples=local_samples[i]), coefficients))
-            for i, profile in enumerate(profiles)]
+
+    def plan_all(overrides: dict) -> list[BudgetPlan]:
+        return [plan_device(profile, base, model_name, dataclasses.replace(
+                    settings, local_samples=local_samples[i],
+                    uploaded=uploaded[i] if uploaded else None, **overrides), coefficients)
+                for i, profile in enumerate(profiles)]
+
+    fixed = {"adapt_transfer": False, "adapt_compute": False}
+    if policy == "planned":
+        plans = plan_all({})
+    elif policy == "uniform":
+        holdable = [p.width_ratio for p in plan_all({}) if p.fits]
+        plans = plan_all({"widths": (min(holdable) if holdable else settings.widths[-1],), **fixed})
+    elif policy in ("full", "full-all"):
+        plans = plan_all({"widths": (1.0,), **fixed})
+    else:
+        raise ValueError(f"unknown sizing policy {policy!r}; use one of {', '.join(SIZING_POLICIES)}")
+    assignments = []
+    for i, (profile, plan) in enumerate(zip(profiles, plans)):
+        holds = not any(r.startswith("memory:") for r in plan.reasons)
+        selected = {"planned": plan.fits, "uniform": holds, "full": plan.fits,
+                    "full-all": True}[policy]
+        assignments.append(DeviceAssignment(i, profile, plan, selected))
+    return assignments
 
 
-@dataclass
-class SubmodelView:
-    spec: ModelSpec
-    shapes: dict[str, tuple[int, ...]]
-    downloads: DownloadBuilder
-    smap: Mapping[str, np.ndarray] | None  # None: the full model, global indices as they are
-    ratio: float = 1.0
-
-    def adapt(self, plan: SubmodelPlan) -> SubmodelPlan:
-        """The strategy's plan on this width: its spec, and FjORD's levels made relative to it."""
-        levels = plan.ordered_dropout
-        if levels:
-            ratio = self.ratio
-            levels = tuple(p / ratio for p in levels if p <= ratio + 1e-9) or (1.0,)
-        return dataclasses.replace(plan, spec=self.spec, ordered_dropout=levels)
-
-    def to_global(self, update: dict[str, codec.SparseTensor]) -> dict[str, codec.SparseTensor]:
-        return update if self.smap is None else to_global(update, self.smap)
-
-
-class SubmodelViews:
-    """One round's submodels, one per width ratio in use."""
-
-    def __init__(self, base: ModelSpec, global_state: Mapping[str, np.ndarray],
-                 value_dtype: codec.ValueDtype, method: str, round_number: int,
-                 fixed_masks: Mapping[str, np.ndarray] | None = None):
-        self.base, self.global_state, self.fixed_masks = base, global_state, fixed_masks
-        self.value_dtype, self.method, self.round_number = value_dtype, method, round_number
-        self._views: dict[float, SubmodelView] = {}
-
-    def view(self, ratio: float) -> SubmodelView:
-        if ratio not in self._views:
-            if ratio >= 1.0:
-                self._views[ratio] = SubmodelView(self.base, tensor_shapes(self.base),
-                                                  DownloadBuilder(self.global_state, self.value_dtype,
-                                                                  self.fixed_masks),
-                                                  None, 1.0)
-            else:
-                kept = select_channels(self.base, self.global_state, ratio, self.method,
-                                       self.round_number)
-                smap = slice_map(self.base, kept)
-                spec = width_spec(self.base, ratio)
-                self._views[ratio] = SubmodelView(
-                    spec, tensor_shapes(spec),
-                    DownloadBuilder(extract(self.global_state, smap), self.value_dtype), smap, ratio)
-        return self._views[ratio]
+def plan_table(rows: list[dict]) -> str:
+    """Each device's plan, one line each (the `clients` entries of a results JSON, or the same
+    keys from the coordinator's registry): what it was given, and why."""
+    lines = [f"{'device':<22} {'memory':>7} {'down/up kB/s':>13} {'width':>5} {'batch':>5} "
+             f"{'samples':>7} {'download':>12} {'upload':>12} {'peak/budget MB':>15}  fits"]
+    for row in rows:
+        plan = row["plan"]
+        lines.append(
+            f"{row['device'][:22]:<22} {row['memory_available_bytes'] / 1e6:>5.0f}MB "
+            f"{row['downlink_bytes_per_s'] / 1e3:>6.0f}/{row['uplink_bytes_per_s'] / 1e3:<6.0f} "
+            f"{plan['width_ratio']:>5g} {plan['physical_batch_size']:>5} {plan['local_samples']:>7} "
+            f"{plan['download_dtype']:>5} k{plan['download_keep']:<5g} "
+            f"{plan['upload_dtype']:>5} k{plan['upload_keep']:<5g} "
+            f"{plan['predicted_peak_bytes'] / 1e6:>6.0f}/{plan['budget_bytes'] / 1e6:<7.0f}  "
+            + ("yes" if plan["fits"] else "no: " + "; ".join(plan["reasons"])[:120]))
+    return "\n".join(lines)

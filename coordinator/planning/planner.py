@@ -2,8 +2,8 @@
 
 Memory first: the widest submodel (then, before narrowing further, smaller physical batches via
 Opacus virtual steps) whose predicted peak fits `available memory x safety margin`. Then transfer:
-the value precision and sparsity ladder is walked until download + upload fit the device's share
-of the round deadline at its bandwidth. Then compute: local samples per round are capped so local
+the value precision and sparsity ladder is walked, download and upload separately (their links
+differ), until both fit the device's share of the round deadline at its bandwidth. Then compute: local samples per round are capped so local
 training fits the rest of the deadline at the device's measured DP throughput. When nothing fits,
 the plan says so (`fits = false`) with the reasons, rather than handing a device a model that
 will be killed by the OOM killer or miss every deadline.
@@ -20,15 +20,17 @@ import numpy as np
 from device_profiles import DeviceProfile
 from edge_sdk import codec
 from edge_sdk.budget import BudgetPlan, DataSlice
-from edge_sdk.models import ModelSpec, build_model
+from edge_sdk.models import ModelSpec, build_model, tensor_shapes
 from edge_sdk.pruning import is_prunable, magnitude_mask
 from edge_sdk.slicing import width_spec
 
 from .memory import MemoryCoefficients, footprint, predict_peak_bytes
 
 WIDTHS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
-# Transfer ladder: cheapest change first (halve the bytes losslessly enough), then sparsify.
-TRANSFER_LADDER = (("fp32", 1.0), ("fp16", 1.0), ("fp16", 0.5), ("fp16", 0.25), ("fp16", 0.1))
+# Transfer ladder, walked per direction: the cheapest change first (halve the bytes at little
+# cost in accuracy), then sparser and sparser magnitude top-k.
+TRANSFER_LADDER = (("fp32", 1.0), ("fp16", 1.0), ("fp16", 0.75), ("fp16", 0.5), ("fp16", 0.35),
+                   ("fp16", 0.25), ("fp16", 0.15), ("fp16", 0.1))
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class PlannerSettings:
     deadline_seconds: float = 600.0
     transfer_share: float = 0.5
     safety_margin: float = 0.9
+    # Share of the deadline a plan may fill: the rest is slack for payloads that compress worse
+    # than the estimate (trained values, scattered indices) and for a slower round than profiled.
+    deadline_margin: float = 0.9
     batch_size: int = 48
     min_physical_batch: int = 8
     local_samples: int = 420
@@ -43,40 +48,65 @@ class PlannerSettings:
     dp: bool = True
     momentum: float = 0.0
     slicing: str = "prefix"
+    # The run's own settings bound the device's: the download keep never exceeds it (FedP3's
+    # global_keep), and a run configured for fp16 is never planned at fp32.
+    max_download_keep: float = 1.0
+    download_dtype: str = "fp32"
+    upload_dtype: str = "fp32"
+    # Tensors the device uploads (None: all). Download keep applies to the weights it does not
+    # upload (FedP3's Q_i); upload keep to those it does; byte counts follow that layout.
+    uploaded: frozenset[str] | None = None
+    # Baselines that do not size per device (benchmarks/payoff.py): the widths the memory step
+    # may pick from, and whether transfer and local samples adapt to the device at all.
+    widths: tuple[float, ...] = WIDTHS
+    adapt_transfer: bool = True
+    adapt_compute: bool = True
 
 
 def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settings: PlannerSettings,
                 coefficients: MemoryCoefficients, data: DataSlice | None = None) -> BudgetPlan:
     budget = int(profile.memory_available_bytes * settings.safety_margin)
     reasons: list[str] = []
-    choice = _fit_memory(base, settings, coefficients, budget)
-    if choice is None:
-        smallest = width_spec(base, WIDTHS[-1])
-        need = predict_peak_bytes(smallest, settings.min_physical_batch, settings.local_samples,
-                                  coefficients)
-        reasons.append(f"memory: even width {WIDTHS[-1]} with physical batch "
+    decisions: dict[str, str] = {}
+    fit = _fit_memory(base, settings, coefficients, budget)
+    if fit.choice is None:
+        narrowest = settings.widths[-1]
+        need = predict_peak_bytes(width_spec(base, narrowest), settings.min_physical_batch,
+                                  settings.local_samples, coefficients)
+        reasons.append(f"memory: even width {narrowest} with physical batch "
                        f"{settings.min_physical_batch} needs {need / 1e6:.0f} MB, over the budget of "
                        f"{budget / 1e6:.0f} MB ({profile.memory_available_bytes / 1e6:.0f} MB "
                        f"available x {settings.safety_margin})")
-        ratio, physical, peak = WIDTHS[-1], settings.min_physical_batch, need
+        ratio, physical, peak = narrowest, settings.min_physical_batch, need
     else:
-        ratio, physical, peak = choice
+        ratio, physical, peak = fit.choice
+    decisions["width"] = fit.explain(budget, profile.memory_available_bytes, settings.safety_margin)
     spec = width_spec(base, ratio)
 
     transfer_budget = settings.deadline_seconds * settings.transfer_share
-    for dtype, keep in TRANSFER_LADDER:
-        down, up = payload_bytes(spec, dtype, keep)
-        transfer = down / profile.network.downlink_bytes_per_s + up / profile.network.uplink_bytes_per_s
-        if transfer <= transfer_budget:
-            break
-    else:
-        reasons.append(f"transfer: {down + up:,} bytes at the sparsest setting take {transfer:.0f} s, "
-                       f"over {transfer_budget:.0f} s ({settings.transfer_share:.0%} of the deadline)")
+    link = _TransferChoice(spec, settings, profile)
+    if not link.fit(transfer_budget):
+        reasons.append(f"transfer: {link.bytes_total:,} bytes at the sparsest setting take "
+                       f"{link.seconds:.0f} s, over {transfer_budget:.0f} s "
+                       f"({settings.transfer_share:.0%} of the deadline)")
+    decisions.update(link.explain(transfer_budget))
+    transfer = link.seconds
 
-    compute_budget = settings.deadline_seconds - transfer
-    rate = _throughput(profile, base, spec, settings.dp)
-    samples = min(settings.local_samples, int(rate * max(compute_budget, 0) / settings.local_epochs))
-    if samples < settings.batch_size:
+    compute_budget = settings.deadline_seconds * settings.deadline_margin - transfer
+    rate = training_rate(profile, base, spec, settings.dp)
+    affordable = int(rate * max(compute_budget, 0) / settings.local_epochs)
+    samples = min(settings.local_samples, affordable) if settings.adapt_compute else settings.local_samples
+    decisions["local_samples"] = (
+        f"{samples}: all the device holds; {rate:.0f} samples/s x {max(compute_budget, 0):.0f} s "
+        f"left after transfer would allow {affordable}" if samples == settings.local_samples else
+        f"{samples}: {rate:.0f} samples/s x {max(compute_budget, 0):.0f} s left after transfer "
+        f"in {settings.deadline_margin:.0%} of the deadline (of {settings.local_samples} held)")
+    compute_seconds = samples * settings.local_epochs / rate if rate else 0.0
+    if transfer + compute_seconds > settings.deadline_seconds * (1 + 1e-9):
+        reasons.append(f"deadline: {transfer:.0f} s of transfer and {compute_seconds:.0f} s of "
+                       f"training for {samples} samples are over the {settings.deadline_seconds:g} s "
+                       "deadline")
+    elif samples < settings.batch_size:
         reasons.append(f"compute: at {rate:.0f} samples/s the {max(compute_budget, 0):.0f} s left "
                        f"after transfer allow {samples} local samples, under one batch of "
                        f"{settings.batch_size}")
@@ -84,51 +114,174 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
     return BudgetPlan(
         device=profile.name, model=model_name, width_ratio=ratio, slicing=settings.slicing,
         batch_size=settings.batch_size, physical_batch_size=physical, local_steps=steps,
-        local_samples=samples, dp=settings.dp, momentum=settings.momentum, value_dtype=dtype,
-        download_keep=keep, upload_keep=keep, parameters=footprint(spec).parameters,
-        predicted_peak_bytes=peak, budget_bytes=budget, download_bytes=down, upload_bytes=up,
-        transfer_seconds=transfer,
-        compute_seconds=samples * settings.local_epochs / rate if rate else 0.0,
-        deadline_seconds=settings.deadline_seconds, fits=not reasons, reasons=reasons,
-        data=data or DataSlice())
+        local_samples=samples, dp=settings.dp, momentum=settings.momentum,
+        download_dtype=link.down[0], download_keep=link.down[1], upload_dtype=link.up[0],
+        upload_keep=link.up[1], parameters=footprint(spec).parameters,
+        predicted_peak_bytes=peak, budget_bytes=budget, download_bytes=link.bytes_down,
+        upload_bytes=link.bytes_up, transfer_seconds=transfer,
+        compute_seconds=compute_seconds, deadline_seconds=settings.deadline_seconds, fits=not reasons, reasons=reasons,
+        decisions=decisions, data=data or DataSlice())
+
+
+@dataclass(frozen=True)
+class _MemoryFit:
+    choice: tuple[float, int, int] | None      # (width, physical batch, predicted peak)
+    rejected: tuple[float, int, int] | None    # the last wider or larger-batch try, over budget
+
+    def explain(self, budget: int, available: int, margin: float) -> str:
+        limit = f"the {budget / 1e6:.0f} MB budget ({available / 1e6:.0f} MB available x {margin})"
+        if self.choice is None:
+            return f"nothing fits {limit}"
+        ratio, physical, peak = self.choice
+        text = f"width {ratio:g}, physical batch {physical}: predicted peak {peak / 1e6:.0f} MB within {limit}"
+        if self.rejected is not None:
+            r, b, need = self.rejected
+            text += f"; width {r:g} at physical batch {b} would need {need / 1e6:.0f} MB"
+        return text
 
 
 def _fit_memory(base: ModelSpec, settings: PlannerSettings, coefficients: MemoryCoefficients,
-                budget: int) -> tuple[float, int, int] | None:
+                budget: int) -> _MemoryFit:
     physical_options = []
     size = settings.batch_size
     while size > settings.min_physical_batch:
         physical_options.append(size)
         size //= 2
     physical_options.append(min(settings.min_physical_batch, settings.batch_size))
-    for ratio in WIDTHS:
+    rejected = None
+    for ratio in settings.widths:
         spec = width_spec(base, ratio)
         for physical in physical_options if settings.dp else physical_options[:1]:
             peak = predict_peak_bytes(spec, physical, settings.local_samples, coefficients)
             if peak <= budget:
-                return ratio, physical, peak
-    return None
+                return _MemoryFit((ratio, physical, peak), rejected)
+            rejected = (ratio, physical, peak)
+    return _MemoryFit(None, rejected)
 
 
-def _throughput(profile: DeviceProfile, base: ModelSpec, spec: ModelSpec, dp: bool) -> float:
-    """The profile measures the reference model at full width; cost scales with forward MACs."""
+class _TransferChoice:
+    """Download and upload settings walked down the ladder separately: at each step the direction
+    that takes longer moves one rung, until both fit the transfer budget together. A rung that
+    saves no byte in a direction (no weight the keep applies to) is skipped for that direction."""
+
+    def __init__(self, spec: ModelSpec, settings: PlannerSettings, profile: DeviceProfile):
+        self.spec, self.settings, self.network = spec, settings, profile.network
+        names = frozenset(tensor_shapes(spec))
+        self.uploaded = names if settings.uploaded is None else names & settings.uploaded
+        self.not_uploaded = names - self.uploaded
+        self.down_rungs = _rungs(settings.download_dtype, settings.max_download_keep)
+        self.up_rungs = _rungs(settings.upload_dtype, 1.0)
+        if not settings.adapt_transfer:  # the run's own settings for every device
+            self.down_rungs, self.up_rungs = self.down_rungs[:1], self.up_rungs[:1]
+        self.down_at = self.up_at = 0
+        self.history: list[tuple[tuple[str, float], tuple[str, float], float]] = []
+        self._measure()
+
+    @property
+    def down(self) -> tuple[str, float]:
+        return self.down_rungs[self.down_at]
+
+    @property
+    def up(self) -> tuple[str, float]:
+        return self.up_rungs[self.up_at]
+
+    def _bytes(self, rung: tuple[str, float], upload: bool) -> int:
+        dtype, keep = rung
+        if upload:
+            return encoded_bytes(self.spec, dtype, keep, self.uploaded, self.uploaded)
+        return encoded_bytes(self.spec, dtype, keep, self.uploaded | self.not_uploaded,
+                             self.not_uploaded)
+
+    def _measure(self) -> None:
+        self.bytes_down = self._bytes(self.down, upload=False)
+        self.bytes_up = self._bytes(self.up, upload=True)
+        self.seconds_down = self.bytes_down / self.network.downlink_bytes_per_s
+        self.seconds_up = self.bytes_up / self.network.uplink_bytes_per_s
+        self.history.append((self.down, self.up, self.seconds))
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_down + self.seconds_up
+
+    @property
+    def bytes_total(self) -> int:
+        return self.bytes_down + self.bytes_up
+
+    def _next(self, upload: bool) -> int | None:
+        """The next rung in one direction that sends fewer bytes, if any."""
+        rungs, at = (self.up_rungs, self.up_at) if upload else (self.down_rungs, self.down_at)
+        now = self._bytes(rungs[at], upload)
+        for later in range(at + 1, len(rungs)):
+            if self._bytes(rungs[later], upload) < now:
+                return later
+        return None
+
+    def fit(self, budget: float) -> bool:
+        while self.seconds > budget:
+            down, up = self._next(upload=False), self._next(upload=True)
+            if down is None and up is None:
+                return False
+            if up is None or (down is not None and self.seconds_down >= self.seconds_up):
+                self.down_at = down
+            else:
+                self.up_at = up
+            self._measure()
+        return True
+
+    def explain(self, budget: float) -> dict[str, str]:
+        net = self.network
+        share = f"{budget:.0f} s transfer budget ({self.settings.transfer_share:.0%} of the " \
+                f"{self.settings.deadline_seconds:g} s deadline)"
+        first = self.history[0]
+        denser = "" if len(self.history) == 1 else \
+            f"; {first[0][0]} keep {first[0][1]:g} down and {first[1][0]} keep {first[1][1]:g} up " \
+            f"would take {first[2]:.0f} s in all"
+        return {
+            "download": f"{self.down[0]} keep {self.down[1]:g}: {self.bytes_down:,} B at "
+                        f"{net.downlink_bytes_per_s / 1e3:.0f} kB/s down = {self.seconds_down:.1f} s; "
+                        f"{share}{denser}",
+            "upload": f"{self.up[0]} keep {self.up[1]:g}: {self.bytes_up:,} B at "
+                      f"{net.uplink_bytes_per_s / 1e3:.0f} kB/s up = {self.seconds_up:.1f} s",
+        }
+
+
+def _rungs(floor_dtype: str, max_keep: float) -> tuple[tuple[str, float], ...]:
+    """The ladder within the run's bounds: never above `max_keep`, never finer than fp16 when
+    the run asks for fp16. The first rung is the densest allowed setting."""
+    rungs = [(dtype if floor_dtype == "fp32" else "fp16", min(keep, max_keep))
+             for dtype, keep in TRANSFER_LADDER]
+    return tuple(dict.fromkeys(rungs))  # in order, without repeats
+
+
+def training_rate(profile: DeviceProfile, base: ModelSpec, spec: ModelSpec, dp: bool) -> float:
+    """Samples per second the device trains `spec` at: the profile measures the reference model
+    at full width; cost scales with forward MACs."""
     rate = profile.compute.dp_samples_per_s if dp else profile.compute.samples_per_s
     return rate * footprint(base).macs / max(footprint(spec).macs, 1)
 
 
-@lru_cache(maxsize=256)
-def payload_bytes(spec: ModelSpec, dtype: str, keep: float) -> tuple[int, int]:
-    """Exact encoded sizes of a download and an upload of this submodel (codec, not estimates).
+@lru_cache(maxsize=512)
+def encoded_bytes(spec: ModelSpec, dtype: str, keep: float, names: frozenset[str],
+                  pruned: frozenset[str]) -> int:
+    """Exact encoded size of the tensors `names` of this submodel, those in `pruned` (weights
+    and kernels only) at magnitude top-k `keep` (codec, not estimates).
 
     Values come from a fresh initialisation; sizes depend on counts and index layout, which the
-    magnitude mask fixes, not on the trained values (zstd gains little on float mantissas).
-    Cached: a fleet plans many devices with the same few (width, precision, keep) settings.
+    mask fixes, not on the trained values (zstd gains little on float mantissas). Cached: a
+    fleet plans many devices with the same few settings.
     """
-    state = {k: v.detach().numpy() for k, v in build_model(spec, seed=0).state_dict().items()}
-    value_dtype = codec.ValueDtype.from_name(dtype)
+    state = {k: v.detach().numpy() for k, v in build_model(spec, seed=0).state_dict().items()
+             if k in names}
     tensors = {}
     for name, values in state.items():
-        mask = magnitude_mask(values, keep) if keep < 1.0 and is_prunable(values.shape) else None
+        prune = name in pruned and keep < 1.0 and is_prunable(values.shape)
+        mask = magnitude_mask(values, keep) if prune else None
         tensors[name] = codec.SparseTensor.from_dense(values.astype(np.float32), mask)
-    size = len(codec.encode(tensors, value_dtype))
+    return len(codec.encode(tensors, codec.ValueDtype.from_name(dtype)))
+
+
+def payload_bytes(spec: ModelSpec, dtype: str, keep: float) -> tuple[int, int]:
+    """(download, upload) bytes of the whole submodel with `keep` on every weight."""
+    names = frozenset(tensor_shapes(spec))
+    size = encoded_bytes(spec, dtype, keep, names, names)
     return size, size

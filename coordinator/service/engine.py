@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from device_profiles import DeviceProfile
 from edge_sdk import codec
+from edge_sdk.budget import BudgetPlan
 from edge_sdk.checkpoint import Checkpoint, load_checkpoint
 from edge_sdk.data import load_dataset, to_tensor
 from edge_sdk.models import build_model, model_spec
@@ -47,24 +48,19 @@ from edge_sdk.rehearsal import peak_rss_bytes
 from edge_sdk.protocol import (Envelope, EnvelopeError, MessageType, RefusalCode, Topics,
                                decode_envelope, encode_envelope, envelope_size, parse_header,
                                peek_header)
-from edge_sdk.training import accuracy
+from edge_sdk.training import TrainConfig, accuracy
 
 from ..combine import RoundCombiner
-from ..planning.fleet import SubmodelViews
-from ..robust import RobustSettings
 from ..planning.memory import MemoryCoefficients
-from ..planning.planner import PlannerSettings, plan_device
-from ..simulation import dp_config, make_strategy
+from ..planning.planner import plan_device
+from ..robust import RobustSettings
+from ..rounds import RoundPipeline, Task, UpdateRefused, dp_config, make_strategy, planner_settings
 from .config import ServiceConfig
 from .store import Store, TaskRow
 
 log = logging.getLogger("fedprune.coordinator")
 
 Publish = Callable[[str, bytes], None]
-
-class UpdateRefused(ValueError):
-    """An update the coordinator will not aggregate; the text, sent back in the ACK, says why."""
-
 
 def is_transient(error: BaseException) -> bool:
     """A failure that may pass without the message changing: the database is down, locked or
@@ -90,13 +86,12 @@ class RoundEngine:
         self.test_x = to_tensor(source.test_x, source.info) if config.evaluate else None
         self.test_y = torch.tensor(source.test_y) if config.evaluate else None
         self.state_dir = Path(config.state_dir)
-        self.planner = PlannerSettings(deadline_seconds=config.rounds.deadline_seconds,
-                                       batch_size=config.train.batch_size, dp=self.dp is not None,
-                                       momentum=config.train.momentum, slicing=config.slicing)
+        self.planner = planner_settings(config, self.strategy, config.rounds.deadline_seconds)
+        self.train = TrainConfig(**config.train.model_dump())
         self.coefficients = MemoryCoefficients.load()
         self.global_state = self._load_global()
-        self.views: SubmodelViews | None = None
-        self.plans: dict[str, Any] = {}
+        self.pipeline: RoundPipeline | None = None
+        self.tasks_built: dict[str, Task] = {}  # this round's task per device, built once
         self.waiting_since: float | None = None
         self.on_commit: Callable[[dict], None] | None = None
         # Refused updates per (round, device): past max_refused_updates, no more are decoded.
@@ -105,7 +100,7 @@ class RoundEngine:
         self.round = store.current_round()
         if self.round is not None:
             log.info("resuming round %d (%s)", self.round.number, self.round.state)
-            self._prepare_views(self.round.number)
+            self._prepare_pipeline(self.round.number)
             self.resend_unanswered()
 
     # --- global model ----------------------------------------------------------------------
@@ -223,14 +218,22 @@ class RoundEngine:
             log.warning("device %s registered with an invalid profile: %s", header.device,
                         exc.errors()[0]["msg"])
             return
-        settings = replace(self.planner, local_samples=header.num_samples)
+        # Sized for the transfer layout of its own plan: which tensors it uploads decides where
+        # the download and upload keep ratios apply.
+        index = self.store.device_index(header.device)
+        uploaded = frozenset(self.strategy.plan(index, 1, header.num_samples).uploaded)
+        settings = replace(self.planner, local_samples=header.num_samples, uploaded=uploaded)
         plan = plan_device(profile, self.spec, self.config.model, settings, self.coefficients)
         self.store.upsert_device(
             header.device, profile=header.profile, num_samples=header.num_samples,
             formats=header.formats, plan=plan.model_dump(mode="json"), width_ratio=plan.width_ratio,
             fits=plan.fits, online=True, model_digest=header.model_digest,
             epsilon=header.epsilon_spent, epsilon_budget=header.epsilon_budget)
-        log.info("registered %s (%s): width %g, %s", header.device, profile.name, plan.width_ratio,
+        log.info("registered %s (%s): width %g, physical batch %d, %d local samples, download %s "
+                 "keep %g, upload %s keep %g, predicted peak %.0f MB; %s", header.device,
+                 profile.name, plan.width_ratio, plan.physical_batch_size, plan.local_samples,
+                 plan.download_dtype, plan.download_keep, plan.upload_dtype, plan.upload_keep,
+                 plan.predicted_peak_bytes / 1e6,
                  "fits" if plan.fits else "does not fit: " + "; ".join(plan.reasons))
 
     def _on_status(self, header, _payload: bytes) -> None:
@@ -276,8 +279,8 @@ class RoundEngine:
             return
         try:
             self._check_claims(header, payload)
-            update = self._decode_update(payload, task)
-            self._check_norm(update, task.width_ratio)
+            update = self.pipeline.intake(self._task_for(task), payload)
+            self._check_norm(update)
         except (codec.CodecError, UpdateRefused) as exc:
             self.refused_updates[(current.number, header.device)] += 1
             self.store.set_task(current.number, header.device, state="rejected", reason=str(exc))
@@ -287,7 +290,7 @@ class RoundEngine:
                                           task.aggregation_weight, header.num_samples,
                                           header.epsilon, header.local_accuracy)
         self.store.update_device(header.device, epsilon=header.epsilon,
-                                 model_digest=self.views.view(task.width_ratio).spec.digest())
+                                 model_digest=self.pipeline.view(task.width_ratio).spec.digest())
         self._ack(header, True, duplicate=not stored)
         log.info("round %d: accepted %d-byte update from %s", current.number, len(payload), header.device)
 
@@ -304,28 +307,14 @@ class RoundEngine:
                                    f"samples {header.device} registered, which its task was "
                                    "planned and weighted with")
 
-    def _decode_update(self, payload: bytes, task: TaskRow) -> dict[str, codec.SparseTensor]:
-        """Exactly the tensors the task's plan uploads, refused before decompression when the
-        payload declares more bytes than those tensors can take."""
-        plan = self._plan_for(task.device, task)
-        view = self.views.view(task.width_ratio)
-        shapes = {name: view.shapes[name] for name in plan.uploaded}
-        limit = codec.decoding_memory_limit(shapes, codec.ValueDtype.from_name(plan.upload_dtype))
-        update = codec.decode(payload, expected_shapes=shapes, max_decoded_bytes=limit,
-                              known_indices=self.strategy.upload_known_indices)
-        if set(update) != set(plan.uploaded):
-            raise UpdateRefused(f"update carries {sorted(update)}, the plan asked for "
-                                   f"{sorted(plan.uploaded)}")
-        return update
-
-    def _check_norm(self, update: dict[str, codec.SparseTensor], width_ratio: float) -> None:
-        """Refuse a change from the global model larger than `max_update_norm` (L2, all tensors)."""
+    def _check_norm(self, update: dict[str, codec.SparseTensor]) -> None:
+        """Refuse a change from the global model larger than `max_update_norm` (L2, all tensors;
+        `update` is over the global model)."""
         limit = self.config.max_update_norm
         if limit is None or self.strategy.download_masks is not None:  # signs: bounded by design
             return
-        view = self.views.view(width_ratio)
         squared = 0.0
-        for name, tensor in view.to_global(update).items():
+        for name, tensor in update.items():
             start = self.global_state[name].reshape(-1)
             start = start if tensor.indices is None else start[tensor.indices]
             squared += float(np.sum((tensor.values.astype(np.float64) - start) ** 2))
@@ -409,33 +398,30 @@ class RoundEngine:
         self.waiting_since = None
         self._open(eligible, now)
 
-    def _prepare_views(self, number: int) -> None:
-        self.views = SubmodelViews(self.spec, self.global_state,
-                                   codec.ValueDtype.from_name(self.strategy.download_dtype
-                                                              or self.config.codec.download_dtype),
-                                   self.strategy.slicing or self.config.slicing, number,
-                                   self.strategy.download_masks)
-        self.plans = {}
+    def _prepare_pipeline(self, number: int) -> None:
+        self.pipeline = RoundPipeline(self.strategy, self.config, self.global_state, number,
+                                      self.train)
+        self.tasks_built = {}
 
-    def _plan_for(self, device_id: str, task: TaskRow):
-        if device_id not in self.plans:
-            device = self.store.device(device_id)
-            view = self.views.view(task.width_ratio)
-            self.plans[device_id] = view.adapt(self.strategy.plan(device.index, task.round,
-                                                                  device.num_samples))
-        return self.plans[device_id]
+    def _task_for(self, task: TaskRow) -> Task:
+        """The device's task from the round pipeline, at the width the round opened it with."""
+        if task.device not in self.tasks_built:
+            device = self.store.device(task.device)
+            sizing = BudgetPlan.model_validate(device.plan).model_copy(
+                update={"width_ratio": task.width_ratio})
+            self.tasks_built[task.device] = self.pipeline.task(device.index, device.num_samples,
+                                                               sizing)
+        return self.tasks_built[task.device]
 
     def _task_parts(self, device, task: TaskRow, deadline: float) -> tuple[dict, bytes]:
-        plan = self._plan_for(device.id, task)
-        view = self.views.view(task.width_ratio)
-        payload = view.downloads.payload(plan, device_has_private_copy=device.model_digest == view.spec.digest())
-        train = {**self.config.train.model_dump(),
-                 "physical_batch_size": device.plan.get("physical_batch_size")}
+        built = self._task_for(task)
+        holds_copy = device.model_digest == self.pipeline.view(built.width_ratio).spec.digest()
+        payload = self.pipeline.download(built, device_has_private_copy=holds_copy)
         header = {"device": device.id, "round": task.round, "task": task.task,
-                  "plan": plan.to_dict(), "train": train,
+                  "plan": built.plan.to_dict(), "train": asdict(built.train),
                   "dp": self.config.dp.model_dump(exclude={"epsilon_budget"}) if self.dp else None,
                   "planned_rounds": self.config.rounds.total, "deadline": deadline,
-                  "width_ratio": task.width_ratio}
+                  "width_ratio": built.width_ratio}
         return header, payload
 
     def _task_message(self, device, task: TaskRow, deadline: float) -> bytes:
@@ -453,7 +439,7 @@ class RoundEngine:
         rng = np.random.default_rng([self.config.seed, number])
         count = min(self.config.rounds.devices_per_round, len(eligible))
         chosen = [eligible[i] for i in sorted(rng.choice(len(eligible), count, replace=False))]
-        self._prepare_views(number)
+        self._prepare_pipeline(number)
         deadline = now + self.config.rounds.deadline_seconds
         quorum = max(1, math.ceil(self.config.rounds.min_fraction * count))
         tasks = [TaskRow(round=number, device=d.id, task=uuid.uuid4().hex[:16], state="sent",
@@ -461,7 +447,7 @@ class RoundEngine:
                  for d in chosen]
         for device, task in zip(chosen, tasks):
             header, payload = self._task_parts(device, task, deadline)
-            task.aggregation_weight = self._plan_for(device.id, task).aggregation_weight
+            task.aggregation_weight = self._task_for(task).plan.aggregation_weight
             task.bytes_down = envelope_size(self._signed(header, payload), len(payload))
         self.store.open_round(number, deadline, [d.id for d in chosen], quorum, tasks)
         self.round = self.store.current_round()
@@ -491,11 +477,6 @@ class RoundEngine:
         header names the device's task, which a refusal of the artifact names in turn."""
         from export import ExportError, export_bundle
 
-        from ..exporting import submodel
-
-        base = Checkpoint(self.spec, {k: torch.from_numpy(v)
-                                      for k, v in self.strategy.materialize(self.global_state).items()},
-                          self.config.model, self.info.name, None, number - 1)
         x = self.test_x[:self.config.export.verify_samples].numpy() if self.test_x is not None else \
             to_tensor(load_dataset(self.config.dataset, self.config.data_dir).test_x[:64], self.info).numpy()
         bundles, sent = {}, 0
@@ -508,7 +489,7 @@ class RoundEngine:
                 out = self.state_dir / "exports" / f"round-{number:04d}" / f"w{device.width_ratio:g}-{formats[0]}"
                 try:
                     bundles[key] = (out, export_bundle(
-                        submodel(base, device.width_ratio, self.config.slicing, number),
+                        self.pipeline.model_at(device.width_ratio),
                         out, model_name=self.config.model, info=self.info,
                         device_id=f"width-{device.width_ratio:g}", verify_x=x, round_number=number - 1,
                         width_ratio=device.width_ratio, formats=(formats[0],)))
@@ -537,9 +518,8 @@ class RoundEngine:
         combiner = RoundCombiner(self.strategy, self.global_state, self.robust)
         bytes_up, epsilons, local, contributions = 0, [], [], []
         for update in self.store.updates(number):
-            task = tasks[update.device]
-            decoded = self._decode_update(update.payload, task)
-            combiner.add(self.views.view(task.width_ratio).to_global(decoded), update.weight)
+            combiner.add(self.pipeline.intake(self._task_for(tasks[update.device]), update.payload),
+                         update.weight)
             contributions.append(f"{update.device}/{update.task}")
             bytes_up += update.bytes
             if update.epsilon is not None:
@@ -564,7 +544,13 @@ class RoundEngine:
         summary = {**(self.store.round_row(number).summary or {}), "round": number,
                    "selected": len(tasks), "accepted": states.count("accepted"),
                    "refused": states.count("refused"), "rejected": states.count("rejected"),
-                   "missing": states.count("sent"), "bytes_up": bytes_up,
+                   "missing": states.count("sent"),
+                   # Past the deadline: late updates and tasks never answered (not aggregated).
+                   "straggled": states.count("sent") + sum(t.state == "rejected" and t.reason == "late"
+                                                           for t in tasks.values()),
+                   "refused_by_reason": dict(Counter((t.reason or "").split(":")[0]
+                                                     for t in tasks.values() if t.state == "refused")),
+                   "bytes_up": bytes_up,
                    "bytes_down": sum(t.bytes_down for t in tasks.values()),
                    "epsilon_max": max(epsilons) if epsilons else None,
                    "personalized_accuracy": float(np.mean(local)) if local else None,

@@ -292,6 +292,9 @@ class EdgeAgent:
             self._refuse(header, RefusalCode.PRIVACY_POLICY, breach)
             return
         client = self._client(header, dp)
+        log.info("round %d: task at width %g, physical batch %s, %s local samples, upload %s "
+                 "keep %g", header.round, header.width_ratio, client.train_config.physical_batch_size,
+                 plan.local_samples or "all", plan.upload_dtype, plan.upload_keep)
         started = time.perf_counter()
         try:
             outcome = client.run_task(plan, payload)
