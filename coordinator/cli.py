@@ -104,9 +104,12 @@ def _plan(args: argparse.Namespace) -> int:
                     if plan.measured_peak_bytes else "")
         print(f"{plan.device}: width {plan.width_ratio}, physical batch {plan.physical_batch_size}"
               f"/{plan.batch_size}, predicted peak {plan.predicted_peak_bytes / 1e6:.0f} MB of "
-              f"{plan.budget_bytes / 1e6:.0f} MB{measured}; {plan.value_dtype} keep "
-              f"{plan.download_keep}: {plan.download_bytes:,} B down, {plan.upload_bytes:,} B up; "
-              f"{plan.local_samples} samples/round -> {verdict}")
+              f"{plan.budget_bytes / 1e6:.0f} MB{measured}; download {plan.download_dtype} keep "
+              f"{plan.download_keep:g} ({plan.download_bytes:,} B), upload {plan.upload_dtype} keep "
+              f"{plan.upload_keep:g} ({plan.upload_bytes:,} B); {plan.local_samples} samples/round "
+              f"-> {verdict}")
+        for choice, why in plan.decisions.items():
+            print(f"  {choice}: {why}")
     return 0 if plan.fits else 1
 
 

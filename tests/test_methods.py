@@ -11,7 +11,8 @@ from coordinator.byzantine import ByzantineSettings, attack
 from coordinator.combine import RoundCombiner
 from coordinator.config import load_config
 from coordinator.robust import RobustAggregator, RobustSettings
-from coordinator.simulation import make_strategy, run_simulation
+from coordinator.rounds import make_strategy
+from coordinator.simulation import run_simulation
 from coordinator.strategies import STRATEGIES
 from edge_sdk import codec
 from edge_sdk.client import LocalClient, _ordered_dropout

@@ -47,8 +47,8 @@ def test_a_roomy_device_gets_the_full_model_and_full_batch():
 
 def test_virtual_steps_come_before_narrowing_the_model():
     # Between the peak at physical batch 48 and at 24: keeps full width, splits the batch.
-    full = budget_for_peak(BASE, 48)
-    plan = plan_for(with_memory(full - 2_000_000))
+    between = (budget_for_peak(BASE, 48) + budget_for_peak(BASE, 24)) // 2
+    plan = plan_for(with_memory(between))
     assert plan.width_ratio == 1.0
     assert plan.physical_batch_size < 48
     assert plan.batch_size == 48
@@ -69,19 +69,54 @@ def test_nothing_fits_is_refused_with_the_reason():
     assert any(r.startswith("memory: even width 0.125") for r in plan.reasons)
 
 
+def _with_link(down: float, up: float, name: str = "rpi5-8gb"):
+    profile = catalogue_profile(name)
+    return profile.model_copy(update={"network": profile.network.model_copy(
+        update={"downlink_bytes_per_s": down, "uplink_bytes_per_s": up})})
+
+
 def test_slow_links_get_fp16_then_sparser_transfers():
     fast = plan_for(catalogue_profile("rpi5-8gb"))
-    assert (fast.value_dtype, fast.download_keep) == ("fp32", 1.0)
-    profile = catalogue_profile("rpi5-8gb")
-    slow_net = profile.network.model_copy(update={"uplink_bytes_per_s": 10_000.0,
-                                                  "downlink_bytes_per_s": 10_000.0})
-    slow = plan_for(profile.model_copy(update={"network": slow_net}), deadline_seconds=600)
-    assert slow.value_dtype == "fp16" and slow.download_keep < 1.0
+    assert (fast.download_dtype, fast.download_keep, fast.upload_dtype, fast.upload_keep) == \
+        ("fp32", 1.0, "fp32", 1.0)
+    # every tensor uploaded (FedAvg's layout): the download keep has nothing to prune, so the
+    # upload is what gets sparser
+    slow = plan_for(_with_link(10_000.0, 10_000.0), deadline_seconds=600)
+    assert slow.download_dtype == "fp16" and slow.download_keep == 1.0
+    assert slow.upload_dtype == "fp16" and slow.upload_keep < 1.0
     assert slow.transfer_seconds <= 300
-    hopeless_net = profile.network.model_copy(update={"uplink_bytes_per_s": 100.0,
-                                                      "downlink_bytes_per_s": 100.0})
-    hopeless = plan_for(profile.model_copy(update={"network": hopeless_net}))
+    hopeless = plan_for(_with_link(100.0, 100.0))
     assert not hopeless.fits and any(r.startswith("transfer:") for r in hopeless.reasons)
+
+
+def test_download_and_upload_are_sized_by_their_own_links():
+    """FedP3's layout (the device uploads conv layers and the head, not the big fc layers): a slow
+    downlink prunes the download of what the device does not upload, a slow uplink the upload."""
+    uploaded = frozenset({"layers.0.conv.weight", "layers.0.conv.bias", "layers.1.conv.weight",
+                          "layers.1.conv.bias", "layers.4.linear.weight", "layers.4.linear.bias"})
+    slow_down = plan_for(_with_link(20_000.0, 1e6), uploaded=uploaded, deadline_seconds=300)
+    assert slow_down.download_keep < 1.0 and slow_down.upload_keep == 1.0
+    assert slow_down.transfer_seconds <= 150
+    assert "kB/s down" in slow_down.decisions["download"]
+    everything = frozenset(t for t in build_model(BASE).state_dict())
+    slow_up = plan_for(_with_link(1e6, 5_000.0), uploaded=everything - uploaded,
+                       deadline_seconds=300)
+    assert slow_up.download_keep == 1.0 and slow_up.upload_keep < 1.0
+    # the run's keep (fedp3.global_keep) is a ceiling for every device, fast ones included
+    capped = plan_for(catalogue_profile("rpi5-8gb"), uploaded=uploaded, max_download_keep=0.5)
+    assert capped.download_keep == 0.5
+    # a run configured for fp16 never plans fp32
+    assert plan_for(catalogue_profile("rpi5-8gb"), download_dtype="fp16").download_dtype == "fp16"
+
+
+def test_each_decision_records_the_number_that_forced_it():
+    profile = with_memory(budget_for_peak(width_spec(BASE, 0.5), 48))
+    plan = plan_for(profile, deadline_seconds=30, local_samples=5000)
+    assert set(plan.decisions) == {"width", "download", "upload", "local_samples"}
+    assert plan.decisions["width"].startswith("width 0.5, physical batch 48")
+    assert "would need" in plan.decisions["width"]  # the wider try it refused, with its MB
+    assert plan.decisions["local_samples"].startswith(f"{plan.local_samples}: ")
+    assert "samples/s" in plan.decisions["local_samples"]
 
 
 def test_slow_compute_caps_local_samples_to_the_deadline():
