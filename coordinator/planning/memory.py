@@ -1,17 +1,18 @@
 """Predicted peak resident memory of one local DP-SGD epoch of a submodel.
 
+    batch terms = activation_factor x saved activation bytes per sample x physical batch
+                + per_sample_gradient_factor x 4 B x per-sample gradient elements x physical batch
     peak = baseline
-         + max( bytes_per_parameter x parameters,                                  (update phase)
-                backward_bytes_per_parameter x parameters                        (backward phase)
-                + activation_factor x saved activation bytes per sample x physical batch
-                + per_sample_gradient_factor x 4 B x per-sample gradient elements x physical batch )
+         + max( bytes_per_parameter x parameters + retained_fraction x batch terms,  (update phase)
+                backward_bytes_per_parameter x parameters + batch terms )       (backward phase)
          + 4 bytes x input elements x local samples                         (the local data)
          [+ 4 bytes x parameters x physical batch   only in Opacus "hooks" mode]
 
 The peak is the larger of two moments, not their sum: during the backward pass the activations
 and per-sample gradients are alive; during the DP optimizer step they are gone but every
 parameter has its weight, gradient, summed clipped gradient, noise and the allocator's freed but
-not returned blocks. A wide fc layer (LEAF's CNN, 6.4 M parameters in one tensor) peaks at the
+not returned blocks, and the allocator still holds `retained_fraction` of the backward pass's
+freed blocks. A wide fc layer (LEAF's CNN, 6.4 M parameters in one tensor) peaks at the
 step whatever the batch; a conv network (ResNet-18) peaks in the backward pass and grows with it.
 
 - baseline: the interpreter with torch, Opacus and the dataset loader imported and run;
@@ -58,6 +59,7 @@ class MemoryCoefficients:
     per_sample_gradient_factor: float = 0.0
     # None: the calibration predates the two-phase formula; the terms then add up (conservative).
     backward_bytes_per_parameter: float | None = None
+    retained_fraction: float = 0.0
 
     @classmethod
     def load(cls, path: Path = CALIBRATION_FILE) -> MemoryCoefficients:
@@ -66,12 +68,13 @@ class MemoryCoefficients:
             # in the backward pass, 5 copies of the saved activations, 3 of the largest
             # per-sample gradient.
             return cls(480e6, 48.0, 5.0, per_sample_gradient_factor=3.0,
-                       backward_bytes_per_parameter=16.0)
+                       backward_bytes_per_parameter=16.0, retained_fraction=0.5)
         data = json.loads(path.read_text())
         return cls(**{k: data[k] for k in ("baseline_bytes", "bytes_per_parameter",
                                            "activation_factor", "source",
                                            "per_sample_gradient_factor",
-                                           "backward_bytes_per_parameter") if k in data})
+                                           "backward_bytes_per_parameter", "retained_fraction")
+                                 if k in data})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,7 +128,7 @@ def predict_peak_bytes(spec: ModelSpec, physical_batch: int, local_samples: int,
     if c.backward_bytes_per_parameter is None:
         moving = c.bytes_per_parameter * f.parameters + batch_terms
     else:
-        moving = max(c.bytes_per_parameter * f.parameters,
+        moving = max(c.bytes_per_parameter * f.parameters + c.retained_fraction * batch_terms,
                      c.backward_bytes_per_parameter * f.parameters + batch_terms)
     peak = c.baseline_bytes + moving + 4 * f.input_elements * local_samples
     if per_sample_gradients:
