@@ -12,18 +12,20 @@ and slow compute (fewer local samples).
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import threading
-import os
-from pathlib import Path
+import time
+from dataclasses import replace
 
-import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
 from coordinator.config import load_config
 from coordinator.planning.memory import MemoryCoefficients, predict_peak_bytes
+from coordinator.planning.planner import plan_device
+from coordinator.rounds import make_strategy, planner_settings
 from coordinator.service import CoordinatorService, ServiceConfig
 from coordinator.simulation import run_simulation
 from device_profiles import catalogue_profile
@@ -38,24 +40,46 @@ from edge_sdk.slicing import width_spec
 from mqtt_brokers import Mosquitto
 
 BASE = model_spec("fedp3_cnn", (1, 28, 28), 10)
-HELD = 210  # training samples per device: 300 capped samples, 70/30 train/test
+HELD = 420  # training samples per device: 600 capped samples, 70/30 train/test
+BATCH = 256  # large enough that activations, not the update step, set this small CNN's peak
 DEADLINE = 50.0
+SETTINGS = ["max_client_samples=600", f"deadline_seconds={DEADLINE}", "train.lr=0.05",
+            f"train.batch_size={BATCH}", "dp.noise_multiplier=1.0"]
+
+
+def run_config():
+    return load_config(None, SETTINGS, strategy="fedp3", clients=3, rounds=1, partition="iid")
 
 
 def fleet_profiles():
-    """A: fast link; B: the same with a ten times slower link; C: small memory, a slow uplink,
-    slow compute. C's memory budget is what width 0.5 needs at physical batch 24."""
+    """A: fast link; B: the same with a ten times slower link; C (device index 2): the memory
+    width 0.5 needs at physical batch BATCH/2, a slow uplink, and the compute for about 330 of
+    its 420 samples per round (found by asking the planner)."""
     base = catalogue_profile("rpi4-4gb")
-    budget = predict_peak_bytes(width_spec(BASE, 0.5), 24, HELD, MemoryCoefficients.load()) + 2
+    budget = predict_peak_bytes(width_spec(BASE, 0.5), BATCH // 2, HELD, MemoryCoefficients.load()) + 2
     fast = base.network.model_copy(update={"downlink_bytes_per_s": 1e6, "uplink_bytes_per_s": 1e6})
     slow = base.network.model_copy(update={"downlink_bytes_per_s": 1e5, "uplink_bytes_per_s": 1e5})
     tight_up = base.network.model_copy(update={"downlink_bytes_per_s": 1e6,
                                                "uplink_bytes_per_s": 1e4})
-    slow_compute = base.compute.model_copy(update={"samples_per_s": 1.0, "dp_samples_per_s": 1.0})
+    c = base.model_copy(update={"name": "dev-c", "network": tight_up,
+                                "memory_available_bytes": math.ceil(budget / 0.9)})
+    config = run_config()
+    strategy = make_strategy(config, BASE)
+    settings = replace(planner_settings(config, strategy, DEADLINE), local_samples=HELD,
+                       uploaded=frozenset(strategy.plan(2, 1, HELD).uploaded))
+
+    def at_rate(rate: float):
+        compute = base.compute.model_copy(update={"samples_per_s": rate, "dp_samples_per_s": rate})
+        return c.model_copy(update={"compute": compute})
+
+    low, high = 0.01, 1000.0
+    for _ in range(60):
+        middle = (low * high) ** 0.5
+        samples = plan_device(at_rate(middle), BASE, "fedp3_cnn", settings,
+                              MemoryCoefficients.load()).local_samples
+        low, high = (middle, high) if samples < 330 else (low, middle)
     return [base.model_copy(update={"name": "dev-a", "network": fast}),
-            base.model_copy(update={"name": "dev-b", "network": slow}),
-            base.model_copy(update={"name": "dev-c", "network": tight_up, "compute": slow_compute,
-                                    "memory_available_bytes": math.ceil(budget / 0.9)})]
+            base.model_copy(update={"name": "dev-b", "network": slow}), at_rate(high)]
 
 
 def check_received(sizing: BudgetPlan, plan: SubmodelPlan, physical_batch: int | None,
@@ -101,9 +125,7 @@ def check_fleet(plans: dict[str, BudgetPlan]) -> None:
 
 
 def test_simulate_gives_each_device_what_its_plan_says():
-    config = load_config(None, ["max_client_samples=300", f"deadline_seconds={DEADLINE}",
-                                "train.lr=0.05", "dp.noise_multiplier=1.0"],
-                         strategy="fedp3", clients=3, rounds=1, partition="iid")
+    config = run_config()
     profiles = fleet_profiles()
     seen = {}
     result = run_simulation(config, progress=False, profiles=profiles,
@@ -121,6 +143,13 @@ def test_simulate_gives_each_device_what_its_plan_says():
     assert [d["outcome"] for d in devices] == ["accepted"] * 3
     assert all(d["seconds"] <= DEADLINE for d in devices)
     assert result["rounds"][0]["simulated_seconds"] == pytest.approx(max(d["seconds"] for d in devices))
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -142,29 +171,34 @@ def test_the_service_sends_each_device_what_its_plan_says(tmp_path, broker):
     listener.connect("127.0.0.1", broker.port)
     listener.loop_start()
     assert subscribed.wait(10)
-    processes = []
-    for i, profile in enumerate(fleet_profiles()):
-        path = tmp_path / f"{profile.name}.json"
-        profile.save(path)
-        config = EdgeConfig(device_id=profile.name, broker=broker.url, fleet=fleet,
-                            state_dir=str(tmp_path / profile.name), profile=str(path),
-                            max_samples=HELD, data={"clients": 3, "client_id": i,
-                                                    "partition": "iid"})
-        toml = config.save(tmp_path / f"{profile.name}.toml")
-        log = open(tmp_path / f"{profile.name}.log", "w")
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "edge", "run", "--config", str(toml)],
-            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT))
     service = CoordinatorService(ServiceConfig.model_validate({
         "strategy": "fedp3", "state_dir": str(tmp_path / "coordinator"), "http_port": None,
         "exit_when_done": True, "broker": {"url": broker.url, "fleet": fleet,
                                            "client_id": f"coordinator-{fleet}"},
         "rounds": {"total": 1, "devices_per_round": 3, "min_devices": 3,
                    "deadline_seconds": DEADLINE, "registration_grace_seconds": 0},
-        "export": {"enabled": False}, "train": {"lr": 0.05}, "dp": {"noise_multiplier": 1.0}}))
+        "export": {"enabled": False}, "train": {"lr": 0.05, "batch_size": BATCH},
+        "dp": {"noise_multiplier": 1.0}}))
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
+    processes = []
     try:
+        # One at a time, each registered before the next starts: device i gets index i, as
+        # client i in the simulator (FedP3 selects layers by index).
+        for i, profile in enumerate(fleet_profiles()):
+            path = tmp_path / f"{profile.name}.json"
+            profile.save(path)
+            config = EdgeConfig(device_id=profile.name, broker=broker.url, fleet=fleet,
+                                state_dir=str(tmp_path / profile.name), profile=str(path),
+                                max_samples=HELD, data={"clients": 3, "client_id": i,
+                                                        "partition": "iid"})
+            toml = config.save(tmp_path / f"{profile.name}.toml")
+            log = open(tmp_path / f"{profile.name}.log", "w")
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "coordinator.cli", "edge", "run", "--config", str(toml)],
+                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT))
+            _wait_for(lambda: service.engine.store.device(profile.name) is not None, 60,
+                      f"{profile.name} to register")
         thread.join(240)
         assert not thread.is_alive(), "the round did not commit in 240 s"
     finally:
