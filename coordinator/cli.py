@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--dataset", choices=["fashion-mnist", "fmnist", "mnist", "femnist"])
     sim.add_argument("--data-dir", help="folder with the dataset files (default: $FEDPRUNE_DATA, "
                      "then ../shared/data, then download with checksum)")
-    sim.add_argument("--model", help="fedp3_cnn (default), lenet, mlp, resnet_small")
+    sim.add_argument("--model", help="fedp3_cnn (default), lenet, mlp, resnet_small, leaf_cnn, resnet18")
     sim.add_argument("--clients", type=int)
     sim.add_argument("--fraction", type=float, help="share of devices selected per round")
     sim.add_argument("--partition", help="iid, classes:K, dirichlet:ALPHA, niid-dirichlet:ALPHA[:MIN], natural")
