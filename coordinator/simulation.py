@@ -169,8 +169,8 @@ def run_simulation(config: SimulationConfig, progress: bool = True,
             entry = {"client": client_id, **task.sizing(), "download_bytes": len(payload)}
             if assignment is not None:
                 entry["predicted_peak_bytes"] = assignment.plan.predicted_peak_bytes
-                outcome = _run_on_the_clock(assignment, client, task, payload, spec, dp, config,
-                                            entry, row)
+                outcome = _run_on_the_clock(assignment, client, task, payload, dp, config, entry,
+                                            row)
             else:
                 outcome = _run(client, task, payload, entry, row)
             if observe is not None:
@@ -225,8 +225,7 @@ def _run(client: LocalClient, task: Task, payload: bytes, entry: dict,
     return outcome
 
 
-def _run_on_the_clock(assignment, client: LocalClient, task: Task, payload: bytes, base_spec,
-                      dp, config: SimulationConfig, entry: dict, row: RoundResult) -> TaskOutcome | None:
+def _run_on_the_clock(assignment, client: LocalClient, task: Task, payload: bytes, dp, config: SimulationConfig, entry: dict, row: RoundResult) -> TaskOutcome | None:
     """A planned device's task on the simulated clock. A device whose model does not fit in its
     memory dies in training; one that cannot have finished training by the deadline is cut off
     there (not trained, nothing sent); one whose upload ends past the deadline sent it, but it is
@@ -234,8 +233,8 @@ def _run_on_the_clock(assignment, client: LocalClient, task: Task, payload: byte
     deadline = config.deadline_seconds
     profile, epochs = assignment.profile, task.train.local_epochs
     samples = len(client.round_samples(task.plan)[1])
-    before_upload = task_time(profile, base_spec, task.plan.spec, dp is not None, len(payload), 0,
-                              samples, epochs)
+    before_upload = task_time(profile, task.plan.spec, dp is not None, len(payload), 0, samples,
+                              epochs)
     if assignment.out_of_memory:
         entry.update(outcome="out_of_memory", seconds=before_upload.download_seconds)
         row.out_of_memory += 1
@@ -250,7 +249,7 @@ def _run_on_the_clock(assignment, client: LocalClient, task: Task, payload: byte
     if outcome.refused:
         entry["seconds"] = before_upload.total
         return outcome
-    clock = task_time(profile, base_spec, task.plan.spec, dp is not None, len(payload),
+    clock = task_time(profile, task.plan.spec, dp is not None, len(payload),
                       len(outcome.payload), outcome.num_samples, epochs)
     late = clock.total > deadline
     entry.update(outcome="straggled" if late else "accepted", seconds=clock.total)

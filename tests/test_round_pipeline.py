@@ -41,14 +41,16 @@ def _profile(name: str, down: float, up: float, dp_rate: float, memory: int | No
 
 def test_the_simulated_clock_on_a_hand_made_case():
     device = _profile("by-hand", down=1000.0, up=500.0, dp_rate=10.0)
-    clock = task_time(device, BASE, BASE, True, download_bytes=5000, upload_bytes=1000,
+    clock = task_time(device, BASE, True, download_bytes=5000, upload_bytes=1000,
                       samples=100, epochs=2)
     assert (clock.download_seconds, clock.train_seconds, clock.upload_seconds) == (5.0, 20.0, 2.0)
     assert clock.total == 27.0 and clock.to_dict()["seconds"] == 27.0
-    # a narrower submodel trains faster in proportion to its forward MACs
-    half = width_spec(BASE, 0.5)
-    narrow = task_time(device, BASE, half, True, 0, 0, samples=100, epochs=1)
-    assert narrow.train_seconds == pytest.approx(10.0 * footprint(half).macs / footprint(BASE).macs)
+    # other models train slower or faster than the profile's reference (the FedP3 CNN) in
+    # proportion to their forward MACs
+    assert device.compute.reference_model == "fedp3_cnn"
+    for other in (width_spec(BASE, 0.5), model_spec("leaf_cnn", (1, 28, 28), 10)):
+        timed = task_time(device, other, True, 0, 0, samples=100, epochs=1)
+        assert timed.train_seconds == pytest.approx(10.0 * footprint(other).macs / footprint(BASE).macs)
     assert time_to_accuracy([10.0, 20.0, 30.0], [0.4, 0.6, 0.7], (0.5, 0.65, 0.9)) == \
         {"0.5": 30.0, "0.65": 60.0, "0.9": None}
 

@@ -4,7 +4,7 @@ A device's round is download, then local training, then upload, one after the ot
 
     seconds = download bytes / downlink + samples x epochs / training rate + upload bytes / uplink
 
-with the training rate the profile's measured DP (or plain) throughput of the reference model,
+with the training rate the profile's measured DP (or plain) throughput of its reference model,
 scaled by the submodel's forward MACs (`planner.training_rate`). Byte counts are the lengths of
 the payloads the simulator really encoded, not the planner's estimates, so a plan that
 under-estimated its transfer shows up as a straggler.
@@ -34,11 +34,11 @@ class TaskTime:
         return {**asdict(self), "seconds": self.total}
 
 
-def task_time(profile: DeviceProfile, base: ModelSpec, spec: ModelSpec, dp: bool,
+def task_time(profile: DeviceProfile, spec: ModelSpec, dp: bool,
               download_bytes: int, upload_bytes: int, samples: int, epochs: int) -> TaskTime:
     network = profile.network
     return TaskTime(download_bytes / network.downlink_bytes_per_s,
-                    samples * epochs / training_rate(profile, base, spec, dp),
+                    samples * epochs / training_rate(profile, spec, dp),
                     upload_bytes / network.uplink_bytes_per_s)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from device_profiles import DeviceProfile
 from edge_sdk import codec
 from edge_sdk.budget import BudgetPlan, DataSlice
-from edge_sdk.models import ModelSpec, build_model, tensor_shapes
+from edge_sdk.models import MODELS, ModelSpec, SpecError, build_model, model_spec, tensor_shapes
 from edge_sdk.pruning import is_prunable, magnitude_mask
 from edge_sdk.slicing import width_spec
 
@@ -93,7 +93,7 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
     transfer = link.seconds
 
     compute_budget = settings.deadline_seconds * settings.deadline_margin - transfer
-    rate = training_rate(profile, base, spec, settings.dp)
+    rate = training_rate(profile, spec, settings.dp)
     affordable = int(rate * max(compute_budget, 0) / settings.local_epochs)
     samples = min(settings.local_samples, affordable) if settings.adapt_compute else settings.local_samples
     decisions["local_samples"] = (
@@ -253,11 +253,21 @@ def _rungs(floor_dtype: str, max_keep: float) -> tuple[tuple[str, float], ...]:
     return tuple(dict.fromkeys(rungs))  # in order, without repeats
 
 
-def training_rate(profile: DeviceProfile, base: ModelSpec, spec: ModelSpec, dp: bool) -> float:
-    """Samples per second the device trains `spec` at: the profile measures the reference model
-    at full width; cost scales with forward MACs."""
+def training_rate(profile: DeviceProfile, spec: ModelSpec, dp: bool) -> float:
+    """Samples per second the device trains `spec` at: the profile measures its reference model
+    (`compute.reference_model`, on 28x28 grey images, 10 classes); cost scales with forward MACs."""
     rate = profile.compute.dp_samples_per_s if dp else profile.compute.samples_per_s
-    return rate * footprint(base).macs / max(footprint(spec).macs, 1)
+    return rate * _reference_macs(profile.compute.reference_model) / max(footprint(spec).macs, 1)
+
+
+@lru_cache(maxsize=8)
+def _reference_macs(name: str) -> int:
+    try:
+        return footprint(model_spec(name, (1, 28, 28), 10)).macs
+    except SpecError:
+        raise ValueError(f"the profile's compute.reference_model {name[:64]!r} is not a model this "
+                         f"coordinator knows ({', '.join(MODELS)}); measure the device again with "
+                         "`fedprune profile`") from None
 
 
 @lru_cache(maxsize=512)
