@@ -3,12 +3,24 @@
 The devices are real `fedprune edge run` processes with catalogue profiles of different device
 classes, each training its own Fashion-MNIST shard (S1: five consecutive classes per device) with
 DP-SGD, talking to the coordinator only through MQTT. The coordinator runs in this process so
-the demo can draw its progress bar and per-round table; its JSON log goes to a file.
+the demo can print each device's plan when it registers, then a row per round; its JSON log goes
+to a file.
+
+The model is LEAF's FEMNIST CNN (6.5 M parameters), not FedP3's 1.3 M one, so that the planner's
+work shows: its predicted peak at full width (774 MB, most of it the 6.4 M-weight fc layer at the
+DP optimizer step) is over the budget of the memory-tight classes, which get narrower submodels
+(rpi3b 0.875, phone-low 0.625), and the 512 MB gateway cannot hold even width 0.125 and is left
+out. FedP3's CNN peaks at 535 MB at any width (the interpreter, torch and Opacus dominate), so
+every class but the gateway would get the full model; and its 4.5 MB payload crosses any
+catalogue link in under 2 s, so transfer would bind only at a deadline of a few seconds, which
+real processes sharing this machine cannot meet (the deadline is the service's real one).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -17,49 +29,115 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
+from device_profiles import catalogue_profile
 from edge_sdk.agent import EdgeConfig
+from edge_sdk.data import client_data_for, load_dataset
 from edge_sdk.logs import configure_logging
+from edge_sdk.models import model_spec
 
 from .embedded_broker import EmbeddedBroker
+from .planning.fleet import plan_table
+from .planning.memory import MemoryCoefficients
+from .planning.planner import plan_device
+from .rounds import make_strategy, planner_settings
 from .service import CoordinatorService, ServiceConfig
 
-DEVICE_CLASSES = ("rpi4-2gb", "jetson-nano-4gb", "phone-mid", "rpi5-8gb", "phone-high", "rpi3b",
-                  "rpi4-4gb", "phone-low")
+MODEL = "leaf_cnn"
+DATASET = "fashion-mnist"
+PARTITION = "classes:5"
+# FedP3's S1 as the benchmarks run it: 100 clients of 600 images (420 to train, 180 to test);
+# device i is client i.
+S1_CLIENTS = 100
+# The first four are the default demo: two memory-tight classes (narrower submodels), one that
+# holds the full model, and one that holds nothing (not selected). Beyond four, roomier classes.
+DEVICE_CLASSES = ("rpi3b", "phone-low", "rpi4-4gb", "gateway-512mb", "phone-high",
+                  "jetson-nano-4gb", "rpi5-8gb", "phone-mid", "rpi4-2gb")
+
+
+def device_class(index: int) -> str:
+    return DEVICE_CLASSES[index % len(DEVICE_CLASSES)]
 
 
 def _edge_config(out: Path, device: str, index: int, devices: int, broker: str, fleet: str,
                  epsilon: float, samples: int, data_dir: str | None) -> Path:
     config = EdgeConfig(device_id=device, broker=broker, fleet=fleet,
                         state_dir=str((out / "edges" / device).resolve()),
-                        profile=f"catalogue:{DEVICE_CLASSES[index % len(DEVICE_CLASSES)]}",
+                        profile=f"catalogue:{device_class(index)}",
                         epsilon_budget=epsilon, max_samples=samples,
-                        data={"dataset": "fashion-mnist", "partition": "classes:5",
-                              "clients": devices, "client_id": index, "data_dir": data_dir})
+                        data={"dataset": DATASET, "partition": PARTITION,
+                              "clients": _clients(devices), "client_id": index,
+                              "data_dir": data_dir})
     return config.save(out / "edges" / f"{device}.toml")
+
+
+def _clients(devices: int) -> int:
+    return max(S1_CLIENTS, devices)
+
+
+def _shards(devices: int, samples: int, data_dir: str | None) -> list[tuple[int, float]]:
+    """Per device, as its edge process loads it (edge_sdk/agent/runner.py): the training samples
+    it registers, and the chance level of its test split (its majority class's share)."""
+    source = load_dataset(DATASET, data_dir)
+    shards = []
+    for index in range(devices):
+        data = client_data_for(source, _clients(devices), PARTITION, 0, index)
+        train = min(len(data.train_y), samples)
+        test_y = np.asarray(data.test_y if len(data.train_y) <= samples
+                            else data.test_y[:max(1, samples // 2)])
+        shards.append((train, float(np.bincount(test_y).max() / len(test_y))))
+    return shards
+
+
+def _expected_fits(config: ServiceConfig, classes: list[str], held: list[int]) -> list[bool]:
+    """Whether each device's plan will fit, as the coordinator plans it at registration (same
+    settings; the transfer layout aside, which a generous deadline makes irrelevant to fitting).
+    Only to size the rounds before the devices register: the printed plans are the coordinator's."""
+    info = load_dataset(config.dataset, config.data_dir).info
+    strategy = make_strategy(config, model_spec(config.model, info.input_shape, info.num_classes))
+    settings = planner_settings(config, strategy, config.rounds.deadline_seconds)
+    coefficients = MemoryCoefficients.load()
+    return [plan_device(catalogue_profile(name), strategy.spec, config.model,
+                        dataclasses.replace(settings, local_samples=n), coefficients).fits
+            for name, n in zip(classes, held)]
+
+
+def _device_row(row, name: str) -> dict:
+    """A registered device as the coordinator's store has it, with its plan (BudgetPlan dict)."""
+    profile = row.profile
+    return {"id": row.id, "device_class": name, "memory_available_bytes": profile["memory_available_bytes"],
+            "downlink_bytes_per_s": profile["network"]["downlink_bytes_per_s"],
+            "uplink_bytes_per_s": profile["network"]["uplink_bytes_per_s"],
+            "fits": row.fits, "width_ratio": row.width_ratio, "num_samples": row.num_samples,
+            "epsilon": row.epsilon, "epsilon_budget": row.epsilon_budget, "plan": row.plan}
 
 
 def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
              json_out: str | None = None, out_dir: str = "runs/demo", epsilon: float = 8.0,
-             samples: int = 1500, local_epochs: int = 2, data_dir: str | None = None,
-             deadline: float = 600.0) -> dict:
+             samples: int = 1500, local_epochs: int = 1, data_dir: str | None = None,
+             deadline: float = 120.0, model: str = MODEL, export: bool = False) -> dict:
+    """`deadline` is the service's one round deadline: the planner sizes each device's transfer
+    and local samples for it from the device's profile, and the coordinator closes the round at
+    it in real time. The edge processes run at this machine's speed, not the profile's, so it is
+    chosen to let them all finish (a round ends as soon as every selected device has answered).
+
+    `export`: send each device the model it starts the round from as a verified ONNX artifact.
+    Off by default: exporting LEAF's CNN at three widths costs about a minute a round on 2 cores
+    (torch.onnx and zstd level 19 on 10-26 MB), in the engine's thread."""
+    started = time.monotonic()
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
     configure_logging("INFO", json_lines=True, path=str(out / "logs" / "coordinator.log"))
+    names = [f"dev-{i:02d}" for i in range(devices)]
+    classes = [device_class(i) for i in range(devices)]
     embedded = EmbeddedBroker(log_path=str(out / "logs" / "broker.log")).start() if broker is None else None
     url = embedded.url if embedded else broker
     fleet = f"demo-{int(time.time())}"  # fresh topics: nothing retained from an earlier run
-    config = ServiceConfig.model_validate({
-        "strategy": "fedp3", "state_dir": str(out / "coordinator"), "http_port": 0,
-        "exit_when_done": True, "data_dir": data_dir,
-        "broker": {"url": url, "fleet": fleet},
-        "rounds": {"total": rounds, "devices_per_round": devices, "min_devices": devices,
-                   "min_fraction": 0.5, "deadline_seconds": deadline},
-        "train": {"local_epochs": local_epochs, "lr": 0.05, "momentum": 0.5},
-        "dp": {"target_epsilon": epsilon, "max_grad_norm": 1.0}})
-    names = [f"dev-{i:02d}" for i in range(devices)]
+    # The devices start first (they take longest); their registrations are retained, so the
+    # coordinator sees them whenever it connects.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = []
     for i, name in enumerate(names):
@@ -68,23 +146,112 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
         procs.append(subprocess.Popen([sys.executable, "-m", "coordinator.cli", "edge", "run",
                                        "--config", str(path)], stdout=log, stderr=subprocess.STDOUT,
                                       env=env))
+    try:
+        return _run(out, names, classes, procs, url, fleet, rounds, json_out, epsilon, samples,
+                    local_epochs, data_dir, deadline, model, export, started)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if embedded:
+            embedded.stop()
+
+
+def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess.Popen], url: str,
+         fleet: str, rounds: int, json_out: str | None, epsilon: float, samples: int,
+         local_epochs: int, data_dir: str | None, deadline: float, model: str, export: bool,
+         started: float) -> dict:
+    devices = len(names)
+    shards = _shards(devices, samples, data_dir)
+    learning = {"strategy": "fedp3", "model": model, "dataset": DATASET, "data_dir": data_dir,
+                "train": {"local_epochs": local_epochs, "lr": 0.05, "momentum": 0.5},
+                "dp": {"target_epsilon": epsilon, "max_grad_norm": 1.0},
+                "rounds": {"deadline_seconds": deadline}}
+    fits = _expected_fits(ServiceConfig.model_validate(learning), classes, [n for n, _ in shards])
+    selected = sum(fits)
+    if selected == 0:
+        raise ValueError(f"no device class among {', '.join(classes)} can hold {model}: "
+                         "use more devices (--devices) or a smaller model")
+    # Every device whose plan fits trains every round: a round opens once they have registered.
+    config = ServiceConfig.model_validate({
+        **learning, "state_dir": str(out / "coordinator"), "http_port": 0, "exit_when_done": True,
+        "export": {"enabled": export},
+        "broker": {"url": url, "fleet": fleet},
+        "rounds": {"total": rounds, "devices_per_round": selected, "min_devices": selected,
+                   "min_fraction": 0.5, "deadline_seconds": deadline}})
     service = CoordinatorService(config)
-    bar = tqdm(total=rounds, unit="round", desc=f"demo: {devices} devices")
-    tqdm.write(f"{'round':>5} {'personal':>9} {'global':>7} {'bytes up':>12} {'bytes down':>12} "
-               f"{'eps max':>8} {'in':>3} {'out':>4} {'sec':>6}")
+    chance = {n: c for n, (_, c) in zip(names, shards)}
+    trained_chance = float(np.mean([c for (_, c), f in zip(shards, fits) if f]))
+    tqdm.write(f"fedprune demo: {devices} edge processes, FedP3 on {DATASET} S1 ({PARTITION}: each "
+               f"device holds 5 of the 10 classes), model {model}, DP-SGD epsilon <= {epsilon:g} "
+               f"per device, round deadline {deadline:g} s, {rounds} rounds; waiting for the "
+               "devices to register...")
+    bar = tqdm(total=rounds, unit="round", desc=f"demo: {devices} devices", leave=False)
     summaries: list[dict] = []
+    registered: dict[str, dict] = {}
+    index_of = {n: i for i, n in enumerate(names)}
+    printed = threading.Event()
+
+    def snapshot() -> None:
+        for row in service.engine.store.devices():
+            if row.id in index_of:
+                registered[row.id] = _device_row(row, classes[index_of[row.id]])
+
+    def print_plans() -> None:
+        printed.set()
+        rows = [registered[n] for n in names if n in registered]
+        tqdm.write("\nEach device's plan, as the coordinator sized it at registration "
+                   f"({model}, {local_epochs} local epoch(s) of DP-SGD, deadline {deadline:g} s):")
+        tqdm.write(plan_table([{**r, "device": f"{r['id']} {r['device_class']}"} for r in rows]))
+        for r in rows:
+            width = r["plan"]["decisions"].get("width", "")
+            if r["fits"] and r["width_ratio"] < 1:
+                tqdm.write(f"  {r['id']} {r['device_class']}: {width}")
+        left_out = [f"{r['id']} {r['device_class']}" for r in rows if not r["fits"]]
+        tqdm.write(f"{sum(r['fits'] for r in rows)} devices selected each round"
+                   + (f"; not selected (plan does not fit): {', '.join(left_out)}" if left_out else "")
+                   + f". Full decisions: the JSON's devices[].plan.decisions, or {out / 'logs'}/"
+                   "coordinator.log ('registered ...').")
+        tqdm.write(
+            "\npersonal: each device's own model (FedP3: shared layers and its personal output "
+            "layer) on its own test split, mean over the round's accepted devices; chance "
+            f"{trained_chance:.2f} (each split's majority class; 5 classes per device)\n"
+            f"global: the aggregated global model on the official {DATASET} test set (10 classes, "
+            "chance 0.10); under FedP3 the output layer is personal, so this model is no "
+            "device's and its accuracy means little\n"
+            "straggled: selected but past the deadline; refused: refused or rejected updates\n")
+        tqdm.write(f"{'round':>5} {'accepted':>8} {'straggled':>9} {'refused':>7} {'eps max':>7} "
+                   f"{'personal':>8} {'global':>7} {'bytes up':>12} {'bytes down':>12} {'sec':>6}")
+
+    def on_register(row) -> None:
+        snapshot()
+        if printed.is_set() or not all(n in registered for n in names):
+            return
+        print_plans()
+        eligible = sum(r["fits"] for r in registered.values())
+        if eligible < selected:  # the coordinator planned differently than expected: no round opens
+            tqdm.write(f"only {eligible} of the {selected} devices expected to fit do; stopping")
+            service.stopping.set()
 
     def on_commit(summary: dict) -> None:
+        if not printed.is_set():
+            print_plans()
+        snapshot()
         summaries.append(summary)
-        out_count = summary["refused"] + summary["rejected"] + summary["missing"]
         eps = f"{summary['epsilon_max']:.2f}" if summary["epsilon_max"] is not None else "-"
         personal = summary["personalized_accuracy"]
-        tqdm.write(f"{summary['round']:>5} {personal if personal is not None else float('nan'):>9.4f} "
+        tqdm.write(f"{summary['round']:>5} {summary['accepted']:>4}/{summary['selected']:<3} "
+                   f"{summary['straggled']:>9} {summary['refused'] + summary['rejected']:>7} "
+                   f"{eps:>7} {personal if personal is not None else float('nan'):>8.4f} "
                    f"{summary['global_accuracy']:>7.4f} {summary['bytes_up']:>12,} "
-                   f"{summary['bytes_down']:>12,} {eps:>8} {summary['accepted']:>3} {out_count:>4} "
-                   f"{summary['seconds']:>6.1f}")
+                   f"{summary['bytes_down']:>12,} {summary['seconds']:>6.1f}")
         bar.update(1)
 
+    service.engine.on_register = on_register
     service.engine.on_commit = on_commit
 
     def watchdog() -> None:  # if every device process died, stop waiting for them
@@ -99,26 +266,58 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
         service.run()
     finally:
         bar.close()
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if embedded:
-            embedded.stop()
-    result = {"devices": [{"id": n, "device_class": DEVICE_CLASSES[i % len(DEVICE_CLASSES)],
+    last = summaries[-1] if summaries else {}
+    epsilons = [d["epsilon"] for d in registered.values() if d["epsilon"] is not None]
+    final = {
+        "rounds": len(summaries),
+        "personalized_accuracy": last.get("personalized_accuracy"),
+        "global_accuracy": last.get("global_accuracy"),
+        "chance_accuracy": trained_chance,
+        "bytes_up_total": sum(r["bytes_up"] for r in summaries),
+        "bytes_down_total": sum(r["bytes_down"] for r in summaries),
+        "updates_aggregated": sum(r["accepted"] for r in summaries),
+        "updates_lost": sum(r["refused"] + r["rejected"] + r["missing"] for r in summaries),
+        "straggled": sum(r["straggled"] for r in summaries),
+        "epsilon_max": max(epsilons, default=None),
+        "wall_seconds": time.monotonic() - started,
+    }
+    result = {"model": model, "dataset": DATASET, "partition": PARTITION,
+              "deadline_seconds": deadline, "local_epochs": local_epochs,
+              "accuracy": {"personalized": "each device's own model on its own test split, mean "
+                                           "over the round's accepted devices",
+                           "global": f"the global model on the official {DATASET} test set; "
+                                     "FedP3's output layer is personal, so no device runs it",
+                           "chance": "mean over the selected devices of their test split's "
+                                     "majority-class share"},
+              "devices": [{"id": n, "device_class": classes[i], "chance_accuracy": chance[n],
+                           "selected": bool(registered.get(n, {}).get("fits", fits[i])),
+                           **{k: v for k, v in registered.get(n, {}).items()
+                              if k not in ("id", "device_class")},
                            "artifact": str(out / "edges" / n / "artifact"),
-                           "model": str(out / "edges" / n / "model.pt")} for i, n in enumerate(names)],
-              "rounds": summaries, "broker": url, "fleet": fleet,
+                           "model": str(out / "edges" / n / "model.pt")}
+                          for i, n in enumerate(names)],
+              "rounds": summaries, "final": final, "broker": url, "fleet": fleet,
               "checkpoints": str(out / "coordinator" / "checkpoints"),
               "exports": str(out / "coordinator" / "exports"),
               "database": config.database_url, "logs": str(out / "logs"),
               "privacy": {"epsilon_budget": epsilon, "delta": config.dp.delta,
                           "accountant": f"Opacus {config.dp.accountant.upper()}",
                           "unit": "record-level, per device, over all rounds"}}
+    if summaries:
+        tqdm.write(
+            f"\nafter {len(summaries)} rounds in {final['wall_seconds']:.0f} s: personalized accuracy "
+            f"{_fmt(final['personalized_accuracy'])} (each device's own model, own test split; "
+            f"chance {trained_chance:.2f}), global model {_fmt(final['global_accuracy'])} on the "
+            f"official test set (chance 0.10); {final['updates_aggregated']} updates aggregated, "
+            f"{final['updates_lost']} lost ({final['straggled']} straggled); epsilon per device: "
+            + ", ".join(f"{d['id']} {d['epsilon']:.2f}" for d in result["devices"]
+                        if d.get("epsilon") is not None)
+            + f" (budget {epsilon:g}, delta {config.dp.delta})")
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2))
     return result
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"

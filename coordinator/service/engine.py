@@ -94,6 +94,9 @@ class RoundEngine:
         self.tasks_built: dict[str, Task] = {}  # this round's task per device, built once
         self.waiting_since: float | None = None
         self.on_commit: Callable[[dict], None] | None = None
+        # Called with the device's stored row (DeviceRow: profile, plan, fits, ...) after each
+        # registration is planned and stored, from the engine's thread.
+        self.on_register: Callable[[Any], None] | None = None
         # Refused updates per (round, device): past max_refused_updates, no more are decoded.
         self.refused_updates: Counter[tuple[int, str]] = Counter()
         self.counters: Counter[str] = Counter()  # messages refused or failed, for status()
@@ -235,6 +238,8 @@ class RoundEngine:
                  plan.download_dtype, plan.download_keep, plan.upload_dtype, plan.upload_keep,
                  plan.predicted_peak_bytes / 1e6,
                  "fits" if plan.fits else "does not fit: " + "; ".join(plan.reasons))
+        if self.on_register:
+            self.on_register(self.store.device(header.device))
 
     def _on_status(self, header, _payload: bytes) -> None:
         self.store.update_device(header.device, online=header.online)
