@@ -11,10 +11,9 @@ round deadline, model, strategy and DP-SGD settings; only the run's `sizing` dif
 
 The fleet is sampled once (`sample_fleet(devices, seed)`) and handed to every run as its
 profiles; a dataset with fewer natural writers than devices (the FEMNIST LEAF sample has 31)
-gets the first N devices of the same fleet. By default each profile's training throughput is
-rescaled from the catalogue's reference model (FedP3's CNN) to the run's model by forward MACs,
-because the planner's `training_rate` applies the reference model's samples/s to the run's model
-at full width (see docs/BENCHMARKS.md section 5); `--no-rescale-compute` turns that off.
+gets the first N devices of the same fleet. Each profile's training throughput is of the
+catalogue's reference model (FedP3's CNN); the planner and the simulated clock scale it to the
+run's model by forward MACs.
 
     OMP_NUM_THREADS=1 python benchmarks/payoff.py --rounds 4 --fraction 0.25 --max-client-samples 100 \
         --deadline 25 --lr 0.2 --jobs 4 --targets 0.2,0.3,0.4,0.5 --json-out runs/payoff.json
@@ -44,27 +43,13 @@ def log(message: str) -> None:
     print(f"[payoff {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def fleet_profiles(devices: int, seed: int, model: str, rescale: bool) -> list:
-    """The benchmark's fleet: `devices` catalogue devices drawn with `seed`; with `rescale`, each
-    profile's throughput converted from the catalogue's reference model to `model` (both on
-    1x28x28 inputs, 10 classes) by forward MACs."""
+def fleet_profiles(devices: int, seed: int) -> list:
+    """The benchmark's fleet: `devices` catalogue devices drawn with `seed`. Each profile's
+    throughput is of its reference model; the planner and the clock scale it to the run's model
+    by forward MACs (`planner.training_rate`)."""
     from device_profiles import sample_fleet
-    from edge_sdk.models import model_spec
-    from edge_sdk.models.cost import footprint
 
-    profiles = sample_fleet(devices, seed)
-    if not rescale:
-        return profiles
-    out = []
-    for profile in profiles:
-        compute = profile.compute
-        reference = model_spec(compute.reference_model, (1, 28, 28), 10)
-        factor = footprint(reference).macs / footprint(model_spec(model, (1, 28, 28), 10)).macs
-        out.append(profile.model_copy(update={"compute": compute.model_copy(update={
-            "reference_model": model,
-            "samples_per_s": compute.samples_per_s * factor,
-            "dp_samples_per_s": compute.dp_samples_per_s * factor})}, deep=True))
-    return out
+    return sample_fleet(devices, seed)
 
 
 def run_one(key: tuple[str, str], overrides: dict[str, Any], profiles: list,
@@ -236,8 +221,6 @@ def main() -> None:
     parser.add_argument("--targets", default="0.2,0.3,0.4,0.5",
                         help="accuracies whose simulated time-to-reach is reported")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-rescale-compute", action="store_true",
-                        help="use the catalogue's reference-model throughput as the run model's")
     parser.add_argument("--jobs", type=int, default=4, help="runs in parallel (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--json-out", required=True, help="write every run's results JSON here")
@@ -249,7 +232,7 @@ def main() -> None:
     for p in policies:
         if p not in POLICIES:
             parser.error(f"unknown policy {p!r}; use {', '.join(POLICIES)}")
-    fleet = fleet_profiles(args.devices, args.fleet_seed, args.model, not args.no_rescale_compute)
+    fleet = fleet_profiles(args.devices, args.fleet_seed)
     common: dict[str, Any] = {
         "model": args.model, "strategy": args.strategy, "rounds": args.rounds,
         "fraction": args.fraction, "max_client_samples": args.max_client_samples,
@@ -292,7 +275,6 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": " ".join(sys.argv), "args": vars(args), "wall_seconds_total": total,
-        "rescaled_compute": not args.no_rescale_compute,
         "fleet": [p.model_dump(mode="json") for p in fleet],
         "runs": [{"dataset": k[0], "sizing": k[1], "wall_seconds": walls[k],
                   "summary": summarize(results[k]), "result": results[k]}
@@ -305,8 +287,7 @@ def main() -> None:
           f"deadline {args.deadline:g} simulated s, at most {args.max_client_samples} samples per "
           f"device (70/30 train/test), batch {args.batch_size}, lr {args.lr:g}, momentum "
           f"{args.momentum:g}, {args.local_epochs} local epoch(s), {dp}; fleet "
-          f"catalogue:{args.fleet_seed} ({args.devices} devices"
-          f"{', compute rescaled to the model' if not args.no_rescale_compute else ''}); "
+          f"catalogue:{args.fleet_seed} ({args.devices} devices); "
           f"wall {total:.0f} s\n")
     for name in datasets:
         runs = {p: results[(name, p)] for p in policies if (name, p) in results}

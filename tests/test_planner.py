@@ -191,3 +191,18 @@ def test_plan_verify_on_an_unseen_profile_fits_only_within_budget(tmp_path):
     assert plan["fits"] and proc.returncode == 0
     assert {"width_ratio", "predicted_peak_bytes", "budget_bytes", "download_bytes",
             "upload_bytes", "fits"} <= set(plan)
+
+
+def test_a_device_holding_less_than_a_batch_still_fits():
+    """Five local samples are a whole (Poisson) batch of their own, not a compute shortfall."""
+    plan = plan_for(catalogue_profile("rpi4-4gb"), local_samples=5)
+    assert plan.fits and plan.local_samples == 5
+
+
+def test_a_baseline_without_transfer_adaptation_is_held_to_the_deadline_only():
+    """`full`: a device whose transfer takes more than the planner's 50% share but still ends
+    before the deadline is not left out."""
+    slowish = _with_link(300_000.0, 300_000.0)  # ~30 s of transfer for the full FedP3 CNN
+    fixed = plan_for(slowish, deadline_seconds=50, adapt_transfer=False, adapt_compute=False,
+                     widths=(1.0,), local_samples=100)
+    assert 25 < fixed.transfer_seconds < 50 and fixed.fits

@@ -85,7 +85,8 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
 
     transfer_budget = settings.deadline_seconds * settings.transfer_share
     link = _TransferChoice(spec, settings, profile)
-    if not link.fit(transfer_budget):
+    # A baseline that does not adapt its transfer is held to the deadline only (below).
+    if not link.fit(transfer_budget) and settings.adapt_transfer:
         reasons.append(f"transfer: {link.bytes_total:,} bytes at the sparsest setting take "
                        f"{link.seconds:.0f} s, over {transfer_budget:.0f} s "
                        f"({settings.transfer_share:.0%} of the deadline)")
@@ -106,7 +107,7 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
         reasons.append(f"deadline: {transfer:.0f} s of transfer and {compute_seconds:.0f} s of "
                        f"training for {samples} samples are over the {settings.deadline_seconds:g} s "
                        "deadline")
-    elif samples < settings.batch_size:
+    elif samples < min(settings.batch_size, settings.local_samples):  # a device may hold less
         reasons.append(f"compute: at {rate:.0f} samples/s the {max(compute_budget, 0):.0f} s left "
                        f"after transfer allow {samples} local samples, under one batch of "
                        f"{settings.batch_size}")
@@ -119,8 +120,8 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
         upload_keep=link.up[1], parameters=footprint(spec).parameters,
         predicted_peak_bytes=peak, budget_bytes=budget, download_bytes=link.bytes_down,
         upload_bytes=link.bytes_up, transfer_seconds=transfer,
-        compute_seconds=compute_seconds, deadline_seconds=settings.deadline_seconds, fits=not reasons, reasons=reasons,
-        decisions=decisions, data=data or DataSlice())
+        compute_seconds=compute_seconds, deadline_seconds=settings.deadline_seconds,
+        fits=not reasons, reasons=reasons, decisions=decisions, data=data or DataSlice())
 
 
 @dataclass(frozen=True)
