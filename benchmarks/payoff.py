@@ -15,8 +15,7 @@ gets the first N devices of the same fleet. Each profile's training throughput i
 catalogue's reference model (FedP3's CNN); the planner and the simulated clock scale it to the
 run's model by forward MACs.
 
-    OMP_NUM_THREADS=1 python benchmarks/payoff.py --rounds 4 --fraction 0.25 --max-client-samples 100 \
-        --deadline 25 --lr 0.2 --jobs 4 --targets 0.2,0.3,0.4,0.5 --json-out runs/payoff.json
+    OMP_NUM_THREADS=1 python benchmarks/payoff.py --json-out runs/payoff.json   # BENCHMARKS.md section 5
 
 Markdown tables go to stdout, progress to stderr, every run's full results JSON to --json-out.
 """
