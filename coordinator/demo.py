@@ -18,7 +18,6 @@ real processes sharing this machine cannot meet (the deadline is the service's r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -37,12 +36,14 @@ from edge_sdk.agent import EdgeConfig
 from edge_sdk.data import client_data_for, load_dataset
 from edge_sdk.logs import configure_logging
 from edge_sdk.models import model_spec
+from edge_sdk.training import chance_accuracy
 
 from .embedded_broker import EmbeddedBroker
 from .planning.fleet import plan_table
 from .planning.memory import MemoryCoefficients
 from .planning.planner import plan_device
-from .rounds import make_strategy, planner_settings
+from .rounds import device_settings, planner_settings
+from .strategies import build_strategy
 from .service import CoordinatorService, ServiceConfig
 
 MODEL = "leaf_cnn"
@@ -87,21 +88,22 @@ def _shards(devices: int, samples: int, data_dir: str | None) -> list[tuple[int,
         train = min(len(data.train_y), samples)
         test_y = np.asarray(data.test_y if len(data.train_y) <= samples
                             else data.test_y[:max(1, samples // 2)])
-        shards.append((train, float(np.bincount(test_y).max() / len(test_y))))
+        shards.append((train, chance_accuracy(test_y)))
     return shards
 
 
 def _expected_fits(config: ServiceConfig, classes: list[str], held: list[int]) -> list[bool]:
     """Whether each device's plan will fit, as the coordinator plans it at registration (same
-    settings; the transfer layout aside, which a generous deadline makes irrelevant to fitting).
+    settings; device i registers as index i only if it is first to, which the fit does not
+    depend on at the demo's generous deadline).
     Only to size the rounds before the devices register: the printed plans are the coordinator's."""
     info = load_dataset(config.dataset, config.data_dir).info
-    strategy = make_strategy(config, model_spec(config.model, info.input_shape, info.num_classes))
+    strategy = build_strategy(config, model_spec(config.model, info.input_shape, info.num_classes))
     settings = planner_settings(config, strategy, config.rounds.deadline_seconds)
     coefficients = MemoryCoefficients.load()
     return [plan_device(catalogue_profile(name), strategy.spec, config.model,
-                        dataclasses.replace(settings, local_samples=n), coefficients).fits
-            for name, n in zip(classes, held)]
+                        device_settings(settings, strategy, i, n), coefficients).fits
+            for i, (name, n) in enumerate(zip(classes, held))]
 
 
 def _device_row(row, name: str) -> dict:

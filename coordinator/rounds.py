@@ -22,22 +22,17 @@ import torch
 from edge_sdk import codec
 from edge_sdk.budget import BudgetPlan
 from edge_sdk.models import ModelSpec, SpecModel, build_model, tensor_shapes
-from edge_sdk.plan import SubmodelPlan
+from edge_sdk.plan import SubmodelPlan, TensorPlan
 from edge_sdk.pruning import is_prunable
 from edge_sdk.slicing import extract, select_channels, slice_map, to_global, width_spec
 from edge_sdk.training import DPConfig, TrainConfig
 
 from .planning.planner import PlannerSettings
-from .strategies import DownloadBuilder, Strategy, build_strategy
+from .strategies import DownloadBuilder, Strategy
 
 
 class UpdateRefused(ValueError):
     """An update the coordinator will not aggregate; the text, sent back in the ACK, says why."""
-
-
-def make_strategy(config: Any, spec: ModelSpec) -> Strategy:
-    """The run's strategy (`config`: a SimulationConfig or ServiceConfig; same section names)."""
-    return build_strategy(config, spec)
 
 
 def dp_config(config: Any) -> DPConfig | None:
@@ -52,10 +47,9 @@ def planner_settings(config: Any, strategy: Strategy, deadline_seconds: float) -
     the strategy's slicing, the run's precisions as floors, and the strategy's own download keep
     on the weights a device does not upload as the ceiling of the device's (FedP3's
     `global_keep`)."""
-    reference = strategy.plan(0, 1, 1)
     shapes = tensor_shapes(strategy.spec)
-    keeps = [t.download_keep for t in reference.tensors
-             if not t.upload and not t.private and is_prunable(shapes[t.name])]
+    keeps = [t.download_keep for t in strategy.plan(0, 1, 1).tensors
+             if pruned_on_download(t, shapes[t.name])]
     return PlannerSettings(deadline_seconds=deadline_seconds, batch_size=config.train.batch_size,
                            local_epochs=config.train.local_epochs, dp=config.dp.enabled,
                            momentum=config.train.momentum,
@@ -63,6 +57,20 @@ def planner_settings(config: Any, strategy: Strategy, deadline_seconds: float) -
                            max_download_keep=min(keeps, default=1.0),
                            download_dtype=strategy.download_dtype or config.codec.download_dtype,
                            upload_dtype=config.codec.upload_dtype)
+
+
+def device_settings(settings: PlannerSettings, strategy: Strategy, device_index: int,
+                    num_samples: int) -> PlannerSettings:
+    """The run's planner settings for one device: its samples, and the transfer layout of its own
+    plan (which tensors it uploads decides where the download and upload keep ratios apply)."""
+    uploaded = frozenset(strategy.plan(device_index, 1, num_samples).uploaded)
+    return dataclasses.replace(settings, local_samples=num_samples, uploaded=uploaded)
+
+
+def pruned_on_download(tensor: TensorPlan, shape: tuple[int, ...]) -> bool:
+    """Whether the device's download keep applies to this tensor: a weight or kernel it does not
+    upload and does not keep privately (FedP3's Q_i; biases and norms always go whole)."""
+    return not tensor.upload and not tensor.private and is_prunable(shape)
 
 
 def _finer(a: str, b: str) -> str:
@@ -193,7 +201,7 @@ class RoundPipeline:
         tensors and biases are exempt); its upload precision and keep; its local samples."""
         tensors = tuple(
             dataclasses.replace(t, download_keep=min(t.download_keep, sizing.download_keep))
-            if not t.upload and not t.private and is_prunable(view.shapes[t.name]) else t
+            if pruned_on_download(t, view.shapes[t.name]) else t
             for t in plan.tensors)
         return dataclasses.replace(plan, tensors=tensors,
                                    upload_dtype=_finer(plan.upload_dtype, sizing.upload_dtype),

@@ -22,7 +22,7 @@ from edge_sdk.data import ClientData, load_dataset, make_client_data, to_tensor
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.models.cost import footprint, inference_macs
 from edge_sdk.slicing import width_spec
-from edge_sdk.training import TrainConfig, accuracy
+from edge_sdk.training import TrainConfig, accuracy, chance_accuracy
 
 from .byzantine import ByzantineSettings, attack
 from .combine import RoundCombiner
@@ -31,8 +31,8 @@ from .exporting import export_clients
 from .planning.clock import task_time, time_to_accuracy
 from .planning.fleet import DeviceAssignment, plan_fleet
 from .robust import RobustSettings
-from .rounds import RoundPipeline, Task, dp_config, make_strategy, planner_settings
-from .strategies import Strategy
+from .rounds import RoundPipeline, Task, device_settings, dp_config, planner_settings
+from .strategies import Strategy, build_strategy
 
 
 @dataclass
@@ -114,7 +114,7 @@ def run_simulation(config: SimulationConfig, progress: bool = True,
     """`profiles`: the fleet's devices, one per client, instead of sampling `config.fleet`."""
     torch.manual_seed(config.seed)
     source = load_dataset(config.dataset, config.data_dir)
-    strategy = make_strategy(config, model_spec(config.model, source.info.input_shape,
+    strategy = build_strategy(config, model_spec(config.model, source.info.input_shape,
                                                 source.info.num_classes))
     spec = strategy.spec  # a strategy may change the architecture (FedDP's gates)
     train = TrainConfig(**config.train.model_dump())
@@ -126,7 +126,7 @@ def run_simulation(config: SimulationConfig, progress: bool = True,
     clients = [LocalClient(data, train, dp, planned_rounds=config.rounds, seed=config.seed)
                for data in shards]
     test_x, test_y = to_tensor(source.test_x, source.info), torch.tensor(source.test_y)
-    chance = float(np.mean([_majority_share(c.data.test_y) for c in clients]))
+    chance = float(np.mean([chance_accuracy(c.data.test_y) for c in clients]))
 
     global_model = build_model(spec, seed=config.seed)
     global_state = strategy.initial_state() or {k: v.detach().numpy().copy()
@@ -232,7 +232,7 @@ def _run_on_the_clock(assignment, client: LocalClient, task: Task, payload: byte
     not aggregated. The round lasts until its last device answers, at most the deadline."""
     deadline = config.deadline_seconds
     profile, epochs = assignment.profile, task.train.local_epochs
-    samples = len(client.round_samples(task.plan)[1])
+    samples = client.samples_this_round(task.plan)
     before_upload = task_time(profile, task.plan.spec, dp is not None, len(payload), 0, samples,
                               epochs)
     if assignment.out_of_memory:
@@ -258,12 +258,6 @@ def _run_on_the_clock(assignment, client: LocalClient, task: Task, payload: byte
     return outcome
 
 
-def _majority_share(labels) -> float:
-    """Accuracy of always answering the device's most frequent test label: its chance level."""
-    labels = np.asarray(labels)
-    return float(np.bincount(labels).max() / len(labels)) if len(labels) else float("nan")
-
-
 def _inference_cost(spec, widths: list[float]) -> dict[str, Any]:
     """FLOPs per sample of the models devices run (2 x MACs; gated channels skipped)."""
     per_width = {w: 2 * inference_macs(spec if w >= 1 else width_spec(spec, w)) for w in set(widths)}
@@ -277,10 +271,10 @@ def _plan_fleet(config: SimulationConfig, strategy: Strategy, shards: list[Clien
     """Each device sized from its profile, for the transfer layout of its own plan (which
     tensors it uploads decides where download and upload keep apply)."""
     settings = planner_settings(config, strategy, config.deadline_seconds)
-    samples = [len(d.train_y) for d in shards]
-    uploaded = [frozenset(strategy.plan(i, 1, n).uploaded) for i, n in enumerate(samples)]
-    return plan_fleet(config.fleet or "catalogue", strategy.spec, config.model, samples, settings,
-                      config.sizing, uploaded, profiles)
+    per_device = [device_settings(settings, strategy, i, len(d.train_y))
+                  for i, d in enumerate(shards)]
+    return plan_fleet(config.fleet or "catalogue", strategy.spec, config.model, per_device,
+                      config.sizing, profiles)
 
 
 def _capped(data: ClientData, limit: int | None) -> ClientData:

@@ -66,12 +66,16 @@ class LocalClient:
         window that moves on by that many every round, so a device whose compute allows only
         part of its data per round still trains on all of it over the rounds."""
         x, y = self.data.train_x, self.data.train_y
-        n = len(y) if plan.local_samples is None else min(plan.local_samples, len(y))
+        n = self.samples_this_round(plan)
         if n >= len(y):
             return x, y
         picked = (((plan.round - 1) * n) + np.arange(n)) % len(y)
         index = torch.from_numpy(picked)
         return x[index], y[index]
+
+    def samples_this_round(self, plan: SubmodelPlan) -> int:
+        held = len(self.data.train_y)
+        return held if plan.local_samples is None else min(plan.local_samples, held)
 
     def run_task(self, plan: SubmodelPlan, download: bytes) -> TaskOutcome:
         shapes = tensor_shapes(plan.spec)

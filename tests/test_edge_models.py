@@ -17,31 +17,13 @@ import pytest
 import torch
 
 from edge_sdk.data import to_tensor
-from edge_sdk.models import MODELS, ModelSpec, build_model, model_spec, tensor_shapes
+from edge_sdk.models import MODELS, build_model, model_spec, tensor_shapes
 from edge_sdk.slicing import extract, select_channels, slice_map, to_global, width_spec
 from edge_sdk.training import DPConfig, TrainConfig, train_locally
+from slicing_parity import global_model, load, zero_removed
 
 METHODS = ("prefix", "rolling", "magnitude")
 WIDTHS = (1.0, 0.75, 0.5, 0.25, 0.125)
-
-_GLOBALS: dict[tuple[str, int], tuple[ModelSpec, dict[str, np.ndarray]]] = {}
-
-
-def global_model(name: str, classes: int) -> tuple[ModelSpec, dict[str, np.ndarray]]:
-    if (name, classes) not in _GLOBALS:
-        spec = model_spec(name, (1, 28, 28), classes)
-        state = {k: v.detach().numpy().copy()
-                 for k, v in build_model(spec, seed=3).state_dict().items()}
-        _GLOBALS[name, classes] = (spec, state)
-    return _GLOBALS[name, classes]
-
-
-def load(spec: ModelSpec, state: dict[str, np.ndarray]) -> torch.nn.Module:
-    model = build_model(spec)
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
-                          strict=True)
-    return model.eval()
-
 
 @pytest.fixture(scope="module")
 def batch(fmnist):
@@ -98,12 +80,7 @@ def test_leaf_cnn_submodel_matches_zeroed_global_model(method, batch):
         smap = slice_map(spec, kept)
         sub_state = extract(state, smap)
         assert {k: v.shape for k, v in sub_state.items()} == tensor_shapes(sub_spec)
-        zeroed = {k: v.copy() for k, v in state.items()}
-        for i, units in kept.items():
-            kind = {"conv": "conv", "fc": "linear"}[spec.layers[i].kind]
-            removed = np.setdiff1d(np.arange(spec.layers[i].out), units)
-            zeroed[f"layers.{i}.{kind}.weight"][removed] = 0.0
-            zeroed[f"layers.{i}.{kind}.bias"][removed] = 0.0
+        zeroed = zero_removed(spec, state, kept)
         with torch.no_grad():
             expected = load(spec, zeroed)(batch)
             got = load(sub_spec, sub_state)(batch)

@@ -11,7 +11,7 @@ from coordinator.byzantine import ByzantineSettings, attack
 from coordinator.combine import RoundCombiner
 from coordinator.config import load_config
 from coordinator.robust import RobustAggregator, RobustSettings
-from coordinator.rounds import make_strategy
+from coordinator.strategies import build_strategy
 from coordinator.simulation import run_simulation
 from coordinator.strategies import STRATEGIES
 from edge_sdk import codec
@@ -41,7 +41,7 @@ def test_every_strategy_learns_well_above_chance(strategy):
 
 def _one_task(strategy_name: str, fmnist_clients, **extra):
     config = _config(strategy_name, **extra)
-    strategy = make_strategy(config, SPEC)
+    strategy = build_strategy(config, SPEC)
     state = strategy.initial_state() or {k: v.detach().numpy()
                                          for k, v in build_model(strategy.spec, seed=0).state_dict().items()}
     from coordinator.strategies import DownloadBuilder
@@ -82,7 +82,7 @@ def test_fedrep_trains_head_then_body_and_feddp_threshold_uploads_no_pruned_entr
 
 
 def test_feddp_gates_cut_inference_flops_and_keep_k_channels_per_sample():
-    strategy = make_strategy(_config("feddp", **{"feddp.variant": "gate", "feddp.gate": 0.5}), SPEC)
+    strategy = build_strategy(_config("feddp", **{"feddp.variant": "gate", "feddp.gate": 0.5}), SPEC)
     assert inference_macs(strategy.spec) < footprint(SPEC).macs
     model = build_model(strategy.spec, seed=0)
     out = model.layers[0](torch.randn(4, 1, 28, 28))
@@ -153,7 +153,7 @@ def test_robust_rules_resist_a_fifth_of_sign_flipping_devices_where_the_mean_doe
 
 
 def test_ffgg_server_steps_on_the_mean_change():
-    strategy = make_strategy(_config("ffgg", **{"ffgg.server_lr": 0.5}), SPEC)
+    strategy = build_strategy(_config("ffgg", **{"ffgg.server_lr": 0.5}), SPEC)
     name = strategy.shared[0]
     shape = build_model(SPEC).state_dict()[name].shape
     old = {n: np.zeros(tuple(v.shape), np.float32) for n, v in build_model(SPEC).state_dict().items()}

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -25,7 +24,8 @@ import pytest
 from coordinator.config import load_config
 from coordinator.planning.memory import MemoryCoefficients, predict_peak_bytes
 from coordinator.planning.planner import plan_device
-from coordinator.rounds import make_strategy, planner_settings
+from coordinator.rounds import device_settings, planner_settings
+from coordinator.strategies import build_strategy
 from coordinator.service import CoordinatorService, ServiceConfig
 from coordinator.simulation import run_simulation
 from device_profiles import catalogue_profile
@@ -34,7 +34,7 @@ from edge_sdk.agent import EdgeConfig
 from edge_sdk.budget import BudgetPlan
 from edge_sdk.models import model_spec, tensor_shapes
 from edge_sdk.plan import SubmodelPlan
-from edge_sdk.protocol import MessageType, Topics, decode_envelope, parse_header
+from edge_sdk.protocol import Topics, decode_envelope, parse_header
 from edge_sdk.pruning import is_prunable
 from edge_sdk.slicing import width_spec
 from mqtt_brokers import Mosquitto
@@ -64,9 +64,8 @@ def fleet_profiles():
     c = base.model_copy(update={"name": "dev-c", "network": tight_up,
                                 "memory_available_bytes": math.ceil(budget / 0.9)})
     config = run_config()
-    strategy = make_strategy(config, BASE)
-    settings = replace(planner_settings(config, strategy, DEADLINE), local_samples=HELD,
-                       uploaded=frozenset(strategy.plan(2, 1, HELD).uploaded))
+    strategy = build_strategy(config, BASE)
+    settings = device_settings(planner_settings(config, strategy, DEADLINE), strategy, 2, HELD)
 
     def at_rate(rate: float):
         compute = base.compute.model_copy(update={"samples_per_s": rate, "dp_samples_per_s": rate})

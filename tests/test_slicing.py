@@ -19,6 +19,7 @@ from edge_sdk.codec import SparseTensor
 from edge_sdk.data import to_tensor
 from edge_sdk.models import LayerSpec, ModelSpec, build_model, model_spec, tensor_shapes
 from edge_sdk.slicing import extract, select_channels, slice_map, to_global, width_spec
+from slicing_parity import global_model, load, zero_removed
 
 METHODS = ("magnitude", "prefix", "rolling")
 RATIOS = (0.25, 0.5, 0.75)
@@ -34,34 +35,11 @@ def batch(fmnist):
     return to_tensor(fmnist.test_x[:64], fmnist.info)
 
 
-_GLOBALS: dict[str, tuple[ModelSpec, dict[str, np.ndarray]]] = {}
-
-
-def global_model(name: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
-    if name not in _GLOBALS:
-        spec = model_spec(name, (1, 28, 28), 10)
-        state = {k: v.detach().numpy().copy() for k, v in build_model(spec, seed=3).state_dict().items()}
-        _GLOBALS[name] = (spec, state)
-    return _GLOBALS[name]
-
-
 def logits(spec: ModelSpec, state: dict[str, np.ndarray], x: torch.Tensor) -> torch.Tensor:
-    model = build_model(spec)
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
-                          strict=True)
     with torch.no_grad():
-        return model.eval()(x)
+        return load(spec, state)(x)
 
 
-def zero_removed(spec: ModelSpec, state: dict[str, np.ndarray], kept: dict[int, np.ndarray]):
-    """Global state with every removed unit's incoming weights and bias set to zero."""
-    out = {k: v.copy() for k, v in state.items()}
-    for i, units in kept.items():
-        kind = {"conv": "conv", "fc": "linear"}[spec.layers[i].kind]
-        removed = np.setdiff1d(np.arange(spec.layers[i].out), units)
-        out[f"layers.{i}.{kind}.weight"][removed] = 0.0
-        out[f"layers.{i}.{kind}.bias"][removed] = 0.0
-    return out
 
 
 # --------------------------------------------------------------------------- parity

@@ -22,7 +22,7 @@ from edge_sdk.budget import BudgetPlan
 from edge_sdk.models import ModelSpec
 
 from .memory import MemoryCoefficients
-from .planner import PlannerSettings, plan_device
+from .planner import WIDTHS, PlannerSettings, plan_device
 
 SizingPolicy = Literal["planned", "uniform", "full", "full-all"]
 SIZING_POLICIES: tuple[str, ...] = ("planned", "uniform", "full", "full-all")
@@ -40,7 +40,7 @@ class DeviceAssignment:
     @property
     def out_of_memory(self) -> bool:
         """The model it is sent needs more memory than the device has: its training dies."""
-        return any(r.startswith("memory:") for r in self.plan.reasons)
+        return _out_of_memory(self.plan)
 
     def to_dict(self) -> dict:
         return {"client": self.client_id, "device": self.profile.name,
@@ -50,41 +50,40 @@ class DeviceAssignment:
                 "selected": self.selected, "plan": self.plan.model_dump(mode="json")}
 
 
-def plan_fleet(fleet: str, base: ModelSpec, model_name: str, local_samples: list[int],
-               settings: PlannerSettings, policy: SizingPolicy = "planned",
-               uploaded: list[frozenset[str] | None] | None = None,
+def plan_fleet(fleet: str, base: ModelSpec, model_name: str, settings: list[PlannerSettings],
+               policy: SizingPolicy = "planned",
                profiles: list[DeviceProfile] | None = None) -> list[DeviceAssignment]:
-    """`uploaded[i]`: the tensors device i uploads (its transfer layout), from the strategy;
-    `profiles`: the devices, instead of sampling them from `fleet`."""
+    """`settings[i]`: device i's planner settings (its samples and transfer layout, from
+    `rounds.device_settings`); `profiles`: the devices, instead of sampling them from `fleet`."""
     if profiles is None:
-        profiles = sample_fleet(len(local_samples), parse_fleet_arg(fleet))
-    elif len(profiles) != len(local_samples):
-        raise ValueError(f"{len(profiles)} profiles for {len(local_samples)} devices")
+        profiles = sample_fleet(len(settings), parse_fleet_arg(fleet))
+    elif len(profiles) != len(settings):
+        raise ValueError(f"{len(profiles)} profiles for {len(settings)} devices")
     coefficients = MemoryCoefficients.load()
 
     def plan_all(overrides: dict) -> list[BudgetPlan]:
-        return [plan_device(profile, base, model_name, dataclasses.replace(
-                    settings, local_samples=local_samples[i],
-                    uploaded=uploaded[i] if uploaded else None, **overrides), coefficients)
-                for i, profile in enumerate(profiles)]
+        return [plan_device(profile, base, model_name, dataclasses.replace(own, **overrides),
+                            coefficients)
+                for profile, own in zip(profiles, settings)]
 
     fixed = {"adapt_transfer": False, "adapt_compute": False}
     if policy == "planned":
         plans = plan_all({})
     elif policy == "uniform":
         holdable = [p.width_ratio for p in plan_all({}) if p.fits]
-        plans = plan_all({"widths": (min(holdable) if holdable else settings.widths[-1],), **fixed})
+        plans = plan_all({"widths": (min(holdable) if holdable else WIDTHS[-1],), **fixed})
     elif policy in ("full", "full-all"):
         plans = plan_all({"widths": (1.0,), **fixed})
     else:
         raise ValueError(f"unknown sizing policy {policy!r}; use one of {', '.join(SIZING_POLICIES)}")
-    assignments = []
-    for i, (profile, plan) in enumerate(zip(profiles, plans)):
-        holds = not any(r.startswith("memory:") for r in plan.reasons)
-        selected = {"planned": plan.fits, "uniform": holds, "full": plan.fits,
-                    "full-all": True}[policy]
-        assignments.append(DeviceAssignment(i, profile, plan, selected))
-    return assignments
+    selected = {"planned": lambda plan: plan.fits, "uniform": lambda plan: not _out_of_memory(plan),
+                "full": lambda plan: plan.fits, "full-all": lambda plan: True}[policy]
+    return [DeviceAssignment(i, profile, plan, selected(plan))
+            for i, (profile, plan) in enumerate(zip(profiles, plans))]
+
+
+def _out_of_memory(plan: BudgetPlan) -> bool:
+    return any(r.startswith("memory:") for r in plan.reasons)
 
 
 def plan_table(rows: list[dict]) -> str:

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,9 @@ from ..combine import RoundCombiner
 from ..planning.memory import MemoryCoefficients
 from ..planning.planner import plan_device
 from ..robust import RobustSettings
-from ..rounds import RoundPipeline, Task, UpdateRefused, dp_config, make_strategy, planner_settings
+from ..rounds import (RoundPipeline, Task, UpdateRefused, device_settings, dp_config,
+                      planner_settings)
+from ..strategies import build_strategy
 from .config import ServiceConfig
 from .store import Store, TaskRow
 
@@ -77,7 +79,7 @@ class RoundEngine:
         self.topics = Topics(config.broker.fleet, config.broker.topic_prefix)
         source = load_dataset(config.dataset, config.data_dir)
         self.info = source.info
-        self.strategy = make_strategy(config, model_spec(config.model, source.info.input_shape,
+        self.strategy = build_strategy(config, model_spec(config.model, source.info.input_shape,
                                                          source.info.num_classes))
         self.spec = self.strategy.spec
         self.dp = dp_config(config)
@@ -221,11 +223,8 @@ class RoundEngine:
             log.warning("device %s registered with an invalid profile: %s", header.device,
                         exc.errors()[0]["msg"])
             return
-        # Sized for the transfer layout of its own plan: which tensors it uploads decides where
-        # the download and upload keep ratios apply.
-        index = self.store.device_index(header.device)
-        uploaded = frozenset(self.strategy.plan(index, 1, header.num_samples).uploaded)
-        settings = replace(self.planner, local_samples=header.num_samples, uploaded=uploaded)
+        settings = device_settings(self.planner, self.strategy,
+                                   self.store.device_index(header.device), header.num_samples)
         plan = plan_device(profile, self.spec, self.config.model, settings, self.coefficients)
         self.store.upsert_device(
             header.device, profile=header.profile, num_samples=header.num_samples,

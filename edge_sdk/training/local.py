@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -163,6 +164,13 @@ class _ShuffledBatches:
 def _stack(batch):
     xs, ys = zip(*batch)
     return torch.stack(xs), torch.stack(ys)
+
+
+def chance_accuracy(labels) -> float:
+    """Accuracy of always answering the most frequent of `labels`: the chance level of a test
+    split, which a partition that gives a device few classes raises well above 1/classes."""
+    labels = np.asarray(labels)
+    return float(np.bincount(labels).max() / len(labels)) if len(labels) else float("nan")
 
 
 @torch.no_grad()
