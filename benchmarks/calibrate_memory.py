@@ -37,7 +37,7 @@ from coordinator.planning.memory import (
     predict_peak_bytes,
 )
 from coordinator.planning.verify import measure_rehearsal
-from edge_sdk.budget import BudgetPlan
+from edge_sdk.sizing import DevicePlan
 from edge_sdk.models import ModelSpec, model_spec
 from edge_sdk.slicing import width_spec
 
@@ -66,12 +66,12 @@ class Point:
         return width_spec(model_spec(self.model, INPUT_SHAPE, CLASSES), self.width)
 
 
-def rehearsal_plan(model: str, width: float, physical: int, samples: int) -> BudgetPlan:
+def rehearsal_plan(model: str, width: float, physical: int, samples: int) -> DevicePlan:
     spec = width_spec(model_spec(model, INPUT_SHAPE, CLASSES), width)
-    return BudgetPlan(device=f"calibration-{model}-w{width}-b{physical}", model=model,
+    return DevicePlan(device_id=f"calibration-{model}-w{width}-b{physical}", model=model,
                       width_ratio=width, batch_size=max(physical, 48), physical_batch_size=physical,
                       local_steps=0, local_samples=samples, parameters=footprint(spec).parameters,
-                      predicted_peak_bytes=0, budget_bytes=0, download_bytes=0, upload_bytes=0,
+                      predicted_peak_bytes=0, memory_limit_bytes=0, download_bytes=0, upload_bytes=0,
                       transfer_seconds=0, compute_seconds=0, deadline_seconds=1, fits=True)
 
 

@@ -123,9 +123,9 @@ def build_targets(workdir: Path) -> dict[str, Target]:
 
     # envelopes and headers
     key = Ed25519PrivateKey.generate()
-    task_key = {"device": "pi-7", "round": 2, "task": "0123abcd", }
+    task_key = {"device_id": "pi-7", "round": 2, "task": "0123abcd", }
     headers = {
-        MessageType.REGISTER: {"device": "pi-7", "profile": catalogue_profile("rpi4-2gb").model_dump(mode="json"),
+        MessageType.REGISTER: {"device_id": "pi-7", "profile": catalogue_profile("rpi4-2gb").model_dump(mode="json"),
                                "num_samples": 300, "formats": ["onnx"], "epsilon_spent": 1.5,
                                "epsilon_budget": 8.0, "model_digest": "ab12"},
         MessageType.TASK: signing.sign({**task_key, "plan": {"width_ratio": 0.5, "uploaded": ["fc.w"]},
@@ -137,8 +137,8 @@ def build_targets(workdir: Path) -> dict[str, Target]:
         MessageType.ACK: {**task_key, "accepted": False, "duplicate": False, "reason": "late"},
         MessageType.REFUSAL: {**task_key, "code": "privacy_budget", "message": "over budget",
                               "epsilon": 7.9},
-        MessageType.STATUS: {"device": "pi-7", "online": True},
-        MessageType.ARTIFACT: signing.sign({"device": "pi-7", "round": 1, "task": "0123abcd",
+        MessageType.STATUS: {"device_id": "pi-7", "online": True},
+        MessageType.ARTIFACT: signing.sign({"device_id": "pi-7", "round": 1, "task": "0123abcd",
                                             "manifest": {"device_id": "pi-7", "artifacts": []},
                                             "artifact": "model-fp32.onnx"}, b"", key),
     }

@@ -39,18 +39,18 @@ def main() -> None:
     for profile in sample_fleet(args.devices, args.seed):
         plan = plan_device(profile, base, args.model, settings, coefficients)
         row = (f"| {profile.name} | {profile.memory_available_bytes / 1e6:.0f} | "
-               f"{plan.budget_bytes / 1e6:.0f} | {plan.width_ratio} | {plan.physical_batch_size} | "
+               f"{plan.memory_limit_bytes / 1e6:.0f} | {plan.width_ratio} | {plan.physical_batch_size} | "
                f"{plan.predicted_peak_bytes / 1e6:.0f} | ")
         if not plan.fits:
             print(row + f"- | - | - | refused: {'; '.join(plan.reasons)} |", flush=True)
             continue
         planned += 1
         peak, _ = measure_rehearsal(plan)
-        fits = peak <= plan.budget_bytes
+        fits = peak <= plan.memory_limit_bytes
         fitting += fits
-        utilisation.append(peak / plan.budget_bytes)
+        utilisation.append(peak / plan.memory_limit_bytes)
         errors.append(abs(plan.predicted_peak_bytes - peak) / peak)
-        print(row + f"{peak / 1e6:.0f} | {peak / plan.budget_bytes:.0%} | "
+        print(row + f"{peak / 1e6:.0f} | {peak / plan.memory_limit_bytes:.0%} | "
               f"{100 * (plan.predicted_peak_bytes - peak) / peak:+.1f} | {'yes' if fits else 'NO'} |",
               flush=True)
     print()

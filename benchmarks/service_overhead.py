@@ -55,7 +55,7 @@ def worker(port: int, fleet: str, start: int, count: int) -> None:
         update = {n: received[n] for n in plan.uploaded}
         payload = codec.encode(update, codec.ValueDtype.from_name(plan.upload_dtype))
         client.publish(topics.update(device), encode_envelope(MessageType.UPDATE, {
-            "device": device, "round": task.round, "task": task.task, "num_samples": 100},
+            "device_id": device, "round": task.round, "task": task.task, "num_samples": 100},
             payload), qos=1)
 
     for i in range(start, start + count):
@@ -64,13 +64,13 @@ def worker(port: int, fleet: str, start: int, count: int) -> None:
                              protocol=mqtt.MQTTv311, clean_session=False, userdata=device)
         client.on_message = on_message
         client.will_set(topics.status(device), encode_envelope(
-            MessageType.STATUS, {"device": device, "online": False}), qos=1, retain=True)
+            MessageType.STATUS, {"device_id": device, "online": False}), qos=1, retain=True)
         client.connect("127.0.0.1", port, keepalive=120)
         client.subscribe(topics.task(device), qos=1)
         client.publish(topics.status(device), encode_envelope(
-            MessageType.STATUS, {"device": device, "online": True}), qos=1, retain=True)
+            MessageType.STATUS, {"device_id": device, "online": True}), qos=1, retain=True)
         client.publish(topics.register(device), encode_envelope(MessageType.REGISTER, {
-            "device": device, "profile": profile, "num_samples": 100}), qos=1, retain=True)
+            "device_id": device, "profile": profile, "num_samples": 100}), qos=1, retain=True)
         client.loop_start()
         clients.append(client)
     print("ready", flush=True)

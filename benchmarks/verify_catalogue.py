@@ -57,7 +57,7 @@ def main() -> None:
     for name in catalogue_names():
         available = catalogue_profile(name).memory_available_bytes
         plan = plan_and_verify(name, args)
-        budget, peak = plan["budget_bytes"], plan.get("measured_peak_bytes")
+        budget, peak = plan["memory_limit_bytes"], plan.get("measured_peak_bytes")
         binds = plan["width_ratio"] < 1.0 or plan["physical_batch_size"] < plan["batch_size"]
         row = (f"| {name} | {available / 1e6:.0f} | {budget / 1e6:.0f} | {plan['width_ratio']} | "
                f"{plan['physical_batch_size']} | {plan['predicted_peak_bytes'] / 1e6:.0f} | ")

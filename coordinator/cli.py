@@ -71,7 +71,7 @@ def _print_summary(result: dict) -> None:
 
 def _plan(args: argparse.Namespace) -> int:
     from device_profiles import catalogue_profile, load_profile
-    from edge_sdk.budget import DataSlice
+    from edge_sdk.sizing import DataSlice
     from edge_sdk.data import load_dataset
     from edge_sdk.models import model_spec
 
@@ -89,10 +89,10 @@ def _plan(args: argparse.Namespace) -> int:
     if args.verify and plan.fits:
         peak, _ = measure_rehearsal(plan)
         update: dict = {"measured_peak_bytes": peak}
-        if peak > plan.budget_bytes:
+        if peak > plan.memory_limit_bytes:
             update.update(fits=False, reasons=[
                 f"verify: measured peak {peak / 1e6:.0f} MB is over the budget of "
-                f"{plan.budget_bytes / 1e6:.0f} MB (predicted {plan.predicted_peak_bytes / 1e6:.0f} MB)"])
+                f"{plan.memory_limit_bytes / 1e6:.0f} MB (predicted {plan.predicted_peak_bytes / 1e6:.0f} MB)"])
         plan = plan.model_copy(update=update)
     if args.out:
         plan.save(args.out)
@@ -102,9 +102,9 @@ def _plan(args: argparse.Namespace) -> int:
         verdict = "fits" if plan.fits else "DOES NOT FIT: " + "; ".join(plan.reasons)
         measured = (f", measured {plan.measured_peak_bytes / 1e6:.0f} MB"
                     if plan.measured_peak_bytes else "")
-        print(f"{plan.device}: width {plan.width_ratio}, physical batch {plan.physical_batch_size}"
+        print(f"{plan.device_id}: width {plan.width_ratio}, physical batch {plan.physical_batch_size}"
               f"/{plan.batch_size}, predicted peak {plan.predicted_peak_bytes / 1e6:.0f} MB of "
-              f"{plan.budget_bytes / 1e6:.0f} MB{measured}; download {plan.download_dtype} keep "
+              f"{plan.memory_limit_bytes / 1e6:.0f} MB{measured}; download {plan.download_dtype} keep "
               f"{plan.download_keep:g} ({plan.download_bytes:,} B), upload {plan.upload_dtype} keep "
               f"{plan.upload_keep:g} ({plan.upload_bytes:,} B); {plan.local_samples} samples/round "
               f"-> {verdict}")
@@ -114,7 +114,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from edge_sdk.budget import BudgetPlan
+    from edge_sdk.sizing import DevicePlan
     from edge_sdk.checkpoint import load_checkpoint
 
     from .exporting import device_plan, export_checkpoint
@@ -122,7 +122,7 @@ def _export(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     plan = None
     if args.plan:
-        plan = BudgetPlan.load(args.plan)
+        plan = DevicePlan.load(args.plan)
     elif args.device:
         plan = device_plan(args.device, checkpoint)
     formats = ("onnx", "tflite") if args.format == "both" else (args.format,)
@@ -205,10 +205,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _edge_rehearse(args: argparse.Namespace) -> int:
-    from edge_sdk.budget import BudgetPlan
+    from edge_sdk.sizing import DevicePlan
     from edge_sdk.rehearsal import rehearse
 
-    report = rehearse(BudgetPlan.load(args.plan))
+    report = rehearse(DevicePlan.load(args.plan))
     if args.json:
         print(json.dumps(report))
     else:

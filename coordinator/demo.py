@@ -69,7 +69,7 @@ def _edge_config(out: Path, device: str, index: int, devices: int, broker: str, 
                         profile=f"catalogue:{device_class(index)}",
                         epsilon_budget=epsilon, max_samples=samples,
                         data={"dataset": DATASET, "partition": PARTITION,
-                              "clients": _clients(devices), "client_id": index,
+                              "clients": _clients(devices), "device_index": index,
                               "data_dir": data_dir})
     return config.save(out / "edges" / f"{device}.toml")
 
@@ -107,7 +107,7 @@ def _expected_fits(config: ServiceConfig, classes: list[str], held: list[int]) -
 
 
 def _device_row(row, name: str) -> dict:
-    """A registered device as the coordinator's store has it, with its plan (BudgetPlan dict)."""
+    """A registered device as the coordinator's store has it, with its plan (DevicePlan dict)."""
     profile = row.profile
     return {"id": row.id, "device_class": name, "memory_available_bytes": profile["memory_available_bytes"],
             "downlink_bytes_per_s": profile["network"]["downlink_bytes_per_s"],

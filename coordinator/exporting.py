@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_sdk.budget import BudgetPlan
+from edge_sdk.sizing import DevicePlan
 from edge_sdk.checkpoint import Checkpoint, CheckpointError
 from edge_sdk.data import load_dataset, to_tensor
 from edge_sdk.models import SpecModel, build_model
@@ -40,7 +40,7 @@ def submodel(checkpoint: Checkpoint, width_ratio: float, method: str = "magnitud
     return model.eval()
 
 
-def device_plan(device: str, checkpoint: Checkpoint) -> BudgetPlan:
+def device_plan(device: str, checkpoint: Checkpoint) -> DevicePlan:
     """Plan a catalogue device (by name) or a profiled one (profile JSON path) for this model."""
     from device_profiles import catalogue_profile, load_profile
 
@@ -60,19 +60,19 @@ def verification_inputs(dataset: str, data_dir: str | None, samples: int = VERIF
     return source.info, to_tensor(x, source.info).numpy(), np.asarray(y)
 
 
-def export_checkpoint(checkpoint: Checkpoint, out_dir: str | Path, *, plan: BudgetPlan | None = None,
+def export_checkpoint(checkpoint: Checkpoint, out_dir: str | Path, *, plan: DevicePlan | None = None,
                       formats: Sequence[str] = ("onnx", "tflite"), precisions: Sequence[str] = ("fp32",),
                       data_dir: str | None = None, device_id: str | None = None,
                       samples: int = VERIFY_SAMPLES, threads: int | None = None) -> BundleManifest:
     if plan is not None and not plan.fits:
-        raise CheckpointError(f"device {plan.device} has no submodel that fits: "
+        raise CheckpointError(f"device {plan.device_id} has no submodel that fits: "
                               + "; ".join(plan.reasons))
     width = plan.width_ratio if plan else checkpoint.width_ratio
     model = submodel(checkpoint, width, plan.slicing if plan else "magnitude",
                      checkpoint.round or 0)
     info, x, y = verification_inputs(checkpoint.dataset, data_dir, samples)
     return export_bundle(model, out_dir, model_name=checkpoint.model, info=info,
-                         device_id=device_id or (plan.device if plan else None)
+                         device_id=device_id or (plan.device_id if plan else None)
                          or checkpoint.device_id or "global",
                          verify_x=x, verify_y=y, round_number=checkpoint.round, width_ratio=width,
                          checkpoint_sha256=checkpoint.sha256, formats=formats,
@@ -95,7 +95,7 @@ def export_clients(out_dir: str | Path, clients, widths: Sequence[float], global
     exported = []
     for client, width in tqdm(list(zip(clients, widths)), desc="export", unit="client",
                               disable=not progress):
-        device_id = f"client-{client.client_id:03d}"
+        device_id = f"client-{client.device_index:03d}"
         if client.spec is not None:
             checkpoint = Checkpoint(client.spec, dict(client.state), global_checkpoint.model,
                                     global_checkpoint.dataset, device_id, global_checkpoint.round,
@@ -114,7 +114,7 @@ def export_clients(out_dir: str | Path, clients, widths: Sequence[float], global
                                  round_number=checkpoint.round, width_ratio=width,
                                  checkpoint_sha256=checkpoint.sha256, formats=formats,
                                  precisions=precisions)
-        exported.append({"client": client.client_id, "dir": str(folder),
+        exported.append({"client": client.device_index, "dir": str(folder),
                          "source": checkpoint.extra["source"], "width_ratio": width,
                          "artifacts": [{"format": a.format, "precision": a.precision,
                                         "bytes": a.bytes, "accuracy": a.parity.accuracy,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from edge_sdk import codec
-from edge_sdk.budget import BudgetPlan
+from edge_sdk.sizing import DevicePlan
 from edge_sdk.models import ModelSpec, SpecModel, build_model, tensor_shapes
 from edge_sdk.plan import SubmodelPlan, TensorPlan
 from edge_sdk.pruning import is_prunable
@@ -147,7 +147,7 @@ class RoundPipeline:
         self._views: dict[float, SubmodelView] = {}
 
     # --- widths ---------------------------------------------------------------------------
-    def width_for(self, device_index: int, sizing: BudgetPlan | None) -> float:
+    def width_for(self, device_index: int, sizing: DevicePlan | None) -> float:
         """The planner's width for a planned device, else the run's `width_levels` tier."""
         if sizing is not None:
             return sizing.width_ratio
@@ -174,7 +174,7 @@ class RoundPipeline:
         return self._views[ratio]
 
     # --- tasks ----------------------------------------------------------------------------
-    def task(self, device_index: int, num_samples: int, sizing: BudgetPlan | None = None) -> Task:
+    def task(self, device_index: int, num_samples: int, sizing: DevicePlan | None = None) -> Task:
         """The device's task: the strategy's plan at the device's width, with its sizing applied.
 
         `num_samples`: what the device holds; with a sizing it trains at most the planned local
@@ -194,7 +194,7 @@ class RoundPipeline:
         return Task(device_index, plan, train, ratio, self.slicing, download_dtype, download_keep)
 
     @staticmethod
-    def _sized(plan: SubmodelPlan, view: SubmodelView, sizing: BudgetPlan,
+    def _sized(plan: SubmodelPlan, view: SubmodelView, sizing: DevicePlan,
                trained: int) -> SubmodelPlan:
         """FedP3's Q_i chosen per device: the device's download keep on the weights it does not
         upload (the strategy's own keep, e.g. `fedp3.global_keep`, is an upper bound; private

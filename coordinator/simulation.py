@@ -138,7 +138,7 @@ def run_simulation(config: SimulationConfig, progress: bool = True,
     robust = RobustSettings(**config.aggregator.model_dump(), seed=config.seed)
     staleness = config.ffgg.max_staleness if config.strategy == "ffgg" else 0
     history = [global_state]  # the last `staleness` + 1 global states, newest last
-    sizing = {a.client_id: a.plan for a in fleet} if fleet else {}
+    sizing = {a.device_index: a.plan for a in fleet} if fleet else {}
     result = SimulationResult(config=config.model_dump(),
                               clients=[a.to_dict() for a in fleet] if fleet else None)
     bar = tqdm(total=config.rounds * per_round, disable=not progress, unit="task",
@@ -154,19 +154,19 @@ def run_simulation(config: SimulationConfig, progress: bool = True,
         combiner = RoundCombiner(strategy, global_state, robust)
         row = RoundResult(round_number, 0.0, 0.0, 0.0, chance, 0, 0, 0.0, 0, 0,
                           simulated_seconds=0.0 if fleet else None)
-        for client_id in chosen:
+        for device_index in chosen:
             bar.update(1)
-            assignment = fleet[client_id] if fleet else None
+            assignment = fleet[device_index] if fleet else None
             if assignment is not None and not assignment.selected:  # no submodel it can hold
                 row.left_out += 1
                 continue
-            client = clients[client_id]
+            client = clients[device_index]
             age = int(rng.integers(0, len(history))) if staleness else 0  # async: a stale start
             base = history[-1 - age]
-            task = pipelines[age].task(client_id, client.num_train, sizing.get(client_id))
+            task = pipelines[age].task(device_index, client.num_train, sizing.get(device_index))
             payload = pipelines[age].download(task, device_has_private_copy=client.spec is not None)
             row.bytes_down += len(payload)
-            entry = {"client": client_id, **task.sizing(), "download_bytes": len(payload)}
+            entry = {"client": device_index, **task.sizing(), "download_bytes": len(payload)}
             if assignment is not None:
                 entry["predicted_peak_bytes"] = assignment.plan.predicted_peak_bytes
                 outcome = _run_on_the_clock(assignment, client, task, payload, dp, config, entry,
@@ -174,12 +174,12 @@ def run_simulation(config: SimulationConfig, progress: bool = True,
             else:
                 outcome = _run(client, task, payload, entry, row)
             if observe is not None:
-                observe(client_id, task, payload, outcome)
+                observe(device_index, task, payload, outcome)
             row.devices.append(entry)
             if outcome is None or entry["outcome"] != "accepted":
                 continue
             update = pipelines[age].intake(task, outcome.payload)
-            if client_id in malicious:
+            if device_index in malicious:
                 update = attack(update, base, byzantine, rng)
             combiner.add(update, task.plan.aggregation_weight, base)
             row.participants += 1
@@ -283,13 +283,13 @@ def _capped(data: ClientData, limit: int | None) -> ClientData:
         return data
     n_train = max(1, round(limit * len(data.train_y) / (len(data.train_y) + len(data.test_y))))
     n_test = max(1, limit - n_train)
-    return ClientData(data.client_id, data.train_x[:n_train], data.train_y[:n_train],
+    return ClientData(data.device_index, data.train_x[:n_train], data.train_y[:n_train],
                       data.test_x[:n_test], data.test_y[:n_test])
 
 
 def privacy_entry(client: LocalClient) -> dict[str, Any]:
     ledger = client.ledger
     sigma, rate = (ledger.history[0][0], ledger.history[0][1]) if ledger.history else (None, None)
-    return {"client": client.client_id, "epsilon": ledger.epsilon(), "delta": ledger.delta,
+    return {"client": client.device_index, "epsilon": ledger.epsilon(), "delta": ledger.delta,
             "noise_multiplier": sigma, "sample_rate": rate, "steps": ledger.steps,
             "accountant": ledger.accountant}

@@ -29,7 +29,7 @@ class TaskError(ValueError):
 
 @dataclass
 class TaskOutcome:
-    client_id: int
+    device_index: int
     round: int
     payload: bytes | None
     num_samples: int
@@ -43,7 +43,7 @@ class LocalClient:
                  planned_rounds: int = 1, seed: int = 0, ledger: PrivacyLedger | None = None):
         """`ledger`: what this client has already spent, and the delta it accounts at (a device
         passes its own, restored from disk); by default a new one at dp.delta."""
-        self.client_id = data.client_id
+        self.device_index = data.device_index
         self.data = data
         self.train_config = train
         self.dp = dp
@@ -90,7 +90,7 @@ class LocalClient:
             try:
                 self.ledger.check_affordable(noise, *sampling)
             except PrivacyBudgetExceeded as exc:
-                return TaskOutcome(self.client_id, plan.round, None, len(train_y),
+                return TaskOutcome(self.device_index, plan.round, None, len(train_y),
                                    epsilon=self.ledger.epsilon(), refused=str(exc))
 
         if plan.mode == "supermask":
@@ -111,7 +111,7 @@ class LocalClient:
             upload_masks[entry.name] = keep
         before_batch, remove_hooks = _ordered_dropout(model, plan.ordered_dropout,
                                                       np.random.default_rng(_task_seed(
-                                                          self.seed, self.client_id, plan.round)))
+                                                          self.seed, self.device_index, plan.round)))
         after_epoch = _threshold_pruning(model, plan.prune_threshold)
         report = TrainReport()
         for number, phase in enumerate(phases):
@@ -119,7 +119,7 @@ class LocalClient:
                 param.requires_grad_(name in phase.tensors)
             part = train_locally(model, train_x, train_y,
                                  dataclasses.replace(self.train_config, local_epochs=phase.epochs),
-                                 masks, seed=_task_seed(self.seed, self.client_id, plan.round) + number,
+                                 masks, seed=_task_seed(self.seed, self.device_index, plan.round) + number,
                                  dp=self.dp, noise_multiplier=noise, before_batch=before_batch,
                                  after_epoch=after_epoch)
             report = report.merged(part)
@@ -141,7 +141,7 @@ class LocalClient:
                 sent_mask = top_changes_mask(start[name].numpy(), trained, sent_mask, plan.upload_keep)
             update[name] = codec.SparseTensor.from_dense(trained, sent_mask)
         payload = codec.encode(update, codec.ValueDtype.from_name(plan.upload_dtype))
-        return TaskOutcome(self.client_id, plan.round, payload, len(train_y),
+        return TaskOutcome(self.device_index, plan.round, payload, len(train_y),
                            report, epsilon)
 
     def _run_supermask(self, plan: SubmodelPlan, received, train_x, train_y) -> TaskOutcome:
@@ -151,10 +151,10 @@ class LocalClient:
             self.scores = {}
         state, upload, report = run_supermask_task(
             plan, received, self.scores, train_x, train_y, self.train_config,
-            _task_seed(self.seed, self.client_id, plan.round))
+            _task_seed(self.seed, self.device_index, plan.round))
         self.state, self.spec = state, plan.spec
         payload = codec.encode(upload, codec.ValueDtype.SIGN1, known_indices=set(upload))
-        return TaskOutcome(self.client_id, plan.round, payload, len(train_y), report)
+        return TaskOutcome(self.device_index, plan.round, payload, len(train_y), report)
 
     def _noise(self, sampling: tuple[float, int]) -> float:
         if self._noise_multiplier is None:
@@ -193,7 +193,7 @@ class LocalClient:
         """Accuracy of `model` (default: the device's own) on the device's local test split."""
         model = model if model is not None else self.personal_model()
         if model is None:
-            raise TaskError(f"client {self.client_id} has no model yet; give it one to evaluate")
+            raise TaskError(f"client {self.device_index} has no model yet; give it one to evaluate")
         return accuracy(model, self.data.test_x, self.data.test_y)
 
 
@@ -249,5 +249,5 @@ def _index_mask(tensor: codec.SparseTensor) -> np.ndarray:
     return mask.reshape(tensor.shape)
 
 
-def _task_seed(seed: int, client_id: int, round_number: int) -> int:
-    return int(np.random.SeedSequence([seed, client_id, round_number]).generate_state(1)[0])
+def _task_seed(seed: int, device_index: int, round_number: int) -> int:
+    return int(np.random.SeedSequence([seed, device_index, round_number]).generate_state(1)[0])

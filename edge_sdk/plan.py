@@ -52,7 +52,7 @@ class TrainPhase:
 
 @dataclass(frozen=True)
 class SubmodelPlan:
-    client_id: int
+    device_index: int
     round: int
     spec: ModelSpec
     tensors: tuple[TensorPlan, ...]
@@ -85,7 +85,7 @@ class SubmodelPlan:
         for entry in self.tensors:
             if entry.name == name:
                 return entry
-        raise KeyError(f"plan for client {self.client_id} has no tensor {name!r}")
+        raise KeyError(f"plan for client {self.device_index} has no tensor {name!r}")
 
     @property
     def uploaded(self) -> list[str]:
@@ -103,7 +103,7 @@ class SubmodelPlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SubmodelPlan:
         return cls(
-            client_id=int(data["client_id"]),
+            device_index=int(data["device_index"]),
             round=int(data["round"]),
             spec=ModelSpec.from_dict(data["spec"]),
             tensors=tuple(TensorPlan(**t) for t in data["tensors"]),

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .budget import BudgetPlan
+from .sizing import DevicePlan
 from .data import client_data_for, load_dataset
 from .models import build_model, model_spec
 from .slicing import width_spec
@@ -39,10 +39,10 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # other kernels
 
 
-def rehearse(plan: BudgetPlan) -> dict[str, Any]:
+def rehearse(plan: DevicePlan) -> dict[str, Any]:
     source = load_dataset(plan.data.dataset, plan.data.data_dir)
     data = client_data_for(source, plan.data.clients, plan.data.partition, plan.data.seed,
-                           plan.data.client_id)
+                           plan.data.device_index)
     x, y = data.train_x[:plan.local_samples], data.train_y[:plan.local_samples]
     spec = width_spec(model_spec(plan.model, source.info.input_shape, source.info.num_classes),
                       plan.width_ratio)
@@ -55,7 +55,7 @@ def rehearse(plan: BudgetPlan) -> dict[str, Any]:
     report = train_locally(model, x, y, train, {}, seed=plan.data.seed, dp=dp,
                            noise_multiplier=plan.noise_multiplier if plan.dp else None)
     return {
-        "device": plan.device,
+        "device_id": plan.device_id,
         "width_ratio": plan.width_ratio,
         "parameters": sum(p.numel() for p in model.parameters()),
         "samples": report.samples,

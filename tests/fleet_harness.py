@@ -59,7 +59,7 @@ class Harness:
             config = EdgeConfig(device_id=device, fleet="test", state_dir=str(tmp / device),
                                 profile="catalogue:rpi4-4gb", max_samples=samples,
                                 epsilon_budget=(budgets or {}).get(i),
-                                data={"clients": devices, "client_id": i})
+                                data={"clients": devices, "device_index": i})
             agent = EdgeAgent(config)
             agent.mqtt.publish = self._capture(self.to_coordinator)
             self.agents[device] = agent

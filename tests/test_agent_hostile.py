@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from wire import raw_envelope
 from edge_sdk.agent import EdgeAgent, EdgeConfig, load_edge_config
 from edge_sdk.agent.config import EdgeConfigError
-from edge_sdk.budget import BudgetPlan, BudgetPlanError
+from edge_sdk.sizing import DevicePlan, DevicePlanError
 from edge_sdk.data import to_tensor
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.protocol import (MAGIC, MessageType, Topics, decode_envelope,
@@ -48,7 +48,7 @@ def _agent(tmp_path: Path, **settings) -> tuple[EdgeAgent, list[tuple[str, bytes
     """A real agent whose publishes are captured instead of sent (as fleet_harness does)."""
     config = EdgeConfig(device_id=DEVICE, fleet="test", state_dir=str(tmp_path / DEVICE),
                         profile="catalogue:rpi4-4gb", max_samples=150,
-                        data={"clients": 3, "client_id": 0}, **settings)
+                        data={"clients": 3, "device_index": 0}, **settings)
     agent = EdgeAgent(config)
     sent: list[tuple[str, bytes]] = []
     agent.mqtt.publish = Harness._capture(sent)
@@ -99,7 +99,7 @@ def _artifact(bundle: Path, *, round_number: int = 0, task: str = "task-1", mani
     real = json.loads((bundle / "manifest.json").read_text())
     entry = real["artifacts"][0]
     return encode_envelope(MessageType.ARTIFACT, {
-        "device": DEVICE, "round": round_number, "task": task,
+        "device_id": DEVICE, "round": round_number, "task": task,
         "manifest": real if manifest is None else manifest,
         "artifact": entry["compressed_path"] if artifact is None else artifact},
         (bundle / entry["compressed_path"]).read_bytes() if payload is None else payload)
@@ -217,14 +217,14 @@ def test_a_task_id_that_is_a_path_creates_and_deletes_nothing_outside_the_state_
     victim.parent.mkdir()
     victim.write_bytes(b"keep me")
     agent.handle(TOPICS.ack(DEVICE), encode_envelope(MessageType.ACK, {
-        "device": DEVICE, "round": envelope.header["round"], "task": evil, "accepted": True}))
+        "device_id": DEVICE, "round": envelope.header["round"], "task": evil, "accepted": True}))
     assert victim.read_bytes() == b"keep me"
     agent.handle(topic, genuine)  # the genuine task is not blocked by the attempt
     assert len(h.take(h.to_coordinator, "update", DEVICE)) == 1
 
 
 # --- item 3: poison messages ---------------------------------------------------------------------
-NAMED = {"device": DEVICE, "round": 2, "task": "task-p"}
+NAMED = {"device_id": DEVICE, "round": 2, "task": "task-p"}
 
 
 def _poison() -> list[tuple[str, bytes]]:
@@ -232,10 +232,10 @@ def _poison() -> list[tuple[str, bytes]]:
     task = MessageType.TASK
     return [
         ("task", raw_envelope(task, b"[" * 50000)),                       # RecursionError
-        ("task", raw_envelope(task, b'{"device":"dev-0","round":1,"task":"t","deadline":'
+        ("task", raw_envelope(task, b'{"device_id":"dev-0","round":1,"task":"t","deadline":'
                                + b"9" * 5000 + b"}")),                     # int-digits ValueError
-        ("task", raw_envelope(task, b'{"device":"dev-0","round":1,"task":"t","deadline":NaN}')),
-        ("task", raw_envelope(task, b'{"device":"dev-0","round":1,"task":"t","plan":'
+        ("task", raw_envelope(task, b'{"device_id":"dev-0","round":1,"task":"t","deadline":NaN}')),
+        ("task", raw_envelope(task, b'{"device_id":"dev-0","round":1,"task":"t","plan":'
                                + b"[" * 20000 + b"]" * 20000 + b"}")),
         ("task", raw_envelope(task, b"\xff\xfe not utf-8")),
         ("task", MAGIC + b"\x01\x02\x00\x00" + b"\xff" * 8),               # lengths past the end
@@ -490,7 +490,7 @@ def test_unsigned_or_forged_acks_drop_nothing_and_change_no_state(tmp_path):
     [(_, update)] = h.take(h.to_coordinator, "update", DEVICE)
     sent = parse_header(decode_envelope(update))
     [key_name] = [key for key, _ in agent.state.outbox()]
-    ack = {"device": DEVICE, "round": sent.round, "task": sent.task, "accepted": True,
+    ack = {"device_id": DEVICE, "round": sent.round, "task": sent.task, "accepted": True,
            "duplicate": False}
     for forged in ({**ack}, sign(ack, b"", Ed25519PrivateKey.generate()),
                    {**sign({**ack, "accepted": False}, b"", key), "accepted": True}):
@@ -512,11 +512,11 @@ def test_edge_config_refuses_non_finite_numbers(tmp_path, key, value):
 
 
 def test_a_budget_plan_with_an_infinite_number_is_refused(tmp_path):
-    plan = {"device": "d", "model": "fedp3_cnn", "width_ratio": 1.0, "batch_size": 8,
+    plan = {"device_id": "d", "model": "fedp3_cnn", "width_ratio": 1.0, "batch_size": 8,
             "physical_batch_size": 8, "local_steps": 1, "local_samples": 8, "parameters": 1,
-            "predicted_peak_bytes": 1, "budget_bytes": 1, "download_bytes": 1, "upload_bytes": 1,
+            "predicted_peak_bytes": 1, "memory_limit_bytes": 1, "download_bytes": 1, "upload_bytes": 1,
             "transfer_seconds": float("inf"), "compute_seconds": 0, "deadline_seconds": 60,
             "fits": True}
     (tmp_path / "plan.json").write_text(json.dumps(plan))  # json writes Infinity
-    with pytest.raises(BudgetPlanError, match="transfer_seconds"):
-        BudgetPlan.load(tmp_path / "plan.json")
+    with pytest.raises(DevicePlanError, match="transfer_seconds"):
+        DevicePlan.load(tmp_path / "plan.json")

@@ -17,7 +17,7 @@ SPEC = model_spec("fedp3_cnn", (1, 28, 28), 10)
 
 
 def small(data: ClientData, n: int = 300) -> ClientData:
-    return ClientData(data.client_id, data.train_x[:n], data.train_y[:n], data.test_x[:n],
+    return ClientData(data.device_index, data.train_x[:n], data.train_y[:n], data.test_x[:n],
                       data.test_y[:n])
 
 

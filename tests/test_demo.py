@@ -17,7 +17,7 @@ def test_demo_plans_devices_differently_and_reports_rounds_accuracy_bytes_and_ep
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(report.read_text())
 
-    # Each device's plan is the coordinator's (BudgetPlan dict from its store), and the planner's
+    # Each device's plan is the coordinator's (DevicePlan dict from its store), and the planner's
     # work is visible: rpi3b and phone-low cannot hold leaf_cnn at full width.
     devices = result["devices"]
     assert [d["device_class"] for d in devices] == ["rpi3b", "phone-low", "rpi4-4gb"]
@@ -26,7 +26,7 @@ def test_demo_plans_devices_differently_and_reports_rounds_accuracy_bytes_and_ep
     assert len({(p["width_ratio"], p["download_keep"], p["upload_keep"]) for p in plans}) >= 2
     selected = [d for d in devices if d["selected"]]
     assert all(d["plan"]["fits"] for d in selected) and len(selected) >= 2
-    assert all(p["predicted_peak_bytes"] <= p["budget_bytes"] for p in plans if p["fits"])
+    assert all(p["predicted_peak_bytes"] <= p["memory_limit_bytes"] for p in plans if p["fits"])
     for d in devices:  # the printed plan table has every device with its class and width
         assert re.search(rf"{d['id']} {d['device_class']} .* {d['plan']['width_ratio']:g} ", run.stdout)
 

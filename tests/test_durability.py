@@ -22,7 +22,7 @@ import torch
 
 from device_profiles import catalogue_profile
 from edge_sdk.agent import DeviceState, EdgeConfig
-from edge_sdk.budget import BudgetPlan
+from edge_sdk.sizing import DevicePlan
 from edge_sdk.checkpoint import Checkpoint, load_checkpoint
 from edge_sdk.data.locate import _download
 from edge_sdk.models import build_model, model_spec
@@ -55,8 +55,8 @@ def _checkpoint(folder: Path, n: int) -> Path:
 
 
 def _budget_plan(folder: Path, n: int) -> Path:
-    BudgetPlan(device="d", model="fedp3_cnn", width_ratio=1.0, batch_size=8, physical_batch_size=8,
-               local_steps=n, local_samples=8, parameters=1, predicted_peak_bytes=1, budget_bytes=1,
+    DevicePlan(device="d", model="fedp3_cnn", width_ratio=1.0, batch_size=8, physical_batch_size=8,
+               local_steps=n, local_samples=8, parameters=1, predicted_peak_bytes=1, memory_limit_bytes=1,
                download_bytes=1, upload_bytes=1, transfer_seconds=0, compute_seconds=0,
                deadline_seconds=60, fits=True).save(folder / "plan.json")
     return folder / "plan.json"
@@ -150,7 +150,7 @@ def test_budget_plan_save_is_atomic(tmp_path):
     target = _budget_plan(tmp_path, 1)
     with mock.patch("os.replace", side_effect=OSError("simulated crash")), pytest.raises(OSError):
         _budget_plan(tmp_path, 2)
-    assert BudgetPlan.load(target).local_steps == 1
+    assert DevicePlan.load(target).local_steps == 1
 
 
 def test_a_checkpoint_is_fsynced_and_its_hash_is_the_files(tmp_path):

@@ -74,15 +74,15 @@ def test_no_message_content_makes_the_engine_raise_and_updates_are_answered(tmp_
     t = h.topics
     hostile = [
         (topic, raw_envelope(MessageType.UPDATE, b"[" * 50_000)),                   # RecursionError before
-        (topic, raw_envelope(MessageType.UPDATE, b'{"device": "dev-0", "round": ' + b"9" * 5000 + b"}")),
+        (topic, raw_envelope(MessageType.UPDATE, b'{"device_id": "dev-0", "round": ' + b"9" * 5000 + b"}")),
         (topic, update_message(header, payload, num_samples=10**19)),       # overflowed the store
         (t.register("dev-0"), encode_envelope(MessageType.REGISTER, {**registration,
                                                                      "num_samples": 10**19})),
         (t.register("dev-0"), raw_envelope(MessageType.REGISTER, json.dumps({**registration,
                                                                     "profile": nested}).encode())),
         (t.refusal("dev-0"), encode_envelope(MessageType.REFUSAL, {
-            "device": "dev-0", "round": 1, "task": header["task"], "code": "nonsense", "message": "x"})),
-        (t.status("dev-0"), encode_envelope(MessageType.STATUS, {"device": "dev-0", "online": "maybe"})),
+            "device_id": "dev-0", "round": 1, "task": header["task"], "code": "nonsense", "message": "x"})),
+        (t.status("dev-0"), encode_envelope(MessageType.STATUS, {"device_id": "dev-0", "online": "maybe"})),
         (t.register("dev-0"), honest),                                      # an UPDATE on register
         (f"fedprune/test/task/dev-0", honest),                              # not a device topic
     ]
@@ -276,7 +276,7 @@ def test_a_device_refusing_for_its_privacy_policy_is_not_selected_again(tmp_path
     task = h.store.task(1, "dev-1")
     # What a device whose own config requires DP answers a task without it (contract 4).
     h.engine.handle(h.topics.refusal("dev-1"), encode_envelope(MessageType.REFUSAL, {
-        "device": "dev-1", "round": 1, "task": task.task, "code": "privacy_policy",
+        "device_id": "dev-1", "round": 1, "task": task.task, "code": "privacy_policy",
         "message": "the task asks for no DP; this device has an epsilon budget"}))
     h.engine.handle(*updates["dev-0"])
     h.engine.tick()
@@ -297,7 +297,7 @@ def test_a_refused_artifact_is_counted_and_leaves_the_task_running(tmp_path, sql
     assert header["task"] == task.task and header["round"] == 0
     # The device refuses the exported model (contract 9): information, not an answer to the task.
     h.engine.handle(h.topics.refusal("dev-0"), encode_envelope(MessageType.REFUSAL, {
-        "device": "dev-0", "round": 1, "task": task.task, "code": "bad_artifact",
+        "device_id": "dev-0", "round": 1, "task": task.task, "code": "bad_artifact",
         "message": "artifact name '../x' is not one this device stores"}))
     assert h.store.task(1, "dev-0").state == "sent"
     h.deliver_to_devices("task")
@@ -442,7 +442,7 @@ def test_an_update_that_always_fails_is_dead_lettered_and_acknowledged(tmp_path,
     again = _service(h, broker, session)
     try:
         device.publish(h.topics.status("dev-0"), encode_envelope(
-            MessageType.STATUS, {"device": "dev-0", "online": True}), qos=1).wait_for_publish(30)
+            MessageType.STATUS, {"device_id": "dev-0", "online": True}), qos=1).wait_for_publish(30)
         assert _next(again)[0] == h.topics.status("dev-0")
     finally:
         device.loop_stop()
@@ -459,7 +459,7 @@ def test_a_qos0_flood_does_not_grow_the_inbox_and_is_counted(tmp_path, broker):
             flooder.publish(h.topics.update("dev-0"), b"x" * 1000, qos=0)
         # Sent after the flood on the same connection: delivered after it.
         flooder.publish(h.topics.status("dev-0"), encode_envelope(
-            MessageType.STATUS, {"device": "dev-0", "online": True}), qos=1).wait_for_publish(10)
+            MessageType.STATUS, {"device_id": "dev-0", "online": True}), qos=1).wait_for_publish(10)
         received = []
         while True:
             topic, *_ = _next(service)

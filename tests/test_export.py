@@ -17,7 +17,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from coordinator.cli import main
 from coordinator.exporting import export_checkpoint, submodel
-from edge_sdk.budget import BudgetPlan
+from edge_sdk.sizing import DevicePlan
 from edge_sdk.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from edge_sdk.data import to_tensor
 from edge_sdk.models import build_model, model_spec
@@ -49,10 +49,10 @@ def full_bundle(trained, tmp_path_factory):
     return out
 
 
-def _plan(width: float, tmp_path) -> BudgetPlan:
-    plan = BudgetPlan(device="tiny-gw", model="fedp3_cnn", width_ratio=width, slicing="magnitude",
+def _plan(width: float, tmp_path) -> DevicePlan:
+    plan = DevicePlan(device="tiny-gw", model="fedp3_cnn", width_ratio=width, slicing="magnitude",
                       batch_size=48, physical_batch_size=8, local_steps=1, local_samples=48,
-                      parameters=1, predicted_peak_bytes=1, budget_bytes=1, download_bytes=1,
+                      parameters=1, predicted_peak_bytes=1, memory_limit_bytes=1, download_bytes=1,
                       upload_bytes=1, transfer_seconds=0, compute_seconds=0, deadline_seconds=60,
                       fits=True)
     plan.save(tmp_path / "plan.json")

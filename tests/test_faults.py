@@ -93,7 +93,7 @@ def database(request, tmp_path):
 def _device(tmp: Path, url: str, fleet: str, i: int, devices: int, samples: int = SAMPLES) -> Process:
     config = EdgeConfig(device_id=f"{fleet}-{i}", broker=url, fleet=fleet, state_dir=str(tmp / f"d{i}"),
                         profile="catalogue:rpi4-4gb", max_samples=samples,
-                        data={"clients": devices, "client_id": i})
+                        data={"clients": devices, "device_index": i})
     path = config.save(tmp / f"d{i}.toml")
     return Process(config.device_id, ["edge", "run", "--config", str(path)], tmp / f"d{i}.log").start()
 
@@ -199,7 +199,7 @@ def _device_record(config_path: Path) -> tuple[dict[tuple[str, int, str], str], 
         sent[(config.device_id, int(match[1]), match[2])] = status
     for path in sorted((root / "outbox").glob("*")):
         header = parse_header(decode_envelope(path.read_bytes()), MessageType.UPDATE)
-        sent.setdefault((header.device, header.round, header.task), "outbox")
+        sent.setdefault((header.device_id, header.round, header.task), "outbox")
     messages = _log_messages(config_path.with_suffix(".log"))
     logged = Counter(int(m[1]) for m in map(_SENT_LINE.match, messages) if m)
     recorded = Counter(r for (_, r, _) in sent)
@@ -354,17 +354,17 @@ def _poisons(topics: Topics, victim: str, task: str) -> list[tuple[str, str, byt
     then to the coordinator's update topic for that device. The artifact goes last to the
     device: the refusal it must send is the sign that every poison before it was handled."""
     deep, digits, junk = b"[" * 50000, "9" * 5000, b"\x00" * 8
-    traversal = {"device": victim, "round": 1, "task": "/../../../../tmp/fedprune-poison",
+    traversal = {"device_id": victim, "round": 1, "task": "/../../../../tmp/fedprune-poison",
                  "plan": {}, "train": {}, "planned_rounds": 2, "deadline": 0}
-    artifact = {"device": victim, "round": 0, "task": task, "manifest": {"artifacts": 5},
+    artifact = {"device_id": victim, "round": 0, "task": task, "manifest": {"artifacts": 5},
                 "artifact": "model.onnx.zst"}
-    update = {"device": victim, "round": 1, "task": task, "num_samples": 1,
+    update = {"device_id": victim, "round": 1, "task": task, "num_samples": 1,
               "payload_sha256": hashlib.sha256(junk).hexdigest()}
     device_topic, coordinator_topic = topics.task(victim), topics.update(victim)
     return [
         ("task: header of 50,000 '['", device_topic, raw_envelope(MessageType.TASK, deep)),
         ("task: 5,000-digit integer", device_topic,
-         raw_envelope(MessageType.TASK, _header({"device": victim}, round=digits))),
+         raw_envelope(MessageType.TASK, _header({"device_id": victim}, round=digits))),
         ("task: path-traversal task id", device_topic, raw_envelope(MessageType.TASK, _header(traversal))),
         ('artifact: {"artifacts": 5}', topics.artifact(victim),
          raw_envelope(MessageType.ARTIFACT, _header(artifact), b"\x28\xb5\x2f\xfd")),
@@ -427,7 +427,7 @@ def test_poison_messages_are_refused_once_and_crash_nothing(tmp_path, broker, da
         poisons = _poisons(topics, victim, task)
         # Then a well-formed update from a device the coordinator does not know: its ACK is the
         # sign the coordinator handled everything before it.
-        sentinel = raw_envelope(MessageType.UPDATE, _header({"device": ghost, "round": 1, "task": "0" * 16,
+        sentinel = raw_envelope(MessageType.UPDATE, _header({"device_id": ghost, "round": 1, "task": "0" * 16,
                                                      "num_samples": 1,
                                                      "payload_sha256": hashlib.sha256(b"").hexdigest()}))
         for _, topic, message in poisons:

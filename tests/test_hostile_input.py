@@ -46,14 +46,14 @@ MANIFEST = {
 POISON_JSON = [
     pytest.param(b"[" * 50000, "nests 50000 levels", id="deep-list"),          # RecursionError before
     pytest.param(b'{"a":' * 10000, "nests 10000 levels", id="deep-object"),
-    pytest.param(b'{"device": ' + b"9" * 5000 + b"}", "5,000 digits", id="5000-digit-int"),  # ValueError
+    pytest.param(b'{"device_id": ' + b"9" * 5000 + b"}", "5,000 digits", id="5000-digit-int"),  # ValueError
     pytest.param(b'{"n": -' + b"1" * (JSON_MAX_DIGITS + 1) + b"}", "21 digits", id="21-digit-int"),
     pytest.param(b'{"epsilon": NaN}', "NaN is not a number", id="NaN"),
     pytest.param(b'{"epsilon": Infinity}', "Infinity is not a number", id="Infinity"),
     pytest.param(b'{"epsilon": -Infinity}', "-Infinity is not a number", id="-Infinity"),
     pytest.param(b'{"epsilon": 1e999}', "1e999 overflows", id="1e999"),
-    pytest.param(b'{"device": "\\ud800"}', "unpaired surrogate", id="lone-surrogate"),
-    pytest.param(b'{"device": "\xff"}', "not valid UTF-8", id="not-utf8"),
+    pytest.param(b'{"device_id": "\\ud800"}', "unpaired surrogate", id="lone-surrogate"),
+    pytest.param(b'{"device_id": "\xff"}', "not valid UTF-8", id="not-utf8"),
 ]
 
 
@@ -65,8 +65,8 @@ def test_poison_headers_are_envelope_errors_with_a_reason(header, reason):
 
 
 def test_the_json_limits_are_inclusive():
-    nested = b'{"device":"d","x":' + b"[" * (JSON_MAX_DEPTH - 1) + b"]" * (JSON_MAX_DEPTH - 1) + b"}"
-    assert decode_envelope(raw_envelope(MessageType.UPDATE, nested)).header["device"] == "d"
+    nested = b'{"device_id":"d","x":' + b"[" * (JSON_MAX_DEPTH - 1) + b"]" * (JSON_MAX_DEPTH - 1) + b"}"
+    assert decode_envelope(raw_envelope(MessageType.UPDATE, nested)).header["device_id"] == "d"
     with pytest.raises(EnvelopeError, match=f"nests {JSON_MAX_DEPTH + 1} levels"):
         decode_envelope(raw_envelope(MessageType.UPDATE, b'{"x":' + b"[" * JSON_MAX_DEPTH + b"]" * JSON_MAX_DEPTH + b"}"))
     digits = b'{"n":' + b"9" * JSON_MAX_DIGITS + b"}"
@@ -174,22 +174,22 @@ def test_check_id_is_a_full_match_of_the_one_character_set():
         Topics().device_of("fedprune/default/update/dev1\n")
 
 
-KEY = {"device": "pi-7", "round": 1, "task": "t-1"}
+KEY = {"device_id": "pi-7", "round": 1, "task": "t-1"}
 VALID_HEADERS = {
-    MessageType.REGISTER: {"device": "pi-7", "profile": {}, "num_samples": 5},
+    MessageType.REGISTER: {"device_id": "pi-7", "profile": {}, "num_samples": 5},
     MessageType.TASK: {**KEY, "plan": {}, "train": {}, "planned_rounds": 3, "deadline": 1e9},
     MessageType.UPDATE: {**KEY, "num_samples": 5, "payload_sha256": "0" * 64},
     MessageType.ACK: {**KEY, "accepted": True},
     MessageType.REFUSAL: {**KEY, "code": "internal", "message": "m"},
-    MessageType.STATUS: {"device": "pi-7", "online": True},
-    MessageType.ARTIFACT: {"device": "pi-7", "round": 0, "task": "t-1", "manifest": {}, "artifact": "a"},
+    MessageType.STATUS: {"device_id": "pi-7", "online": True},
+    MessageType.ARTIFACT: {"device_id": "pi-7", "round": 0, "task": "t-1", "manifest": {}, "artifact": "a"},
 }
 SCHEMAS = {MessageType.REGISTER: RegisterHeader, MessageType.TASK: TaskHeader,
            MessageType.UPDATE: UpdateHeader, MessageType.ACK: AckHeader,
            MessageType.REFUSAL: RefusalHeader, MessageType.STATUS: StatusHeader,
            MessageType.ARTIFACT: ArtifactHeader}
 ID_FIELDS = [(kind, field) for kind, header in VALID_HEADERS.items()
-             for field in ("device", "task") if field in header]
+             for field in ("device_id", "task") if field in header]
 
 
 def test_the_valid_headers_used_below_are_valid():

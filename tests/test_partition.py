@@ -138,15 +138,15 @@ def test_too_many_clients(fmnist):
 
 def test_train_test_split_sizes():
     idx = np.arange(100, 200)
-    tr, te = train_test_split(idx, seed=0, client_id=3)
+    tr, te = train_test_split(idx, seed=0, device_index=3)
     assert len(tr) == 70 and len(te) == 30
     assert set(tr) | set(te) == set(idx) and not set(tr) & set(te)
-    tr2, te2 = train_test_split(idx, seed=0, client_id=3)
+    tr2, te2 = train_test_split(idx, seed=0, device_index=3)
     assert np.array_equal(tr, tr2) and np.array_equal(te, te2)
-    tr3, _ = train_test_split(idx, seed=0, client_id=4)
+    tr3, _ = train_test_split(idx, seed=0, device_index=4)
     assert not np.array_equal(tr, tr3)
     for n in (2, 3, 4):
-        a, b = train_test_split(np.arange(n), seed=0, client_id=0)
+        a, b = train_test_split(np.arange(n), seed=0, device_index=0)
         assert len(a) >= 1 and len(b) >= 1 and len(a) + len(b) == n
 
 
@@ -156,10 +156,10 @@ def test_client_data(fmnist):
     total = sum(len(c.train_y) + len(c.test_y) for c in clients)
     assert total == 20 * (60000 // 20)
     c5 = clients[5]
-    assert c5.client_id == 5 and len(c5.train_y) == 2100 and len(c5.test_y) == 900
+    assert c5.device_index == 5 and len(c5.train_y) == 2100 and len(c5.test_y) == 900
     assert c5.train_x.dtype == torch.float32 and c5.train_x.shape == (2100, 1, 28, 28)
     assert c5.train_y.dtype == torch.int64
-    one = client_data_for(fmnist, 20, "dirichlet:0.5", seed=7, client_id=5)
+    one = client_data_for(fmnist, 20, "dirichlet:0.5", seed=7, device_index=5)
     for field in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(getattr(one, field), getattr(c5, field))
 
@@ -167,7 +167,7 @@ def test_client_data(fmnist):
 def test_client_data_natural(femnist):
     clients = make_client_data(femnist, 31, "natural", seed=0)
     assert sum(len(c.train_y) + len(c.test_y) for c in clients) == len(femnist.train_y)
-    one = client_data_for(femnist, 31, "natural", seed=0, client_id=30)
+    one = client_data_for(femnist, 31, "natural", seed=0, device_index=30)
     assert torch.equal(one.test_x, clients[30].test_x)
 
 

@@ -12,7 +12,7 @@ from coordinator.planning.planner import PlannerSettings, payload_bytes, plan_de
 from coordinator.planning.verify import measure_rehearsal
 from device_profiles import catalogue_profile
 from edge_sdk import codec
-from edge_sdk.budget import BudgetPlan, BudgetPlanError, DataSlice
+from edge_sdk.sizing import DevicePlan, DevicePlanError, DataSlice
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.slicing import width_spec
 
@@ -42,7 +42,7 @@ def test_a_roomy_device_gets_the_full_model_and_full_batch():
     plan = plan_for(catalogue_profile("rpi5-8gb"))
     assert plan.fits and plan.reasons == []
     assert plan.width_ratio == 1.0 and plan.physical_batch_size == 48
-    assert plan.predicted_peak_bytes <= plan.budget_bytes
+    assert plan.predicted_peak_bytes <= plan.memory_limit_bytes
 
 
 def test_virtual_steps_come_before_narrowing_the_model():
@@ -60,7 +60,7 @@ def test_less_memory_means_a_narrower_model_that_still_fits():
     assert ratios == [1.0, 0.5, 0.25]
     narrower = plan_for(with_memory(budgets[1] - 1_000_000))
     assert narrower.width_ratio < 0.5 and narrower.fits
-    assert narrower.predicted_peak_bytes <= narrower.budget_bytes
+    assert narrower.predicted_peak_bytes <= narrower.memory_limit_bytes
 
 
 def test_nothing_fits_is_refused_with_the_reason():
@@ -150,19 +150,19 @@ def test_plan_file_round_trip_and_clear_errors(tmp_path):
     plan = plan_for(catalogue_profile("rpi4-2gb"))
     path = tmp_path / "plan.json"
     plan.save(path)
-    assert BudgetPlan.load(path) == plan
+    assert DevicePlan.load(path) == plan
     data = json.loads(path.read_text())
     data["width_ratio"] = 1.5
     path.write_text(json.dumps(data))
-    with pytest.raises(BudgetPlanError, match="width_ratio"):
-        BudgetPlan.load(path)
-    with pytest.raises(BudgetPlanError, match="fedprune plan"):
-        BudgetPlan.load(tmp_path / "missing.json")
+    with pytest.raises(DevicePlanError, match="width_ratio"):
+        DevicePlan.load(path)
+    with pytest.raises(DevicePlanError, match="fedprune plan"):
+        DevicePlan.load(tmp_path / "missing.json")
 
 
 def test_rehearsal_peak_is_measured_and_near_the_prediction():
     plan = plan_for(catalogue_profile("rpi4-2gb"), local_samples=200)
-    plan = plan.model_copy(update={"width_ratio": 0.25, "data": DataSlice(clients=10, client_id=1)})
+    plan = plan.model_copy(update={"width_ratio": 0.25, "data": DataSlice(clients=10, device_index=1)})
     spec = width_spec(BASE, 0.25)
     predicted = predict_peak_bytes(spec, plan.physical_batch_size, plan.local_samples, COEFFS)
     ballast = np.ones(100_000_000)  # 800 MB in the parent must not count as the child's peak
@@ -187,9 +187,9 @@ def test_plan_verify_on_an_unseen_profile_fits_only_within_budget(tmp_path):
                           capture_output=True, text=True, timeout=300)
     plan = json.loads(proc.stdout)
     assert plan["measured_peak_bytes"] > 0
-    assert plan["fits"] == (plan["measured_peak_bytes"] <= plan["budget_bytes"])
+    assert plan["fits"] == (plan["measured_peak_bytes"] <= plan["memory_limit_bytes"])
     assert plan["fits"] and proc.returncode == 0
-    assert {"width_ratio", "predicted_peak_bytes", "budget_bytes", "download_bytes",
+    assert {"width_ratio", "predicted_peak_bytes", "memory_limit_bytes", "download_bytes",
             "upload_bytes", "fits"} <= set(plan)
 
 

@@ -40,7 +40,7 @@ def test_envelope_bytes_match_the_documented_layout():
     (lambda d: d[:12] + struct.pack(">I", 1 << 31) + d[16:], "over the limit"),
 ])
 def test_malformed_envelopes_are_refused_naming_the_field(mutate, message):
-    data = encode_envelope(MessageType.ACK, {"device": "d"}, b"xyz")
+    data = encode_envelope(MessageType.ACK, {"device_id": "d"}, b"xyz")
     with pytest.raises(EnvelopeError, match=message):
         decode_envelope(mutate(data))
 
@@ -50,18 +50,18 @@ def test_header_must_be_a_json_object_and_payload_limit_is_the_receivers():
     data = MAGIC + bytes([1, 4, 0, 0]) + struct.pack(">II", len(body), 0) + body
     with pytest.raises(EnvelopeError, match="JSON object"):
         decode_envelope(data)
-    big = encode_envelope(MessageType.UPDATE, {"device": "d"}, b"\0" * 5000)
+    big = encode_envelope(MessageType.UPDATE, {"device_id": "d"}, b"\0" * 5000)
     with pytest.raises(EnvelopeError, match="payload length 5,000 is over the limit of 4,096"):
         decode_envelope(big, payload_limit=4096)
-    assert peek_header(big) == (MessageType.UPDATE, {"device": "d"})  # so the sender can be told
+    assert peek_header(big) == (MessageType.UPDATE, {"device_id": "d"})  # so the sender can be told
 
 
 def test_header_schemas_refuse_missing_fields_and_ignore_unknown_ones():
-    ok = Envelope(MessageType.ACK, {"device": "d", "round": 2, "task": "t", "accepted": True,
+    ok = Envelope(MessageType.ACK, {"device_id": "d", "round": 2, "task": "t", "accepted": True,
                                     "from_a_newer_peer": 1})
     assert parse_header(ok).accepted
     with pytest.raises(EnvelopeError, match="round"):
-        parse_header(Envelope(MessageType.UPDATE, {"device": "d", "task": "t", "num_samples": 3}))
+        parse_header(Envelope(MessageType.UPDATE, {"device_id": "d", "task": "t", "num_samples": 3}))
     with pytest.raises(EnvelopeError, match="expected a TASK message, got ACK"):
         parse_header(ok, MessageType.TASK)
 
@@ -125,15 +125,15 @@ HOSTILE_JSON = st.recursive(
     max_leaves=6,
 )
 VALID_HEADERS = {
-    MessageType.REGISTER: {"device": "pi-7", "profile": {}, "num_samples": 5},
-    MessageType.TASK: {"device": "pi-7", "round": 1, "task": "t", "plan": {}, "train": {},
+    MessageType.REGISTER: {"device_id": "pi-7", "profile": {}, "num_samples": 5},
+    MessageType.TASK: {"device_id": "pi-7", "round": 1, "task": "t", "plan": {}, "train": {},
                        "planned_rounds": 3, "deadline": 1e9},
-    MessageType.UPDATE: {"device": "pi-7", "round": 1, "task": "t", "num_samples": 5,
+    MessageType.UPDATE: {"device_id": "pi-7", "round": 1, "task": "t", "num_samples": 5,
                          "payload_sha256": "0" * 64, "epsilon": 0.5},
-    MessageType.ACK: {"device": "pi-7", "round": 1, "task": "t", "accepted": True},
-    MessageType.REFUSAL: {"device": "pi-7", "round": 1, "task": "t", "code": "internal", "message": "m"},
-    MessageType.STATUS: {"device": "pi-7", "online": True},
-    MessageType.ARTIFACT: {"device": "pi-7", "round": 0, "task": "t", "manifest": {}, "artifact": "a"},
+    MessageType.ACK: {"device_id": "pi-7", "round": 1, "task": "t", "accepted": True},
+    MessageType.REFUSAL: {"device_id": "pi-7", "round": 1, "task": "t", "code": "internal", "message": "m"},
+    MessageType.STATUS: {"device_id": "pi-7", "online": True},
+    MessageType.ARTIFACT: {"device_id": "pi-7", "round": 0, "task": "t", "manifest": {}, "artifact": "a"},
 }
 
 
@@ -175,4 +175,4 @@ def test_shipped_example_configs_are_valid():
     conf = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
     assert f"message_size_limit {service.broker.max_payload_bytes}" in conf
     assert "max_queued_messages 0" in conf
-    assert tomllib.loads((ROOT / "deploy" / "edge.example.toml").read_text())["data"]["client_id"] == 17
+    assert tomllib.loads((ROOT / "deploy" / "edge.example.toml").read_text())["data"]["device_index"] == 17

@@ -96,7 +96,7 @@ def test_a_device_cannot_publish_as_another_nor_read_anothers_task(fleet):
     a.subscribe(f"fedprune/{FLEET}/task/dev-b", qos=1)   # not its topic: the ACL hides it
     b.subscribe(f"fedprune/{FLEET}/task/dev-b", qos=1)
     time.sleep(0.5)
-    forged = encode_envelope(MessageType.UPDATE, {"device": "dev-b", "round": 1, "task": "x",
+    forged = encode_envelope(MessageType.UPDATE, {"device_id": "dev-b", "round": 1, "task": "x",
                                                   "num_samples": 1})
     a.publish(f"fedprune/{FLEET}/update/dev-a", b"control", qos=1).wait_for_publish(5)
     spy.publish(f"fedprune/{FLEET}/task/dev-b", b"task for b", qos=1).wait_for_publish(5)
@@ -155,7 +155,7 @@ def test_a_round_over_tls_with_acls_carries_no_raw_data_and_no_private_tensor(fl
         edge = load_edge_config(prov / "devices" / device / "edge.toml").model_copy(update={
             "state_dir": str(tmp_path / device), "profile": "catalogue:rpi4-4gb", "max_samples": 300,
             "data": load_edge_config(prov / "devices" / device / "edge.toml").data.model_copy(
-                update={"clients": 2, "client_id": i})})
+                update={"clients": 2, "device_index": i})})
         path = edge.save(tmp_path / f"{device}.toml")
         devices.append(subprocess.Popen([sys.executable, "-m", "coordinator.cli", "edge", "run",
                                          "--config", str(path)], env={**os.environ, "OMP_NUM_THREADS": "1"},

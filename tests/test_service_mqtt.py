@@ -42,7 +42,7 @@ def _service(tmp: Path, url: str, fleet: str, **rounds) -> CoordinatorService:
     return CoordinatorService(ServiceConfig.model_validate({
         "strategy": "fedavg", "state_dir": str(tmp / "coordinator"), "http_port": 0,
         "exit_when_done": True, "broker": {"url": url, "fleet": fleet,
-                                           "client_id": f"coordinator-{fleet}"},
+                                           "device_index": f"coordinator-{fleet}"},
         "rounds": {"total": 2, "devices_per_round": 3, "min_devices": 3, "deadline_seconds": 90,
                    "registration_grace_seconds": 0, **rounds},
         "train": {"lr": 0.05}, "dp": {"target_epsilon": 8.0}}))
@@ -52,7 +52,7 @@ def _edge_config(tmp: Path, url: str, fleet: str, i: int, devices: int = 3) -> E
     return EdgeConfig(device_id=f"{fleet}-dev-{i}", broker=url, fleet=fleet,
                       state_dir=str(tmp / f"dev-{i}"), profile="catalogue:rpi4-4gb",
                       max_samples=800, epsilon_budget=8.0,
-                      data={"clients": devices, "client_id": i})
+                      data={"clients": devices, "device_index": i})
 
 
 def _spawn(config: EdgeConfig, tmp: Path) -> subprocess.Popen:

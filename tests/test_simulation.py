@@ -130,7 +130,7 @@ def test_fleet_simulation_plans_each_device(monkeypatch):
     assert [c["client"] for c in result["clients"]] == list(range(6))
     for entry in result["clients"]:
         plan = entry["plan"]
-        assert plan["fits"] == (plan["predicted_peak_bytes"] <= plan["budget_bytes"])
+        assert plan["fits"] == (plan["predicted_peak_bytes"] <= plan["memory_limit_bytes"])
         assert entry["selected"] == plan["fits"]
     refused = sum(not c["plan"]["fits"] for c in result["clients"])
     assert result["rounds"][0]["participants"] == 6 - refused
@@ -147,8 +147,8 @@ def test_width_sliced_devices_train_and_merge_by_coverage(monkeypatch):
     def narrowed(fleet, *args):
         assignments = real_plan_fleet("catalogue:0", *args)
         ratios = [1.0, 0.5, 0.25, 1.0, 0.5, 0.25]
-        return [DeviceAssignment(a.client_id, catalogue_profile("rpi4-4gb"),
-                                 a.plan.model_copy(update={"width_ratio": ratios[a.client_id],
+        return [DeviceAssignment(a.device_index, catalogue_profile("rpi4-4gb"),
+                                 a.plan.model_copy(update={"width_ratio": ratios[a.device_index],
                                                            "fits": True, "reasons": []}), True)
                 for a in assignments]
 

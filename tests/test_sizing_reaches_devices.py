@@ -31,7 +31,7 @@ from coordinator.simulation import run_simulation
 from device_profiles import catalogue_profile
 from edge_sdk import codec
 from edge_sdk.agent import EdgeConfig
-from edge_sdk.budget import BudgetPlan
+from edge_sdk.sizing import DevicePlan
 from edge_sdk.models import model_spec, tensor_shapes
 from edge_sdk.plan import SubmodelPlan
 from edge_sdk.protocol import Topics, decode_envelope, parse_header
@@ -81,7 +81,7 @@ def fleet_profiles():
             base.model_copy(update={"name": "dev-b", "network": slow}), at_rate(high)]
 
 
-def check_received(sizing: BudgetPlan, plan: SubmodelPlan, physical_batch: int | None,
+def check_received(sizing: DevicePlan, plan: SubmodelPlan, physical_batch: int | None,
                    width_ratio: float, download: bytes, upload: bytes) -> None:
     """Every planned choice, read off what the device received and what it sent. (Physical
     batches below the logical one are Opacus virtual steps: DP-SGD only, so the tests run DP.)"""
@@ -109,7 +109,7 @@ def check_received(sizing: BudgetPlan, plan: SubmodelPlan, physical_batch: int |
             assert tensor.nnz <= math.ceil(sizing.upload_keep * tensor.numel - 1e-9) + 1, name
 
 
-def check_fleet(plans: dict[str, BudgetPlan]) -> None:
+def check_fleet(plans: dict[str, DevicePlan]) -> None:
     """The set-up really makes the planner choose differently (else the test proves nothing)."""
     a, b, c = plans["dev-a"], plans["dev-b"], plans["dev-c"]
     assert (a.download_dtype, a.download_keep, a.width_ratio) == ("fp32", 1.0, 1.0)
@@ -130,7 +130,7 @@ def test_simulate_gives_each_device_what_its_plan_says():
     result = run_simulation(config, progress=False, profiles=profiles,
                             observe=lambda i, task, payload, outcome: seen.update(
                                 {i: (task, payload, outcome)})).to_dict()
-    plans = {p.name: BudgetPlan.model_validate(entry["plan"])
+    plans = {p.name: DevicePlan.model_validate(entry["plan"])
              for p, entry in zip(profiles, result["clients"])}
     check_fleet(plans)
     for i, profile in enumerate(profiles):
@@ -173,7 +173,7 @@ def test_the_service_sends_each_device_what_its_plan_says(tmp_path, broker):
     service = CoordinatorService(ServiceConfig.model_validate({
         "strategy": "fedp3", "state_dir": str(tmp_path / "coordinator"), "http_port": None,
         "exit_when_done": True, "broker": {"url": broker.url, "fleet": fleet,
-                                           "client_id": f"coordinator-{fleet}"},
+                                           "device_index": f"coordinator-{fleet}"},
         "rounds": {"total": 1, "devices_per_round": 3, "min_devices": 3,
                    "deadline_seconds": DEADLINE, "registration_grace_seconds": 0},
         "export": {"enabled": False}, "train": {"lr": 0.05, "batch_size": BATCH},
@@ -189,7 +189,7 @@ def test_the_service_sends_each_device_what_its_plan_says(tmp_path, broker):
             profile.save(path)
             config = EdgeConfig(device_id=profile.name, broker=broker.url, fleet=fleet,
                                 state_dir=str(tmp_path / profile.name), profile=str(path),
-                                max_samples=HELD, data={"clients": 3, "client_id": i,
+                                max_samples=HELD, data={"clients": 3, "device_index": i,
                                                         "partition": "iid"})
             toml = config.save(tmp_path / f"{profile.name}.toml")
             log = open(tmp_path / f"{profile.name}.log", "w")
@@ -209,7 +209,7 @@ def test_the_service_sends_each_device_what_its_plan_says(tmp_path, broker):
         listener.loop_stop()
         listener.disconnect()
     store = service.engine.store
-    plans = {d.id: BudgetPlan.model_validate(d.plan) for d in store.devices()}
+    plans = {d.id: DevicePlan.model_validate(d.plan) for d in store.devices()}
     check_fleet(plans)
     messages = {}
     for topic, payload in wire:

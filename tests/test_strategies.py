@@ -120,7 +120,7 @@ def test_fedp3_plan_uploads_selected_plus_output(selection):
         plan = strategy.plan(client, round_number=2, num_samples=123)
         selected = strategy.selected_layers(client, 2)
         assert plan.selected_layers == selected
-        assert plan.client_id == client and plan.round == 2 and plan.spec == SPEC
+        assert plan.device_index == client and plan.round == 2 and plan.spec == SPEC
         assert [t.name for t in plan.tensors] == [n for layer in LAYERS for n in layer]
         assert set(plan.uploaded) == layer_names(selected) | OUTPUT
         assert set(plan.trained) == set(tensor_shapes(SPEC))  # train_layers="all" by default

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from device_profiles import DeviceProfile, parse_fleet_arg, sample_fleet
-from edge_sdk.budget import BudgetPlan
+from edge_sdk.sizing import DevicePlan
 from edge_sdk.models import ModelSpec
 
 from .memory import MemoryCoefficients
@@ -30,9 +30,9 @@ SIZING_POLICIES: tuple[str, ...] = ("planned", "uniform", "full", "full-all")
 
 @dataclass(frozen=True)
 class DeviceAssignment:
-    client_id: int
+    device_index: int
     profile: DeviceProfile
-    plan: BudgetPlan
+    plan: DevicePlan
     # Whether the device is given tasks at all: its plan fits, or (full-all) it is sent the
     # model regardless.
     selected: bool
@@ -43,7 +43,7 @@ class DeviceAssignment:
         return _out_of_memory(self.plan)
 
     def to_dict(self) -> dict:
-        return {"client": self.client_id, "device": self.profile.name,
+        return {"client": self.device_index, "device": self.profile.name,
                 "memory_available_bytes": self.profile.memory_available_bytes,
                 "downlink_bytes_per_s": self.profile.network.downlink_bytes_per_s,
                 "uplink_bytes_per_s": self.profile.network.uplink_bytes_per_s,
@@ -61,7 +61,7 @@ def plan_fleet(fleet: str, base: ModelSpec, model_name: str, settings: list[Plan
         raise ValueError(f"{len(profiles)} profiles for {len(settings)} devices")
     coefficients = MemoryCoefficients.load()
 
-    def plan_all(overrides: dict) -> list[BudgetPlan]:
+    def plan_all(overrides: dict) -> list[DevicePlan]:
         return [plan_device(profile, base, model_name, dataclasses.replace(own, **overrides),
                             coefficients)
                 for profile, own in zip(profiles, settings)]
@@ -82,7 +82,7 @@ def plan_fleet(fleet: str, base: ModelSpec, model_name: str, settings: list[Plan
             for i, (profile, plan) in enumerate(zip(profiles, plans))]
 
 
-def _out_of_memory(plan: BudgetPlan) -> bool:
+def _out_of_memory(plan: DevicePlan) -> bool:
     return any(r.startswith("memory:") for r in plan.reasons)
 
 
@@ -99,6 +99,6 @@ def plan_table(rows: list[dict]) -> str:
             f"{plan['width_ratio']:>5g} {plan['physical_batch_size']:>5} {plan['local_samples']:>7} "
             f"{plan['download_dtype']:>5} k{plan['download_keep']:<5g} "
             f"{plan['upload_dtype']:>5} k{plan['upload_keep']:<5g} "
-            f"{plan['predicted_peak_bytes'] / 1e6:>6.0f}/{plan['budget_bytes'] / 1e6:<7.0f}  "
+            f"{plan['predicted_peak_bytes'] / 1e6:>6.0f}/{plan['memory_limit_bytes'] / 1e6:<7.0f}  "
             + ("yes" if plan["fits"] else "no: " + "; ".join(plan["reasons"])[:120]))
     return "\n".join(lines)

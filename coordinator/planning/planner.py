@@ -19,7 +19,7 @@ import numpy as np
 
 from device_profiles import DeviceProfile
 from edge_sdk import codec
-from edge_sdk.budget import BudgetPlan, DataSlice
+from edge_sdk.sizing import DevicePlan, DataSlice
 from edge_sdk.models import MODELS, ModelSpec, SpecError, build_model, model_spec, tensor_shapes
 from edge_sdk.pruning import is_prunable, magnitude_mask
 from edge_sdk.slicing import width_spec
@@ -64,7 +64,7 @@ class PlannerSettings:
 
 
 def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settings: PlannerSettings,
-                coefficients: MemoryCoefficients, data: DataSlice | None = None) -> BudgetPlan:
+                coefficients: MemoryCoefficients, data: DataSlice | None = None) -> DevicePlan:
     budget = int(profile.memory_available_bytes * settings.safety_margin)
     reasons: list[str] = []
     decisions: dict[str, str] = {}
@@ -112,13 +112,13 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
                        f"after transfer allow {samples} local samples, under one batch of "
                        f"{settings.batch_size}")
     steps = settings.local_epochs * math.ceil(samples / settings.batch_size) if samples else 0
-    return BudgetPlan(
-        device=profile.name, model=model_name, width_ratio=ratio, slicing=settings.slicing,
+    return DevicePlan(
+        device_id=profile.name, model=model_name, width_ratio=ratio, slicing=settings.slicing,
         batch_size=settings.batch_size, physical_batch_size=physical, local_steps=steps,
         local_samples=samples, dp=settings.dp, momentum=settings.momentum,
         download_dtype=link.down[0], download_keep=link.down[1], upload_dtype=link.up[0],
         upload_keep=link.up[1], parameters=footprint(spec).parameters,
-        predicted_peak_bytes=peak, budget_bytes=budget, download_bytes=link.bytes_down,
+        predicted_peak_bytes=peak, memory_limit_bytes=budget, download_bytes=link.bytes_down,
         upload_bytes=link.bytes_up, transfer_seconds=transfer,
         compute_seconds=compute_seconds, deadline_seconds=settings.deadline_seconds,
         fits=not reasons, reasons=reasons, decisions=decisions, data=data or DataSlice())

@@ -14,14 +14,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edge_sdk.budget import BudgetPlan
+from edge_sdk.sizing import DevicePlan
 
 
 class RehearsalFailed(RuntimeError):
     pass
 
 
-def measure_rehearsal(plan: BudgetPlan, threads: int | None = None) -> tuple[int, dict]:
+def measure_rehearsal(plan: DevicePlan, threads: int | None = None) -> tuple[int, dict]:
     """(child's peak RSS in bytes, the child's JSON report)."""
     with tempfile.TemporaryDirectory(prefix="fedprune-rehearse-") as tmp:
         path = Path(tmp) / "plan.json"
@@ -34,7 +34,7 @@ def measure_rehearsal(plan: BudgetPlan, threads: int | None = None) -> tuple[int
              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         out, err = child.communicate()
     if child.returncode != 0:
-        raise RehearsalFailed(f"rehearsal of {plan.device} exited with {child.returncode}: "
+        raise RehearsalFailed(f"rehearsal of {plan.device_id} exited with {child.returncode}: "
                               f"{err.decode(errors='replace').strip()[-2000:]}")
     report = json.loads(out.decode().strip().splitlines()[-1])
     return int(report["peak_rss_bytes"]), report

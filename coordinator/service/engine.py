@@ -38,7 +38,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from device_profiles import DeviceProfile
 from edge_sdk import codec
-from edge_sdk.budget import BudgetPlan
+from edge_sdk.sizing import DevicePlan
 from edge_sdk.checkpoint import Checkpoint, load_checkpoint
 from edge_sdk.data import load_dataset, to_tensor
 from edge_sdk.models import build_model, model_spec
@@ -171,9 +171,9 @@ class RoundEngine:
             self._refused_message("refused a malformed %s message from %s: %s", kind, device, exc)
             self._tell_refused_update(topic, payload, f"update refused: {exc}")
             return
-        if header.device != device:
+        if header.device_id != device:
             self._refused_message("message on %s's topic claims to be from %s; refused", device,
-                                  header.device)
+                                  header.device_id)
             return
         if envelope.type != expected:
             self._refused_message("%s sent a %s message on its %s topic; refused", device,
@@ -203,7 +203,7 @@ class RoundEngine:
                 return
             message_type, raw = peek_header(payload)
             header = parse_header(Envelope(message_type, raw), MessageType.UPDATE)
-            if header.device == device:
+            if header.device_id == device:
                 self._ack(header, False, reason)
         except (ValueError, EnvelopeError):
             return
@@ -215,54 +215,54 @@ class RoundEngine:
                 "refused the registration of %s: it claims %d training samples, over "
                 "max_device_samples = %d (its aggregation weight would be that count; raise "
                 "max_device_samples in coordinator.toml if a device really holds more)",
-                header.device, header.num_samples, limit)
+                header.device_id, header.num_samples, limit)
             return
         try:
             profile = DeviceProfile.model_validate(header.profile)
         except ValidationError as exc:
-            log.warning("device %s registered with an invalid profile: %s", header.device,
+            log.warning("device %s registered with an invalid profile: %s", header.device_id,
                         exc.errors()[0]["msg"])
             return
         settings = device_settings(self.planner, self.strategy,
-                                   self.store.device_index(header.device), header.num_samples)
+                                   self.store.device_index(header.device_id), header.num_samples)
         plan = plan_device(profile, self.spec, self.config.model, settings, self.coefficients)
         self.store.upsert_device(
-            header.device, profile=header.profile, num_samples=header.num_samples,
+            header.device_id, profile=header.profile, num_samples=header.num_samples,
             formats=header.formats, plan=plan.model_dump(mode="json"), width_ratio=plan.width_ratio,
             fits=plan.fits, online=True, model_digest=header.model_digest,
             epsilon=header.epsilon_spent, epsilon_budget=header.epsilon_budget)
         log.info("registered %s (%s): width %g, physical batch %d, %d local samples, download %s "
-                 "keep %g, upload %s keep %g, predicted peak %.0f MB; %s", header.device,
+                 "keep %g, upload %s keep %g, predicted peak %.0f MB; %s", header.device_id,
                  profile.name, plan.width_ratio, plan.physical_batch_size, plan.local_samples,
                  plan.download_dtype, plan.download_keep, plan.upload_dtype, plan.upload_keep,
                  plan.predicted_peak_bytes / 1e6,
                  "fits" if plan.fits else "does not fit: " + "; ".join(plan.reasons))
         if self.on_register:
-            self.on_register(self.store.device(header.device))
+            self.on_register(self.store.device(header.device_id))
 
     def _on_status(self, header, _payload: bytes) -> None:
-        self.store.update_device(header.device, online=header.online)
-        log.info("%s is %s", header.device, "online" if header.online else "offline")
+        self.store.update_device(header.device_id, online=header.online)
+        log.info("%s is %s", header.device_id, "online" if header.online else "offline")
 
     def _ack(self, header, accepted: bool, reason: str | None = None, duplicate: bool = False) -> None:
         """Signed like tasks (when the coordinator has a key): a forged ACK would make a device
         drop an update it still has to deliver."""
-        self.publish(self.topics.ack(header.device), self._envelope(MessageType.ACK, {
-            "device": header.device, "round": header.round, "task": header.task,
+        self.publish(self.topics.ack(header.device_id), self._envelope(MessageType.ACK, {
+            "device_id": header.device_id, "round": header.round, "task": header.task,
             "accepted": accepted, "duplicate": duplicate, "reason": reason}, b""))
 
     def _on_update(self, header, payload: bytes, received_at: float) -> None:
         current = self.round
         if current is None or header.round != current.number:
-            stored = self.store.has_update(header.round, header.device, header.task)
+            stored = self.store.has_update(header.round, header.device_id, header.task)
             self._ack(header, stored, None if stored else
                       f"round {header.round} is not open (open: "
                       f"{current.number if current else 'none'}); the update is stale",
                       duplicate=stored)
             return
-        task = self.store.task(current.number, header.device)
+        task = self.store.task(current.number, header.device_id)
         if task is None or task.task != header.task:
-            self._ack(header, False, f"no task {header.task} for {header.device} in round {current.number}")
+            self._ack(header, False, f"no task {header.task} for {header.device_id} in round {current.number}")
             return
         if task.state == "accepted":  # QoS 1 redelivery or a replay: counted once
             self.store.count(current.number, "duplicates")
@@ -272,13 +272,13 @@ class RoundEngine:
             self._ack(header, False, f"round {current.number} is committing: the update came too "
                                      "late to be counted (nothing to resend)")
             return
-        refused = self.refused_updates[(current.number, header.device)]
+        refused = self.refused_updates[(current.number, header.device_id)]
         if refused >= self.config.max_refused_updates:
             self._ack(header, False, f"{refused} updates for task {header.task} were refused; "
                                      "no further one is decoded this round")
             return
         if received_at > current.deadline:
-            self.store.set_task(current.number, header.device, state="rejected", reason="late")
+            self.store.set_task(current.number, header.device_id, state="rejected", reason="late")
             self._ack(header, False, "late: the round's deadline had passed")
             return
         try:
@@ -286,17 +286,17 @@ class RoundEngine:
             update = self.pipeline.intake(self._task_for(task), payload)
             self._check_norm(update)
         except (codec.CodecError, UpdateRefused) as exc:
-            self.refused_updates[(current.number, header.device)] += 1
-            self.store.set_task(current.number, header.device, state="rejected", reason=str(exc))
+            self.refused_updates[(current.number, header.device_id)] += 1
+            self.store.set_task(current.number, header.device_id, state="rejected", reason=str(exc))
             self._ack(header, False, f"update refused: {exc}")
             return
-        stored = self.store.accept_update(current.number, header.device, header.task, payload,
+        stored = self.store.accept_update(current.number, header.device_id, header.task, payload,
                                           task.aggregation_weight, header.num_samples,
                                           header.epsilon, header.local_accuracy)
-        self.store.update_device(header.device, epsilon=header.epsilon,
+        self.store.update_device(header.device_id, epsilon=header.epsilon,
                                  model_digest=self.pipeline.view(task.width_ratio).spec.digest())
         self._ack(header, True, duplicate=not stored)
-        log.info("round %d: accepted %d-byte update from %s", current.number, len(payload), header.device)
+        log.info("round %d: accepted %d-byte update from %s", current.number, len(payload), header.device_id)
 
     def _check_claims(self, header, payload: bytes) -> None:
         """What the header says must hold before the payload is decoded: its digest, and no more
@@ -305,10 +305,10 @@ class RoundEngine:
         if digest != header.payload_sha256:
             raise UpdateRefused(f"payload_sha256 {header.payload_sha256} does not match the "
                                    f"payload's sha256 {digest}: damaged or altered")
-        planned = self.store.device(header.device).num_samples
+        planned = self.store.device(header.device_id).num_samples
         if header.num_samples > planned:
             raise UpdateRefused(f"num_samples {header.num_samples} is over the {planned} "
-                                   f"samples {header.device} registered, which its task was "
+                                   f"samples {header.device_id} registered, which its task was "
                                    "planned and weighted with")
 
     def _check_norm(self, update: dict[str, codec.SparseTensor]) -> None:
@@ -329,28 +329,28 @@ class RoundEngine:
     def _on_refusal(self, header, _payload: bytes) -> None:
         current = self.round
         if current is None or header.round != current.number:
-            log.info("%s refused task %s of round %d (%s), which is not open: %s", header.device,
+            log.info("%s refused task %s of round %d (%s), which is not open: %s", header.device_id,
                      header.task, header.round, header.code.value, header.message)
             return
-        task = self.store.task(current.number, header.device)
+        task = self.store.task(current.number, header.device_id)
         if task is None or task.task != header.task:
             return
         if header.code == RefusalCode.BAD_ARTIFACT:  # information: the task itself runs on
             self.store.count(current.number, "artifact_refusals")
             log.warning("round %d: %s refused its exported model: %s", current.number,
-                        header.device, header.message)
+                        header.device_id, header.message)
             return
         if task.state != "sent":
             return
-        self.store.set_task(current.number, header.device, state="refused",
+        self.store.set_task(current.number, header.device_id, state="refused",
                             reason=f"{header.code.value}: {header.message}")
         if header.code in (RefusalCode.PRIVACY_BUDGET, RefusalCode.PRIVACY_POLICY):
             # Not eligible again: its budget is spent, or this run's DP settings are weaker than
             # its own config requires (they do not change while the coordinator runs).
-            self.store.update_device(header.device, exhausted=True, epsilon=header.epsilon)
+            self.store.update_device(header.device_id, exhausted=True, epsilon=header.epsilon)
         elif header.code == RefusalCode.BAD_TASK:
-            self.store.update_device(header.device, model_digest=None)  # resend everything next time
-        log.warning("round %d: %s refused its task (%s): %s", current.number, header.device,
+            self.store.update_device(header.device_id, model_digest=None)  # resend everything next time
+        log.warning("round %d: %s refused its task (%s): %s", current.number, header.device_id,
                     header.code.value, header.message)
 
     # --- the clock -------------------------------------------------------------------------
@@ -411,7 +411,7 @@ class RoundEngine:
         """The device's task from the round pipeline, at the width the round opened it with."""
         if task.device not in self.tasks_built:
             device = self.store.device(task.device)
-            sizing = BudgetPlan.model_validate(device.plan).model_copy(
+            sizing = DevicePlan.model_validate(device.plan).model_copy(
                 update={"width_ratio": task.width_ratio})
             self.tasks_built[task.device] = self.pipeline.task(device.index, device.num_samples,
                                                                sizing)
@@ -421,7 +421,7 @@ class RoundEngine:
         built = self._task_for(task)
         holds_copy = device.model_digest == self.pipeline.view(built.width_ratio).spec.digest()
         payload = self.pipeline.download(built, device_has_private_copy=holds_copy)
-        header = {"device": device.id, "round": task.round, "task": task.task,
+        header = {"device_id": device.id, "round": task.round, "task": task.task,
                   "plan": built.plan.to_dict(), "train": asdict(built.train),
                   "dp": self.config.dp.model_dump(exclude={"epsilon_budget"}) if self.dp else None,
                   "planned_rounds": self.config.rounds.total, "deadline": deadline,
@@ -505,7 +505,7 @@ class RoundEngine:
             out, manifest = bundles[key]
             entry = manifest.artifacts[0]
             message = self._envelope(
-                MessageType.ARTIFACT, {"device": device.id, "round": number - 1, "task": task.task,
+                MessageType.ARTIFACT, {"device_id": device.id, "round": number - 1, "task": task.task,
                                        "manifest": manifest.model_dump(mode="json"),
                                        "artifact": entry.compressed_path},
                 (out / entry.compressed_path).read_bytes())

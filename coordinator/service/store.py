@@ -30,7 +30,7 @@ class DeviceRow(Base):
     profile: Mapped[dict] = mapped_column(JSON)
     num_samples: Mapped[int] = mapped_column(Integer)
     formats: Mapped[list] = mapped_column(JSON)
-    plan: Mapped[dict] = mapped_column(JSON)                  # the memory planner's BudgetPlan
+    plan: Mapped[dict] = mapped_column(JSON)                  # the memory planner's DevicePlan
     width_ratio: Mapped[float] = mapped_column(Float)
     fits: Mapped[bool] = mapped_column(Boolean)
     online: Mapped[bool] = mapped_column(Boolean, default=True)

@@ -38,7 +38,7 @@ class Strategy(ABC):
         self.layers = layer_tensor_names(spec)
 
     @abstractmethod
-    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
+    def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         """The device's plan for this round."""
 
     def server_update(self, old: dict[str, np.ndarray], aggregated: dict[str, np.ndarray]

@@ -10,8 +10,8 @@ from .base import Strategy
 class FedAvg(Strategy):
     name = "fedavg"
 
-    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
+    def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         tensors = tuple(TensorPlan(name) for layer in self.layers for name in layer)
-        return SubmodelPlan(client_id, round_number, self.spec, tensors,
+        return SubmodelPlan(device_index, round_number, self.spec, tensors,
                             aggregation_weight=float(num_samples), upload_dtype=self.upload_dtype,
                             selected_layers=tuple(range(len(self.layers))))

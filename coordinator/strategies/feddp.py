@@ -46,9 +46,9 @@ class FedDP(Strategy):
         super().__init__(spec, upload_dtype, seed)
         self.config = config
 
-    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
+    def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         threshold = self.config.threshold if self.config.variant == "threshold" else None
-        return SubmodelPlan(client_id, round_number, self.spec,
+        return SubmodelPlan(device_index, round_number, self.spec,
                             tuple(TensorPlan(n) for n in self.all_tensors()),
                             aggregation_weight=float(num_samples), upload_dtype=self.upload_dtype,
                             prune_threshold=threshold)

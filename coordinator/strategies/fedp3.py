@@ -59,16 +59,16 @@ class FedP3(Strategy):
             raise ValueError(f"FedP3 needs a model with hidden layers; {spec.name} has none")
         self.kind, self.k = parse_selection(config.selection, self.hidden)
 
-    def selected_layers(self, client_id: int, round_number: int) -> tuple[int, ...]:
+    def selected_layers(self, device_index: int, round_number: int) -> tuple[int, ...]:
         if self.kind == "opr":
-            rng = np.random.default_rng([self.seed, round_number, client_id])
+            rng = np.random.default_rng([self.seed, round_number, device_index])
             return tuple(sorted(int(i) for i in rng.choice(self.hidden, self.k, replace=False)))
-        group = client_id % self.hidden
+        group = device_index % self.hidden
         return tuple(sorted((group + j) % self.hidden for j in range(self.k)))
 
-    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
+    def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         cfg = self.config
-        selected = self.selected_layers(client_id, round_number)
+        selected = self.selected_layers(device_index, round_number)
         tensors: list[TensorPlan] = []
         for index, names in enumerate(self.layers[:-1]):
             chosen = index in selected
@@ -79,6 +79,6 @@ class FedP3(Strategy):
         for name in self.layers[-1]:
             tensors.append(TensorPlan(name, private=cfg.personal_head, local_keep=cfg.local_keep))
         weight = float(len(selected) + 1) if cfg.aggregation == "weighted" else 1.0
-        return SubmodelPlan(client_id, round_number, self.spec, tuple(tensors),
+        return SubmodelPlan(device_index, round_number, self.spec, tuple(tensors),
                             aggregation_weight=weight, upload_dtype=self.upload_dtype,
                             selected_layers=selected)

@@ -52,12 +52,12 @@ class FFGG(Strategy):
             raise ValueError(f"ffgg.private={config.private!r} must select some but not all tensors "
                              f"of {spec.name} ({', '.join(names)})")
 
-    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
+    def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         tensors = tuple([TensorPlan(n) for n in self.shared]
                         + [TensorPlan(n, upload=False, private=True) for n in self.private])
         phases = (TrainPhase(tuple(self.private), self.config.private_epochs),
                   TrainPhase(tuple(self.shared), self.config.global_epochs))
-        return SubmodelPlan(client_id, round_number, self.spec, tensors,
+        return SubmodelPlan(device_index, round_number, self.spec, tensors,
                             aggregation_weight=float(num_samples), upload_dtype=self.upload_dtype,
                             phases=phases)
 

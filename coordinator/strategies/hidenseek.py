@@ -78,8 +78,8 @@ class HideNseek(Strategy):
             state[name] = mask.astype(np.float32)
         return state
 
-    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
-        return SubmodelPlan(client_id, round_number, self.spec,
+    def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
+        return SubmodelPlan(device_index, round_number, self.spec,
                             tuple(TensorPlan(n) for n in self.masks),
                             aggregation_weight=1.0, upload_dtype="sign1", mode="supermask",
                             init_seed=self.init_seed)

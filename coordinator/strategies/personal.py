@@ -35,10 +35,10 @@ class FedPer(Strategy):
         self.head = [n for layer in self.layers[-config.head_layers:] for n in layer]
         self.body = [n for layer in self.layers[:-config.head_layers] for n in layer]
 
-    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
+    def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         tensors = tuple([TensorPlan(n) for n in self.body]
                         + [TensorPlan(n, upload=False, private=True) for n in self.head])
-        return SubmodelPlan(client_id, round_number, self.spec, tensors,
+        return SubmodelPlan(device_index, round_number, self.spec, tensors,
                             aggregation_weight=float(num_samples), upload_dtype=self.upload_dtype,
                             phases=self.phases())
 
@@ -60,7 +60,7 @@ class LocalOnly(Strategy):
 
     name = "local"
 
-    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
-        return SubmodelPlan(client_id, round_number, self.spec,
+    def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
+        return SubmodelPlan(device_index, round_number, self.spec,
                             tuple(TensorPlan(n, upload=False, private=True) for n in self.all_tensors()),
                             upload_dtype=self.upload_dtype)

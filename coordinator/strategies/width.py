@@ -22,8 +22,8 @@ class HeteroFL(Strategy):
     name = "heterofl"
     slicing = "prefix"
 
-    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
-        return SubmodelPlan(client_id, round_number, self.spec,
+    def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
+        return SubmodelPlan(device_index, round_number, self.spec,
                             tuple(TensorPlan(n) for n in self.all_tensors()),
                             aggregation_weight=float(num_samples), upload_dtype=self.upload_dtype)
 
@@ -42,9 +42,9 @@ class FjORD(HeteroFL):
             raise ValueError(f"fjord needs width levels in (0, 1], got {levels}")
         self.levels = tuple(sorted(set(levels)))
 
-    def plan(self, client_id: int, round_number: int, num_samples: int) -> SubmodelPlan:
+    def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         # Levels are relative to the full model; the device maps them onto its own width.
-        return SubmodelPlan(client_id, round_number, self.spec,
+        return SubmodelPlan(device_index, round_number, self.spec,
                             tuple(TensorPlan(n) for n in self.all_tensors()),
                             aggregation_weight=float(num_samples), upload_dtype=self.upload_dtype,
                             ordered_dropout=self.levels)

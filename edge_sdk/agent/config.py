@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from device_profiles.files import atomic_write
 
-from ..budget import DataSlice
+from ..sizing import DataSlice
 from ..protocol.topics import check_id
 from ..protocol.transport import BrokerAddress
 from ..validation import describe, read_toml

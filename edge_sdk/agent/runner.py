@@ -81,10 +81,10 @@ class EdgeAgent:
         self.profile = load_profile_dict(config, self.state)
         source = load_dataset(config.data.dataset, config.data.data_dir)
         data = client_data_for(source, config.data.clients, config.data.partition,
-                               config.data.seed, config.data.client_id)
+                               config.data.seed, config.data.device_index)
         if config.max_samples and len(data.train_y) > config.max_samples:
             n = config.max_samples
-            data = type(data)(data.client_id, data.train_x[:n], data.train_y[:n],
+            data = type(data)(data.device_index, data.train_x[:n], data.train_y[:n],
                               data.test_x[:max(1, n // 2)], data.test_y[:max(1, n // 2)])
         self.data = data
         self.client: LocalClient | None = None
@@ -103,7 +103,7 @@ class EdgeAgent:
                                            config.password, config.tls_ca)
         client.will_set(self.topics.status(self.config.device_id),
                         encode_envelope(MessageType.STATUS,
-                                        {"device": self.config.device_id, "online": False}),
+                                        {"device_id": self.config.device_id, "online": False}),
                         qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)  # exponential backoff
         client.max_queued_messages_set(0)
@@ -122,7 +122,7 @@ class EdgeAgent:
         for topic in self.topics.device_subscriptions(device):
             client.subscribe(topic, qos=1)
         client.publish(self.topics.status(device),
-                       encode_envelope(MessageType.STATUS, {"device": device, "online": True}),
+                       encode_envelope(MessageType.STATUS, {"device_id": device, "online": True}),
                        qos=1, retain=True)
         # Retained: a coordinator that starts (or restarts) later still sees every registration.
         client.publish(self.topics.register(device), self._registration(), qos=1, retain=True)
@@ -140,7 +140,7 @@ class EdgeAgent:
         ledger, _ = self.state.load_ledger()
         model_file = self.state.root / "model.pt"
         digest = load_checkpoint(model_file).spec.digest() if model_file.exists() else None
-        header = {"device": self.config.device_id, "profile": self.profile,
+        header = {"device_id": self.config.device_id, "profile": self.profile,
                   "num_samples": len(self.data.train_y), "formats": list(self.config.formats),
                   "sdk_version": _sdk_version(), "epsilon_budget": self.config.epsilon_budget,
                   "epsilon_spent": ledger.epsilon() if ledger else None, "model_digest": digest}
@@ -156,7 +156,7 @@ class EdgeAgent:
         device = self.config.device_id
         if self.connected.is_set():
             self.mqtt.publish(self.topics.status(device), encode_envelope(
-                MessageType.STATUS, {"device": device, "online": False}), qos=1, retain=True
+                MessageType.STATUS, {"device_id": device, "online": False}), qos=1, retain=True
             ).wait_for_publish(5)
         self.mqtt.disconnect()
         self.mqtt.loop_stop()
@@ -223,8 +223,8 @@ class EdgeAgent:
                 self._refuse_forged(envelope, exc)
                 return
         header = parse_header(envelope)
-        if header.device != self.config.device_id:
-            raise EnvelopeError(f"the header names device {header.device!r}, not this one")
+        if header.device_id != self.config.device_id:
+            raise EnvelopeError(f"the header names device {header.device_id!r}, not this one")
         if envelope.type == MessageType.TASK:
             self._on_task(header, envelope.payload)
         elif envelope.type == MessageType.ACK:
@@ -262,7 +262,7 @@ class EdgeAgent:
                 kind, header = peek_header(payload)
             round_number, task = header.get("round"), header.get("task")
             if kind not in (MessageType.TASK, MessageType.ARTIFACT) or \
-                    header.get("device") != self.config.device_id or \
+                    header.get("device_id") != self.config.device_id or \
                     type(round_number) is not int or round_number < 0:
                 return None
             check_id("task id", task)  # a task id that is not an id is not repeated back
@@ -313,7 +313,7 @@ class EdgeAgent:
         Checkpoint(client.spec, client.state, plan.spec.name, self.config.data.dataset, device,
                    header.round, header.width_ratio).save(self.state.root / "model.pt")
         envelope = encode_envelope(MessageType.UPDATE, {
-            "device": device, "round": header.round, "task": header.task,
+            "device_id": device, "round": header.round, "task": header.task,
             "num_samples": outcome.num_samples, "epsilon": outcome.epsilon,
             "train_seconds": time.perf_counter() - started,
             "local_accuracy": client.evaluate(),
@@ -390,7 +390,7 @@ class EdgeAgent:
             self.state.mark(key, "refused")
         log.warning("refusing task %s (%s): %s", key, code.value, message)
         self.mqtt.publish(self.topics.refusal(self.config.device_id), encode_envelope(
-            MessageType.REFUSAL, {"device": self.config.device_id, "round": round_number,
+            MessageType.REFUSAL, {"device_id": self.config.device_id, "round": round_number,
                                   "task": task, "code": code.value,
                                   "message": message[:4000], "epsilon": epsilon}), qos=1)
 

@@ -268,15 +268,15 @@ def partition(
 
 
 def train_test_split(
-    indices: np.ndarray, seed: int, client_id: int, train_fraction: float = 0.7
+    indices: np.ndarray, seed: int, device_index: int, train_fraction: float = 0.7
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Local split seeded by (seed, client_id), so a device can derive its own split
+    """Local split seeded by (seed, device_index), so a device can derive its own split
     without knowing anyone else's. Both halves are non-empty when n >= 2."""
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
     indices = np.asarray(indices)
     n = len(indices)
-    shuffled = np.random.default_rng((seed, client_id)).permutation(indices)
+    shuffled = np.random.default_rng((seed, device_index)).permutation(indices)
     n_train = int(round(train_fraction * n))
     if n >= 2:
         n_train = min(max(n_train, 1), n - 1)
@@ -286,17 +286,17 @@ def train_test_split(
 # eq=False: tensors make field-wise equality ambiguous.
 @dataclass(frozen=True, eq=False)
 class ClientData:
-    client_id: int
+    device_index: int
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
 
 
-def _build_client(source: FederatedSource, client_id: int, idx: np.ndarray, seed: int, train_fraction: float) -> ClientData:
-    tr, te = train_test_split(idx, seed, client_id, train_fraction)
+def _build_client(source: FederatedSource, device_index: int, idx: np.ndarray, seed: int, train_fraction: float) -> ClientData:
+    tr, te = train_test_split(idx, seed, device_index, train_fraction)
     return ClientData(
-        client_id=client_id,
+        device_index=device_index,
         train_x=to_tensor(source.train_x[tr], source.info),
         train_y=torch.from_numpy(source.train_y[tr].astype(np.int64)),
         test_x=to_tensor(source.train_x[te], source.info),
@@ -329,12 +329,12 @@ def client_data_for(
     num_clients: int,
     spec: str | PartitionSpec,
     seed: int,
-    client_id: int,
+    device_index: int,
     train_fraction: float = 0.7,
 ) -> ClientData:
-    """One client's shard, identical to make_client_data(...)[client_id], without
+    """One client's shard, identical to make_client_data(...)[device_index], without
     materialising everyone else's tensors (a device only needs its own)."""
-    if not 0 <= client_id < num_clients:
-        raise ValueError(f"client_id {client_id} outside 0..{num_clients - 1}")
+    if not 0 <= device_index < num_clients:
+        raise ValueError(f"device_index {device_index} outside 0..{num_clients - 1}")
     parts = _partition_source(source, num_clients, spec, seed)
-    return _build_client(source, client_id, parts[client_id], seed, train_fraction)
+    return _build_client(source, device_index, parts[device_index], seed, train_fraction)

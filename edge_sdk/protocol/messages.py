@@ -26,7 +26,7 @@ TaskId = Annotated[str, AfterValidator(partial(check_id, "task id"))]
 
 class _Header(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
-    device: DeviceId
+    device_id: DeviceId
 
 
 class _TaskKey(_Header):

@@ -1,7 +1,7 @@
-"""A device's budget plan: the submodel and training shape the coordinator sized for it.
+"""A device's plan (DevicePlan): the submodel and training shape the coordinator sized for it.
 
 Written by `fedprune plan`, read by the device (`fedprune edge rehearse`, later every task), so it
-lives on the SDK side. It records the prediction next to the budget it was checked against, so a
+lives on the SDK side. It records the prediction next to the memory limit it was checked against, so a
 rehearsal on the device can confirm or refute it.
 """
 
@@ -18,7 +18,7 @@ from device_profiles.files import atomic_write
 from .validation import describe
 
 
-class BudgetPlanError(ValueError):
+class DevicePlanError(ValueError):
     """A plan file that cannot be used; the message says which field and what to do."""
 
 
@@ -29,19 +29,19 @@ class DataSlice(BaseModel):
     dataset: str = "fashion-mnist"
     partition: str = "classes:5"
     clients: int = Field(100, ge=1)
-    client_id: int = Field(0, ge=0)
+    device_index: int = Field(0, ge=0)
     seed: int = 0
     data_dir: str | None = None
 
 
-class BudgetPlan(BaseModel):
+class DevicePlan(BaseModel):
     """One device's sizing. Every choice is made by the planner from the device's profile and is
     applied by the round pipeline to each task the device is sent; `decisions` says, per choice,
     the number that forced it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    schema_version: Literal[2] = 2
-    device: str
+    schema_version: Literal[3] = 3
+    device_id: str
     model: str
     width_ratio: float = Field(gt=0, le=1)
     slicing: Literal["magnitude", "prefix", "rolling"] = "prefix"
@@ -59,7 +59,7 @@ class BudgetPlan(BaseModel):
     upload_keep: float = Field(1.0, gt=0, le=1)     # on weights it uploads: most-changed entries
     parameters: int = Field(ge=0)
     predicted_peak_bytes: int = Field(ge=0)
-    budget_bytes: int = Field(ge=0)
+    memory_limit_bytes: int = Field(ge=0)
     download_bytes: int = Field(ge=0)
     upload_bytes: int = Field(ge=0)
     transfer_seconds: float = Field(ge=0)
@@ -76,17 +76,17 @@ class BudgetPlan(BaseModel):
         atomic_write(path, self.model_dump_json(indent=2).encode())
 
     @classmethod
-    def load(cls, path: str | Path) -> BudgetPlan:
+    def load(cls, path: str | Path) -> DevicePlan:
         try:
             text = Path(path).read_text()
         except FileNotFoundError:
-            raise BudgetPlanError(f"plan file {path} does not exist; create it with "
+            raise DevicePlanError(f"plan file {path} does not exist; create it with "
                                   "`fedprune plan --profile P.json --out plan.json`") from None
         try:
             return cls.model_validate(json.loads(text))
         except json.JSONDecodeError as exc:
-            raise BudgetPlanError(f"plan file {path} is not JSON: {exc}") from None
+            raise DevicePlanError(f"plan file {path} is not JSON: {exc}") from None
         except ValidationError as exc:
             problems = describe(exc, "plan")
-            raise BudgetPlanError(f"plan file {path} is invalid: {problems}. Re-create it with "
+            raise DevicePlanError(f"plan file {path} is invalid: {problems}. Re-create it with "
                                   "`fedprune plan`.") from None
