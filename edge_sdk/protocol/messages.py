@@ -14,9 +14,11 @@ import enum
 from functools import partial
 from typing import Annotated, Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from .envelope import Envelope, EnvelopeError, MessageType
+from .envelope import Envelope, EnvelopeError, MessageType, encode_envelope
+from .signing import sign
 from .topics import check_id
 from ..validation import describe
 
@@ -100,6 +102,31 @@ _SCHEMAS: dict[MessageType, type[_Header]] = {
     MessageType.REFUSAL: RefusalHeader, MessageType.STATUS: StatusHeader,
     MessageType.ARTIFACT: ArtifactHeader,
 }
+
+
+_TYPES: dict[type[BaseModel], MessageType] = {schema: kind for kind, schema in _SCHEMAS.items()}
+
+
+def message_type(header: BaseModel) -> MessageType:
+    """The message type a header model travels as (the `_SCHEMAS` table read backwards)."""
+    kind = _TYPES.get(type(header))
+    if kind is None:
+        raise TypeError(f"{type(header).__name__} is not the header of any message type")
+    return kind
+
+
+def encode_message(header: BaseModel, payload: bytes = b"", *,
+                   signing_key: Ed25519PrivateKey | None = None) -> bytes:
+    """The envelope of a message built from its header model, signed when `signing_key` is given.
+
+    Every message is built here, from its model, never from a dict literal, so a field the
+    receiver requires cannot be missing from what a sender sends (`model.model_dump(mode="json")`
+    is exactly what the receiver's `parse_header` validates).
+    """
+    fields = header.model_dump(mode="json")
+    if signing_key is not None:
+        fields = sign(fields, payload, signing_key)
+    return encode_envelope(message_type(header), fields, payload)
 
 
 def parse_header(envelope: Envelope, expected: MessageType | None = None) -> _Header:
