@@ -18,8 +18,10 @@ from edge_sdk.checkpoint import Checkpoint, CheckpointError
 from edge_sdk.data import load_dataset, to_tensor
 from edge_sdk.models import SpecModel, build_model
 from edge_sdk.runtime import BundleManifest
-from edge_sdk.slicing import extract, select_channels, slice_map, width_spec
+from edge_sdk.slicing import width_spec
 from export import export_bundle
+
+from .slicing import extract, select_channels, slice_map
 
 VERIFY_SAMPLES = 512
 

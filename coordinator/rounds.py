@@ -24,10 +24,11 @@ from edge_sdk.sizing import DevicePlan
 from edge_sdk.models import ModelSpec, SpecModel, build_model, tensor_shapes
 from edge_sdk.plan import SubmodelPlan, TensorPlan
 from edge_sdk.pruning import is_prunable
-from edge_sdk.slicing import extract, select_channels, slice_map, to_global, width_spec
+from edge_sdk.slicing import width_spec
 from edge_sdk.training import DPConfig, TrainConfig
 
 from .planning.planner import PlannerSettings
+from .slicing import extract, select_channels, slice_map, to_global
 from .strategies import DownloadBuilder, Strategy
 
 

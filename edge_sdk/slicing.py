@@ -1,14 +1,12 @@
-"""Width-sliced submodels: a device gets a physically narrower dense network, not a masked one.
+"""Width-sliced submodels, the device's half: the spec a device builds for its width.
 
 Masking saves nothing on a device that cannot hold the full model; slicing removes whole output
 units (channels, neurons), and every tensor that reads those units loses the matching inputs, so
-the submodel is an ordinary smaller `ModelSpec` the device builds and trains like any other.
-
-Both sides share this module: the coordinator picks the kept units (`select_channels`), builds the
-index map (`slice_map`) and cuts the download (`extract`); the device builds
-`width_spec(spec, ratio)`; the coordinator maps the upload back into global flat positions
-(`to_global`) for the `StreamingAggregator`, whose per-entry coverage counts then give HeteroFL's
-averaging over the devices that hold each entry.
+the submodel is an ordinary smaller `ModelSpec` the device builds and trains like any other:
+`width_spec(spec, ratio)`. Everything else happens on the coordinator (`coordinator/slicing.py`):
+it picks the kept units, builds the index map, cuts the download and maps the upload back into
+global flat positions. Both halves walk the spec with `layer_sites`, so they cannot disagree on
+a layer's width.
 
 Caveat on GroupNorm: `network.py` picks the group count from the channel count, so a sliced layer
 may normalise over differently sized groups than the same channels in the global model (16
@@ -22,39 +20,20 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Literal
 
-import numpy as np
-
-from .codec import SparseTensor
 from .models.network import _conv_out
 from .models.spec import LayerSpec, ModelSpec
 
-__all__ = ["Method", "SliceMap", "extract", "select_channels", "slice_map", "to_global", "width_spec"]
-
-Method = Literal["magnitude", "prefix", "rolling"]
-_METHODS = ("magnitude", "prefix", "rolling")
-
-
-class SliceMap(dict[str, np.ndarray]):
-    """Sub-tensor name -> global flat index of each of its entries (int64, the sub-tensor's shape).
-
-    It also carries the global shape of every tensor it maps, because the sparse tensors handed to
-    the aggregator are addressed in the global tensor, which the sub-tensor alone cannot tell.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.global_shapes: dict[str, tuple[int, ...]] = {}
+__all__ = ["LayerSite", "check_ratio", "layer_sites", "sliced_width", "width_spec"]
 
 
 # --------------------------------------------------------------------------- walking the spec
 
 
 @dataclass(frozen=True)
-class _Site:
+class LayerSite:
     """What a layer sees coming in, in the global model, as `SpecModel` computes it."""
 
     index: int
@@ -65,7 +44,7 @@ class _Site:
     identity: bool  # a resblock whose skip path is the input itself (no shortcut conv)
 
 
-def _sites(spec: ModelSpec) -> Iterator[_Site]:
+def layer_sites(spec: ModelSpec) -> Iterator[LayerSite]:
     """Mirror SpecModel's shape bookkeeping so slicing and the network can never disagree."""
     spec.validate()
     channels, height, width = spec.input_shape
@@ -73,7 +52,7 @@ def _sites(spec: ModelSpec) -> Iterator[_Site]:
     last = len(spec.layers) - 1
     for i, layer in enumerate(spec.layers):
         identity = (layer.kind == "resblock" and layer.stride == 1 and channels == layer.out)
-        yield _Site(i, layer, channels, hw, layer.kind != "gap" and i != last, identity)
+        yield LayerSite(i, layer, channels, hw, layer.kind != "gap" and i != last, identity)
         if layer.kind == "gap":
             hw = (1, 1)
         elif layer.kind == "fc":
@@ -87,13 +66,13 @@ def _sites(spec: ModelSpec) -> Iterator[_Site]:
             channels, hw = layer.out, (h, w)
 
 
-def _check_ratio(ratio: float) -> float:
+def check_ratio(ratio: float) -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < ratio <= 1.0:
         raise ValueError(f"width ratio must be a number in (0, 1], got {ratio!r}")
     return float(ratio)
 
 
-def _width(out: int, ratio: float) -> int:
+def sliced_width(out: int, ratio: float) -> int:
     # Rounded before the ceiling so 0.3 * 10 (= 3.0000000000000004) keeps 3 units, not 4.
     return max(1, math.ceil(round(ratio * out, 9)))
 
@@ -108,15 +87,15 @@ def width_spec(spec: ModelSpec, ratio: float) -> ModelSpec:
     residual sum needs equal widths; in practice both are the same number, except for a block that
     reads the (never sliced) model input directly.
     """
-    ratio = _check_ratio(ratio)
+    ratio = check_ratio(ratio)
     layers = []
     channels = spec.input_shape[0]  # sliced width of the current activation
-    for site in _sites(spec):
+    for site in layer_sites(spec):
         layer = site.layer
         if not site.hidden:
             layers.append(layer)
             continue
-        out = channels if site.identity else _width(layer.out, ratio)
+        out = channels if site.identity else sliced_width(layer.out, ratio)
         if (layer.kind == "resblock" and not site.identity and layer.stride == 1
                 and out == channels):
             raise ValueError(
@@ -126,186 +105,3 @@ def width_spec(spec: ModelSpec, ratio: float) -> ModelSpec:
         layers.append(replace(layer, out=out))
         channels = out
     return replace(spec, name=f"{spec.name}@w{ratio:g}", layers=tuple(layers))
-
-
-def select_channels(
-    spec: ModelSpec,
-    global_state: Mapping[str, np.ndarray],
-    ratio: float,
-    method: Method,
-    round_number: int = 0,
-) -> dict[int, np.ndarray]:
-    """Sorted kept output units per hidden layer index, with counts matching `width_spec`.
-
-    `prefix` is HeteroFL's static slice, `rolling` FedRolex's window that moves one unit per round
-    so every unit is trained over time, `magnitude` keeps the units the global model relies on
-    most. Identity-shortcut blocks follow their input whatever the method (see `width_spec`).
-    """
-    ratio = _check_ratio(ratio)
-    if method not in _METHODS:
-        raise ValueError(f"unknown selection method {method!r}; use one of {', '.join(_METHODS)}")
-    kept: dict[int, np.ndarray] = {}
-    previous = np.arange(spec.input_shape[0], dtype=np.int64)
-    for site in _sites(spec):
-        if not site.hidden:
-            continue
-        units = site.layer.out
-        count = _width(units, ratio)
-        if site.identity:
-            chosen = previous.copy()
-        elif method == "prefix":
-            chosen = np.arange(count, dtype=np.int64)
-        elif method == "rolling":
-            chosen = np.sort((round_number + np.arange(count, dtype=np.int64)) % units)
-        else:
-            norms = _unit_norms(site, global_state)
-            chosen = np.sort(np.argsort(-norms, kind="stable")[:count]).astype(np.int64)
-        kept[site.index] = chosen
-        previous = chosen
-    return kept
-
-
-def _unit_norms(site: _Site, state: Mapping[str, np.ndarray]) -> np.ndarray:
-    """L2 norm of everything that writes unit c: one row (fc) or out-channel (conv) per tensor.
-
-    A resblock's kept set indexes conv1, conv2 and the shortcut alike, so all three count.
-    """
-    prefix = f"layers.{site.index}"
-    names = {"conv": ["conv.weight"], "fc": ["linear.weight"],
-             "resblock": ["conv1.weight", "conv2.weight", "shortcut.weight"]}[site.layer.kind]
-    total = np.zeros(site.layer.out, dtype=np.float64)
-    for name in names:
-        key = f"{prefix}.{name}"
-        if key not in state:
-            if name == "shortcut.weight":
-                continue
-            raise KeyError(f"magnitude selection needs {key!r} in the global state")
-        rows = np.asarray(state[key], dtype=np.float64).reshape(site.layer.out, -1)
-        total += np.square(rows).sum(axis=1)
-    return np.sqrt(total)
-
-
-# --------------------------------------------------------------------------- index map
-
-
-def _grid(shape: tuple[int, ...], axes: list[np.ndarray | None]) -> np.ndarray:
-    """Global flat positions of the sub-block picked by one index array per axis (None = all)."""
-    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-    flat = np.zeros((), dtype=np.int64)
-    for d, (size, picked) in enumerate(zip(shape, axes)):
-        index = np.arange(size, dtype=np.int64) if picked is None else picked
-        view = [1] * len(shape)
-        view[d] = len(index)
-        flat = flat + index.reshape(view) * strides[d]
-    return flat
-
-
-def _checked_units(kept: Mapping[int, np.ndarray], site: _Site) -> np.ndarray:
-    if site.index not in kept:
-        raise ValueError(f"no kept units for hidden layer {site.index}")
-    units = np.asarray(kept[site.index])
-    if units.ndim != 1 or units.size == 0 or units.dtype.kind not in "iu":
-        raise ValueError(f"layer {site.index}: kept units must be a non-empty 1-D integer array")
-    units = units.astype(np.int64)
-    if units[0] < 0 or units[-1] >= site.layer.out or np.any(np.diff(units) <= 0):
-        raise ValueError(f"layer {site.index}: kept units must be sorted, unique and in "
-                         f"[0, {site.layer.out})")
-    return units
-
-
-def slice_map(spec: ModelSpec, kept: Mapping[int, np.ndarray]) -> SliceMap:
-    """Index map of the submodel `kept` defines, for every tensor `width_spec` gives it.
-
-    Each layer's inputs follow the previous layer's kept units; an fc reading a feature map takes,
-    for kept channel c, the whole block c*H*W .. (c+1)*H*W-1 that `torch.flatten` puts it in.
-    """
-    sites = list(_sites(spec))
-    hidden = {s.index for s in sites if s.hidden}
-    if set(kept) - hidden:
-        raise ValueError(f"kept units given for layers {sorted(set(kept) - hidden)}, which are not "
-                         f"hidden parameterised layers (those are {sorted(hidden)})")
-    smap = SliceMap()
-    previous = np.arange(spec.input_shape[0], dtype=np.int64)
-
-    def put(name: str, shape: tuple[int, ...], *axes: np.ndarray | None) -> None:
-        smap[name] = _grid(shape, list(axes) + [None] * (len(shape) - len(axes)))
-        smap.global_shapes[name] = shape
-
-    for site in sites:
-        layer, prefix = site.layer, f"layers.{site.index}"
-        if layer.kind == "gap":
-            continue
-        out = _checked_units(kept, site) if site.hidden else np.arange(layer.out, dtype=np.int64)
-        if layer.kind == "fc":
-            inputs, in_features = previous, site.in_channels
-            if site.in_hw is not None:
-                area = site.in_hw[0] * site.in_hw[1]
-                inputs = (previous[:, None] * area + np.arange(area)).reshape(-1)
-                in_features = site.in_channels * area
-            put(f"{prefix}.linear.weight", (layer.out, in_features), out, inputs)
-            put(f"{prefix}.linear.bias", (layer.out,), out)
-        elif layer.kind == "conv":
-            put(f"{prefix}.conv.weight", (layer.out, site.in_channels, layer.kernel, layer.kernel),
-                out, previous)
-            put(f"{prefix}.conv.bias", (layer.out,), out)
-            if layer.norm:
-                put(f"{prefix}.norm.weight", (layer.out,), out)
-                put(f"{prefix}.norm.bias", (layer.out,), out)
-        else:
-            if site.identity and not np.array_equal(out, previous):
-                raise ValueError(f"layer {site.index}: a block with an identity shortcut must keep "
-                                 "exactly its input's channels, or x + y adds unrelated channels")
-            if not site.identity and layer.stride == 1 and len(out) == len(previous):
-                raise ValueError(f"layer {site.index}: equal sliced input and output widths would "
-                                 "drop the shortcut convolution; keep a different number of units")
-            put(f"{prefix}.conv1.weight", (layer.out, site.in_channels, 3, 3), out, previous)
-            put(f"{prefix}.norm1.weight", (layer.out,), out)
-            put(f"{prefix}.norm1.bias", (layer.out,), out)
-            put(f"{prefix}.conv2.weight", (layer.out, layer.out, 3, 3), out, out)
-            put(f"{prefix}.norm2.weight", (layer.out,), out)
-            put(f"{prefix}.norm2.bias", (layer.out,), out)
-            if not site.identity:
-                put(f"{prefix}.shortcut.weight", (layer.out, site.in_channels, 1, 1), out, previous)
-        previous = out
-    return smap
-
-
-# --------------------------------------------------------------------------- moving values
-
-
-def extract(global_state: Mapping[str, np.ndarray], smap: SliceMap) -> dict[str, np.ndarray]:
-    """The submodel's dense state, cut out of the global one (new arrays, not views)."""
-    sub: dict[str, np.ndarray] = {}
-    for name, index in smap.items():
-        source = np.asarray(global_state[name])
-        if source.shape != smap.global_shapes[name]:
-            raise ValueError(f"tensor {name!r} has shape {source.shape}, but the slice map was "
-                             f"built for {smap.global_shapes[name]}")
-        sub[name] = source.reshape(-1)[index]
-    return sub
-
-
-def to_global(
-    sub_tensors: Mapping[str, SparseTensor | np.ndarray], smap: SliceMap
-) -> dict[str, SparseTensor]:
-    """A device's (possibly sparse) sub-state as sparse tensors over the global tensors.
-
-    The codec requires increasing indices; sorted kept units already give increasing positions,
-    but the values are reordered with the indices anyway so that no caller has to rely on it.
-    """
-    result: dict[str, SparseTensor] = {}
-    for name, tensor in sub_tensors.items():
-        if name not in smap:
-            raise ValueError(f"tensor {name!r} is not part of this submodel")
-        index = smap[name]
-        if isinstance(tensor, SparseTensor):
-            shape, values = tuple(tensor.shape), tensor.values
-            positions = index.reshape(-1) if tensor.indices is None else index.reshape(-1)[tensor.indices]
-        else:
-            array = np.asarray(tensor)
-            shape, values, positions = array.shape, array.reshape(-1), index.reshape(-1)
-        if shape != index.shape:
-            raise ValueError(f"tensor {name!r} has shape {shape}, the submodel's is {index.shape}")
-        order = np.argsort(positions, kind="stable")
-        result[name] = SparseTensor(smap.global_shapes[name], positions[order], values[order])
-    return result

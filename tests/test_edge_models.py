@@ -18,7 +18,8 @@ import torch
 
 from edge_sdk.data import to_tensor
 from edge_sdk.models import MODELS, build_model, model_spec, tensor_shapes
-from edge_sdk.slicing import extract, select_channels, slice_map, to_global, width_spec
+from coordinator.slicing import extract, select_channels, slice_map, to_global
+from edge_sdk.slicing import width_spec
 from edge_sdk.training import DPConfig, TrainConfig, train_locally
 from slicing_parity import global_model, load, zero_removed
 

@@ -1,4 +1,5 @@
-"""Width-sliced submodels (edge_sdk/slicing.py): extraction, selection, and merging back.
+"""Width-sliced submodels (edge_sdk/slicing.py, coordinator/slicing.py): extraction, selection,
+and merging back.
 
 The parity test is the one that matters: zeroing the incoming weights and biases of every removed
 unit makes the global network compute exactly what the sliced one does (ReLU(0) = 0 and max-pool
@@ -18,7 +19,8 @@ from coordinator.aggregation import StreamingAggregator
 from edge_sdk.codec import SparseTensor
 from edge_sdk.data import to_tensor
 from edge_sdk.models import LayerSpec, ModelSpec, build_model, model_spec, tensor_shapes
-from edge_sdk.slicing import extract, select_channels, slice_map, to_global, width_spec
+from coordinator.slicing import extract, select_channels, slice_map, to_global
+from edge_sdk.slicing import width_spec
 from slicing_parity import global_model, load, zero_removed
 
 METHODS = ("magnitude", "prefix", "rolling")
