@@ -26,7 +26,7 @@ from coordinator.simulation import run_simulation
 STRATEGIES = {
     "fedavg": {}, "fedp3 (opu2)": {"strategy": "fedp3"}, "fedper": {}, "fedrep": {}, "ffgg": {},
     "heterofl": {"width_levels": [1.0, 0.5, 0.25]}, "fedrolex": {"width_levels": [1.0, 0.5, 0.25]},
-    "fjord": {"width_levels": [1.0, 0.5, 0.25]}, "feddp (threshold)": {"strategy": "feddp"},
+    "fjord": {"width_levels": [1.0, 0.5, 0.25], "fjord.levels": [1.0, 0.5, 0.25]}, "feddp (threshold)": {"strategy": "feddp"},
     "feddp (gate 0.5)": {"strategy": "feddp", "feddp.variant": "gate"}, "local": {},
 }
 SETTINGS = {"FMNIST S1": {"partition": "classes:5"}, "FMNIST S2": {"partition": "dirichlet:0.5"},

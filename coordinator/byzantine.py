@@ -9,29 +9,30 @@ them to the chosen share of devices after honest local training, before aggregat
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from edge_sdk.codec import SparseTensor
+from edge_sdk.settings import Settings
 
 Attack = Literal["sign_flip", "scale", "noise"]
 
 
-@dataclass(frozen=True)
-class ByzantineSettings:
-    fraction: float = 0.0
-    attack: Attack = "sign_flip"
-    scale: float = 4.0
-    noise: float = 1.0
-    seed: int = 0
+class ByzantineSettings(Settings):
+    """The simulator's `[byzantine]` section."""
 
-    def malicious(self, clients: int) -> set[int]:
-        """A fixed set of malicious device ids for the whole run."""
-        count = int(round(self.fraction * clients))
-        rng = np.random.default_rng([self.seed, 7919])
-        return set(int(i) for i in rng.choice(clients, count, replace=False))
+    fraction: float = Field(0.0, ge=0, lt=1)
+    attack: Attack = "sign_flip"
+    scale: float = Field(4.0, gt=0)
+    noise: float = Field(1.0, gt=0)
+
+    def malicious(self, devices: int, seed: int) -> set[int]:
+        """A fixed set of malicious device indices for the whole run (`seed`: the run's)."""
+        count = int(round(self.fraction * devices))
+        rng = np.random.default_rng([seed, 7919])
+        return set(int(i) for i in rng.choice(devices, count, replace=False))
 
 
 def attack(update: Mapping[str, SparseTensor], base: Mapping[str, np.ndarray],

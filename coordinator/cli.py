@@ -1,7 +1,7 @@
-"""`fedprune` command line: one entry point, subcommands by runtime role.
+"""`fedprune` command line: the coordinator's commands (simulate, plan, export, demo, and the
+coordinator service). What runs on a device is `fedprune-edge` (`edge_sdk/cli.py`).
 
-Handlers import their modules lazily so `fedprune --help` stays instant and a device that runs
-only edge subcommands never loads coordinator code.
+Handlers import their modules lazily so `fedprune --help` stays instant.
 """
 
 from __future__ import annotations
@@ -31,12 +31,6 @@ def _simulate(args: argparse.Namespace) -> int:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
         print(f"results written to {args.json_out}")
     return 0
-
-
-def _profile(args: argparse.Namespace) -> int:
-    from edge_sdk.profiling import main_profile
-
-    return main_profile(args)
 
 
 def _print_summary(result: dict) -> None:
@@ -125,7 +119,7 @@ def _export(args: argparse.Namespace) -> int:
         plan = DevicePlan.load(args.plan)
     elif args.device:
         plan = device_plan(args.device, checkpoint)
-    formats = ("onnx", "tflite") if args.format == "both" else (args.format,)
+    formats = None if args.format == "all" else (args.format,)  # None: every registered format
     precisions = ("fp32", *args.quantize)
     manifest = export_checkpoint(checkpoint, args.out, plan=plan, formats=formats,
                                  precisions=precisions, data_dir=args.data_dir,
@@ -145,10 +139,10 @@ def _export(args: argparse.Namespace) -> int:
 
 def _coordinator_serve(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .service import CoordinatorService, ServiceConfig
+    from .service import CoordinatorService, ServiceSettings
     from edge_sdk.logs import configure_logging
 
-    config = load_config(args.config, args.set, schema=ServiceConfig)
+    config = load_config(args.config, args.set, schema=ServiceSettings)
     configure_logging(args.log_level, json_lines=not args.plain_logs)
     service = CoordinatorService(config)
     service.install_signal_handlers()
@@ -171,21 +165,6 @@ def _coordinator_provision(args: argparse.Namespace) -> int:
     return 0
 
 
-def _edge_run(args: argparse.Namespace) -> int:
-    from edge_sdk.agent import EdgeAgent, load_edge_config
-
-    from edge_sdk.logs import configure_logging
-
-    config = load_edge_config(args.config)
-    configure_logging(args.log_level, json_lines=not args.plain_logs)
-    agent = EdgeAgent(config)
-    import signal
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: agent.stopping.set())
-    agent.run()
-    return 0
-
-
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -204,33 +183,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _edge_rehearse(args: argparse.Namespace) -> int:
-    from edge_sdk.sizing import DevicePlan
-    from edge_sdk.rehearsal import rehearse
-
-    report = rehearse(DevicePlan.load(args.plan))
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"{report['device']}: trained {report['samples']} samples in "
-              f"{report['seconds']:.1f} s, peak RSS {report['peak_rss_bytes'] / 1e6:.1f} MB")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .strategies import strategy_names, strategy_sections
+
     parser = argparse.ArgumentParser(
         prog="fedprune", description="Federated learning that sizes a pruned submodel to each device.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run N devices in one process on real data",
                          description="Simulate a federation in one process with the real device code.")
-    sim.add_argument("--config", help="TOML file with any of the keys below and sections "
-                     "[train], [fedp3], [dp], [codec]")
+    sim.add_argument("--config", help="TOML file with any of the keys below and sections [train], "
+                     f"[dp], [codec], [aggregator] and the strategies' {', '.join(f'[{s}]' for s in strategy_sections())}")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any key, e.g. fedp3.selection=opu3, dp.target_epsilon=4 (repeatable)")
-    sim.add_argument("--strategy", choices=["fedavg", "fedp3", "fedper", "fedrep", "ffgg",
-                                            "heterofl", "fedrolex", "fjord", "feddp", "local",
-                                            "hidenseek"])
+    sim.add_argument("--strategy", choices=strategy_names(),
+                     help="registered strategies; each reads its own [section] (see README)")
     sim.add_argument("--dataset", choices=["fashion-mnist", "fmnist", "mnist", "femnist"])
     sim.add_argument("--data-dir", help="folder with the dataset files (default: $FEDPRUNE_DATA, "
                      "then ../shared/data, then download with checksum)")
@@ -249,29 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.set_defaults(handler=_simulate)
 
-    prof = sub.add_parser("profile", help="measure this device and write its profile (run on the device)",
-                          description="Measure this device's memory, cores, disk, battery, training "
-                          "throughput (plain and DP) and link to the coordinator, and write the "
-                          "DeviceProfile JSON the memory planner reads. The link is measured with "
-                          "--broker or given with --bandwidth; one of the two is required.")
-    prof.add_argument("--broker", metavar="URL",
-                      help="the coordinator's MQTT broker, mqtt://HOST[:PORT]; measures latency "
-                      "and bandwidth")
-    prof.add_argument("--bandwidth", metavar="UP,DOWN",
-                      help="link speed in bytes/s with an optional k/M/G suffix, e.g. 1M,4M; "
-                      "overrides the measured bandwidth")
-    prof.add_argument("--out", default="profile.json",
-                      help="where to write the profile (default: %(default)s)")
-    prof.add_argument("--name", help="device name in the profile (default: the host name)")
-    prof.add_argument("--quick", action="store_true",
-                      help="about 1 s per compute test instead of 3 s (less precise)")
-    prof.set_defaults(handler=_profile)
-
     plan = sub.add_parser("plan", help="size a device's submodel from its profile",
                           description="Pick the width, batch shape, precision and local samples "
                           "that fit a device's memory, bandwidth and compute.")
     source = plan.add_mutually_exclusive_group(required=True)
-    source.add_argument("--profile", help="profile JSON written by `fedprune profile`")
+    source.add_argument("--profile", help="profile JSON written by `fedprune-edge profile` on the device")
     source.add_argument("--catalogue", help="a named catalogue device, e.g. rpi4-2gb")
     plan.add_argument("--model", default="fedp3_cnn")
     plan.add_argument("--dataset", default="fashion-mnist")
@@ -282,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--no-dp", action="store_true", help="plan for plain SGD instead of DP-SGD")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--out", help="save the plan here")
-    plan.add_argument("--verify", action="store_true", help="run `fedprune edge rehearse` on the "
+    plan.add_argument("--verify", action="store_true", help="run `fedprune-edge rehearse` on the "
                       "plan as a fresh process and add its measured peak RSS")
     plan.set_defaults(handler=_plan)
 
@@ -296,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     target = exp.add_mutually_exclusive_group()
     target.add_argument("--device", help="catalogue device name (e.g. rpi4-2gb) or a profile JSON")
     target.add_argument("--plan", help="plan JSON written by `fedprune plan --out`")
-    exp.add_argument("--format", choices=["onnx", "tflite", "both"], default="both")
+    from export.formats import export_formats
+    exp.add_argument("--format", choices=[*export_formats(), "all"], default="all")
     exp.add_argument("--quantize", action="append", choices=["fp16", "int8"], default=[],
                      help="also export this variant beside fp32 (repeatable)")
     exp.add_argument("--out", required=True, help="bundle directory")
@@ -350,18 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--out", required=True)
     prov.set_defaults(handler=_coordinator_provision)
 
-    edge = sub.add_parser("edge", help="commands that run on the device")
-    edge_sub = edge.add_subparsers(dest="edge_command", required=True)
-    run = edge_sub.add_parser("run", help="join a fleet: register, train tasks with DP, send updates")
-    run.add_argument("--config", required=True, help="edge.toml (see deploy/edge.example.toml)")
-    run.add_argument("--log-level", default="INFO")
-    run.add_argument("--plain-logs", action="store_true", help="text logs instead of JSON lines")
-    run.set_defaults(handler=_edge_run)
-    rehearse = edge_sub.add_parser("rehearse", help="one real local DP epoch of a plan; prints "
-                                   "peak RSS")
-    rehearse.add_argument("--plan", required=True)
-    rehearse.add_argument("--json", action="store_true")
-    rehearse.set_defaults(handler=_edge_rehearse)
     return parser
 
 

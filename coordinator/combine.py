@@ -14,7 +14,7 @@ import numpy as np
 
 from edge_sdk import codec
 
-from .robust import RobustSettings, make_aggregator
+from .robust import AggregatorSettings, make_aggregator
 from .strategies import Strategy
 
 
@@ -32,9 +32,10 @@ def change_from(update: Mapping[str, codec.SparseTensor], base: Mapping[str, np.
 
 class RoundCombiner:
     def __init__(self, strategy: Strategy, global_state: Mapping[str, np.ndarray],
-                 robust: RobustSettings | None = None):
+                 aggregator: AggregatorSettings | None = None, seed: int = 0):
         self.strategy, self.global_state = strategy, global_state
-        self.aggregator = make_aggregator({k: v.shape for k, v in global_state.items()}, robust)
+        self.aggregator = make_aggregator({k: v.shape for k, v in global_state.items()}, aggregator,
+                                          seed)
 
     def add(self, update: Mapping[str, codec.SparseTensor], weight: float,
             base: Mapping[str, np.ndarray] | None = None) -> None:

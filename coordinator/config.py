@@ -8,113 +8,42 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+
+from edge_sdk.settings import CodecSettings, DPSettings, Settings, TrainSettings
 from edge_sdk.validation import describe, read_toml
+from export.formats import ExportFormatName
+
+from .byzantine import ByzantineSettings
+from .robust import AggregatorSettings
+from .strategies import strategy_sections
+from .strategies.registry import check_strategy_name
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what it accepts."""
 
 
-class _Section(BaseModel):
-    # TOML has inf and nan literals (and `--set train.lr=inf` reads one): refuse them, as no
-    # setting means anything at a non-finite value and a NaN passes every `gt`/`le` bound check.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+StrategyName = Annotated[str, AfterValidator(check_strategy_name)]
 
 
-class TrainSection(_Section):
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(48, ge=1)
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    clip_norm: float | None = Field(10.0, gt=0)
-
-
-class FedP3Section(_Section):
-    selection: str = "opu2"
-    global_keep: float = Field(1.0, gt=0, le=1)
-    local_keep: float = Field(1.0, gt=0, le=1)
-    aggregation: Literal["mean", "weighted"] = "mean"
-    train_layers: Literal["all", "selected"] = "all"
-    personal_head: bool = True
-
-
-class DPSection(_Section):
-    noise_multiplier: float | None = Field(None, gt=0)
-    target_epsilon: float | None = Field(None, gt=0)
-    epsilon_budget: float | None = Field(None, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
-    accountant: Literal["rdp", "prv"] = "rdp"
-
-    @property
-    def enabled(self) -> bool:
-        return self.noise_multiplier is not None or self.target_epsilon is not None
-
-    @model_validator(mode="after")
-    def _one_noise_source(self):
-        if self.noise_multiplier is not None and self.target_epsilon is not None:
-            raise ValueError("set dp.noise_multiplier or dp.target_epsilon, not both")
-        return self
-
-
-class CodecSection(_Section):
-    upload_dtype: Literal["fp32", "fp16"] = "fp32"
-    download_dtype: Literal["fp32", "fp16"] = "fp32"
-
-
-class PersonalSection(_Section):
-    head_layers: int = Field(1, ge=1)
-    head_epochs: int = Field(2, ge=1)
-    body_epochs: int = Field(1, ge=1)
-
-
-class FFGGSection(_Section):
-    private: str = "head"
-    private_epochs: int = Field(2, ge=1)
-    global_epochs: int = Field(1, ge=1)
-    server_lr: float = Field(1.0, gt=0)
-    max_staleness: int = Field(0, ge=0)
-
-
-class FedDPSection(_Section):
-    variant: Literal["threshold", "gate"] = "threshold"
-    threshold: float = Field(1e-3, gt=0)
-    gate: float = Field(0.5, gt=0, lt=1)
-
-
-class HideNseekSection(_Section):
-    density: float = Field(0.2, gt=0, le=1)
-    synflow_iterations: int = Field(20, ge=1)
-    aggregation: Literal["vote", "mean"] = "vote"
-
-
-class AggregatorSection(_Section):
-    rule: Literal["mean", "median", "trimmed_mean", "centered_clip"] = "mean"
-    trim: float = Field(0.2, ge=0, lt=0.5)
-    clip_radius: float = Field(1.0, gt=0)
-    clip_iterations: int = Field(3, ge=1)
-    bucket: int = Field(0, ge=0)
-
-
-class ByzantineSection(_Section):
-    fraction: float = Field(0.0, ge=0, lt=1)
-    attack: Literal["sign_flip", "scale", "noise"] = "sign_flip"
-    scale: float = Field(4.0, gt=0)
-    noise: float = Field(1.0, gt=0)
-
-
-Strategies = Literal["fedavg", "fedp3", "fedper", "fedrep", "ffgg", "heterofl", "fedrolex", "fjord",
-                     "feddp", "local", "hidenseek"]
-
-
-class LearningSettings(_Section):
+class LearningSettings(Settings):
     """What a run learns and how: shared by `fedprune simulate` and the coordinator service, so a
-    key means the same in both."""
+    key means the same in both.
 
-    strategy: Strategies = "fedavg"
+    Each registered strategy's settings section (`[fedp3]`, `[personal]`, ...) is a key of this
+    model too, read from the strategy registry when a configuration is validated, so a strategy
+    added in one file gets its section without an edit here."""
+
+    # Unknown keys are still refused (in `_strategy_sections`): allowing extras is how the
+    # registry's sections enter a model whose fields are fixed when the class is made.
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False,
+                              json_schema_extra=lambda schema, cls: _add_strategy_sections(schema))
+
+    strategy: StrategyName = "fedavg"
     dataset: Literal["fashion-mnist", "fmnist", "mnist", "femnist"] = "fashion-mnist"
     data_dir: str | None = None
     model: str = "fedp3_cnn"
@@ -122,15 +51,10 @@ class LearningSettings(_Section):
     # Without a fleet: device i gets width_levels[i % len] (HeteroFL, FedRolex, FjORD tiers).
     width_levels: list[float] | None = None
     seed: int = 0
-    train: TrainSection = TrainSection()
-    fedp3: FedP3Section = FedP3Section()
-    personal: PersonalSection = PersonalSection()
-    ffgg: FFGGSection = FFGGSection()
-    feddp: FedDPSection = FedDPSection()
-    hidenseek: HideNseekSection = HideNseekSection()
-    aggregator: AggregatorSection = AggregatorSection()
-    dp: DPSection = DPSection()
-    codec: CodecSection = CodecSection()
+    train: TrainSettings = TrainSettings()
+    aggregator: AggregatorSettings = AggregatorSettings()
+    dp: DPSettings = DPSettings()
+    codec: CodecSettings = CodecSettings()
 
     @field_validator("width_levels")
     @classmethod
@@ -139,8 +63,35 @@ class LearningSettings(_Section):
             raise ValueError("width_levels must be a non-empty list of widths in (0, 1]")
         return value
 
+    @model_validator(mode="after")
+    def _strategy_sections(self):
+        """Validate every registered strategy's section (defaults where absent) and refuse any
+        other key not declared above."""
+        sections = strategy_sections()
+        extra = self.__pydantic_extra__
+        unknown = sorted(set(extra) - set(sections))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a setting; the settings are "
+                             f"{', '.join(type(self).model_fields)} and the strategy sections "
+                             f"{', '.join(sections)}")
+        for name, model in sections.items():
+            value = extra.get(name, {})
+            if isinstance(value, model):
+                continue
+            try:
+                extra[name] = model.model_validate(value)
+            except ValidationError as exc:
+                raise ValueError("; ".join(f"{name}.{problem}" for problem in
+                                           describe(exc, "").split("; "))) from None
+        return self
 
-class SimulationConfig(LearningSettings):
+
+def _add_strategy_sections(schema: dict[str, Any]) -> None:
+    for name, model in strategy_sections().items():
+        schema.setdefault("properties", {})[name] = model.model_json_schema()
+
+
+class SimulationSettings(LearningSettings):
     clients: int = Field(10, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)
     partition: str = "classes:5"
@@ -154,9 +105,9 @@ class SimulationConfig(LearningSettings):
     target_accuracies: list[float] = Field([0.5, 0.6, 0.7, 0.8], max_length=20)
     rounds: int = Field(3, ge=1)
     export_dir: str | None = None  # export every client's final model here, one folder each
-    export_formats: list[Literal["onnx", "tflite"]] = Field(["onnx", "tflite"], min_length=1)
+    export_formats: list[ExportFormatName] = Field(["onnx", "tflite"], min_length=1)
     export_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(["fp32"], min_length=1)
-    byzantine: ByzantineSection = ByzantineSection()
+    byzantine: ByzantineSettings = ByzantineSettings()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -176,7 +127,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                schema: type[BaseModel] = SimulationConfig, **direct: Any) -> Any:
+                schema: type[BaseModel] = SimulationSettings, **direct: Any) -> Any:
     """Defaults < TOML file < `direct` (explicit CLI flags) < `--set` overrides, as `schema`."""
     data: dict[str, Any] = {}
     if path is not None:

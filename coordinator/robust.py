@@ -15,36 +15,37 @@ and averaged per bucket before the rule, which keeps the rules effective under h
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from edge_sdk.codec import SparseTensor
+from edge_sdk.settings import Settings
 
 from .aggregation import AggregationError, StreamingAggregator
 
 Rule = Literal["mean", "median", "trimmed_mean", "centered_clip"]
 
 
-@dataclass(frozen=True)
-class RobustSettings:
+class AggregatorSettings(Settings):
+    """The run's `[aggregator]` section."""
+
     rule: Rule = "mean"
-    trim: float = 0.2           # trimmed mean: share cut from each end
-    clip_radius: float = 1.0    # centered clipping: tau, in L2 norm of the whole update
-    clip_iterations: int = 3
-    bucket: int = 0             # 0 or 1: no bucketing
-    seed: int = 0
+    trim: float = Field(0.2, ge=0, lt=0.5)   # trimmed mean: share cut from each end
+    clip_radius: float = Field(1.0, gt=0)    # centered clipping: tau, in L2 norm of the whole update
+    clip_iterations: int = Field(3, ge=1)
+    bucket: int = Field(0, ge=0)             # 0 or 1: no bucketing
 
 
 class RobustAggregator(StreamingAggregator):
     """Same interface as the streaming mean; `apply` runs the configured rule."""
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], settings: RobustSettings):
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], settings: AggregatorSettings, seed: int = 0):
+        """`seed`: the run's; it shuffles updates into buckets."""
         super().__init__(shapes)
-        if not 0 <= settings.trim < 0.5:
-            raise ValueError(f"trim must be in [0, 0.5), got {settings.trim}")
         self.settings = settings
+        self.seed = seed
         self._rows: dict[str, list[np.ndarray]] = {name: [] for name in self.shapes}
 
     def add_update(self, tensors: Mapping[str, SparseTensor], weight: float = 1.0) -> None:
@@ -60,7 +61,7 @@ class RobustAggregator(StreamingAggregator):
     def apply(self, global_state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.settings.rule == "mean" or self.updates == 0:
             return super().apply(global_state)
-        order = np.random.default_rng(self.settings.seed).permutation(self.updates)
+        order = np.random.default_rng(self.seed).permutation(self.updates)
         stacked = {name: self._bucketed(np.stack(rows)[order]) for name, rows in self._rows.items()}
         if self.settings.rule == "centered_clip":
             combined = self._centered_clip(stacked, global_state)
@@ -124,7 +125,7 @@ class _quiet_nan:
 
 
 def make_aggregator(shapes: Mapping[str, tuple[int, ...]],
-                    settings: RobustSettings | None) -> StreamingAggregator:
+                    settings: AggregatorSettings | None, seed: int = 0) -> StreamingAggregator:
     if settings is None or settings.rule == "mean":
         return StreamingAggregator(shapes)
-    return RobustAggregator(shapes, settings)
+    return RobustAggregator(shapes, settings, seed)

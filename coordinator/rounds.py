@@ -25,7 +25,7 @@ from edge_sdk.models import ModelSpec, SpecModel, build_model, tensor_shapes
 from edge_sdk.plan import SubmodelPlan, TensorPlan
 from edge_sdk.pruning import is_prunable
 from edge_sdk.slicing import width_spec
-from edge_sdk.training import DPConfig, TrainConfig
+from edge_sdk.settings import DPSettings, TrainSettings
 
 from .planning.planner import PlannerSettings
 from .slicing import extract, select_channels, slice_map, to_global
@@ -36,11 +36,9 @@ class UpdateRefused(ValueError):
     """An update the coordinator will not aggregate; the text, sent back in the ACK, says why."""
 
 
-def dp_config(config: Any) -> DPConfig | None:
+def dp_config(config: Any) -> DPSettings | None:
     """The run's DP-SGD settings, or None when the run trains without DP."""
-    if not config.dp.enabled:
-        return None
-    return DPConfig(**config.dp.model_dump())
+    return config.dp if config.dp.enabled else None
 
 
 def planner_settings(config: Any, strategy: Strategy, deadline_seconds: float) -> PlannerSettings:
@@ -86,7 +84,7 @@ class Task:
 
     device_index: int
     plan: SubmodelPlan           # per tensor, at the device's width; upload precision and keep
-    train: TrainConfig           # with the device's physical batch
+    train: TrainSettings           # with the device's physical batch
     width_ratio: float
     slicing: str
     download_dtype: str
@@ -136,7 +134,7 @@ class RoundPipeline:
     """One round of one global model: every task it sends, every update it takes back."""
 
     def __init__(self, strategy: Strategy, settings: Any, global_state: Mapping[str, np.ndarray],
-                 round_number: int, train: TrainConfig, slicing_round: int | None = None):
+                 round_number: int, train: TrainSettings, slicing_round: int | None = None):
         """`settings`: the run's LearningSettings. `slicing_round`: the round whose channel
         window the submodels use (FedRolex rolls it); by default this round (an asynchronous
         device that starts from an older model uses that model's round)."""
@@ -158,13 +156,12 @@ class RoundPipeline:
     def view(self, ratio: float) -> SubmodelView:
         if ratio not in self._views:
             spec = self.strategy.spec
-            if ratio < 1.0 and (any(layer.gate < 1 for layer in spec.layers)
-                                or self.strategy.download_masks is not None):
+            if ratio < 1.0 and not self.strategy.width_sliceable:
                 raise ValueError(f"{self.strategy.name} runs at full width only (FedDP gates and "
                                  "HideNseek masks are not width-sliced); plan it without widths")
             if ratio >= 1.0:
                 self._views[ratio] = SubmodelView(spec, tensor_shapes(spec), self.global_state,
-                                                  None, 1.0, self.strategy.download_masks)
+                                                  None, 1.0, self.strategy.fixed_masks)
             else:
                 kept = select_channels(spec, self.global_state, ratio, self.slicing,
                                        self.slicing_round)
@@ -187,7 +184,7 @@ class RoundPipeline:
         plan = view.adapt(self.strategy.plan(device_index, self.round_number, trained))
         train, download_dtype, download_keep = self.train, self.download_dtype, 1.0
         if sizing is not None:
-            train = dataclasses.replace(train, physical_batch_size=sizing.physical_batch_size)
+            train = train.model_copy(update={"physical_batch_size": sizing.physical_batch_size})
             download_dtype = _finer(download_dtype, sizing.download_dtype)
             download_keep = sizing.download_keep
             if plan.mode == "weights":

@@ -22,15 +22,14 @@ from edge_sdk.data import ClientData, load_dataset, make_client_data, to_tensor
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.models.cost import footprint, inference_macs
 from edge_sdk.slicing import width_spec
-from edge_sdk.training import TrainConfig, accuracy, chance_accuracy
+from edge_sdk.training import accuracy, chance_accuracy
 
-from .byzantine import ByzantineSettings, attack
+from .byzantine import attack
 from .combine import RoundCombiner
-from .config import SimulationConfig
+from .config import SimulationSettings
 from .exporting import export_clients
 from .planning.clock import task_time, time_to_accuracy
 from .planning.fleet import DeviceAssignment, plan_fleet
-from .robust import RobustSettings
 from .rounds import RoundPipeline, Task, device_settings, dp_config, planner_settings
 from .strategies import Strategy, build_strategy
 
@@ -108,7 +107,7 @@ class SimulationResult:
 TaskObserver = Callable[[int, Task, bytes, "TaskOutcome | None"], None]
 
 
-def run_simulation(config: SimulationConfig, progress: bool = True,
+def run_simulation(config: SimulationSettings, progress: bool = True,
                    profiles: list[DeviceProfile] | None = None,
                    observe: TaskObserver | None = None) -> SimulationResult:
     """`profiles`: the fleet's devices, one per client, instead of sampling `config.fleet`."""
@@ -117,7 +116,7 @@ def run_simulation(config: SimulationConfig, progress: bool = True,
     strategy = build_strategy(config, model_spec(config.model, source.info.input_shape,
                                                 source.info.num_classes))
     spec = strategy.spec  # a strategy may change the architecture (FedDP's gates)
-    train = TrainConfig(**config.train.model_dump())
+    train = config.train
     dp = dp_config(config)
     shards = [_capped(data, config.max_client_samples)
               for data in make_client_data(source, config.clients, config.partition, config.seed)]
@@ -133,9 +132,8 @@ def run_simulation(config: SimulationConfig, progress: bool = True,
                                                  for k, v in global_model.state_dict().items()}
     rng = np.random.default_rng(config.seed)
     per_round = max(1, round(config.fraction * config.clients))
-    byzantine = ByzantineSettings(**config.byzantine.model_dump(), seed=config.seed)
-    malicious = byzantine.malicious(config.clients) if byzantine.fraction else set()
-    robust = RobustSettings(**config.aggregator.model_dump(), seed=config.seed)
+    byzantine = config.byzantine
+    malicious = byzantine.malicious(config.clients, config.seed) if byzantine.fraction else set()
     staleness = config.ffgg.max_staleness if config.strategy == "ffgg" else 0
     history = [global_state]  # the last `staleness` + 1 global states, newest last
     sizing = {a.device_index: a.plan for a in fleet} if fleet else {}
@@ -151,7 +149,7 @@ def run_simulation(config: SimulationConfig, progress: bool = True,
                                         slicing_round=round_number - age)
                      for age in range(len(history))}
         pipeline = pipelines[0]
-        combiner = RoundCombiner(strategy, global_state, robust)
+        combiner = RoundCombiner(strategy, global_state, config.aggregator, config.seed)
         row = RoundResult(round_number, 0.0, 0.0, 0.0, chance, 0, 0, 0.0, 0, 0,
                           simulated_seconds=0.0 if fleet else None)
         for device_index in chosen:
@@ -225,7 +223,7 @@ def _run(client: LocalClient, task: Task, payload: bytes, entry: dict,
     return outcome
 
 
-def _run_on_the_clock(assignment, client: LocalClient, task: Task, payload: bytes, dp, config: SimulationConfig, entry: dict, row: RoundResult) -> TaskOutcome | None:
+def _run_on_the_clock(assignment, client: LocalClient, task: Task, payload: bytes, dp, config: SimulationSettings, entry: dict, row: RoundResult) -> TaskOutcome | None:
     """A planned device's task on the simulated clock. A device whose model does not fit in its
     memory dies in training; one that cannot have finished training by the deadline is cut off
     there (not trained, nothing sent); one whose upload ends past the deadline sent it, but it is
@@ -266,7 +264,7 @@ def _inference_cost(spec, widths: list[float]) -> dict[str, Any]:
             "flops_per_sample_by_width": {f"{w:g}": f for w, f in sorted(per_width.items())}}
 
 
-def _plan_fleet(config: SimulationConfig, strategy: Strategy, shards: list[ClientData],
+def _plan_fleet(config: SimulationSettings, strategy: Strategy, shards: list[ClientData],
                 profiles: list[DeviceProfile] | None) -> list[DeviceAssignment]:
     """Each device sized from its profile, for the transfer layout of its own plan (which
     tensors it uploads decides where download and upload keep apply)."""

@@ -7,7 +7,6 @@ with the encoded values of the entries it trained and is asked to upload.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +18,8 @@ from .models import ModelSpec, SpecModel, build_model, tensor_shapes
 from .plan import SubmodelPlan, TrainPhase
 from .pruning import is_prunable, magnitude_mask, top_changes_mask
 from .supermask import run_supermask_task
-from .training import (DPConfig, PrivacyBudgetExceeded, PrivacyLedger, TrainConfig, TrainReport,
-                       accuracy, dp_sampling, train_locally)
+from .training import PrivacyBudgetExceeded, PrivacyLedger, TrainReport, accuracy, dp_sampling, train_locally
+from .settings import DPSettings, TrainSettings
 
 
 class TaskError(ValueError):
@@ -39,7 +38,7 @@ class TaskOutcome:
 
 
 class LocalClient:
-    def __init__(self, data: ClientData, train: TrainConfig, dp: DPConfig | None = None,
+    def __init__(self, data: ClientData, train: TrainSettings, dp: DPSettings | None = None,
                  planned_rounds: int = 1, seed: int = 0, ledger: PrivacyLedger | None = None):
         """`ledger`: what this client has already spent, and the delta it accounts at (a device
         passes its own, restored from disk); by default a new one at dp.delta."""
@@ -118,7 +117,7 @@ class LocalClient:
             for name, param in model.named_parameters():
                 param.requires_grad_(name in phase.tensors)
             part = train_locally(model, train_x, train_y,
-                                 dataclasses.replace(self.train_config, local_epochs=phase.epochs),
+                                 self.train_config.model_copy(update={"local_epochs": phase.epochs}),
                                  masks, seed=_task_seed(self.seed, self.device_index, plan.round) + number,
                                  dp=self.dp, noise_multiplier=noise, before_batch=before_batch,
                                  after_epoch=after_epoch)

@@ -19,7 +19,8 @@ from .sizing import DevicePlan
 from .data import client_data_for, load_dataset
 from .models import build_model, model_spec
 from .slicing import width_spec
-from .training import DPConfig, TrainConfig, train_locally
+from .training import train_locally
+from .settings import DPSettings, TrainSettings
 
 
 def peak_rss_bytes() -> int:
@@ -47,9 +48,9 @@ def rehearse(plan: DevicePlan) -> dict[str, Any]:
     spec = width_spec(model_spec(plan.model, source.info.input_shape, source.info.num_classes),
                       plan.width_ratio)
     model = build_model(spec, seed=plan.data.seed)
-    train = TrainConfig(local_epochs=1, batch_size=plan.batch_size, momentum=plan.momentum,
+    train = TrainSettings(local_epochs=1, batch_size=plan.batch_size, momentum=plan.momentum,
                         physical_batch_size=plan.physical_batch_size)
-    dp = DPConfig(noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm) \
+    dp = DPSettings(noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm) \
         if plan.dp else None
     started = time.perf_counter()
     report = train_locally(model, x, y, train, {}, seed=plan.data.seed, dp=dp,

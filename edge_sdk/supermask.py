@@ -19,7 +19,8 @@ from torch.nn.utils import parametrize
 from . import codec
 from .models import build_model
 from .plan import SubmodelPlan
-from .training import TrainConfig, TrainReport, train_locally
+from .training import TrainReport, train_locally
+from .settings import TrainSettings
 
 
 class _SignedWeight(nn.Module):
@@ -36,7 +37,7 @@ class _SignedWeight(nn.Module):
 
 def run_supermask_task(plan: SubmodelPlan, received: dict[str, codec.SparseTensor],
                        scores: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                       train: TrainConfig, seed: int
+                       train: TrainSettings, seed: int
                        ) -> tuple[dict[str, torch.Tensor], dict[str, codec.SparseTensor], TrainReport]:
     """Returns (effective personal weights, the sign upload, report); updates `scores` in place."""
     model = build_model(plan.spec, seed=plan.init_seed)

@@ -44,8 +44,10 @@ def read_toml(path: str | Path, what: str, error: type[Exception]) -> dict[str, 
 
 
 def describe(exc: ValidationError, root: str = "value") -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in error['loc']) or root}: {error['msg']}"
-                     for error in exc.errors())
+    """`path.to.field: what is wrong`, per error. A validator's own message (a ValueError it raised)
+    is given without pydantic's "Value error, " prefix, and names its keys itself."""
+    return "; ".join(f"{'.'.join(str(p) for p in error['loc']) or root}: "
+                     f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
 
 
 # Limits of `load_json`: far above anything fedprune writes (its headers and manifests nest under

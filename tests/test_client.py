@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.strategies import DownloadBuilder, FedAvg, FedP3, FedP3Config
+from coordinator.strategies import DownloadBuilder
+from coordinator.strategies.fedavg import FedAvg
+from coordinator.strategies.fedp3 import FedP3, FedP3Settings
 from edge_sdk import codec
 from edge_sdk.client import LocalClient, TaskError
 from edge_sdk.data import ClientData
 from edge_sdk.models import build_model, model_spec, tensor_shapes
-from edge_sdk.training import DPConfig, TrainConfig
+from edge_sdk.settings import DPSettings, TrainSettings
 
 SPEC = model_spec("fedp3_cnn", (1, 28, 28), 10)
 
@@ -26,8 +28,8 @@ def global_state(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def test_fedp3_task_uploads_only_selected_layers_and_output(fmnist_clients):
-    client = LocalClient(small(fmnist_clients[1]), TrainConfig())
-    strategy = FedP3(SPEC, FedP3Config(selection="opu2"))
+    client = LocalClient(small(fmnist_clients[1]), TrainSettings())
+    strategy = FedP3(SPEC, FedP3Settings(selection="opu2"))
     plan = strategy.plan(1, 1, client.num_train)
     state = global_state()
     outcome = client.run_task(plan, DownloadBuilder(state, codec.ValueDtype.FLOAT32).payload(plan, False))
@@ -41,30 +43,30 @@ def test_fedp3_task_uploads_only_selected_layers_and_output(fmnist_clients):
 
 
 def test_private_head_is_kept_from_the_device_not_the_download(fmnist_clients):
-    client = LocalClient(small(fmnist_clients[0]), TrainConfig())
-    strategy = FedP3(SPEC, FedP3Config(selection="lowerb", personal_head=True))
+    client = LocalClient(small(fmnist_clients[0]), TrainSettings())
+    strategy = FedP3(SPEC, FedP3Settings(selection="lowerb", personal_head=True))
     first = strategy.plan(0, 1, client.num_train)
     client.run_task(first, DownloadBuilder(global_state(0), codec.ValueDtype.FLOAT32).payload(first, False))
     head_after_round_1 = client.state["layers.4.linear.weight"].clone()
     second = strategy.plan(0, 2, client.num_train)
     payload = DownloadBuilder(global_state(1), codec.ValueDtype.FLOAT32).payload(second, True)
     assert "layers.4.linear.weight" not in codec.decode(payload)
-    client.train_config = TrainConfig(lr=1e-9)  # isolate: the head barely moves in round 2
+    client.train_config = TrainSettings(lr=1e-9)  # isolate: the head barely moves in round 2
     client.run_task(second, payload)
     assert torch.allclose(client.state["layers.4.linear.weight"], head_after_round_1, atol=1e-6)
 
 
 def test_a_fresh_device_refuses_a_task_missing_its_private_tensors(fmnist_clients):
-    client = LocalClient(small(fmnist_clients[0]), TrainConfig())
-    plan = FedP3(SPEC, FedP3Config()).plan(0, 1, client.num_train)
+    client = LocalClient(small(fmnist_clients[0]), TrainSettings())
+    plan = FedP3(SPEC, FedP3Settings()).plan(0, 1, client.num_train)
     payload = DownloadBuilder(global_state(), codec.ValueDtype.FLOAT32).payload(plan, True)
     with pytest.raises(TaskError, match="no value for 'layers.4.linear"):
         client.run_task(plan, payload)
 
 
 def test_local_pruning_keeps_pruned_entries_zero_and_does_not_upload_them(fmnist_clients):
-    client = LocalClient(small(fmnist_clients[2]), TrainConfig(lr=0.05))
-    plan = FedP3(SPEC, FedP3Config(selection="opu3", local_keep=0.3)).plan(2, 1, client.num_train)
+    client = LocalClient(small(fmnist_clients[2]), TrainSettings(lr=0.05))
+    plan = FedP3(SPEC, FedP3Settings(selection="opu3", local_keep=0.3)).plan(2, 1, client.num_train)
     outcome = client.run_task(plan, DownloadBuilder(global_state(), codec.ValueDtype.FLOAT32).payload(plan, False))
     weight = client.state["layers.3.linear.weight"].numpy()
     numel = weight.size
@@ -75,8 +77,8 @@ def test_local_pruning_keeps_pruned_entries_zero_and_does_not_upload_them(fmnist
 
 
 def test_globally_pruned_download_arrives_sparse_and_is_not_uploaded(fmnist_clients):
-    client = LocalClient(small(fmnist_clients[3]), TrainConfig())
-    plan = FedP3(SPEC, FedP3Config(selection="lowerb", global_keep=0.5, train_layers="selected")
+    client = LocalClient(small(fmnist_clients[3]), TrainSettings())
+    plan = FedP3(SPEC, FedP3Settings(selection="lowerb", global_keep=0.5, train_layers="selected")
                  ).plan(3, 1, client.num_train)
     payload = DownloadBuilder(global_state(), codec.ValueDtype.FLOAT32).payload(plan, False)
     received = codec.decode(payload)
@@ -90,8 +92,8 @@ def test_globally_pruned_download_arrives_sparse_and_is_not_uploaded(fmnist_clie
 
 
 def test_dp_task_charges_the_ledger_and_stops_when_the_budget_is_spent(fmnist_clients):
-    dp = DPConfig(noise_multiplier=2.0, max_grad_norm=1.0, delta=1e-5, epsilon_budget=2.6)
-    client = LocalClient(small(fmnist_clients[4], 200), TrainConfig(), dp)
+    dp = DPSettings(noise_multiplier=2.0, max_grad_norm=1.0, delta=1e-5, epsilon_budget=2.6)
+    client = LocalClient(small(fmnist_clients[4], 200), TrainSettings(), dp)
     strategy = FedAvg(SPEC)
     refused_at = None
     for round_number in range(1, 15):
@@ -110,7 +112,7 @@ def test_dp_task_charges_the_ledger_and_stops_when_the_budget_is_spent(fmnist_cl
 
 
 def test_upload_in_fp16_is_half_the_bytes(fmnist_clients):
-    client = LocalClient(small(fmnist_clients[5]), TrainConfig())
+    client = LocalClient(small(fmnist_clients[5]), TrainSettings())
     state = global_state()
     sizes = {}
     for dtype in ("fp32", "fp16"):

@@ -43,7 +43,7 @@ def test_override_values_are_read_as_toml_literals(item, keys, value):
     (["fedp3.global_keep=0"], "fedp3.global_keep: Input should be greater than 0"),
     (["fedp3.aggregation=median"], "fedp3.aggregation"),
     (["dp.noise_multiplier=1.0", "dp.target_epsilon=2"], "not both"),
-    (["nosuchkey=1"], "nosuchkey: Extra inputs are not permitted"),
+    (["nosuchkey=1"], "nosuchkey: not a setting; the settings are strategy, dataset"),
     (["rounds"], "expected key=value"),
     (["rounds.x=1"], "rounds: Input should be a valid integer"),
     (["rounds=3", "rounds.x=1"], "rounds is a value, not a section"),

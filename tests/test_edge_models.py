@@ -20,7 +20,8 @@ from edge_sdk.data import to_tensor
 from edge_sdk.models import MODELS, build_model, model_spec, tensor_shapes
 from coordinator.slicing import extract, select_channels, slice_map, to_global
 from edge_sdk.slicing import width_spec
-from edge_sdk.training import DPConfig, TrainConfig, train_locally
+from edge_sdk.training import train_locally
+from edge_sdk.settings import DPSettings, TrainSettings
 from slicing_parity import global_model, load, zero_removed
 
 METHODS = ("prefix", "rolling", "magnitude")
@@ -142,8 +143,8 @@ def test_one_dp_sgd_step_with_ghost_clipping(name, classes, ratio, method, fmnis
     x = to_tensor(fmnist.train_x[:8], fmnist.info)
     y = torch.tensor(np.array(fmnist.train_y[:8]), dtype=torch.long)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    report = train_locally(model, x, y, TrainConfig(batch_size=8, lr=0.05), {}, seed=0,
-                           dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0), noise_multiplier=1.0)
+    report = train_locally(model, x, y, TrainSettings(batch_size=8, lr=0.05), {}, seed=0,
+                           dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), noise_multiplier=1.0)
     assert report.steps == 1 and report.samples > 0 and math.isfinite(report.mean_loss)
     assert report.privacy_history == [(1.0, 1.0, 1)]
     after = model.state_dict()

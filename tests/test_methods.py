@@ -10,15 +10,15 @@ import torch
 from coordinator.byzantine import ByzantineSettings, attack
 from coordinator.combine import RoundCombiner
 from coordinator.config import load_config
-from coordinator.robust import RobustAggregator, RobustSettings
+from coordinator.robust import RobustAggregator, AggregatorSettings
 from coordinator.strategies import build_strategy
 from coordinator.simulation import run_simulation
-from coordinator.strategies import STRATEGIES
+from coordinator.strategies import strategy_names
 from edge_sdk import codec
 from edge_sdk.client import LocalClient, _ordered_dropout
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.models.cost import footprint, inference_macs
-from edge_sdk.training import TrainConfig
+from edge_sdk.settings import TrainSettings
 
 SPEC = model_spec("fedp3_cnn", (1, 28, 28), 10)
 
@@ -29,9 +29,10 @@ def _config(strategy: str, **extra):
                        **extra)
 
 
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "fedp3"])
+@pytest.mark.parametrize("strategy", [s for s in strategy_names() if s != "fedp3"])
 def test_every_strategy_learns_well_above_chance(strategy):
     extra = {"width_levels": [1.0, 0.5]} if strategy in ("heterofl", "fedrolex", "fjord") else {}
+    extra.update({"fjord.levels": [1.0, 0.5]} if strategy == "fjord" else {})
     result = run_simulation(_config(strategy, **extra), progress=False).to_dict()
     final = result["final"]
     assert final["personalized_accuracy"] > 0.45, final  # chance is 0.10 (0.20 within a device's 5 classes)
@@ -47,9 +48,9 @@ def _one_task(strategy_name: str, fmnist_clients, **extra):
     from coordinator.strategies import DownloadBuilder
     plan = strategy.plan(0, 1, 100)
     dtype = codec.ValueDtype.from_name(strategy.download_dtype or "fp32")
-    download = DownloadBuilder(state, dtype, strategy.download_masks).payload(
+    download = DownloadBuilder(state, dtype, strategy.fixed_masks).payload(
         plan, device_has_private_copy=False)
-    client = LocalClient(fmnist_clients[0], TrainConfig(batch_size=32, lr=0.05))
+    client = LocalClient(fmnist_clients[0], TrainSettings(batch_size=32, lr=0.05))
     client.data = type(client.data)(0, client.data.train_x[:200], client.data.train_y[:200],
                                     client.data.test_x[:50], client.data.test_y[:50])
     outcome = client.run_task(plan, download)
@@ -108,14 +109,14 @@ def _dense(values):
 
 @pytest.mark.parametrize("rule, expected", [("median", 2.0), ("trimmed_mean", 2.0), ("mean", 103 / 3)])
 def test_robust_rules_on_a_hand_made_case(rule, expected):
-    agg = RobustAggregator({"w": (1,)}, RobustSettings(rule=rule, trim=1 / 3))
+    agg = RobustAggregator({"w": (1,)}, AggregatorSettings(rule=rule, trim=1 / 3))
     for value in (1.0, 2.0, 100.0):
         agg.add_update(_dense([value]))
     assert agg.apply({"w": np.zeros(1, np.float32)})["w"][0] == pytest.approx(expected)
 
 
 def test_robust_rules_ignore_entries_a_device_did_not_upload():
-    agg = RobustAggregator({"w": (3,)}, RobustSettings(rule="median"))
+    agg = RobustAggregator({"w": (3,)}, AggregatorSettings(rule="median"))
     agg.add_update({"w": codec.SparseTensor.from_dense(np.array([1, 1, 1], np.float32),
                                                       np.array([True, False, True]))})
     agg.add_update(_dense([3, 5, 3]))
@@ -125,7 +126,7 @@ def test_robust_rules_ignore_entries_a_device_did_not_upload():
 
 
 def test_centered_clipping_bounds_an_outliers_pull():
-    agg = RobustAggregator({"w": (2,)}, RobustSettings(rule="centered_clip", clip_radius=1.0,
+    agg = RobustAggregator({"w": (2,)}, AggregatorSettings(rule="centered_clip", clip_radius=1.0,
                                                        clip_iterations=1))
     for values in ([0.5, 0.0], [0.5, 0.0], [100.0, 0.0]):
         agg.add_update(_dense(values))
@@ -140,7 +141,7 @@ def test_robust_rules_resist_a_fifth_of_sign_flipping_devices_where_the_mean_doe
     settings = ByzantineSettings(fraction=0.2, attack="sign_flip", scale=10.0)
     results = {}
     for rule in ("mean", "median", "trimmed_mean", "centered_clip"):
-        agg = RobustAggregator({"w": (50,)}, RobustSettings(rule=rule, trim=0.25, clip_radius=2.0,
+        agg = RobustAggregator({"w": (50,)}, AggregatorSettings(rule=rule, trim=0.25, clip_radius=2.0,
                                                             bucket=0))
         for i in range(10):
             update = _dense(honest_target + rng.normal(0, 0.1, 50))
@@ -167,7 +168,7 @@ def test_ffgg_server_steps_on_the_mean_change():
 
 
 def test_synflow_keeps_the_target_density_without_emptying_a_layer():
-    from coordinator.strategies import synflow_masks
+    from coordinator.strategies.hidenseek import synflow_masks
     masks = synflow_masks(SPEC, density=0.2, iterations=10, seed=0)
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.size for m in masks.values())

@@ -6,9 +6,13 @@ import logging
 
 import dp_accounting
 import pytest
+
+from edge_sdk.protocol.envelope import Envelope, EnvelopeError, MessageType
+from edge_sdk.protocol.messages import parse_header
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from edge_sdk.training import DPConfig, PrivacyBudgetExceeded, PrivacyLedger, dp_sampling
+from edge_sdk.training import PrivacyBudgetExceeded, PrivacyLedger, dp_sampling
+from edge_sdk.settings import DPSettings
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -46,7 +50,7 @@ def test_epsilon_grows_with_every_round_composed():
 
 
 def test_target_epsilon_calibration_spends_the_budget_over_planned_rounds():
-    config = DPConfig(target_epsilon=4.0, delta=1e-5)
+    config = DPSettings(target_epsilon=4.0, delta=1e-5)
     rate, steps_per_round = dp_sampling(420, 48, epochs=1)
     sigma = config.resolve_noise(rate, steps_per_round * 5)
     ledger = PrivacyLedger(delta=1e-5, budget_epsilon=config.budget)
@@ -72,11 +76,19 @@ def test_dp_sampling_matches_opacus_data_loader():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({}, "exactly one of noise_multiplier or target_epsilon"),
-    ({"noise_multiplier": 1.0, "target_epsilon": 2.0}, "exactly one"),
-    ({"noise_multiplier": 1.0, "delta": 2.0}, "delta must be in"),
-    ({"noise_multiplier": 1.0, "max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
+    ({"noise_multiplier": 1.0, "target_epsilon": 2.0}, "not both"),
+    ({"noise_multiplier": 1.0, "delta": 2.0}, "delta\n  Input should be less than 1"),
+    ({"noise_multiplier": 1.0, "max_grad_norm": 0.0}, "max_grad_norm\n  Input should be greater than 0"),
+    ({"noise_multiplier": float("nan")}, "noise_multiplier\n  Input should be a finite number"),
 ])
 def test_bad_dp_settings_are_refused_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        DPConfig(**kwargs)
+        DPSettings(**kwargs)
+
+
+def test_a_task_whose_dp_names_no_noise_is_refused():
+    """DPSettings() is "no DP" in a run's configuration; in a TASK it must be null instead."""
+    header = {"device_id": "d", "round": 1, "task": "t", "plan": {}, "train": {}, "dp": {},
+              "planned_rounds": 1, "deadline": 0.0}
+    with pytest.raises(EnvelopeError, match="dp names neither noise_multiplier nor target_epsilon"):
+        parse_header(Envelope(MessageType.TASK, header))

@@ -12,7 +12,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from coordinator.strategies import DownloadBuilder, FedAvg, FedP3, FedP3Config, parse_selection
+from coordinator.strategies import DownloadBuilder
+from coordinator.strategies.fedavg import FedAvg
+from coordinator.strategies.fedp3 import FedP3, FedP3Settings, parse_selection
 from edge_sdk import codec
 from edge_sdk.models import build_model, layer_tensor_names, model_spec, tensor_shapes
 from edge_sdk.plan import SubmodelPlan, TensorPlan
@@ -26,7 +28,7 @@ OUTPUT = set(LAYERS[-1])
 
 def fedp3(**config):
     seed = config.pop("seed", 0)
-    return FedP3(SPEC, FedP3Config(**config), seed=seed)
+    return FedP3(SPEC, FedP3Settings(**config), seed=seed)
 
 
 def layer_names(indices):
@@ -99,7 +101,7 @@ def test_parse_selection_rejects_unknown_form():
         with pytest.raises(ValueError, match=r"lowerb, opuK or oprK"):
             parse_selection(text, HIDDEN)
     with pytest.raises(ValueError, match=r"lowerb, opuK or oprK"):
-        FedP3(SPEC, FedP3Config(selection="foo"))
+        FedP3(SPEC, FedP3Settings(selection="foo"))
 
 
 @pytest.mark.parametrize("text", ["opu9", "opr5", "opu0"])
@@ -107,7 +109,7 @@ def test_parse_selection_rejects_k_out_of_range(text):
     with pytest.raises(ValueError, match=rf"{text}.*between 1 and the {HIDDEN} hidden layers"):
         parse_selection(text, HIDDEN)
     with pytest.raises(ValueError, match=text):
-        FedP3(SPEC, FedP3Config(selection=text))
+        FedP3(SPEC, FedP3Settings(selection=text))
 
 
 # --------------------------------------------------------------------------- FedP3 plans

@@ -9,11 +9,14 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from edge_sdk.protocol.transport import BrokerAddress
+from export.formats import ExportFormatName
 
-from ..config import LearningSettings, Strategies, _Section
+from edge_sdk.settings import Settings
+
+from ..config import LearningSettings, StrategyName
 
 
-class BrokerSection(_Section):
+class BrokerSettings(Settings):
     url: str = "mqtt://127.0.0.1:1883"
     fleet: str = "default"
     topic_prefix: str = "fedprune"
@@ -54,7 +57,7 @@ class BrokerSection(_Section):
         return self
 
 
-class RoundsSection(_Section):
+class RoundsSettings(Settings):
     total: int = Field(3, ge=1)
     devices_per_round: int = Field(10, ge=1)
     min_devices: int = Field(1, ge=1)          # eligible devices online before a round opens
@@ -64,7 +67,7 @@ class RoundsSection(_Section):
     retries: int = Field(3, ge=0)              # aborted attempts allowed per round number
 
 
-class RetrySection(_Section):
+class RetrySettings(Settings):
     """A message whose handling failed for a reason that may pass (the database is down or
     locked, the disk is full) is tried again in-process, waiting first_delay_seconds, then twice
     as long each time up to max_delay_seconds; after `attempts` failures it is kept in
@@ -74,14 +77,14 @@ class RetrySection(_Section):
     max_delay_seconds: float = Field(10.0, gt=0)
 
 
-class ExportSection(_Section):
+class ExportSettings(Settings):
     enabled: bool = True
-    formats: list[Literal["onnx", "tflite"]] = Field(["onnx"], min_length=1)
+    formats: list[ExportFormatName] = Field(["onnx"], min_length=1)
     verify_samples: int = Field(256, ge=1)
 
 
-class ServiceConfig(LearningSettings):
-    strategy: Strategies = "fedp3"
+class ServiceSettings(LearningSettings):
+    strategy: StrategyName = "fedp3"
     slicing: Literal["prefix", "rolling", "magnitude"] = "magnitude"
     state_dir: str = "coordinator-state"
     database: str | None = None               # SQLAlchemy URL; default sqlite in state_dir
@@ -100,10 +103,10 @@ class ServiceConfig(LearningSettings):
     max_refused_updates: int = Field(3, ge=1)
     exit_when_done: bool = False
     signing_key: str | None = None            # Ed25519 private key PEM: tasks and artifacts are signed
-    broker: BrokerSection = BrokerSection()
-    rounds: RoundsSection = RoundsSection()
-    retry: RetrySection = RetrySection()
-    export: ExportSection = ExportSection()
+    broker: BrokerSettings = BrokerSettings()
+    rounds: RoundsSettings = RoundsSettings()
+    retry: RetrySettings = RetrySettings()
+    export: ExportSettings = ExportSettings()
 
     @property
     def database_url(self) -> str:

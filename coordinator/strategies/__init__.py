@@ -1,16 +1,18 @@
-"""Federated strategies: each turns (device, round) into a submodel plan."""
+"""Federated strategies: each turns (device, round) into a submodel plan.
+
+Importing the package imports every module in it, and each strategy module registers its
+strategies (`registry.register_strategy`): adding a strategy is adding one file here.
+"""
+
+import importlib
+import pkgutil
 
 from .base import DownloadBuilder, Strategy
-from .fedavg import FedAvg
-from .feddp import FedDP, FedDPConfig
-from .fedp3 import FedP3, FedP3Config, parse_selection
-from .ffgg import FFGG, FFGGConfig
-from .hidenseek import HideNseek, HideNseekConfig, synflow_masks
-from .personal import FedPer, FedRep, LocalOnly, PersonalConfig
-from .registry import STRATEGIES, build_strategy
-from .width import FedRolex, FjORD, HeteroFL
+from .registry import (StrategyEntry, build_strategy, register_strategy, strategy_entry, strategy_names,
+                       strategy_sections, strategy_table)
 
-__all__ = ["STRATEGIES", "DownloadBuilder", "FFGG", "FFGGConfig", "FedAvg", "FedDP", "FedDPConfig",
-           "FedP3", "FedP3Config", "FedPer", "FedRep", "FedRolex", "FjORD", "HeteroFL", "LocalOnly",
-           "HideNseek", "HideNseekConfig", "PersonalConfig", "Strategy", "build_strategy",
-           "parse_selection", "synflow_masks"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["DownloadBuilder", "Strategy", "StrategyEntry", "build_strategy", "register_strategy",
+           "strategy_entry", "strategy_names", "strategy_sections", "strategy_table"]

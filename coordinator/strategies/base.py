@@ -15,11 +15,12 @@ import numpy as np
 from edge_sdk import codec
 from edge_sdk.models import ModelSpec, layer_tensor_names
 from edge_sdk.plan import SubmodelPlan
+from edge_sdk.settings import Settings
 from edge_sdk.pruning import is_prunable, magnitude_mask
 
 
 class Strategy(ABC):
-    name: str = "base"
+    name: str = "base"  # set by @register_strategy
     # Width selection this method implies for width-sliced devices (None: the run's `slicing`).
     slicing: str | None = None
     # "values": uploads are averaged as they are; "delta": the server averages each device's
@@ -27,12 +28,21 @@ class Strategy(ABC):
     aggregates: str = "values"
     # Fixed index sets (HideNseek's mask): downloads use them instead of magnitude pruning, and
     # uploads arrive without indices (the codec's KNOWN kind), decoded with `upload_known_indices`.
-    download_masks: dict[str, np.ndarray] | None = None
+    fixed_masks: dict[str, np.ndarray] | None = None
     download_dtype: str | None = None  # overrides the run's codec.download_dtype
     upload_known_indices: dict[str, np.ndarray] | None = None
+    # False: the model is not width-sliced (fixed masks, FedDP's gates): every device runs it
+    # whole, and a planner width below 1 is refused.
+    width_sliceable: bool = True
+    # True: an upload cannot move the model by more than the method allows (HideNseek's signs),
+    # so the service's max_update_norm does not apply.
+    bounded_updates: bool = False
 
-    def __init__(self, spec: ModelSpec, upload_dtype: str = "fp32", seed: int = 0):
+    def __init__(self, spec: ModelSpec, settings: Settings | None = None, upload_dtype: str = "fp32",
+                 seed: int = 0):
+        """`settings`: the strategy's own section of the run configuration (None if it has none)."""
         self.spec = spec
+        self.settings = settings
         self.upload_dtype = upload_dtype
         self.seed = seed
         self.layers = layer_tensor_names(spec)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from edge_sdk.plan import SubmodelPlan, TensorPlan
 
 from .base import Strategy
+from .registry import register_strategy
 
 
+@register_strategy("fedavg", summary="FedAvg (McMahan et al., 2017) on the full dense model: the reference")
 class FedAvg(Strategy):
-    name = "fedavg"
 
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         tensors = tuple(TensorPlan(name) for layer in self.layers for name in layer)

@@ -12,20 +12,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Literal
+
+from pydantic import Field
 
 from edge_sdk.models import ModelSpec
 from edge_sdk.plan import SubmodelPlan, TensorPlan
+from edge_sdk.settings import Settings
 
 from .base import Strategy
+from .registry import register_strategy
 
 
-@dataclass(frozen=True)
-class FedDPConfig:
+class FedDPSettings(Settings):
     variant: Literal["threshold", "gate"] = "threshold"
-    threshold: float = 1e-3
-    gate: float = 0.5
+    threshold: float = Field(1e-3, gt=0)
+    gate: float = Field(0.5, gt=0, lt=1)
 
 
 def gated(spec: ModelSpec, keep: float) -> ModelSpec:
@@ -33,21 +36,22 @@ def gated(spec: ModelSpec, keep: float) -> ModelSpec:
     return replace(spec, name=f"{spec.name}+gate{keep:g}", layers=layers)
 
 
+@register_strategy("feddp", settings=FedDPSettings,
+                   summary="dynamic pruning, FedDP (Yu et al., 2023): magnitude threshold per epoch, "
+                           "or learned channel gates")
 class FedDP(Strategy):
-    name = "feddp"
+    settings: FedDPSettings
 
-    def __init__(self, spec: ModelSpec, config: FedDPConfig, upload_dtype: str = "fp32", seed: int = 0):
-        if config.variant == "gate":
-            if not 0 < config.gate < 1:
-                raise ValueError(f"feddp.gate must be in (0, 1), got {config.gate}")
-            spec = gated(spec, config.gate)
-        elif config.threshold <= 0:
-            raise ValueError(f"feddp.threshold must be > 0, got {config.threshold}")
-        super().__init__(spec, upload_dtype, seed)
-        self.config = config
+    def __init__(self, spec: ModelSpec, settings: FedDPSettings | None = None, upload_dtype: str = "fp32",
+                 seed: int = 0):
+        settings = settings or FedDPSettings()
+        if settings.variant == "gate":
+            spec = gated(spec, settings.gate)
+            self.width_sliceable = False
+        super().__init__(spec, settings, upload_dtype, seed)
 
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
-        threshold = self.config.threshold if self.config.variant == "threshold" else None
+        threshold = self.settings.threshold if self.settings.variant == "threshold" else None
         return SubmodelPlan(device_index, round_number, self.spec,
                             tuple(TensorPlan(n) for n in self.all_tensors()),
                             aggregation_weight=float(num_samples), upload_dtype=self.upload_dtype,

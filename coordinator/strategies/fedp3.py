@@ -11,22 +11,23 @@ Readings taken where the paper and its released code leave room (see docs/ARCHIT
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from edge_sdk.models import ModelSpec
 from edge_sdk.plan import SubmodelPlan, TensorPlan
+from edge_sdk.settings import Settings
 
 from .base import Strategy
+from .registry import register_strategy
 
 
-@dataclass(frozen=True)
-class FedP3Config:
-    selection: str = "opu2"
-    global_keep: float = 1.0
-    local_keep: float = 1.0
+class FedP3Settings(Settings):
+    selection: str = "opu2"   # lowerb, opuK (K layers in turn by device group) or oprK (random)
+    global_keep: float = Field(1.0, gt=0, le=1)  # download keep of the layers a device does not upload
+    local_keep: float = Field(1.0, gt=0, le=1)   # magnitude keep during local training
     aggregation: Literal["mean", "weighted"] = "mean"
     train_layers: Literal["all", "selected"] = "all"
     personal_head: bool = True
@@ -48,12 +49,16 @@ def parse_selection(text: str, hidden_layers: int) -> tuple[str, int]:
     return kind, k
 
 
+@register_strategy("fedp3", settings=FedP3Settings,
+                   summary="FedP3 (Yi et al., ICLR 2024): per-device layer selection, global pruning, "
+                           "partial upload; DP-FedP3 with `[dp]`")
 class FedP3(Strategy):
-    name = "fedp3"
+    settings: FedP3Settings
 
-    def __init__(self, spec: ModelSpec, config: FedP3Config, upload_dtype: str = "fp32", seed: int = 0):
-        super().__init__(spec, upload_dtype, seed)
-        self.config = config
+    def __init__(self, spec: ModelSpec, settings: FedP3Settings | None = None, upload_dtype: str = "fp32",
+                 seed: int = 0):
+        super().__init__(spec, settings or FedP3Settings(), upload_dtype, seed)
+        config = self.settings
         self.hidden = len(self.layers) - 1
         if self.hidden < 1:
             raise ValueError(f"FedP3 needs a model with hidden layers; {spec.name} has none")
@@ -67,7 +72,7 @@ class FedP3(Strategy):
         return tuple(sorted((group + j) % self.hidden for j in range(self.k)))
 
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
-        cfg = self.config
+        cfg = self.settings
         selected = self.selected_layers(device_index, round_number)
         tensors: list[TensorPlan] = []
         for index, names in enumerate(self.layers[:-1]):

@@ -13,34 +13,37 @@ what the simulator's `ffgg.max_staleness` exercises.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
 
 from edge_sdk.models import ModelSpec
 from edge_sdk.plan import SubmodelPlan, TensorPlan, TrainPhase
+from edge_sdk.settings import Settings
 
 from .base import Strategy
+from .registry import register_strategy
 
 
-@dataclass(frozen=True)
-class FFGGConfig:
+class FFGGSettings(Settings):
     private: str = "head"        # "head" (the output layer) or a regex over tensor names
-    private_epochs: int = 2
-    global_epochs: int = 1
-    server_lr: float = 1.0
-    max_staleness: int = 0       # simulator: updates may be computed on a model this many rounds old
+    private_epochs: int = Field(2, ge=1)
+    global_epochs: int = Field(1, ge=1)
+    server_lr: float = Field(1.0, gt=0)
+    max_staleness: int = Field(0, ge=0)  # simulator: updates may come from a model this many rounds old
 
 
+@register_strategy("ffgg", settings=FFGGSettings,
+                   summary="partially personalized FL (FFGG): private parameters by name, server "
+                           "steps on the mean change of the global part")
 class FFGG(Strategy):
-    name = "ffgg"
+    settings: FFGGSettings
     aggregates = "delta"
 
-    def __init__(self, spec: ModelSpec, config: FFGGConfig, upload_dtype: str = "fp32", seed: int = 0):
-        super().__init__(spec, upload_dtype, seed)
-        if config.server_lr <= 0:
-            raise ValueError(f"ffgg.server_lr must be > 0, got {config.server_lr}")
-        self.config = config
+    def __init__(self, spec: ModelSpec, settings: FFGGSettings | None = None, upload_dtype: str = "fp32",
+                 seed: int = 0):
+        super().__init__(spec, settings or FFGGSettings(), upload_dtype, seed)
+        config = self.settings
         names = self.all_tensors()
         if config.private == "head":
             self.private = list(self.layers[-1])
@@ -55,8 +58,8 @@ class FFGG(Strategy):
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         tensors = tuple([TensorPlan(n) for n in self.shared]
                         + [TensorPlan(n, upload=False, private=True) for n in self.private])
-        phases = (TrainPhase(tuple(self.private), self.config.private_epochs),
-                  TrainPhase(tuple(self.shared), self.config.global_epochs))
+        phases = (TrainPhase(tuple(self.private), self.settings.private_epochs),
+                  TrainPhase(tuple(self.shared), self.settings.global_epochs))
         return SubmodelPlan(device_index, round_number, self.spec, tensors,
                             aggregation_weight=float(num_samples), upload_dtype=self.upload_dtype,
                             phases=phases)
@@ -64,5 +67,5 @@ class FFGG(Strategy):
     def server_update(self, old: dict[str, np.ndarray], aggregated: dict[str, np.ndarray]
                       ) -> dict[str, np.ndarray]:
         """`aggregated` holds the mean change per entry (zero where nobody uploaded)."""
-        return {name: (old[name] + self.config.server_lr * aggregated[name]).astype(old[name].dtype)
+        return {name: (old[name] + self.settings.server_lr * aggregated[name]).astype(old[name].dtype)
                 for name in old}

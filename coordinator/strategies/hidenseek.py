@@ -12,22 +12,23 @@ per kept weight. The server combines signs by majority vote (ties keep the old s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from edge_sdk.models import ModelSpec, build_model
 from edge_sdk.plan import SubmodelPlan, TensorPlan
+from edge_sdk.settings import Settings
 
 from .base import Strategy
+from .registry import register_strategy
 
 
-@dataclass(frozen=True)
-class HideNseekConfig:
-    density: float = 0.2
-    synflow_iterations: int = 20
+class HideNseekSettings(Settings):
+    density: float = Field(0.2, gt=0, le=1)
+    synflow_iterations: int = Field(20, ge=1)
     aggregation: Literal["vote", "mean"] = "vote"
 
 
@@ -57,15 +58,20 @@ def synflow_masks(spec: ModelSpec, density: float, iterations: int, seed: int) -
     return {n: m.numpy() for n, m in masks.items()}
 
 
+@register_strategy("hidenseek", settings=HideNseekSettings,
+                   summary="HideNseek: SynFlow mask at initialisation, devices learn 1-bit signs")
 class HideNseek(Strategy):
-    name = "hidenseek"
+    settings: HideNseekSettings
+    width_sliceable = False
+    bounded_updates = True
 
-    def __init__(self, spec: ModelSpec, config: HideNseekConfig, upload_dtype: str = "fp32", seed: int = 0):
-        super().__init__(spec, "sign1", seed)
-        self.config = config
+    def __init__(self, spec: ModelSpec, settings: HideNseekSettings | None = None,
+                 upload_dtype: str = "fp32", seed: int = 0):
+        super().__init__(spec, settings or HideNseekSettings(), "sign1", seed)
+        config = self.settings
         self.init_seed = seed
         self.masks = synflow_masks(spec, config.density, config.synflow_iterations, seed)
-        self.download_masks = self.masks
+        self.fixed_masks = self.masks
         self.download_dtype = "sign1" if config.aggregation == "vote" else "fp16"
         self.upload_known_indices = {n: np.flatnonzero(m.reshape(-1)) for n, m in self.masks.items()}
         self.initial = {n: p.detach().numpy().copy()
@@ -85,7 +91,7 @@ class HideNseek(Strategy):
                             init_seed=self.init_seed)
 
     def server_update(self, old, aggregated):
-        if self.config.aggregation == "mean":
+        if self.settings.aggregation == "mean":
             return aggregated
         new = dict(aggregated)
         for name in self.masks:

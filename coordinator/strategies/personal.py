@@ -8,30 +8,34 @@ the head frozen (`body_epochs`), which is what makes its representation shared.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import Field
 
 from edge_sdk.models import ModelSpec
 from edge_sdk.plan import SubmodelPlan, TensorPlan, TrainPhase
+from edge_sdk.settings import Settings
 
 from .base import Strategy
+from .registry import register_strategy
 
 
-@dataclass(frozen=True)
-class PersonalConfig:
-    head_layers: int = 1
-    head_epochs: int = 2   # FedRep only
-    body_epochs: int = 1   # FedRep only
+class PersonalSettings(Settings):
+    head_layers: int = Field(1, ge=1)
+    head_epochs: int = Field(2, ge=1)   # FedRep only
+    body_epochs: int = Field(1, ge=1)   # FedRep only
 
 
+@register_strategy("fedper", settings=PersonalSettings, section="personal",
+                   summary="FedPer (Arivazhagan et al., 2019): shared body, private head")
 class FedPer(Strategy):
-    name = "fedper"
+    settings: PersonalSettings
 
-    def __init__(self, spec: ModelSpec, config: PersonalConfig, upload_dtype: str = "fp32", seed: int = 0):
-        super().__init__(spec, upload_dtype, seed)
+    def __init__(self, spec: ModelSpec, settings: PersonalSettings | None = None,
+                 upload_dtype: str = "fp32", seed: int = 0):
+        super().__init__(spec, settings or PersonalSettings(), upload_dtype, seed)
+        config = self.settings
         if not 1 <= config.head_layers < len(self.layers):
             raise ValueError(f"head_layers must be between 1 and {len(self.layers) - 1} for "
                              f"{spec.name}, got {config.head_layers}")
-        self.config = config
         self.head = [n for layer in self.layers[-config.head_layers:] for n in layer]
         self.body = [n for layer in self.layers[:-config.head_layers] for n in layer]
 
@@ -46,19 +50,19 @@ class FedPer(Strategy):
         return ()
 
 
+@register_strategy("fedrep", settings=PersonalSettings, section="personal",
+                   summary="FedRep (Collins et al., 2021): head first with the body frozen, then the body")
 class FedRep(FedPer):
-    name = "fedrep"
 
     def phases(self) -> tuple[TrainPhase, ...]:
-        return (TrainPhase(tuple(self.head), self.config.head_epochs),
-                TrainPhase(tuple(self.body), self.config.body_epochs))
+        return (TrainPhase(tuple(self.head), self.settings.head_epochs),
+                TrainPhase(tuple(self.body), self.settings.body_epochs))
 
 
+@register_strategy("local", summary="every device trains alone: the floor a federated method must beat")
 class LocalOnly(Strategy):
     """Every device trains alone on its own data: nothing is uploaded or aggregated. The floor
     any federated method must beat, and what FFGG is compared with as heterogeneity grows."""
-
-    name = "local"
 
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         return SubmodelPlan(device_index, round_number, self.spec,

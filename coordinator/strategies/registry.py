@@ -1,47 +1,94 @@
-"""Strategy names to strategies, from the run configuration (shared by simulator and service)."""
+"""The strategy registry: a strategy is one file that registers itself with its name, its settings
+section and a one-line summary. The configuration schema, the CLI's choices and the README's
+strategy table are all read from here, so nothing else needs to know a strategy exists.
+
+    @register_strategy("mine", settings=MySettings, summary="what it does, after whom")
+    class Mine(Strategy):
+        def plan(self, device_index, round_number, num_samples): ...
+
+Every module in this package is imported when the package is (see `__init__`), so a new file in
+`coordinator/strategies/` is all it takes; a strategy defined elsewhere (a test, a plug-in)
+registers when its module is imported.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from edge_sdk.models import ModelSpec
+from edge_sdk.settings import Settings
 
-from .base import Strategy
-from .fedavg import FedAvg
-from .feddp import FedDP, FedDPConfig
-from .fedp3 import FedP3, FedP3Config
-from .ffgg import FFGG, FFGGConfig
-from .hidenseek import HideNseek, HideNseekConfig
-from .personal import FedPer, FedRep, LocalOnly, PersonalConfig
-from .width import FedRolex, FjORD, HeteroFL
+if TYPE_CHECKING:
+    from .base import Strategy
 
-STRATEGIES = ("fedavg", "fedp3", "fedper", "fedrep", "ffgg", "heterofl", "fedrolex", "fjord", "feddp",
-              "local", "hidenseek")
+
+@dataclass(frozen=True)
+class StrategyEntry:
+    name: str
+    cls: type[Strategy]
+    settings: type[Settings] | None   # the strategy's own section, if it has settings
+    section: str | None               # that section's name in the configuration
+    summary: str
+
+
+_REGISTRY: dict[str, StrategyEntry] = {}
+
+
+def register_strategy(name: str, *, settings: type[Settings] | None = None, section: str | None = None,
+                      summary: str = ""):
+    """Class decorator. `section` defaults to `name`; strategies that share settings name the same
+    section (FedPer and FedRep read `[personal]`)."""
+
+    def register(cls: type[Strategy]) -> type[Strategy]:
+        if name in _REGISTRY and _REGISTRY[name].cls.__qualname__ != cls.__qualname__:
+            raise ValueError(f"strategy {name!r} is already registered by {_REGISTRY[name].cls.__module__}")
+        shared = section or name if settings is not None else None
+        for other in _REGISTRY.values():
+            if shared is not None and other.section == shared and other.settings is not settings \
+                    and other.name != name:
+                raise ValueError(f"section [{shared}] belongs to {other.name!r} with other settings")
+        cls.name = name
+        _REGISTRY[name] = StrategyEntry(name, cls, settings, shared, summary)
+        return cls
+
+    return register
+
+
+def strategy_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def strategy_entry(name: str) -> StrategyEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; registered: {', '.join(_REGISTRY)}") from None
+
+
+def strategy_sections() -> dict[str, type[Settings]]:
+    """Section name -> settings model, for every registered strategy that has settings."""
+    return {e.section: e.settings for e in _REGISTRY.values() if e.section is not None}
+
+
+def check_strategy_name(name: str) -> str:
+    """For the configuration's `strategy` key: a registered name, or an error listing them."""
+    if name not in _REGISTRY:
+        raise ValueError(f"{name!r} is not a registered strategy; use one of {', '.join(_REGISTRY)}")
+    return name
 
 
 def build_strategy(config: Any, spec: ModelSpec) -> Strategy:
-    """`config` is a SimulationConfig or ServiceConfig (same section names)."""
-    dtype, seed = config.codec.upload_dtype, config.seed
-    name = config.strategy
-    if name == "fedavg":
-        return FedAvg(spec, dtype, seed)
-    if name == "fedp3":
-        return FedP3(spec, FedP3Config(**config.fedp3.model_dump()), dtype, seed)
-    if name in ("fedper", "fedrep"):
-        cls = FedPer if name == "fedper" else FedRep
-        return cls(spec, PersonalConfig(**config.personal.model_dump()), dtype, seed)
-    if name == "ffgg":
-        return FFGG(spec, FFGGConfig(**config.ffgg.model_dump()), dtype, seed)
-    if name == "heterofl":
-        return HeteroFL(spec, dtype, seed)
-    if name == "fedrolex":
-        return FedRolex(spec, dtype, seed)
-    if name == "fjord":
-        return FjORD(spec, tuple(config.width_levels or (1.0, 0.75, 0.5, 0.25)), dtype, seed)
-    if name == "hidenseek":
-        return HideNseek(spec, HideNseekConfig(**config.hidenseek.model_dump()), dtype, seed)
-    if name == "local":
-        return LocalOnly(spec, dtype, seed)
-    if name == "feddp":
-        return FedDP(spec, FedDPConfig(**config.feddp.model_dump()), dtype, seed)
-    raise ValueError(f"unknown strategy {name!r}; use one of {', '.join(STRATEGIES)}")
+    """`config`: a SimulationSettings or ServiceSettings (the same learning settings)."""
+    entry = strategy_entry(config.strategy)
+    settings = getattr(config, entry.section) if entry.section is not None else None
+    return entry.cls(spec, settings, config.codec.upload_dtype, config.seed)
+
+
+def strategy_table() -> str:
+    """The README's table of strategies, in Markdown."""
+    rows = ["| strategy | settings section | what it is |", "| --- | --- | --- |"]
+    for entry in _REGISTRY.values():
+        section = f"`[{entry.section}]`" if entry.section else "none"
+        rows.append(f"| `{entry.name}` | {section} | {entry.summary} |")
+    return "\n".join(rows)

@@ -13,13 +13,30 @@ Aggregation is the coverage-aware mean: each entry over the devices whose submod
 
 from __future__ import annotations
 
+from pydantic import Field, field_validator
+
+from edge_sdk.models import ModelSpec
 from edge_sdk.plan import SubmodelPlan, TensorPlan
+from edge_sdk.settings import Settings
 
 from .base import Strategy
+from .registry import register_strategy
 
 
+class FjORDSettings(Settings):
+    # Widths (fractions of the full model) a device samples per batch, up to its own width.
+    levels: list[float] = Field([1.0, 0.75, 0.5, 0.25], min_length=1)
+
+    @field_validator("levels")
+    @classmethod
+    def _in_unit_interval(cls, levels: list[float]) -> list[float]:
+        if not all(0 < p <= 1 for p in levels):
+            raise ValueError(f"fjord.levels must be widths in (0, 1], got {levels}")
+        return levels
+
+
+@register_strategy("heterofl", summary="HeteroFL (Diao et al., 2021): nested width prefixes")
 class HeteroFL(Strategy):
-    name = "heterofl"
     slicing = "prefix"
 
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
@@ -28,19 +45,20 @@ class HeteroFL(Strategy):
                             aggregation_weight=float(num_samples), upload_dtype=self.upload_dtype)
 
 
+@register_strategy("fedrolex", summary="FedRolex (Alam et al., 2022): a channel window that rolls each round")
 class FedRolex(HeteroFL):
-    name = "fedrolex"
     slicing = "rolling"
 
 
+@register_strategy("fjord", settings=FjORDSettings,
+                   summary="FjORD (Horvath et al., 2021): width prefixes trained with ordered dropout")
 class FjORD(HeteroFL):
-    name = "fjord"
+    settings: FjORDSettings
 
-    def __init__(self, spec, levels: tuple[float, ...], upload_dtype: str = "fp32", seed: int = 0):
-        super().__init__(spec, upload_dtype, seed)
-        if not levels or not all(0 < p <= 1 for p in levels):
-            raise ValueError(f"fjord needs width levels in (0, 1], got {levels}")
-        self.levels = tuple(sorted(set(levels)))
+    def __init__(self, spec: ModelSpec, settings: FjORDSettings | None = None, upload_dtype: str = "fp32",
+                 seed: int = 0):
+        super().__init__(spec, settings or FjORDSettings(), upload_dtype, seed)
+        self.levels = tuple(sorted(set(self.settings.levels)))
 
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         # Levels are relative to the full model; the device maps them onto its own width.

@@ -15,11 +15,12 @@ from functools import partial
 from typing import Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .envelope import Envelope, EnvelopeError, MessageType, encode_envelope
 from .signing import sign
 from .topics import check_id
+from ..settings import DPSettings, TrainSettings
 from ..validation import describe
 
 DeviceId = Annotated[str, AfterValidator(partial(check_id, "device id"))]
@@ -48,11 +49,19 @@ class RegisterHeader(_Header):
 
 class TaskHeader(_TaskKey):
     plan: dict[str, Any]                       # SubmodelPlan.to_dict()
-    train: dict[str, Any]                      # TrainConfig fields
-    dp: dict[str, Any] | None = None           # DPConfig fields; the device adds its own budget
+    train: TrainSettings
+    dp: DPSettings | None = None               # None: no DP; the device adds its own budget
     planned_rounds: int = Field(ge=1)
     deadline: float      # coordinator's unix time; it alone judges lateness (device clocks drift)
     width_ratio: float = Field(1.0, gt=0, le=1)
+
+    @field_validator("dp")
+    @classmethod
+    def _dp_names_its_noise(cls, dp: DPSettings | None) -> DPSettings | None:
+        if dp is not None and not dp.enabled:
+            raise ValueError("dp names neither noise_multiplier nor target_epsilon; send dp: null "
+                             "for a task without DP")
+        return dp
 
 
 class UpdateHeader(_TaskKey):

@@ -1,7 +1,7 @@
 """Local (optionally differentially private) training and the device's privacy ledger."""
 
-from .local import TrainConfig, TrainReport, accuracy, chance_accuracy, dp_sampling, train_locally
-from .privacy import DPConfig, PrivacyBudgetExceeded, PrivacyLedger
+from .local import TrainReport, accuracy, chance_accuracy, dp_sampling, train_locally
+from .privacy import PrivacyBudgetExceeded, PrivacyLedger
 
-__all__ = ["TrainConfig", "TrainReport", "accuracy", "chance_accuracy", "dp_sampling", "train_locally", "DPConfig",
+__all__ = ["TrainReport", "accuracy", "chance_accuracy", "dp_sampling", "train_locally",
            "PrivacyBudgetExceeded", "PrivacyLedger"]

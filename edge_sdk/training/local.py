@@ -18,25 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .privacy import DPConfig
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    local_epochs: int = 1
-    batch_size: int = 48
-    lr: float = 0.01
-    momentum: float = 0.0
-    clip_norm: float | None = 10.0  # plain gradient-norm clipping without DP (FedP3 uses 10)
-    # Under DP, a logical batch larger than this is processed in physical chunks (Opacus virtual
-    # steps): same privacy and the same update, less peak memory.
-    physical_batch_size: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("local_epochs and batch_size must be >= 1 and lr > 0")
-        if self.physical_batch_size is not None and self.physical_batch_size < 1:
-            raise ValueError("physical_batch_size must be >= 1")
+from ..settings import DPSettings, TrainSettings
 
 
 @dataclass
@@ -61,8 +43,8 @@ def dp_sampling(num_samples: int, batch_size: int, epochs: int) -> tuple[float, 
     return 1.0 / batches, batches * epochs
 
 
-def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
-                  masks: dict[str, torch.Tensor], seed: int, dp: DPConfig | None = None,
+def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainSettings,
+                  masks: dict[str, torch.Tensor], seed: int, dp: DPSettings | None = None,
                   noise_multiplier: float | None = None,
                   before_batch: Callable[[], None] | None = None,
                   after_epoch: Callable[[dict[str, torch.Tensor]], None] | None = None) -> TrainReport:
@@ -135,7 +117,7 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
     return report
 
 
-def _physical(loader, optimizer, config: TrainConfig, private: bool):
+def _physical(loader, optimizer, config: TrainSettings, private: bool):
     """Batches as the model sees them: under DP, split by Opacus's BatchMemoryManager."""
     limit = config.physical_batch_size
     if not private or limit is None or limit >= config.batch_size:

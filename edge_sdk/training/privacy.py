@@ -11,50 +11,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Literal
 
-AccountantName = Literal["rdp", "prv"]
+from ..settings import AccountantName
 
 
 class PrivacyBudgetExceeded(RuntimeError):
     """Training this task would push the device past its epsilon budget; the device refuses it."""
-
-
-@dataclass(frozen=True)
-class DPConfig:
-    """DP-SGD settings of a device. Give a noise multiplier, or a target epsilon for the whole run
-    (then the noise is calibrated so that `planned_steps` steps spend exactly that budget)."""
-
-    max_grad_norm: float = 1.0
-    delta: float = 1e-5
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    epsilon_budget: float | None = None
-    accountant: AccountantName = "rdp"
-
-    @property
-    def budget(self) -> float | None:
-        """The epsilon past which the device refuses to train (the target, unless set apart)."""
-        return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
-
-    def __post_init__(self) -> None:
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError("DP needs exactly one of noise_multiplier or target_epsilon")
-        if self.max_grad_norm <= 0:
-            raise ValueError(f"dp.max_grad_norm must be > 0, got {self.max_grad_norm}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"dp.delta must be in (0, 1), got {self.delta}")
-        if self.target_epsilon is not None and self.target_epsilon <= 0:
-            raise ValueError(f"dp.target_epsilon must be > 0, got {self.target_epsilon}")
-
-    def resolve_noise(self, sample_rate: float, planned_steps: int) -> float:
-        if self.noise_multiplier is not None:
-            return self.noise_multiplier
-        from opacus.accountants.utils import get_noise_multiplier  # lazy: opacus costs ~4 s to import
-
-        return get_noise_multiplier(target_epsilon=self.target_epsilon, target_delta=self.delta,
-                                    sample_rate=sample_rate, steps=planned_steps,
-                                    accountant=self.accountant)
 
 
 @dataclass

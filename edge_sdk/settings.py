@@ -1,0 +1,81 @@
+"""Settings both sides read, declared once: the run's TOML sections, the TASK header's `train` and
+`dp`, and what the device trains with are the same pydantic models.
+
+They live on the SDK side because the device validates them on receipt (a TASK is hostile input
+like any other), and the coordinator's configuration schema embeds them unchanged, so a key means
+the same in `fedprune.toml`, on the wire and on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+AccountantName = Literal["rdp", "prv"]
+ValueDtypeName = Literal["fp32", "fp16"]
+
+
+class Settings(BaseModel):
+    """Base of every settings model: unknown keys are refused (a typo must not pass silently), and
+    so are non-finite numbers: TOML has inf and nan literals, and a NaN passes every bound check."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class TrainSettings(Settings):
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(48, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    clip_norm: float | None = Field(10.0, gt=0)  # plain gradient clipping without DP (FedP3: 10)
+    # Under DP a logical batch larger than this runs in physical chunks (Opacus virtual steps):
+    # same privacy and the same update, less peak memory. The planner sets it per device.
+    physical_batch_size: int | None = Field(None, ge=1)
+
+
+class DPSettings(Settings):
+    """DP-SGD: a noise multiplier, or a target epsilon for the whole run (the noise is then
+    calibrated so that the planned steps spend exactly that), or neither (no DP)."""
+
+    noise_multiplier: float | None = Field(None, gt=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    # The epsilon past which the device refuses to train. On the device it is the device's own
+    # (edge.toml); in the simulator the run's. Defaults to target_epsilon.
+    epsilon_budget: float | None = Field(None, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: AccountantName = "rdp"
+
+    @model_validator(mode="after")
+    def _one_noise_source(self):
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError("set dp.noise_multiplier or dp.target_epsilon, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier is not None or self.target_epsilon is not None
+
+    @property
+    def budget(self) -> float | None:
+        """The epsilon past which the device refuses to train (the target, unless set apart)."""
+        return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
+
+    def resolve_noise(self, sample_rate: float, planned_steps: int) -> float:
+        if self.noise_multiplier is not None:
+            return self.noise_multiplier
+        if self.target_epsilon is None:
+            raise ValueError("DP is off (no dp.noise_multiplier or dp.target_epsilon): no noise")
+        from opacus.accountants.utils import get_noise_multiplier  # lazy: opacus costs ~4 s to import
+
+        return get_noise_multiplier(target_epsilon=self.target_epsilon, target_delta=self.delta,
+                                    sample_rate=sample_rate, steps=planned_steps,
+                                    accountant=self.accountant)
+
+
+class CodecSettings(Settings):
+    """The run's tensor precisions; the planner may make a device's coarser, never finer."""
+
+    upload_dtype: ValueDtypeName = "fp32"
+    download_dtype: ValueDtypeName = "fp32"
