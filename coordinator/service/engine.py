@@ -43,11 +43,11 @@ from edge_sdk.checkpoint import Checkpoint, load_checkpoint
 from edge_sdk.data import load_dataset, to_tensor
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.protocol.topics import DEVICE_TO_COORDINATOR
-from edge_sdk.protocol.signing import load_private_key, sign
+from edge_sdk.protocol.signing import load_private_key
 from edge_sdk.rehearsal import peak_rss_bytes
-from edge_sdk.protocol import (Envelope, EnvelopeError, MessageType, RefusalCode, Topics,
-                               decode_envelope, encode_envelope, envelope_size, parse_header,
-                               peek_header)
+from edge_sdk.protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError, MessageType,
+                               RefusalCode, TaskHeader, Topics, decode_envelope, encode_message,
+                               parse_header, peek_header)
 from edge_sdk.training import TrainConfig, accuracy
 
 from ..combine import RoundCombiner
@@ -58,6 +58,7 @@ from ..rounds import (RoundPipeline, Task, UpdateRefused, device_settings, dp_co
                       planner_settings)
 from ..strategies import build_strategy
 from .config import ServiceConfig
+from .states import ROUND_IN_PROGRESS, TASK_MOVES, RoundState, TaskState
 from .store import Store, TaskRow
 
 log = logging.getLogger("fedprune.coordinator")
@@ -121,7 +122,7 @@ class RoundEngine:
         return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
     def committed_rounds(self) -> int:
-        return sum(r.state == "committed" for r in self.store.rounds())
+        return sum(r.state == RoundState.COMMITTED for r in self.store.rounds())
 
     @property
     def done(self) -> bool:
@@ -131,10 +132,10 @@ class RoundEngine:
     def _gave_up(self) -> str | None:
         """Why no further round is opened: too many aborted attempts (None: not given up)."""
         rounds = self.store.rounds()
-        attempts = sum(r.state == "aborted" for r in rounds)
+        attempts = sum(r.state == RoundState.ABORTED for r in rounds)
         if attempts <= self.config.rounds.retries * self.config.rounds.total:
             return None
-        last = next(r for r in reversed(rounds) if r.state == "aborted")
+        last = next(r for r in reversed(rounds) if r.state == RoundState.ABORTED)
         return f"{attempts} rounds aborted (last: {(last.summary or {}).get('reason')})"
 
     # --- messages --------------------------------------------------------------------------
@@ -247,9 +248,9 @@ class RoundEngine:
     def _ack(self, header, accepted: bool, reason: str | None = None, duplicate: bool = False) -> None:
         """Signed like tasks (when the coordinator has a key): a forged ACK would make a device
         drop an update it still has to deliver."""
-        self.publish(self.topics.ack(header.device_id), self._envelope(MessageType.ACK, {
-            "device_id": header.device_id, "round": header.round, "task": header.task,
-            "accepted": accepted, "duplicate": duplicate, "reason": reason}, b""))
+        self.publish(self.topics.ack(header.device_id), self._message(AckHeader(
+            device_id=header.device_id, round=header.round, task=header.task, accepted=accepted,
+            duplicate=duplicate, reason=reason)))
 
     def _on_update(self, header, payload: bytes, received_at: float) -> None:
         current = self.round
@@ -264,11 +265,11 @@ class RoundEngine:
         if task is None or task.task != header.task:
             self._ack(header, False, f"no task {header.task} for {header.device_id} in round {current.number}")
             return
-        if task.state == "accepted":  # QoS 1 redelivery or a replay: counted once
+        if task.state == TaskState.ACCEPTED:  # QoS 1 redelivery or a replay: counted once
             self.store.count(current.number, "duplicates")
             self._ack(header, True, duplicate=True)
             return
-        if current.state == "committing":  # resumed after a crash: its updates are already fixed
+        if current.state == RoundState.COMMITTING:  # resumed after a crash: its updates are fixed
             self._ack(header, False, f"round {current.number} is committing: the update came too "
                                      "late to be counted (nothing to resend)")
             return
@@ -278,7 +279,8 @@ class RoundEngine:
                                      "no further one is decoded this round")
             return
         if received_at > current.deadline:
-            self.store.set_task(current.number, header.device_id, state="rejected", reason="late")
+            self.store.set_task(current.number, header.device_id, state=TaskState.REJECTED,
+                                reason="late")
             self._ack(header, False, "late: the round's deadline had passed")
             return
         try:
@@ -287,7 +289,8 @@ class RoundEngine:
             self._check_norm(update)
         except (codec.CodecError, UpdateRefused) as exc:
             self.refused_updates[(current.number, header.device_id)] += 1
-            self.store.set_task(current.number, header.device_id, state="rejected", reason=str(exc))
+            self.store.set_task(current.number, header.device_id, state=TaskState.REJECTED,
+                                reason=str(exc))
             self._ack(header, False, f"update refused: {exc}")
             return
         stored = self.store.accept_update(current.number, header.device_id, header.task, payload,
@@ -340,9 +343,9 @@ class RoundEngine:
             log.warning("round %d: %s refused its exported model: %s", current.number,
                         header.device_id, header.message)
             return
-        if task.state != "sent":
+        if TaskState.REFUSED not in TASK_MOVES[task.state]:  # answered already: the answer stands
             return
-        self.store.set_task(current.number, header.device_id, state="refused",
+        self.store.set_task(current.number, header.device_id, state=TaskState.REFUSED,
                             reason=f"{header.code.value}: {header.message}")
         if header.code in (RefusalCode.PRIVACY_BUDGET, RefusalCode.PRIVACY_POLICY):
             # Not eligible again: its budget is spent, or this run's DP settings are weaker than
@@ -372,12 +375,12 @@ class RoundEngine:
             if self.committed_rounds() < self.config.rounds.total:
                 self._maybe_open(now)
             return
-        if self.round.state == "committing":
+        if self.round.state == RoundState.COMMITTING:
             self._commit()
             return
         counts = self.store.task_counts(self.round.number)
-        if counts.get("sent", 0) == 0 or now >= self.round.deadline:
-            accepted = counts.get("accepted", 0)
+        if counts.get(TaskState.SENT, 0) == 0 or now >= self.round.deadline:
+            accepted = counts.get(TaskState.ACCEPTED, 0)
             if accepted >= self.round.quorum:
                 self._commit()
             else:
@@ -417,26 +420,22 @@ class RoundEngine:
                                                                sizing)
         return self.tasks_built[task.device]
 
-    def _task_parts(self, device, task: TaskRow, deadline: float) -> tuple[dict, bytes]:
+    def _task_message(self, device, task: TaskRow, deadline: float) -> bytes:
         built = self._task_for(task)
         holds_copy = device.model_digest == self.pipeline.view(built.width_ratio).spec.digest()
         payload = self.pipeline.download(built, device_has_private_copy=holds_copy)
-        header = {"device_id": device.id, "round": task.round, "task": task.task,
-                  "plan": built.plan.to_dict(), "train": asdict(built.train),
-                  "dp": self.config.dp.model_dump(exclude={"epsilon_budget"}) if self.dp else None,
-                  "planned_rounds": self.config.rounds.total, "deadline": deadline,
-                  "width_ratio": built.width_ratio}
-        return header, payload
+        header = TaskHeader(
+            device_id=device.id, round=task.round, task=task.task, plan=built.plan.to_dict(),
+            train=asdict(built.train),
+            dp=self.config.dp.model_dump(exclude={"epsilon_budget"}) if self.dp else None,
+            planned_rounds=self.config.rounds.total, deadline=deadline,
+            width_ratio=built.width_ratio)
+        return self._message(header, payload)
 
-    def _task_message(self, device, task: TaskRow, deadline: float) -> bytes:
-        return self._envelope(MessageType.TASK, *self._task_parts(device, task, deadline))
-
-    def _signed(self, header: dict, payload: bytes) -> dict:
-        """Tasks and artifacts are signed when the coordinator has a signing key."""
-        return header if self.signing_key is None else sign(header, payload, self.signing_key)
-
-    def _envelope(self, kind: MessageType, header: dict, payload: bytes) -> bytes:
-        return encode_envelope(kind, self._signed(header, payload), payload)
+    def _message(self, header, payload: bytes = b"") -> bytes:
+        """The envelope of `header` (its `edge_sdk.protocol` model) and `payload`: every message
+        the coordinator sends (tasks, artifacts, acks) is signed when it has a signing key."""
+        return encode_message(header, payload, signing_key=self.signing_key)
 
     def _open(self, eligible, now: float) -> None:
         number = self.store.next_round_number()
@@ -446,13 +445,12 @@ class RoundEngine:
         self._prepare_pipeline(number)
         deadline = now + self.config.rounds.deadline_seconds
         quorum = max(1, math.ceil(self.config.rounds.min_fraction * count))
-        tasks = [TaskRow(round=number, device=d.id, task=uuid.uuid4().hex[:16], state="sent",
+        tasks = [TaskRow(round=number, device=d.id, task=uuid.uuid4().hex[:16],  # the store: sent
                          width_ratio=d.width_ratio, aggregation_weight=1.0, bytes_down=0, sent_at=now)
                  for d in chosen]
         for device, task in zip(chosen, tasks):
-            header, payload = self._task_parts(device, task, deadline)
             task.aggregation_weight = self._task_for(task).plan.aggregation_weight
-            task.bytes_down = envelope_size(self._signed(header, payload), len(payload))
+            task.bytes_down = len(self._task_message(device, task, deadline))
         self.store.open_round(number, deadline, [d.id for d in chosen], quorum, tasks)
         self.round = self.store.current_round()
         # Persisted first: a crash while sending re-sends on restart. Built one at a time so a
@@ -468,11 +466,11 @@ class RoundEngine:
     def resend_unanswered(self) -> None:
         """Re-send the open round's unanswered tasks (same ids; devices never run a task twice):
         after a restart, or after the broker connection came back."""
-        if self.round is None or self.round.state != "collecting":
+        if self.round is None or self.round.state != RoundState.COLLECTING:
             return
         devices = {d.id: d for d in self.store.devices()}
         for device_id, task in self.store.tasks(self.round.number).items():
-            if task.state == "sent" and device_id in devices:
+            if task.state == TaskState.SENT and device_id in devices:
                 self.publish(self.topics.task(device_id),
                              self._task_message(devices[device_id], task, self.round.deadline))
 
@@ -504,10 +502,10 @@ class RoundEngine:
                 continue
             out, manifest = bundles[key]
             entry = manifest.artifacts[0]
-            message = self._envelope(
-                MessageType.ARTIFACT, {"device_id": device.id, "round": number - 1, "task": task.task,
-                                       "manifest": manifest.model_dump(mode="json"),
-                                       "artifact": entry.compressed_path},
+            message = self._message(
+                ArtifactHeader(device_id=device.id, round=number - 1, task=task.task,
+                               manifest=manifest.model_dump(mode="json"),
+                               artifact=entry.compressed_path),
                 (out / entry.compressed_path).read_bytes())
             self.publish(self.topics.artifact(device.id), message)
             sent += len(message)
@@ -516,8 +514,9 @@ class RoundEngine:
     # --- commit ----------------------------------------------------------------------------
     def _commit(self) -> None:
         number = self.round.number
-        self.store.set_round(number, state="committing")
-        self.round = self.store.round_row(number)
+        if self.round.state == RoundState.COLLECTING:  # else resumed: committing already
+            self.store.set_round(number, state=RoundState.COMMITTING)
+            self.round = self.store.round_row(number)
         tasks = self.store.tasks(number)
         combiner = RoundCombiner(self.strategy, self.global_state, self.robust)
         bytes_up, epsilons, local, contributions = 0, [], [], []
@@ -541,19 +540,17 @@ class RoundEngine:
             model.load_state_dict({k: torch.from_numpy(v)
                                    for k, v in self.strategy.materialize(new_state).items()})
             global_accuracy = accuracy(model, self.test_x, self.test_y)
-        states = [t.state for t in tasks.values()]
-        for device_id, task in tasks.items():
-            if task.state == "sent":
-                self.store.set_task(number, device_id, state="missing")
+        states = Counter(t.state for t in tasks.values())
+        self._mark_missing(number, tasks)
         summary = {**(self.store.round_row(number).summary or {}), "round": number,
-                   "selected": len(tasks), "accepted": states.count("accepted"),
-                   "refused": states.count("refused"), "rejected": states.count("rejected"),
-                   "missing": states.count("sent"),
+                   "selected": len(tasks), "accepted": states[TaskState.ACCEPTED],
+                   "refused": states[TaskState.REFUSED], "rejected": states[TaskState.REJECTED],
+                   "missing": states[TaskState.SENT],
                    # Past the deadline: late updates and tasks never answered (not aggregated).
-                   "straggled": states.count("sent") + sum(t.state == "rejected" and t.reason == "late"
-                                                           for t in tasks.values()),
-                   "refused_by_reason": dict(Counter((t.reason or "").split(":")[0]
-                                                     for t in tasks.values() if t.state == "refused")),
+                   "straggled": states[TaskState.SENT] + sum(
+                       t.state == TaskState.REJECTED and t.reason == "late" for t in tasks.values()),
+                   "refused_by_reason": dict(Counter((t.reason or "").split(":")[0] for t in tasks.values()
+                                                     if t.state == TaskState.REFUSED)),
                    "bytes_up": bytes_up,
                    "bytes_down": sum(t.bytes_down for t in tasks.values()),
                    "epsilon_max": max(epsilons) if epsilons else None,
@@ -561,20 +558,25 @@ class RoundEngine:
                    "global_accuracy": global_accuracy,
                    "seconds": self.clock() - self.round.started_at,
                    "contributions": contributions}
-        self.store.set_round(number, state="committed", checkpoint=str(path),
+        self.store.set_round(number, state=RoundState.COMMITTED, checkpoint=str(path),
                              finished_at=self.clock(), summary=summary)
         self.global_state, self.round = new_state, None
         log.info("round %d committed: %s", number, summary)
         if self.on_commit:
             self.on_commit(summary)
 
+    def _mark_missing(self, number: int, tasks: dict[str, TaskRow]) -> None:
+        """The round closes: tasks never answered are missing."""
+        for device_id, task in tasks.items():
+            if task.state == TaskState.SENT:
+                self.store.set_task(number, device_id, state=TaskState.MISSING)
+
     def _abort(self, why: str) -> None:
         number = self.round.number
-        for device_id, task in self.store.tasks(number).items():
-            if task.state == "sent":
-                self.store.set_task(number, device_id, state="missing")
+        self._mark_missing(number, self.store.tasks(number))
         summary = {**(self.store.round_row(number).summary or {}), "reason": why}
-        self.store.set_round(number, state="aborted", finished_at=self.clock(), summary=summary)
+        self.store.set_round(number, state=RoundState.ABORTED, finished_at=self.clock(),
+                             summary=summary)
         log.warning("round %d aborted: %s; a new round will be opened", number, why)
         self.round = None
 
@@ -582,20 +584,21 @@ class RoundEngine:
     def status(self) -> dict[str, Any]:
         devices = self.store.devices()
         rounds = self.store.rounds()
-        current = next((r for r in reversed(rounds) if r.state in ("collecting", "committing")), None)
+        current = next((r for r in reversed(rounds) if r.state in ROUND_IN_PROGRESS), None)
         progress = None
         if current is not None:
             tasks = self.store.tasks(current.number)
             progress = {"round": current.number, "state": current.state,
                         "deadline_in": max(0.0, current.deadline - self.clock()),
                         "selected": len(tasks), "quorum": current.quorum,
-                        "answered": {s: sum(t.state == s for t in tasks.values())
-                                     for s in ("sent", "accepted", "refused", "rejected")}}
+                        "answered": {s.value: sum(t.state == s for t in tasks.values())
+                                     for s in (TaskState.SENT, TaskState.ACCEPTED,
+                                               TaskState.REFUSED, TaskState.REJECTED)}}
         return {"fleet": self.config.broker.fleet,
                 "process": {"peak_rss_bytes": peak_rss_bytes(), "devices_registered": len(devices)},
                 "messages": {"refused": self.counters["messages_refused"],
                              "failed": self.counters["messages_failed"]},
-                "rounds_committed": sum(r.state == "committed" for r in rounds),
+                "rounds_committed": sum(r.state == RoundState.COMMITTED for r in rounds),
                 "rounds_total": self.config.rounds.total, "current": progress,
                 "devices": [{"id": d.id, "online": d.online, "width_ratio": d.width_ratio,
                              "fits": d.fits, "epsilon": d.epsilon, "exhausted": d.exhausted,

@@ -11,16 +11,43 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from collections.abc import Iterator
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, LargeBinary, String,
-                        create_engine, func, make_url, select)
+                        TypeDecorator, create_engine, func, make_url, select)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from .states import (ROUND_IN_PROGRESS, ROUND_START, TASK_START, RoundState, TaskState,
+                     round_transition, task_transition)
 
 
 class Base(DeclarativeBase):
     pass
+
+
+class _StateColumn(TypeDecorator):
+    """A state stored as its string value (VARCHAR(16), as before) and read back as the enum; a
+    value that is not a state of the kind is refused before it reaches the database."""
+    impl = String(16)
+    states: type[StrEnum]
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else self.states(value).value
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else self.states(value)
+
+
+class _RoundStateColumn(_StateColumn):
+    cache_ok = True  # checked per class
+    states = RoundState
+
+
+class _TaskStateColumn(_StateColumn):
+    cache_ok = True  # checked per class
+    states = TaskState
 
 
 class DeviceRow(Base):
@@ -45,7 +72,7 @@ class DeviceRow(Base):
 class RoundRow(Base):
     __tablename__ = "rounds"
     number: Mapped[int] = mapped_column(Integer, primary_key=True)
-    state: Mapped[str] = mapped_column(String(16))  # collecting | committing | committed | aborted
+    state: Mapped[RoundState] = mapped_column(_RoundStateColumn())  # states.py: round_transition
     started_at: Mapped[float] = mapped_column(Float)
     deadline: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -60,7 +87,7 @@ class TaskRow(Base):
     round: Mapped[int] = mapped_column(ForeignKey("rounds.number"), primary_key=True)
     device: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
     task: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16))  # sent | accepted | refused | rejected | missing
+    state: Mapped[TaskState] = mapped_column(_TaskStateColumn())  # states.py: task_transition
     width_ratio: Mapped[float] = mapped_column(Float)
     aggregation_weight: Mapped[float] = mapped_column(Float)
     bytes_down: Mapped[int] = mapped_column(Integer)
@@ -146,21 +173,25 @@ class Store:
     # --- rounds and tasks ------------------------------------------------------------------
     def open_round(self, number: int, deadline: float, selected: list[str], quorum: int,
                    tasks: list[TaskRow]) -> None:
+        """The round, collecting, with its tasks, each sent (the states every round and task
+        starts in; `tasks` are given without a state)."""
         with self.session.begin() as s:
-            s.add(RoundRow(number=number, state="collecting", started_at=time.time(),
+            s.add(RoundRow(number=number, state=ROUND_START, started_at=time.time(),
                            deadline=deadline, selected=selected, quorum=quorum, summary={}))
             s.flush()
+            for task in tasks:
+                task.state = TASK_START
             s.add_all(tasks)
 
     def current_round(self) -> RoundRow | None:
         """The round in progress (collecting or committing), if any."""
         with self.session() as s:
-            return s.scalar(select(RoundRow).where(RoundRow.state.in_(("collecting", "committing")))
+            return s.scalar(select(RoundRow).where(RoundRow.state.in_(ROUND_IN_PROGRESS))
                             .order_by(RoundRow.number.desc()))
 
     def last_committed(self) -> RoundRow | None:
         with self.session() as s:
-            return s.scalar(select(RoundRow).where(RoundRow.state == "committed")
+            return s.scalar(select(RoundRow).where(RoundRow.state == RoundState.COMMITTED)
                             .order_by(RoundRow.number.desc()))
 
     def round_row(self, number: int) -> RoundRow | None:
@@ -176,8 +207,12 @@ class Store:
             return (s.scalar(select(func.max(RoundRow.number))) or 0) + 1
 
     def set_round(self, number: int, **fields: Any) -> None:
+        """Write `fields` of round `number`; a `state` moves through `round_transition` (an
+        illegal move raises IllegalTransition and writes nothing)."""
         with self.session.begin() as s:
             row = s.get(RoundRow, number)
+            if "state" in fields:
+                fields["state"] = round_transition(row.state, fields["state"])
             for key, value in fields.items():
                 setattr(row, key, value)
 
@@ -196,15 +231,19 @@ class Store:
         with self.session() as s:
             return s.get(TaskRow, (round_number, device))
 
-    def task_counts(self, round_number: int) -> dict[str, int]:
+    def task_counts(self, round_number: int) -> dict[TaskState, int]:
         """Tasks of a round per state, counted by the database (cheap at a thousand devices)."""
         with self.session() as s:
             return dict(s.execute(select(TaskRow.state, func.count()).where(TaskRow.round == round_number)
                                   .group_by(TaskRow.state)).all())
 
     def set_task(self, round_number: int, device: str, **fields: Any) -> None:
+        """Write `fields` of the device's task; a `state` moves through `task_transition` (an
+        illegal move raises IllegalTransition and writes nothing)."""
         with self.session.begin() as s:
             row = s.get(TaskRow, (round_number, device))
+            if "state" in fields:
+                fields["state"] = task_transition(row.state, fields["state"])
             for key, value in fields.items():
                 setattr(row, key, value)
 
@@ -212,7 +251,8 @@ class Store:
     def accept_update(self, round_number: int, device: str, task: str, payload: bytes, weight: float,
                       num_samples: int, epsilon: float | None,
                       local_accuracy: float | None = None) -> bool:
-        """Store an update and mark its task accepted, atomically. False: already stored."""
+        """Store an update and mark its task accepted, atomically. False: already stored;
+        IllegalTransition (nothing stored): the task cannot be accepted (missing)."""
         now = time.time()
         try:
             with self.session.begin() as s:
@@ -221,7 +261,7 @@ class Store:
                                 local_accuracy=local_accuracy, bytes=len(payload), received_at=now))
                 s.flush()
                 row = s.get(TaskRow, (round_number, device))
-                row.state, row.answered_at = "accepted", now
+                row.state, row.answered_at = task_transition(row.state, TaskState.ACCEPTED), now
         except IntegrityError:
             return False
         return True
