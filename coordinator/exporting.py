@@ -63,7 +63,7 @@ def verification_inputs(dataset: str, data_dir: str | None, samples: int = VERIF
 
 
 def export_checkpoint(checkpoint: Checkpoint, out_dir: str | Path, *, plan: DevicePlan | None = None,
-                      formats: Sequence[str] = ("onnx", "tflite"), precisions: Sequence[str] = ("fp32",),
+                      formats: Sequence[str] | None = None, precisions: Sequence[str] = ("fp32",),
                       data_dir: str | None = None, device_id: str | None = None,
                       samples: int = VERIFY_SAMPLES, threads: int | None = None) -> BundleManifest:
     if plan is not None and not plan.fits:

@@ -1,7 +1,8 @@
 """Export one device's model as a verified bundle: artifacts, their .zst copies and manifest.json.
 
-Every artifact is run in the runtime the device will use (onnxruntime, ai-edge-litert) on real
-test inputs before anything is published; files are written only when every artifact passes,
+Every artifact is made by its format's registered exporter (formats.py) and run in the runtime
+the device will use (the edge runtime registered under the same name) on real test inputs before
+anything is published; files are written only when every artifact passes,
 each atomically and durably (device_profiles.files), with manifest.json written last. A reader
 that opens the folder mid-publish finds the old manifest, whose sha256 refuses an artifact
 already replaced: it never runs a model its manifest does not describe.
@@ -27,19 +28,17 @@ from edge_sdk.models.cost import footprint
 from edge_sdk.runtime import MANIFEST_NAME, ArtifactEntry, BundleManifest, Parity, open_backend
 from edge_sdk.runtime.manifest import artifact_file_name
 
-from .onnx_export import OPSET, onnx_precision, to_onnx
-from .parity import TOLERANCES, ExportError, compare, localize, torch_outputs
-from .tflite_export import TFLITE_BATCH, tflite_precision, to_tflite
-
-FORMATS = ("onnx", "tflite")
-PRECISIONS = ("fp32", "fp16", "int8")
-_EXPORTER_PACKAGES = ("fedprune", "torch", "onnx", "onnxruntime", "litert-torch",
-                      "ai-edge-quantizer", "ai-edge-litert")
+from .formats import PRECISIONS, ExportError, Exporter, export_formats, exporter
+from .parity import TOLERANCES, compare, localize, torch_outputs
 
 
 def exporter_versions() -> dict[str, str]:
+    """Versions of fedprune, torch and every registered exporter's toolchain that are installed."""
+    packages = ["fedprune", "torch"]
+    for fmt in export_formats():
+        packages += [p for p in exporter(fmt).packages if p not in packages]
     versions = {}
-    for dist in _EXPORTER_PACKAGES:
+    for dist in packages:
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -47,56 +46,51 @@ def exporter_versions() -> dict[str, str]:
     return versions
 
 
-def _convert(fmt: str, precision: str, module: torch.nn.Module, example: torch.Tensor,
-             metadata: dict[str, str] | None = None) -> bytes:
-    if fmt == "onnx":
-        return onnx_precision(to_onnx(module, example, metadata), precision)
-    return tflite_precision(to_tflite(module, example), precision)
-
-
 def export_bundle(model: SpecModel, out_dir: str | Path, *, model_name: str, info: DatasetInfo,
                   device_id: str, verify_x: np.ndarray, verify_y: np.ndarray | None = None,
                   round_number: int | None = None, width_ratio: float = 1.0,
-                  checkpoint_sha256: str | None = None, formats: Sequence[str] = FORMATS,
+                  checkpoint_sha256: str | None = None, formats: Sequence[str] | None = None,
                   precisions: Sequence[str] = ("fp32",), threads: int | None = None) -> BundleManifest:
     """Export `model` in every format x precision, verify each, publish them with a manifest.
 
-    `verify_x` are normalised real inputs (N, C, H, W); `verify_y` their labels, if known, so the
-    manifest can record accuracy of torch and of each artifact on them.
+    `formats` are registered export formats (formats.py; None: all of them). `verify_x` are
+    normalised real inputs (N, C, H, W); `verify_y` their labels, if known, so the manifest can
+    record accuracy of torch and of each artifact on them.
     """
-    for fmt in formats:
-        if fmt not in FORMATS:
-            raise ExportError(f"unknown format {fmt!r}; use {' or '.join(FORMATS)}")
+    exporters = [exporter(fmt) for fmt in (export_formats() if formats is None else formats)]
     for precision in precisions:
         if precision not in PRECISIONS:
             raise ExportError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+        for chosen in exporters:
+            chosen.check_precision(precision)
     if len(verify_x) == 0:
         raise ExportError("verification needs at least one real input")
     model = model.eval()
     out_dir = Path(out_dir)
     verify_x = np.ascontiguousarray(verify_x, dtype=np.float32)
-    example = torch.from_numpy(verify_x[:TFLITE_BATCH])
     want = torch_outputs(model, verify_x)
     header = _header(model, model_name, info, device_id, round_number, width_ratio, checkpoint_sha256)
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in header.items()}
 
     entries, files = [], {}
-    for fmt in formats:
+    for chosen in exporters:
+        fmt = chosen.name
+        example = torch.from_numpy(verify_x[:chosen.batch or 1])
         for precision in precisions:
-            data = _convert(fmt, precision, model, example, metadata)
+            data = chosen.convert(model, example, precision, metadata)
             backend = open_backend(fmt, data, threads)
             got = backend.run(verify_x)
             result = compare(got, want, TOLERANCES[precision])
             if not result.ok:
                 layer = localize(model.layers, [f"layers.{i}" for i in range(len(model.layers))],
                                  verify_x[:64], lambda m, x: open_backend(
-                                     fmt, _convert(fmt, precision, m, example), threads).run(x),
+                                     fmt, chosen.convert(m, example, precision, None), threads).run(x),
                                  TOLERANCES[precision])
                 where = f"; first layer that departs from torch: {layer}" if layer else ""
                 raise ExportError(f"{fmt}/{precision} export of {device_id} disagrees with torch "
                                   f"on {len(verify_x)} real inputs: {result.describe()}{where}. "
                                   "Not published; drop this variant or report the layer")
-            entry, packed = _entry(fmt, precision, data, backend, result, got, want, verify_y,
+            entry, packed = _entry(chosen, precision, data, backend, result, got, want, verify_y,
                                    len(verify_x))
             entries.append(entry)
             files.update({entry.path: data, entry.compressed_path: packed})
@@ -126,10 +120,10 @@ def _header(model: SpecModel, model_name: str, info: DatasetInfo, device_id: str
             "flops_per_sample": 2 * macs, "checkpoint_sha256": checkpoint_sha256}
 
 
-def _entry(fmt: str, precision: str, data: bytes, backend, result, got, want, labels,
+def _entry(chosen: Exporter, precision: str, data: bytes, backend, result, got, want, labels,
            samples: int) -> tuple[ArtifactEntry, bytes]:
     """The manifest entry of one verified artifact, and its zstd-compressed bytes."""
-    name = artifact_file_name(fmt, precision)
+    name = artifact_file_name(chosen.name, precision)
     packed = zstandard.ZstdCompressor(level=19).compress(data)
     accuracy = torch_accuracy = None
     if labels is not None:
@@ -137,10 +131,9 @@ def _entry(fmt: str, precision: str, data: bytes, backend, result, got, want, la
         accuracy = float((got.argmax(1) == labels).mean())
         torch_accuracy = float((want.argmax(1) == labels).mean())
     entry = ArtifactEntry(
-        format=fmt, precision=precision, path=name, bytes=len(data),
+        format=chosen.name, precision=precision, path=name, bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(), compressed_path=f"{name}.zst",
-        compressed_bytes=len(packed), batch=None if fmt == "onnx" else TFLITE_BATCH,
-        opset=OPSET if fmt == "onnx" else None,
+        compressed_bytes=len(packed), batch=chosen.batch, opset=chosen.opset,
         parity=Parity(runtime=backend.runtime, runtime_version=backend.version, samples=samples,
                       max_abs_diff=result.max_abs_diff, top1_agreement=result.top1_agreement,
                       accuracy=accuracy, torch_accuracy=torch_accuracy))

@@ -13,17 +13,28 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from .formats import ExportError, register_exporter
 
-from .parity import ExportError
+if TYPE_CHECKING:
+    import torch
 
 OPSET = 18
+
+
+@register_exporter("onnx", precisions=("fp32", "fp16", "int8"), opset=OPSET,
+                   packages=("onnx", "onnxruntime"))
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, precision: str,
+                metadata: dict[str, str] | None = None) -> bytes:
+    return onnx_precision(to_onnx(model, example, metadata), precision)
 
 
 def to_onnx(model: torch.nn.Module, example: torch.Tensor,
             metadata: dict[str, str] | None = None) -> bytes:
     """Serialized ONNX model with `metadata` as metadata_props; input `input`, output `logits`."""
+    import torch
+
     # The exporter warns about every optional op library it does not find (torchvision, ...).
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:

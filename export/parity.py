@@ -15,9 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
-class ExportError(ValueError):
-    """The model could not be exported, or an export disagrees with torch and was not published."""
+from .formats import ExportError
 
 
 @dataclass(frozen=True)

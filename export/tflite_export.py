@@ -12,20 +12,29 @@ import contextlib
 import io
 import os
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
+from .formats import ExportError, register_exporter
 
-from .parity import ExportError
-
-# litert-torch prints a progress tree and the converter logs every pass; a CLI wants neither.
-os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("GLOG_minloglevel", "2")
+if TYPE_CHECKING:
+    import torch
 
 TFLITE_BATCH = 1
 
 
+@register_exporter("tflite", precisions=("fp32", "fp16", "int8"), batch=TFLITE_BATCH,
+                   packages=("litert-torch", "ai-edge-quantizer", "ai-edge-litert"))
+def export_tflite(model: torch.nn.Module, example: torch.Tensor, precision: str,
+                  metadata: dict[str, str] | None = None) -> bytes:
+    return tflite_precision(to_tflite(model, example), precision)
+
+
 def _require(module: str, package: str):
+    # litert-torch prints a progress tree and the converter logs every pass; a CLI wants neither.
+    # Set before the toolchain's first import, which reads them.
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GLOG_minloglevel", "2")
     try:
         return __import__(module, fromlist=["_"])
     except ImportError as exc:

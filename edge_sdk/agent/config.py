@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -13,6 +12,7 @@ from device_profiles.files import atomic_write
 from ..sizing import DataSlice
 from ..protocol.topics import check_id
 from ..protocol.transport import BrokerAddress
+from ..runtime.backends import RuntimeFormatName
 from ..validation import describe, read_toml
 
 
@@ -30,7 +30,7 @@ class EdgeConfig(BaseModel):
     # "catalogue:<name>" for a catalogue device class, a profile JSON from `fedprune profile`, or
     # "measure" to profile this device on first start (kept in state_dir/profile.json).
     profile: str = "catalogue:rpi4-4gb"
-    formats: list[Literal["onnx", "tflite"]] = ["onnx"]
+    formats: list[RuntimeFormatName] = ["onnx"]  # formats of the runtimes installed here
     # Privacy is the device's decision, not the coordinator's. With require_dp, or with a
     # budget (which implies it), a task without DP or with a delta above dp_delta is refused
     # (privacy_policy), and one that would push epsilon past the budget too (privacy_budget).

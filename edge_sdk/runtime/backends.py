@@ -1,4 +1,12 @@
-"""The two runtimes a device may have, behind one `run(batch) -> logits` call.
+"""Artifact formats a device can run, each registered under its name, behind one `run(batch)` call.
+
+A format is `@register_runtime("name")` on a class (or any callable) that takes the artifact's
+bytes and a thread count and returns a `Backend`: `runtime` and `version` (recorded in the
+manifest's parity), and `run(batch) -> logits`. The name is the one manifests, edge.toml and
+REGISTER headers use and the artifact file's suffix (`model-fp32.onnx`). A runtime imports its
+library when an artifact is opened, never at registration: every format is known everywhere, and
+a device installs only the runtimes it uses. The export side registers a converter under the same
+name (`export/formats.py`); a new format is that converter's module and a runtime here.
 
 ONNX artifacts have a dynamic batch dimension and run in one call. TFLite artifacts are
 converted with a fixed batch (litert-torch cannot trace a dynamic batch through flatten), so
@@ -8,9 +16,15 @@ the backend feeds them sample by sample; on a device that is the usual batch-1 i
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Protocol
+import re
+from collections.abc import Callable
+from typing import Annotated, Protocol
 
 import numpy as np
+from pydantic import AfterValidator
+
+# Format names become file suffixes and config values: short, lower-case, nothing a path reads.
+FORMAT_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
 
 
 class BackendUnavailable(ImportError):
@@ -24,6 +38,49 @@ class Backend(Protocol):
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+Opener = Callable[[bytes, "int | None"], Backend]
+_RUNTIMES: dict[str, Opener] = {}
+
+
+def register_runtime(name: str) -> Callable[[Opener], Opener]:
+    """Register `opener(model_bytes, threads) -> Backend` as the runtime of format `name`."""
+    if not isinstance(name, str) or not FORMAT_NAME.fullmatch(name):
+        raise ValueError(f"format name {name!r} must match {FORMAT_NAME.pattern} "
+                         "(it becomes the artifact's file suffix)")
+
+    def decorate(opener: Opener) -> Opener:
+        if _RUNTIMES.get(name, opener) is not opener:
+            raise ValueError(f"artifact format {name!r} already has a runtime "
+                             f"({_RUNTIMES[name].__qualname__}); unregister_runtime it first")
+        _RUNTIMES[name] = opener
+        return opener
+    return decorate
+
+
+def unregister_runtime(name: str) -> None:
+    _RUNTIMES.pop(name, None)
+
+
+def runtime_formats() -> tuple[str, ...]:
+    """The artifact formats this build can run, in registration order."""
+    return tuple(_RUNTIMES)
+
+
+def check_runtime_format(name: str) -> str:
+    if name not in _RUNTIMES:
+        raise ValueError(f"unknown artifact format {name!r}; registered formats: "
+                         f"{', '.join(_RUNTIMES) or 'none'}")
+    return name
+
+
+# A pydantic field type: a format name this build has a runtime for.
+RuntimeFormatName = Annotated[str, AfterValidator(check_runtime_format)]
+
+
+def open_backend(fmt: str, model: bytes, threads: int | None = None) -> Backend:
+    return _RUNTIMES[check_runtime_format(fmt)](model, threads)
+
+
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -31,6 +88,7 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
+@register_runtime("onnx")
 class OnnxBackend:
     runtime = "onnxruntime"
 
@@ -66,6 +124,7 @@ def _interpreter_class():
                                  "or tflite-runtime") from exc
 
 
+@register_runtime("tflite")
 class LiteRtBackend:
     def __init__(self, model: bytes, threads: int | None = None):
         interpreter_class, self.runtime, self.version = _interpreter_class()
@@ -89,10 +148,3 @@ class LiteRtBackend:
             outputs.append(self.interpreter.get_tensor(self.output_index).copy())
         return np.concatenate(outputs)[:len(batch)]
 
-
-def open_backend(fmt: str, model: bytes, threads: int | None = None) -> Backend:
-    if fmt == "onnx":
-        return OnnxBackend(model, threads)
-    if fmt == "tflite":
-        return LiteRtBackend(model, threads)
-    raise ValueError(f"unknown artifact format {fmt!r}; use onnx or tflite")

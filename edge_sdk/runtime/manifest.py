@@ -19,11 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from device_profiles.files import atomic_write
 
 from ..validation import describe, load_json
+from .backends import RuntimeFormatName
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_LIMIT = 1024 * 1024  # bytes; a real manifest is a few kB
 
-Format = Literal["onnx", "tflite"]
+Format = RuntimeFormatName  # a format this build has a runtime for (backends.py registers them)
 Precision = Literal["fp32", "fp16", "int8"]
 
 
