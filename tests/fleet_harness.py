@@ -1,6 +1,6 @@
 """Drive the real coordinator engine and real edge agents without a broker, message by message.
 
-Each agent's publish is captured instead of sent; `deliver` hands captured messages to the other
+Each agent's publish is injected to capture what it sends; `deliver` hands captured messages to the other
 side exactly as a broker would (same topic, same bytes). Tests choose the order, drop, delay or
 replay messages, and "crash" the engine by building a new one on the same store.
 """
@@ -60,13 +60,12 @@ class Harness:
                                 profile="catalogue:rpi4-4gb", max_samples=samples,
                                 epsilon_budget=(budgets or {}).get(i),
                                 data={"clients": devices, "device_index": i})
-            agent = EdgeAgent(config)
-            agent.mqtt.publish = self._capture(self.to_coordinator)
+            agent = EdgeAgent(config, publish=self._capture(self.to_coordinator))
             self.agents[device] = agent
 
     @staticmethod
     def _capture(queue):
-        def publish(topic, payload, qos=0, retain=False):
+        def publish(topic, payload, retain=False):
             queue.append((topic, bytes(payload)))
         return publish
 

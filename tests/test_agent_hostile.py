@@ -45,14 +45,12 @@ def _sqlite(tmp_path: Path) -> str:
 
 
 def _agent(tmp_path: Path, **settings) -> tuple[EdgeAgent, list[tuple[str, bytes]]]:
-    """A real agent whose publishes are captured instead of sent (as fleet_harness does)."""
+    """A real agent whose publish is injected to capture what it sends (as fleet_harness does)."""
     config = EdgeConfig(device_id=DEVICE, fleet="test", state_dir=str(tmp_path / DEVICE),
                         profile="catalogue:rpi4-4gb", max_samples=150,
                         data={"clients": 3, "device_index": 0}, **settings)
-    agent = EdgeAgent(config)
     sent: list[tuple[str, bytes]] = []
-    agent.mqtt.publish = Harness._capture(sent)
-    return agent, sent
+    return EdgeAgent(config, publish=Harness._capture(sent)), sent
 
 
 def _refusals(sent: list[tuple[str, bytes]]):
@@ -393,21 +391,15 @@ def test_an_update_whose_publish_was_lost_is_resent_on_the_timer_without_a_recon
     h.engine.tick()
     [(task_topic, genuine)] = h.take(h.to_devices, "task", DEVICE)
     wire = Wire(broker, "resend")
-    agent = EdgeAgent(_over(broker, h, tmp_path, resend_seconds=1))
-    connects, dropped = [], []
-    on_connect, publish = agent.mqtt.on_connect, agent.mqtt.publish
+    dropped = []
 
-    def counting(*args, **kwargs):
-        connects.append(time.monotonic())
-        return on_connect(*args, **kwargs)
-
-    def lossy(topic, payload=None, qos=0, retain=False, properties=None):
+    def lossy(topic, payload, retain=False):
         if TOPICS.device_of(topic)[0] == "update" and not dropped:
             dropped.append(bytes(payload))  # lost on the way: the broker never sees it
             return None
-        return publish(topic, payload, qos, retain, properties)
+        return agent.transport.publish(topic, payload, retain)
 
-    agent.mqtt.on_connect, agent.mqtt.publish = counting, lossy
+    agent = EdgeAgent(_over(broker, h, tmp_path, resend_seconds=1), publish=lossy)
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
     try:
@@ -415,7 +407,8 @@ def test_an_update_whose_publish_was_lost_is_resent_on_the_timer_without_a_recon
         wire.publish(task_topic, genuine)
         [resent] = wire.wait("update", 1, timeout=120)
         assert dropped and resent == dropped[0]  # the same envelope, same idempotency key
-        assert len(connects) == 1, "the resend came from a reconnect, not from the timer"
+        assert agent.transport.counters["connects"] == 1, \
+            "the resend came from a reconnect, not from the timer"
         h.engine.handle(TOPICS.update(DEVICE), resent)
         [(ack_topic, ack)] = h.take(h.to_devices, "ack", DEVICE)
         wire.publish(ack_topic, ack)

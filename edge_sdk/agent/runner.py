@@ -1,11 +1,13 @@
 """The device's MQTT loop: register, take tasks, train (with DP), answer, survive disconnects.
 
-paho runs the network in its own thread (keepalives continue while the device trains); received
-messages go into a queue that `run` drains one at a time, so training, state and ledger are only
-ever touched by one thread. Sessions are persistent (clean_session=False) and every publish is
-QoS 1, so a task sent while the device was offline arrives when it returns, and an update is
-resent from the outbox (on every reconnect, and every `resend_seconds` while connected) until
-the coordinator acknowledges it.
+The connection is the shared `MqttTransport` (edge_sdk/protocol/transport.py): paho runs the
+network in its own thread (keepalives continue while the device trains); received messages go into
+its inbox, which `run` drains one at a time, so training, state and ledger are only ever touched by
+one thread. Sessions are persistent (clean_session=False) and every publish is QoS 1, so a task
+sent while the device was offline arrives when it returns, and an update is resent from the outbox
+(on every reconnect, and every `resend_seconds` while connected) until the coordinator
+acknowledges it. Everything the agent sends goes through its `publish` (the transport's unless
+one is injected, as tests do) and is built from its header model (`encode_message`).
 
 Every message is hostile until proven otherwise: `handle` never raises. A message that can never
 be handled (unparseable, forged, naming a path, asking for less privacy than the device's own
@@ -20,9 +22,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import zstandard
 from pydantic import ValidationError
 
@@ -31,11 +33,12 @@ from ..client import LocalClient
 from ..data import client_data_for, load_dataset
 from ..plan import SubmodelPlan
 from ..protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError, MessageType,
-                        RefusalCode, TaskHeader, Topics, decode_envelope, encode_envelope,
-                        parse_header, peek_header)
+                        RefusalCode, RefusalHeader, RegisterHeader, StatusHeader, TaskHeader,
+                        Topics, UpdateHeader, decode_envelope, encode_message, parse_header,
+                        peek_header)
 from ..protocol.signing import load_public_key, verify
 from ..protocol.topics import COORDINATOR_TO_DEVICE, check_id
-from ..protocol.transport import make_client
+from ..protocol.transport import MqttTransport
 from ..runtime.manifest import BundleManifest, artifact_file_name
 from ..runtime.predictor import MAX_ARTIFACT_BYTES
 from ..training import DPConfig, PrivacyLedger, TrainConfig
@@ -47,6 +50,9 @@ log = logging.getLogger("fedprune.edge")
 
 # Signed by the coordinator when the device holds its key: nothing else is acted upon.
 _SIGNED_TYPES = (MessageType.TASK, MessageType.ACK, MessageType.ARTIFACT)
+
+# publish(topic, payload, retain=False): QoS 1, as `MqttTransport.publish`.
+Publish = Callable[..., object]
 
 
 class ArtifactRefused(ValueError):
@@ -74,7 +80,7 @@ def load_profile_dict(config: EdgeConfig, state: DeviceState) -> dict[str, Any]:
 
 
 class EdgeAgent:
-    def __init__(self, config: EdgeConfig):
+    def __init__(self, config: EdgeConfig, publish: Publish | None = None):
         self.config = config
         self.topics = Topics(config.fleet, config.topic_prefix)
         self.state = DeviceState(config.state_dir)
@@ -88,78 +94,50 @@ class EdgeAgent:
                               data.test_x[:max(1, n // 2)], data.test_y[:max(1, n // 2)])
         self.data = data
         self.client: LocalClient | None = None
-        self.inbox: queue.Queue[tuple[str, bytes, int, int]] = queue.Queue()
-        self.connected = threading.Event()
         self.stopping = threading.Event()
         self.coordinator_key = load_public_key(config.coordinator_key) if config.coordinator_key else None
         self._sent_at: dict[str, float] = {}  # outbox key -> monotonic time it was last published
         self.unhandled = 0  # messages acknowledged without being handled (poison, forgeries)
-        self.mqtt = self._make_client()
+        device = config.device_id
+        # The last will says offline (retained); `stop` publishes it too on a clean shutdown.
+        self.transport = MqttTransport(
+            device, config.broker, username=config.username, password=config.password,
+            tls_ca=config.tls_ca, keepalive=config.keepalive,
+            subscriptions=self.topics.device_subscriptions(device), on_connect=self._on_connect,
+            will=(self.topics.status(device), self._status(False)), logger=log)
+        self.inbox, self.connected = self.transport.inbox, self.transport.connected
+        self.publish: Publish = publish or self.transport.publish
 
     # --- connection ------------------------------------------------------------------------
-    def _make_client(self) -> mqtt.Client:
-        config = self.config
-        client, self.address = make_client(config.device_id, config.broker, config.username,
-                                           config.password, config.tls_ca)
-        client.will_set(self.topics.status(self.config.device_id),
-                        encode_envelope(MessageType.STATUS,
-                                        {"device_id": self.config.device_id, "online": False}),
-                        qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)  # exponential backoff
-        client.max_queued_messages_set(0)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        # Acknowledged only after handling: a task received just before a crash is redelivered.
-        client.manual_ack_set(True)
-        client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload, msg.mid, msg.qos))
-        return client
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
-        if reason_code.is_failure:
-            log.warning("broker refused the connection: %s", reason_code)
-            return
+    def _on_connect(self) -> None:
+        """Run by the transport on every (re)connection, once the subscriptions are made."""
         device = self.config.device_id
-        for topic in self.topics.device_subscriptions(device):
-            client.subscribe(topic, qos=1)
-        client.publish(self.topics.status(device),
-                       encode_envelope(MessageType.STATUS, {"device_id": device, "online": True}),
-                       qos=1, retain=True)
+        self.publish(self.topics.status(device), self._status(True), retain=True)
         # Retained: a coordinator that starts (or restarts) later still sees every registration.
-        client.publish(self.topics.register(device), self._registration(), qos=1, retain=True)
+        self.publish(self.topics.register(device), self._registration(), retain=True)
         for key in self.state.outbox_keys():  # every unacknowledged update, same key
             self._resend(key)
-        self.connected.set()
-        log.info("connected to %s as %s", self.config.broker, device)
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
-        self.connected.clear()
-        if not self.stopping.is_set():
-            log.warning("disconnected (%s); reconnecting with backoff", reason_code)
+    def _status(self, online: bool) -> bytes:
+        return encode_message(StatusHeader(device_id=self.config.device_id, online=online))
 
     def _registration(self) -> bytes:
         ledger, _ = self.state.load_ledger()
         model_file = self.state.root / "model.pt"
         digest = load_checkpoint(model_file).spec.digest() if model_file.exists() else None
-        header = {"device_id": self.config.device_id, "profile": self.profile,
-                  "num_samples": len(self.data.train_y), "formats": list(self.config.formats),
-                  "sdk_version": _sdk_version(), "epsilon_budget": self.config.epsilon_budget,
-                  "epsilon_spent": ledger.epsilon() if ledger else None, "model_digest": digest}
-        return encode_envelope(MessageType.REGISTER, header)
+        return encode_message(RegisterHeader(
+            device_id=self.config.device_id, profile=self.profile,
+            num_samples=len(self.data.train_y), formats=list(self.config.formats),
+            sdk_version=_sdk_version(), epsilon_budget=self.config.epsilon_budget,
+            epsilon_spent=ledger.epsilon() if ledger else None, model_digest=digest))
 
     # --- main loop -------------------------------------------------------------------------
     def start(self) -> None:
-        self.mqtt.connect_async(self.address.host, self.address.port, keepalive=self.config.keepalive)
-        self.mqtt.loop_start()
+        self.transport.start()
 
     def stop(self) -> None:
         self.stopping.set()
-        device = self.config.device_id
-        if self.connected.is_set():
-            self.mqtt.publish(self.topics.status(device), encode_envelope(
-                MessageType.STATUS, {"device_id": device, "online": False}), qos=1, retain=True
-            ).wait_for_publish(5)
-        self.mqtt.disconnect()
-        self.mqtt.loop_stop()
+        self.transport.stop()
 
     def run(self, until: float | None = None) -> None:
         """Handle messages until stopped (or until the unix time `until`).
@@ -173,11 +151,11 @@ class EdgeAgent:
                 if self.connected.is_set():
                     self.resend_overdue()
                 try:
-                    topic, payload, mid, qos = self.inbox.get(timeout=0.5)
+                    delivery = self.inbox.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                self.handle(topic, payload)
-                self.mqtt.ack(mid, qos)
+                self.handle(delivery.topic, delivery.payload)
+                self.transport.ack(delivery.mid, delivery.qos)
         finally:
             self.stop()
 
@@ -202,7 +180,7 @@ class EdgeAgent:
 
     def _publish_update(self, key: str, envelope: bytes) -> None:
         self._sent_at[key] = time.monotonic()
-        self.mqtt.publish(self.topics.update(self.config.device_id), envelope, qos=1)
+        self.publish(self.topics.update(self.config.device_id), envelope)
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Handle one message. Never raises: whatever a message causes is caught and reported."""
@@ -261,9 +239,10 @@ class EdgeAgent:
             else:
                 kind, header = peek_header(payload)
             round_number, task = header.get("round"), header.get("task")
+            first = 0 if kind == MessageType.ARTIFACT else 1  # an artifact's task is the next round's
             if kind not in (MessageType.TASK, MessageType.ARTIFACT) or \
                     header.get("device_id") != self.config.device_id or \
-                    type(round_number) is not int or round_number < 0:
+                    type(round_number) is not int or round_number < first:
                 return None
             check_id("task id", task)  # a task id that is not an id is not repeated back
             return kind, round_number, task
@@ -312,12 +291,11 @@ class EdgeAgent:
             return
         Checkpoint(client.spec, client.state, plan.spec.name, self.config.data.dataset, device,
                    header.round, header.width_ratio).save(self.state.root / "model.pt")
-        envelope = encode_envelope(MessageType.UPDATE, {
-            "device_id": device, "round": header.round, "task": header.task,
-            "num_samples": outcome.num_samples, "epsilon": outcome.epsilon,
-            "train_seconds": time.perf_counter() - started,
-            "local_accuracy": client.evaluate(),
-            "payload_sha256": hashlib.sha256(outcome.payload).hexdigest()}, outcome.payload)
+        envelope = encode_message(UpdateHeader(
+            device_id=device, round=header.round, task=header.task,
+            num_samples=outcome.num_samples, epsilon=outcome.epsilon,
+            train_seconds=time.perf_counter() - started, local_accuracy=client.evaluate(),
+            payload_sha256=hashlib.sha256(outcome.payload).hexdigest()), outcome.payload)
         if len(envelope) > self.config.max_payload_bytes:
             self._refuse(header, RefusalCode.BAD_TASK, f"the update is {len(envelope):,} bytes, over "
                          f"the fleet's limit of {self.config.max_payload_bytes:,}; plan a smaller "
@@ -389,10 +367,9 @@ class EdgeAgent:
         if record:
             self.state.mark(key, "refused")
         log.warning("refusing task %s (%s): %s", key, code.value, message)
-        self.mqtt.publish(self.topics.refusal(self.config.device_id), encode_envelope(
-            MessageType.REFUSAL, {"device_id": self.config.device_id, "round": round_number,
-                                  "task": task, "code": code.value,
-                                  "message": message[:4000], "epsilon": epsilon}), qos=1)
+        self.publish(self.topics.refusal(self.config.device_id), encode_message(RefusalHeader(
+            device_id=self.config.device_id, round=round_number, task=task, code=code,
+            message=message[:4000], epsilon=epsilon)))
 
     def _refuse_forged(self, envelope: Envelope, error: EnvelopeError) -> None:
         """A message that is not the coordinator's is never acted upon; a forged task is

@@ -1,14 +1,31 @@
-"""One way to open an MQTT 3.1.1 connection, for devices and the coordinator alike.
+"""The one MQTT 3.1.1 client of fedprune: the edge agent, the coordinator's link and the
+profiler's network test all connect through `MqttTransport`.
 
 `mqtt://host[:1883]` is plaintext; `mqtts://host[:8883]` is TLS, verified against `tls_ca` (the
 fleet's CA from `fedprune coordinator provision`) or the system's trust store. Credentials are
 the broker's password-file users; with the provisioned ACLs a device's user name is its id.
+
+paho runs the network in its own thread, which only fills the inbox: whoever owns the transport
+drains it from one thread of its own. Everything is published at QoS 1. Sessions are persistent
+(clean_session=False) unless asked otherwise, so what is published to a client while it is away
+is delivered when it returns, and paho reconnects with exponential backoff (1 s to 30 s).
+Deliveries are acknowledged manually, once their owner has handled them (`ack`): a message
+received just before a crash is delivered again. The inbox is bounded: a delivery past
+`inbox_limit` is left unacknowledged (the broker sends it again after a reconnect) and counted;
+QoS 0 deliveries, which nothing limits and no fedprune peer sends, are dropped and counted.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import ssl
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -30,10 +47,12 @@ class BrokerAddress:
 
 
 def make_client(client_id: str, url: str, username: str | None = None, password: str | None = None,
-                tls_ca: str | None = None, clean_session: bool = False) -> tuple[mqtt.Client, BrokerAddress]:
+                tls_ca: str | None = None, clean_session: bool = False,
+                reconnect_on_failure: bool = True) -> tuple[mqtt.Client, BrokerAddress]:
     address = BrokerAddress.parse(url)
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv311, clean_session=clean_session)
+                         protocol=mqtt.MQTTv311, clean_session=clean_session,
+                         reconnect_on_failure=reconnect_on_failure)
     if address.tls:
         client.tls_set(ca_certs=tls_ca, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
     elif tls_ca:
@@ -41,3 +60,192 @@ def make_client(client_id: str, url: str, username: str | None = None, password:
     if username is not None:
         client.username_pw_set(username, password)
     return client, address
+
+
+RECONNECTED = ""  # inbox marker (no real topic is empty): the transport (re)connected
+
+
+class TransportError(ConnectionError):
+    """The broker could not be reached, refused us, or refused a subscription; the text says which."""
+
+
+class Delivery(NamedTuple):
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: float  # unix time of arrival: lateness is judged by it, not by handling time
+    arrived: float = 0.0  # time.perf_counter() at arrival, for timing round trips
+
+
+class MqttTransport:
+    """One MQTT connection with reconnect, manual acknowledgement and a bounded inbox.
+
+    `subscriptions` are subscribed at QoS 1 on every (re)connection, then `on_connect` runs (in
+    paho's thread: it may publish, never wait), then `connected` is set and, with
+    `mark_reconnects`, a `RECONNECTED` delivery is queued so the owner learns of it in order.
+    `will` (topic, payload) is the retained last will; `stop` publishes it itself, since a clean
+    disconnect does not fire it.
+    """
+
+    def __init__(self, client_id: str, url: str, *, username: str | None = None,
+                 password: str | None = None, tls_ca: str | None = None,
+                 clean_session: bool = False, keepalive: int = 30,
+                 subscriptions: Iterable[str] = (), on_connect: Callable[[], None] | None = None,
+                 will: tuple[str, bytes] | None = None, inbox_limit: int = 1000,
+                 manual_ack: bool = True, reconnect: bool = True, mark_reconnects: bool = False,
+                 max_inflight: int = 20, window: int = 32, logger: logging.Logger | None = None):
+        self.client, self.address = make_client(client_id, url, username, password, tls_ca,
+                                                clean_session, reconnect_on_failure=reconnect)
+        self.client_id, self.url, self.keepalive = client_id, url, keepalive
+        self.subscriptions = tuple(subscriptions)
+        self.on_connect = on_connect
+        self.will = will
+        self.inbox: queue.Queue[Delivery] = queue.Queue()
+        self.inbox_limit = inbox_limit
+        self.mark_reconnects = mark_reconnects
+        self.log = logger or logging.getLogger("fedprune.mqtt")
+        # connects, disconnects; dropped_qos0: deliveries at QoS 0 (the protocol sends none);
+        # dropped_inbox_full: deliveries past inbox_limit (not acknowledged, so sent again).
+        self.counters: Counter[str] = Counter()
+        self.connected = threading.Event()
+        self.stopping = threading.Event()
+        self.refusal: str | None = None  # why the broker refused the last connection attempt
+        self._answered = threading.Event()  # CONNACK received (accepted or not)
+        self._own_subscriptions: set[int] = set()  # mids of the subscriptions made on connect
+        self._subacks: dict[int, list] = {}  # mid -> reason codes, for `subscribe` to collect
+        self._subacked = threading.Condition()
+        self._network_thread: threading.Thread | None = None
+        # paho keeps every queued message in memory; waiting for the oldest once `window` are
+        # unsent keeps a publisher's memory independent of how many messages it sends.
+        self.pending: deque[mqtt.MQTTMessageInfo] = deque()
+        self.window = window
+        client = self.client
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)  # exponential backoff
+        client.max_inflight_messages_set(max_inflight)
+        client.max_queued_messages_set(0)
+        client.manual_ack_set(manual_ack)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+
+    # --- paho's network thread ------------------------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        self._network_thread = threading.current_thread()
+        if reason_code.is_failure:
+            self.refusal = str(reason_code)
+            self._answered.set()
+            self.log.warning("broker refused the connection: %s", reason_code)
+            return
+        self.refusal = None
+        self.counters["connects"] += 1
+        self._own_subscriptions.clear()
+        for topic in self.subscriptions:
+            self._own_subscriptions.add(client.subscribe(topic, qos=1)[1])
+        if self.on_connect is not None:
+            self.on_connect()
+        self.connected.set()
+        self._answered.set()
+        if self.mark_reconnects:  # e.g. a task published while the broker went down may be lost
+            self.inbox.put(Delivery(RECONNECTED, b"", 0, 0, time.time(), time.perf_counter()))
+        self.log.info("connected to %s as %s", self.url, self.client_id)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        self.connected.clear()
+        self.counters["disconnects"] += 1
+        if not self.stopping.is_set():
+            self.log.warning("disconnected from the broker (%s); reconnecting with backoff",
+                             reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        """The inbox's only producer: its size check is exact."""
+        if msg.qos == 0:
+            self.counters["dropped_qos0"] += 1
+            dropped = self.counters["dropped_qos0"]
+            if dropped in (1, 10, 100) or dropped % 1000 == 0:
+                self.log.warning("dropped %d QoS 0 messages (latest on %s): fedprune peers "
+                                 "publish at QoS 1 only", dropped, msg.topic)
+            return
+        if self.inbox.qsize() >= self.inbox_limit:
+            self.counters["dropped_inbox_full"] += 1
+            self.log.warning("inbox full (%d messages); a message on %s is left unacknowledged "
+                             "for the broker to deliver again", self.inbox_limit, msg.topic)
+            return
+        self.inbox.put(Delivery(msg.topic, msg.payload, msg.mid, msg.qos, time.time(),
+                                time.perf_counter()))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        if mid not in self._own_subscriptions:
+            with self._subacked:
+                self._subacks[mid] = reason_codes
+                self._subacked.notify_all()
+            return
+        self._own_subscriptions.discard(mid)
+        if any(code.is_failure for code in reason_codes):
+            self.log.error("the broker refused a subscription (%s): check its ACL", reason_codes)
+
+    # --- the owner's thread ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background: paho retries (with backoff) until the broker answers."""
+        self.client.connect_async(self.address.host, self.address.port, keepalive=self.keepalive)
+        self.client.loop_start()
+
+    def connect(self, timeout: float) -> None:
+        """Connect now and wait for the broker's answer; TransportError says why it failed."""
+        self.client.connect_timeout = timeout
+        try:
+            self.client.connect(self.address.host, self.address.port, keepalive=self.keepalive)
+        except OSError as exc:
+            raise TransportError(f"cannot connect ({exc.strerror or exc})") from None
+        self.client.loop_start()
+        if not self._answered.wait(timeout):
+            raise TransportError("no answer to CONNECT")
+        if not self.connected.is_set():
+            raise TransportError(f"connection refused by the broker ({self.refusal})")
+
+    def subscribe(self, topic: str, timeout: float) -> None:
+        """Subscribe at QoS 1 now (not again after a reconnect) and wait for the broker's SUBACK."""
+        result, mid = self.client.subscribe(topic, qos=1)
+        granted = None
+        if result == mqtt.MQTT_ERR_SUCCESS:
+            with self._subacked:
+                self._subacked.wait_for(lambda: mid in self._subacks, timeout)
+                granted = self._subacks.pop(mid, None)
+        if not granted or any(code.is_failure for code in granted):
+            raise TransportError(f"cannot subscribe to {topic} ({granted or result})")
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """QoS 1; paho queues it while disconnected and sends it on reconnect. Past `window`
+        unsent messages, waits for the oldest (never in paho's own thread, which sends them)."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        self.pending.append(info)
+        while len(self.pending) > self.window:
+            try:
+                oldest = self.pending.popleft()
+            except IndexError:  # paho's thread (publishing on connect) took it meanwhile
+                break
+            if self.connected.is_set() and threading.current_thread() is not self._network_thread:
+                try:
+                    oldest.wait_for_publish(timeout=30)
+                except (RuntimeError, ValueError):  # not queued: paho logged why
+                    pass
+        return info
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a delivery to the broker, once it has been handled."""
+        self.client.ack(mid, qos)
+
+    def stop(self) -> None:
+        """Publish the will (if connected; a clean disconnect does not fire it) and disconnect."""
+        self.stopping.set()
+        if self.will is not None and self.connected.is_set():
+            info = self.client.publish(self.will[0], self.will[1], qos=1, retain=True)
+            try:
+                info.wait_for_publish(5)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
