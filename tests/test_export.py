@@ -50,7 +50,7 @@ def full_bundle(trained, tmp_path_factory):
 
 
 def _plan(width: float, tmp_path) -> DevicePlan:
-    plan = DevicePlan(device="tiny-gw", model="fedp3_cnn", width_ratio=width, slicing="magnitude",
+    plan = DevicePlan(device_id="tiny-gw", model="fedp3_cnn", width_ratio=width, slicing="magnitude",
                       batch_size=48, physical_batch_size=8, local_steps=1, local_samples=48,
                       parameters=1, predicted_peak_bytes=1, memory_limit_bytes=1, download_bytes=1,
                       upload_bytes=1, transfer_seconds=0, compute_seconds=0, deadline_seconds=60,
