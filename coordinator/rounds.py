@@ -119,12 +119,6 @@ class SubmodelView:
                                                      self.fixed_masks)
         return self._downloads[dtype]
 
-    def adapt(self, plan: SubmodelPlan) -> SubmodelPlan:
-        """The strategy's plan on this width: its spec, and FjORD's levels made relative to it."""
-        levels = plan.ordered_dropout
-        if levels:
-            levels = tuple(p / self.ratio for p in levels if p <= self.ratio + 1e-9) or (1.0,)
-        return dataclasses.replace(plan, spec=self.spec, ordered_dropout=levels)
 
     def to_global(self, update: dict[str, codec.SparseTensor]) -> dict[str, codec.SparseTensor]:
         return update if self.smap is None else to_global(update, self.smap)
@@ -181,13 +175,14 @@ class RoundPipeline:
         ratio = self.width_for(device_index, sizing)
         view = self.view(ratio)
         trained = num_samples if sizing is None else max(1, min(num_samples, sizing.local_samples))
-        plan = view.adapt(self.strategy.plan(device_index, self.round_number, trained))
+        plan = self.strategy.at_width(self.strategy.plan(device_index, self.round_number, trained), ratio)
+        plan = dataclasses.replace(plan, spec=view.spec)
         train, download_dtype, download_keep = self.train, self.download_dtype, 1.0
         if sizing is not None:
             train = train.model_copy(update={"physical_batch_size": sizing.physical_batch_size})
             download_dtype = _finer(download_dtype, sizing.download_dtype)
             download_keep = sizing.download_keep
-            if plan.mode == "weights":
+            if self.strategy.upload_known_indices is None:  # sign uploads at fixed indices: no keep
                 plan = self._sized(plan, view, sizing, trained)
         return Task(device_index, plan, train, ratio, self.slicing, download_dtype, download_keep)
 

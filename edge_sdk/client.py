@@ -16,6 +16,7 @@ from . import codec
 from .data.partition import ClientData
 from .models import ModelSpec, SpecModel, build_model, tensor_shapes
 from .plan import SubmodelPlan, TrainPhase
+from .plan_features import build_features
 from .pruning import is_prunable, magnitude_mask, top_changes_mask
 from .supermask import run_supermask_task
 from .training import PrivacyBudgetExceeded, PrivacyLedger, TrainReport, accuracy, dp_sampling, train_locally
@@ -92,8 +93,10 @@ class LocalClient:
                 return TaskOutcome(self.device_index, plan.round, None, len(train_y),
                                    epsilon=self.ledger.epsilon(), refused=str(exc))
 
-        if plan.mode == "supermask":
-            return self._run_supermask(plan, received, train_x, train_y)
+        features = build_features(plan.features)
+        replacing = next((f for f in features if f.replaces_training), None)
+        if replacing is not None:
+            return self._run_supermask(plan, replacing.params.init_seed, received, train_x, train_y)
         model = build_model(plan.spec)
         start, from_download = self._starting_state(plan, shapes, received)
         model.load_state_dict(start)
@@ -108,10 +111,8 @@ class LocalClient:
                 keep &= magnitude_mask(start[entry.name].numpy(), entry.local_keep)
                 masks[entry.name] = torch.from_numpy(keep.astype(np.float32))
             upload_masks[entry.name] = keep
-        before_batch, remove_hooks = _ordered_dropout(model, plan.ordered_dropout,
-                                                      np.random.default_rng(_task_seed(
-                                                          self.seed, self.device_index, plan.round)))
-        after_epoch = _threshold_pruning(model, plan.prune_threshold)
+        rng = np.random.default_rng(_task_seed(self.seed, self.device_index, plan.round))
+        hooks = [feature.hooks(model, rng) for feature in features]
         report = TrainReport()
         for number, phase in enumerate(phases):
             for name, param in model.named_parameters():
@@ -119,14 +120,12 @@ class LocalClient:
             part = train_locally(model, train_x, train_y,
                                  self.train_config.model_copy(update={"local_epochs": phase.epochs}),
                                  masks, seed=_task_seed(self.seed, self.device_index, plan.round) + number,
-                                 dp=self.dp, noise_multiplier=noise, before_batch=before_batch,
-                                 after_epoch=after_epoch)
+                                 dp=self.dp, noise_multiplier=noise,
+                                 before_batch=_chain(h.before_batch for h in hooks),
+                                 after_epoch=_chain(h.after_epoch for h in hooks))
             report = report.merged(part)
-        remove_hooks()
-        if plan.prune_threshold is not None:  # pruned entries are not sent: they are zero
-            for name, param in model.named_parameters():
-                if name in upload_masks and param.dim() == 4:
-                    upload_masks[name] &= param.detach().numpy() != 0
+        for hook in hooks:
+            hook.remove()
         self.state = {name: p.detach().clone() for name, p in model.named_parameters()}
         self.spec = plan.spec
         epsilon = None
@@ -136,6 +135,8 @@ class LocalClient:
         update = {}
         for name in plan.uploaded:
             trained, sent_mask = self.state[name].numpy(), upload_masks[name]
+            for feature in features:
+                sent_mask = feature.upload_mask(name, trained, sent_mask)
             if plan.upload_keep < 1.0 and is_prunable(shapes[name]):
                 sent_mask = top_changes_mask(start[name].numpy(), trained, sent_mask, plan.upload_keep)
             update[name] = codec.SparseTensor.from_dense(trained, sent_mask)
@@ -143,13 +144,14 @@ class LocalClient:
         return TaskOutcome(self.device_index, plan.round, payload, len(train_y),
                            report, epsilon)
 
-    def _run_supermask(self, plan: SubmodelPlan, received, train_x, train_y) -> TaskOutcome:
+    def _run_supermask(self, plan: SubmodelPlan, init_seed: int, received, train_x, train_y
+                       ) -> TaskOutcome:
         if self.dp is not None:
             raise TaskError("HideNseek's supermask training has no DP variant here; run it without dp")
         if self.spec is None or self.spec.digest() != plan.spec.digest():
             self.scores = {}
         state, upload, report = run_supermask_task(
-            plan, received, self.scores, train_x, train_y, self.train_config,
+            plan, init_seed, received, self.scores, train_x, train_y, self.train_config,
             _task_seed(self.seed, self.device_index, plan.round))
         self.state, self.spec = state, plan.spec
         payload = codec.encode(upload, codec.ValueDtype.SIGN1, known_indices=set(upload))
@@ -196,50 +198,16 @@ class LocalClient:
         return accuracy(model, self.data.test_x, self.data.test_y)
 
 
-def _ordered_dropout(model: SpecModel, levels: tuple[float, ...], rng: np.random.Generator):
-    """FjORD: before each batch, keep only the first ceil(p x C) units of every hidden layer, p
-    drawn from `levels` (fractions of this device's submodel). Returns (before_batch, remove)."""
-    if not levels:
-        return None, lambda: None
-    hidden = list(model.layers[:-1])
-    widths = [getattr(layer, "conv", None) or getattr(layer, "linear", None) for layer in hidden]
-    active = {"p": 1.0}
-    handles = []
-    for layer, inner in zip(hidden, widths):
-        if inner is None:
-            continue
-        units = inner.out_channels if isinstance(inner, torch.nn.Conv2d) else inner.out_features
-
-        def hook(module, inputs, output, units=units):
-            keep = max(1, int(np.ceil(active["p"] * units)))
-            if keep >= units:
-                return output
-            mask = torch.zeros(units, dtype=output.dtype)
-            mask[:keep] = 1
-            return output * mask.view(1, -1, *([1] * (output.dim() - 2)))
-        handles.append(layer.register_forward_hook(hook))
-
-    def before_batch() -> None:
-        active["p"] = float(rng.choice(levels))
-
-    def remove() -> None:
-        for handle in handles:
-            handle.remove()
-    return before_batch, remove
-
-
-def _threshold_pruning(model: SpecModel, threshold: float | None):
-    """FedDP (released code): after each local epoch, conv weights with |w| <= threshold become
-    zero and stay zero for the rest of the task."""
-    if threshold is None:
+def _chain(calls):
+    """One call that makes every given call in turn (None: no calls)."""
+    calls = [call for call in calls if call is not None]
+    if not calls:
         return None
-    convs = {name: p for name, p in model.named_parameters() if p.dim() == 4}
 
-    def after_epoch(masks: dict[str, torch.Tensor]) -> None:
-        for name, param in convs.items():
-            keep = (param.detach().abs() > threshold).to(param.dtype)
-            masks[name] = masks[name] * keep if name in masks else keep
-    return after_epoch
+    def chained(*args) -> None:
+        for call in calls:
+            call(*args)
+    return chained
 
 
 def _index_mask(tensor: codec.SparseTensor) -> np.ndarray:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .models.spec import ModelSpec
+from .plan_features import build_features
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,9 @@ class SubmodelPlan:
     upload_dtype: str = "fp32"
     selected_layers: tuple[int, ...] = field(default_factory=tuple)
     phases: tuple[TrainPhase, ...] = ()
-    # FjORD: widths (fractions of the full model) to sample per batch, up to the device's own.
-    ordered_dropout: tuple[float, ...] = ()
-    # FedDP (released code): after each local epoch, zero conv weights with |w| <= threshold.
-    prune_threshold: float | None = None
-    # HideNseek: "supermask" trains sign scores over frozen weights built from `init_seed`.
-    mode: str = "weights"
-    init_seed: int | None = None
+    # Device-side behaviours by name, with their parameters (edge_sdk/plan_features.py): FjORD's
+    # "ordered_dropout", FedDP's "threshold_pruning", HideNseek's "supermask".
+    features: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The device's sizing (its planner decision): of each uploaded weight or kernel, send only
     # the `upload_keep` share of entries that changed most (biases and norms always whole); train
     # on at most `local_samples` samples this round (None: all the device holds).
@@ -78,6 +75,7 @@ class SubmodelPlan:
             raise ValueError(f"upload_keep must be in (0, 1], got {self.upload_keep}")
         if self.local_samples is not None and self.local_samples < 1:
             raise ValueError(f"local_samples must be at least 1, got {self.local_samples}")
+        build_features(self.features)  # refuses an unknown feature or invalid parameters
         if self.upload_dtype not in ("fp32", "fp16", "sign1"):
             raise ValueError(f"upload_dtype must be fp32, fp16 or sign1, got {self.upload_dtype!r}")
 
@@ -112,10 +110,13 @@ class SubmodelPlan:
             selected_layers=tuple(data.get("selected_layers", ())),
             phases=tuple(TrainPhase(tuple(p["tensors"]), int(p["epochs"]))
                          for p in data.get("phases", ())),
-            ordered_dropout=tuple(float(p) for p in data.get("ordered_dropout", ())),
-            prune_threshold=data.get("prune_threshold"),
-            mode=str(data.get("mode", "weights")),
-            init_seed=data.get("init_seed"),
+            features=_features(data.get("features", {})),
             upload_keep=float(data.get("upload_keep", 1.0)),
             local_samples=None if data.get("local_samples") is None else int(data["local_samples"]),
         )
+
+
+def _features(raw: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict) or not all(isinstance(params, dict) for params in raw.values()):
+        raise ValueError("plan.features must map each feature name to an object of its parameters")
+    return {str(name): dict(params) for name, params in raw.items()}

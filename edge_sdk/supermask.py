@@ -35,12 +35,12 @@ class _SignedWeight(nn.Module):
         return self.w0 * sign
 
 
-def run_supermask_task(plan: SubmodelPlan, received: dict[str, codec.SparseTensor],
+def run_supermask_task(plan: SubmodelPlan, init_seed: int, received: dict[str, codec.SparseTensor],
                        scores: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                        train: TrainSettings, seed: int
                        ) -> tuple[dict[str, torch.Tensor], dict[str, codec.SparseTensor], TrainReport]:
     """Returns (effective personal weights, the sign upload, report); updates `scores` in place."""
-    model = build_model(plan.spec, seed=plan.init_seed)
+    model = build_model(plan.spec, seed=init_seed)
     w0 = {name: p.detach().clone() for name, p in model.named_parameters()}
     for param in model.parameters():
         param.requires_grad_(False)

@@ -15,7 +15,8 @@ from coordinator.strategies import build_strategy
 from coordinator.simulation import run_simulation
 from coordinator.strategies import strategy_names
 from edge_sdk import codec
-from edge_sdk.client import LocalClient, _ordered_dropout
+from edge_sdk.client import LocalClient
+from edge_sdk.plan_features import build_features
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.models.cost import footprint, inference_macs
 from edge_sdk.settings import TrainSettings
@@ -93,13 +94,13 @@ def test_feddp_gates_cut_inference_flops_and_keep_k_channels_per_sample():
 
 def test_fjord_ordered_dropout_runs_the_nested_prefix():
     model = build_model(SPEC, seed=0)
-    before, remove = _ordered_dropout(model, (0.25,), np.random.default_rng(0))
-    before()
+    hooks = build_features({"ordered_dropout": {"levels": [0.25]}})[0].hooks(model, np.random.default_rng(0))
+    hooks.before_batch()
     out = model.layers[0](torch.randn(2, 1, 28, 28))
     units = model.layers[0].conv.out_channels
     alive = (out.abs().sum(dim=(0, 2, 3)) > 0).numpy()
     assert not alive[int(np.ceil(0.25 * units)):].any()
-    remove()
+    hooks.remove()
     assert (model.layers[0](torch.randn(2, 1, 28, 28)).abs().sum(dim=(0, 2, 3)) > 0).sum() > units // 2
 
 

@@ -51,6 +51,11 @@ class Strategy(ABC):
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         """The device's plan for this round."""
 
+    def at_width(self, plan: SubmodelPlan, ratio: float) -> SubmodelPlan:
+        """The plan for a device running the model at `ratio` of its width (default: unchanged;
+        FjORD maps its dropout levels onto the device's own width)."""
+        return plan
+
     def server_update(self, old: dict[str, np.ndarray], aggregated: dict[str, np.ndarray]
                       ) -> dict[str, np.ndarray]:
         """The new global state from the aggregate (a mean of values, or of deltas)."""

@@ -51,8 +51,9 @@ class FedDP(Strategy):
         super().__init__(spec, settings, upload_dtype, seed)
 
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
-        threshold = self.settings.threshold if self.settings.variant == "threshold" else None
+        features = {"threshold_pruning": {"threshold": self.settings.threshold}} \
+            if self.settings.variant == "threshold" else {}
         return SubmodelPlan(device_index, round_number, self.spec,
                             tuple(TensorPlan(n) for n in self.all_tensors()),
                             aggregation_weight=float(num_samples), upload_dtype=self.upload_dtype,
-                            prune_threshold=threshold)
+                            features=features)

@@ -87,8 +87,8 @@ class HideNseek(Strategy):
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         return SubmodelPlan(device_index, round_number, self.spec,
                             tuple(TensorPlan(n) for n in self.masks),
-                            aggregation_weight=1.0, upload_dtype="sign1", mode="supermask",
-                            init_seed=self.init_seed)
+                            aggregation_weight=1.0, upload_dtype="sign1",
+                            features={"supermask": {"init_seed": self.init_seed}})
 
     def server_update(self, old, aggregated):
         if self.settings.aggregation == "mean":

@@ -13,6 +13,8 @@ Aggregation is the coverage-aware mean: each entry over the devices whose submod
 
 from __future__ import annotations
 
+import dataclasses
+
 from pydantic import Field, field_validator
 
 from edge_sdk.models import ModelSpec
@@ -65,4 +67,9 @@ class FjORD(HeteroFL):
         return SubmodelPlan(device_index, round_number, self.spec,
                             tuple(TensorPlan(n) for n in self.all_tensors()),
                             aggregation_weight=float(num_samples), upload_dtype=self.upload_dtype,
-                            ordered_dropout=self.levels)
+                            features={"ordered_dropout": {"levels": list(self.levels)}})
+
+    def at_width(self, plan: SubmodelPlan, ratio: float) -> SubmodelPlan:
+        """The levels up to the device's width, as fractions of its submodel."""
+        levels = [p / ratio for p in self.levels if p <= ratio + 1e-9] or [1.0]
+        return dataclasses.replace(plan, features={"ordered_dropout": {"levels": levels}})
