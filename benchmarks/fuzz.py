@@ -82,7 +82,7 @@ def build_targets(workdir: Path) -> dict[str, Target]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from coordinator.config import ConfigError, load_config
-    from coordinator.service.config import ServiceConfig
+    from coordinator.service.config import ServiceSettings
     from device_profiles import ProfileError, catalogue_profile, load_profile
     from edge_sdk import codec
     from edge_sdk.agent.config import EdgeConfigError, load_edge_config
@@ -190,7 +190,7 @@ def build_targets(workdir: Path) -> dict[str, Target]:
         Target("edge-config", via_file("edge.toml", load_edge_config), (EdgeConfigError,),
                ((ROOT / "deploy" / "edge.example.toml").read_bytes(), b'device_id = "pi-7"\n')),
         Target("service-config", via_file("coordinator.toml",
-                                          lambda path: load_config(path, schema=ServiceConfig)),
+                                          lambda path: load_config(path, schema=ServiceSettings)),
                (ConfigError,), ((ROOT / "deploy" / "coordinator.example.toml").read_bytes(),
                                 b"[train]\nlr = 0.1\n[dp]\ntarget_epsilon = 4.0\n")),
         Target("profile", via_file("profile.json", load_profile), (ProfileError,),

@@ -1,6 +1,6 @@
 """`fedprune demo`: a broker, the coordinator and N edge processes on this machine, end to end.
 
-The devices are real `fedprune edge run` processes with catalogue profiles of different device
+The devices are real `fedprune-edge run` processes with catalogue profiles of different device
 classes, each training its own Fashion-MNIST shard (S1: five consecutive classes per device) with
 DP-SGD, talking to the coordinator only through MQTT. The coordinator runs in this process so
 the demo can print each device's plan when it registers, then a row per round; its JSON log goes
@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from device_profiles import catalogue_profile
-from edge_sdk.agent import EdgeConfig
+from edge_sdk.agent import EdgeSettings
 from edge_sdk.data import client_data_for, load_dataset
 from edge_sdk.logs import configure_logging
 from edge_sdk.models import model_spec
@@ -44,7 +44,7 @@ from .planning.memory import MemoryCoefficients
 from .planning.planner import plan_device
 from .rounds import device_settings, planner_settings
 from .strategies import build_strategy
-from .service import CoordinatorService, ServiceConfig
+from .service import CoordinatorService, ServiceSettings
 
 MODEL = "leaf_cnn"
 DATASET = "fashion-mnist"
@@ -64,7 +64,7 @@ def device_class(index: int) -> str:
 
 def _edge_config(out: Path, device: str, index: int, devices: int, broker: str, fleet: str,
                  epsilon: float, samples: int, data_dir: str | None) -> Path:
-    config = EdgeConfig(device_id=device, broker=broker, fleet=fleet,
+    config = EdgeSettings(device_id=device, broker=broker, fleet=fleet,
                         state_dir=str((out / "edges" / device).resolve()),
                         profile=f"catalogue:{device_class(index)}",
                         epsilon_budget=epsilon, max_samples=samples,
@@ -84,15 +84,12 @@ def _shards(devices: int, samples: int, data_dir: str | None) -> list[tuple[int,
     source = load_dataset(DATASET, data_dir)
     shards = []
     for index in range(devices):
-        data = client_data_for(source, _clients(devices), PARTITION, 0, index)
-        train = min(len(data.train_y), samples)
-        test_y = np.asarray(data.test_y if len(data.train_y) <= samples
-                            else data.test_y[:max(1, samples // 2)])
-        shards.append((train, chance_accuracy(test_y)))
+        data = client_data_for(source, _clients(devices), PARTITION, 0, index).capped(samples)
+        shards.append((len(data.train_y), chance_accuracy(np.asarray(data.test_y))))
     return shards
 
 
-def _expected_fits(config: ServiceConfig, classes: list[str], held: list[int]) -> list[bool]:
+def _expected_fits(config: ServiceSettings, classes: list[str], held: list[int]) -> list[bool]:
     """Whether each device's plan will fit, as the coordinator plans it at registration (same
     settings; device i registers as index i only if it is first to, which the fit does not
     depend on at the demo's generous deadline).
@@ -145,7 +142,7 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
     for i, name in enumerate(names):
         path = _edge_config(out, name, i, devices, url, fleet, epsilon, samples, data_dir)
         log = open(out / "logs" / f"{name}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "coordinator.cli", "edge", "run",
+        procs.append(subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "run",
                                        "--config", str(path)], stdout=log, stderr=subprocess.STDOUT,
                                       env=env))
     try:
@@ -173,13 +170,13 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
                 "train": {"local_epochs": local_epochs, "lr": 0.05, "momentum": 0.5},
                 "dp": {"target_epsilon": epsilon, "max_grad_norm": 1.0},
                 "rounds": {"deadline_seconds": deadline}}
-    fits = _expected_fits(ServiceConfig.model_validate(learning), classes, [n for n, _ in shards])
+    fits = _expected_fits(ServiceSettings.model_validate(learning), classes, [n for n, _ in shards])
     selected = sum(fits)
     if selected == 0:
         raise ValueError(f"no device class among {', '.join(classes)} can hold {model}: "
                          "use more devices (--devices) or a smaller model")
     # Every device whose plan fits trains every round: a round opens once they have registered.
-    config = ServiceConfig.model_validate({
+    config = ServiceSettings.model_validate({
         **learning, "state_dir": str(out / "coordinator"), "http_port": 0, "exit_when_done": True,
         "export": {"enabled": export},
         "broker": {"url": url, "fleet": fleet},

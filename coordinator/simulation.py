@@ -118,7 +118,7 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
     spec = strategy.spec  # a strategy may change the architecture (FedDP's gates)
     train = config.train
     dp = dp_config(config)
-    shards = [_capped(data, config.max_client_samples)
+    shards = [data.capped(config.max_client_samples)
               for data in make_client_data(source, config.clients, config.partition, config.seed)]
     fleet = _plan_fleet(config, strategy, shards, profiles) \
         if (config.fleet or profiles is not None) else None
@@ -273,16 +273,6 @@ def _plan_fleet(config: SimulationSettings, strategy: Strategy, shards: list[Cli
                   for i, d in enumerate(shards)]
     return plan_fleet(config.fleet or "catalogue", strategy.spec, config.model, per_device,
                       config.sizing, profiles)
-
-
-def _capped(data: ClientData, limit: int | None) -> ClientData:
-    """Keep at most `limit` samples per client, in the same 70/30 proportion (quick runs, tests)."""
-    if limit is None or len(data.train_y) + len(data.test_y) <= limit:
-        return data
-    n_train = max(1, round(limit * len(data.train_y) / (len(data.train_y) + len(data.test_y))))
-    n_test = max(1, limit - n_train)
-    return ClientData(data.device_index, data.train_x[:n_train], data.train_y[:n_train],
-                      data.test_x[:n_test], data.test_y[:n_test])
 
 
 def privacy_entry(client: LocalClient) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from wire import raw_envelope
-from edge_sdk.agent import EdgeAgent, EdgeConfig, load_edge_config
+from edge_sdk.agent import EdgeAgent, EdgeSettings, load_edge_config
 from edge_sdk.agent.config import EdgeConfigError
 from edge_sdk.sizing import DevicePlan, DevicePlanError
 from edge_sdk.data import to_tensor
@@ -46,7 +46,7 @@ def _sqlite(tmp_path: Path) -> str:
 
 def _agent(tmp_path: Path, **settings) -> tuple[EdgeAgent, list[tuple[str, bytes]]]:
     """A real agent whose publish is injected to capture what it sends (as fleet_harness does)."""
-    config = EdgeConfig(device_id=DEVICE, fleet="test", state_dir=str(tmp_path / DEVICE),
+    config = EdgeSettings(device_id=DEVICE, fleet="test", state_dir=str(tmp_path / DEVICE),
                         profile="catalogue:rpi4-4gb", max_samples=150,
                         data={"clients": 3, "device_index": 0}, **settings)
     sent: list[tuple[str, bytes]] = []
@@ -324,7 +324,7 @@ def broker(tmp_path_factory):
     mosquitto.stop()
 
 
-def _running(config: EdgeConfig) -> tuple[EdgeAgent, threading.Thread]:
+def _running(config: EdgeSettings) -> tuple[EdgeAgent, threading.Thread]:
     agent = EdgeAgent(config)
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
@@ -337,9 +337,9 @@ def _halt(agent: EdgeAgent, thread: threading.Thread) -> None:
     assert not thread.is_alive()
 
 
-def _over(broker: Mosquitto, h: Harness, tmp_path: Path, **settings) -> EdgeConfig:
+def _over(broker: Mosquitto, h: Harness, tmp_path: Path, **settings) -> EdgeSettings:
     """The harness's dev-0, as a device on the real broker with its own state directory."""
-    return EdgeConfig.model_validate({**h.agents[DEVICE].config.model_dump(), "broker": broker.url,
+    return EdgeSettings.model_validate({**h.agents[DEVICE].config.model_dump(), "broker": broker.url,
                                       "state_dir": str(tmp_path / "on-the-broker"), **settings})
 
 
@@ -434,7 +434,7 @@ def test_a_device_that_requires_dp_refuses_a_task_without_it(tmp_path, policy):
     h = Harness(tmp_path, _sqlite(tmp_path), devices=1, budgets=policy.get("budgets"))
     agent = h.agents[DEVICE]
     if "require_dp" in policy:
-        agent.config = EdgeConfig.model_validate({**agent.config.model_dump(), "require_dp": True})
+        agent.config = EdgeSettings.model_validate({**agent.config.model_dump(), "require_dp": True})
     h.register_all()
     h.engine.tick()
     h.deliver_to_devices("task")  # the coordinator has no dp section: the task says "dp": null

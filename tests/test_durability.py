@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from device_profiles import catalogue_profile
-from edge_sdk.agent import DeviceState, EdgeConfig
+from edge_sdk.agent import DeviceState, EdgeSettings
 from edge_sdk.sizing import DevicePlan
 from edge_sdk.checkpoint import Checkpoint, load_checkpoint
 from edge_sdk.data.locate import _download
@@ -55,7 +55,7 @@ def _checkpoint(folder: Path, n: int) -> Path:
 
 
 def _budget_plan(folder: Path, n: int) -> Path:
-    DevicePlan(device="d", model="fedp3_cnn", width_ratio=1.0, batch_size=8, physical_batch_size=8,
+    DevicePlan(device_id="d", model="fedp3_cnn", width_ratio=1.0, batch_size=8, physical_batch_size=8,
                local_steps=n, local_samples=8, parameters=1, predicted_peak_bytes=1, memory_limit_bytes=1,
                download_bytes=1, upload_bytes=1, transfer_seconds=0, compute_seconds=0,
                deadline_seconds=60, fits=True).save(folder / "plan.json")
@@ -77,7 +77,7 @@ def _manifest(folder: Path, n: int) -> Path:
 
 
 def _edge_config(folder: Path, n: int) -> Path:
-    return EdgeConfig(device_id="dev-0", password=f"secret-{n}").save(folder / "edge.toml")
+    return EdgeSettings(device_id="dev-0", password=f"secret-{n}").save(folder / "edge.toml")
 
 
 def _downloaded(folder: Path, n: int) -> Path:
@@ -187,7 +187,7 @@ def test_edge_config_with_a_password_is_never_readable_by_others(tmp_path):
     previous = os.umask(0)  # even with a permissive umask
     try:
         with _creation_modes() as modes:
-            path = EdgeConfig(device_id="dev-0", password="s3cret").save(tmp_path / "edge.toml")
+            path = EdgeSettings(device_id="dev-0", password="s3cret").save(tmp_path / "edge.toml")
     finally:
         os.umask(previous)
     assert modes == [0o600]

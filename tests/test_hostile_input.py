@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from coordinator.config import ConfigError, load_config
-from coordinator.service import ServiceConfig
+from coordinator.service import ServiceSettings
 from wire import raw_envelope
 from edge_sdk import codec
 from edge_sdk.protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError,
@@ -136,7 +136,7 @@ def test_poison_config_files_are_config_errors(tmp_path, text, reason):
     with pytest.raises(ConfigError, match=reason):
         load_config(path)
     with pytest.raises(ConfigError, match=reason):
-        load_config(path, schema=ServiceConfig)
+        load_config(path, schema=ServiceSettings)
     with pytest.raises(EdgeConfigError, match=reason):
         load_edge_config(path)
 
@@ -245,7 +245,7 @@ def test_an_update_claiming_a_non_finite_epsilon_is_refused_on_the_wire(literal)
 def test_config_files_and_overrides_refuse_non_finite_numbers(tmp_path, section, key, literal):
     path = tmp_path / "run.toml"
     path.write_text(f"[{section}]\n{key} = {literal}\n")
-    for schema in (None, ServiceConfig):
+    for schema in (None, ServiceSettings):
         kwargs = {"schema": schema} if schema else {}
         with pytest.raises(ConfigError, match=f"{section}.{key}: Input should be a finite number"):
             load_config(path, **kwargs)
@@ -258,7 +258,7 @@ def test_service_config_sections_refuse_non_finite_numbers(tmp_path):
     path.write_text("max_update_norm = inf\n[rounds]\ndeadline_seconds = inf\n")
     with pytest.raises(ConfigError, match="max_update_norm: Input should be a finite number; "
                                           "rounds.deadline_seconds: Input should be a finite number"):
-        load_config(path, schema=ServiceConfig)
+        load_config(path, schema=ServiceSettings)
 
 
 # --- items 8 and 12: update payloads -------------------------------------------------------------

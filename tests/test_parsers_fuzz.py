@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from coordinator.config import ConfigError, load_config
-from coordinator.service import ServiceConfig
+from coordinator.service import ServiceSettings
 from device_profiles import DeviceProfile, ProfileError, catalogue_profile, load_profile
 from edge_sdk.agent import load_edge_config
 from edge_sdk.agent.config import EdgeConfigError
@@ -94,7 +94,7 @@ def test_config_overrides_are_valid_or_refused_with_the_key_named(pairs, schema)
         if schema == "simulate":
             load_config(None, overrides)
         else:
-            load_config(None, overrides, schema=ServiceConfig)
+            load_config(None, overrides, schema=ServiceSettings)
     except ConfigError as exc:
         assert "invalid configuration" in str(exc) or "--set" in str(exc) or "section" in str(exc)
 
@@ -145,7 +145,7 @@ def test_config_files_with_hostile_values_are_refused_cleanly(tmp_path_factory, 
         if which == "edge":
             load_edge_config(path)
         else:
-            load_config(path, schema=ServiceConfig)
+            load_config(path, schema=ServiceSettings)
     except (EdgeConfigError, ConfigError):
         pass
 

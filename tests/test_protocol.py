@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.config import load_config
-from coordinator.service import ServiceConfig
+from coordinator.service import ServiceSettings
 from wire import raw_envelope
 from edge_sdk.agent import load_edge_config
 from edge_sdk.protocol import (HEADER_LIMIT, MAGIC, Envelope, EnvelopeError, MessageType, Topics,
@@ -168,7 +168,7 @@ def test_any_header_field_replaced_by_hostile_json_is_refused_cleanly(kind, data
 
 
 def test_shipped_example_configs_are_valid():
-    service = load_config(ROOT / "deploy" / "coordinator.example.toml", schema=ServiceConfig)
+    service = load_config(ROOT / "deploy" / "coordinator.example.toml", schema=ServiceSettings)
     assert service.rounds.total == 20 and service.broker.max_payload_bytes == 64 * 1024 * 1024
     edge = load_edge_config(ROOT / "deploy" / "edge.example.toml")
     assert edge.max_payload_bytes == service.broker.max_payload_bytes

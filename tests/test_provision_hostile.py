@@ -17,8 +17,8 @@ import pytest
 
 from coordinator.config import ConfigError, load_config
 from coordinator.provision import COORDINATOR_USER, provision
-from coordinator.service import ServiceConfig
-from coordinator.service.config import BrokerSection
+from coordinator.service import ServiceSettings
+from coordinator.service.config import BrokerSettings
 from edge_sdk.agent import load_edge_config
 from edge_sdk.protocol.transport import make_client
 from mqtt_brokers import Mosquitto, free_port
@@ -70,16 +70,16 @@ def test_secrets_are_created_private_and_never_chmodded(tmp_path):
 
 
 def test_the_coordinators_client_id_is_its_user_name(tmp_path):
-    assert BrokerSection(username="fedprune-coordinator").client_id == "fedprune-coordinator"
+    assert BrokerSettings(username="fedprune-coordinator").client_id == "fedprune-coordinator"
     with pytest.raises(ValueError, match="must equal broker.username"):
-        BrokerSection(username="fedprune-coordinator", client_id="other")
+        BrokerSettings(username="fedprune-coordinator", client_id="other")
     provision(tmp_path / "prov", ["dev-a"], "mqtts://127.0.0.1:8883", ["127.0.0.1"], FLEET)
-    broker = load_config(tmp_path / "prov" / "coordinator" / "coordinator.toml", schema=ServiceConfig).broker
+    broker = load_config(tmp_path / "prov" / "coordinator" / "coordinator.toml", schema=ServiceSettings).broker
     assert broker.client_id == broker.username == COORDINATOR_USER
     conf = (tmp_path / "prov" / "broker" / "fedprune-security.conf").read_text().splitlines()
     assert "use_username_as_clientid true" in conf
     with pytest.raises(ConfigError):
-        load_config(None, ["broker.username=x", "broker.client_id=y"], schema=ServiceConfig)
+        load_config(None, ["broker.username=x", "broker.client_id=y"], schema=ServiceSettings)
 
 
 # --- the takeover, against Mosquitto ------------------------------------------------------------
@@ -104,7 +104,7 @@ class _Peer:
 
     def __init__(self, prov: Path, user: str, client_id: str, clean_session: bool = False):
         if user == COORDINATOR_USER:
-            config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceConfig).broker
+            config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceSettings).broker
             url, password, ca = config.url, config.password, config.tls_ca
         else:
             edge = load_edge_config(prov / "devices" / user / "edge.toml")

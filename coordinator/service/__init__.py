@@ -1,8 +1,8 @@
 """The coordinator service: round engine, MQTT link, persistence and the status endpoint."""
 
-from .config import ServiceConfig
+from .config import ServiceSettings
 from .engine import RoundEngine
 from .service import CoordinatorService
 from .store import Store
 
-__all__ = ["CoordinatorService", "RoundEngine", "ServiceConfig", "Store"]
+__all__ = ["CoordinatorService", "RoundEngine", "ServiceSettings", "Store"]

@@ -26,7 +26,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +47,15 @@ from edge_sdk.rehearsal import peak_rss_bytes
 from edge_sdk.protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError, MessageType,
                                RefusalCode, TaskHeader, Topics, decode_envelope, encode_message,
                                parse_header, peek_header)
-from edge_sdk.training import TrainConfig, accuracy
+from edge_sdk.training import accuracy
 
 from ..combine import RoundCombiner
 from ..planning.memory import MemoryCoefficients
 from ..planning.planner import plan_device
-from ..robust import RobustSettings
 from ..rounds import (RoundPipeline, Task, UpdateRefused, device_settings, dp_config,
                       planner_settings)
 from ..strategies import build_strategy
-from .config import ServiceConfig
+from .config import ServiceSettings
 from .states import ROUND_IN_PROGRESS, TASK_MOVES, RoundState, TaskState
 from .store import Store, TaskRow
 
@@ -74,7 +72,7 @@ def is_transient(error: BaseException) -> bool:
 
 
 class RoundEngine:
-    def __init__(self, config: ServiceConfig, store: Store, publish: Publish,
+    def __init__(self, config: ServiceSettings, store: Store, publish: Publish,
                  clock: Callable[[], float] = time.time):
         self.config, self.store, self.publish, self.clock = config, store, publish, clock
         self.topics = Topics(config.broker.fleet, config.broker.topic_prefix)
@@ -84,13 +82,12 @@ class RoundEngine:
                                                          source.info.num_classes))
         self.spec = self.strategy.spec
         self.dp = dp_config(config)
-        self.robust = RobustSettings(**config.aggregator.model_dump(), seed=config.seed)
         self.signing_key = load_private_key(config.signing_key) if config.signing_key else None
         self.test_x = to_tensor(source.test_x, source.info) if config.evaluate else None
         self.test_y = torch.tensor(source.test_y) if config.evaluate else None
         self.state_dir = Path(config.state_dir)
         self.planner = planner_settings(config, self.strategy, config.rounds.deadline_seconds)
-        self.train = TrainConfig(**config.train.model_dump())
+        self.train = config.train
         self.coefficients = MemoryCoefficients.load()
         self.global_state = self._load_global()
         self.pipeline: RoundPipeline | None = None
@@ -318,7 +315,7 @@ class RoundEngine:
         """Refuse a change from the global model larger than `max_update_norm` (L2, all tensors;
         `update` is over the global model)."""
         limit = self.config.max_update_norm
-        if limit is None or self.strategy.download_masks is not None:  # signs: bounded by design
+        if limit is None or self.strategy.bounded_updates:
             return
         squared = 0.0
         for name, tensor in update.items():
@@ -426,7 +423,7 @@ class RoundEngine:
         payload = self.pipeline.download(built, device_has_private_copy=holds_copy)
         header = TaskHeader(
             device_id=device.id, round=task.round, task=task.task, plan=built.plan.to_dict(),
-            train=asdict(built.train),
+            train=built.train.model_dump(),
             dp=self.config.dp.model_dump(exclude={"epsilon_budget"}) if self.dp else None,
             planned_rounds=self.config.rounds.total, deadline=deadline,
             width_ratio=built.width_ratio)
@@ -518,7 +515,8 @@ class RoundEngine:
             self.store.set_round(number, state=RoundState.COMMITTING)
             self.round = self.store.round_row(number)
         tasks = self.store.tasks(number)
-        combiner = RoundCombiner(self.strategy, self.global_state, self.robust)
+        combiner = RoundCombiner(self.strategy, self.global_state, self.config.aggregator,
+                                 self.config.seed)
         bytes_up, epsilons, local, contributions = 0, [], [], []
         for update in self.store.updates(number):
             combiner.add(self.pipeline.intake(self._task_for(tasks[update.device]), update.payload),

@@ -29,7 +29,7 @@ from device_profiles.files import atomic_write
 from edge_sdk.protocol import Topics
 from edge_sdk.rehearsal import peak_rss_bytes
 
-from .config import ServiceConfig
+from .config import ServiceSettings
 from .engine import RoundEngine, is_transient
 from .link import RECONNECTED, CoordinatorLink, Delivery
 from .status_http import serve_status
@@ -43,7 +43,7 @@ class _Stopped(Exception):
 
 
 class CoordinatorService:
-    def __init__(self, config: ServiceConfig):
+    def __init__(self, config: ServiceSettings):
         self.config = config
         self.store = Store(config.database_url)
         broker = config.broker

@@ -1,7 +1,7 @@
 """The MQTT edge agent: `fedprune edge run --config edge.toml`, or `EdgeAgent(config).run()`."""
 
-from .config import EdgeConfig, load_edge_config
+from .config import EdgeSettings, load_edge_config
 from .runner import EdgeAgent
 from .state import DeviceState
 
-__all__ = ["DeviceState", "EdgeAgent", "EdgeConfig", "load_edge_config"]
+__all__ = ["DeviceState", "EdgeAgent", "EdgeSettings", "load_edge_config"]

@@ -20,7 +20,7 @@ class EdgeConfigError(ValueError):
     """An edge config that cannot run; the message names the key."""
 
 
-class EdgeConfig(BaseModel):
+class EdgeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     device_id: str
     broker: str = "mqtt://127.0.0.1:1883"
@@ -39,7 +39,7 @@ class EdgeConfig(BaseModel):
     dp_delta: float = Field(1e-5, gt=0, lt=1)
     require_dp: bool = False
     threads: int = Field(1, ge=1)
-    max_samples: int | None = Field(None, ge=2)
+    max_samples: int | None = Field(None, ge=2)  # train and test together (ClientData.capped)
     keepalive: int = Field(30, ge=5)
     max_payload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # An update not acknowledged after this long is published again (and on every reconnect):
@@ -84,10 +84,10 @@ class EdgeConfig(BaseModel):
         return path
 
 
-def load_edge_config(path: str | Path) -> EdgeConfig:
+def load_edge_config(path: str | Path) -> EdgeSettings:
     data = read_toml(path, "edge config", EdgeConfigError)
     try:
-        return EdgeConfig.model_validate(data)
+        return EdgeSettings.model_validate(data)
     except ValidationError as exc:
         problems = describe(exc, "config")
         raise EdgeConfigError(f"{path}: {problems}") from None

@@ -41,9 +41,10 @@ from ..protocol.topics import COORDINATOR_TO_DEVICE, check_id
 from ..protocol.transport import MqttTransport
 from ..runtime.manifest import BundleManifest, artifact_file_name
 from ..runtime.predictor import MAX_ARTIFACT_BYTES
-from ..training import DPConfig, PrivacyLedger, TrainConfig
+from ..training import PrivacyLedger
+from ..settings import DPSettings
 from ..validation import describe
-from .config import EdgeConfig
+from .config import EdgeSettings
 from .state import DeviceState, StateError, check_plain_name, task_key
 
 log = logging.getLogger("fedprune.edge")
@@ -59,7 +60,7 @@ class ArtifactRefused(ValueError):
     """An exported model the device will not store; the text is the reason sent back."""
 
 
-def load_profile_dict(config: EdgeConfig, state: DeviceState) -> dict[str, Any]:
+def load_profile_dict(config: EdgeSettings, state: DeviceState) -> dict[str, Any]:
     """"catalogue:<name>", a profile JSON path, or "measure": profile this device once (quick
     compute tests, link measured through the broker) and keep the result in the state dir."""
     from device_profiles import catalogue_profile, load_profile
@@ -80,7 +81,7 @@ def load_profile_dict(config: EdgeConfig, state: DeviceState) -> dict[str, Any]:
 
 
 class EdgeAgent:
-    def __init__(self, config: EdgeConfig, publish: Publish | None = None):
+    def __init__(self, config: EdgeSettings, publish: Publish | None = None):
         self.config = config
         self.topics = Topics(config.fleet, config.topic_prefix)
         self.state = DeviceState(config.state_dir)
@@ -88,11 +89,7 @@ class EdgeAgent:
         source = load_dataset(config.data.dataset, config.data.data_dir)
         data = client_data_for(source, config.data.clients, config.data.partition,
                                config.data.seed, config.data.device_index)
-        if config.max_samples and len(data.train_y) > config.max_samples:
-            n = config.max_samples
-            data = type(data)(data.device_index, data.train_x[:n], data.train_y[:n],
-                              data.test_x[:max(1, n // 2)], data.test_y[:max(1, n // 2)])
-        self.data = data
+        self.data = data.capped(config.max_samples)
         self.client: LocalClient | None = None
         self.stopping = threading.Event()
         self.coordinator_key = load_public_key(config.coordinator_key) if config.coordinator_key else None
@@ -307,13 +304,13 @@ class EdgeAgent:
         log.info("round %d: sent %d-byte update (epsilon %s)", header.round, len(envelope),
                  f"{outcome.epsilon:.3f}" if outcome.epsilon is not None else "n/a")
 
-    def _task_dp(self, header: TaskHeader) -> DPConfig | None:
+    def _task_dp(self, header: TaskHeader) -> DPSettings | None:
         """The task's DP settings with the device's own budget (never the coordinator's)."""
         if header.dp is None:
             return None
-        return DPConfig(**{**header.dp, "epsilon_budget": self.config.epsilon_budget})
+        return header.dp.model_copy(update={"epsilon_budget": self.config.epsilon_budget})
 
-    def _privacy_breach(self, dp: DPConfig | None) -> str | None:
+    def _privacy_breach(self, dp: DPSettings | None) -> str | None:
         """Why the task asks for less privacy than this device's config allows, if it does."""
         config = self.config
         if not config.dp_required:
@@ -328,10 +325,10 @@ class EdgeAgent:
                     f"dp.delta <= {config.dp_delta:g}")
         return None
 
-    def _client(self, header: TaskHeader, dp: DPConfig | None) -> LocalClient:
+    def _client(self, header: TaskHeader, dp: DPSettings | None) -> LocalClient:
         """The device's trainer, restored from disk on first use. DP settings come from the
         task, the budget and the delta the ledger accounts at from the device's own config."""
-        train = TrainConfig(**header.train)
+        train = header.train
         if self.client is None:
             ledger, noise = self.state.load_ledger()
             if ledger is not None:

@@ -292,6 +292,16 @@ class ClientData:
     test_x: torch.Tensor
     test_y: torch.Tensor
 
+    def capped(self, limit: int | None) -> ClientData:
+        """At most `limit` samples, train and test in the shard's proportion (the simulator's
+        `max_client_samples` and a device's `max_samples` alike: quick runs and demos)."""
+        if limit is None or len(self.train_y) + len(self.test_y) <= limit:
+            return self
+        n_train = max(1, round(limit * len(self.train_y) / (len(self.train_y) + len(self.test_y))))
+        n_test = max(1, limit - n_train)
+        return ClientData(self.device_index, self.train_x[:n_train], self.train_y[:n_train],
+                          self.test_x[:n_test], self.test_y[:n_test])
+
 
 def _build_client(source: FederatedSource, device_index: int, idx: np.ndarray, seed: int, train_fraction: float) -> ClientData:
     tr, te = train_test_split(idx, seed, device_index, train_fraction)
