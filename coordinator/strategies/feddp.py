@@ -1,4 +1,4 @@
-"""Dynamic pruning, "FedDP" (Yu et al., CCGrid 2023), in the two forms RESEARCH.md names.
+"""Dynamic pruning, "FedDP" (Yu et al., CCGrid 2023), in two forms: the paper's and its released code's.
 
 - `threshold`, the released code: FedAvg where each device zeroes conv weights with
   |w| <= `threshold` after every local epoch; pruned entries are not uploaded (the sparse codec

@@ -1,4 +1,4 @@
-"""Partially personalized FL, "FFGG" (RESEARCH.md section 1): global and private parameters by name.
+"""Partially personalized FL, "FFGG" (Mishchenko, Islamov, Gorbunov, Horváth, TMLR): global and private parameters by name.
 
 Each round a device first fine-tunes its private parameters for `private_epochs` at the current
 global parameters (the global part frozen), then trains the global part for `global_epochs`

@@ -1,4 +1,4 @@
-"""HideNseek (RESEARCH.md section 1): prune at initialisation with SynFlow, then learn only signs.
+"""HideNseek (federated sign supermasks): prune at initialisation with SynFlow, then learn only signs.
 
 Server side: SynFlow (Tanaka et al., 2020) scores |theta x dR/dtheta| with R the output of the
 all-ones input through the network with absolute weights (data-free); pruning is iterative with

@@ -2,7 +2,7 @@
 
 DP uses Opacus in ghost-clipping mode ("fast gradient clipping"): on FedP3's CNN it is about ten
 times faster than the default hooks mode and never materialises a batch x parameters tensor of
-per-sample gradients (RESEARCH 5), which matters on memory-tight devices. Pruning masks stay
+per-sample gradients (measured in docs/BENCHMARKS.md), which matters on memory-tight devices. Pruning masks stay
 outside the model (Opacus rejects trainable layers with buffers); weights are re-masked after every
 step because DP noise lands on pruned entries too.
 """
