@@ -85,7 +85,7 @@ def _plan(args: argparse.Namespace) -> int:
         update: dict = {"measured_peak_bytes": peak}
         if peak > plan.memory_limit_bytes:
             update.update(fits=False, reasons=[
-                f"verify: measured peak {peak / 1e6:.0f} MB is over the budget of "
+                f"verify: measured peak {peak / 1e6:.0f} MB is over the memory limit of "
                 f"{plan.memory_limit_bytes / 1e6:.0f} MB (predicted {plan.predicted_peak_bytes / 1e6:.0f} MB)"])
         plan = plan.model_copy(update=update)
     if args.out:

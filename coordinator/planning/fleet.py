@@ -90,7 +90,7 @@ def plan_table(rows: list[dict]) -> str:
     """Each device's plan, one line each (the `clients` entries of a results JSON, or the same
     keys from the coordinator's registry): what it was given, and why."""
     lines = [f"{'device':<22} {'memory':>7} {'down/up kB/s':>13} {'width':>5} {'batch':>5} "
-             f"{'samples':>7} {'download':>12} {'upload':>12} {'peak/budget MB':>15}  fits"]
+             f"{'samples':>7} {'download':>12} {'upload':>12} {'peak/limit MB':>15}  fits"]
     for row in rows:
         plan = row["plan"]
         lines.append(

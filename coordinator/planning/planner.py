@@ -65,42 +65,42 @@ class PlannerSettings:
 
 def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settings: PlannerSettings,
                 coefficients: MemoryCoefficients, data: DataSlice | None = None) -> DevicePlan:
-    budget = int(profile.memory_available_bytes * settings.safety_margin)
+    memory_limit = int(profile.memory_available_bytes * settings.safety_margin)
     reasons: list[str] = []
     decisions: dict[str, str] = {}
-    fit = _fit_memory(base, settings, coefficients, budget)
+    fit = _fit_memory(base, settings, coefficients, memory_limit)
     if fit.choice is None:
         narrowest = settings.widths[-1]
         need = predict_peak_bytes(width_spec(base, narrowest), settings.min_physical_batch,
                                   settings.local_samples, coefficients)
         reasons.append(f"memory: even width {narrowest} with physical batch "
-                       f"{settings.min_physical_batch} needs {need / 1e6:.0f} MB, over the budget of "
-                       f"{budget / 1e6:.0f} MB ({profile.memory_available_bytes / 1e6:.0f} MB "
+                       f"{settings.min_physical_batch} needs {need / 1e6:.0f} MB, over the memory limit of "
+                       f"{memory_limit / 1e6:.0f} MB ({profile.memory_available_bytes / 1e6:.0f} MB "
                        f"available x {settings.safety_margin})")
         ratio, physical, peak = narrowest, settings.min_physical_batch, need
     else:
         ratio, physical, peak = fit.choice
-    decisions["width"] = fit.explain(budget, profile.memory_available_bytes, settings.safety_margin)
+    decisions["width"] = fit.explain(memory_limit, profile.memory_available_bytes, settings.safety_margin)
     spec = width_spec(base, ratio)
 
-    transfer_budget = settings.deadline_seconds * settings.transfer_share
+    transfer_limit = settings.deadline_seconds * settings.transfer_share
     link = _TransferChoice(spec, settings, profile)
     # A baseline that does not adapt its transfer is held to the deadline only (below).
-    if not link.fit(transfer_budget) and settings.adapt_transfer:
+    if not link.fit(transfer_limit) and settings.adapt_transfer:
         reasons.append(f"transfer: {link.bytes_total:,} bytes at the sparsest setting take "
-                       f"{link.seconds:.0f} s, over {transfer_budget:.0f} s "
+                       f"{link.seconds:.0f} s, over {transfer_limit:.0f} s "
                        f"({settings.transfer_share:.0%} of the deadline)")
-    decisions.update(link.explain(transfer_budget))
+    decisions.update(link.explain(transfer_limit))
     transfer = link.seconds
 
-    compute_budget = settings.deadline_seconds * settings.deadline_margin - transfer
+    compute_left = settings.deadline_seconds * settings.deadline_margin - transfer
     rate = training_rate(profile, spec, settings.dp)
-    affordable = int(rate * max(compute_budget, 0) / settings.local_epochs)
+    affordable = int(rate * max(compute_left, 0) / settings.local_epochs)
     samples = min(settings.local_samples, affordable) if settings.adapt_compute else settings.local_samples
     decisions["local_samples"] = (
-        f"{samples}: all the device holds; {rate:.0f} samples/s x {max(compute_budget, 0):.0f} s "
+        f"{samples}: all the device holds; {rate:.0f} samples/s x {max(compute_left, 0):.0f} s "
         f"left after transfer would allow {affordable}" if samples == settings.local_samples else
-        f"{samples}: {rate:.0f} samples/s x {max(compute_budget, 0):.0f} s left after transfer "
+        f"{samples}: {rate:.0f} samples/s x {max(compute_left, 0):.0f} s left after transfer "
         f"in {settings.deadline_margin:.0%} of the deadline (of {settings.local_samples} held)")
     compute_seconds = samples * settings.local_epochs / rate if rate else 0.0
     if transfer + compute_seconds > settings.deadline_seconds * (1 + 1e-9):
@@ -108,7 +108,7 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
                        f"training for {samples} samples are over the {settings.deadline_seconds:g} s "
                        "deadline")
     elif samples < min(settings.batch_size, settings.local_samples):  # a device may hold less
-        reasons.append(f"compute: at {rate:.0f} samples/s the {max(compute_budget, 0):.0f} s left "
+        reasons.append(f"compute: at {rate:.0f} samples/s the {max(compute_left, 0):.0f} s left "
                        f"after transfer allow {samples} local samples, under one batch of "
                        f"{settings.batch_size}")
     steps = settings.local_epochs * math.ceil(samples / settings.batch_size) if samples else 0
@@ -118,7 +118,7 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
         local_samples=samples, dp=settings.dp, momentum=settings.momentum,
         download_dtype=link.down[0], download_keep=link.down[1], upload_dtype=link.up[0],
         upload_keep=link.up[1], parameters=footprint(spec).parameters,
-        predicted_peak_bytes=peak, memory_limit_bytes=budget, download_bytes=link.bytes_down,
+        predicted_peak_bytes=peak, memory_limit_bytes=memory_limit, download_bytes=link.bytes_down,
         upload_bytes=link.bytes_up, transfer_seconds=transfer,
         compute_seconds=compute_seconds, deadline_seconds=settings.deadline_seconds,
         fits=not reasons, reasons=reasons, decisions=decisions, data=data or DataSlice())
@@ -127,10 +127,10 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
 @dataclass(frozen=True)
 class _MemoryFit:
     choice: tuple[float, int, int] | None      # (width, physical batch, predicted peak)
-    rejected: tuple[float, int, int] | None    # the last wider or larger-batch try, over budget
+    rejected: tuple[float, int, int] | None    # the last wider or larger-batch try, over the limit
 
-    def explain(self, budget: int, available: int, margin: float) -> str:
-        limit = f"the {budget / 1e6:.0f} MB budget ({available / 1e6:.0f} MB available x {margin})"
+    def explain(self, memory_limit: int, available: int, margin: float) -> str:
+        limit = f"the {memory_limit / 1e6:.0f} MB limit ({available / 1e6:.0f} MB available x {margin})"
         if self.choice is None:
             return f"nothing fits {limit}"
         ratio, physical, peak = self.choice
@@ -142,7 +142,7 @@ class _MemoryFit:
 
 
 def _fit_memory(base: ModelSpec, settings: PlannerSettings, coefficients: MemoryCoefficients,
-                budget: int) -> _MemoryFit:
+                memory_limit: int) -> _MemoryFit:
     physical_options = []
     size = settings.batch_size
     while size > settings.min_physical_batch:
@@ -154,7 +154,7 @@ def _fit_memory(base: ModelSpec, settings: PlannerSettings, coefficients: Memory
         spec = width_spec(base, ratio)
         for physical in physical_options if settings.dp else physical_options[:1]:
             peak = predict_peak_bytes(spec, physical, settings.local_samples, coefficients)
-            if peak <= budget:
+            if peak <= memory_limit:
                 return _MemoryFit((ratio, physical, peak), rejected)
             rejected = (ratio, physical, peak)
     return _MemoryFit(None, rejected)
@@ -162,7 +162,7 @@ def _fit_memory(base: ModelSpec, settings: PlannerSettings, coefficients: Memory
 
 class _TransferChoice:
     """Download and upload settings walked down the ladder separately: at each step the direction
-    that takes longer moves one rung, until both fit the transfer budget together. A rung that
+    that takes longer moves one rung, until both fit the transfer time limit together. A rung that
     saves no byte in a direction (no weight the keep applies to) is skipped for that direction."""
 
     def __init__(self, spec: ModelSpec, settings: PlannerSettings, profile: DeviceProfile):
@@ -217,8 +217,8 @@ class _TransferChoice:
                 return later
         return None
 
-    def fit(self, budget: float) -> bool:
-        while self.seconds > budget:
+    def fit(self, limit: float) -> bool:
+        while self.seconds > limit:
             down, up = self._next(upload=False), self._next(upload=True)
             if down is None and up is None:
                 return False
@@ -229,9 +229,9 @@ class _TransferChoice:
             self._measure()
         return True
 
-    def explain(self, budget: float) -> dict[str, str]:
+    def explain(self, limit: float) -> dict[str, str]:
         net = self.network
-        share = f"{budget:.0f} s transfer budget ({self.settings.transfer_share:.0%} of the " \
+        share = f"{limit:.0f} s transfer limit ({self.settings.transfer_share:.0%} of the " \
                 f"{self.settings.deadline_seconds:g} s deadline)"
         first = self.history[0]
         denser = "" if len(self.history) == 1 else \
@@ -268,7 +268,7 @@ def _reference_macs(name: str) -> int:
     except SpecError:
         raise ValueError(f"the profile's compute.reference_model {name[:64]!r} is not a model this "
                          f"coordinator knows ({', '.join(MODELS)}); measure the device again with "
-                         "`fedprune profile`") from None
+                         "`fedprune-edge profile`") from None
 
 
 @lru_cache(maxsize=512)
