@@ -1,6 +1,6 @@
 """Calibrate the planner's memory model against measured rehearsal peaks, on several models.
 
-Runs `fedprune edge rehearse` as a fresh child for a grid of (model, width ratio, physical batch)
+Runs `fedprune-edge rehearse` as a fresh child for a grid of (model, width ratio, physical batch)
 (DP-SGD, ghost clipping, a Fashion-MNIST shard of 96-192 samples), reads each child's peak
 RSS from the kernel (its VmHWM), fits the coefficients of coordinator/planning/memory.py by
 non-negative least squares on all rehearsals, and prints predicted vs measured with two

@@ -1,7 +1,7 @@
 """Does every plan fit? Predicted vs measured peak memory over a sampled catalogue fleet.
 
 For each sampled device: plan the FedP3 CNN (DP-SGD, ghost clipping) from its profile, then run
-the plan's rehearsal (`fedprune edge rehearse`) as a fresh child and read its peak RSS from the
+the plan's rehearsal (`fedprune-edge rehearse`) as a fresh child and read its peak RSS from the
 kernel. Prints one row per device and the fit rate, median utilisation (measured / budget) and
 median prediction error.
 

@@ -2,9 +2,15 @@
 
 A `DeviceProfile` is the one input the memory planner needs about a device: memory it
 may use, training throughput on a reference model, link speeds. It comes either from
-`fedprune profile` run on the device, or, before a device reports and in simulations,
-from the catalogue of real device classes built from public tables in the shared
-data. `sample_fleet` draws seeded fleets from that catalogue.
+`fedprune-edge profile` run on the device, or, before a device reports and in
+simulations, from the catalogue of real device classes built from public tables in
+the shared data. `sample_fleet` draws seeded fleets from that catalogue.
+
+The measurements behind a real profile are here too, one job per module, imported
+only by whoever measures: `readers` (memory, cgroup limit, cores, OS, disk, battery,
+libraries; standard library only), `throughput` (the compute test, torch and Opacus
+on a model the caller gives) and `network` (the link test over a publish-subscribe
+connection the caller owns).
 
 This package imports none of fedprune's other packages: `edge_sdk` and everything
 above it depend on it, never the reverse.
@@ -30,6 +36,7 @@ from .profile import (
     DeviceProfile,
     NetworkProfile,
     ProfileError,
+    ProfilingError,
     load_profile,
     parse_profile,
 )
@@ -49,6 +56,7 @@ __all__ = [
     "DeviceProfile",
     "NetworkProfile",
     "ProfileError",
+    "ProfilingError",
     "catalogue_names",
     "catalogue_profile",
     "load_profile",

@@ -17,7 +17,7 @@ Where the numbers come from, per field:
 - Compute: this machine's measured reference throughput (FedP3 CNN, batch 48:
   2,900 samples/s plain SGD, 1,000 samples/s Opacus ghost-clipping DP-SGD on a
   2-core x86 server) times a per-class factor. The factors are ESTIMATES, to be
-  replaced by running `fedprune profile` on the real device: Pi 5 1/3, Pi 4 1/8,
+  replaced by running `fedprune-edge profile` on the real device: Pi 5 1/3, Pi 4 1/8,
   Jetson Nano (CPU only) 1/6, Pi 3B 1/20, gateway 1/40, high phone 1/2, and the
   other phones 1/2 times their `cpu_f_ai_score` relative to the high phone.
 - Network: Pi, Jetson and gateway links are ASSUMED typical values (Wi-Fi to a
@@ -81,7 +81,7 @@ _SHA256 = {
     _FLASH_SPEEDS: "8dcf3a934bcca686159dc773ff0cc6119751d5041dd8656f2911a82633f06660",
 }
 
-_ESTIMATE_NOTE = "an estimate: replace it by running `fedprune profile` on the real device"
+_ESTIMATE_NOTE = "an estimate: replace it by running `fedprune-edge profile` on the real device"
 
 
 class CatalogueError(ValueError):

@@ -25,6 +25,7 @@ __all__ = [
     "DeviceProfile",
     "NetworkProfile",
     "ProfileError",
+    "ProfilingError",
     "load_profile",
     "parse_profile",
 ]
@@ -32,7 +33,7 @@ __all__ = [
 SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1,)
 
 _FIX_HINT = (
-    "Re-run `fedprune profile` on the device to write a fresh profile, "
+    "Re-run `fedprune-edge profile` on the device to write a fresh profile, "
     "or fix the field(s) listed above."
 )
 
@@ -53,6 +54,11 @@ class ProfileError(ValueError):
     def __init__(self, message: str, problems: list[str] | None = None):
         super().__init__(message)
         self.problems: list[str] = list(problems or [])
+
+
+class ProfilingError(ValueError):
+    """A profile that cannot be measured as asked (no memory left to train in, an unreachable
+    broker, a malformed --bandwidth); `fedprune-edge profile` prints the message, not a traceback."""
 
 
 class ComputeProfile(BaseModel):
@@ -169,7 +175,7 @@ def parse_profile(data: Any, origin: str = "profile") -> DeviceProfile:
         readable = ", ".join(str(v) for v in SUPPORTED_SCHEMA_VERSIONS)
         problem = f"schema_version: {version!r} is not supported; this build reads schema_version {readable}"
         raise ProfileError(
-            f"{origin}: {problem}. Re-run `fedprune profile` with this build of fedprune, "
+            f"{origin}: {problem}. Re-run `fedprune-edge profile` with this build of fedprune, "
             f"or upgrade fedprune to one that reads schema_version {version!r}.",
             [problem],
         )
@@ -185,13 +191,13 @@ def parse_profile(data: Any, origin: str = "profile") -> DeviceProfile:
 
 
 def load_profile(path: str | Path) -> DeviceProfile:
-    """Read and validate a profile written by `DeviceProfile.save` or `fedprune profile`."""
+    """Read and validate a profile written by `DeviceProfile.save` or `fedprune-edge profile`."""
     source = Path(path)
     try:
         text = source.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ProfileError(
-            f"no device profile at {source}: run `fedprune profile` on the device to create it, "
+            f"no device profile at {source}: run `fedprune-edge profile` on the device to create it, "
             f"or use a catalogue profile instead."
         ) from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -1,6 +1,6 @@
 """A device's plan (DevicePlan): the submodel and training shape the coordinator sized for it.
 
-Written by `fedprune plan`, read by the device (`fedprune edge rehearse`, later every task), so it
+Written by `fedprune plan`, read by the device (`fedprune-edge rehearse`, later every task), so it
 lives on the SDK side. It records the prediction next to the memory limit it was checked against, so a
 rehearsal on the device can confirm or refute it.
 """

@@ -84,7 +84,7 @@ def test_partial_profile_lists_every_missing_field(tmp_path):
         "cpu_cores: missing",
         "compute.dp_samples_per_s: missing",
     }
-    assert "fedprune profile" in str(err.value)
+    assert "fedprune-edge profile" in str(err.value)
 
 
 def test_bad_profile_lists_each_bad_field(tmp_path):
@@ -132,7 +132,7 @@ def test_catalogue_profiles_validate_and_cite_sources(name):
     profile = catalogue_profile(name)
     assert parse_profile(json.loads(profile.model_dump_json())) == profile
     assert profile.name == name
-    assert profile.source.strip() and "fedprune profile" in profile.source
+    assert profile.source.strip() and "fedprune-edge profile" in profile.source
     assert profile.memory_available_bytes < profile.memory_total_bytes
 
 

@@ -43,14 +43,15 @@ SENT = ("sent", "acked", "rejected")  # tasks.json states of a task the device a
 # --- processes -------------------------------------------------------------------------------
 @dataclass
 class Process:
-    """A fedprune CLI process whose output goes to `log` (appended across restarts)."""
+    """`python -m <args>` (edge_sdk.cli or coordinator.cli), its output going to `log` (appended
+    across restarts)."""
     name: str
     args: list[str]
     log: Path
     popen: subprocess.Popen | None = None
 
     def start(self) -> Process:
-        self.popen = subprocess.Popen([sys.executable, "-m", "coordinator.cli", *self.args],
+        self.popen = subprocess.Popen([sys.executable, "-m", *self.args],
                                       env={**os.environ, "OMP_NUM_THREADS": "1"},
                                       stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
         return self
@@ -95,7 +96,7 @@ def _device(tmp: Path, url: str, fleet: str, i: int, devices: int, samples: int 
                         profile="catalogue:rpi4-4gb", max_samples=samples,
                         data={"clients": devices, "device_index": i})
     path = config.save(tmp / f"d{i}.toml")
-    return Process(config.device_id, ["edge", "run", "--config", str(path)], tmp / f"d{i}.log").start()
+    return Process(config.device_id, ["edge_sdk.cli", "run", "--config", str(path)], tmp / f"d{i}.log").start()
 
 
 def _coordinator(tmp: Path, url: str, fleet: str, store: Store, devices: int, **rounds) -> Process:
@@ -108,7 +109,8 @@ def _coordinator(tmp: Path, url: str, fleet: str, store: Store, devices: int, **
                  "http_port=0", "exit_when_done=true", "strategy=fedavg", "model=mlp",
                  "evaluate=false", "export.enabled=false", "train.lr=0.05",
                  *(f"{k}={v}" for k, v in settings.items())]
-    return Process(f"coord-{fleet}", ["coordinator", "serve", *sum((["--set", o] for o in overrides), [])],
+    return Process(f"coord-{fleet}", ["coordinator.cli", "coordinator", "serve",
+                                      *sum((["--set", o] for o in overrides), [])],
                    tmp / "coordinator.log").start()
 
 

@@ -1,24 +1,24 @@
-"""`fedprune profile`: memory and cgroup parsing on fake system files, then the real CLI end to end."""
+"""Profiling a device: the readers (device_profiles/readers.py) on fake system files, the link
+test (device_profiles/network.py) over an in-process echo, the compute test
+(device_profiles/throughput.py), then the real `fedprune-edge profile` end to end."""
 
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from device_profiles import load_profile
+from device_profiles import ProfilingError, load_profile
+from device_profiles import network
+from device_profiles.network import measure_link, parse_bandwidth
+from device_profiles.readers import battery_state, cgroup_memory, memory_budget, read_meminfo
+from device_profiles.throughput import measure_throughput
 from mqtt_brokers import Mosquitto
-from edge_sdk.profiling import (
-    ProfilingError,
-    battery_state,
-    cgroup_memory,
-    memory_budget,
-    parse_bandwidth,
-    read_meminfo,
-)
 
 MIB = 1 << 20
 MEMINFO = """\
@@ -114,11 +114,76 @@ def test_bad_bandwidth_is_rejected(text):
         parse_bandwidth(text)
 
 
+class Echo:
+    """A broker stand-in: what is sent comes back (after `delay` seconds), except what `drop`
+    rejects; `late` sends back a stale copy of the previous message first."""
+
+    def __init__(self, delay: float = 0.0, drop=lambda payload: False, late: bool = False):
+        self.inbox: queue.Queue[tuple[bytes, float]] = queue.Queue()
+        self.delay, self.drop, self.late = delay, drop, late
+        self.sent: list[bytes] = []
+
+    def send(self, payload: bytes) -> None:
+        if self.late and self.sent:
+            self.inbox.put((self.sent[-1], time.perf_counter()))
+        self.sent.append(payload)
+        if not self.drop(payload):
+            self.inbox.put((payload, time.perf_counter() + self.delay))
+
+    def receive(self, timeout: float):
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+def test_link_latency_is_the_median_round_trip_and_rate_uses_half_of_it():
+    echo = Echo(delay=0.01)
+    result = measure_link(echo.send, echo.receive, pings=3)
+    assert 10 <= result["latency_ms"] < 1000
+    # The largest payload came back: every size was sent, and the rate is size / (rtt / 2).
+    assert [len(p) for p in echo.sent[3:]] == list(network.THROUGHPUT_SIZES)
+    assert (1 << 20) / 1.0 < result["rate"] <= (1 << 20) / 0.005
+
+
+def test_link_ignores_a_late_echo_of_an_earlier_message():
+    echo = Echo(delay=0.02, late=True)
+    result = measure_link(echo.send, echo.receive, pings=4, measure_bandwidth=False)
+    # A stale echo arrives at once; taken for the answer it would give a near-zero latency.
+    assert result["latency_ms"] >= 20 and result["rate"] is None
+
+
+def test_link_without_echo_is_a_profiling_error(monkeypatch):
+    monkeypatch.setattr(network, "PING_TIMEOUT_S", 0.2)
+    echo = Echo(drop=lambda payload: True)
+    with pytest.raises(ProfilingError, match="did not come back"):
+        measure_link(echo.send, echo.receive, pings=2)
+
+
+def test_link_rate_stops_at_the_largest_payload_the_broker_passes(monkeypatch):
+    monkeypatch.setattr(network, "TRANSFER_TIMEOUT_S", 0.2)
+    echo = Echo(drop=lambda payload: len(payload) > (64 << 10))
+    result = measure_link(echo.send, echo.receive, pings=1)
+    assert [len(p) for p in echo.sent[1:]] == [16 << 10, 64 << 10, 256 << 10]
+    assert result["rate"] > 0
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_throughput_of_a_model_the_caller_gives(dp):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 5))
+    rate = measure_throughput(model, (3, 8, 8), 5, 0.2, dp, lr=0.01, clip_norm=10.0, batch_size=16)
+    assert rate > 0
+
+
 def _profile_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     # One torch thread: the suite may share the CPU with other jobs, and oversubscribed torch
     # threads make plain SGD spuriously slower than DP; this test checks the tool, not the machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", "profile", *args],
+    return subprocess.run([sys.executable, "-m", "edge_sdk.cli", "profile", *args],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
 
 

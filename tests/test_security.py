@@ -157,7 +157,7 @@ def test_a_round_over_tls_with_acls_carries_no_raw_data_and_no_private_tensor(fl
             "data": load_edge_config(prov / "devices" / device / "edge.toml").data.model_copy(
                 update={"clients": 2, "device_index": i})})
         path = edge.save(tmp_path / f"{device}.toml")
-        devices.append(subprocess.Popen([sys.executable, "-m", "coordinator.cli", "edge", "run",
+        devices.append(subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "run",
                                          "--config", str(path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
                                         stdout=open(tmp_path / f"{device}.log", "w"), stderr=subprocess.STDOUT))
     service = CoordinatorService(config)

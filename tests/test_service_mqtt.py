@@ -56,10 +56,10 @@ def _edge_config(tmp: Path, url: str, fleet: str, i: int, devices: int = 3) -> E
 
 
 def _spawn(config: EdgeConfig, tmp: Path) -> subprocess.Popen:
-    """A device as the real `fedprune edge run` process (one training thread, as on a Pi)."""
+    """A device as the real `fedprune-edge run` process (one training thread, as on a Pi)."""
     path = config.save(tmp / f"{config.device_id}.toml")
     log = open(tmp / f"{config.device_id}.log", "a")
-    return subprocess.Popen([sys.executable, "-m", "coordinator.cli", "edge", "run", "--config",
+    return subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "run", "--config",
                              str(path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=log, stderr=subprocess.STDOUT)
 

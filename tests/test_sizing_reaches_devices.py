@@ -194,7 +194,7 @@ def test_the_service_sends_each_device_what_its_plan_says(tmp_path, broker):
             toml = config.save(tmp_path / f"{profile.name}.toml")
             log = open(tmp_path / f"{profile.name}.log", "w")
             processes.append(subprocess.Popen(
-                [sys.executable, "-m", "coordinator.cli", "edge", "run", "--config", str(toml)],
+                [sys.executable, "-m", "edge_sdk.cli", "run", "--config", str(toml)],
                 env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT))
             _wait_for(lambda: service.engine.store.device(profile.name) is not None, 60,
                       f"{profile.name} to register")

@@ -1,4 +1,4 @@
-"""Check a plan by measurement: run `fedprune edge rehearse` as a fresh child, read its peak.
+"""Check a plan by measurement: run `fedprune-edge rehearse` as a fresh child, read its peak.
 
 The peak is the kernel's high-water mark of the child's own address space (VmHWM, read by the
 child at the end). Not wait4's ru_maxrss: on Linux that also counts the pre-exec address space,
@@ -30,7 +30,7 @@ def measure_rehearsal(plan: DevicePlan, threads: int | None = None) -> tuple[int
         if threads is not None:
             env["OMP_NUM_THREADS"] = str(threads)
         child = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "edge", "rehearse", "--plan", str(path),
+            [sys.executable, "-m", "edge_sdk.cli", "rehearse", "--plan", str(path),
              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         out, err = child.communicate()
     if child.returncode != 0:

@@ -1,4 +1,4 @@
-"""The MQTT edge agent: `fedprune edge run --config edge.toml`, or `EdgeAgent(config).run()`."""
+"""The MQTT edge agent: `fedprune-edge run --config edge.toml`, or `EdgeAgent(config).run()`."""
 
 from .config import EdgeSettings, load_edge_config
 from .runner import EdgeAgent

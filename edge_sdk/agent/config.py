@@ -27,7 +27,7 @@ class EdgeSettings(BaseModel):
     fleet: str = "default"
     topic_prefix: str = "fedprune"
     state_dir: str = "edge-state"
-    # "catalogue:<name>" for a catalogue device class, a profile JSON from `fedprune profile`, or
+    # "catalogue:<name>" for a catalogue device class, a profile JSON from `fedprune-edge profile`, or
     # "measure" to profile this device on first start (kept in state_dir/profile.json).
     profile: str = "catalogue:rpi4-4gb"
     formats: list[RuntimeFormatName] = ["onnx"]  # formats of the runtimes installed here
