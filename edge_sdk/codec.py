@@ -5,65 +5,18 @@ down, both over slow, metered and sometimes hostile links. The format is
 hand-written (rather than pickle/torch.save) so that it is compact, stable
 across library versions, and safe to parse from untrusted peers.
 
-Wire format, version 1
-======================
-
-All integers are little-endian.
-
-Header (16 bytes, not compressed)::
-
-    offset size  field
-    0      4     magic                       b"FPTU"
-    4      1     format version (u8)         1
-    5      1     value dtype (u8)            1 = float32, 2 = float16
-    6      1     flags (u8)                  reserved, must be 0
-    7      1     reserved (u8)               must be 0
-    8      4     tensor count (u32)
-    12     4     body length (u32)           size of the body after decompression
-
-Body: a single zstd frame whose frame header carries the content size (which
-must equal the header's body length). The encoder also asks zstd to store its
-content checksum; decoders verify it when present but do not require it.
-Nothing may follow the frame. Decompressed, the body is the concatenation of
-``tensor count`` records, each::
-
-    name length            u16
-    name                   UTF-8, ``name length`` bytes, unique in the payload
-    ndim                   u8
-    dims                   u32 x ndim (ndim = 0 is a scalar, numel = 1)
-    index kind             u8  (0 = DENSE, 1 = BITMAP, 2 = DELTA_VARINT)
-    nnz                    u32 number of stored values
-    index-bytes length     u32
-    index bytes
-    values                 nnz x (float32 | float16 per header), in index order
-
-Index kinds (indices are flat, row-major positions into the tensor):
-
-* DENSE: every entry is present; nnz == numel and there are no index bytes.
-* BITMAP: ``np.packbits(mask, bitorder="little")`` of the flat boolean mask,
-  exactly ceil(numel / 8) bytes; padding bits in the last byte are 0 and the
-  popcount equals nnz.
-* DELTA_VARINT: the first index, then the gap to each following index (>= 1,
-  so indices are strictly increasing), each as an unsigned LEB128 varint
-  (7 bits per byte, least significant group first, high bit set on every byte
-  but the last). Varints are minimal-length and at most 9 bytes (63 bits).
-
-The encoder uses DENSE when every entry is present; otherwise it picks
-whichever of BITMAP and DELTA_VARINT has fewer index bytes (BITMAP on a tie,
-as it decodes faster). Values must be finite; float16 payloads reject values
-that would overflow to infinity rather than send them silently.
-
-Decoder resource limits: ``max_decoded_bytes`` bounds the float32 dense
-footprint (4 bytes x numel, summed over tensors) of the payload, because
-receivers densify updates and a few header bytes could otherwise declare a
-tensor of astronomical size, and it bounds what decoding holds at once: the
-decompressed body plus the decoded arrays (4 bytes per value, 8 more per index
-of a BITMAP or DELTA_VARINT tensor). Both are checked from the record headers
-before any array is built, and indices are decoded in fixed-size chunks, so the
-peak memory of `decode` stays near ``max_decoded_bytes`` whatever the bytes.
-With ``expected_shapes``, the body may also be no longer than the largest body
-those tensors can have at the payload's value dtype (`decoded_bytes_limit`),
-so an update far larger than the model is refused before it is decompressed.
+The format is specified in docs/PROTOCOL.md, section "Tensor payload, format
+version 1" (header, records, value dtypes, index kinds, limits, rejections),
+and only there; tests/test_payload_spec.py builds payloads byte by byte from
+that section and checks its tables against the constants below. What the code
+adds to the spec is how: a sparse tensor's index costs whichever of a bitmap
+(n/8 bytes) and delta varints (about one byte per kept entry while gaps stay
+under 128) is smaller, so the encoder computes both; KNOWN and SIGN1 let a mask
+both sides hold cost one bit per kept weight; and every size a payload
+declares is checked against the receiver's bound before anything is
+decompressed or allocated, then decoded in fixed-size chunks, so whatever the
+bytes, `decode` raises only CodecError and its memory stays near
+``max_decoded_bytes``.
 """
 
 from __future__ import annotations

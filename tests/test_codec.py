@@ -1,7 +1,8 @@
 """Tests for the sparse update wire format (edge_sdk/codec.py).
 
-The hand-built payloads below are written from the format description in the
-module docstring, not from the encoder, so they pin the wire contract.
+The format itself is pinned by tests/test_payload_spec.py, which builds payloads
+byte by byte from docs/PROTOCOL.md; these tests cover round trips, the encoder's
+choices, varints and everything the decoder must refuse.
 """
 
 from __future__ import annotations
@@ -185,62 +186,6 @@ def test_size_of_sparse_fp16_update():
     array = rng.normal(size=1_000_000).astype(np.float32)
     payload = encode({"w": SparseTensor.from_dense(array, rng.random(1_000_000) < 0.1)}, ValueDtype.FLOAT16)
     assert len(payload) < 0.25 * 4_000_000
-
-
-# --------------------------------------------------------------------------- bytes match the format
-
-# gaps: 3, 697 (= 0x39 | 0x80, 0x05)
-VARINT_INDEX = b"\x03\xb9\x05"
-# indices 0, 5, 15 of 16: bits 0 and 5 of byte 0, bit 7 of byte 1
-BITMAP_INDEX = b"\x21\x80"
-
-
-def hand_built_tensors() -> dict[str, SparseTensor]:
-    return {
-        "layer.w": SparseTensor((2, 3), None, np.arange(1, 7, dtype=np.float32)),
-        "mask": SparseTensor((16,), np.array([0, 5, 15]), np.array([0.5, -1.0, 2.0], np.float32)),
-        "embed": SparseTensor((10, 100), np.array([3, 700]), np.array([7.0, -0.25], np.float32)),
-    }
-
-
-def hand_built_body(value_bytes=f32) -> bytes:
-    return (
-        record("layer.w", (2, 3), 0, 6, b"", value_bytes(1, 2, 3, 4, 5, 6))
-        + record("mask", (16,), 1, 3, BITMAP_INDEX, value_bytes(0.5, -1.0, 2.0))
-        + record("embed", (10, 100), 2, 2, VARINT_INDEX, value_bytes(7.0, -0.25))
-    )
-
-
-def test_hand_built_payload_decodes():
-    decoded = decode(wrap(hand_built_body(), 3))
-    for name, original in hand_built_tensors().items():
-        assert_same(decoded[name], original)
-    np.testing.assert_array_equal(decoded["mask"].indices, [0, 5, 15])
-    np.testing.assert_array_equal(decoded["embed"].indices, [3, 700])
-    assert decoded["layer.w"].indices is None
-
-
-def test_encode_matches_hand_built_bytes():
-    body = hand_built_body()
-    payload = encode(hand_built_tensors())
-    assert payload[:16] == HEADER.pack(b"FPTU", 1, 1, 0, 0, 3, len(body))
-    assert zstandard.frame_content_size(payload[16:]) == len(body)
-    assert body_of(payload) == body
-
-
-def test_encode_matches_hand_built_bytes_fp16():
-    f16 = lambda *xs: np.array(xs, dtype="<f2").tobytes()
-    body = hand_built_body(f16)
-    payload = encode(hand_built_tensors(), value_dtype=ValueDtype.FLOAT16, level=19)
-    assert payload[:16] == HEADER.pack(b"FPTU", 1, 2, 0, 0, 3, len(body))
-    assert body_of(payload) == body
-    assert_same(decode(wrap(body, 3, dtype=2))["mask"], hand_built_tensors()["mask"], fp16=True)
-
-
-def test_scalar_record_bytes():
-    body = record("s", (), 0, 1, b"", f32(1.5))
-    assert body == b"\x01\x00s\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00" + f32(1.5)
-    assert body_of(encode({"s": SparseTensor((), None, np.array([1.5], np.float32))})) == body
 
 
 # --------------------------------------------------------------------------- varints

@@ -1,14 +1,7 @@
-"""The binary envelope every fedprune MQTT message travels in.
-
-    offset  size  field
-    0       4     magic b"FPRN"
-    4       1     version (1)
-    5       1     message type (MessageType)
-    6       2     flags (0; reserved)
-    8       4     header length H, big-endian
-    12      4     payload length P, big-endian
-    16      H     header: a UTF-8 JSON object (schema per message type in messages.py)
-    16+H    P     payload: codec bytes (FPTU), a zstd artifact, or nothing
+"""The binary envelope every fedprune MQTT message travels in: a 16-byte prefix (magic, version,
+message type, flags, header and payload lengths), a JSON header, the payload. The layout is
+specified in docs/PROTOCOL.md, section "Envelope, version 1", and only there;
+tests/test_payload_spec.py checks its tables against the constants below.
 
 Lengths are checked against the buffer and the limits before anything is parsed or allocated,
 and the message must end exactly where the lengths say: a truncated, padded or oversized message
