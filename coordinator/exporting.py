@@ -18,10 +18,9 @@ from edge_sdk.checkpoint import Checkpoint, CheckpointError
 from edge_sdk.data import load_dataset, to_tensor
 from edge_sdk.models import SpecModel, build_model
 from edge_sdk.runtime import BundleManifest
-from edge_sdk.slicing import width_spec
 from export import export_bundle
 
-from .slicing import extract, select_channels, slice_map
+from .slicing import width_slice
 
 VERIFY_SAMPLES = 512
 
@@ -34,11 +33,10 @@ def submodel(checkpoint: Checkpoint, width_ratio: float, method: str = "magnitud
     if checkpoint.width_ratio < 1.0:
         raise CheckpointError(f"the checkpoint is already a width-{checkpoint.width_ratio:g} "
                               f"submodel; slice to width {width_ratio:g} from the global checkpoint")
-    state = {k: v.numpy() for k, v in checkpoint.state.items()}
-    smap = slice_map(checkpoint.spec, select_channels(checkpoint.spec, state, width_ratio, method,
-                                                      round_number))
-    model = build_model(width_spec(checkpoint.spec, width_ratio))
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in extract(state, smap).items()})
+    cut = width_slice(checkpoint.spec, {k: v.numpy() for k, v in checkpoint.state.items()},
+                      width_ratio, method, round_number)
+    model = build_model(cut.spec)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in cut.state.items()})
     return model.eval()
 
 

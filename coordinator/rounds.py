@@ -24,11 +24,10 @@ from edge_sdk.sizing import DevicePlan
 from edge_sdk.models import ModelSpec, SpecModel, build_model, tensor_shapes
 from edge_sdk.plan import SubmodelPlan, TensorPlan
 from edge_sdk.pruning import is_prunable
-from edge_sdk.slicing import width_spec
 from edge_sdk.settings import DPSettings, TrainSettings
 
 from .planning.planner import PlannerSettings
-from .slicing import extract, select_channels, slice_map, to_global
+from .slicing import extract, to_global, width_slice
 from .strategies import DownloadBuilder, Strategy
 
 
@@ -157,12 +156,9 @@ class RoundPipeline:
                 self._views[ratio] = SubmodelView(spec, tensor_shapes(spec), self.global_state,
                                                   None, 1.0, self.strategy.fixed_masks)
             else:
-                kept = select_channels(spec, self.global_state, ratio, self.slicing,
-                                       self.slicing_round)
-                smap = slice_map(spec, kept)
-                sub = width_spec(spec, ratio)
-                self._views[ratio] = SubmodelView(sub, tensor_shapes(sub),
-                                                  extract(self.global_state, smap), smap, ratio)
+                cut = width_slice(spec, self.global_state, ratio, self.slicing, self.slicing_round)
+                self._views[ratio] = SubmodelView(cut.spec, tensor_shapes(cut.spec), cut.state,
+                                                  cut.smap, ratio)
         return self._views[ratio]
 
     # --- tasks ----------------------------------------------------------------------------

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from edge_sdk.codec import SparseTensor
 from edge_sdk.models.spec import ModelSpec
-from edge_sdk.slicing import LayerSite, check_ratio, layer_sites, sliced_width
+from edge_sdk.slicing import LayerSite, check_ratio, layer_sites, sliced_width, width_spec
 
-__all__ = ["Method", "SliceMap", "extract", "select_channels", "slice_map", "to_global"]
+__all__ = ["Method", "SliceMap", "WidthSlice", "extract", "select_channels", "slice_map", "to_global",
+           "width_slice"]
 
 Method = Literal["magnitude", "prefix", "rolling"]
 _METHODS = ("magnitude", "prefix", "rolling")
@@ -181,6 +183,21 @@ def slice_map(spec: ModelSpec, kept: Mapping[int, np.ndarray]) -> SliceMap:
 
 
 # --------------------------------------------------------------------------- moving values
+
+
+@dataclass(frozen=True)
+class WidthSlice:
+    spec: ModelSpec                   # the narrower model a device builds
+    smap: SliceMap                    # each of its entries' place in the full model
+    state: dict[str, np.ndarray]      # the full state's values at those places
+
+
+def width_slice(spec: ModelSpec, state: Mapping[str, np.ndarray], ratio: float, method: Method,
+                round_number: int = 0) -> WidthSlice:
+    """The model at `ratio` of its width: the one place a full state is cut down, so the task a
+    device trains and the artifact it runs are sliced alike."""
+    smap = slice_map(spec, select_channels(spec, state, ratio, method, round_number))
+    return WidthSlice(width_spec(spec, ratio), smap, extract(state, smap))
 
 
 def extract(global_state: Mapping[str, np.ndarray], smap: SliceMap) -> dict[str, np.ndarray]:
