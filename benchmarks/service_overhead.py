@@ -39,7 +39,10 @@ def worker(port: int, fleet: str, start: int, count: int) -> None:
     from device_profiles import catalogue_profile
     from edge_sdk import codec
     from edge_sdk.plan import SubmodelPlan
-    from edge_sdk.protocol import MessageType, Topics, decode_envelope, encode_envelope, parse_header
+    import hashlib
+
+    from edge_sdk.protocol import (MessageType, RegisterHeader, StatusHeader, Topics, UpdateHeader,
+                                   decode_envelope, encode_message, parse_header)
 
     topics = Topics(fleet)
     profile = catalogue_profile("rpi4-4gb").model_dump(mode="json")
@@ -54,23 +57,23 @@ def worker(port: int, fleet: str, start: int, count: int) -> None:
         received = codec.decode(envelope.payload)
         update = {n: received[n] for n in plan.uploaded}
         payload = codec.encode(update, codec.ValueDtype.from_name(plan.upload_dtype))
-        client.publish(topics.update(device), encode_envelope(MessageType.UPDATE, {
-            "device_id": device, "round": task.round, "task": task.task, "num_samples": 100},
-            payload), qos=1)
+        client.publish(topics.update(device), encode_message(UpdateHeader(
+            device_id=device, round=task.round, task=task.task, num_samples=100,
+            payload_sha256=hashlib.sha256(payload).hexdigest()), payload), qos=1)
 
     for i in range(start, start + count):
         device = f"sim-{i:05d}"
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device,
                              protocol=mqtt.MQTTv311, clean_session=False, userdata=device)
         client.on_message = on_message
-        client.will_set(topics.status(device), encode_envelope(
-            MessageType.STATUS, {"device_id": device, "online": False}), qos=1, retain=True)
+        client.will_set(topics.status(device), encode_message(
+            StatusHeader(device_id=device, online=False)), qos=1, retain=True)
         client.connect("127.0.0.1", port, keepalive=120)
         client.subscribe(topics.task(device), qos=1)
-        client.publish(topics.status(device), encode_envelope(
-            MessageType.STATUS, {"device_id": device, "online": True}), qos=1, retain=True)
-        client.publish(topics.register(device), encode_envelope(MessageType.REGISTER, {
-            "device_id": device, "profile": profile, "num_samples": 100}), qos=1, retain=True)
+        client.publish(topics.status(device), encode_message(
+            StatusHeader(device_id=device, online=True)), qos=1, retain=True)
+        client.publish(topics.register(device), encode_message(
+            RegisterHeader(device_id=device, profile=profile, num_samples=100)), qos=1, retain=True)
         client.loop_start()
         clients.append(client)
     print("ready", flush=True)
@@ -130,7 +133,7 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path) -> dict:
             proc.kill()
     broker.stop()
     entries = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    final = next(e for e in entries if e["message"].startswith("all "))
+    final = next(e for e in entries if e["message"].startswith("done: "))
     from coordinator.service.store import Store
     store = Store(f"sqlite:///{workdir / 'state' / 'coordinator.db'}")
     committed = [r.summary for r in store.rounds() if r.state == "committed"]
