@@ -10,10 +10,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator)
 
-from edge_sdk.settings import CodecSettings, DPSettings, Settings, TrainSettings
+from edge_sdk.settings import CodecSettings, DPSettings, Settings, TrainSettings, WidthLevels
 from edge_sdk.validation import describe, read_toml
 from export.formats import ExportFormatName
 
@@ -49,19 +48,12 @@ class LearningSettings(Settings):
     model: str = "fedp3_cnn"
     slicing: Literal["prefix", "rolling", "magnitude"] = "prefix"
     # Without a fleet: device i gets width_levels[i % len] (HeteroFL, FedRolex, FjORD tiers).
-    width_levels: list[float] | None = None
+    width_levels: WidthLevels | None = None
     seed: int = 0
     train: TrainSettings = TrainSettings()
     aggregator: AggregatorSettings = AggregatorSettings()
     dp: DPSettings = DPSettings()
     codec: CodecSettings = CodecSettings()
-
-    @field_validator("width_levels")
-    @classmethod
-    def _levels(cls, value):
-        if value is not None and (not value or not all(0 < w <= 1 for w in value)):
-            raise ValueError("width_levels must be a non-empty list of widths in (0, 1]")
-        return value
 
     @model_validator(mode="after")
     def _strategy_sections(self):

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
-from .settings import Settings
+from .settings import Settings, WidthLevels
 from .validation import describe
 
 if TYPE_CHECKING:
@@ -100,14 +100,7 @@ def build_features(requested: Mapping[str, Mapping[str, Any]]) -> list[PlanFeatu
 class OrderedDropoutParams(Settings):
     # Widths to sample per batch, as fractions of the device's own submodel (the coordinator
     # maps the strategy's levels of the full model onto the device's width).
-    levels: list[float] = Field(min_length=1)
-
-    @field_validator("levels")
-    @classmethod
-    def _unit(cls, levels: list[float]) -> list[float]:
-        if not all(0 < p <= 1 for p in levels):
-            raise ValueError(f"levels must be in (0, 1], got {levels}")
-        return levels
+    levels: WidthLevels
 
 
 @register_plan_feature("ordered_dropout", OrderedDropoutParams)

@@ -8,12 +8,22 @@ the same in `fedprune.toml`, on the wire and on the device.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 AccountantName = Literal["rdp", "prv"]
 ValueDtypeName = Literal["fp32", "fp16"]
+
+
+def _widths(levels: list[float]) -> list[float]:
+    if not all(0 < p <= 1 for p in levels):
+        raise ValueError(f"widths must be in (0, 1], got {levels}")
+    return levels
+
+
+# Widths as fractions of a model's: width tiers, FjORD's dropout levels.
+WidthLevels = Annotated[list[float], Field(min_length=1), AfterValidator(_widths)]
 
 
 class Settings(BaseModel):

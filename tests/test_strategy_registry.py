@@ -108,7 +108,7 @@ def test_the_readme_table_is_the_registry():
 
 @pytest.mark.parametrize("features, message", [
     ({"warp_drive": {}}, "feature 'warp_drive', which this device's SDK does not have"),
-    ({"ordered_dropout": {"levels": [0.0]}}, "levels must be in \\(0, 1\\]"),
+    ({"ordered_dropout": {"levels": [0.0]}}, "levels: widths must be in \\(0, 1\\]"),
     ({"ordered_dropout": {"levels": [1.0], "extra": 1}}, "extra: Extra inputs are not permitted"),
     ({"threshold_pruning": {"threshold": float("nan")}}, "threshold: Input should be a finite number"),
     ({"supermask": {"init_seed": 1}, "count_batches": {}}, None),

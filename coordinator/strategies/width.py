@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from pydantic import Field, field_validator
-
 from edge_sdk.models import ModelSpec
 from edge_sdk.plan import SubmodelPlan, TensorPlan
-from edge_sdk.settings import Settings
+from edge_sdk.settings import Settings, WidthLevels
 
 from .base import Strategy
 from .registry import register_strategy
@@ -27,14 +25,7 @@ from .registry import register_strategy
 
 class FjORDSettings(Settings):
     # Widths (fractions of the full model) a device samples per batch, up to its own width.
-    levels: list[float] = Field([1.0, 0.75, 0.5, 0.25], min_length=1)
-
-    @field_validator("levels")
-    @classmethod
-    def _in_unit_interval(cls, levels: list[float]) -> list[float]:
-        if not all(0 < p <= 1 for p in levels):
-            raise ValueError(f"fjord.levels must be widths in (0, 1], got {levels}")
-        return levels
+    levels: WidthLevels = [1.0, 0.75, 0.5, 0.25]
 
 
 @register_strategy("heterofl", summary="HeteroFL (Diao et al., 2021): nested width prefixes")
