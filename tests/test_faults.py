@@ -96,7 +96,8 @@ def _device(tmp: Path, url: str, fleet: str, i: int, devices: int, samples: int 
                         profile="catalogue:rpi4-4gb", max_samples=samples,
                         data={"clients": devices, "device_index": i})
     path = config.save(tmp / f"d{i}.toml")
-    return Process(config.device_id, ["edge_sdk.cli", "run", "--config", str(path)], tmp / f"d{i}.log").start()
+    return Process(config.device_id, ["edge_sdk.cli", "run", "--config", str(path)],
+                   tmp / f"d{i}.log").start()
 
 
 def _coordinator(tmp: Path, url: str, fleet: str, store: Store, devices: int, **rounds) -> Process:
