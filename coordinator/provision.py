@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from device_profiles.files import atomic_write
-from edge_sdk.agent import EdgeConfig
+from edge_sdk.agent import EdgeSettings
 from edge_sdk.protocol.topics import Topics, check_id
 
 COORDINATOR_USER = "fedprune-coordinator"  # its broker user name and client id
@@ -141,7 +141,7 @@ def provision(out: str | Path, devices: list[str], broker_url: str, broker_hosts
         folder = out / "devices" / device
         atomic_write(folder / "ca.crt", ca_cert)
         atomic_write(folder / "coordinator.pub", public)
-        config = EdgeConfig(device_id=device, broker=broker_url, fleet=fleet,
+        config = EdgeSettings(device_id=device, broker=broker_url, fleet=fleet,
                             state_dir=f"/var/lib/fedprune-edge/{device}", username=device,
                             password=passwords[device], tls_ca=str((folder / "ca.crt").resolve()),
                             coordinator_key=str((folder / "coordinator.pub").resolve()))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from coordinator.service import RoundEngine, ServiceConfig, Store
-from edge_sdk.agent import EdgeAgent, EdgeConfig
+from coordinator.service import RoundEngine, ServiceSettings, Store
+from edge_sdk.agent import EdgeAgent, EdgeSettings
 from edge_sdk.protocol import MessageType, Topics, encode_envelope
 
 
@@ -47,7 +47,7 @@ class Harness:
                 settings.setdefault(key, {}).update(value)
             else:
                 settings[key] = value
-        self.config = ServiceConfig.model_validate(settings)
+        self.config = ServiceSettings.model_validate(settings)
         self.clock = Clock()
         self.store = Store(db_url)
         self.to_devices: list[tuple[str, bytes]] = []
@@ -56,7 +56,7 @@ class Harness:
         self.agents = {}
         for i in range(devices):
             device = f"dev-{i}"
-            config = EdgeConfig(device_id=device, fleet="test", state_dir=str(tmp / device),
+            config = EdgeSettings(device_id=device, fleet="test", state_dir=str(tmp / device),
                                 profile="catalogue:rpi4-4gb", max_samples=samples,
                                 epsilon_budget=(budgets or {}).get(i),
                                 data={"clients": devices, "device_index": i})

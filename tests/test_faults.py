@@ -27,7 +27,7 @@ import pytest
 
 from coordinator.service.store import Store
 from wire import raw_envelope
-from edge_sdk.agent import EdgeConfig, load_edge_config
+from edge_sdk.agent import EdgeSettings, load_edge_config
 from edge_sdk.agent.state import task_key
 from edge_sdk.protocol import (MessageType, Topics, decode_envelope, parse_header)
 from edge_sdk.protocol.transport import make_client
@@ -92,7 +92,7 @@ def database(request, tmp_path):
 
 
 def _device(tmp: Path, url: str, fleet: str, i: int, devices: int, samples: int = SAMPLES) -> Process:
-    config = EdgeConfig(device_id=f"{fleet}-{i}", broker=url, fleet=fleet, state_dir=str(tmp / f"d{i}"),
+    config = EdgeSettings(device_id=f"{fleet}-{i}", broker=url, fleet=fleet, state_dir=str(tmp / f"d{i}"),
                         profile="catalogue:rpi4-4gb", max_samples=samples,
                         data={"clients": devices, "device_index": i})
     path = config.save(tmp / f"d{i}.toml")

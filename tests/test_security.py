@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from coordinator.config import load_config
 from device_profiles import DeviceProfile
 from coordinator.provision import provision
-from coordinator.service import CoordinatorService, ServiceConfig
+from coordinator.service import CoordinatorService, ServiceSettings
 from edge_sdk import codec
 from edge_sdk.agent import load_edge_config
 from edge_sdk.protocol import MessageType, decode_envelope, encode_envelope, parse_header
@@ -58,7 +58,7 @@ def fleet():
 
 def _connect(prov: Path, user: str, password: str | None = None, client_id: str | None = None):
     if user in ("coordinator", INSPECTOR):
-        config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceConfig).broker
+        config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceSettings).broker
         url, secret, ca = config.url, config.password, config.tls_ca
         user, secret = (config.username, secret) if user == "coordinator" else (INSPECTOR, INSPECTOR_PASSWORD)
     else:
@@ -143,7 +143,7 @@ def test_a_round_over_tls_with_acls_carries_no_raw_data_and_no_private_tensor(fl
     prov, _ = fleet
     spy, _, seen = _connect(prov, INSPECTOR)
     spy.subscribe(f"fedprune/{FLEET}/#", qos=1)
-    config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceConfig)
+    config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceSettings)
     config = config.model_copy(update={
         "strategy": "fedper", "state_dir": str(tmp_path / "coordinator"), "http_port": None,
         "exit_when_done": True,

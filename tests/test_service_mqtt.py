@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from coordinator.embedded_broker import EmbeddedBroker
-from coordinator.service import CoordinatorService, ServiceConfig
-from edge_sdk.agent import DeviceState, EdgeAgent, EdgeConfig
+from coordinator.service import CoordinatorService, ServiceSettings
+from edge_sdk.agent import DeviceState, EdgeAgent, EdgeSettings
 from edge_sdk.data import load_dataset
 from edge_sdk.protocol import MAGIC
 from edge_sdk.runtime import Predictor
@@ -39,23 +39,23 @@ def broker(tmp_path_factory):
 
 
 def _service(tmp: Path, url: str, fleet: str, **rounds) -> CoordinatorService:
-    return CoordinatorService(ServiceConfig.model_validate({
+    return CoordinatorService(ServiceSettings.model_validate({
         "strategy": "fedavg", "state_dir": str(tmp / "coordinator"), "http_port": 0,
         "exit_when_done": True, "broker": {"url": url, "fleet": fleet,
-                                           "device_index": f"coordinator-{fleet}"},
+                                           "client_id": f"coordinator-{fleet}"},
         "rounds": {"total": 2, "devices_per_round": 3, "min_devices": 3, "deadline_seconds": 90,
                    "registration_grace_seconds": 0, **rounds},
         "train": {"lr": 0.05}, "dp": {"target_epsilon": 8.0}}))
 
 
-def _edge_config(tmp: Path, url: str, fleet: str, i: int, devices: int = 3) -> EdgeConfig:
-    return EdgeConfig(device_id=f"{fleet}-dev-{i}", broker=url, fleet=fleet,
+def _edge_config(tmp: Path, url: str, fleet: str, i: int, devices: int = 3) -> EdgeSettings:
+    return EdgeSettings(device_id=f"{fleet}-dev-{i}", broker=url, fleet=fleet,
                       state_dir=str(tmp / f"dev-{i}"), profile="catalogue:rpi4-4gb",
                       max_samples=800, epsilon_budget=8.0,
                       data={"clients": devices, "device_index": i})
 
 
-def _spawn(config: EdgeConfig, tmp: Path) -> subprocess.Popen:
+def _spawn(config: EdgeSettings, tmp: Path) -> subprocess.Popen:
     """A device as the real `fedprune-edge run` process (one training thread, as on a Pi)."""
     path = config.save(tmp / f"{config.device_id}.toml")
     log = open(tmp / f"{config.device_id}.log", "a")

@@ -26,11 +26,11 @@ from coordinator.planning.memory import MemoryCoefficients, predict_peak_bytes
 from coordinator.planning.planner import plan_device
 from coordinator.rounds import device_settings, planner_settings
 from coordinator.strategies import build_strategy
-from coordinator.service import CoordinatorService, ServiceConfig
+from coordinator.service import CoordinatorService, ServiceSettings
 from coordinator.simulation import run_simulation
 from device_profiles import catalogue_profile
 from edge_sdk import codec
-from edge_sdk.agent import EdgeConfig
+from edge_sdk.agent import EdgeSettings
 from edge_sdk.sizing import DevicePlan
 from edge_sdk.models import model_spec, tensor_shapes
 from edge_sdk.plan import SubmodelPlan
@@ -170,10 +170,10 @@ def test_the_service_sends_each_device_what_its_plan_says(tmp_path, broker):
     listener.connect("127.0.0.1", broker.port)
     listener.loop_start()
     assert subscribed.wait(10)
-    service = CoordinatorService(ServiceConfig.model_validate({
+    service = CoordinatorService(ServiceSettings.model_validate({
         "strategy": "fedp3", "state_dir": str(tmp_path / "coordinator"), "http_port": None,
         "exit_when_done": True, "broker": {"url": broker.url, "fleet": fleet,
-                                           "device_index": f"coordinator-{fleet}"},
+                                           "client_id": f"coordinator-{fleet}"},
         "rounds": {"total": 1, "devices_per_round": 3, "min_devices": 3,
                    "deadline_seconds": DEADLINE, "registration_grace_seconds": 0},
         "export": {"enabled": False}, "train": {"lr": 0.05, "batch_size": BATCH},
@@ -187,7 +187,7 @@ def test_the_service_sends_each_device_what_its_plan_says(tmp_path, broker):
         for i, profile in enumerate(fleet_profiles()):
             path = tmp_path / f"{profile.name}.json"
             profile.save(path)
-            config = EdgeConfig(device_id=profile.name, broker=broker.url, fleet=fleet,
+            config = EdgeSettings(device_id=profile.name, broker=broker.url, fleet=fleet,
                                 state_dir=str(tmp_path / profile.name), profile=str(path),
                                 max_samples=HELD, data={"clients": 3, "device_index": i,
                                                         "partition": "iid"})
