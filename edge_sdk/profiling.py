@@ -16,7 +16,6 @@ from __future__ import annotations
 import platform
 import queue
 import socket
-import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -69,58 +68,42 @@ def parse_broker_url(url: str) -> tuple[str, int]:
 
 
 def measure_network(url: str, pings: int = 10, measure_bandwidth: bool = True) -> dict[str, float | None]:
-    """Latency and link rate to the coordinator's MQTT broker (`device_profiles.network`), through
-    a clean session subscribed to a topic of its own."""
+    """Latency and link rate to the coordinator's MQTT broker (`device_profiles.network`), over
+    the shared `MqttTransport`: a one-off clean session subscribed to a topic of its own."""
     try:
-        from .protocol.transport import make_client
+        from .protocol.transport import MqttTransport, TransportError
     except ImportError:
         raise ProfilingError("--broker needs paho-mqtt on the device: pip install paho-mqtt, "
                              "or pass --bandwidth UP,DOWN instead") from None
-    host, port = parse_broker_url(url)
+    parse_broker_url(url)
     token = uuid.uuid4().hex[:12]
     topic = f"fedprune/profile/{token}"
-    received: queue.Queue[tuple[bytes, float]] = queue.Queue()
-    acks: queue.Queue[Any] = queue.Queue()  # CONNACK, then SUBACK
+    # Not reconnected, and acknowledged by paho on arrival: nothing here is worth redelivering.
+    transport = MqttTransport(f"fedprune-profile-{token}", url, clean_session=True,
+                              reconnect=False, manual_ack=False)
 
-    client, _ = make_client(f"fedprune-profile-{token}", f"mqtt://{host}:{port}", clean_session=True)
-    client.on_connect = lambda _c, _u, _f, reason, _p: acks.put(reason)
-    client.on_subscribe = lambda _c, _u, _m, reasons, _p: acks.put(reasons)
-    client.on_message = lambda _c, _u, msg: received.put((msg.payload, time.perf_counter()))
-    client.connect_timeout = PING_TIMEOUT_S
+    def receive(timeout: float) -> tuple[bytes, float] | None:
+        try:
+            delivery = transport.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        return delivery.payload, delivery.arrived
 
     def fail(why: str) -> ProfilingError:
         return ProfilingError(f"MQTT broker {url}: {why}. Check the address and that the broker is "
                               f"running, or pass --bandwidth UP,DOWN instead of --broker")
 
     try:
-        client.connect(host, port, keepalive=30)
-    except OSError as exc:
-        raise fail(f"cannot connect ({exc.strerror or exc})") from None
-    client.loop_start()
-    try:
-        reason = _wait(acks, PING_TIMEOUT_S)
-        if reason is None or reason.is_failure:
-            raise fail(f"connection refused by the broker ({reason})" if reason is not None
-                       else "no answer to CONNECT")
-        client.subscribe(topic, qos=1)
-        granted = _wait(acks, PING_TIMEOUT_S)
-        if not granted or any(code.is_failure for code in granted):
-            raise fail(f"cannot subscribe to {topic} ({granted})")
-        try:
-            return measure_link(lambda payload: client.publish(topic, payload, qos=1),
-                                lambda timeout: _wait(received, timeout), pings, measure_bandwidth)
-        except ProfilingError as exc:
-            raise fail(f"on {topic}, {exc}") from None
+        transport.connect(PING_TIMEOUT_S)
+        transport.subscribe(topic, PING_TIMEOUT_S)
+        return measure_link(lambda payload: transport.publish(topic, payload), receive, pings,
+                            measure_bandwidth)
+    except TransportError as exc:
+        raise fail(str(exc)) from None
+    except ProfilingError as exc:
+        raise fail(f"on {topic}, {exc}") from None
     finally:
-        client.disconnect()
-        client.loop_stop()
-
-
-def _wait(events: queue.Queue, timeout: float) -> Any:
-    try:
-        return events.get(timeout=timeout)
-    except queue.Empty:
-        return None
+        transport.stop()
 
 
 def measure_profile(name: str | None = None, broker: str | None = None,
