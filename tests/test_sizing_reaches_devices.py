@@ -221,7 +221,7 @@ def test_the_service_sends_each_device_what_its_plan_says(tmp_path, broker):
         task, download = messages[("task", device)]
         update, upload = messages[("update", device)]
         check_received(sizing, SubmodelPlan.from_dict(task.plan),
-                       task.train.get("physical_batch_size"), task.width_ratio, download, upload)
+                       task.train.physical_batch_size, task.width_ratio, download, upload)
         assert update.num_samples == min(HELD, sizing.local_samples)
     summary = store.rounds()[-1].summary
     assert summary["accepted"] == 3 and summary["straggled"] == 0
