@@ -84,7 +84,7 @@ def _shards(devices: int, samples: int, data_dir: str | None) -> list[tuple[int,
     source = load_dataset(DATASET, data_dir)
     shards = []
     for index in range(devices):
-        data = client_data_for(source, _clients(devices), PARTITION, 0, index).capped(samples)
+        data = client_data_for(source, _clients(devices), PARTITION, 0, index).with_train_limit(samples)
         shards.append((len(data.train_y), chance_accuracy(np.asarray(data.test_y))))
     return shards
 

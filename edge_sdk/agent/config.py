@@ -39,7 +39,7 @@ class EdgeSettings(BaseModel):
     dp_delta: float = Field(1e-5, gt=0, lt=1)
     require_dp: bool = False
     threads: int = Field(1, ge=1)
-    max_samples: int | None = Field(None, ge=2)  # train and test together (ClientData.capped)
+    max_samples: int | None = Field(None, ge=2)  # training samples (ClientData.with_train_limit)
     keepalive: int = Field(30, ge=5)
     max_payload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # An update not acknowledged after this long is published again (and on every reconnect):

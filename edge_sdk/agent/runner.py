@@ -89,7 +89,7 @@ class EdgeAgent:
         source = load_dataset(config.data.dataset, config.data.data_dir)
         data = client_data_for(source, config.data.clients, config.data.partition,
                                config.data.seed, config.data.device_index)
-        self.data = data.capped(config.max_samples)
+        self.data = data.with_train_limit(config.max_samples)
         self.client: LocalClient | None = None
         self.stopping = threading.Event()
         self.coordinator_key = load_public_key(config.coordinator_key) if config.coordinator_key else None

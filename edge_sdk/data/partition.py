@@ -294,12 +294,21 @@ class ClientData:
 
     def capped(self, limit: int | None) -> ClientData:
         """At most `limit` samples, train and test in the shard's proportion (the simulator's
-        `max_client_samples` and a device's `max_samples` alike: quick runs and demos)."""
+        `max_client_samples`: quick runs)."""
         if limit is None or len(self.train_y) + len(self.test_y) <= limit:
             return self
         n_train = max(1, round(limit * len(self.train_y) / (len(self.train_y) + len(self.test_y))))
         n_test = max(1, limit - n_train)
         return ClientData(self.device_index, self.train_x[:n_train], self.train_y[:n_train],
+                          self.test_x[:n_test], self.test_y[:n_test])
+
+    def with_train_limit(self, limit: int | None) -> ClientData:
+        """At most `limit` training samples and half as many test samples (a device's
+        `max_samples`: it registers exactly what it trains on, the demo and tests size by it)."""
+        if limit is None or len(self.train_y) <= limit:
+            return self
+        n_test = max(1, limit // 2)
+        return ClientData(self.device_index, self.train_x[:limit], self.train_y[:limit],
                           self.test_x[:n_test], self.test_y[:n_test])
 
 
