@@ -4,7 +4,7 @@ with each aggregation rule.
 
 Budget (every run): 20 devices, 10 per round, 5 rounds, 2 local epochs, SGD lr 0.05, batch 48,
 at most 600 samples per Fashion-MNIST device (70/30 local split), fedp3_cnn. Width methods use
-width levels 1 / 0.5 / 0.25 by device id; FedDP's threshold is the released 1e-3, its gate keeps
+width levels 1 / 0.5 / 0.25 by device index; FedDP's threshold is the released 1e-3, its gate keeps
 half the channels. FEMNIST uses its 31 writers as devices (15 per round).
 
     OMP_NUM_THREADS=1 python benchmarks/methods_table.py --shard 0/2 &

@@ -1,4 +1,4 @@
-"""Run one real local epoch of a budget plan and report the process's peak resident memory.
+"""Run one real local epoch of a device plan (DevicePlan) and report the process's peak resident memory.
 
 The planner's promise ("this submodel fits") is only worth what a measurement confirms. A
 rehearsal does on the device exactly what a task would: build the width-sliced model, load the

@@ -1,4 +1,4 @@
-"""The budget planner: memory first, virtual steps before narrowing, transfer, compute, refusal."""
+"""The device planner: memory first, virtual steps before narrowing, transfer, compute, refusal."""
 
 from __future__ import annotations
 

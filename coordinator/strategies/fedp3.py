@@ -3,7 +3,7 @@
 Readings taken where the paper and its released code leave room (see docs/ARCHITECTURE.md):
 - hidden layers are every parameterised layer but the last; the output layer is always uploaded
   and, as in the released code, never overwritten from the server (`personal_head`);
-- devices fall into as many groups as there are hidden layers, by client id modulo that count;
+- devices fall into as many groups as there are hidden layers, by device index modulo that count;
 - a device trains all layers by default (`train_layers="all"`) and uploads only its selection;
 - the weighted rule weights a device by the number of layers it uploads, normalised per entry.
 """
