@@ -2,7 +2,7 @@
 (Horvath et al., 2021).
 
 All three give each device a width (its planned width in a `--fleet`, else `width_levels` by
-device id) and train the full plan of that submodel; they differ in which channels a width keeps
+device index) and train the full plan of that submodel; they differ in which channels a width keeps
 and in how the device trains it:
 - HeteroFL keeps the first ceil(r x C) channels of every hidden layer (a static prefix);
 - FedRolex keeps a window that rolls by one channel per round, so every channel is trained;
