@@ -102,6 +102,9 @@ class ServiceSettings(LearningSettings):
     # stops decoding further updates for it: a device cannot make it decompress bombs forever.
     max_refused_updates: int = Field(3, ge=1)
     exit_when_done: bool = False
+    # /metrics labels ε spent per device (fedprune_device_epsilon_spent{device_id}) only while the
+    # fleet has at most this many devices; above it, fleet aggregates only (bounded cardinality).
+    metrics_device_label_limit: int = Field(100, ge=0)
     signing_key: str | None = None            # Ed25519 private key PEM: tasks and artifacts are signed
     broker: BrokerSettings = BrokerSettings()
     rounds: RoundsSettings = RoundsSettings()
