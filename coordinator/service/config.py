@@ -3,10 +3,12 @@ shares with `fedprune simulate` (`LearningSettings`: strategy, [train], [fedp3],
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from edge_sdk.protocol.transport import BrokerAddress
 from export.formats import ExportFormatName
@@ -14,6 +16,20 @@ from export.formats import ExportFormatName
 from edge_sdk.settings import Settings
 
 from ..config import LearningSettings, StrategyName
+
+
+HTTP_TOKEN_VARIABLE = "FEDPRUNE_HTTP_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (127.0.0.0/8, ::1) or the name localhost; any other
+    name counts as reachable from the network."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class BrokerSettings(Settings):
@@ -88,8 +104,13 @@ class ServiceSettings(LearningSettings):
     slicing: Literal["prefix", "rolling", "magnitude"] = "magnitude"
     state_dir: str = "coordinator-state"
     database: str | None = None               # SQLAlchemy URL; default sqlite in state_dir
+    # The HTTP API (coordinator/service/http_api.py; docs/SECURITY.md). On a loopback address it
+    # answers anyone on this machine; on any other address it refuses to start without a token.
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(8080, ge=0, le=65535)  # None: no endpoint; 0: any free port
+    # Bearer token every endpoint but /healthz then requires (Authorization: Bearer <token>).
+    # Set here, or in the FEDPRUNE_HTTP_TOKEN environment variable (used when this key is absent).
+    http_token: SecretStr | None = None
     evaluate: bool = True                     # global accuracy on the test set after each round
     # Refuse an update whose change from the global model has an L2 norm above this (a blown-up
     # or scaled attack); None accepts any finite update. Robust aggregation handles subtler ones.
@@ -110,6 +131,31 @@ class ServiceSettings(LearningSettings):
     rounds: RoundsSettings = RoundsSettings()
     retry: RetrySettings = RetrySettings()
     export: ExportSettings = ExportSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _http_token_from_environment(cls, data):
+        token = os.environ.get(HTTP_TOKEN_VARIABLE, "").strip()
+        if isinstance(data, dict) and data.get("http_token") is None and token:
+            data = {**data, "http_token": token}
+        return data
+
+    @field_validator("http_token")
+    @classmethod
+    def _token_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return value
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self):
+        if self.http_port is not None and not is_loopback(self.http_host) and self.http_token is None:
+            raise ValueError(
+                f"http_host {self.http_host!r} is not a loopback address: the HTTP API would answer "
+                f"the network unauthenticated. Set http_token (at least 16 characters) in "
+                f"coordinator.toml or {HTTP_TOKEN_VARIABLE} in the environment, or bind http_host "
+                "to 127.0.0.1")
+        return self
 
     @property
     def database_url(self) -> str:
