@@ -1,0 +1,398 @@
+// The fleet dashboard: polls the coordinator's JSON API and renders the device table, the round
+// progress and three charts (uPlot, vendored). Plain JavaScript, no build step.
+//
+// API (docs: coordinator/service/http_api.py): GET /devices, /rounds, /rounds/{n} (with the
+// round's tasks: per-device ε), /status. A coordinator that requires a token gets it as
+// `Authorization: Bearer <token>`; the page takes it from the URL fragment (#token=...), keeps it
+// in sessionStorage and removes it from the address bar.
+//
+// For tests and scripts: every device row is tr[data-device-id]; its cells td.width and
+// td.epsilon carry the API's values in data-value (and data-spent/data-budget); each chart's
+// figure has data-points (points drawn); window.fedpruneDashboard exposes the charts (uPlot
+// instances: .data is what they draw) and the last data fetched.
+"use strict";
+
+(function () {
+  const POLL_MS = Math.max(500, Number(new URLSearchParams(location.search).get("interval")) * 1000 || 3000);
+  const TOKEN_KEY = "fedprune-dashboard-token";
+  const FINAL_ROUND_STATES = new Set(["committed", "aborted"]);
+  const DETAILS_PER_POLL = 20; // round details fetched per poll while catching up on history
+  const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04",
+                   "#db2777", "#4b5563", "#65a30d", "#7c3aed", "#0d9488"];
+
+  const $ = (selector) => document.querySelector(selector);
+  const state = {
+    devices: [], rounds: [], status: null, details: new Map(),
+    sort: { key: "device", descending: false },
+    deadlineAt: null, // performance.now() at which the open round's deadline passes
+    refreshes: 0,
+  };
+  const charts = {};
+  window.fedpruneDashboard = { state, charts };
+
+  // --- the token -----------------------------------------------------------------------------
+  function takeToken() {
+    const fragment = new URLSearchParams(location.hash.replace(/^#/, ""));
+    const token = fragment.get("token");
+    if (token) {
+      sessionStorage.setItem(TOKEN_KEY, token);
+      fragment.delete("token");
+      const rest = fragment.toString();
+      history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
+    }
+    return sessionStorage.getItem(TOKEN_KEY);
+  }
+  let token = takeToken();
+  window.addEventListener("hashchange", () => { token = takeToken(); poll(); });
+
+  $("#token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const value = $("#token-input").value.trim();
+    if (value) {
+      sessionStorage.setItem(TOKEN_KEY, value);
+      token = value;
+      $("#token-form").hidden = true;
+      poll();
+    }
+  });
+
+  class ApiError extends Error {
+    constructor(path, status, detail) {
+      super(`${path}: HTTP ${status}${detail ? " (" + detail + ")" : ""}`);
+      this.status = status;
+    }
+  }
+
+  async function api(path) {
+    // Relative to the page, so a dashboard behind a path prefix still reaches its API.
+    const url = new URL(path.replace(/^\//, ""), new URL(".", location.href));
+    const headers = { Accept: "application/json" };
+    if (token) headers.Authorization = "Bearer " + token;
+    const response = await fetch(url, { headers, cache: "no-store" });
+    if (!response.ok) {
+      let detail = "";
+      try { detail = (await response.json()).detail || ""; } catch (_) { /* not JSON */ }
+      throw new ApiError(path, response.status, typeof detail === "string" ? detail : "");
+    }
+    return response.json();
+  }
+
+  // --- formatting ----------------------------------------------------------------------------
+  const isNumber = (v) => typeof v === "number" && Number.isFinite(v);
+  // The fixed formats of the table's cells (tests compare against them).
+  const formatWidth = (w) => (isNumber(w) ? w.toFixed(3) : "–");
+  const formatEpsilon = (e) => (isNumber(e) ? e.toFixed(2) : "–");
+  const formatKeep = (k) => (isNumber(k) ? k.toFixed(2) : "–");
+
+  function formatBytes(bytes) {
+    if (!isNumber(bytes)) return "–";
+    const units = ["B", "kB", "MB", "GB", "TB"];
+    let value = bytes, unit = 0;
+    while (Math.abs(value) >= 1000 && unit < units.length - 1) { value /= 1000; unit += 1; }
+    return `${value >= 100 || unit === 0 ? value.toFixed(0) : value.toFixed(1)} ${units[unit]}`;
+  }
+
+  function formatSeconds(s) {
+    if (!isNumber(s)) return "–";
+    if (s < 90) return `${s.toFixed(s < 10 ? 1 : 0)} s`;
+    const m = Math.floor(s / 60);
+    return `${m} min ${Math.round(s - 60 * m)} s`;
+  }
+
+  function el(tag, attributes = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attributes)) {
+      if (value === undefined || value === null) continue;
+      if (name === "class") node.className = value;
+      else if (name === "text") node.textContent = value;
+      else if (name.startsWith("data-")) node.setAttribute(name, String(value));
+      else node.setAttribute(name, value);
+    }
+    for (const child of children) node.append(child);
+    return node;
+  }
+
+  // --- the device table ----------------------------------------------------------------------
+  const plan = (d) => d.plan || {};
+  const fits = (d) => plan(d).fits !== false && d.plan != null;
+  const SORT_KEYS = {
+    device: (d) => d.device_id,
+    class: (d) => d.device_class || "",
+    state: (d) => d.state || "",
+    width: (d) => (fits(d) && isNumber(plan(d).width_ratio) ? plan(d).width_ratio : -1),
+    keeps: (d) => (isNumber(plan(d).download_keep) ? plan(d).download_keep : -1),
+    precisions: (d) => `${plan(d).download_dtype || ""}/${plan(d).upload_dtype || ""}`,
+    memory: (d) => (isNumber(plan(d).predicted_peak_bytes) ? plan(d).predicted_peak_bytes : -1),
+    rounds: (d) => d.rounds_participated || 0,
+    epsilon: (d) => (isNumber(d.epsilon_spent) ? d.epsilon_spent : -1),
+  };
+
+  function compareDevices(a, b) {
+    const key = SORT_KEYS[state.sort.key];
+    const x = key(a), y = key(b);
+    let order = typeof x === "string" ? x.localeCompare(y, undefined, { numeric: true }) : x - y;
+    if (order === 0) order = a.device_id.localeCompare(b.device_id, undefined, { numeric: true });
+    return state.sort.descending ? -order : order;
+  }
+
+  function gaugeLevel(fraction) {
+    if (fraction >= 1) return "exhausted";
+    if (fraction >= 0.8) return "high";
+    if (fraction >= 0.5) return "medium";
+    return "low";
+  }
+
+  function epsilonCell(d) {
+    const spent = d.epsilon_spent, budget = d.epsilon_budget;
+    const cell = el("td", { class: "epsilon", "data-value": isNumber(spent) ? spent : "",
+                            "data-spent": isNumber(spent) ? spent : "",
+                            "data-budget": isNumber(budget) ? budget : "" });
+    const text = `${formatEpsilon(spent)} / ${isNumber(budget) ? formatEpsilon(budget) : "∞"}`;
+    const fraction = isNumber(spent) && isNumber(budget) && budget > 0 ? Math.min(1, spent / budget) : 0;
+    const gauge = el("div", { class: "gauge", role: "meter", "aria-valuemin": "0",
+                              "aria-valuemax": isNumber(budget) ? String(budget) : undefined,
+                              "aria-valuenow": isNumber(spent) ? String(spent) : "0",
+                              "aria-label": "privacy budget spent" },
+                     el("div", { class: `gauge-fill ${gaugeLevel(fraction)}` }));
+    gauge.firstChild.style.width = `${(100 * fraction).toFixed(1)}%`;
+    cell.append(gauge, el("span", { class: "gauge-text", text }));
+    return cell;
+  }
+
+  function deviceRow(d) {
+    const p = plan(d);
+    const fit = fits(d);
+    const reasons = (p.reasons || []).join("; ");
+    const decisions = p.decisions && typeof p.decisions === "object"
+      ? Object.entries(p.decisions).map(([k, v]) => `${k}: ${v}`).join("\n") : "";
+    const row = el("tr", { "data-device-id": d.device_id, "data-state": d.state,
+                           class: fit ? "" : "unfit" });
+    row.append(
+      el("td", { class: "device", text: d.device_id }),
+      el("td", { class: "device-class", text: d.device_class || "–" }),
+      el("td", { class: "state" }, el("span", { class: `badge state-${d.state}`, text: d.state || "–" })),
+      el("td", { class: "width num", "data-value": isNumber(p.width_ratio) ? p.width_ratio : "",
+                 title: fit ? decisions : reasons || "the plan does not fit",
+                 text: fit ? formatWidth(p.width_ratio) : "does not fit" }),
+      el("td", { class: "keeps num", text: `${formatKeep(p.download_keep)} / ${formatKeep(p.upload_keep)}` }),
+      el("td", { class: "precisions", text: `${p.download_dtype || "–"} / ${p.upload_dtype || "–"}` }),
+      el("td", { class: "memory num" + (isNumber(p.predicted_peak_bytes) && isNumber(p.memory_limit_bytes)
+                                        && p.predicted_peak_bytes > p.memory_limit_bytes ? " over" : ""),
+                 title: `memory available ${formatBytes(d.memory_available_bytes)}`,
+                 text: `${formatBytes(p.predicted_peak_bytes)} / ${formatBytes(p.memory_limit_bytes)}` }),
+      el("td", { class: "rounds num", text: String(d.rounds_participated ?? 0) }),
+      epsilonCell(d),
+    );
+    return row;
+  }
+
+  function renderDevices() {
+    const body = $("#devices tbody");
+    const devices = [...state.devices].sort(compareDevices);
+    body.replaceChildren(...devices.map(deviceRow));
+    $("#devices-empty").hidden = devices.length > 0;
+    const counts = {};
+    for (const d of devices) counts[d.state] = (counts[d.state] || 0) + 1;
+    $("#device-count").textContent = devices.length
+      ? `(${devices.length}: ${Object.entries(counts).map(([s, n]) => `${n} ${s}`).join(", ")})` : "";
+    for (const th of document.querySelectorAll("#devices th[data-sort]")) {
+      const active = th.dataset.sort === state.sort.key;
+      th.setAttribute("aria-sort", active ? (state.sort.descending ? "descending" : "ascending") : "none");
+    }
+  }
+
+  for (const th of document.querySelectorAll("#devices th[data-sort]")) {
+    th.addEventListener("click", () => {
+      const key = th.dataset.sort;
+      state.sort = { key, descending: state.sort.key === key ? !state.sort.descending : false };
+      renderDevices();
+    });
+  }
+
+  // --- round progress ------------------------------------------------------------------------
+  function renderProgress() {
+    const status = state.status || {};
+    const current = status.current;
+    const total = status.rounds_total;
+    const committed = state.rounds.filter((r) => r.state === "committed");
+    const last = committed[committed.length - 1];
+    const line = $("#round-line");
+    const facts = [];
+    let accepted = 0, refused = 0, selected = 0;
+    if (current) {
+      const answered = current.answered || {};
+      accepted = answered.accepted || 0;
+      refused = (answered.refused || 0) + (answered.rejected || 0);
+      selected = current.selected || 0;
+      line.textContent = `Round ${current.round}${isNumber(total) ? " of " + total : ""}: ${current.state}, `
+        + `${accepted} / ${selected} accepted`;
+      line.dataset.round = current.round;
+      line.dataset.state = current.state;
+      facts.push(["deadline in", null, "deadline"]);
+      if (isNumber(current.quorum)) facts.push(["quorum", `${current.quorum} updates`]);
+      if (refused) facts.push(["refused or rejected", String(refused)]);
+    } else if (last) {
+      const done = isNumber(total) && committed.length >= total;
+      line.textContent = done ? `All ${total} rounds committed`
+        : `Round ${last.number}${isNumber(total) ? " of " + total : ""} committed; waiting for the next`;
+      line.dataset.round = last.number;
+      line.dataset.state = done ? "done" : "waiting";
+      accepted = last.accepted || 0;
+      selected = last.selected || 0;
+    } else {
+      line.textContent = "Waiting for devices to register and the first round to open";
+      line.dataset.round = "";
+      line.dataset.state = "waiting";
+    }
+    if (last) {
+      facts.push(["last committed", `round ${last.number}: ${last.accepted ?? "–"} / ${last.selected ?? "–"} accepted`
+        + (last.straggled ? `, ${last.straggled} straggled` : "")
+        + `, ${formatSeconds(last.duration_seconds)}`]);
+    }
+    if (isNumber(total)) facts.push(["rounds committed", `${committed.length} / ${total}`]);
+    const fill = (id, n) => { $(id).style.width = selected ? `${(100 * n / selected).toFixed(1)}%` : "0%"; };
+    fill("#round-bar-accepted", accepted);
+    fill("#round-bar-refused", refused);
+    $("#round-facts").replaceChildren(...facts.flatMap(([term, text, id]) =>
+      [el("dt", { text: term }), el("dd", { text: text ?? "", id: id ? `round-${id}` : undefined })]));
+    state.deadlineAt = current && isNumber(current.deadline_in)
+      ? performance.now() + 1000 * current.deadline_in : null;
+    tickDeadline();
+  }
+
+  function tickDeadline() {
+    const node = $("#round-deadline");
+    if (!node || state.deadlineAt === null) return;
+    node.textContent = formatSeconds(Math.max(0, (state.deadlineAt - performance.now()) / 1000));
+  }
+  setInterval(tickDeadline, 1000);
+
+  // --- charts --------------------------------------------------------------------------------
+  function chartWidth(figure) {
+    return Math.max(280, Math.floor(figure.querySelector(".plot").clientWidth || figure.clientWidth) - 4);
+  }
+
+  const bytesAxis = (u, values) => values.map(formatBytes);
+
+  function seriesSpec(label, color, extra = {}) {
+    return { label, stroke: color, width: 2, spanGaps: true, points: { show: true, size: 6, fill: color },
+             ...extra };
+  }
+
+  // (Re)draw one chart: a new uPlot when its series change, setData otherwise.
+  function drawChart(name, series, data, axisValues, yRange) {
+    const figure = $(`#chart-${name}`);
+    const signature = series.map((s) => s.label).join("\u0000");
+    let chart = charts[name];
+    if (!chart || chart.signature !== signature) {
+      if (chart) chart.destroy();
+      chart = new uPlot({
+        width: chartWidth(figure), height: 240,
+        scales: { x: { time: false }, y: yRange ? { range: yRange } : {} },
+        axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100], values: (u, v) => v.map(String) },
+               { values: axisValues, size: 64 }],
+        series: [{ label: "round" }, ...series],
+        legend: { live: true },
+      }, data, figure.querySelector(".plot"));
+      chart.signature = signature;
+      chart.ctx.canvas.id = `chart-${name}-canvas`;
+      charts[name] = chart;
+    } else {
+      chart.setData(data);
+    }
+    const points = data.slice(1).reduce((n, ys) => n + ys.filter(isNumber).length, 0);
+    figure.dataset.points = String(points);
+    figure.dataset.rounds = String(data[0].length);
+  }
+
+  function renderCharts() {
+    const committed = state.rounds.filter((r) => r.state === "committed")
+      .sort((a, b) => a.number - b.number);
+    const xs = committed.map((r) => r.number);
+    const num = (v) => (isNumber(v) ? v : null);
+
+    drawChart("accuracy", [seriesSpec("global", PALETTE[0]), seriesSpec("personalized", PALETTE[2])],
+              [xs, committed.map((r) => num(r.global_accuracy)), committed.map((r) => num(r.personalized_accuracy))],
+              (u, values) => values.map((v) => v.toFixed(2)), [0, 1]);
+
+    drawChart("bytes", [seriesSpec("down", PALETTE[1]), seriesSpec("up", PALETTE[3])],
+              [xs, committed.map((r) => num(r.bytes_down)), committed.map((r) => num(r.bytes_up))],
+              bytesAxis, (u, min, max) => [0, max > 0 ? max * 1.1 : 1]);
+
+    // ε after each committed round, per device, from that round's tasks.
+    const ids = [...new Set([...state.devices.map((d) => d.device_id),
+      ...committed.flatMap((r) => (state.details.get(r.number)?.tasks || []).map((t) => t.device_id))])]
+      .sort((a, b) => a.localeCompare(b, undefined, { numeric: true }));
+    const perDevice = ids.map((id) => committed.map((r) => {
+      const task = (state.details.get(r.number)?.tasks || []).find((t) => t.device_id === id);
+      return task && isNumber(task.epsilon) ? task.epsilon : null;
+    }));
+    const budgets = state.devices.map((d) => d.epsilon_budget).filter(isNumber);
+    const top = Math.max(0, ...budgets, ...perDevice.flat().filter(isNumber));
+    drawChart("epsilon", ids.map((id, i) => seriesSpec(id, PALETTE[i % PALETTE.length])),
+              [xs, ...perDevice], (u, values) => values.map((v) => v.toFixed(1)),
+              () => [0, top > 0 ? top * 1.05 : 1]);
+  }
+
+  let resizeTimer = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(() => {
+      for (const [name, chart] of Object.entries(charts)) {
+        chart.setSize({ width: chartWidth($(`#chart-${name}`)), height: 240 });
+      }
+    }, 150);
+  });
+
+  // --- polling -------------------------------------------------------------------------------
+  async function fetchDetails() {
+    // Final rounds are fetched once; the open one every poll.
+    const wanted = state.rounds
+      .filter((r) => !FINAL_ROUND_STATES.has(r.state) || !state.details.has(r.number)
+                     || !FINAL_ROUND_STATES.has(state.details.get(r.number).state))
+      .sort((a, b) => b.number - a.number)
+      .slice(0, DETAILS_PER_POLL);
+    const fetched = await Promise.all(wanted.map((r) => api(`/rounds/${r.number}`)));
+    for (const detail of fetched) state.details.set(detail.number, detail);
+  }
+
+  function setConnection(kind, text) {
+    const node = $("#connection");
+    node.dataset.state = kind;
+    node.textContent = text;
+  }
+
+  let timer = null;
+  let polling = false;
+  async function poll() {
+    clearTimeout(timer);
+    if (polling) return;
+    polling = true;
+    try {
+      const [devices, rounds, status] = await Promise.all([api("/devices"), api("/rounds"), api("/status")]);
+      state.devices = devices.devices || [];
+      state.rounds = rounds.rounds || [];
+      state.status = status;
+      await fetchDetails();
+      $("#fleet-name").textContent = status.fleet ? `· ${status.fleet}` : "";
+      renderDevices();
+      renderProgress();
+      renderCharts();
+      state.refreshes += 1;
+      document.body.dataset.refreshes = String(state.refreshes);
+      setConnection("live", `live · updated ${new Date().toLocaleTimeString()}`);
+    } catch (error) {
+      if (error instanceof ApiError && (error.status === 401 || error.status === 403)) {
+        setConnection("unauthorized", token ? "the token was refused" : "a token is required");
+        $("#token-form").hidden = false;
+      } else {
+        setConnection("error", `coordinator unreachable (${error.message}); retrying`);
+      }
+    } finally {
+      polling = false;
+      timer = setTimeout(poll, POLL_MS);
+    }
+  }
+
+  poll();
+})();
