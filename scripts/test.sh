@@ -7,4 +7,8 @@ bash scripts/setup.sh
 if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
   apt-get update -qq && apt-get install -y -qq mosquitto
 fi
+# The dashboard's browser test drives Debian's chromium (tests/test_dashboard_browser.py).
+if [ ! -x /usr/bin/chromium ]; then
+  apt-get update -qq && apt-get install -y -qq chromium
+fi
 python3 -m pytest -q "$@"

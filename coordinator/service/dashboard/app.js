@@ -233,7 +233,7 @@
       if (refused) facts.push(["refused or rejected", String(refused)]);
     } else if (last) {
       const done = isNumber(total) && committed.length >= total;
-      line.textContent = done ? `All ${total} rounds committed`
+      line.textContent = done ? `Done: ${committed.length} of ${total} rounds committed`
         : `Round ${last.number}${isNumber(total) ? " of " + total : ""} committed; waiting for the next`;
       line.dataset.round = last.number;
       line.dataset.state = done ? "done" : "waiting";
