@@ -183,6 +183,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import report_files
+
+    report = report_files(args.results, args.out, labels=args.label, title=args.title)
+    for name in report.figures:
+        print(f"wrote {Path(args.out) / name}")
+    for name, why in report.skipped.items():
+        print(f"skipped {name}: {why}")
+    print(f"open {report.index}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .strategies import strategy_names, strategy_sections
 
@@ -273,6 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="state, checkpoints, exports and logs")
     demo.add_argument("--json-out")
     demo.set_defaults(handler=_demo)
+
+    rep = sub.add_parser("report", help="plot runs' results: PNG figures and an HTML page",
+                         description="Draw the results of one or more runs (simulate, demo and the "
+                         "benchmarks' JSON) with matplotlib: accuracy by round and by cumulative "
+                         "bytes (every run on one set of axes), epsilon per device, the fleet's "
+                         "widths and keeps, devices in and out of each round; DIR/index.html "
+                         "shows them. A figure the results cannot feed is listed as not drawn.")
+    rep.add_argument("results", nargs="+", metavar="RESULTS.json")
+    rep.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs and index.html")
+    rep.add_argument("--label", action="append", help="a run's name in the legends, one per "
+                     "results file in order (default: the file's name)")
+    rep.add_argument("--title", default="fedprune report")
+    rep.set_defaults(handler=_report)
 
     coord = sub.add_parser("coordinator", help="the coordinator service")
     coord_sub = coord.add_subparsers(dest="coordinator_command", required=True)

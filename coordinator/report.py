@@ -1,0 +1,653 @@
+"""`fedprune report`: figures of one or more runs, as PNG files and an HTML page that shows them.
+
+It reads the results files fedprune writes:
+
+- `fedprune simulate --json-out`: `rounds[]` (accuracies, bytes, the devices sent a task with
+  their outcome, width, keeps and, under DP, the epsilon spent so far), the fleet's plans under
+  `clients[]` (with `--fleet`) and each device's final epsilon under `privacy[]`;
+- the coordinator service's round summaries: `fedprune demo --json-out` (`rounds[]` are the
+  engine's summaries: selected, accepted, refused, rejected, missing, straggled, bytes,
+  accuracies, epsilon_max; `devices[]` the registered devices with their plans and epsilon), or
+  a list of such runs (benchmarks/service_overhead.py);
+- a benchmark's bundle of runs, `{"runs": [{..., "result": RESULTS}]}` (benchmarks/payoff.py),
+  or one run wrapped as `{"label": ..., "result": RESULTS}`.
+
+Figures, each drawn when some run has what it needs (otherwise the page says why it is missing):
+`accuracy_by_round.png` and `accuracy_by_bytes.png` (every run on one set of axes: personalized
+solid, global dashed), `epsilon_by_device.png`, `fleet_plans.png` (width and download / upload
+keep per device), `devices_per_round.png` (devices in and out of each round). Matplotlib draws
+through its Agg canvas directly (no pyplot state, no display).
+
+A file that is not a results file raises `ReportError` naming the file and what is wrong; a valid
+file with fields missing loses only the figures that need them.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FIGURES = ("accuracy_by_round.png", "accuracy_by_bytes.png", "epsilon_by_device.png",
+           "fleet_plans.png", "devices_per_round.png")
+DPI = 110
+MAX_COLUMNS = 3
+
+
+class ReportError(ValueError):
+    """A results file that cannot be read as one; the message starts with the file's name."""
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanRow:
+    device: str
+    width: float | None
+    download_keep: float | None
+    upload_keep: float | None
+    selected: bool = True
+
+
+@dataclass
+class Run:
+    """One run's series, whatever file format it came from. NaN marks a round without the value."""
+
+    label: str
+    source: str
+    kind: str  # "simulation" or "service"
+    rounds: list[int] = field(default_factory=list)
+    personalized: list[float] = field(default_factory=list)
+    global_accuracy: list[float] = field(default_factory=list)
+    cumulative_bytes: list[float] = field(default_factory=list)
+    # Devices in and out per round: series name -> one count per round.
+    flows: dict[str, list[int]] = field(default_factory=dict)
+    epsilon_by_round: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    epsilon_final: dict[str, float] = field(default_factory=dict)
+    epsilon_max_by_round: list[tuple[int, float]] = field(default_factory=list)
+    epsilon_budget: float | None = None
+    plans: list[PlanRow] = field(default_factory=list)
+    plans_from: str = ""  # "plans" (the planner's) or "tasks" (what the rounds sent)
+
+    def has(self, series: list[float]) -> bool:
+        return any(not math.isnan(v) for v in series)
+
+    def last(self, series: list[float]) -> float | None:
+        values = [v for v in series if not math.isnan(v)]
+        return values[-1] if values else None
+
+    @property
+    def epsilon_max(self) -> float | None:
+        values = [*self.epsilon_final.values(), *(e for _, e in self.epsilon_max_by_round),
+                  *(e for points in self.epsilon_by_round.values() for _, e in points)]
+        return max(values) if values else None
+
+    @property
+    def lost_anything(self) -> bool:
+        return any(sum(counts) for name, counts in self.flows.items()
+                   if name not in ("selected", "sent", "accepted"))
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ReportError(f"{where}: expected a number, got {_show(value)}")
+    return float(value)
+
+
+def _count(value: Any, where: str) -> int | None:
+    number = _number(value, where)
+    if number is None:
+        return None
+    if number < 0 or number != int(number):
+        raise ReportError(f"{where}: expected a count, got {_show(value)}")
+    return int(number)
+
+
+def _object(value: Any, where: str) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ReportError(f"{where}: expected an object, got {_show(value)}")
+    return value
+
+
+def _array(value: Any, where: str) -> list | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ReportError(f"{where}: expected a list, got {_show(value)}")
+    return value
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _runs_in(data: Any, where: str) -> list[tuple[str | None, dict, str]]:
+    """(label given in the file, run dict, where) for every run a results file holds."""
+    if isinstance(data, list):
+        if not data:
+            raise ReportError(f"{where}: an empty list holds no run")
+        out = []
+        for i, item in enumerate(data):
+            item = _object(item, f"{where}[{i}]")
+            if item is None:
+                raise ReportError(f"{where}[{i}]: expected a run, got null")
+            name = f"{item['devices']} devices" if isinstance(item.get("devices"), int) else f"#{i}"
+            out += [(name if sub is None else f"{name} {sub}", run, w)
+                    for sub, run, w in _runs_in(item, f"{where}[{i}]")]
+        return out
+    if not isinstance(data, dict):
+        raise ReportError(f"{where}: expected a results object, got {_show(data)}")
+    label = data.get("label") if isinstance(data.get("label"), str) else None
+    if "rounds" in data or "final" in data:
+        return [(label, data, where)]
+    if "result" in data:
+        result = _object(data["result"], f"{where}.result")
+        return [(label, result, f"{where}.result")] if result is not None else []
+    if "runs" in data:
+        runs = _array(data["runs"], f"{where}.runs")
+        out = []
+        for i, item in enumerate(runs or []):
+            item = _object(item, f"{where}.runs[{i}]")
+            if item is None:
+                raise ReportError(f"{where}.runs[{i}]: expected a run, got null")
+            name = " ".join(str(item[k]) for k in ("dataset", "sizing", "strategy", "label")
+                            if isinstance(item.get(k), (str, int, float))) or f"#{i}"
+            out += [(name, run, w) for _, run, w in _runs_in(item, f"{where}.runs[{i}]")]
+        if not out:
+            raise ReportError(f"{where}.runs: no run in it")
+        return out
+    raise ReportError(f"{where}: not a fedprune results file: no 'rounds' (simulate, demo or "
+                      f"service results), 'final', 'result' or 'runs' (a benchmark's bundle); "
+                      f"its keys are {', '.join(sorted(map(str, data))[:8]) or 'none'}")
+
+
+def _device_names(run: dict, where: str) -> dict[int, str]:
+    """Simulation client index -> the device's name in the fleet (`clients[]`), when planned."""
+    names = {}
+    for i, client in enumerate(_array(run.get("clients"), f"{where}.clients") or []):
+        client = _object(client, f"{where}.clients[{i}]") or {}
+        index = _count(client.get("client"), f"{where}.clients[{i}].client")
+        if index is not None and isinstance(client.get("device"), str):
+            names[index] = client["device"]
+    return names
+
+
+def _plan_row(device: str, plan: dict, selected: Any, where: str) -> PlanRow:
+    return PlanRow(device, _number(plan.get("width_ratio"), f"{where}.width_ratio"),
+                   _number(plan.get("download_keep"), f"{where}.download_keep"),
+                   _number(plan.get("upload_keep"), f"{where}.upload_keep"),
+                   selected is not False)
+
+
+def _read_run(label: str, source: str, run: dict, where: str) -> Run:
+    rounds = _array(run.get("rounds"), f"{where}.rounds") or []
+    entries = []
+    for i, entry in enumerate(rounds):
+        entry = _object(entry, f"{where}.rounds[{i}]")
+        if entry is None:
+            raise ReportError(f"{where}.rounds[{i}]: expected an object, got null")
+        entries.append(entry)
+    service = any("selected" in e or "accepted" in e for e in entries) or "devices" in run \
+        and not any("participants" in e for e in entries)
+    out = Run(label, source, "service" if service else "simulation")
+    names = _device_names(run, where)
+    total, last_sent = 0.0, {}
+    for i, entry in enumerate(entries):
+        at = f"{where}.rounds[{i}]"
+        number = _count(entry.get("round"), f"{at}.round")
+        out.rounds.append(i + 1 if number is None else number)
+        out.personalized.append(_nan(_number(entry.get("personalized_accuracy"),
+                                             f"{at}.personalized_accuracy")))
+        out.global_accuracy.append(_nan(_number(entry.get("global_accuracy"),
+                                                f"{at}.global_accuracy")))
+        up = _number(entry.get("bytes_up"), f"{at}.bytes_up")
+        down = _number(entry.get("bytes_down"), f"{at}.bytes_down")
+        total = total + up + down if up is not None and down is not None else math.nan
+        out.cumulative_bytes.append(total)
+        eps_max = _number(entry.get("epsilon_max"), f"{at}.epsilon_max")
+        if eps_max is not None:
+            out.epsilon_max_by_round.append((out.rounds[-1], eps_max))
+        if service:
+            counts = {name: _count(entry.get(name), f"{at}.{name}")
+                      for name in ("selected", "accepted", "straggled", "refused", "rejected")}
+        else:
+            devices = _array(entry.get("devices"), f"{at}.devices")
+            left_out = _count(entry.get("left_out"), f"{at}.left_out")
+            counts = {"sent": None if devices is None else len(devices),
+                      "accepted": _count(entry.get("participants"), f"{at}.participants"),
+                      "straggled": _count(entry.get("straggled"), f"{at}.straggled"),
+                      "out of memory": _count(entry.get("out_of_memory"), f"{at}.out_of_memory"),
+                      "refused": _count(entry.get("refused"), f"{at}.refused"),
+                      "left out": left_out}
+            for j, device in enumerate(devices or []):
+                dwhere = f"{at}.devices[{j}]"
+                device = _object(device, dwhere) or {}
+                client = _count(device.get("client"), f"{dwhere}.client")
+                name = names.get(client, f"device {client if client is not None else j}")
+                epsilon = _number(device.get("epsilon"), f"{dwhere}.epsilon")
+                if epsilon is not None:
+                    out.epsilon_by_round.setdefault(name, []).append((out.rounds[-1], epsilon))
+                if device.get("width_ratio") is not None or device.get("download_keep") is not None:
+                    last_sent[name] = _plan_row(name, device, True, dwhere)
+        for name, count in counts.items():
+            if count is not None:  # a series that starts late is padded with zeros
+                out.flows.setdefault(name, [0] * i).append(count)
+            elif name in out.flows:
+                out.flows[name].append(0)
+
+    # The privacy spent: simulate's privacy[] (final, per device), demo's devices[].epsilon.
+    per_device = [] if isinstance(run.get("privacy"), dict) else \
+        _array(run.get("privacy"), f"{where}.privacy") or []  # the demo's is a dict: the budget
+    for i, item in enumerate(per_device):
+        item = _object(item, f"{where}.privacy[{i}]") or {}
+        client = _count(item.get("client"), f"{where}.privacy[{i}].client")
+        epsilon = _number(item.get("epsilon"), f"{where}.privacy[{i}].epsilon")
+        if epsilon is not None:
+            out.epsilon_final[names.get(client, f"device {client if client is not None else i}")] = epsilon
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    dp = config.get("dp") if isinstance(config.get("dp"), dict) else {}
+    privacy = run.get("privacy") if isinstance(run.get("privacy"), dict) else {}
+    out.epsilon_budget = _number(dp.get("target_epsilon"), f"{where}.config.dp.target_epsilon") \
+        if dp.get("target_epsilon") is not None \
+        else _number(privacy.get("epsilon_budget"), f"{where}.privacy.epsilon_budget")
+
+    # The fleet's plans: simulate's clients[].plan, demo's devices[].plan.
+    for key in ("clients", "devices"):
+        if key == "devices" and not isinstance(run.get(key), list):
+            continue  # benchmarks/service_overhead.py's runs: the fleet's size
+        for i, item in enumerate(_array(run.get(key), f"{where}.{key}") or []):
+            at = f"{where}.{key}[{i}]"
+            item = _object(item, at) or {}
+            plan = _object(item.get("plan"), f"{at}.plan")
+            name = item.get("device") if isinstance(item.get("device"), str) else \
+                " ".join(str(item[k]) for k in ("id", "device_class") if isinstance(item.get(k), str)) \
+                or f"device {item.get('client', i)}"
+            if key == "devices":
+                epsilon = _number(item.get("epsilon"), f"{at}.epsilon")
+                if epsilon is not None:
+                    out.epsilon_final[name] = epsilon
+            if plan is not None:
+                out.plans.append(_plan_row(name, plan, item.get("selected", item.get("fits")),
+                                           f"{at}.plan"))
+    if out.plans:
+        out.plans_from = "plans"
+    elif any(v is not None and v < 1 for row in last_sent.values()
+             for v in (row.width, row.download_keep, row.upload_keep)):
+        out.plans, out.plans_from = list(last_sent.values()), "tasks"
+    return out
+
+
+def _named(name: str, read, *args):
+    """`read(*args)`, its errors worded `NAME: rounds[2].bytes_up: what is wrong`."""
+    try:
+        return read(*args)
+    except ReportError as exc:
+        text = str(exc)
+        if text[len(name):len(name) + 1] in (".", "["):
+            raise ReportError(f"{name}: {text[len(name):].lstrip('.')}") from None
+        raise
+
+
+def load_runs(paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[Run]:
+    """Every run in the files. `labels`, one per file, name the runs (default: the label the file
+    carries, else its name); a file of several runs adds each run's own name to it."""
+    if labels and len(labels) != len(paths):
+        raise ReportError(f"{len(labels)} labels for {len(paths)} results files: give one "
+                          "--label per file, in the same order, or none")
+    stems = [Path(p).stem for p in paths]
+    runs: list[Run] = []
+    for n, path in enumerate(paths):
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ReportError(f"{path}: cannot read it: {exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{path}: not JSON: {exc}") from None
+        found = _named(str(path), _runs_in, data, str(path))
+        if labels:
+            base = labels[n]
+        elif len(found) == 1 and found[0][0] and not isinstance(data, list):
+            base = None  # the file's own label
+        else:
+            base = f"{path.parent.name}/{path.stem}" if stems.count(path.stem) > 1 else path.stem
+        for sub, run, where in found:
+            label = base if len(found) == 1 and base else \
+                " ".join(x for x in (base, sub) if x) or path.stem
+            runs.append(_named(str(path), _read_run, label, str(path), run, where))
+    seen: dict[str, int] = {}
+    for run in runs:  # labels are legends: keep them apart
+        seen[run.label] = seen.get(run.label, 0) + 1
+        if seen[run.label] > 1:
+            run.label = f"{run.label} ({seen[run.label]})"
+    return runs
+
+
+# --- drawing ---------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _colors(n: int) -> list:
+    import matplotlib
+
+    if n <= 10:
+        return [matplotlib.colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [matplotlib.colormaps["tab20"](i) for i in range(n)]
+    return [matplotlib.colormaps["viridis"](i / (n - 1)) for i in range(n)]
+
+
+def _grid(figure, count: int, width_each: float, height_each: float):
+    columns = min(MAX_COLUMNS, count)
+    rows = math.ceil(count / columns)
+    figure.set_size_inches(max(6.0, width_each * columns), height_each * rows)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return axes[:count]
+
+
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _accuracy(runs: list[Run], x_of, xlabel: str, title: str, path: Path) -> None:
+    from matplotlib.lines import Line2D
+
+    figure = _figure(9, 5.5)
+    ax = figure.subplots()
+    colors = _colors(len(runs))
+    for run, color in zip(runs, colors):
+        x = x_of(run)
+        if run.has(run.personalized):
+            ax.plot(x, run.personalized, color=color, marker="o", linestyle="-")
+        if run.has(run.global_accuracy):
+            ax.plot(x, run.global_accuracy, color=color, marker="s", markersize=4, linestyle="--")
+    ax.set_xlabel(xlabel)
+    if xlabel == "round":
+        _integer_x(ax)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    styles = [Line2D([], [], color="black", marker="o", linestyle="-", label="personalized (own model, own test split)"),
+              Line2D([], [], color="black", marker="s", markersize=4, linestyle="--",
+                     label="global model (official test set)")]
+    legend = ax.legend(handles=styles, loc="lower right", fontsize="small")
+    ax.add_artist(legend)
+    figure.legend(handles=[Line2D([], [], color=c, linewidth=3, label=r.label)
+                           for r, c in zip(runs, colors)],
+                  loc="outside right upper", fontsize="small", title="run")
+    figure.savefig(path, dpi=DPI)
+
+
+def _epsilon(runs: list[Run], path: Path) -> None:
+    figure = _figure(6, 4)
+    for ax, run in zip(_grid(figure, len(runs), 5.5, 4.0), runs):
+        if run.epsilon_by_round:
+            colors = _colors(len(run.epsilon_by_round))
+            for (device, points), color in zip(sorted(run.epsilon_by_round.items()), colors):
+                x, y = zip(*points)
+                ax.step(x, y, where="post", marker="o", markersize=3, color=color, label=device)
+            if run.epsilon_max_by_round:
+                x, y = zip(*run.epsilon_max_by_round)
+                ax.plot(x, y, color="black", linewidth=2, label="max over the round's devices")
+            ax.set_xlabel("round")
+            _integer_x(ax)
+            what = f"{len(run.epsilon_by_round)} devices, after each round they trained in"
+        elif run.epsilon_max_by_round:
+            x, y = zip(*run.epsilon_max_by_round)
+            ax.plot(x, y, color="black", marker="o", linewidth=2, label="max over the round's devices")
+            if run.epsilon_final:
+                last = max(x)
+                for device, epsilon in sorted(run.epsilon_final.items()):
+                    ax.scatter([last], [epsilon], s=18, zorder=3, label=f"{device} (final)")
+            ax.set_xlabel("round")
+            _integer_x(ax)
+            what = "max per round" + (", each device's at the end" if run.epsilon_final else "")
+        else:
+            devices = sorted(run.epsilon_final)
+            ax.bar(range(len(devices)), [run.epsilon_final[d] for d in devices], color="tab:blue")
+            ax.set_xticks(range(len(devices)), devices, rotation=60, ha="right", fontsize="x-small")
+            what = "each device's at the end of the run"
+        if run.epsilon_budget is not None:
+            ax.axhline(run.epsilon_budget, color="tab:red", linestyle=":",
+                       label=f"budget {run.epsilon_budget:g}")
+        ax.set_ylabel("epsilon spent")
+        ax.set_ylim(0, 1.1 * max(run.epsilon_max or 0, run.epsilon_budget or 0) or 1)
+        ax.set_title(f"{run.label}\n({what})", fontsize="small")
+        ax.grid(alpha=0.3)
+        handles, _ = ax.get_legend_handles_labels()
+        if 0 < len(handles) <= 12:
+            ax.legend(fontsize="x-small")
+    figure.savefig(path, dpi=DPI)
+
+
+def _plans(runs: list[Run], path: Path) -> None:
+    devices = max(len(r.plans) for r in runs)
+    figure = _figure(6, 4)
+    figure.set_size_inches(min(30.0, max(8.0, 0.45 * devices + 2)), 3.6 * len(runs))
+    axes = figure.subplots(len(runs), 1, squeeze=False).ravel()
+    series = (("width", "width ratio", "tab:blue"), ("download_keep", "download keep", "tab:orange"),
+              ("upload_keep", "upload keep", "tab:green"))
+    for ax, run in zip(axes, runs):
+        step = 0.8 / len(series)
+        for k, (attr, name, color) in enumerate(series):
+            values = [getattr(row, attr) for row in run.plans]
+            x = [i - 0.4 + step * (k + 0.5) for i in range(len(values))]
+            heights = [_nan(v) for v in values]
+            bars = ax.bar(x, heights, width=step, color=color, label=name)
+            for bar, row in zip(bars, run.plans):
+                if not row.selected:
+                    bar.set_alpha(0.3)
+                    bar.set_hatch("//")
+        ax.set_xticks(range(len(run.plans)),
+                      [row.device + ("" if row.selected else " (left out)") for row in run.plans],
+                      rotation=60, ha="right", fontsize="x-small")
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel("ratio")
+        source = "the planner's plan per device" if run.plans_from == "plans" else \
+            "each device's last task"
+        ax.set_title(f"{run.label} ({source})", fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="x-small", loc="lower right")
+    figure.savefig(path, dpi=DPI)
+
+
+FLOW_COLORS = {"selected": "tab:blue", "sent": "tab:blue", "accepted": "tab:green",
+               "straggled": "tab:orange", "out of memory": "tab:purple", "refused": "tab:red",
+               "rejected": "tab:brown", "left out": "tab:gray"}
+
+
+def _flows(runs: list[Run], path: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    figure = _figure(6, 4)
+    for ax, run in zip(_grid(figure, len(runs), 6.0, 4.0), runs):
+        names = [n for n in FLOW_COLORS if n in run.flows]
+        step = 0.8 / len(names)
+        for k, name in enumerate(names):
+            ax.bar([r - 0.4 + step * (k + 0.5) for r in run.rounds], run.flows[name], width=step,
+                   color=FLOW_COLORS[name], label=name)
+        ax.set_xlabel("round")
+        ax.set_ylabel("devices")
+        _integer_x(ax)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{run.label} ({run.kind})", fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="x-small")
+    figure.savefig(path, dpi=DPI)
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    out: Path
+    figures: dict[str, str] = field(default_factory=dict)  # file name -> caption
+    skipped: dict[str, str] = field(default_factory=dict)  # file name -> why
+    notes: dict[str, list[str]] = field(default_factory=dict)  # file name -> runs left out of it
+
+    @property
+    def index(self) -> Path:
+        return self.out / "index.html"
+
+
+def _left_out(report: Report, name: str, runs: list[Run], kept: list[Run], why: str) -> None:
+    missing = [r.label for r in runs if r not in kept]
+    if missing:
+        report.notes.setdefault(name, []).append(f"not drawn ({why}): {', '.join(missing)}")
+
+
+def write_report(runs: list[Run], out: str | Path, title: str = "fedprune report",
+                 command: str | None = None) -> Report:
+    """Draw every figure the runs allow into `out`, and `out/index.html` showing them."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(out)
+    for stale in FIGURES:  # a figure this report does not draw must not be left from an older one
+        (out / stale).unlink(missing_ok=True)
+
+    with_accuracy = [r for r in runs if r.has(r.personalized) or r.has(r.global_accuracy)]
+    name = "accuracy_by_round.png"
+    if with_accuracy:
+        _accuracy(with_accuracy, lambda r: r.rounds, "round", "Accuracy after each round",
+                  out / name)
+        report.figures[name] = ("Accuracy after each round: personalized (each device's own model "
+                                "on its own test split; solid) and the global model (dashed).")
+        _left_out(report, name, runs, with_accuracy, "no accuracy in its rounds")
+    else:
+        report.skipped[name] = "no run has accuracies in its rounds (a service run with " \
+                               "evaluation off reports none)"
+
+    name = "accuracy_by_bytes.png"
+    with_bytes = [r for r in with_accuracy if r.has(r.cumulative_bytes)]
+    if with_bytes:
+        _accuracy(with_bytes, lambda r: [b / 1e6 for b in r.cumulative_bytes],
+                  "cumulative bytes, up + down (MB)", "Accuracy against the bytes moved",
+                  out / name)
+        report.figures[name] = ("Accuracy against the cumulative bytes moved (uploads plus "
+                                "downloads, codec payloads) up to each round.")
+        _left_out(report, name, runs, with_bytes, "no accuracy or no bytes in its rounds")
+    else:
+        report.skipped[name] = "no run has both accuracies and bytes_up/bytes_down in its rounds"
+
+    name = "epsilon_by_device.png"
+    with_eps = [r for r in runs if r.epsilon_by_round or r.epsilon_final or r.epsilon_max_by_round]
+    if with_eps:
+        _epsilon(with_eps, out / name)
+        report.figures[name] = ("The privacy spent (record-level epsilon): per device after each "
+                                "round it trained in when the results have it, else the round's "
+                                "maximum and each device's at the end; dotted: the budget.")
+        _left_out(report, name, runs, with_eps, "no epsilon: trained without DP")
+    else:
+        report.skipped[name] = "no run has epsilon (none trained with DP, e.g. --set " \
+                               "dp.target_epsilon=4)"
+
+    name = "fleet_plans.png"
+    with_plans = [r for r in runs if r.plans]
+    if with_plans:
+        _plans(with_plans, out / name)
+        report.figures[name] = ("The fleet's sizing: width ratio and download / upload keep per "
+                                "device (hatched: left out, no plan that fits). From the planner's "
+                                "plans where the results have them (--fleet, the service), else "
+                                "from each device's last task.")
+        _left_out(report, name, runs, with_plans, "no plans, every task at full width and keep")
+    else:
+        report.skipped[name] = "no run has plans (simulate --fleet, demo) or tasks below full " \
+                               "width or keep"
+
+    name = "devices_per_round.png"
+    with_flows = [r for r in runs if r.flows and (r.kind == "service" or r.lost_anything)]
+    if with_flows:
+        _flows(with_flows, out / name)
+        report.figures[name] = ("Devices in and out of each round: selected (service) or sent a "
+                                "task (simulation), accepted into the aggregate, straggled (past "
+                                "the deadline), out of memory, refused, rejected, left out (no plan "
+                                "fits).")
+        _left_out(report, name, runs, with_flows,
+                  "a simulation where every device sent was accepted")
+    else:
+        report.skipped[name] = "no service results, and no simulation lost a device in a round"
+
+    report.index.write_text(_html(report, runs, title, command), encoding="utf-8")
+    return report
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value * scale:,.{digits}f}"
+
+
+def _html(report: Report, runs: list[Run], title: str, command: str | None) -> str:
+    e = html.escape
+    rows = "\n".join(
+        f"<tr><td>{e(r.label)}</td><td>{e(r.source)}</td><td>{r.kind}</td><td>{len(r.rounds)}</td>"
+        f"<td>{_fmt(r.last(r.personalized), 100)}</td><td>{_fmt(r.last(r.global_accuracy), 100)}</td>"
+        f"<td>{_fmt(r.last(r.cumulative_bytes), 1e-6, 1)}</td><td>{_fmt(r.epsilon_max)}</td></tr>"
+        for r in runs)
+    parts = [
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+        "figure{margin:2em 0}figcaption{color:#333}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+    ]
+    if command:
+        parts.append(f"<p>Made by <code>{e(command)}</code></p>")
+    parts += ["<h2>Runs</h2>",
+              "<table><tr><th>run</th><th>file</th><th>kind</th><th>rounds</th>"
+              "<th>personalized % (last)</th><th>global % (last)</th><th>MB up + down</th>"
+              "<th>max epsilon</th></tr>", rows, "</table>", "<h2>Figures</h2>"]
+    for name, caption in report.figures.items():
+        notes = "".join(f"<br><small>{e(n)}</small>" for n in report.notes.get(name, []))
+        parts.append(f'<figure id="{e(name)}"><img src="{e(name)}" alt="{e(caption)}">'
+                     f"<figcaption><code>{e(name)}</code>: {e(caption)}{notes}</figcaption></figure>")
+    if report.skipped:
+        parts.append("<h2>Not drawn</h2><ul>")
+        parts += [f"<li><code>{e(name)}</code>: {e(why)}</li>" for name, why in report.skipped.items()]
+        parts.append("</ul>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def report_files(paths: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
+                 title: str = "fedprune report", command: str | None = None) -> Report:
+    return write_report(load_runs(paths, labels), out, title, command)
+
+
+def report_results(results: Sequence[tuple[str, dict]], out: str | Path,
+                   title: str = "fedprune report", command: str | None = None) -> Report:
+    """For a benchmark holding its runs in memory: (label, results dict) per run."""
+    runs = []
+    for label, data in results:
+        for sub, run, where in _named(label, _runs_in, data, label):
+            runs.append(_named(label, _read_run, label if sub is None or sub == label
+                               else f"{label} {sub}", label, run, where))
+    return write_report(runs, out, title, command)
