@@ -1,0 +1,127 @@
+"""`fedprune report`: two real simulations' results (one plain, one on a planned fleet with DP)
+and a coordinator service's round summaries become PNG figures and an HTML page that shows them;
+a file that is not a results file is refused with its name and what is wrong."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from coordinator.cli import main
+
+SIMULATE = ["simulate", "--model", "mlp", "--clients", "3", "--rounds", "2",
+            "--set", "max_client_samples=150", "--quiet"]
+
+
+def _service_results(rounds: int = 3) -> dict:
+    """Round summaries as the coordinator's engine commits them (`fedprune demo --json-out`)."""
+    summaries = [{"round": n, "selected": 4, "accepted": 4 - (n == 2), "refused": 0,
+                  "rejected": int(n == 2), "missing": 0, "straggled": int(n == 2),
+                  "refused_by_reason": {}, "bytes_up": 1_000_000, "bytes_down": 1_200_000,
+                  "epsilon_max": 2.0 * n, "personalized_accuracy": 0.4 + 0.05 * n,
+                  "global_accuracy": 0.3 + 0.04 * n, "seconds": 1.5, "contributions": []}
+                 for n in range(1, rounds + 1)]
+    return {"rounds": summaries,
+            "devices": [{"id": f"dev-{i}", "device_class": "rpi4-4gb", "fits": True,
+                         "selected": True, "epsilon": 6.0, "width_ratio": 1.0 / (i + 1),
+                         "plan": {"width_ratio": 1.0 / (i + 1), "download_keep": 1.0,
+                                  "upload_keep": 0.5}} for i in range(4)],
+            "privacy": {"epsilon_budget": 8.0, "delta": 1e-5}}
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("results")
+    plain, planned = folder / "plain.json", folder / "planned_dp.json"
+    assert main([*SIMULATE, "--json-out", str(plain)]) == 0
+    assert main([*SIMULATE, "--fleet", "catalogue:0", "--set", "dp.target_epsilon=4",
+                 "--json-out", str(planned)]) == 0
+    return plain, planned
+
+
+def _assert_real_png(path):
+    assert path.exists(), f"{path.name} was not written"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 8_000, f"{path.name}: only {path.stat().st_size} bytes"
+    pixels = imread(path)[..., :3]
+    assert pixels.shape[0] > 300 and pixels.shape[1] > 500
+    assert float(np.var(pixels)) > 1e-3, f"{path.name} is blank"
+    return pixels
+
+
+def test_report_of_two_simulations_and_a_service_run(simulated, tmp_path, capsys):
+    plain, planned = simulated
+    epsilons = [d["epsilon"] for r in json.loads(planned.read_text())["rounds"] for d in r["devices"]]
+    assert epsilons and all(0 < e <= 4 * 1.01 for e in epsilons)  # the simulator records them
+
+    out = tmp_path / "report"
+    assert main(["report", str(plain), str(planned), "--out", str(out)]) == 0
+    index = (out / "index.html").read_text()
+    for name in ("accuracy_by_round.png", "accuracy_by_bytes.png", "epsilon_by_device.png",
+                 "fleet_plans.png"):
+        _assert_real_png(out / name)
+        assert f'src="{name}"' in index
+    assert not (out / "devices_per_round.png").exists()  # no service run, nothing lost
+    assert "devices_per_round.png" in index and "Not drawn" in index
+    for label in ("plain", "planned_dp"):
+        assert f"<td>{label}</td>" in index
+    assert "wrote " in capsys.readouterr().out
+
+    service = tmp_path / "demo.json"
+    service.write_text(json.dumps(_service_results()))
+    both = tmp_path / "both"
+    assert main(["report", str(plain), str(planned), str(service), "--out", str(both),
+                 "--label", "FedAvg", "--label", "planned + DP", "--label", "service"]) == 0
+    index = (both / "index.html").read_text()
+    images = re.findall(r'<img src="([^"]+)"', index)
+    assert sorted(images) == sorted(["accuracy_by_round.png", "accuracy_by_bytes.png",
+                                     "epsilon_by_device.png", "fleet_plans.png",
+                                     "devices_per_round.png"])
+    for name in images:
+        _assert_real_png(both / name)
+    assert "<td>planned + DP</td>" in index and "<td>service</td>" in index
+
+
+def test_missing_fields_skip_figures_with_a_note(tmp_path):
+    results = _service_results(2)
+    for summary in results["rounds"]:  # evaluation and DP off, no plans: only the counts remain
+        summary.update(personalized_accuracy=None, global_accuracy=None, epsilon_max=None)
+        del summary["bytes_up"]
+    del results["devices"], results["privacy"]
+    path = tmp_path / "bare.json"
+    path.write_text(json.dumps(results))
+    out = tmp_path / "out"
+    assert main(["report", str(path), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["devices_per_round.png"]
+    index = (out / "index.html").read_text()
+    for name in ("accuracy_by_round.png", "accuracy_by_bytes.png", "epsilon_by_device.png",
+                 "fleet_plans.png"):
+        assert f"<code>{name}</code>:" in index and f'src="{name}"' not in index
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not JSON"),
+    ('"a string"', "expected a results object"),
+    ('{"model": "mlp"}', "not a fedprune results file"),
+    ('{"rounds": {"round": 1}}', "rounds: expected a list"),
+    ('{"rounds": [{"round": 1, "bytes_up": "lots"}]}', 'rounds[0].bytes_up: expected a number, got "lots"'),
+    ('{"rounds": [{"round": 1, "selected": -2}]}', "rounds[0].selected: expected a count"),
+    ('{"runs": [{"sizing": "planned", "result": [1]}]}', "runs[0].result: expected an object"),
+])
+def test_malformed_results_are_refused_naming_file_and_field(tmp_path, capsys, content, message):
+    path = tmp_path / "broken.json"
+    path.write_text(content)
+    assert main(["report", str(path), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert f"fedprune report: error: {path}: " in error and message in error
+
+
+def test_labels_must_match_the_files(tmp_path, capsys):
+    path = tmp_path / "service.json"
+    path.write_text(json.dumps(_service_results()))
+    assert main(["report", str(path), "--label", "a", "--label", "b", "--out", str(tmp_path)]) == 2
+    assert "2 labels for 1 results files" in capsys.readouterr().err
