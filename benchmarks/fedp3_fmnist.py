@@ -10,7 +10,9 @@ beside ours. Each run's JSON lands in --out.
     python benchmarks/fedp3_fmnist.py --report
 
 Runs whose JSON already exists in --out are not repeated (pass --force to redo them); the table is
-always printed from the JSON files, so shards can run in parallel, one core each.
+always printed from the JSON files, so shards can run in parallel, one core each, and with it
+`fedprune report`'s figures of each group (S1, S2, global keep, DP) go to --figures/<group>/
+(default --out/figures).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--only", help="run only labels containing this text")
     parser.add_argument("--data-dir")
     parser.add_argument("--out", default="runs/fedp3_fmnist")
+    parser.add_argument("--figures", help="fedprune report's figures per group (default: OUT/figures)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,6 +124,28 @@ def main() -> None:
         print(f"| {name} | {partition} | {100 * final['personalized_accuracy']:.2f} | "
               f"{100 * final['global_accuracy']:.2f} | {paper} | {final['bytes_up_total']:,} | "
               f"{final['bytes_down_total']:,} | {eps} | {result.get('wall_seconds', 0):.0f} |")
+    figures(rows, Path(args.figures) if args.figures else out / "figures")
+
+
+def figures(rows: list[tuple[str, str, dict, str]], folder: Path) -> None:
+    """`fedprune report` per group drawn together: the methods on S1 and on S2, FedP3-OPU2's
+    global keep sweep, DP-FedP3 at each epsilon (both beside OPU2 on S1 without them)."""
+    from coordinator.report import report_results
+
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for name, partition, result, _ in rows:
+        plain = "keep" not in name and "eps=" not in name
+        if plain:
+            groups.setdefault(partition.replace(":", ""), []).append((name, result))
+        if name == "FedP3-OPU2" and partition == "classes:5" or not plain:
+            group = "dp" if "eps=" in name else "global-keep"
+            targets = [group] if not plain else ["global-keep", "dp"]
+            for target in targets:
+                groups.setdefault(target, []).append((name, result))
+    for group, runs in groups.items():
+        report = report_results(runs, folder / group, title=f"FedP3 on Fashion-MNIST: {group}",
+                                command="python benchmarks/fedp3_fmnist.py --report")
+        print(f"figures: {report.index}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ half the channels. FEMNIST uses its 31 writers as devices (15 per round).
     OMP_NUM_THREADS=1 python benchmarks/methods_table.py --shard 0/2 &
     OMP_NUM_THREADS=1 python benchmarks/methods_table.py --shard 1/2 &
     wait; python benchmarks/methods_table.py --report
+
+Each run's JSON in --out keeps its label, final figures, rounds, plans and privacy; --report
+prints the table and draws `fedprune report`'s figures of each group (a setting's methods, a
+partition's heterogeneity runs, the Byzantine rules) into --figures/<group>/ (default
+--out/figures).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1")
     parser.add_argument("--out", default="runs/methods")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--figures", help="fedprune report's figures per group (default: OUT/figures)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,8 +81,8 @@ def main() -> None:
             strategy = options.pop("strategy").split(" ")[0]
             config = load_config(None, [], strategy=strategy, **options)
             result = run_simulation(config, progress=False).to_dict()
-            (out / f"{n:03d}.json").write_text(json.dumps({"group": group, "label": label,
-                                                           "final": result["final"]}))
+            kept = {k: result[k] for k in ("final", "rounds", "clients", "privacy") if k in result}
+            (out / f"{n:03d}.json").write_text(json.dumps({"group": group, "label": label, **kept}))
             print(f"{label}: {result['final']['personalized_accuracy']:.4f}", flush=True)
         return
     rows = [json.loads((out / f"{n:03d}.json").read_text()) for n in range(len(jobs))
@@ -94,6 +100,27 @@ def main() -> None:
               f"{100 * f['global_accuracy']:.2f} | {f['bytes_up_total'] / 1e6:.1f} | "
               f"{f['bytes_down_total'] / 1e6:.1f} | {f['client_seconds_total']:.0f} | "
               f"{f['flops_per_sample_mean'] / 1e6:.2f} |")
+    figures(rows, Path(args.figures) if args.figures else out / "figures")
+
+
+def figures(rows: list[dict], folder: Path) -> None:
+    """One `fedprune report` per group of runs drawn together: a setting's methods, one
+    partition's heterogeneity runs, the Byzantine rules."""
+    from coordinator.report import report_results
+
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for row in rows:
+        first, rest = row["label"].split(" | ")
+        name = f"{row['group']}: {first}" if row["group"] != "byzantine" else "byzantine"
+        groups.setdefault(name, []).append(
+            (rest if row["group"] != "byzantine" else row["label"], row))
+    for name, runs in groups.items():
+        slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+        while "--" in slug:
+            slug = slug.replace("--", "-")
+        report = report_results(runs, folder / slug, title=f"methods table, {name}",
+                                command="python benchmarks/methods_table.py --report")
+        print(f"figures: {report.index}", flush=True)
 
 
 if __name__ == "__main__":

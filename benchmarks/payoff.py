@@ -17,7 +17,9 @@ run's model by forward MACs.
 
     OMP_NUM_THREADS=1 python benchmarks/payoff.py --json-out runs/payoff.json   # BENCHMARKS.md section 5
 
-Markdown tables go to stdout, progress to stderr, every run's full results JSON to --json-out.
+Markdown tables go to stdout, progress to stderr, every run's full results JSON to --json-out,
+and `fedprune report`'s figures of each dataset's runs to --figures/<dataset>/ (default: beside
+--json-out, in <name>-figures/).
 """
 
 from __future__ import annotations
@@ -223,6 +225,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--json-out", required=True, help="write every run's results JSON here")
+    parser.add_argument("--figures", help="fedprune report's PNGs and index.html per dataset, in "
+                        "DIR/<dataset>/ (default: <json-out without .json>-figures)")
     args = parser.parse_args()
 
     targets = [float(t) for t in args.targets.split(",") if t]
@@ -298,6 +302,15 @@ def main() -> None:
         text = verdict(DATASETS[name], runs)
         if text:
             print("- " + text)
+    from coordinator.report import report_results
+
+    figures = Path(args.figures) if args.figures else out.with_name(f"{out.stem}-figures")
+    for name in datasets:
+        runs = [(p, results[(name, p)]) for p in policies if (name, p) in results]
+        if runs:
+            report = report_results(runs, figures / name, title=f"payoff: sizing policies on "
+                                    f"{DATASETS[name]}", command=" ".join(sys.argv))
+            log(f"figures of {name}: {report.index}")
     log(f"all runs done in {total:.0f} s; JSON at {out}")
 
 

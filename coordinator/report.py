@@ -647,7 +647,8 @@ def report_results(results: Sequence[tuple[str, dict]], out: str | Path,
     """For a benchmark holding its runs in memory: (label, results dict) per run."""
     runs = []
     for label, data in results:
-        for sub, run, where in _named(label, _runs_in, data, label):
-            runs.append(_named(label, _read_run, label if sub is None or sub == label
+        found = _named(label, _runs_in, data, label)
+        for sub, run, where in found:  # a bundle's runs add their own names to the label
+            runs.append(_named(label, _read_run, label if len(found) == 1 or not sub
                                else f"{label} {sub}", label, run, where))
     return write_report(runs, out, title, command)
