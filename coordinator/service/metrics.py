@@ -157,10 +157,12 @@ class StoreCollector(Collector):
         accuracy = s.scalar(select(RoundRow.summary["global_accuracy"].as_float())
                             .where(RoundRow.state == RoundState.COMMITTED)
                             .order_by(RoundRow.number.desc()).limit(1))
+        family = GaugeMetricFamily("fedprune_global_accuracy", "Test accuracy of the latest "
+                                   "committed global model (0..1; no sample before one, or "
+                                   "with evaluate = false).", labels=[])
         if accuracy is not None:
-            yield GaugeMetricFamily("fedprune_global_accuracy",
-                                    "Test accuracy of the latest committed global model (0..1).",
-                                    value=accuracy)
+            family.add_metric([], accuracy)
+        yield family
 
     # --- tasks and updates -----------------------------------------------------------------
     def _tasks(self, s) -> Iterator[Metric]:
