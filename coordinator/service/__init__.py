@@ -1,4 +1,4 @@
-"""The coordinator service: round engine, MQTT link, persistence and the status endpoint."""
+"""The coordinator service: round engine, MQTT link, persistence and the HTTP API."""
 
 from .config import ServiceSettings
 from .engine import RoundEngine

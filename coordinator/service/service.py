@@ -1,7 +1,8 @@
-"""`fedprune coordinator serve`: the engine, its MQTT link, the store and the status endpoint.
+"""`fedprune coordinator serve`: the engine, its MQTT link, the store and the HTTP API.
 
 One thread runs the engine: it drains the link's inbox and ticks the clock. Nothing else
-touches the engine's state, so it needs no locks.
+touches the engine's state, so it needs no locks. The HTTP API (http_api.py) serves from its own
+threads and reads the store through its own sessions.
 
 Acknowledgement policy: a message is acknowledged to the broker once the engine has handled it,
 or refused it (the engine tells the device why). One whose handling failed for a reason that may
@@ -31,8 +32,8 @@ from edge_sdk.rehearsal import peak_rss_bytes
 
 from .config import ServiceSettings
 from .engine import RoundEngine, is_transient
+from .http_api import ApiServer, build_app
 from .link import RECONNECTED, CoordinatorLink, Delivery
-from .status_http import serve_status
 from .store import Store
 
 log = logging.getLogger("fedprune.coordinator")
@@ -56,14 +57,16 @@ class CoordinatorService:
         # kept in dead-letter/ after the last attempt.
         self.counters: Counter[str] = Counter()
         self.stopping = threading.Event()
-        self.http = None
+        self.http: ApiServer | None = None
+
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP API's base URL while it serves (http_port 0: the port the OS picked)."""
+        return None if self.http is None else self.http.url
 
     @property
     def status_url(self) -> str | None:
-        if self.http is None:
-            return None
-        host, port = self.http.server_address[:2]
-        return f"http://{host}:{port}/status"
+        return None if self.http is None else f"{self.http.url}/status"
 
     def status(self) -> dict:
         """The engine's status, plus what the link dropped and what handling retried or kept."""
@@ -75,9 +78,13 @@ class CoordinatorService:
                              "dead_lettered": self.counters["dead_lettered"]}}
 
     def start(self) -> None:
-        self.link.start()
+        """The HTTP API first: an address it cannot listen on stops the service before the link
+        connects (ConfigError)."""
         if self.config.http_port is not None:
-            self.http = serve_status(self.config.http_host, self.config.http_port, self.status)
+            self.http = ApiServer(build_app(self.store, self.config, self.status),
+                                  self.config.http_host, self.config.http_port,
+                                  self.config.http_token).start()
+        self.link.start()
 
     def run(self) -> None:
         """Serve until stopped, or until every round is committed when exit_when_done is set."""
@@ -169,7 +176,7 @@ class CoordinatorService:
         self.stopping.set()
         self.link.stop()
         if self.http is not None:
-            self.http.shutdown()
+            self.http.stop()
             self.http = None
         self.store.close()
 

@@ -1,0 +1,100 @@
+"""`fedprune status` and `fedprune devices`: read the coordinator's HTTP API (http_api.py) with
+httpx and print its answers as tables (tabulate)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import httpx
+from tabulate import tabulate
+
+from .config import HTTP_TOKEN_VARIABLE
+
+
+class ApiError(ValueError):
+    """The API could not be reached or refused the request; the message says which and why."""
+
+
+def fetch(url: str, path: str, token: str | None = None, timeout: float = 10.0) -> Any:
+    """GET `path` of the API at `url` as JSON, with the bearer token (`token`, else
+    $FEDPRUNE_HTTP_TOKEN) when there is one."""
+    token = token or os.environ.get(HTTP_TOKEN_VARIABLE) or None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    target = f"{url.rstrip('/')}{path}"
+    try:
+        reply = httpx.get(target, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise ApiError(f"cannot reach {target}: {exc or type(exc).__name__}") from None
+    if reply.status_code == 401:
+        raise ApiError(f"{target} answered 401: the coordinator requires its http_token; pass "
+                       f"--token or set {HTTP_TOKEN_VARIABLE}")
+    if reply.status_code != 200:
+        raise ApiError(f"{target} answered {reply.status_code}: {reply.text[:200]}")
+    try:
+        return reply.json()
+    except ValueError:
+        raise ApiError(f"{target} did not answer JSON; is {url} the coordinator's API?") from None
+
+
+def _megabytes(value: float | None) -> str | None:
+    return None if value is None else f"{value / 1e6:.1f}"
+
+
+def status_text(status: dict, rounds: list[dict]) -> str:
+    """/status's headline and the round in progress, then /rounds as a table."""
+    lines = [f"fleet {status['fleet']}: {status['rounds_committed']} of {status['rounds_total']} "
+             f"rounds committed, {status['process']['devices_registered']} devices registered"]
+    current = status.get("current")
+    if current:
+        answered = current["answered"]
+        lines.append(f"round {current['round']} {current['state']}: {current['selected']} selected, "
+                     f"quorum {current['quorum']}; " + ", ".join(f"{n} {s}" for s, n in answered.items())
+                     + f"; deadline in {current['deadline_in']:.0f} s")
+    else:
+        lines.append("no round in progress")
+    notes = [f"messages refused {status['messages']['refused']}, failed {status['messages']['failed']}"]
+    if status.get("inbox"):
+        inbox = status["inbox"]
+        notes.append(f"inbox {inbox['queued']} of {inbox['limit']} queued, dropped "
+                     f"{inbox['dropped_qos0']} QoS 0 and {inbox['dropped_inbox_full']} when full")
+    if status.get("handling"):
+        handling = status["handling"]
+        notes.append(f"{handling['transient_failures']} transient failures retried, "
+                     f"{handling['dead_lettered']} dead-lettered")
+    lines.append("; ".join(notes))
+    rows = [[r["number"], r["state"], r["selected"], r["accepted"], r["straggled"], r["refused"],
+             r["rejected"], r["missing"],
+             ", ".join(f"{k}:{v}" for k, v in sorted(r["refused_by_reason"].items())) or None,
+             _megabytes(r["bytes_up"]), _megabytes(r["bytes_down"]), r["global_accuracy"],
+             r["personalized_accuracy"], r["epsilon_max"],
+             None if r["duration_seconds"] is None else f"{r['duration_seconds']:.1f}"]
+            for r in rounds]
+    table = tabulate(rows, headers=["round", "state", "selected", "accepted", "straggled",
+                                    "refused", "rejected", "missing", "refused by reason",
+                                    "MB up", "MB down", "global acc", "personal acc", "ε max",
+                                    "seconds"],
+                     missingval="-", floatfmt=".4g")
+    return "\n".join(lines) + "\n\n" + (table if rounds else "no rounds yet")
+
+
+def devices_text(devices: list[dict]) -> str:
+    """/devices as a table, one device a row."""
+    rows = []
+    for d in devices:
+        plan = d["plan"]
+        rows.append([d["device_id"], d["device_class"], d["state"], f"{plan['width_ratio']:g}",
+                     d["rounds_participated"],
+                     None if d["epsilon_spent"] is None else f"{d['epsilon_spent']:.3g}",
+                     None if d["epsilon_budget"] is None else f"{d['epsilon_budget']:g}",
+                     _megabytes(plan["predicted_peak_bytes"]), _megabytes(plan["memory_limit_bytes"]),
+                     f"{plan['download_dtype']}/{plan['download_keep']:g}",
+                     f"{plan['upload_dtype']}/{plan['upload_keep']:g}",
+                     _megabytes(d["download_bytes_per_second"]), _megabytes(d["upload_bytes_per_second"]),
+                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d["last_seen"]))])
+    table = tabulate(rows, headers=["device", "class", "state", "width", "rounds", "ε spent",
+                                    "ε budget", "peak MB", "limit MB", "download", "upload",
+                                    "down MB/s", "up MB/s", "last seen"],
+                     missingval="-", floatfmt=".4g")
+    return table if devices else "no devices registered"

@@ -1,0 +1,467 @@
+"""The coordinator's HTTP API: FastAPI on uvicorn, with an exact OpenAPI schema at /openapi.json.
+
+    GET /healthz       {"ok": true}, never behind the token
+    GET /status        the service's status snapshot (`CoordinatorService.status`)
+    GET /devices       every registered device: profile, plan, state, rounds taken part in, ε
+    GET /rounds        every round: selected, accepted, straggled, refused by reason, bytes, ...
+    GET /rounds/{n}    one round and its tasks (404 for a round that does not exist)
+    GET /metrics       Prometheus text (`metrics.build_registry`)
+    GET /, /assets/*   the dashboard's static files (coordinator/service/dashboard/)
+
+Reads never touch the round engine: each request runs in the server's worker threads and reads the
+database through the store's own sessions (committed rows only), or calls the snapshot function it
+was given, which does the same. The engine's thread holds no lock that a request could wait on.
+
+Bound to a loopback address (the default) the API answers anyone on the machine. Bound to any
+other address it will not start without a token (`ServiceSettings.http_token`); with a token every
+endpoint but /healthz and the dashboard's static files (which hold no data: the page reads the
+token from its URL fragment and sends it with each request) requires `Authorization: Bearer
+<token>`, compared in constant time, and answers 401 with `WWW-Authenticate: Bearer` otherwise.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Response
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from sqlalchemy import func, select
+
+from ..config import ConfigError
+from .config import HTTP_TOKEN_VARIABLE, ServiceSettings, is_loopback
+from .states import RoundState, TaskState
+from .store import DeviceRow, RoundRow, Store, TaskRow, UpdateRow
+
+log = logging.getLogger("fedprune.coordinator")
+
+DASHBOARD = Path(__file__).resolve().parent / "dashboard"
+# Round numbers are INTEGER columns: anything outside is a round that cannot exist (404), and is
+# never handed to the database (SQLite refuses integers past 2**63 with an OverflowError).
+_ROUND_NUMBERS = range(1, 2**31)
+
+
+# --- response models: the OpenAPI schema is generated from these ---------------------------------
+class _View(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorView(_View):
+    detail: str
+
+
+class HealthView(_View):
+    ok: bool
+
+
+class ProcessView(_View):
+    peak_rss_bytes: int | None
+    devices_registered: int
+
+
+class MessagesView(_View):
+    refused: int
+    failed: int
+
+
+class ProgressView(_View):
+    """The round in progress."""
+    round: int
+    state: RoundState
+    deadline_in: float
+    selected: int
+    quorum: int
+    answered: dict[str, int] = Field(description="tasks per state: sent, accepted, refused, rejected")
+
+
+class StatusDeviceView(_View):
+    id: str
+    online: bool
+    width_ratio: float
+    fits: bool
+    epsilon: float | None
+    exhausted: bool
+    device_class: str | None
+
+
+class StatusRoundView(_View):
+    """A round as the status lists it: its number and state, then its stored summary (a committed
+    round's counts; an aborted round's reason)."""
+    # The summary is the engine's; keys it gains later are passed through, not dropped.
+    model_config = ConfigDict(extra="allow")
+    number: int
+    state: RoundState
+    selected: int | None = None
+    accepted: int | None = None
+    refused: int | None = None
+    rejected: int | None = None
+    missing: int | None = None
+    straggled: int | None = None
+    refused_by_reason: dict[str, int] | None = None
+    bytes_up: int | None = None
+    bytes_down: int | None = None
+    artifact_bytes: int | None = None
+    duplicates: int | None = None
+    artifact_refusals: int | None = None
+    epsilon_max: float | None = None
+    personalized_accuracy: float | None = None
+    global_accuracy: float | None = None
+    seconds: float | None = None
+    contributions: list[str] | None = None
+    reason: str | None = None
+
+
+class InboxView(_View):
+    queued: int
+    limit: int
+    dropped_qos0: int
+    dropped_inbox_full: int
+
+
+class HandlingView(_View):
+    transient_failures: int
+    dead_lettered: int
+
+
+class StatusView(_View):
+    fleet: str
+    process: ProcessView
+    messages: MessagesView
+    rounds_committed: int
+    rounds_total: int
+    current: ProgressView | None
+    devices: list[StatusDeviceView]
+    rounds: list[StatusRoundView]
+    inbox: InboxView | None = None        # the service's; absent from the engine's own status
+    handling: HandlingView | None = None
+
+
+class PlanView(_View):
+    """The memory planner's plan for the device (edge_sdk/sizing.py `DevicePlan`)."""
+    width_ratio: float
+    physical_batch_size: int
+    local_samples: int
+    download_dtype: str
+    download_keep: float
+    upload_dtype: str
+    upload_keep: float
+    predicted_peak_bytes: int
+    memory_limit_bytes: int
+    fits: bool
+    reasons: list[str]
+    decisions: dict[str, str]
+
+
+DeviceState = Literal["online", "offline", "exhausted", "unfit"]
+
+
+class DeviceView(_View):
+    device_id: str
+    device_class: str = Field(description="the profile's name (a catalogue class or the device's own)")
+    memory_available_bytes: int
+    download_bytes_per_second: float
+    upload_bytes_per_second: float
+    state: DeviceState = Field(description="exhausted (refused for its privacy budget or policy) "
+                               "before unfit (no plan fits its memory) before offline/online")
+    plan: PlanView
+    last_seen: float = Field(description="unix seconds")
+    rounds_participated: int = Field(description="tasks of the device that were accepted")
+    epsilon_spent: float | None
+    epsilon_budget: float | None
+
+
+class DevicesView(_View):
+    devices: list[DeviceView]
+
+
+class RoundView(_View):
+    number: int
+    state: RoundState
+    started_at: float
+    finished_at: float | None
+    duration_seconds: float | None = Field(description="to the commit; so far for an open round")
+    selected: int
+    accepted: int
+    straggled: int = Field(description="missing tasks and updates rejected as late")
+    refused: int
+    rejected: int
+    missing: int
+    refused_by_reason: dict[str, int] = Field(description="refused tasks per refusal code")
+    bytes_up: int
+    bytes_down: int
+    global_accuracy: float | None
+    personalized_accuracy: float | None
+    epsilon_max: float | None
+
+
+class RoundsView(_View):
+    rounds: list[RoundView]
+
+
+class TaskView(_View):
+    device_id: str
+    state: TaskState
+    reason: str | None
+    width_ratio: float
+    bytes_down: int
+    bytes_up: int | None = Field(description="the stored update's size; null without one")
+    epsilon: float | None
+    local_accuracy: float | None
+
+
+class RoundDetailView(RoundView):
+    tasks: list[TaskView]
+
+
+# --- reading the store ----------------------------------------------------------------------------
+def device_state(row: DeviceRow) -> DeviceState:
+    if row.exhausted:
+        return "exhausted"
+    if not row.fits:
+        return "unfit"
+    return "online" if row.online else "offline"
+
+
+def device_views(store: Store) -> list[DeviceView]:
+    with store.session() as s:
+        rows = list(s.scalars(select(DeviceRow).order_by(DeviceRow.index)))
+        accepted = dict(s.execute(select(TaskRow.device, func.count())
+                                  .where(TaskRow.state == TaskState.ACCEPTED)
+                                  .group_by(TaskRow.device)).all())
+    views = []
+    for row in rows:
+        profile, network = row.profile or {}, (row.profile or {}).get("network") or {}
+        views.append(DeviceView(
+            device_id=row.id, device_class=profile.get("name", ""),
+            memory_available_bytes=profile.get("memory_available_bytes", 0),
+            download_bytes_per_second=network.get("downlink_bytes_per_s", 0.0),
+            upload_bytes_per_second=network.get("uplink_bytes_per_s", 0.0),
+            state=device_state(row), plan=PlanView.model_validate(row.plan),
+            last_seen=row.last_seen, rounds_participated=accepted.get(row.id, 0),
+            epsilon_spent=row.epsilon, epsilon_budget=row.epsilon_budget))
+    return views
+
+
+def _tasks_and_updates(s, number: int) -> list[tuple[TaskRow, UpdateRow | None]]:
+    tasks = list(s.scalars(select(TaskRow).where(TaskRow.round == number).order_by(TaskRow.device)))
+    updates = {(u.device, u.task): u for u in s.scalars(select(UpdateRow).where(UpdateRow.round == number))}
+    return [(t, updates.get((t.device, t.task))) for t in tasks]
+
+
+def _round_view(row: RoundRow, pairs: list[tuple[TaskRow, UpdateRow | None]] | None,
+                now: float) -> RoundView:
+    """A committed round from its stored summary (`pairs` unused), any other from its tasks and
+    stored updates, counted as the engine's commit counts them."""
+    summary = row.summary or {}
+    end = row.finished_at if row.finished_at is not None else now
+    common = dict(number=row.number, state=row.state, started_at=row.started_at,
+                  finished_at=row.finished_at)
+    if row.state == RoundState.COMMITTED and "accepted" in summary:
+        return RoundView(**common, duration_seconds=summary.get("seconds", end - row.started_at),
+                         **{key: summary.get(key, 0) for key in (
+                             "selected", "accepted", "straggled", "refused", "rejected", "missing",
+                             "bytes_up", "bytes_down")},
+                         refused_by_reason=summary.get("refused_by_reason") or {},
+                         **{key: summary.get(key) for key in (
+                             "global_accuracy", "personalized_accuracy", "epsilon_max")})
+    states = Counter(t.state for t, _ in pairs)
+    updates = [u for _, u in pairs if u is not None]
+    epsilons = [u.epsilon for u in updates if u.epsilon is not None]
+    local = [u.local_accuracy for u in updates if u.local_accuracy is not None]
+    missing = states[TaskState.MISSING]
+    return RoundView(
+        **common, duration_seconds=end - row.started_at, selected=len(pairs),
+        accepted=states[TaskState.ACCEPTED], refused=states[TaskState.REFUSED],
+        rejected=states[TaskState.REJECTED], missing=missing,
+        straggled=missing + sum(t.state == TaskState.REJECTED and t.reason == "late" for t, _ in pairs),
+        refused_by_reason=dict(Counter((t.reason or "").split(":")[0] for t, _ in pairs
+                                       if t.state == TaskState.REFUSED)),
+        bytes_up=sum(u.bytes for u in updates), bytes_down=sum(t.bytes_down for t, _ in pairs),
+        global_accuracy=summary.get("global_accuracy"),
+        personalized_accuracy=sum(local) / len(local) if local else None,
+        epsilon_max=max(epsilons) if epsilons else None)
+
+
+def round_views(store: Store) -> list[RoundView]:
+    now = time.time()
+    with store.session() as s:
+        rows = list(s.scalars(select(RoundRow).order_by(RoundRow.number)))
+        return [_round_view(row, None if row.state == RoundState.COMMITTED and "accepted" in
+                            (row.summary or {}) else _tasks_and_updates(s, row.number), now)
+                for row in rows]
+
+
+def round_detail(store: Store, number: int) -> RoundDetailView | None:
+    if number not in _ROUND_NUMBERS:
+        return None
+    with store.session() as s:
+        row = s.get(RoundRow, number)
+        if row is None:
+            return None
+        pairs = _tasks_and_updates(s, number)
+    view = _round_view(row, pairs, time.time())
+    return RoundDetailView(**view.model_dump(), tasks=[TaskView(
+        device_id=t.device, state=t.state, reason=t.reason, width_ratio=t.width_ratio,
+        bytes_down=t.bytes_down, bytes_up=u.bytes if u else None, epsilon=u.epsilon if u else None,
+        local_accuracy=u.local_accuracy if u else None) for t, u in pairs])
+
+
+# --- the application ------------------------------------------------------------------------------
+def build_app(store: Store, config: ServiceSettings,
+              snapshot: Callable[[], Mapping[str, Any]], *,
+              dashboard: Path = DASHBOARD) -> FastAPI:
+    """The API over `store`, with `snapshot` (the service's status) behind /status and /metrics;
+    `config.http_token`, when set, guards every endpoint but /healthz and the static files."""
+    guarded: dict[str, Any] = {"dependencies": [], "responses": {}}
+    if config.http_token is not None:  # the schema declares the token only where it is required
+        secret = config.http_token.get_secret_value().encode()
+        bearer = HTTPBearer(auto_error=False, description=f"coordinator.toml http_token (or "
+                            f"{HTTP_TOKEN_VARIABLE})")
+
+        def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+            given = credentials.credentials.encode() if credentials is not None else b""
+            if not hmac.compare_digest(given, secret):
+                raise HTTPException(401, "a bearer token is required (Authorization: Bearer "
+                                    "<token>)", headers={"WWW-Authenticate": "Bearer"})
+
+        guarded = {"dependencies": [Depends(authorized)],
+                   "responses": {401: {"model": ErrorView, "description": "no or a wrong token"}}}
+    app = FastAPI(title="fedprune coordinator", version="1",
+                  description=__doc__.split("\n\n")[0], openapi_url=None, docs_url=None,
+                  redoc_url=None)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guarded["dependencies"])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/healthz", response_model=HealthView, summary="liveness, without a token")
+    def healthz() -> HealthView:
+        return HealthView(ok=True)
+
+    @app.get("/status", response_model=StatusView, summary="the service's status snapshot", **guarded)
+    def status() -> StatusView:
+        return StatusView.model_validate(snapshot())
+
+    @app.get("/devices", response_model=DevicesView, summary="registered devices", **guarded)
+    def devices() -> DevicesView:
+        return DevicesView(devices=device_views(store))
+
+    @app.get("/rounds", response_model=RoundsView, summary="every round, oldest first", **guarded)
+    def rounds() -> RoundsView:
+        return RoundsView(rounds=round_views(store))
+
+    @app.get("/rounds/{number}", response_model=RoundDetailView, summary="one round and its tasks",
+             dependencies=guarded["dependencies"],
+             responses={**guarded["responses"],
+                        404: {"model": ErrorView, "description": "no such round"}})
+    def round_(number: int) -> RoundDetailView:
+        view = round_detail(store, number)
+        if view is None:
+            raise HTTPException(404, f"round {number} does not exist")
+        return view
+
+    registry = []  # built on the first scrape, once
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics",
+             dependencies=guarded["dependencies"],
+             responses={**guarded["responses"],
+                        200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}})
+    def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        from .metrics import build_registry
+
+        if not registry:
+            registry.append(build_registry(store, config, snapshot))
+        return Response(generate_latest(registry[0]), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        page = dashboard / "index.html"
+        if not page.is_file():
+            raise HTTPException(404, f"no dashboard in {dashboard}")
+        return FileResponse(page)
+
+    app.mount("/assets", StaticFiles(directory=dashboard, check_dir=False), name="assets")
+    return app
+
+
+# --- the server -----------------------------------------------------------------------------------
+class ApiServer:
+    """uvicorn serving `app` from its own thread on (host, port); port 0 takes a free one, which
+    `port` then tells. A host that is not loopback is refused without a token."""
+
+    def __init__(self, app: FastAPI, host: str, port: int, token: SecretStr | str | None = None):
+        if not is_loopback(host) and not token:
+            raise ConfigError(f"the HTTP API will not listen on {host!r} (not a loopback address) "
+                              f"without a token: set http_token or {HTTP_TOKEN_VARIABLE}")
+        self.app, self.host, self.requested_port = app, host, port
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
+        self.socket: socket.socket | None = None
+
+    def start(self, timeout: float = 10.0) -> ApiServer:
+        self.socket = self._bind()
+        self._port = self.socket.getsockname()[1]
+        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
+                                       name="http-api", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the HTTP API did not start on {self.host}:{self.requested_port}")
+            time.sleep(0.01)
+        log.info("HTTP API on %s", self.url)
+        return self
+
+    def _bind(self) -> socket.socket:
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                self.host.strip("[]"), self.requested_port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"the HTTP API cannot listen on {self.host}:{self.requested_port} "
+                              f"({exc}); change http_host or http_port") from None
+        return sock
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one the OS picked for port 0)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The base URL to reach the API from this machine."""
+        host = self.host.strip("[]")
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        if self.socket is not None:
+            self.socket.close()
+        self.server = self.thread = self.socket = None

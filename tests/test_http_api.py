@@ -1,0 +1,189 @@
+"""The coordinator's HTTP API (coordinator/service/http_api.py) over a store that a real round
+engine filled with real edge agents (tests/harness/fleet.py): three devices, two committed rounds,
+one device refusing round 1 for its privacy budget.
+
+The schema test runs schemathesis against the app's own OpenAPI schema in process; the token and
+CLI tests use the real uvicorn server on a real socket.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from pydantic import SecretStr
+
+from coordinator.cli import main
+from coordinator.config import ConfigError
+from coordinator.service.config import HTTP_TOKEN_VARIABLE, ServiceSettings
+from coordinator.service.http_api import ApiServer, build_app
+from coordinator.service.store import UpdateRow
+from harness.fleet import Harness
+
+TOKEN = secrets.token_hex(16)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """Two committed rounds: dev-0 and dev-1 train both (DP, so each spends ε); dev-2's budget
+    is too small, so it refuses round 1 and is exhausted, and round 2 runs without it."""
+    tmp = tmp_path_factory.mktemp("http_api")
+    h = Harness(tmp, f"sqlite:///{tmp / 'coordinator.db'}", devices=3, samples=60, model="mlp",
+                dp={"noise_multiplier": 1.0}, budgets={0: 50.0, 2: 0.01},
+                rounds={"min_devices": 2})
+    h.register_all()
+    for number in (1, 2):
+        h.engine.tick()
+        assert h.engine.round is not None and h.engine.round.number == number
+        h.deliver_to_devices("task")
+        h.deliver_to_coordinator("refusal")
+        h.deliver_to_coordinator("update")
+        for device in h.agents:
+            h.deliver_acks(device)
+        h.engine.tick()
+        assert h.engine.round is None
+    assert h.engine.committed_rounds() == 2
+    return h
+
+
+@pytest.fixture(scope="module")
+def guarded_app(fleet):
+    config = fleet.config.model_copy(update={"http_token": SecretStr(TOKEN)})
+    return build_app(fleet.store, config, fleet.engine.status)
+
+
+@pytest.fixture(scope="module")
+def api_schema(guarded_app):
+    return schemathesis.openapi.from_asgi("/openapi.json", guarded_app,
+                                          headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+def test_every_answer_matches_the_schema_and_none_is_a_server_error(case):
+    """schemathesis's default checks: no 5xx; status codes, content types, headers and bodies as
+    the schema says; invalid input (a round number that is not an integer) refused with 422."""
+    case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def test_devices_and_rounds_agree_with_the_store(fleet):
+    from fastapi.testclient import TestClient
+
+    client = TestClient(build_app(fleet.store, fleet.config, fleet.engine.status))
+    devices = {d["device_id"]: d for d in client.get("/devices").json()["devices"]}
+    assert set(devices) == {"dev-0", "dev-1", "dev-2"}
+    for row in fleet.store.devices():
+        view = devices[row.id]
+        assert view["plan"]["width_ratio"] == row.width_ratio == row.plan["width_ratio"]
+        assert view["plan"]["predicted_peak_bytes"] == row.plan["predicted_peak_bytes"]
+        assert view["epsilon_spent"] == row.epsilon and view["epsilon_budget"] == row.epsilon_budget
+        assert view["device_class"] == row.profile["name"] == "rpi4-4gb"
+        assert view["memory_available_bytes"] == row.profile["memory_available_bytes"]
+        assert view["last_seen"] == row.last_seen
+    assert [devices[d]["state"] for d in ("dev-0", "dev-1", "dev-2")] == ["online", "online", "exhausted"]
+    assert [devices[d]["rounds_participated"] for d in ("dev-0", "dev-1", "dev-2")] == [2, 2, 0]
+    assert devices["dev-0"]["epsilon_budget"] == 50.0 and devices["dev-0"]["epsilon_spent"] > 0
+
+    rounds = client.get("/rounds").json()["rounds"]
+    assert [(r["number"], r["state"], r["selected"], r["accepted"], r["refused"]) for r in rounds] \
+        == [(1, "committed", 3, 2, 1), (2, "committed", 2, 2, 0)]
+    assert rounds[0]["refused_by_reason"] == {"privacy_budget": 1}
+    for summary in rounds:
+        number = summary["number"]
+        detail = client.get(f"/rounds/{number}").json()
+        assert {k: v for k, v in detail.items() if k != "tasks"} == summary
+        tasks = fleet.store.tasks(number)
+        with fleet.store.session() as s:
+            updates = {u.device: u for u in s.query(UpdateRow).filter(UpdateRow.round == number)}
+        assert {t["device_id"] for t in detail["tasks"]} == set(tasks)
+        for task in detail["tasks"]:
+            row, update = tasks[task["device_id"]], updates.get(task["device_id"])
+            assert (task["state"], task["width_ratio"], task["bytes_down"]) == \
+                (row.state, row.width_ratio, row.bytes_down)
+            assert task["epsilon"] == (update.epsilon if update else None)
+            assert task["bytes_up"] == (update.bytes if update else None)
+        assert summary["accepted"] == len(updates) == fleet.store.update_count(number)
+        assert summary["bytes_up"] == sum(u.bytes for u in updates.values())
+        assert summary["epsilon_max"] == max(u.epsilon for u in updates.values())
+    # ε grows from round to round, and a device's last update carries what it reports spent.
+    assert detail["tasks"][0]["epsilon"] == devices["dev-0"]["epsilon_spent"]
+    assert rounds[1]["epsilon_max"] > rounds[0]["epsilon_max"]
+
+    missing = client.get("/rounds/99")
+    assert missing.status_code == 404 and missing.json() == {"detail": "round 99 does not exist"}
+    assert client.get("/rounds/two").status_code == 422
+    assert client.get("/rounds/99999999999999999999999").status_code == 404
+
+
+def test_off_loopback_the_service_needs_a_token(fleet, monkeypatch, capsys):
+    monkeypatch.delenv(HTTP_TOKEN_VARIABLE, raising=False)
+    # The service refuses to start: `fedprune coordinator serve` names the key and the variable.
+    assert main(["coordinator", "serve", "--set", "http_host=0.0.0.0", "--set", "http_port=0"]) == 2
+    error = capsys.readouterr().err
+    assert "http_host '0.0.0.0' is not a loopback address" in error
+    assert "http_token" in error and HTTP_TOKEN_VARIABLE in error
+    # ... and so does the server itself, whatever built its settings.
+    with pytest.raises(ConfigError, match="not a loopback address"):
+        ApiServer(build_app(fleet.store, fleet.config, fleet.engine.status), "0.0.0.0", 0)
+
+    monkeypatch.setenv(HTTP_TOKEN_VARIABLE, TOKEN)
+    config = ServiceSettings.model_validate({**fleet.config.model_dump(exclude={"http_token"}),
+                                             "http_host": "0.0.0.0", "http_port": 0})
+    assert config.http_token.get_secret_value() == TOKEN
+    server = ApiServer(build_app(fleet.store, config, fleet.engine.status), config.http_host,
+                       config.http_port, config.http_token).start()
+    try:
+        assert server.port > 0 and server.url == f"http://127.0.0.1:{server.port}"
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            assert http.get("/healthz").json() == {"ok": True}
+            for path in ("/status", "/devices", "/rounds", "/rounds/1", "/metrics", "/openapi.json"):
+                refused = http.get(path)
+                assert refused.status_code == 401, path
+                assert refused.headers["www-authenticate"] == "Bearer"
+                wrong = http.get(path, headers={"Authorization": f"Bearer {TOKEN[:-1]}x"})
+                assert wrong.status_code == 401, path
+                assert http.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+            metrics = http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert metrics.headers["content-type"].startswith("text/plain")
+            assert 'fedprune_rounds_total{outcome="committed"} 2.0' in metrics.text
+            # The dashboard's static files hold no data: the page itself loads without the token.
+            assert http.get("/").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_the_cli_prints_status_and_devices_as_tables(fleet, monkeypatch, capsys):
+    monkeypatch.delenv(HTTP_TOKEN_VARIABLE, raising=False)
+    config = fleet.config.model_copy(update={"http_token": SecretStr(TOKEN)})
+    server = ApiServer(build_app(fleet.store, config, fleet.engine.status), "127.0.0.1", 0,
+                       config.http_token).start()
+    try:
+        assert main(["status", "--url", server.url, "--token", TOKEN]) == 0
+        out = capsys.readouterr().out
+        assert "fleet test: 2 of 2 rounds committed, 3 devices registered" in out
+        lines = out.splitlines()
+        header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["round", "state", "selected"])
+        assert lines[header + 2].split()[:6] == ["1", "committed", "3", "2", "0", "1"]
+        assert lines[header + 3].split()[:6] == ["2", "committed", "2", "2", "0", "0"]
+
+        assert main(["devices", "--url", server.url, "--token", TOKEN]) == 0
+        out = capsys.readouterr().out
+        rows = {line.split()[0]: line.split() for line in out.splitlines()
+                if line.startswith("dev-")}
+        assert set(rows) == {"dev-0", "dev-1", "dev-2"}
+        assert rows["dev-2"][1:3] == ["rpi4-4gb", "exhausted"]
+        assert rows["dev-0"][1:4] == ["rpi4-4gb", "online", "1"]  # class, state, width
+
+        # Without the token: a clear error, not a traceback.
+        assert main(["devices", "--url", server.url]) == 2
+        assert "401" in capsys.readouterr().err
+    finally:
+        server.stop()
+    assert main(["status", "--url", server.url]) == 2  # nothing listens there now
+    assert "cannot reach" in capsys.readouterr().err
