@@ -195,6 +195,21 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_status(args: argparse.Namespace) -> int:
+    from .service.api_client import fetch, status_text
+
+    status = fetch(args.url, "/status", args.token)
+    print(status_text(status, fetch(args.url, "/rounds", args.token)["rounds"]))
+    return 0
+
+
+def _api_devices(args: argparse.Namespace) -> int:
+    from .service.api_client import devices_text, fetch
+
+    print(devices_text(fetch(args.url, "/devices", args.token)["devices"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .strategies import strategy_names, strategy_sections
 
@@ -324,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--listener-port", type=int, default=8883)
     prov.add_argument("--out", required=True)
     prov.set_defaults(handler=_coordinator_provision)
+
+    for name, handler, what in (("status", _api_status, "the service's status and its rounds"),
+                                ("devices", _api_devices, "the registered devices and their plans")):
+        api = sub.add_parser(name, help=f"print {what} from a running coordinator's HTTP API",
+                             description=f"Print {what} as tables, read from the HTTP API of "
+                             "`fedprune coordinator serve` (http_host:http_port).")
+        api.add_argument("--url", default="http://127.0.0.1:8080",
+                         help="the API's base URL (default: %(default)s)")
+        api.add_argument("--token", help="the coordinator's http_token, when it has one (default: "
+                         "$FEDPRUNE_HTTP_TOKEN; the environment keeps it out of the process list)")
+        api.set_defaults(handler=handler)
 
     return parser
 
