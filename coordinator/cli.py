@@ -170,7 +170,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     result = run_demo(devices=args.devices, rounds=args.rounds, broker=args.broker,
                       json_out=args.json_out, out_dir=args.out, epsilon=args.epsilon,
-                      samples=args.samples, data_dir=args.data_dir, export=args.export)
+                      samples=args.samples, data_dir=args.data_dir, export=args.export,
+                      http_port=args.http_port, hold=args.hold)
     rounds = result["rounds"]
     if len(rounds) < args.rounds:
         print(f"demo stopped after {len(rounds)} of {args.rounds} rounds; logs in {result['logs']}",
@@ -286,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="broker + coordinator + N edge processes, end to end",
                           description="Start an embedded MQTT broker on loopback (or use --broker), "
                           "the coordinator, and N edge processes with different catalogue device "
-                          "profiles training Fashion-MNIST (S1) with DP; print a per-round table.")
+                          "profiles training Fashion-MNIST (S1) with DP; print a per-round table "
+                          "and serve the live fleet dashboard (its address is printed).")
     demo.add_argument("--devices", type=int, default=4)
     demo.add_argument("--rounds", type=int, default=3)
     demo.add_argument("--broker", metavar="URL", help="use this broker (mqtt://HOST:PORT) instead "
@@ -299,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir")
     demo.add_argument("--out", default="runs/demo", help="state, checkpoints, exports and logs")
     demo.add_argument("--json-out")
+    demo.add_argument("--http-port", type=int, default=0, metavar="PORT",
+                      help="the fleet dashboard's port on 127.0.0.1 (default: a free one; the "
+                           "address is printed when the coordinator starts)")
+    demo.add_argument("--hold", action="store_true",
+                      help="keep the dashboard (and the coordinator and devices) up after the last "
+                           "round, until Ctrl-C")
     demo.set_defaults(handler=_demo)
 
     rep = sub.add_parser("report", help="plot runs' results: PNG figures and an HTML page",

@@ -4,7 +4,9 @@ The devices are real `fedprune-edge run` processes with catalogue profiles of di
 classes, each training its own Fashion-MNIST shard (S1: five consecutive classes per device) with
 DP-SGD, talking to the coordinator only through MQTT. The coordinator runs in this process so
 the demo can print each device's plan when it registers, then a row per round; its JSON log goes
-to a file.
+to a file. The coordinator's HTTP API serves the fleet dashboard (coordinator/service/dashboard/):
+the demo prints its address when the coordinator starts, and it stays up while the demo runs
+(`hold`: after the last round too, until Ctrl-C).
 
 The model is LEAF's FEMNIST CNN (6.5 M parameters), not FedP3's 1.3 M one, so that the planner's
 work shows: its predicted peak at full width (774 MB, most of it the 6.4 M-weight fc layer at the
@@ -22,10 +24,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +120,8 @@ def _device_row(row, name: str) -> dict:
 def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
              json_out: str | None = None, out_dir: str = "runs/demo", epsilon: float = 8.0,
              samples: int = 1500, local_epochs: int = 1, data_dir: str | None = None,
-             deadline: float = 120.0, model: str = MODEL, export: bool = False) -> dict:
+             deadline: float = 120.0, model: str = MODEL, export: bool = False,
+             http_port: int = 0, hold: bool = False) -> dict:
     """`deadline` is the service's one round deadline: the planner sizes each device's transfer
     and local samples for it from the device's profile, and the coordinator closes the round at
     it in real time. The edge processes run at this machine's speed, not the profile's, so it is
@@ -124,7 +129,11 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
 
     `export`: send each device the model it starts the round from as a verified ONNX artifact.
     Off by default: exporting LEAF's CNN at three widths costs about a minute a round on 2 cores
-    (torch.onnx and zstd level 19 on 10-26 MB), in the engine's thread."""
+    (torch.onnx and zstd level 19 on 10-26 MB), in the engine's thread.
+
+    `http_port`: the dashboard's and HTTP API's port on 127.0.0.1 (0: a free one; the address is
+    printed). `hold`: keep the coordinator, its dashboard and the devices up after the last round
+    (the results are printed and written first) until Ctrl-C."""
     started = time.monotonic()
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
@@ -146,8 +155,9 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
                                        "--config", str(path)], stdout=log, stderr=subprocess.STDOUT,
                                       env=env))
     try:
-        return _run(out, names, classes, procs, url, fleet, rounds, json_out, epsilon, samples,
-                    local_epochs, data_dir, deadline, model, export, started)
+        with _sigterm_as_interrupt():
+            return _run(out, names, classes, procs, url, fleet, rounds, json_out, epsilon, samples,
+                        local_epochs, data_dir, deadline, model, export, started, http_port, hold)
     finally:
         for proc in procs:
             proc.terminate()
@@ -163,7 +173,7 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
 def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess.Popen], url: str,
          fleet: str, rounds: int, json_out: str | None, epsilon: float, samples: int,
          local_epochs: int, data_dir: str | None, deadline: float, model: str, export: bool,
-         started: float) -> dict:
+         started: float, http_port: int = 0, hold: bool = False) -> dict:
     devices = len(names)
     shards = _shards(devices, samples, data_dir)
     learning = {"strategy": "fedp3", "model": model, "dataset": DATASET, "data_dir": data_dir,
@@ -177,12 +187,13 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
                          "use more devices (--devices) or a smaller model")
     # Every device whose plan fits trains every round: a round opens once they have registered.
     config = ServiceSettings.model_validate({
-        **learning, "state_dir": str(out / "coordinator"), "http_port": 0, "exit_when_done": True,
+        **learning, "state_dir": str(out / "coordinator"), "http_port": http_port,
+        "exit_when_done": not hold,
         "export": {"enabled": export},
         "broker": {"url": url, "fleet": fleet},
         "rounds": {"total": rounds, "devices_per_round": selected, "min_devices": selected,
                    "min_fraction": 0.5, "deadline_seconds": deadline}})
-    service = CoordinatorService(config)
+    service = _DemoService(config)
     chance = {n: c for n, (_, c) in zip(names, shards)}
     trained_chance = float(np.mean([c for (_, c), f in zip(shards, fits) if f]))
     tqdm.write(f"fedprune demo: {devices} edge processes, FedP3 on {DATASET} S1 ({PARTITION}: each "
@@ -194,6 +205,7 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
     registered: dict[str, dict] = {}
     index_of = {n: i for i, n in enumerate(names)}
     printed = threading.Event()
+    finished = threading.Event()  # the last round's row is printed (or no further round opens)
 
     def snapshot() -> None:
         for row in service.engine.store.devices():
@@ -249,6 +261,8 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
                    f"{summary['global_accuracy']:>7.4f} {summary['bytes_up']:>12,} "
                    f"{summary['bytes_down']:>12,} {summary['seconds']:>6.1f}")
         bar.update(1)
+        if service.engine.done:
+            finished.set()
 
     service.engine.on_register = on_register
     service.engine.on_commit = on_commit
@@ -261,8 +275,22 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
             time.sleep(1)
 
     threading.Thread(target=watchdog, daemon=True).start()
+    # The coordinator runs in its own thread, so that Ctrl-C (here) stops it cleanly and, with
+    # `hold`, the results are reported while it keeps serving the dashboard.
+    coordinator = threading.Thread(target=service.run, name="coordinator")
+    coordinator.start()
+    engine = service.engine
+
+    def held() -> bool:  # every round committed and reported, or the engine gave up
+        return hold and (finished.is_set() or (engine.done and engine.committed_rounds() < rounds))
+
     try:
-        service.run()
+        while coordinator.is_alive() and not held():
+            coordinator.join(0.5)
+    except KeyboardInterrupt:
+        tqdm.write("interrupted; stopping the coordinator")
+        service.stopping.set()
+        coordinator.join()
     finally:
         bar.close()
     last = summaries[-1] if summaries else {}
@@ -315,7 +343,51 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2))
+    if coordinator.is_alive():
+        tqdm.write(f"\n--hold: the dashboard stays up at {service.dashboard_url} (with the "
+                   "coordinator and the devices) until Ctrl-C")
+        try:
+            while coordinator.is_alive():
+                coordinator.join(0.5)
+        except KeyboardInterrupt:
+            pass
+        service.stopping.set()
+        coordinator.join()
     return result
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops the demo as Ctrl-C does (the coordinator stops, the results are reported, the
+    edge processes are terminated), when the demo runs in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _DemoService(CoordinatorService):
+    """The coordinator, announcing the dashboard's address as soon as its HTTP API listens."""
+
+    @property
+    def dashboard_url(self) -> str | None:
+        if self.http_url is None:
+            return None
+        token = self.config.http_token
+        return f"{self.http_url}/" + (f"#token={token.get_secret_value()}" if token else "")
+
+    def start(self) -> None:
+        super().start()
+        if self.dashboard_url:
+            tqdm.write(f"dashboard: {self.dashboard_url} (live while the demo runs)")
 
 
 def _fmt(value: float | None) -> str:

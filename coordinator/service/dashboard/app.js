@@ -317,11 +317,13 @@
 
     drawChart("bytes", [seriesSpec("down", PALETTE[1]), seriesSpec("up", PALETTE[3])],
               [xs, committed.map((r) => num(r.bytes_down)), committed.map((r) => num(r.bytes_up))],
-              bytesAxis, (u, min, max) => [0, max > 0 ? max * 1.1 : 1]);
+              bytesAxis, (u, min, max) => [0, max > 0 ? max * 1.1 : 1000]);
 
-    // ε after each committed round, per device, from that round's tasks.
-    const ids = [...new Set([...state.devices.map((d) => d.device_id),
-      ...committed.flatMap((r) => (state.details.get(r.number)?.tasks || []).map((t) => t.device_id))])]
+    // ε after each committed round, per device, from that round's tasks: a line per device that
+    // trained or may train (one no plan fits appears once it has a point).
+    const ids = [...new Set([...state.devices.filter((d) => d.state !== "unfit").map((d) => d.device_id),
+      ...committed.flatMap((r) => (state.details.get(r.number)?.tasks || [])
+        .filter((t) => isNumber(t.epsilon)).map((t) => t.device_id))])]
       .sort((a, b) => a.localeCompare(b, undefined, { numeric: true }));
     const perDevice = ids.map((id) => committed.map((r) => {
       const task = (state.details.get(r.number)?.tasks || []).find((t) => t.device_id === id);
