@@ -1,7 +1,9 @@
 """The fleet dashboard in a real browser: a running coordinator (its HTTP API on a free loopback
 port), real edge agents (`fedprune-edge run` processes) over a real Mosquitto, and Debian's
 headless Chromium driven by Playwright. After round 1 commits, the page must show a row for every
-device with the width and ε the API gives, and charts with the round's data points drawn.
+device with the width and ε the API gives, and charts with the round's data points drawn. The
+coordinator requires a token: the page takes it from its URL fragment (`#token=...`), and without
+it shows the token form and no data.
 
 The fleet makes the table worth reading: a roomy device trains at full width, one whose memory
 the planner fits at width 0.5 trains narrower, and a 512 MB gateway that no width fits registers
@@ -32,6 +34,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 SAMPLES = 300  # training samples per device
+TOKEN = "dashboard-test-token-0123456789"
 NARROW = 0.5   # the width the tight device's memory allows
 
 pytestmark = pytest.mark.skipif(
@@ -43,6 +46,7 @@ pytestmark = pytest.mark.skipif(
 def _settings(tmp_path: Path, broker_url: str, fleet: str) -> ServiceSettings:
     return ServiceSettings.model_validate({
         "strategy": "fedp3", "state_dir": str(tmp_path / "coordinator"), "http_port": 0,
+        "http_token": TOKEN,  # the page takes it from its URL fragment
         # The API keeps serving after the last round: the browser opens the page then.
         "exit_when_done": False,
         "broker": {"url": broker_url, "fleet": fleet, "client_id": f"coordinator-{fleet}"},
@@ -64,7 +68,8 @@ def _fleet(config: ServiceSettings) -> list:
 
 
 def _get(url: str):
-    with urllib.request.urlopen(url, timeout=10) as reply:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
         return json.loads(reply.read())
 
 
@@ -120,7 +125,7 @@ def test_the_dashboard_shows_every_device_and_the_committed_round(tmp_path, brok
                 outside: list[str] = []  # nothing may be fetched from any other host
                 page.on("request", lambda request: None if request.url.startswith(base)
                         else outside.append(request.url))
-                page.goto(f"{base}/?interval=1")
+                page.goto(f"{base}/?interval=1#token={TOKEN}")
                 page.wait_for_function(
                     "n => document.querySelectorAll('tr[data-device-id]').length === n"
                     " && Number(document.getElementById('chart-epsilon').dataset.points) > 0",
@@ -168,7 +173,15 @@ def test_the_dashboard_shows_every_device_and_the_committed_round(tmp_path, brok
                 page.click("th[data-sort='epsilon'] button")
                 assert page.eval_on_selector_all(
                     "tr[data-device-id]", "rs => rs.map(r => r.dataset.deviceId)") == by_epsilon[::-1]
+                # The token left the address bar for sessionStorage; without it the page asks.
+                assert "token" not in page.url
+                assert page.evaluate("sessionStorage.getItem('fedprune-dashboard-token')") == TOKEN
                 assert errors == [] and outside == []
+                anonymous = browser.new_page()
+                anonymous.goto(f"{base}/?interval=1")
+                anonymous.wait_for_selector("#token-form:not([hidden])", timeout=10_000)
+                assert anonymous.get_attribute("#connection", "data-state") == "unauthorized"
+                assert anonymous.eval_on_selector_all("tr[data-device-id]", "rs => rs.length") == 0
             finally:
                 browser.close()
     finally:
