@@ -18,6 +18,7 @@ from pydantic import SecretStr
 
 from coordinator.cli import main
 from coordinator.config import ConfigError
+from coordinator.service import CoordinatorService
 from coordinator.service.config import HTTP_TOKEN_VARIABLE, ServiceSettings
 from coordinator.service.http_api import ApiServer, build_app
 from coordinator.service.store import UpdateRow
@@ -123,6 +124,7 @@ def test_devices_and_rounds_agree_with_the_store(fleet):
 
 def test_off_loopback_the_service_needs_a_token(fleet, monkeypatch, capsys):
     monkeypatch.delenv(HTTP_TOKEN_VARIABLE, raising=False)
+    monkeypatch.setattr(CoordinatorService, "run", lambda self: pytest.fail("the service started"))
     # The service refuses to start: `fedprune coordinator serve` names the key and the variable.
     assert main(["coordinator", "serve", "--set", "http_host=0.0.0.0", "--set", "http_port=0"]) == 2
     error = capsys.readouterr().err
