@@ -361,14 +361,25 @@ def _colors(n: int) -> list:
     return [matplotlib.colormaps["viridis"](i / (n - 1)) for i in range(n)]
 
 
-def _grid(figure, count: int, width_each: float, height_each: float):
-    columns = min(MAX_COLUMNS, count)
+def _grid(figure, count: int, width_each: float, height_each: float,
+          most: int = MAX_COLUMNS):
+    columns = min(most, count)
     rows = math.ceil(count / columns)
     figure.set_size_inches(max(6.0, width_each * columns), height_each * rows)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for ax in axes[count:]:
         ax.set_visible(False)
     return axes[:count]
+
+
+def _figure_legend(figure, axes) -> None:
+    """One legend above the subplots for the series they share (first handle of each label)."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    figure.legend(handles.values(), handles.keys(), loc="outside upper center",
+                  ncols=min(len(handles), 7), fontsize="small")
 
 
 def _integer_x(ax) -> None:
@@ -408,7 +419,7 @@ def _accuracy(runs: list[Run], x_of, xlabel: str, title: str, path: Path) -> Non
 
 def _epsilon(runs: list[Run], path: Path) -> None:
     figure = _figure(6, 4)
-    for ax, run in zip(_grid(figure, len(runs), 5.5, 4.0), runs):
+    for ax, run in zip(_grid(figure, len(runs), 7.5, 4.0, most=2), runs):
         if run.epsilon_by_round:
             colors = _colors(len(run.epsilon_by_round))
             for (device, points), color in zip(sorted(run.epsilon_by_round.items()), colors):
@@ -419,7 +430,7 @@ def _epsilon(runs: list[Run], path: Path) -> None:
                 ax.plot(x, y, color="black", linewidth=2, label="max over the round's devices")
             ax.set_xlabel("round")
             _integer_x(ax)
-            what = f"{len(run.epsilon_by_round)} devices, after each round they trained in"
+            what = f"{len(run.epsilon_by_round)} devices sent tasks, after each round they had one"
         elif run.epsilon_max_by_round:
             x, y = zip(*run.epsilon_max_by_round)
             ax.plot(x, y, color="black", marker="o", linewidth=2, label="max over the round's devices")
@@ -443,8 +454,8 @@ def _epsilon(runs: list[Run], path: Path) -> None:
         ax.set_title(f"{run.label}\n({what})", fontsize="small")
         ax.grid(alpha=0.3)
         handles, _ = ax.get_legend_handles_labels()
-        if 0 < len(handles) <= 12:
-            ax.legend(fontsize="x-small")
+        if 0 < len(handles) <= 16:  # beside the plot, not over its lines
+            ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.savefig(path, dpi=DPI)
 
 
@@ -471,15 +482,14 @@ def _plans(runs: list[Run], path: Path) -> None:
                       rotation=60, ha="right", fontsize="x-small")
         ax.set_ylim(0, 1.1)
         ax.set_ylabel("ratio")
-        source = "the planner's plan per device" if run.plans_from == "plans" else \
-            "each device's last task"
+        source = "each device's plan" if run.plans_from == "plans" else "each device's last task"
         ax.set_title(f"{run.label} ({source})", fontsize="small")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize="x-small", loc="lower right")
+    _figure_legend(figure, axes)
     figure.savefig(path, dpi=DPI)
 
 
-FLOW_COLORS = {"selected": "tab:blue", "sent": "tab:blue", "accepted": "tab:green",
+FLOW_COLORS = {"selected": "tab:cyan", "sent": "tab:blue", "accepted": "tab:green",
                "straggled": "tab:orange", "out of memory": "tab:purple", "refused": "tab:red",
                "rejected": "tab:brown", "left out": "tab:gray"}
 
@@ -488,8 +498,10 @@ def _flows(runs: list[Run], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     figure = _figure(6, 4)
-    for ax, run in zip(_grid(figure, len(runs), 6.0, 4.0), runs):
-        names = [n for n in FLOW_COLORS if n in run.flows]
+    axes = _grid(figure, len(runs), 6.0, 4.0)
+    for ax, run in zip(axes, runs):
+        names = [n for n in FLOW_COLORS if n in run.flows
+                 and (n in ("selected", "sent", "accepted") or any(run.flows[n]))]
         step = 0.8 / len(names)
         for k, name in enumerate(names):
             ax.bar([r - 0.4 + step * (k + 0.5) for r in run.rounds], run.flows[name], width=step,
@@ -500,7 +512,7 @@ def _flows(runs: list[Run], path: Path) -> None:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{run.label} ({run.kind})", fontsize="small")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize="x-small")
+    _figure_legend(figure, axes)
     figure.savefig(path, dpi=DPI)
 
 
