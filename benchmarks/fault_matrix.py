@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Asserted by other tests, not measured here: (scenario, what happened, test, how it runs). Engine
-# tests drive the real round engine and edge agents message by message (tests/fleet_harness.py),
+# tests drive the real round engine and edge agents message by message (tests/harness/fleet.py),
 # no broker; service tests run CoordinatorService in the test process against Mosquitto.
 ENGINE, SERVICE = "engine, SQLite and PostgreSQL", "service over Mosquitto, SQLite and PostgreSQL"
 STATIC_ROWS = [
@@ -145,7 +145,7 @@ def main() -> None:
                   + ", ".join(f"`{name}`" for name in failed) + "."]
     lines += ["", "Also asserted by the suite, and not measured by the fault matrix: engine-level "
               "tests (the real round engine and real edge agents driven message by message by "
-              "`tests/fleet_harness.py`, no broker) and service-level tests (`CoordinatorService` in "
+              "`tests/harness/fleet.py`, no broker) and service-level tests (`CoordinatorService` in "
               "the test process against Mosquitto, the database locked by another connection):", "",
               "| scenario | what happened | test | runs as |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | `tests/{c}` | {d} |" for a, b, c, d in STATIC_ROWS]

@@ -29,7 +29,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from mqtt_brokers import Mosquitto  # noqa: E402  (the tests' launcher of the shipped config)
+from harness.brokers import Mosquitto  # noqa: E402  (the tests' launcher of the shipped config)
 
 PER_WORKER = 250
 

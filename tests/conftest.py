@@ -1,4 +1,7 @@
-"""Shared fixtures: the real Fashion-MNIST files, loaded once per test session."""
+"""Shared fixtures: the real Fashion-MNIST files (loaded once per test session), a trained FedP3
+checkpoint and its export bundle (built once per session, on first use), a real Mosquitto per test
+module, the coordinator's databases, and the fault matrix's recorder. The helpers they are built
+on are in tests/harness/."""
 
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from databases import empty_postgres
 from edge_sdk.data import load_dataset, make_client_data
+from harness.brokers import running_mosquitto
+from harness.databases import empty_postgres
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +27,38 @@ def fmnist():
 def fmnist_clients(fmnist):
     """10 clients on FedP3's S1 partition (5 consecutive classes each)."""
     return make_client_data(fmnist, 10, "classes:5", seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained(fmnist, tmp_path_factory):
+    """A FedP3 CNN trained for one pass over 12,000 images (about 80% test accuracy), as a saved
+    global checkpoint of round 7."""
+    from edge_sdk.checkpoint import Checkpoint
+    from edge_sdk.data import to_tensor
+    from edge_sdk.models import build_model, model_spec
+
+    torch.manual_seed(0)
+    model = build_model(model_spec("fedp3_cnn", (1, 28, 28), 10), seed=0)
+    x, y = to_tensor(fmnist.train_x[:12000], fmnist.info), torch.tensor(fmnist.train_y[:12000])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for start in range(0, len(x), 64):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[start:start + 64]), y[start:start + 64]).backward()
+        opt.step()
+    checkpoint = Checkpoint(model.spec, dict(model.state_dict()), "fedp3_cnn", "fashion-mnist",
+                            round=7)
+    checkpoint.save(tmp_path_factory.mktemp("ckpt") / "global.pt")
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def full_bundle(trained, tmp_path_factory):
+    """`trained` exported for device "pi-12": ONNX and TFLite at fp32, fp16 and int8."""
+    from coordinator.exporting import export_checkpoint
+
+    out = tmp_path_factory.mktemp("full")
+    export_checkpoint(trained, out, precisions=("fp32", "fp16", "int8"), device_id="pi-12")
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +83,20 @@ def fault_matrix(request):
                 handle.write(json.dumps({"test": request.node.name, "scenario": scenario,
                                          "outcome": outcome, **dataclasses.asdict(measured)}) + "\n")
     return record
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    """A real Mosquitto (the shipped configuration on a free port) shared by one test module."""
+    with running_mosquitto(tmp_path_factory.mktemp("broker")) as mosquitto:
+        yield mosquitto
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    """The coordinator's database on SQLite in the test's folder, for tests whose subject does
+    not depend on the database."""
+    return f"sqlite:///{tmp_path / 'coordinator.db'}"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -1,4 +1,4 @@
-"""The edge agent against hostile messages: the real agent, real engine (tests/fleet_harness.py),
+"""The edge agent against hostile messages: the real agent, real engine (tests/harness/fleet.py),
 a real exported bundle, and a real Mosquitto for what only a broker shows (acknowledgement,
 redelivery after a reconnect, the resend timer).
 
@@ -15,13 +15,10 @@ import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 import zstandard
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from wire import raw_envelope
 from edge_sdk.agent import EdgeAgent, EdgeSettings, load_edge_config
 from edge_sdk.agent.config import EdgeConfigError
 from edge_sdk.sizing import DevicePlan, DevicePlanError
@@ -32,52 +29,14 @@ from edge_sdk.protocol import (MAGIC, MessageType, Topics, decode_envelope,
 from edge_sdk.protocol.signing import load_public_key, sign
 from edge_sdk.runtime import Predictor, load_manifest
 from export import export_bundle
-from fleet_harness import Harness
-from mqtt_brokers import Mosquitto
+from harness.brokers import Mosquitto, MqttPeer
+from harness.devices import captured_agent, files_outside, halt, refusals_in, running_agent
+from harness.fleet import Harness, signing_key_files
+from harness.messages import raw_envelope
+from harness.waiting import wait_until
 
 TOPICS = Topics("test")
 DEVICE = "dev-0"
-
-
-# --- helpers -----------------------------------------------------------------------------------
-def _sqlite(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'coordinator.db'}"
-
-
-def _agent(tmp_path: Path, **settings) -> tuple[EdgeAgent, list[tuple[str, bytes]]]:
-    """A real agent whose publish is injected to capture what it sends (as fleet_harness does)."""
-    config = EdgeSettings(device_id=DEVICE, fleet="test", state_dir=str(tmp_path / DEVICE),
-                        profile="catalogue:rpi4-4gb", max_samples=150,
-                        data={"clients": 3, "device_index": 0}, **settings)
-    sent: list[tuple[str, bytes]] = []
-    return EdgeAgent(config, publish=Harness._capture(sent)), sent
-
-
-def _refusals(sent: list[tuple[str, bytes]]):
-    return [parse_header(decode_envelope(p)) for t, p in sent if TOPICS.device_of(t)[0] == "refusal"]
-
-
-def _updates(sent: list[tuple[str, bytes]]) -> list[bytes]:
-    return [p for t, p in sent if TOPICS.device_of(t)[0] == "update"]
-
-
-def _files_outside(root: Path, *inside: Path) -> set[Path]:
-    """Every path under `root` that is not under one of `inside` (symlinks not followed)."""
-    return {p for p in root.rglob("*")
-            if not any(p == folder or folder in p.parents for folder in inside)}
-
-
-
-
-def _key_files(tmp_path: Path) -> tuple[Path, Path, Ed25519PrivateKey]:
-    key = Ed25519PrivateKey.generate()
-    key_path, pub_path = tmp_path / "signing.key", tmp_path / "signing.pub"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    pub_path.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return key_path, pub_path, key
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +76,13 @@ def test_an_artifact_name_that_is_a_path_writes_nothing_and_is_refused(tmp_path,
     outside.mkdir()
     if evil == "ABSOLUTE":  # a .pth in site-packages runs on the next interpreter start
         evil = str(outside / "fedprune-evil.pth")
-    agent, sent = _agent(tmp_path)
-    before = _files_outside(tmp_path, agent.state.root)
+    agent, sent = captured_agent(tmp_path)
+    before = files_outside(tmp_path, agent.state.root)
     agent.handle(TOPICS.artifact(DEVICE), _artifact(
         bundle, round_number=3, task="task-7", manifest=_renamed(bundle, evil), artifact=evil))
-    assert _files_outside(tmp_path, agent.state.root) == before, "wrote outside the state dir"
+    assert files_outside(tmp_path, agent.state.root) == before, "wrote outside the state dir"
     assert not agent.state.artifact_dir.exists()
-    refusals = _refusals(sent)
+    refusals = refusals_in(sent)
     assert [(r.code.value, r.round, r.task) for r in refusals] == [("bad_artifact", 4, "task-7")]
     assert "not a plain file name" in refusals[0].message
     assert agent.state.tasks() == {}  # a refused artifact does not touch the task it came with
@@ -131,23 +90,23 @@ def test_an_artifact_name_that_is_a_path_writes_nothing_and_is_refused(tmp_path,
 
 def test_a_plain_path_in_the_manifest_that_escapes_is_refused(tmp_path, bundle):
     """`path` (the uncompressed name) is as hostile as `compressed_path`."""
-    agent, sent = _agent(tmp_path)
+    agent, sent = captured_agent(tmp_path)
     agent.handle(TOPICS.artifact(DEVICE), _artifact(
         bundle, manifest=_renamed(bundle, "../../../model.onnx", "path")))
-    refusals = _refusals(sent)
+    refusals = refusals_in(sent)
     assert [r.code.value for r in refusals] == ["bad_artifact"]
     assert "../../../model.onnx" in refusals[0].message
     assert not agent.state.artifact_dir.exists()
 
 
 def test_a_genuine_artifact_is_stored_under_the_devices_own_names_and_runs(tmp_path, bundle, fmnist):
-    agent, sent = _agent(tmp_path)
+    agent, sent = captured_agent(tmp_path)
     real = json.loads((bundle / "manifest.json").read_text())
     # A plain but foreign name: the device still chooses the file name itself.
     agent.handle(TOPICS.artifact(DEVICE), _artifact(
         bundle, manifest=_renamed(bundle, "whatever-the-sender-says.zst"),
         artifact="whatever-the-sender-says.zst"))
-    assert _refusals(sent) == []
+    assert refusals_in(sent) == []
     stored = sorted(p.name for p in agent.state.artifact_dir.iterdir())
     assert stored == ["manifest.json", "model-fp32.onnx.zst"]
     manifest = load_manifest(agent.state.artifact_dir)
@@ -162,7 +121,7 @@ def test_a_genuine_artifact_is_stored_under_the_devices_own_names_and_runs(tmp_p
 @pytest.mark.parametrize("damage", ["sha256", "payload", "bytes", "not zstd", "bomb"])
 def test_an_artifact_that_does_not_match_its_manifest_is_refused_and_not_stored(tmp_path, bundle,
                                                                                 damage):
-    agent, sent = _agent(tmp_path)
+    agent, sent = captured_agent(tmp_path)
     manifest = json.loads((bundle / "manifest.json").read_text())
     entry = manifest["artifacts"][0]
     packed = (bundle / entry["compressed_path"]).read_bytes()
@@ -179,24 +138,24 @@ def test_an_artifact_that_does_not_match_its_manifest_is_refused_and_not_stored(
         packed = zstandard.ZstdCompressor().compress(bytes(64 << 20))
         entry["compressed_bytes"] = len(packed)
     agent.handle(TOPICS.artifact(DEVICE), _artifact(bundle, manifest=manifest, payload=packed))
-    refusals = _refusals(sent)
+    refusals = refusals_in(sent)
     assert [(r.code.value, r.round) for r in refusals] == [("bad_artifact", 1)]
     assert not agent.state.artifact_dir.exists()
 
 
 def test_an_artifact_that_is_refused_keeps_the_previous_bundle(tmp_path, bundle):
-    agent, sent = _agent(tmp_path)
+    agent, sent = captured_agent(tmp_path)
     agent.handle(TOPICS.artifact(DEVICE), _artifact(bundle))
     before = {p.name: p.read_bytes() for p in agent.state.artifact_dir.iterdir()}
     agent.handle(TOPICS.artifact(DEVICE), _artifact(
         bundle, manifest=_renamed(bundle, "../../x"), artifact="../../x"))
     assert {p.name: p.read_bytes() for p in agent.state.artifact_dir.iterdir()} == before
-    assert [r.code.value for r in _refusals(sent)] == ["bad_artifact"]
+    assert [r.code.value for r in refusals_in(sent)] == ["bad_artifact"]
 
 
 # --- item 2: task ids never become paths ---------------------------------------------------------
-def test_a_task_id_that_is_a_path_creates_and_deletes_nothing_outside_the_state_dir(tmp_path):
-    h = Harness(tmp_path, _sqlite(tmp_path), devices=1)
+def test_a_task_id_that_is_a_path_creates_and_deletes_nothing_outside_the_state_dir(tmp_path, sqlite_url):
+    h = Harness(tmp_path, sqlite_url, devices=1)
     h.register_all()
     h.engine.tick()
     [(topic, genuine)] = h.take(h.to_devices, "task", DEVICE)
@@ -204,10 +163,10 @@ def test_a_task_id_that_is_a_path_creates_and_deletes_nothing_outside_the_state_
     evil = "/../../../tmp/x"
     agent = h.agents[DEVICE]
     allowed = (agent.state.root, tmp_path / "coordinator", tmp_path / "coordinator.db")
-    before = _files_outside(tmp_path, *allowed)
+    before = files_outside(tmp_path, *allowed)
     agent.handle(topic, encode_envelope(MessageType.TASK, {**envelope.header, "task": evil},
                                         envelope.payload))
-    assert _files_outside(tmp_path, *allowed) == before, "created files outside the state dir"
+    assert files_outside(tmp_path, *allowed) == before, "created files outside the state dir"
     assert not any(p for p in agent.state.root.rglob("*") if "tmp" in p.name)
     assert h.take(h.to_coordinator, "update") == []
     # The same id in an ACK: the file it would name (here planted) is not deleted.
@@ -254,8 +213,8 @@ def _topic(kind: str) -> str:
     return getattr(TOPICS, kind)(DEVICE)
 
 
-def test_poison_messages_never_raise_and_are_reported_with_the_reason(tmp_path, caplog):
-    h = Harness(tmp_path, _sqlite(tmp_path), devices=1)
+def test_poison_messages_never_raise_and_are_reported_with_the_reason(tmp_path, sqlite_url, caplog):
+    h = Harness(tmp_path, sqlite_url, devices=1)
     agent = h.agents[DEVICE]
     with caplog.at_level(logging.WARNING, logger="fedprune.edge"):
         for kind, message in _poison():
@@ -266,7 +225,7 @@ def test_poison_messages_never_raise_and_are_reported_with_the_reason(tmp_path, 
             # Each is reported: to the coordinator when it names a task, else in the log, with why.
             assert len(h.to_coordinator) > sent or logged, f"{message[:60]!r} went unreported"
             assert all(line.rsplit("(", 1)[1].strip(") ") for line in logged)
-    refusals = _refusals(h.to_coordinator)
+    refusals = refusals_in(h.to_coordinator)
     assert sorted((r.code.value, r.round, r.task) for r in refusals) == \
         [("bad_artifact", 3, "task-p")] * 3 + [("bad_task", 2, "task-p")] * 2
     assert all(r.message for r in refusals)
@@ -277,64 +236,10 @@ def test_poison_messages_never_raise_and_are_reported_with_the_reason(tmp_path, 
     assert len(h.take(h.to_coordinator, "update", DEVICE)) == 1
 
 
-class Wire:
+def _wire(broker: Mosquitto, name: str) -> MqttPeer:
     """The test's own MQTT client: publishes what a coordinator would and records every message
     the devices of fleet "test" send, so tests wait on what crossed the broker."""
-
-    def __init__(self, broker: Mosquitto, name: str):
-        self.messages: list[tuple[str, bytes]] = []
-        self.changed = threading.Condition()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"wire-{name}",
-                                  protocol=mqtt.MQTTv311, clean_session=True)
-        self.client.on_message = self._record
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *args: subscribed.set()
-        self.client.connect("127.0.0.1", broker.port)
-        self.client.loop_start()
-        self.client.subscribe("fedprune/test/+/+", qos=1)
-        assert subscribed.wait(10), "the broker did not confirm the subscription"
-
-    def _record(self, client, userdata, message) -> None:
-        with self.changed:
-            self.messages.append((message.topic, bytes(message.payload)))
-            self.changed.notify_all()
-
-    def of(self, kind: str) -> list[bytes]:
-        with self.changed:
-            return [p for t, p in self.messages if TOPICS.device_of(t)[0] == kind]
-
-    def wait(self, kind: str, count: int, timeout: float = 60) -> list[bytes]:
-        with self.changed:
-            assert self.changed.wait_for(lambda: len(self.of(kind)) >= count, timeout), \
-                f"{count} {kind} message(s) did not arrive within {timeout} s"
-        return self.of(kind)
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    mosquitto = Mosquitto(tmp_path_factory.mktemp("broker")).start()
-    yield mosquitto
-    mosquitto.stop()
-
-
-def _running(config: EdgeSettings) -> tuple[EdgeAgent, threading.Thread]:
-    agent = EdgeAgent(config)
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    return agent, thread
-
-
-def _halt(agent: EdgeAgent, thread: threading.Thread) -> None:
-    agent.stopping.set()
-    thread.join(20)
-    assert not thread.is_alive()
+    return MqttPeer(broker.url, f"wire-{name}", ["fedprune/test/+/+"])
 
 
 def _over(broker: Mosquitto, h: Harness, tmp_path: Path, **settings) -> EdgeSettings:
@@ -343,54 +248,48 @@ def _over(broker: Mosquitto, h: Harness, tmp_path: Path, **settings) -> EdgeSett
                                       "state_dir": str(tmp_path / "on-the-broker"), **settings})
 
 
-def _wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
-
-
-def test_poison_over_mosquitto_is_acknowledged_once_and_a_real_task_still_trains(tmp_path, broker):
-    h = Harness(tmp_path, _sqlite(tmp_path), devices=1)
+def test_poison_over_mosquitto_is_acknowledged_once_and_a_real_task_still_trains(tmp_path, sqlite_url,
+                                                                                  broker):
+    h = Harness(tmp_path, sqlite_url, devices=1)
     for kind, message in _poison():  # what handle() reports, the run loop must report too
         h.agents[DEVICE].handle(_topic(kind), message)
-    unhandled, refused = h.agents[DEVICE].unhandled, len(_refusals(h.to_coordinator))
+    unhandled, refused = h.agents[DEVICE].unhandled, len(refusals_in(h.to_coordinator))
     h.register_all()
     h.engine.tick()
     [(task_topic, genuine)] = h.take(h.to_devices, "task", DEVICE)
     config = _over(broker, h, tmp_path)
-    wire = Wire(broker, "poison")
-    agent, thread = _running(config)
+    wire = _wire(broker, "poison")
+    agent, thread = running_agent(config)
     try:
         wire.wait("register", 1)  # published after it subscribed: its subscriptions are in place
         for kind, message in _poison():
             wire.publish(_topic(kind), message)
         refusals = wire.wait("refusal", refused)
-        _wait_until(lambda: agent.unhandled == unhandled or not thread.is_alive(), 30,
-                    "the agent to report every poison message")
+        wait_until(lambda: agent.unhandled == unhandled or not thread.is_alive(), 30,
+                   "the agent to report every poison message")
         assert thread.is_alive(), "a poison message stopped the agent"
-        _halt(agent, thread)
+        halt(agent, thread)
         # A restart resumes the persistent session: whatever was not acknowledged comes back
         # first, before anything published after the reconnect.
-        agent, thread = _running(config)
+        agent, thread = running_agent(config)
         wire.wait("register", 2)
         wire.publish(task_topic, genuine)
         wire.wait("update", 1, timeout=120)
         assert agent.unhandled == 0, "poison was redelivered after the reconnect"
         assert len(wire.of("refusal")) == len(refusals)
     finally:
-        _halt(agent, thread)
+        halt(agent, thread)
         wire.close()
 
 
 # --- item 9: the resend timer --------------------------------------------------------------------
-def test_an_update_whose_publish_was_lost_is_resent_on_the_timer_without_a_reconnect(tmp_path,
+def test_an_update_whose_publish_was_lost_is_resent_on_the_timer_without_a_reconnect(tmp_path, sqlite_url,
                                                                                      broker):
-    h = Harness(tmp_path, _sqlite(tmp_path), devices=1)
+    h = Harness(tmp_path, sqlite_url, devices=1)
     h.register_all()
     h.engine.tick()
     [(task_topic, genuine)] = h.take(h.to_devices, "task", DEVICE)
-    wire = Wire(broker, "resend")
+    wire = _wire(broker, "resend")
     dropped = []
 
     def lossy(topic, payload, retain=False):
@@ -412,26 +311,26 @@ def test_an_update_whose_publish_was_lost_is_resent_on_the_timer_without_a_recon
         h.engine.handle(TOPICS.update(DEVICE), resent)
         [(ack_topic, ack)] = h.take(h.to_devices, "ack", DEVICE)
         wire.publish(ack_topic, ack)
-        _wait_until(lambda: agent.state.outbox() == [], 10, "the ACK to empty the outbox")
+        wait_until(lambda: agent.state.outbox() == [], 10, "the ACK to empty the outbox")
         seen = len(wire.of("update"))
         time.sleep(2 * agent.config.resend_seconds)  # two intervals: an acknowledged update stays put
         assert len(wire.of("update")) == seen
     finally:
-        _halt(agent, thread)
+        halt(agent, thread)
         wire.close()
 
 
 # --- item 5: the device's own config decides privacy ---------------------------------------------
 def _only_refusal(h: Harness):
-    refusals = _refusals(h.take(h.to_coordinator, "refusal", DEVICE))
+    refusals = refusals_in(h.take(h.to_coordinator, "refusal", DEVICE))
     assert len(refusals) == 1, f"expected one refusal, got {refusals} (updates: " \
         f"{len(h.take(h.to_coordinator, 'update', DEVICE))})"
     return refusals[0]
 
 
 @pytest.mark.parametrize("policy", [{"budgets": {0: 8.0}}, {"require_dp": True}])
-def test_a_device_that_requires_dp_refuses_a_task_without_it(tmp_path, policy):
-    h = Harness(tmp_path, _sqlite(tmp_path), devices=1, budgets=policy.get("budgets"))
+def test_a_device_that_requires_dp_refuses_a_task_without_it(tmp_path, sqlite_url, policy):
+    h = Harness(tmp_path, sqlite_url, devices=1, budgets=policy.get("budgets"))
     agent = h.agents[DEVICE]
     if "require_dp" in policy:
         agent.config = EdgeSettings.model_validate({**agent.config.model_dump(), "require_dp": True})
@@ -445,8 +344,8 @@ def test_a_device_that_requires_dp_refuses_a_task_without_it(tmp_path, policy):
     assert not (agent.state.root / "model.pt").exists()  # it never trained
 
 
-def test_a_task_whose_delta_is_above_the_devices_is_refused(tmp_path):
-    h = Harness(tmp_path, _sqlite(tmp_path), devices=1, budgets={0: 50.0},
+def test_a_task_whose_delta_is_above_the_devices_is_refused(tmp_path, sqlite_url):
+    h = Harness(tmp_path, sqlite_url, devices=1, budgets={0: 50.0},
                 dp={"noise_multiplier": 1.0, "delta": 1e-3})
     h.register_all()
     h.engine.tick()
@@ -456,8 +355,8 @@ def test_a_task_whose_delta_is_above_the_devices_is_refused(tmp_path):
     assert not (h.agents[DEVICE].state.root / "ledger.json").exists()
 
 
-def test_the_ledger_accounts_at_the_devices_delta_whatever_the_task_says(tmp_path):
-    h = Harness(tmp_path, _sqlite(tmp_path), devices=1, budgets={0: 50.0},
+def test_the_ledger_accounts_at_the_devices_delta_whatever_the_task_says(tmp_path, sqlite_url):
+    h = Harness(tmp_path, sqlite_url, devices=1, budgets={0: 50.0},
                 dp={"noise_multiplier": 1.0, "delta": 1e-9})  # stricter than the device: accepted
     h.register_all()
     h.engine.tick()
@@ -472,9 +371,9 @@ def test_the_ledger_accounts_at_the_devices_delta_whatever_the_task_says(tmp_pat
 
 
 # --- item 12: ACKs are the coordinator's -------------------------------------------------------
-def test_unsigned_or_forged_acks_drop_nothing_and_change_no_state(tmp_path):
-    key_path, pub_path, key = _key_files(tmp_path)
-    h = Harness(tmp_path, _sqlite(tmp_path), devices=1, signing_key=str(key_path))
+def test_unsigned_or_forged_acks_drop_nothing_and_change_no_state(tmp_path, sqlite_url):
+    key_path, pub_path, key = signing_key_files(tmp_path)
+    h = Harness(tmp_path, sqlite_url, devices=1, signing_key=str(key_path))
     agent = h.agents[DEVICE]
     agent.coordinator_key = load_public_key(pub_path)
     h.register_all()

@@ -11,15 +11,8 @@ from coordinator.aggregation import StreamingAggregator
 from edge_sdk import codec
 from edge_sdk.checkpoint import load_checkpoint
 from edge_sdk.protocol import MessageType, decode_envelope, encode_envelope, parse_header
-from fleet_harness import Harness, update_message
-
-def _acks(harness, device):
-    """Deliver the coordinator's acks to the device, and return them parsed."""
-    acks = harness.take(harness.to_devices, "ack", device)
-    for topic, payload in acks:
-        harness.agents[device].handle(topic, payload)
-    return [parse_header(decode_envelope(p)) for _, p in acks]
-
+from harness.fleet import Harness
+from harness.messages import update_message
 
 def test_a_round_commits_with_every_update_counted_once(tmp_path, db_url):
     h = Harness(tmp_path, db_url)
@@ -30,7 +23,7 @@ def test_a_round_commits_with_every_update_counted_once(tmp_path, db_url):
     updates = h.deliver_to_coordinator("update")
     assert len(updates) == 3
     h.engine.handle(*updates[0])  # a QoS 1 redelivery of the first update
-    acks = [a for d in h.agents for a in _acks(h, d)]
+    acks = [a for d in h.agents for a in h.deliver_acks(d)]
     assert sum(a.accepted and not a.duplicate for a in acks) == 3
     assert sum(a.duplicate for a in acks) == 1
     h.engine.tick()
@@ -84,34 +77,34 @@ def test_late_stale_foreign_and_oversized_updates_are_refused_and_the_device_tol
 
     # dev-0 publishes dev-1's update on its own topic: ignored, nothing acknowledged.
     h.engine.handle(h.topics.update("dev-0"), updates["dev-1"][1])
-    assert _acks(h, "dev-0") == [] and h.store.update_count(1) == 0
+    assert h.deliver_acks("dev-0") == [] and h.store.update_count(1) == 0
 
     # An update over the coordinator's size limit: refused before decoding, device told why.
     topic, payload = updates["dev-2"]
     env = decode_envelope(payload)
     bloated = encode_envelope(MessageType.UPDATE, env.header, env.payload + b"\0" * 2_000_000)
     h.engine.handle(topic, bloated)
-    (ack,) = _acks(h, "dev-2")
+    (ack,) = h.deliver_acks("dev-2")
     assert not ack.accepted and "over the limit" in ack.reason
 
     # A damaged payload (bit flip inside the codec bytes): refused, device told.
     damaged = bytearray(payload)
     damaged[-40] ^= 0xFF
     h.engine.handle(topic, bytes(damaged))
-    (ack,) = _acks(h, "dev-2")
+    (ack,) = h.deliver_acks("dev-2")
     assert not ack.accepted and ack.reason.startswith("update refused")
 
     # A finite but huge update (a scaled attack): refused for its norm, device told.
     huge = {name: codec.SparseTensor(t.shape, t.indices, t.values * 1e4)
             for name, t in codec.decode(decode_envelope(updates["dev-2"][1]).payload).items()}
     h.engine.handle(topic, update_message(env.header, codec.encode(huge, codec.ValueDtype.FLOAT32)))
-    (ack,) = _acks(h, "dev-2")
+    (ack,) = h.deliver_acks("dev-2")
     assert not ack.accepted and "L2 norm" in ack.reason
 
     # After the deadline: late.
     h.clock.now += 61
     h.engine.handle(*updates["dev-0"])
-    (ack,) = _acks(h, "dev-0")
+    (ack,) = h.deliver_acks("dev-0")
     assert not ack.accepted and "late" in ack.reason
     assert h.store.update_count(1) == 0
     for name, value in before.items():  # nothing refused touched the model
@@ -123,7 +116,7 @@ def test_late_stale_foreign_and_oversized_updates_are_refused_and_the_device_tol
     h.engine.tick()
     assert h.engine.round.number == 2
     h.engine.handle(*updates["dev-1"])  # an update for the aborted round is stale now
-    (ack,) = _acks(h, "dev-1")
+    (ack,) = h.deliver_acks("dev-1")
     assert not ack.accepted and "not open" in ack.reason
 
 

@@ -9,18 +9,18 @@ with a real coordinator and broker, and reads every module the device imported.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import tomllib
 from pathlib import Path
 
-import pytest
-
-from mqtt_brokers import Mosquitto
+from harness.devices import coordinator_process, edge_agent_process
+from harness.processes import stop_processes
+from harness.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,30 +129,10 @@ print(json.dumps(sorted(sys.modules)))
     assert ours == []
 
 
-@pytest.fixture
-def broker(tmp_path):
-    mosquitto = Mosquitto(tmp_path / "broker").start()
-    yield mosquitto
-    mosquitto.stop()
-
-
 def _imported(stderr: str) -> list[str]:
     """Module names from `-X importtime` lines: "import time: self | cumulative | name"."""
     return [line.rsplit("|", 1)[1].strip() for line in stderr.splitlines()
             if line.startswith("import time:") and line.count("|") == 2]
-
-
-def _wait(predicate, timeout: float, what: str, watch: dict[str, subprocess.Popen]) -> None:
-    """Until `predicate()` holds; fail at once if a watched process exits meanwhile."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        for name, process in watch.items():
-            if process.poll() is not None:
-                raise AssertionError(f"{name} exited with {process.returncode} while waiting for {what}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_an_edge_agent_through_a_real_round_imports_no_coordinator_code(tmp_path, broker):
@@ -162,42 +142,32 @@ def test_an_edge_agent_through_a_real_round_imports_no_coordinator_code(tmp_path
     config.write_text(f'device_id = "{device}"\nbroker = "{broker.url}"\nfleet = "{fleet}"\n'
                       f'state_dir = "{state}"\nprofile = "catalogue:rpi4-4gb"\nmax_samples = 300\n'
                       'epsilon_budget = 8.0\n\n[data]\nclients = 2\ndevice_index = 0\n')
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     device_log, coordinator_log = tmp_path / "device.log", tmp_path / "coordinator.log"
-    processes = {
-        "the edge agent": subprocess.Popen(
-            [sys.executable, "-X", "importtime", "-m", "edge_sdk.cli", "run", "--config", str(config),
-             "--plain-logs"], env=env, stdout=subprocess.DEVNULL, stderr=open(device_log, "w")),
-        "the coordinator": subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "coordinator", "serve", "--plain-logs",
-             *(arg for setting in (f"broker.url={broker.url}", f"broker.fleet={fleet}",
-                                   f"state_dir={tmp_path / 'coordinator'}", "http_port=0",
-                                   "exit_when_done=true", "strategy=fedavg", "model=mlp",
-                                   "evaluate=false", "export.enabled=false", "train.lr=0.05",
-                                   "dp.target_epsilon=8",
-                                   "rounds.total=1", "rounds.devices_per_round=1",
-                                   "rounds.min_devices=1", "rounds.deadline_seconds=120",
-                                   "rounds.registration_grace_seconds=0")
-               for arg in ("--set", setting))],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(coordinator_log, "w")),
-    }
-    coordinator, agent = processes["the coordinator"], processes["the edge agent"]
+    # Logs and `-X importtime` go to stderr: each log holds its process's stderr alone.
+    agent = edge_agent_process(config, device_log, "the edge agent", args=["--plain-logs"],
+                               python_flags=["-X", "importtime"], stderr_only=True).start()
+    coordinator = coordinator_process(
+        "the coordinator", [f"broker.url={broker.url}", f"broker.fleet={fleet}",
+                            f"state_dir={tmp_path / 'coordinator'}", "http_port=0",
+                            "exit_when_done=true", "strategy=fedavg", "model=mlp",
+                            "evaluate=false", "export.enabled=false", "train.lr=0.05",
+                            "dp.target_epsilon=8",
+                            "rounds.total=1", "rounds.devices_per_round=1",
+                            "rounds.min_devices=1", "rounds.deadline_seconds=120",
+                            "rounds.registration_grace_seconds=0"],
+        coordinator_log, args=["--plain-logs"], stderr_only=True).start()
     tasks = state / "tasks.json"
     try:
         # The coordinator exits once its one round is committed: the device's update is in it.
-        _wait(lambda: coordinator.poll() is not None, 240, "the coordinator to commit its round",
-              {"the edge agent": agent})
-        assert coordinator.returncode == 0, coordinator_log.read_text()[-3000:]
-        _wait(lambda: tasks.exists() and "acked" in json.loads(tasks.read_text()).values(), 60,
-              "the device to record the coordinator's ACK of its update",
-              {"the edge agent": agent})
-        agent.terminate()
-        assert agent.wait(30) == 0
+        wait_until(lambda: coordinator.exited() is not None, 240, "the coordinator to commit its round",
+                   watch=[agent], interval=0.2)
+        assert coordinator.exited() == 0, coordinator_log.read_text()[-3000:]
+        wait_until(lambda: tasks.exists() and "acked" in json.loads(tasks.read_text()).values(), 60,
+                   "the device to record the coordinator's ACK of its update", watch=[agent],
+                   interval=0.2)
+        assert agent.stop(timeout=30) == 0
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait(20)
+        stop_processes([agent, coordinator], signal.SIGKILL)
     stderr = device_log.read_text(errors="replace")
     assert "round 1: sent" in stderr, stderr[-3000:]
     modules = _imported(stderr)

@@ -22,7 +22,7 @@ from coordinator.slicing import extract, select_channels, slice_map, to_global
 from edge_sdk.slicing import width_spec
 from edge_sdk.training import train_locally
 from edge_sdk.settings import DPSettings, TrainSettings
-from slicing_parity import global_model, load, zero_removed
+from harness.slicing_parity import global_model, load, zero_removed
 
 METHODS = ("prefix", "rolling", "magnitude")
 WIDTHS = (1.0, 0.75, 0.5, 0.25, 0.125)

@@ -2,7 +2,7 @@
 none raising; updates checked against what was planned before anything is decoded; a commit that
 fails for good aborted once; a database that fails for a while losing nothing (issue 11).
 
-The engine tests drive the real round engine and real edge agents through `fleet_harness` on
+The engine tests drive the real round engine and real edge agents through `harness.fleet` on
 SQLite and PostgreSQL; the service tests run `CoordinatorService` against a real Mosquitto and
 break the database for real (a lock held by another connection), never with a patched store.
 """
@@ -23,26 +23,18 @@ import psycopg
 import pytest
 import sqlalchemy
 import zstandard
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.service import CoordinatorService
-from wire import raw_envelope
 from edge_sdk import codec
 from edge_sdk.protocol import MessageType, decode_envelope, encode_envelope
 from edge_sdk.protocol.signing import verify
-from edge_sdk.protocol.transport import make_client
-from fleet_harness import Harness, update_message
-from mqtt_brokers import Mosquitto
-from test_coordinator_engine import _acks
+from harness.brokers import Mosquitto, MqttPeer
+from harness.fleet import Harness, signing_key_files
+from harness.messages import raw_envelope, update_message
+from harness.waiting import wait_until
 
-
-@pytest.fixture
-def sqlite_url(tmp_path):
-    """The engine's own logic does not depend on the database: these tests run on SQLite only."""
-    return f"sqlite:///{tmp_path / 'coordinator.db'}"
-
-
+# The engine's own logic does not depend on the database: most tests run on SQLite only
+# (`sqlite_url`), those where the database matters on both (`db_url`).
 
 
 def _round_with_updates(h: Harness) -> dict[str, tuple[str, bytes]]:
@@ -88,14 +80,14 @@ def test_no_message_content_makes_the_engine_raise_and_updates_are_answered(tmp_
     ]
     for hostile_topic, message in hostile:
         h.engine.handle(hostile_topic, message)  # returns: nothing escapes
-    reasons = [a.reason for a in _acks(h, "dev-0")]
+    reasons = [a.reason for a in h.deliver_acks("dev-0")]
     assert h.store.update_count(1) == 0 and h.engine.round.number == 1
     assert any("registered" in r for r in reasons), reasons           # the 10**19-sample claim
     assert any("update topic" in r for r in reasons), reasons         # UPDATE on the register topic
     assert h.store.device("dev-0").num_samples == 150                 # no registration took
     assert h.engine.status()["messages"]["refused"] >= 6
     h.engine.handle(topic, honest)  # the device's real update is still accepted afterwards
-    (ack,) = _acks(h, "dev-0")
+    (ack,) = h.deliver_acks("dev-0")
     assert ack.accepted and h.store.update_count(1) == 1
 
 
@@ -154,7 +146,7 @@ def test_an_update_claiming_more_samples_than_planned_is_refused(tmp_path, sqlit
     assert {t.aggregation_weight for t in h.store.tasks(1).values()} == {150.0}  # FedAvg: samples
     topic, honest = updates["dev-0"]
     h.engine.handle(topic, update_message(_header(honest), _payload(honest), num_samples=151))
-    (ack,) = _acks(h, "dev-0")
+    (ack,) = h.deliver_acks("dev-0")
     assert not ack.accepted and "num_samples 151 is over the 150 samples dev-0 registered" in ack.reason
     assert h.store.update_count(1) == 0
     registration = decode_envelope(h.agents["dev-1"]._registration()).header
@@ -180,12 +172,12 @@ def test_a_decompression_bomb_is_refused_before_allocating_and_refusals_are_boun
     finally:
         tracemalloc.stop()
     assert peak < 32 * 2**20, f"handling the bomb allocated {peak / 2**20:.0f} MiB"
-    (ack,) = _acks(h, "dev-0")
+    (ack,) = h.deliver_acks("dev-0")
     assert not ack.accepted and "refusing to decompress" in ack.reason
     for _ in range(h.config.max_refused_updates - 1):
         h.engine.handle(topic, update_message(header, bomb))
     h.engine.handle(topic, honest)  # even a good one: the task had its share of refusals
-    *_, ack = _acks(h, "dev-0")
+    *_, ack = h.deliver_acks("dev-0")
     assert not ack.accepted and "no further one is decoded" in ack.reason
     assert h.store.update_count(1) == 0
 
@@ -199,7 +191,7 @@ def test_an_update_that_arrived_in_time_is_not_late_because_the_engine_was_busy(
     h.clock.now += 75  # the engine gets to the inbox after the 60 s deadline
     h.engine.handle(*updates["dev-0"], received_at=arrived)
     h.engine.handle(*updates["dev-1"])  # arrives now: late
-    (on_time,), (late,) = _acks(h, "dev-0"), _acks(h, "dev-1")
+    (on_time,), (late,) = h.deliver_acks("dev-0"), h.deliver_acks("dev-1")
     assert on_time.accepted and not late.accepted and "late" in late.reason
 
 
@@ -210,7 +202,7 @@ def test_an_update_whose_payload_sha256_does_not_match_is_refused(tmp_path, sqli
     h.engine.handle(topic, encode_envelope(MessageType.UPDATE, {
         **_header(honest), "payload_sha256": hashlib.sha256(b"something else").hexdigest()},
         _payload(honest)))
-    (ack,) = _acks(h, "dev-0")
+    (ack,) = h.deliver_acks("dev-0")
     assert not ack.accepted and "does not match the payload's sha256" in ack.reason
     assert h.store.update_count(1) == 0
 
@@ -219,7 +211,7 @@ def test_an_update_on_a_register_topic_is_refused(tmp_path, sqlite_url):
     h = Harness(tmp_path, sqlite_url, devices=1)
     _, honest = _round_with_updates(h)["dev-0"]
     h.engine.handle(h.topics.register("dev-0"), honest)
-    (ack,) = _acks(h, "dev-0")
+    (ack,) = h.deliver_acks("dev-0")
     assert not ack.accepted and "an UPDATE goes on the update topic, not on register" in ack.reason
     assert h.store.update_count(1) == 0
 
@@ -232,7 +224,7 @@ def test_updates_arriving_while_a_resumed_round_commits_are_refused(tmp_path, sq
     h.new_engine()
     assert h.engine.round.state == "committing"
     h.engine.handle(*updates["dev-1"])  # queued by the broker while the coordinator was down
-    (ack,) = _acks(h, "dev-1")
+    (ack,) = h.deliver_acks("dev-1")
     assert not ack.accepted and "round 1 is committing" in ack.reason
     h.engine.tick()
     row = h.store.last_committed()
@@ -242,10 +234,7 @@ def test_updates_arriving_while_a_resumed_round_commits_are_refused(tmp_path, sq
 
 
 def test_acks_are_signed_when_the_coordinator_signs_tasks(tmp_path, sqlite_url):
-    key = Ed25519PrivateKey.generate()
-    key_path = tmp_path / "signing.key"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path, _, key = signing_key_files(tmp_path)
     h = Harness(tmp_path, sqlite_url, devices=1, signing_key=str(key_path))
     topic, honest = _round_with_updates(h)["dev-0"]
     h.engine.handle(topic, update_message(_header(honest), b"refused too"))
@@ -308,13 +297,6 @@ def test_a_refused_artifact_is_counted_and_leaves_the_task_running(tmp_path, sql
 
 
 # --- items 9 and 10: the service over a real Mosquitto, with a database that fails ------------
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    mosquitto = Mosquitto(tmp_path_factory.mktemp("broker")).start()
-    yield mosquitto
-    mosquitto.stop()
-
-
 class _Lock:
     """Another connection holding the database (or its updates table) exclusively."""
 
@@ -359,17 +341,10 @@ def _next(service: CoordinatorService) -> tuple:
         raise AssertionError("the service received nothing within 30 s") from None
 
 
-def _device(broker: Mosquitto, device: str):
-    client, address = make_client(f"{device}-{time.monotonic_ns()}", broker.url, clean_session=True)
-    acks: list[bytes] = []
-    arrived, subscribed = threading.Event(), threading.Event()
-    client.on_message = lambda c, u, m: (acks.append(m.payload), arrived.set())
-    client.on_subscribe = lambda *args: subscribed.set()
-    client.connect(address.host, address.port)
-    client.loop_start()
-    client.subscribe(f"fedprune/test/ack/{device}", qos=1)
-    assert subscribed.wait(30), "the device's client could not subscribe"
-    return client, acks, arrived
+def _device(broker: Mosquitto, device: str) -> MqttPeer:
+    """A device's MQTT client, subscribed to its ACKs."""
+    return MqttPeer(broker.url, f"{device}-{time.monotonic_ns()}", [f"fedprune/test/ack/{device}"],
+                    timeout=30)
 
 
 class _LogEvent(logging.Handler):
@@ -392,7 +367,7 @@ def test_an_update_the_database_cannot_store_for_a_while_is_stored_once_it_can(t
     h.clock.now = time.time()  # the service's engine runs on the real clock
     topic, honest = _round_with_updates(h)["dev-0"]
     service = _service(h, broker, f"retry-{uuid.uuid4().hex[:8]}")
-    device, acks, arrived = _device(broker, "dev-0")
+    device = _device(broker, "dev-0")
     retrying = _LogEvent(f"a message on {topic} failed")
     logging.getLogger("fedprune.coordinator").addHandler(retrying)
     lock = _Lock(db_url)
@@ -400,16 +375,16 @@ def test_an_update_the_database_cannot_store_for_a_while_is_stored_once_it_can(t
         # The lock goes once the service has failed to store the update and is waiting to retry.
         releaser = threading.Thread(target=lambda: (retrying.seen.wait(30), lock.release()))
         releaser.start()
-        device.publish(topic, honest, qos=1).wait_for_publish(30)
+        device.publish(topic, honest, timeout=30)
         _handle_next(service)
         releaser.join()
         assert retrying.seen.is_set(), "the service never retried the update: it was dropped"
-        assert arrived.wait(30), "the device got no ACK"
+        assert device.wait_for(lambda: device.of("ack"), 30), "the device got no ACK"
     finally:
         logging.getLogger("fedprune.coordinator").removeHandler(retrying)
-        device.loop_stop()
+        device.close()
         service.stop()
-    (ack,) = [decode_envelope(a).header for a in acks]
+    (ack,) = [decode_envelope(a).header for a in device.of("ack")]
     assert ack["accepted"] and not ack["duplicate"]
     assert h.store.has_update(1, "dev-0", ack["task"])
     assert service.status()["handling"]["transient_failures"] >= 1
@@ -422,10 +397,10 @@ def test_an_update_that_always_fails_is_dead_lettered_and_acknowledged(tmp_path,
     topic, honest = _round_with_updates(h)["dev-0"]
     session = f"dead-{uuid.uuid4().hex[:8]}"
     service = _service(h, broker, session, attempts=2, first_delay_seconds=0.05)
-    device, _, _ = _device(broker, "dev-0")
+    device = _device(broker, "dev-0")
     lock = _Lock(db_url)
     try:
-        device.publish(topic, honest, qos=1).wait_for_publish(30)
+        device.publish(topic, honest, timeout=30)
         _handle_next(service)
     finally:
         lock.release()
@@ -442,10 +417,10 @@ def test_an_update_that_always_fails_is_dead_lettered_and_acknowledged(tmp_path,
     again = _service(h, broker, session)
     try:
         device.publish(h.topics.status("dev-0"), encode_envelope(
-            MessageType.STATUS, {"device_id": "dev-0", "online": True}), qos=1).wait_for_publish(30)
+            MessageType.STATUS, {"device_id": "dev-0", "online": True}), timeout=30)
         assert _next(again)[0] == h.topics.status("dev-0")
     finally:
-        device.loop_stop()
+        device.close()
         again.stop()
     assert h.store.update_count(1) == 0  # kept for the operator; the device resends on its timer
 
@@ -453,13 +428,13 @@ def test_an_update_that_always_fails_is_dead_lettered_and_acknowledged(tmp_path,
 def test_a_qos0_flood_does_not_grow_the_inbox_and_is_counted(tmp_path, broker):
     h = Harness(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", devices=1)
     service = _service(h, broker, f"flood-{uuid.uuid4().hex[:8]}")
-    flooder, _, _ = _device(broker, "dev-0")
+    flooder = _device(broker, "dev-0")
     try:
         for _ in range(500):
-            flooder.publish(h.topics.update("dev-0"), b"x" * 1000, qos=0)
+            flooder.client.publish(h.topics.update("dev-0"), b"x" * 1000, qos=0)
         # Sent after the flood on the same connection: delivered after it.
         flooder.publish(h.topics.status("dev-0"), encode_envelope(
-            MessageType.STATUS, {"device_id": "dev-0", "online": True}), qos=1).wait_for_publish(10)
+            MessageType.STATUS, {"device_id": "dev-0", "online": True}))
         received = []
         while True:
             topic, *_ = _next(service)
@@ -469,7 +444,7 @@ def test_a_qos0_flood_does_not_grow_the_inbox_and_is_counted(tmp_path, broker):
         assert received == [] and service.link.inbox.qsize() == 0
         assert service.status()["inbox"]["dropped_qos0"] == 500
     finally:
-        flooder.loop_stop()
+        flooder.close()
         service.stop()
 
 
@@ -477,15 +452,13 @@ def test_the_inbox_is_bounded_and_what_it_cannot_hold_is_delivered_again(tmp_pat
     h = Harness(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", devices=1, broker={"inbox_limit": 10})
     session = f"bounded-{uuid.uuid4().hex[:8]}"
     service = _service(h, broker, session)
-    device, _, _ = _device(broker, "dev-0")
+    device = _device(broker, "dev-0")
     topic = h.topics.status("dev-0")
     try:
         for i in range(15):  # QoS 1: within Mosquitto's in-flight window of 20, all are sent
-            device.publish(topic, f"status {i}".encode(), qos=1).wait_for_publish(30)
-        deadline = time.monotonic() + 30
-        while service.link.inbox.qsize() + service.link.counters["dropped_inbox_full"] < 15:
-            assert time.monotonic() < deadline, "the broker did not deliver the 15 messages"
-            time.sleep(0.05)
+            device.publish(topic, f"status {i}".encode(), timeout=30)
+        wait_until(lambda: service.link.inbox.qsize() + service.link.counters["dropped_inbox_full"] >= 15,
+                   30, "the broker to deliver the 15 messages", interval=0.05)
         assert service.link.inbox.qsize() == 10
         assert service.status()["inbox"]["dropped_inbox_full"] == 5
     finally:
@@ -496,5 +469,5 @@ def test_the_inbox_is_bounded_and_what_it_cannot_hold_is_delivered_again(tmp_pat
     try:
         assert sorted(_next(again)[1] for _ in range(15)) == sorted(f"status {i}".encode() for i in range(15))
     finally:
-        device.loop_stop()
+        device.close()
         again.stop()

@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +21,15 @@ from pathlib import Path
 import pytest
 
 from coordinator.service.store import Store
-from wire import raw_envelope
 from edge_sdk.agent import EdgeSettings, load_edge_config
 from edge_sdk.agent.state import task_key
 from edge_sdk.protocol import (MessageType, Topics, decode_envelope, parse_header)
-from edge_sdk.protocol.transport import make_client
-from mqtt_brokers import Mosquitto
-from databases import empty_postgres
+from harness.brokers import Mosquitto, MqttPeer, running_mosquitto
+from harness.databases import empty_postgres
+from harness.devices import coordinator_process, start_edge_agent
+from harness.messages import raw_envelope
+from harness.processes import Process, stop_processes
+from harness.waiting import poll_until, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -41,39 +38,12 @@ SENT = ("sent", "acked", "rejected")  # tasks.json states of a task the device a
 
 
 # --- processes -------------------------------------------------------------------------------
-@dataclass
-class Process:
-    """`python -m <args>` (edge_sdk.cli or coordinator.cli), its output going to `log` (appended
-    across restarts)."""
-    name: str
-    args: list[str]
-    log: Path
-    popen: subprocess.Popen | None = None
-
-    def start(self) -> Process:
-        self.popen = subprocess.Popen([sys.executable, "-m", *self.args],
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                      stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
-        return self
-
-    def exited(self) -> int | None:
-        return self.popen.poll()
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-        return self.popen.wait(timeout)
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-1500:] if self.log.exists() else "(no log)"
-
-
 @pytest.fixture
 def broker(tmp_path):
+    """A broker of the test's own (a restart must not touch another test's sessions)."""
     # Debug logging only adds lines: the broker's log is how the poison test counts deliveries.
-    mosquitto = Mosquitto(tmp_path / "broker", extra="log_type debug\n").start()
-    yield mosquitto
-    mosquitto.stop()
+    with running_mosquitto(tmp_path / "broker", extra="log_type debug\n") as mosquitto:
+        yield mosquitto
 
 
 @pytest.fixture
@@ -95,9 +65,7 @@ def _device(tmp: Path, url: str, fleet: str, i: int, devices: int, samples: int 
     config = EdgeSettings(device_id=f"{fleet}-{i}", broker=url, fleet=fleet, state_dir=str(tmp / f"d{i}"),
                         profile="catalogue:rpi4-4gb", max_samples=samples,
                         data={"clients": devices, "device_index": i})
-    path = config.save(tmp / f"d{i}.toml")
-    return Process(config.device_id, ["edge_sdk.cli", "run", "--config", str(path)],
-                   tmp / f"d{i}.log").start()
+    return start_edge_agent(config, tmp, stem=f"d{i}")  # measure() reads d*.toml and d*.log
 
 
 def _coordinator(tmp: Path, url: str, fleet: str, store: Store, devices: int, **rounds) -> Process:
@@ -110,40 +78,19 @@ def _coordinator(tmp: Path, url: str, fleet: str, store: Store, devices: int, **
                  "http_port=0", "exit_when_done=true", "strategy=fedavg", "model=mlp",
                  "evaluate=false", "export.enabled=false", "train.lr=0.05",
                  *(f"{k}={v}" for k, v in settings.items())]
-    return Process(f"coord-{fleet}", ["coordinator.cli", "coordinator", "serve",
-                                      *sum((["--set", o] for o in overrides), [])],
-                   tmp / "coordinator.log").start()
-
-
-def _wait(predicate, timeout: float, what: str, watch: list[Process] = ()) -> None:
-    """Poll until `predicate()` holds; fail at once if a watched process exits meanwhile."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for process in watch:
-            if process.exited() is not None:
-                raise AssertionError(f"{process.name} exited with status {process.exited()} while "
-                                     f"waiting for {what}; its log ends:\n{process.tail()}")
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return coordinator_process(f"coord-{fleet}", overrides, tmp / "coordinator.log").start()
 
 
 def _finish(coordinator: Process, devices: list[Process], timeout: float = 180) -> None:
     """Wait for the coordinator to exit (it does once every round committed), every device alive."""
-    _wait(lambda: coordinator.exited() is not None, timeout, "the coordinator to finish its rounds",
-          devices)
+    wait_until(lambda: coordinator.exited() is not None, timeout,
+               "the coordinator to finish its rounds", devices)
     assert coordinator.exited() == 0, coordinator.tail()
 
 
 def _stop(processes) -> None:
     """End of a test, after everything was measured: SIGKILL (a clean exit costs seconds each)."""
-    for process in processes:
-        if process.popen is not None and process.exited() is None:
-            process.popen.kill()
-    for process in processes:
-        if process.popen is not None:
-            process.popen.wait(20)
+    stop_processes(processes, signal.SIGKILL, timeout=20)
 
 
 # --- the accounting every row uses -------------------------------------------------------------
@@ -214,10 +161,8 @@ def _device_record(config_path: Path) -> tuple[dict[tuple[str, int, str], str], 
 def _settle(tmp: Path, timeout: float = 10) -> None:
     """Give the last acknowledgements time to reach the devices (an outbox empties on its ACK);
     an update that stays unacknowledged is then measured as whatever it is."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and any(
-            any((Path(load_edge_config(p).state_dir) / "outbox").glob("*")) for p in tmp.glob("d*.toml")):
-        time.sleep(0.2)
+    poll_until(lambda: not any(any((Path(load_edge_config(p).state_dir) / "outbox").glob("*"))
+                               for p in tmp.glob("d*.toml")), timeout, interval=0.2)
 
 
 def measure(store: Store, tmp: Path) -> Measured:
@@ -276,8 +221,8 @@ def test_broker_restart_mid_round(tmp_path, broker, database, fault_matrix):
     devices = [_device(tmp_path, broker.url, "brk", i, 3) for i in range(3)]
     coordinator = _coordinator(tmp_path, broker.url, "brk", database, 3)
     try:
-        _wait(lambda: database.current_round() is not None, 90, "round 1 to open",
-              [coordinator, *devices])
+        wait_until(lambda: database.current_round() is not None, 90, "round 1 to open",
+                   [coordinator, *devices])
         broker.restart(down_seconds=3)  # every connection drops; sessions survive on disk
         _finish(coordinator, devices)
         measured = measure(database, tmp_path)
@@ -297,8 +242,8 @@ def test_coordinator_sigkill_mid_round_resumes(tmp_path, broker, database, fault
                for i in range(3)]
     coordinator = _coordinator(tmp_path, broker.url, "kill", database, 3)
     try:
-        _wait(lambda: database.update_count(1) >= 1, 120, "a first accepted update",
-              [coordinator, *devices])
+        wait_until(lambda: database.update_count(1) >= 1, 120, "a first accepted update",
+                   [coordinator, *devices])
         coordinator.stop(signal.SIGKILL)
         before = database.update_count(1)
         coordinator = _coordinator(tmp_path, broker.url, "kill", database, 3)  # same database
@@ -321,11 +266,11 @@ def test_a_third_of_the_devices_vanish_mid_round(tmp_path, broker, database, fau
     coordinator = _coordinator(tmp_path, broker.url, "gone", database, 3, deadline_seconds=12,
                                min_fraction=0.6)
     try:
-        _wait(lambda: database.current_round() is not None, 90, "round 1 to open",
-              [coordinator, *devices])
+        wait_until(lambda: database.current_round() is not None, 90, "round 1 to open",
+                   [coordinator, *devices])
         devices[0].stop(signal.SIGKILL)
-        _wait(lambda: database.last_committed() is not None, 90, "round 1 to commit at quorum",
-              [coordinator, *devices[1:]])
+        wait_until(lambda: database.last_committed() is not None, 90, "round 1 to commit at quorum",
+                   [coordinator, *devices[1:]])
         first = database.last_committed().summary
         devices[0].start()  # comes back with its state dir; its broker session still holds round 1's task
         _finish(coordinator, devices)
@@ -379,36 +324,9 @@ def _poisons(topics: Topics, victim: str, task: str) -> list[tuple[str, str, byt
     ]
 
 
-class Wire:
-    """A plain MQTT client (anonymous, loopback) that publishes poison and records what the
-    fleet answers on the topics it watches."""
-
-    def __init__(self, url: str, watch: list[str]):
-        self.client, address = make_client("poison-wire", url, clean_session=True)
-        self.seen: list[tuple[str, bytes]] = []
-        self.lock = threading.Lock()
-        subscribed = threading.Event()
-        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe([(t, 1) for t in watch])
-        self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.on_message = lambda c, u, msg: self._record(msg.topic, msg.payload)
-        self.client.connect(address.host, address.port)
-        self.client.loop_start()
-        assert subscribed.wait(10), "the poison client could not subscribe"
-
-    def _record(self, topic: str, payload: bytes) -> None:
-        with self.lock:
-            self.seen.append((topic, payload))
-
-    def headers(self, topic: str) -> list:
-        with self.lock:
-            return [parse_header(decode_envelope(p)) for t, p in self.seen if t == topic]
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+def _headers(wire: MqttPeer, topic: str) -> list:
+    """The headers of what the fleet answered on `topic`."""
+    return [parse_header(decode_envelope(p)) for _, p in wire.messages(topic=topic)]
 
 
 def _deliveries(broker: Mosquitto, client: str, topic: str, size: int) -> int:
@@ -423,9 +341,12 @@ def test_poison_messages_are_refused_once_and_crash_nothing(tmp_path, broker, da
     victim, ghost = "poison-0", "poison-ghost"
     devices = [_device(tmp_path, broker.url, fleet, i, 3) for i in range(3)]
     coordinator = _coordinator(tmp_path, broker.url, fleet, database, 3)
-    wire = Wire(broker.url, [topics.refusal(victim), topics.ack(ghost)])
+    # A plain MQTT client (anonymous, loopback) that publishes poison and records what the
+    # fleet answers on the topics it watches.
+    wire = MqttPeer(broker.url, "poison-wire", [topics.refusal(victim), topics.ack(ghost)])
     try:
-        _wait(lambda: database.current_round() is not None, 90, "round 1 to open", [coordinator, *devices])
+        wait_until(lambda: database.current_round() is not None, 90, "round 1 to open",
+                   [coordinator, *devices])
         task = database.tasks(1)[victim].task
         poisons = _poisons(topics, victim, task)
         # Then a well-formed update from a device the coordinator does not know: its ACK is the
@@ -438,11 +359,12 @@ def test_poison_messages_are_refused_once_and_crash_nothing(tmp_path, broker, da
         wire.publish(topics.update(ghost), sentinel)
 
         def artifact_refused() -> bool:
-            return any(h.code.value == "bad_artifact" for h in wire.headers(topics.refusal(victim)))
-        _wait(artifact_refused, 60, f"{victim} to refuse the poisoned artifact (REFUSAL bad_artifact)",
-              [coordinator, *devices])
-        _wait(lambda: wire.headers(topics.ack(ghost)), 60, "the coordinator to answer the update "
-              "published after the poison", [coordinator, *devices])
+            return any(h.code.value == "bad_artifact" for h in _headers(wire, topics.refusal(victim)))
+        wait_until(artifact_refused, 60,
+                   f"{victim} to refuse the poisoned artifact (REFUSAL bad_artifact)",
+                   [coordinator, *devices])
+        wait_until(lambda: _headers(wire, topics.ack(ghost)), 60, "the coordinator to answer the "
+                   "update published after the poison", [coordinator, *devices])
         # One restart each (together: start-up is the slow part): a poison that was not
         # acknowledged would be delivered again now.
         # One SIGTERM each, then wait: a second one (what stop() sends to a process still
@@ -462,8 +384,8 @@ def test_poison_messages_are_refused_once_and_crash_nothing(tmp_path, broker, da
         deliveries = {what: _deliveries(broker, recipient[topics.device_of(topic)[0]], topic, len(message))
                       for what, topic, message in poisons}
         assert all(n == 1 for n in deliveries.values()), deliveries
-        assert len(wire.headers(topics.ack(ghost))) == 1
-        assert sum(h.code.value == "bad_artifact" for h in wire.headers(topics.refusal(victim))) == 1
+        assert len(_headers(wire, topics.ack(ghost))) == 1
+        assert sum(h.code.value == "bad_artifact" for h in _headers(wire, topics.refusal(victim))) == 1
         fault_matrix(f"{len(poisons)} QoS 1 poison messages during round 1 of 2 (3 devices, SQLite): "
                      "to one device's task topic (a header of 50,000 '[', a 5,000-digit integer, a "
                      "path-traversal task id), its artifact topic ({\"artifacts\": 5}) and the "

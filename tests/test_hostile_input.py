@@ -15,7 +15,7 @@ import zstandard
 
 from coordinator.config import ConfigError, load_config
 from coordinator.service import ServiceSettings
-from wire import raw_envelope
+from harness.messages import raw_envelope
 from edge_sdk import codec
 from edge_sdk.protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError,
                                MessageType, RefusalHeader, RegisterHeader, StatusHeader, TaskHeader,

@@ -18,7 +18,6 @@ from device_profiles import network
 from device_profiles.network import measure_link, parse_bandwidth
 from device_profiles.readers import battery_state, cgroup_memory, memory_budget, read_meminfo
 from device_profiles.throughput import measure_throughput
-from mqtt_brokers import Mosquitto
 
 MIB = 1 << 20
 MEMINFO = """\
@@ -203,17 +202,9 @@ def test_cli_quick_profile_with_given_bandwidth(tmp_path):
     assert "samples/s DP" in proc.stdout
 
 
-@pytest.fixture
-def mosquitto(tmp_path):
-    """A real Mosquitto of our own (the shipped config) on a free loopback port."""
-    broker = Mosquitto(tmp_path).start()
-    yield broker.url
-    broker.stop()
-
-
-def test_cli_quick_profile_measures_the_link_through_the_broker(tmp_path, mosquitto):
+def test_cli_quick_profile_measures_the_link_through_the_broker(tmp_path, broker):
     out = tmp_path / "profile.json"
-    proc = _profile_cli(tmp_path, "--broker", mosquitto, "--quick", "--out", str(out))
+    proc = _profile_cli(tmp_path, "--broker", broker.url, "--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     network = load_profile(out).network
     assert network.source == "measured"

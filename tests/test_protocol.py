@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from coordinator.config import load_config
 from coordinator.service import ServiceSettings
-from wire import raw_envelope
+from harness.messages import raw_envelope
 from edge_sdk.agent import load_edge_config
 from edge_sdk.protocol import (HEADER_LIMIT, MAGIC, Envelope, EnvelopeError, MessageType, Topics,
                                decode_envelope, encode_envelope, parse_header, peek_header)

@@ -7,10 +7,7 @@ real Mosquitto run with the generated TLS configuration."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,8 +17,7 @@ from coordinator.provision import COORDINATOR_USER, provision
 from coordinator.service import ServiceSettings
 from coordinator.service.config import BrokerSettings
 from edge_sdk.agent import load_edge_config
-from edge_sdk.protocol.transport import make_client
-from mqtt_brokers import Mosquitto, free_port
+from harness.brokers import MqttPeer, provisioned_mosquitto
 
 FLEET = "prov"
 PRIVATE = ["ca/ca.key", "broker/server.key", "broker/passwords", "coordinator/signing.key",
@@ -85,93 +81,57 @@ def test_the_coordinators_client_id_is_its_user_name(tmp_path):
 # --- the takeover, against Mosquitto ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fleet():
-    # Outside pytest's 0700 temp tree: Mosquitto drops root privileges and must read these files.
-    root = Path(tempfile.mkdtemp(prefix="fedprune-takeover-"))
-    root.chmod(0o755)
-    port = free_port()
-    provision(root / "prov", ["dev-a", "dev-b"], f"mqtts://127.0.0.1:{port}", ["127.0.0.1"], FLEET, port)
-    for path in (root / "prov" / "broker").iterdir():
-        path.chmod(0o644)  # the broker drops root privileges; in production chown to mosquitto
-    broker = Mosquitto(root / "broker", extra=(root / "prov" / "broker" / "fedprune-security.conf").read_text())
-    broker.start()
-    yield root / "prov"
-    broker.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    with provisioned_mosquitto(FLEET, ["dev-a", "dev-b"], ["127.0.0.1"],
+                               prefix="fedprune-takeover-") as (prov, _):
+        yield prov
 
 
-class _Peer:
+def _peer(prov: Path, user: str, client_id: str, clean_session: bool = False) -> MqttPeer:
     """An MQTT client with one identity's credentials and whatever client id it asks for."""
+    if user == COORDINATOR_USER:
+        config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceSettings).broker
+        url, password, ca = config.url, config.password, config.tls_ca
+    else:
+        edge = load_edge_config(prov / "devices" / user / "edge.toml")
+        url, password, ca = edge.broker, edge.password, edge.tls_ca
+    return MqttPeer(url, client_id, username=user, password=password, tls_ca=ca,
+                    clean_session=clean_session)
 
-    def __init__(self, prov: Path, user: str, client_id: str, clean_session: bool = False):
-        if user == COORDINATOR_USER:
-            config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceSettings).broker
-            url, password, ca = config.url, config.password, config.tls_ca
-        else:
-            edge = load_edge_config(prov / "devices" / user / "edge.toml")
-            url, password, ca = edge.broker, edge.password, edge.tls_ca
-        self.client, address = make_client(client_id, url, user, password, ca, clean_session)
-        self.connected, self.received, self.disconnects = threading.Event(), [], []
-        self.arrived = threading.Condition()
-        self.client.on_connect = lambda c, u, f, rc, p=None: rc.is_failure or self.connected.set()
-        self.client.on_disconnect = lambda c, u, f, rc, p=None: self.disconnects.append(str(rc))
-        self.client.on_message = self._on_message
-        self.client.connect(address.host, address.port)
-        self.client.loop_start()
-        assert self.connected.wait(10), f"{user} could not connect"
 
-    def _on_message(self, client, userdata, message) -> None:
-        with self.arrived:
-            self.received.append(message.payload)
-            self.arrived.notify_all()
-
-    def wait_for(self, payload: bytes, timeout: float = 10) -> bool:
-        with self.arrived:
-            return self.arrived.wait_for(lambda: payload in self.received, timeout)
-
-    def subscribe(self, topic: str) -> None:
-        done = threading.Event()
-        self.client.on_subscribe = lambda *args: done.set()
-        self.client.subscribe(topic, qos=1)
-        assert done.wait(10)
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        """QoS 1, and wait for the broker's PUBACK: the broker has processed what came before."""
-        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+def _got(peer: MqttPeer, payload: bytes) -> bool:
+    """Whether `payload` reaches `peer` within 10 s."""
+    return peer.wait_for(lambda: payload in peer.of(), 10)
 
 
 def test_a_device_cannot_take_over_another_devices_session_or_its_queued_task(fleet):
     task_b = f"fedprune/{FLEET}/task/dev-b"
-    b = _Peer(fleet, "dev-b", "dev-b")
+    b = _peer(fleet, "dev-b", "dev-b")
     b.subscribe(task_b)
     b.close()  # offline; its persistent session keeps the subscription and queues for it
-    coordinator = _Peer(fleet, COORDINATOR_USER, COORDINATOR_USER, clean_session=True)
+    coordinator = _peer(fleet, COORDINATOR_USER, COORDINATOR_USER, clean_session=True)
     coordinator.publish(task_b, b"task queued for dev-b")
     # dev-a's credentials, dev-b's client id: without the binding this resumed dev-b's session,
     # where the queued task was delivered to dev-a (and dropped by the ACL): lost for dev-b.
-    a = _Peer(fleet, "dev-a", "dev-b")
+    a = _peer(fleet, "dev-a", "dev-b")
     a.publish(f"fedprune/{FLEET}/update/dev-a", b"after connecting")  # the session was served
     a.close()
-    b = _Peer(fleet, "dev-b", "dev-b")
+    b = _peer(fleet, "dev-b", "dev-b")
     try:
-        assert b.wait_for(b"task queued for dev-b"), "dev-b's queued task was taken from its session"
-        assert b"task queued for dev-b" not in a.received
+        assert _got(b, b"task queued for dev-b"), "dev-b's queued task was taken from its session"
+        assert b"task queued for dev-b" not in a.of()
     finally:
         b.close()
         coordinator.close()
 
 
 def test_a_device_cannot_kick_the_coordinator_off_its_session(fleet):
-    coordinator = _Peer(fleet, COORDINATOR_USER, COORDINATOR_USER)
+    coordinator = _peer(fleet, COORDINATOR_USER, COORDINATOR_USER)
     coordinator.subscribe(f"fedprune/{FLEET}/update/+")
-    intruder = _Peer(fleet, "dev-a", COORDINATOR_USER)
+    intruder = _peer(fleet, "dev-a", COORDINATOR_USER)
     try:
         # Round trips on both connections: any takeover has happened by the time they return.
         intruder.publish(f"fedprune/{FLEET}/update/dev-a", b"update from dev-a")
-        assert coordinator.wait_for(b"update from dev-a")
+        assert _got(coordinator, b"update from dev-a")
         coordinator.publish(f"fedprune/{FLEET}/task/dev-a", b"a task")
         assert coordinator.disconnects == [] and intruder.disconnects == []
     finally:

@@ -24,7 +24,7 @@ from edge_sdk.plan import SubmodelPlan
 from edge_sdk.protocol import MessageType, decode_envelope, parse_header
 from edge_sdk.slicing import width_spec
 from edge_sdk.training import accuracy
-from fleet_harness import Harness
+from harness.fleet import Harness
 
 BASE = model_spec("fedp3_cnn", (1, 28, 28), 10)
 

@@ -3,11 +3,7 @@ passwords and topic ACLs, signed tasks, and a round whose every message is inspe
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,15 +13,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.config import load_config
 from device_profiles import DeviceProfile
-from coordinator.provision import provision
 from coordinator.service import CoordinatorService, ServiceSettings
 from edge_sdk import codec
 from edge_sdk.agent import load_edge_config
 from edge_sdk.protocol import MessageType, decode_envelope, encode_envelope, parse_header
 from edge_sdk.protocol.signing import load_public_key, sign
 from edge_sdk.protocol.transport import make_client
-from fleet_harness import Harness
-from mqtt_brokers import Mosquitto, free_port
+from harness.brokers import provisioned_mosquitto
+from harness.devices import start_edge_agent
+from harness.fleet import Harness, signing_key_files
+from harness.processes import stop_processes
 
 FLEET = "sec"
 # A read-only observer of the whole fleet, added by the fixture (not by provisioning): the broker
@@ -34,26 +31,18 @@ FLEET = "sec"
 INSPECTOR, INSPECTOR_PASSWORD = "inspector", "inspector-password"
 
 
-@pytest.fixture(scope="module")
-def fleet():
-    # Outside pytest's 0700 temp tree: Mosquitto drops root privileges and must read these files.
-    root = Path(tempfile.mkdtemp(prefix="fedprune-secure-"))
-    root.chmod(0o755)
-    port = free_port()
-    provision(root / "prov", ["dev-a", "dev-b"], f"mqtts://127.0.0.1:{port}", ["127.0.0.1", "localhost"],
-              FLEET, port)
-    broker_dir = root / "prov" / "broker"
+def _add_inspector(broker_dir: Path) -> None:
     subprocess.run(["mosquitto_passwd", "-b", str(broker_dir / "passwords"), INSPECTOR,
                     INSPECTOR_PASSWORD], check=True, capture_output=True)
     with (broker_dir / "acl").open("a") as acl:
         acl.write(f"\nuser {INSPECTOR}\ntopic read fedprune/{FLEET}/#\n")
-    for path in (root / "prov" / "broker").iterdir():
-        path.chmod(0o644)  # the broker drops root privileges; in production chown to mosquitto
-    broker = Mosquitto(root / "broker", extra=(root / "prov" / "broker" / "fedprune-security.conf").read_text())
-    broker.start()
-    yield root / "prov", port
-    broker.stop()
-    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    with provisioned_mosquitto(FLEET, ["dev-a", "dev-b"], ["127.0.0.1", "localhost"],
+                               prefix="fedprune-secure-", before_start=_add_inspector) as provisioned:
+        yield provisioned
 
 
 def _connect(prov: Path, user: str, password: str | None = None, client_id: str | None = None):
@@ -66,14 +55,12 @@ def _connect(prov: Path, user: str, password: str | None = None, client_id: str 
         url, secret, ca = edge.broker, edge.password, edge.tls_ca
     client, address = make_client(client_id or f"{user}-{time.monotonic_ns()}", url, user,
                                   password if password is not None else secret, ca, clean_session=True)
-    outcome, received = {}, []
-    client.on_connect = lambda c, u, f, rc, p=None: outcome.setdefault("rc", rc)
+    outcome, received, answered = {}, [], threading.Event()
+    client.on_connect = lambda c, u, f, rc, p=None: (outcome.setdefault("rc", rc), answered.set())
     client.on_message = lambda c, u, m: received.append((m.topic, m.payload))
     client.connect(address.host, address.port)
     client.loop_start()
-    deadline = time.time() + 5
-    while "rc" not in outcome and time.time() < deadline:
-        time.sleep(0.05)
+    answered.wait(5)  # the broker's CONNACK, accepting or refusing
     return client, outcome.get("rc"), received
 
 
@@ -109,13 +96,7 @@ def test_a_device_cannot_publish_as_another_nor_read_anothers_task(fleet):
 
 
 def test_devices_run_only_tasks_signed_by_the_coordinator(tmp_path):
-    key_path, pub_path = tmp_path / "signing.key", tmp_path / "signing.pub"
-    from cryptography.hazmat.primitives import serialization
-    key = Ed25519PrivateKey.generate()
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
+    key_path, pub_path, _ = signing_key_files(tmp_path)
     h = Harness(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", devices=2, signing_key=str(key_path))
     for agent in h.agents.values():
         agent.coordinator_key = load_public_key(pub_path)
@@ -156,18 +137,13 @@ def test_a_round_over_tls_with_acls_carries_no_raw_data_and_no_private_tensor(fl
             "state_dir": str(tmp_path / device), "profile": "catalogue:rpi4-4gb", "max_samples": 300,
             "data": load_edge_config(prov / "devices" / device / "edge.toml").data.model_copy(
                 update={"clients": 2, "device_index": i})})
-        path = edge.save(tmp_path / f"{device}.toml")
-        devices.append(subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "run",
-                                         "--config", str(path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                        stdout=open(tmp_path / f"{device}.log", "w"), stderr=subprocess.STDOUT))
+        devices.append(start_edge_agent(edge, tmp_path, stem=device))
     service = CoordinatorService(config)
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     thread.join(180)
     time.sleep(0.5)
-    for process in devices:
-        process.terminate()
-        process.wait(20)
+    stop_processes(devices)
     spy.loop_stop()
     assert not thread.is_alive() and service.store.last_committed().summary["accepted"] == 2
     head = set(service.engine.strategy.head)

@@ -8,17 +8,14 @@ wire with docs/PROTOCOL.md. One test uses the embedded amqtt broker the demo sta
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from coordinator.embedded_broker import EmbeddedBroker
 from coordinator.service import CoordinatorService, ServiceSettings
@@ -26,16 +23,11 @@ from edge_sdk.agent import DeviceState, EdgeAgent, EdgeSettings
 from edge_sdk.data import load_dataset
 from edge_sdk.protocol import MAGIC
 from edge_sdk.runtime import Predictor
-from mqtt_brokers import Mosquitto
+from harness.devices import start_edge_agent
+from harness.processes import stop_processes
+from harness.waiting import wait_until
 
 MOSQUITTO_SUB = "mosquitto_sub"
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    mosquitto = Mosquitto(tmp_path_factory.mktemp("broker")).start()
-    yield mosquitto
-    mosquitto.stop()
 
 
 def _service(tmp: Path, url: str, fleet: str, **rounds) -> CoordinatorService:
@@ -55,35 +47,10 @@ def _edge_config(tmp: Path, url: str, fleet: str, i: int, devices: int = 3) -> E
                       data={"clients": devices, "device_index": i})
 
 
-def _spawn(config: EdgeSettings, tmp: Path) -> subprocess.Popen:
-    """A device as the real `fedprune-edge run` process (one training thread, as on a Pi)."""
-    path = config.save(tmp / f"{config.device_id}.toml")
-    log = open(tmp / f"{config.device_id}.log", "a")
-    return subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "run", "--config",
-                             str(path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=log, stderr=subprocess.STDOUT)
-
-
-def _stop(processes: list[subprocess.Popen]) -> None:
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.wait(20)
-
-
 def _run_in_thread(target) -> threading.Thread:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_two_rounds_over_mosquitto_as_a_plain_subscriber_sees_them(tmp_path, broker):
@@ -93,11 +60,11 @@ def test_two_rounds_over_mosquitto_as_a_plain_subscriber_sees_them(tmp_path, bro
                            stdout=subprocess.PIPE, text=True)
     time.sleep(0.3)
     configs = [_edge_config(tmp_path, broker.url, fleet, i) for i in range(3)]
-    devices = [_spawn(config, tmp_path) for config in configs]
+    devices = [start_edge_agent(config, tmp_path) for config in configs]
     service = _service(tmp_path, broker.url, fleet)
     service_thread = _run_in_thread(service.run)
     try:
-        _wait(lambda: service.status_url is not None, 10, "the status endpoint")
+        wait_until(lambda: service.status_url is not None, 10, "the status endpoint")
         with urllib.request.urlopen(service.status_url, timeout=5) as reply:
             live = json.loads(reply.read())
         assert live["fleet"] == fleet and live["rounds_total"] == 2
@@ -106,10 +73,17 @@ def test_two_rounds_over_mosquitto_as_a_plain_subscriber_sees_them(tmp_path, bro
         service_thread.join(240)
         assert not service_thread.is_alive(), "the coordinator did not finish two rounds in 240 s"
         status = service.engine.status()
-        time.sleep(1.0)  # the last acks reach the devices
+
+        def settled(root: Path) -> bool:  # read only: the device is still running
+            tasks = root / "tasks.json"
+            return (not any((root / "outbox").glob("*.bin")) and tasks.exists()
+                    and set(json.loads(tasks.read_text()).values()) == {"acked"}
+                    and (root / "artifact" / "manifest.json").exists())
+        wait_until(lambda: all(settled(Path(config.state_dir)) for config in configs), 30,
+                   "the last ACKs and an exported model to reach every device")
     finally:  # devices and the subscriber never outlive the test, even when it fails
         service.stopping.set()
-        _stop(devices)
+        stop_processes(devices)
         sub.send_signal(signal.SIGINT)  # a clean exit flushes its output
         lines = sub.communicate(timeout=10)[0].splitlines()
     retained = subprocess.run([MOSQUITTO_SUB, "-p", str(broker.port), "-C", "1", "-W", "5", "-F", "%x",
@@ -142,17 +116,17 @@ def test_two_rounds_over_mosquitto_as_a_plain_subscriber_sees_them(tmp_path, bro
 def test_a_device_killed_mid_round_is_missing_then_readmitted(tmp_path, broker):
     fleet = "crash"
     configs = [_edge_config(tmp_path, broker.url, fleet, i) for i in range(3)]
-    devices = [_spawn(config, tmp_path) for config in configs]
+    devices = [start_edge_agent(config, tmp_path) for config in configs]
     service = _service(tmp_path, broker.url, fleet, deadline_seconds=30, min_fraction=0.6)
     service_thread = _run_in_thread(service.run)
     try:
-        _wait(lambda: service.engine.round is not None, 60, "round 1 to open")
-        devices[2].send_signal(signal.SIGKILL)  # dies with its task: no goodbye, no update
-        devices[2].wait(10)
-        _wait(lambda: service.store.last_committed() is not None, 90, "round 1 to commit at its deadline")
+        wait_until(lambda: service.engine.round is not None, 60, "round 1 to open")
+        devices[2].stop(signal.SIGKILL, timeout=10)  # dies with its task: no goodbye, no update
+        wait_until(lambda: service.store.last_committed() is not None, 90,
+                   "round 1 to commit at its deadline")
         first = service.store.last_committed().summary
         assert first["accepted"] == 2 and first["missing"] == 1
-        devices[2] = _spawn(configs[2], tmp_path)  # the device comes back with its state on disk
+        devices[2] = start_edge_agent(configs[2], tmp_path)  # the device comes back with its state on disk
         service_thread.join(150)
         assert not service_thread.is_alive(), "round 2 did not commit"
         second = service.store.last_committed().summary
@@ -160,7 +134,7 @@ def test_a_device_killed_mid_round_is_missing_then_readmitted(tmp_path, broker):
         assert service.store.update_count(1) == 2  # its late round-1 update, if any, not counted
     finally:
         service.stopping.set()
-        _stop(devices)
+        stop_processes(devices)
 
 
 def test_one_round_over_the_embedded_amqtt_broker(tmp_path):

@@ -12,13 +12,8 @@ and slow compute (fewer local samples).
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import threading
-import time
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from coordinator.config import load_config
@@ -37,7 +32,10 @@ from edge_sdk.plan import SubmodelPlan
 from edge_sdk.protocol import Topics, decode_envelope, parse_header
 from edge_sdk.pruning import is_prunable
 from edge_sdk.slicing import width_spec
-from mqtt_brokers import Mosquitto
+from harness.brokers import MqttPeer
+from harness.devices import start_edge_agent
+from harness.processes import stop_processes
+from harness.waiting import wait_until
 
 BASE = model_spec("fedp3_cnn", (1, 28, 28), 10)
 HELD = 420  # training samples per device: 600 capped samples, 70/30 train/test
@@ -144,32 +142,10 @@ def test_simulate_gives_each_device_what_its_plan_says():
     assert result["rounds"][0]["simulated_seconds"] == pytest.approx(max(d["seconds"] for d in devices))
 
 
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    mosquitto = Mosquitto(tmp_path_factory.mktemp("broker")).start()
-    yield mosquitto
-    mosquitto.stop()
-
-
 def test_the_service_sends_each_device_what_its_plan_says(tmp_path, broker):
     fleet = "sizing"
     topics = Topics(fleet)
-    wire: list[tuple[str, bytes]] = []
-    listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="sizing-listener")
-    subscribed = threading.Event()
-    listener.on_connect = lambda c, u, f, rc, p=None: c.subscribe(f"{topics.root}/#", qos=1)
-    listener.on_subscribe = lambda *args: subscribed.set()
-    listener.on_message = lambda c, u, msg: wire.append((msg.topic, bytes(msg.payload)))
-    listener.connect("127.0.0.1", broker.port)
-    listener.loop_start()
-    assert subscribed.wait(10)
+    listener = MqttPeer(broker.url, "sizing-listener", [f"{topics.root}/#"])
     service = CoordinatorService(ServiceSettings.model_validate({
         "strategy": "fedp3", "state_dir": str(tmp_path / "coordinator"), "http_port": None,
         "exit_when_done": True, "broker": {"url": broker.url, "fleet": fleet,
@@ -191,28 +167,20 @@ def test_the_service_sends_each_device_what_its_plan_says(tmp_path, broker):
                                 state_dir=str(tmp_path / profile.name), profile=str(path),
                                 max_samples=HELD, data={"clients": 3, "device_index": i,
                                                         "partition": "iid"})
-            toml = config.save(tmp_path / f"{profile.name}.toml")
-            log = open(tmp_path / f"{profile.name}.log", "w")
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "edge_sdk.cli", "run", "--config", str(toml)],
-                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT))
-            _wait_for(lambda: service.engine.store.device(profile.name) is not None, 60,
-                      f"{profile.name} to register")
+            processes.append(start_edge_agent(config, tmp_path))
+            wait_until(lambda: service.engine.store.device(profile.name) is not None, 60,
+                       f"{profile.name} to register", watch=processes, interval=0.05)
         thread.join(240)
         assert not thread.is_alive(), "the round did not commit in 240 s"
     finally:
         service.stopping.set()
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(20)
-        listener.loop_stop()
-        listener.disconnect()
+        stop_processes(processes)
+        listener.close()
     store = service.engine.store
     plans = {d.id: DevicePlan.model_validate(d.plan) for d in store.devices()}
     check_fleet(plans)
     messages = {}
-    for topic, payload in wire:
+    for topic, payload in listener.messages():
         kind, device = topics.device_of(topic)
         if kind in ("task", "update"):
             envelope = decode_envelope(payload)

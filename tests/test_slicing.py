@@ -21,7 +21,7 @@ from edge_sdk.data import to_tensor
 from edge_sdk.models import LayerSpec, ModelSpec, build_model, model_spec, tensor_shapes
 from coordinator.slicing import extract, select_channels, slice_map, to_global
 from edge_sdk.slicing import width_spec
-from slicing_parity import global_model, load, zero_removed
+from harness.slicing_parity import global_model, load, zero_removed
 
 METHODS = ("magnitude", "prefix", "rolling")
 RATIOS = (0.25, 0.5, 0.75)

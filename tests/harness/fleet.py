@@ -7,20 +7,28 @@ replay messages, and "crash" the engine by building a new one on the same store.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.service import RoundEngine, ServiceSettings, Store
 from edge_sdk.agent import EdgeAgent, EdgeSettings
-from edge_sdk.protocol import MessageType, Topics, encode_envelope
+from edge_sdk.protocol import Topics, decode_envelope, parse_header
+from harness.devices import capture
 
 
-def update_message(header: dict, payload: bytes, **changes) -> bytes:
-    """An UPDATE with `header` (and `changes`) whose payload_sha256 matches `payload`, as a
-    device (or an attacker holding its credentials) would build it."""
-    return encode_envelope(MessageType.UPDATE, {**header, **changes,
-                                                "payload_sha256": hashlib.sha256(payload).hexdigest()},
-                           payload)
+def signing_key_files(folder: Path) -> tuple[Path, Path, Ed25519PrivateKey]:
+    """A fresh Ed25519 key as the coordinator keeps it (folder/signing.key, PKCS8 PEM) and as
+    devices are given it (folder/signing.pub): (key path, public key path, the key)."""
+    key = Ed25519PrivateKey.generate()
+    key_path, pub_path = folder / "signing.key", folder / "signing.pub"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    pub_path.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key_path, pub_path, key
 
 
 class Clock:
@@ -60,14 +68,8 @@ class Harness:
                                 profile="catalogue:rpi4-4gb", max_samples=samples,
                                 epsilon_budget=(budgets or {}).get(i),
                                 data={"clients": devices, "device_index": i})
-            agent = EdgeAgent(config, publish=self._capture(self.to_coordinator))
+            agent = EdgeAgent(config, publish=capture(self.to_coordinator))
             self.agents[device] = agent
-
-    @staticmethod
-    def _capture(queue):
-        def publish(topic, payload, retain=False):
-            queue.append((topic, bytes(payload)))
-        return publish
 
     def new_engine(self) -> RoundEngine:
         """A coordinator starting (or restarting) on the same store and state directory."""
@@ -96,3 +98,10 @@ class Harness:
         for topic, payload in messages:
             self.engine.handle(topic, payload)
         return messages
+
+    def deliver_acks(self, device: str) -> list:
+        """Deliver the coordinator's ACKs to `device`, and return them parsed."""
+        acks = self.take(self.to_devices, "ack", device)
+        for topic, payload in acks:
+            self.agents[device].handle(topic, payload)
+        return [parse_header(decode_envelope(p)) for _, p in acks]
