@@ -174,7 +174,8 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
             if observe is not None:
                 observe(device_index, task, payload, outcome)
             if dp is not None:  # what the device has spent so far (`fedprune report` plots it)
-                entry["epsilon"] = client.ledger.epsilon()
+                entry["epsilon"] = outcome.epsilon if outcome is not None and \
+                    outcome.epsilon is not None else client.ledger.epsilon()
             row.devices.append(entry)
             if outcome is None or entry["outcome"] != "accepted":
                 continue
