@@ -1,13 +1,16 @@
-"""Tests for the sparse update wire format (edge_sdk/codec.py).
+"""Everything the sparse update codec (edge_sdk/codec.py) must refuse, with a CodecError that says
+why: malformed varints, non-finite values and float16 overflow, tensors that do not fit the
+expected shapes, bad headers, malformed bodies, length mismatches, corruption and truncation,
+decompression bombs (refused before or while decompressing, within about a megabyte of memory),
+invalid tensors and encoder arguments; and any bytes at all decode or are refused cleanly, within
+the memory bound.
 
-The format itself is pinned by tests/test_payload_spec.py, which builds payloads
-byte by byte from docs/PROTOCOL.md; these tests cover round trips, the encoder's
-choices, varints and everything the decoder must refuse.
+The format itself is pinned by tests/test_payload_spec.py; round trips are in
+tests/test_codec_round_trips.py.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 import tracemalloc
 
@@ -19,88 +22,13 @@ from hypothesis import strategies as st
 
 from edge_sdk.codec import (
     CodecError,
-    IndexKind,
     SparseTensor,
     ValueDtype,
     _decode_varints,
-    _encode_varints,
     decode,
     encode,
-    encoded_size_breakdown,
 )
-
-HEADER = struct.Struct("<4sBBBBII")
-
-FLOAT_DTYPES = [ValueDtype.FLOAT32, ValueDtype.FLOAT16]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def wrap(body: bytes, count: int, dtype: int = 1, declared: int | None = None, **zstd_kwargs) -> bytes:
-    """Payload from a raw body, built straight from the documented format."""
-    declared = len(body) if declared is None else declared
-    frame = zstandard.ZstdCompressor(level=3, **zstd_kwargs).compress(body)
-    return HEADER.pack(b"FPTU", 1, dtype, 0, 0, count, declared) + frame
-
-
-def record(name: str | bytes, shape, kind: int, nnz: int, index: bytes, values: bytes) -> bytes:
-    raw = name if isinstance(name, bytes) else name.encode()
-    return (
-        struct.pack("<H", len(raw))
-        + raw
-        + struct.pack(f"<B{len(shape)}I", len(shape), *shape)
-        + struct.pack("<BII", kind, nnz, len(index))
-        + index
-        + values
-    )
-
-
-def f32(*xs: float) -> bytes:
-    return np.array(xs, dtype="<f4").tobytes()
-
-
-def body_of(payload: bytes) -> bytes:
-    return zstandard.ZstdDecompressor().decompress(payload[16:])
-
-
-def leb128(n: int) -> bytes:
-    """Reference (loop-based) LEB128 used to cross-check the vectorised codec."""
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def assert_same(decoded: SparseTensor, original: SparseTensor, fp16: bool = False) -> None:
-    assert decoded.shape == original.shape
-    assert decoded.values.dtype == np.float32
-    expected_values = original.values.astype(np.float16).astype(np.float32) if fp16 else original.values
-    np.testing.assert_array_equal(decoded.values, expected_values)
-    if decoded.indices is None or original.indices is None:
-        np.testing.assert_array_equal(presence(decoded), presence(original))
-    else:
-        np.testing.assert_array_equal(decoded.indices, original.indices)
-
-
-def presence(t: SparseTensor) -> np.ndarray:
-    mask = np.zeros(t.numel, bool)
-    mask[slice(None) if t.indices is None else t.indices] = True
-    return mask
-
-
-def random_sparse(rng: np.random.Generator, shape, density: float | None) -> SparseTensor:
-    array = rng.normal(scale=3.0, size=shape).astype(np.float32)
-    if density is None:
-        return SparseTensor.from_dense(array)
-    return SparseTensor.from_dense(array, rng.random(shape) < density)
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng(1234)
+from harness.codec_payloads import HEADER, body_of, f32, random_sparse, record, wrap
 
 
 @pytest.fixture
@@ -116,109 +44,18 @@ def mixed_payload() -> bytes:
     )
 
 
-# --------------------------------------------------------------------------- round trips
-
-
-@pytest.mark.parametrize("value_dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize(
-    "shape, density, kind",
-    [
-        ((32, 16), None, IndexKind.DENSE),
-        ((32, 16), 0.5, IndexKind.BITMAP),
-        ((200, 50), 0.01, IndexKind.DELTA_VARINT),
-        ((), None, IndexKind.DENSE),
-        ((2, 3, 4, 5), 0.5, IndexKind.BITMAP),
-        ((8, 8, 16, 16), 0.01, IndexKind.DELTA_VARINT),
-    ],
-)
-def test_round_trip(rng, shape, density, kind, value_dtype):
-    tensor = random_sparse(rng, shape, density)
-    payload = encode({"t": tensor}, value_dtype=value_dtype)
-    decoded = decode(payload, expected_shapes={"t": shape})
-    assert list(decoded) == ["t"]
-    assert_same(decoded["t"], tensor, fp16=value_dtype is ValueDtype.FLOAT16)
-    assert encoded_size_breakdown(payload)["tensors"]["t"]["index_kind"] is kind
-    if value_dtype is ValueDtype.FLOAT16:
-        np.testing.assert_allclose(decoded["t"].values, tensor.values, rtol=2**-10, atol=2**-24)
-
-
-def test_round_trip_empty_mask_and_zero_size(rng):
-    empty = SparseTensor.from_dense(rng.normal(size=(10, 10)), np.zeros((10, 10), bool))
-    zero_size = SparseTensor.from_dense(np.zeros((0, 5)))
-    decoded = decode(encode({"empty": empty, "zero": zero_size}))
-    assert decoded["empty"].nnz == 0
-    np.testing.assert_array_equal(decoded["empty"].to_dense(fill=-1.0), np.full((10, 10), -1.0, np.float32))
-    assert decoded["zero"].shape == (0, 5) and decoded["zero"].nnz == 0
-
-
-def test_scalar_and_to_dense(rng):
-    decoded = decode(encode({"s": SparseTensor.from_dense(np.float32(2.5))}))["s"]
-    assert decoded.shape == () and decoded.numel == 1 and decoded.to_dense() == np.float32(2.5)
-
-
-def test_full_mask_is_sent_dense(rng):
-    array = rng.normal(size=(4, 4))
-    payload = encode({"t": SparseTensor.from_dense(array, np.ones((4, 4), bool))})
-    assert encoded_size_breakdown(payload)["tensors"]["t"]["index_kind"] is IndexKind.DENSE
-    np.testing.assert_array_equal(decode(payload)["t"].to_dense(), array.astype(np.float32))
-
-
-def test_order_and_empty_mapping():
-    tensors = {name: SparseTensor.from_dense(np.ones(2)) for name in ["z", "a", "m"]}
-    assert list(decode(encode(tensors))) == ["z", "a", "m"]
-    assert decode(encode({})) == {}
-
-
-@pytest.mark.parametrize("density", [0.002, 0.05, 0.1, 0.125, 0.2, 0.5, 0.9])
-def test_chosen_index_kind_is_the_smaller(rng, density):
-    tensor = random_sparse(rng, (4000,), density)
-    gaps = np.diff(tensor.indices, prepend=0)
-    varint_size = sum(len(leb128(int(g))) for g in gaps)
-    bitmap_size = math.ceil(4000 / 8)
-    info = encoded_size_breakdown(encode({"t": tensor}))["tensors"]["t"]
-    assert info["index_bytes"] == min(varint_size, bitmap_size)
-    assert info["index_kind"] is (IndexKind.BITMAP if bitmap_size <= varint_size else IndexKind.DELTA_VARINT)
-    assert info["nnz"] == tensor.nnz and info["value_bytes"] == 4 * tensor.nnz
-
-
-def test_size_of_sparse_fp16_update():
-    rng = np.random.default_rng(0)
-    array = rng.normal(size=1_000_000).astype(np.float32)
-    payload = encode({"w": SparseTensor.from_dense(array, rng.random(1_000_000) < 0.1)}, ValueDtype.FLOAT16)
-    assert len(payload) < 0.25 * 4_000_000
-
-
-# --------------------------------------------------------------------------- varints
-
-KNOWN_VARINTS = [
-    (0, b"\x00"),
-    (1, b"\x01"),
-    (127, b"\x7f"),
-    (128, b"\x80\x01"),
-    (300, b"\xac\x02"),
-    (16384, b"\x80\x80\x01"),
-    (2**63 - 1, b"\xff" * 8 + b"\x7f"),
-]
-
-
-def test_varint_known_vectors():
-    values = np.array([v for v, _ in KNOWN_VARINTS], dtype=np.uint64)
-    encoded = b"".join(e for _, e in KNOWN_VARINTS)
-    assert _encode_varints(values) == encoded
-    np.testing.assert_array_equal(_decode_varints(encoded, len(values)), values)
-    for value, expected in KNOWN_VARINTS:
-        assert leb128(value) == expected
-
-
-def test_varint_known_vectors_in_payload():
-    gaps = [0, 1, 127, 128, 300, 16384]
-    indices = np.cumsum(gaps)
-    tensor = SparseTensor((1_000_000,), indices, np.ones(len(gaps), np.float32))
-    index = b"".join(e for _, e in KNOWN_VARINTS[:6])
-    expected = record("v", (1_000_000,), 2, 6, index, f32(*[1.0] * 6))
-    payload = encode({"v": tensor})
-    assert body_of(payload) == expected
-    np.testing.assert_array_equal(decode(payload)["v"].indices, indices)
+@pytest.fixture(scope="module")
+def mixed_payload_cached() -> bytes:
+    rng = np.random.default_rng(11)
+    return encode(
+        {
+            "dense": random_sparse(rng, (3, 4), None),
+            "bitmap": random_sparse(rng, (40,), 0.5),
+            "varint": random_sparse(rng, (500,), 0.02),
+            "scalar": random_sparse(rng, (), None),
+        },
+        ValueDtype.FLOAT16,
+    )
 
 
 @pytest.mark.parametrize(
@@ -231,7 +68,7 @@ def test_varint_known_vectors_in_payload():
         (b"", 1, "empty"),
     ],
 )
-def test_bad_varints(raw, count, message):
+def test_malformed_varints_are_refused(raw, count, message):
     with pytest.raises(CodecError, match=message):
         _decode_varints(raw, count)
 
@@ -240,14 +77,14 @@ def test_bad_varints(raw, count, message):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_rejected_at_encode(bad):
+def test_encode_refuses_non_finite_values_naming_the_tensor(bad):
     values = np.array([1.0, bad], np.float32)
     with pytest.raises(CodecError, match="'grad.bias'.*NaN or Inf"):
         encode({"ok": SparseTensor.from_dense(np.ones(3)), "grad.bias": SparseTensor((2,), None, values)})
 
 
 @pytest.mark.parametrize("dtype, bad", [(1, np.nan), (1, np.inf), (2, np.nan), (2, -np.inf)])
-def test_non_finite_rejected_at_decode(dtype, bad):
+def test_decode_refuses_non_finite_values_naming_the_tensor(dtype, bad):
     wire = "<f4" if dtype == 1 else "<f2"
     values = np.array([1.0, bad, 3.0], dtype=wire).tobytes()
     body = record("fc.weight", (3,), 0, 3, b"", values)
@@ -255,7 +92,7 @@ def test_non_finite_rejected_at_decode(dtype, bad):
         decode(wrap(body, 1, dtype=dtype))
 
 
-def test_fp16_overflow_rejected():
+def test_encode_refuses_values_beyond_the_float16_range():
     with pytest.raises(CodecError, match="'big'.*float16 range"):
         encode({"big": SparseTensor.from_dense(np.array([1.0, 70000.0]))}, ValueDtype.FLOAT16)
     # The largest finite half still encodes, as does a value that rounds down to it.
@@ -267,7 +104,7 @@ def test_fp16_overflow_rejected():
 # --------------------------------------------------------------------------- expected shapes
 
 
-def test_expected_shapes_mismatch_and_unknown():
+def test_tensors_that_do_not_fit_the_expected_shapes_are_refused():
     payload = encode({"conv1.weight": SparseTensor.from_dense(np.zeros((4, 3, 3, 3)))})
     with pytest.raises(CodecError, match=r"'conv1.weight' has shape \(4, 3, 3, 3\), expected \(8, 3, 3, 3\)"):
         decode(payload, expected_shapes={"conv1.weight": (8, 3, 3, 3)})
@@ -284,7 +121,7 @@ def test_expected_shapes_mismatch_and_unknown():
 # --------------------------------------------------------------------------- hostile payloads
 
 
-def test_header_errors(mixed_payload):
+def test_a_bad_header_is_refused_naming_the_field(mixed_payload):
     with pytest.raises(CodecError, match=r"not a fedprune update payload \(magic b'PK\\x03\\x04'"):
         decode(b"PK\x03\x04" + mixed_payload[4:])
     with pytest.raises(CodecError, match="format version 7 not supported; this build reads 1"):
@@ -334,12 +171,12 @@ VALID = record("a", (4,), 0, 4, b"", f32(1, 2, 3, 4))
         (VALID, 10**6, "tensor count 1000000 cannot fit"),
     ],
 )
-def test_malformed_bodies(body, count, message):
+def test_a_malformed_body_is_refused_with_the_reason(body, count, message):
     with pytest.raises(CodecError, match=message):
         decode(wrap(body, count))
 
 
-def test_body_length_mismatch_and_trailing_frame_data(mixed_payload):
+def test_a_body_length_mismatch_or_trailing_frame_data_is_refused(mixed_payload):
     body = body_of(mixed_payload)
     with pytest.raises(CodecError, match="differs from declared body length"):
         decode(wrap(body, 4, declared=len(body) + 1))
@@ -353,14 +190,14 @@ def test_body_length_mismatch_and_trailing_frame_data(mixed_payload):
         decode(mixed_payload[:16] + b"garbage!" * 4)
 
 
-def test_checksum_detects_corruption(mixed_payload):
+def test_the_checksum_detects_corruption(mixed_payload):
     corrupted = bytearray(mixed_payload)
     corrupted[-1] ^= 0xFF
     with pytest.raises(CodecError):
         decode(bytes(corrupted))
 
 
-def test_truncation_at_every_prefix(mixed_payload):
+def test_every_truncated_prefix_is_refused(mixed_payload):
     for n in range(len(mixed_payload)):
         with pytest.raises(CodecError):
             decode(mixed_payload[:n])
@@ -371,6 +208,7 @@ def test_truncation_at_every_prefix(mixed_payload):
 
 
 # --------------------------------------------------------------------------- decompression bombs
+
 
 BOMB_SIZE = 100 * 2**20
 
@@ -406,12 +244,12 @@ def expect_refusal(payload: bytes, message: str, **kwargs) -> None:
     assert peak_allocation(attempt) < 2**20
 
 
-def test_declared_body_length_over_limit_refused_before_decompressing():
+def test_a_declared_body_length_over_the_limit_is_refused_before_decompressing():
     payload = HEADER.pack(b"FPTU", 1, 1, 0, 0, 1, 2**32 - 1) + zstandard.compress(b"tiny")
     expect_refusal(payload, "exceeds max_decoded_bytes=268435456; refusing to decompress")
 
 
-def test_real_bomb_refused(bomb_frames):
+def test_a_real_decompression_bomb_is_refused_within_a_megabyte(bomb_frames):
     sized, unsized = bomb_frames["sized"], bomb_frames["unsized"]
     assert zstandard.frame_content_size(sized) == BOMB_SIZE and len(sized) < 2**16
     honest = HEADER.pack(b"FPTU", 1, 1, 0, 0, 1, BOMB_SIZE) + sized
@@ -425,7 +263,7 @@ def test_real_bomb_refused(bomb_frames):
 # --------------------------------------------------------------------------- encode-side validation
 
 
-def test_invalid_tensors_rejected():
+def test_invalid_tensors_and_encoder_arguments_are_refused():
     with pytest.raises(CodecError, match="strictly increasing"):
         SparseTensor((10,), np.array([3, 2]), np.ones(2, np.float32))
     with pytest.raises(CodecError, match="out of range"):
@@ -448,28 +286,6 @@ def test_invalid_tensors_rejected():
 
 # --------------------------------------------------------------------------- properties
 
-shapes = st.lists(st.integers(0, 9), min_size=0, max_size=4).map(tuple)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    shape=shapes,
-    density=st.one_of(st.none(), st.floats(0.0, 1.0)),
-    seed=st.integers(0, 2**32 - 1),
-    value_dtype=st.sampled_from(FLOAT_DTYPES),
-    level=st.sampled_from([-5, 1, 3, 19]),
-)
-def test_property_round_trip(shape, density, seed, value_dtype, level):
-    rng = np.random.default_rng(seed)
-    tensors = {
-        "t": random_sparse(rng, shape, density),
-        "u": random_sparse(rng, (int(rng.integers(1, 3000)),), 0.03),
-    }
-    payload = encode(tensors, value_dtype=value_dtype, level=level)
-    decoded = decode(payload, expected_shapes={k: t.shape for k, t in tensors.items()})
-    for name, original in tensors.items():
-        assert_same(decoded[name], original, fp16=value_dtype is ValueDtype.FLOAT16)
-
 
 def decodes_or_rejects(payload: bytes) -> None:
     try:
@@ -480,7 +296,7 @@ def decodes_or_rejects(payload: bytes) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.one_of(st.binary(max_size=300), st.binary(max_size=300).map(lambda b: b"FPTU\x01\x01\x00\x00" + b)))
-def test_property_random_bytes(data):
+def test_random_bytes_decode_or_are_refused_cleanly(data):
     decodes_or_rejects(data)
 
 
@@ -496,13 +312,13 @@ def mutate(data: bytes, edits, cut: int | None) -> bytes:
 
 @settings(max_examples=200, deadline=None)
 @given(edits=mutations, cut=st.one_of(st.none(), st.integers(0, 10**6)))
-def test_property_mutated_payload(mixed_payload_cached, edits, cut):
+def test_a_mutated_payload_decodes_or_is_refused_cleanly(mixed_payload_cached, edits, cut):
     decodes_or_rejects(mutate(mixed_payload_cached, edits, cut))
 
 
 @settings(max_examples=300, deadline=None)
 @given(edits=mutations, cut=st.one_of(st.none(), st.integers(0, 10**6)), count=st.integers(0, 6))
-def test_property_mutated_body(mixed_payload_cached, edits, cut, count):
+def test_a_mutated_body_decodes_or_is_refused_cleanly(mixed_payload_cached, edits, cut, count):
     """Mutate the decompressed body and re-wrap it, so the record parser sees the damage."""
     decodes_or_rejects(wrap(mutate(body_of(mixed_payload_cached), edits, cut), count))
 
@@ -511,6 +327,8 @@ def test_property_mutated_body(mixed_payload_cached, edits, cut, count):
 # (u32 max dims, nnz and lengths, 255 dimensions), NaN/Inf value bit patterns, unknown index
 # kinds, names that are not UTF-8, runs of varint continuation bytes, empty frames.
 HOSTILE_U32 = st.sampled_from([0, 1, 3, 7, 8, 9, 2**16, 2**31, 2**32 - 1])
+
+
 NON_FINITE = {1: [b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\x00\x00\x80\xff"],
               2: [b"\x00\x7e", b"\x00\x7c", b"\x00\xfc"], 3: [b"\xff"]}
 
@@ -539,7 +357,7 @@ def hostile_records(draw) -> tuple[bytes, int]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(hostile_records(), st.integers(0, 4), st.booleans(), st.booleans())
-def test_property_hostile_records_are_refused_within_the_memory_bound(record_and_dtype, count, with_shapes, trail):
+def test_hostile_records_are_refused_within_the_memory_bound(record_and_dtype, count, with_shapes, trail):
     body, dtype = record_and_dtype
     payload = wrap(body, count, dtype) + (b"\x00garbage" if trail else b"")
     limit = 2**20
@@ -551,38 +369,3 @@ def test_property_hostile_records_are_refused_within_the_memory_bound(record_and
         except CodecError:
             pass
     assert peak_allocation(attempt) < 1.1 * limit + 2**20
-
-
-@pytest.fixture(scope="module")
-def mixed_payload_cached() -> bytes:
-    rng = np.random.default_rng(11)
-    return encode(
-        {
-            "dense": random_sparse(rng, (3, 4), None),
-            "bitmap": random_sparse(rng, (40,), 0.5),
-            "varint": random_sparse(rng, (500,), 0.02),
-            "scalar": random_sparse(rng, (), None),
-        },
-        ValueDtype.FLOAT16,
-    )
-
-
-# --- sign masks and receiver-known indices (HideNseek's uplink) ----------------------------------
-
-
-def test_sign1_with_known_indices_costs_one_bit_per_kept_entry():
-    rng = np.random.default_rng(0)
-    kept = np.flatnonzero(rng.random(8000) < 0.2)
-    signs = np.where(rng.random(len(kept)) < 0.5, -1.0, 1.0).astype(np.float32)
-    tensor = SparseTensor((80, 100), kept, signs)
-    payload = encode({"w": tensor}, ValueDtype.SIGN1, known_indices={"w"})
-    body = -(-len(kept) // 8)
-    assert len(payload) <= 16 + body + 64  # header + bits + record and zstd framing
-    back = decode(payload, known_indices={"w": kept})["w"]
-    assert np.array_equal(back.indices, kept) and np.array_equal(back.values, signs)
-    with pytest.raises(CodecError, match="KNOWN"):
-        decode(payload)
-    with pytest.raises(CodecError, match="known indices"):
-        decode(payload, known_indices={"w": kept[:-1]})
-    with pytest.raises(CodecError, match="only -1 and \\+1"):
-        encode({"w": SparseTensor((3,), None, np.array([1, 0.5, -1], np.float32))}, ValueDtype.SIGN1)
