@@ -50,13 +50,15 @@ STATIC_ROWS = [
     ("the database locked by another connection while an update is stored",
      "not acknowledged to the broker; retried with backoff and stored once the lock goes; the "
      "device gets one ACK, accepted",
-     "test_engine_hostile.py::test_an_update_the_database_cannot_store_for_a_while_is_stored_once_it_can",
+     "test_service_retries_dead_letters_and_bounds_its_inbox.py::"
+     "test_an_update_the_database_cannot_store_for_a_while_is_stored_once_it_can",
      SERVICE),
     ("the database locked for every attempt to store an update",
      "after the last attempt the raw message is kept in state_dir/dead-letter/ (mode 0600, with "
      "topic and reason) and acknowledged; the broker does not deliver it again; it is not stored "
      "(the device resends it on its timer)",
-     "test_engine_hostile.py::test_an_update_that_always_fails_is_dead_lettered_and_acknowledged",
+     "test_service_retries_dead_letters_and_bounds_its_inbox.py::"
+     "test_an_update_that_always_fails_is_dead_lettered_and_acknowledged",
      SERVICE),
 ]
 COLUMNS = ("sent", "counted", "refused", "lost", "duplicated", "redelivered", "counted_unsent",

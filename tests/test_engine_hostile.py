@@ -1,48 +1,30 @@
-"""The coordinator under hostile or failing input: every message refused with a reason or handled,
-none raising; updates checked against what was planned before anything is decoded; a commit that
-fails for good aborted once; a database that fails for a while losing nothing (issue 11).
+"""The round engine under hostile or failing input (issue 11): every message refused with a reason
+or handled, none raising; non-finite numbers never stored; updates checked against what was
+planned (weight, digest, size) before anything is decoded, and refusals bounded; a commit that
+fails for good aborted once, and a restart that does not crash; updates arriving while a resumed
+round commits refused; ACKs signed when tasks are; a device refusing for its privacy policy not
+selected again.
 
-The engine tests drive the real round engine and real edge agents through `harness.fleet` on
-SQLite and PostgreSQL; the service tests run `CoordinatorService` against a real Mosquitto and
-break the database for real (a lock held by another connection), never with a patched store.
+The tests drive the real round engine and real edge agents through `harness.fleet`; the engine's
+own logic does not depend on the database, so most run on SQLite only (`sqlite_url`), those where
+the database matters on SQLite and PostgreSQL (`db_url`). The service over a real Mosquitto with a
+failing database is in tests/test_service_retries_dead_letters_and_bounds_its_inbox.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import queue
-import sqlite3
-import threading
-import time
 import tracemalloc
-import uuid
 
-import psycopg
 import pytest
-import sqlalchemy
 import zstandard
 
-from coordinator.service import CoordinatorService
 from edge_sdk import codec
 from edge_sdk.protocol import MessageType, decode_envelope, encode_envelope
 from edge_sdk.protocol.signing import verify
-from harness.brokers import Mosquitto, MqttPeer
 from harness.fleet import Harness, signing_key_files
 from harness.messages import raw_envelope, update_message
-from harness.waiting import wait_until
-
-# The engine's own logic does not depend on the database: most tests run on SQLite only
-# (`sqlite_url`), those where the database matters on both (`db_url`).
-
-
-def _round_with_updates(h: Harness) -> dict[str, tuple[str, bytes]]:
-    """Round 1 open, every device trained: its update, not yet delivered, per device."""
-    h.register_all()
-    h.engine.tick()
-    h.deliver_to_devices("task")
-    return {h.topics.device_of(t)[1]: (t, p) for t, p in h.take(h.to_coordinator, "update")}
 
 
 def _header(message: bytes) -> dict:
@@ -56,7 +38,7 @@ def _payload(message: bytes) -> bytes:
 # --- item 3: no content makes the engine raise ------------------------------------------------
 def test_no_message_content_makes_the_engine_raise_and_updates_are_answered(tmp_path, sqlite_url):
     h = Harness(tmp_path, sqlite_url, devices=1)
-    updates = _round_with_updates(h)
+    updates = h.round_with_updates()
     topic, honest = updates["dev-0"]
     header, payload = _header(honest), _payload(honest)
     registration = decode_envelope(h.agents["dev-0"]._registration()).header
@@ -94,7 +76,7 @@ def test_no_message_content_makes_the_engine_raise_and_updates_are_answered(tmp_
 # --- item 6: non-finite numbers, and a commit that fails for good ------------------------------
 def test_non_finite_numbers_in_an_update_header_never_reach_the_store(tmp_path, db_url):
     h = Harness(tmp_path, db_url, devices=1)
-    topic, honest = _round_with_updates(h)["dev-0"]
+    topic, honest = h.round_with_updates()["dev-0"]
     for field, value in (("epsilon", float("inf")), ("local_accuracy", float("nan")),
                          ("train_seconds", float("inf"))):
         text = json.dumps({**_header(honest), field: value})  # what a hostile peer can send
@@ -106,7 +88,7 @@ def test_non_finite_numbers_in_an_update_header_never_reach_the_store(tmp_path, 
 
 def test_a_commit_that_fails_aborts_the_round_once_and_a_restart_does_not_crash(tmp_path, db_url):
     h = Harness(tmp_path, db_url, devices=2)
-    updates = _round_with_updates(h)
+    updates = h.round_with_updates()
     h.engine.handle(*updates["dev-0"])
     # An update stored by an earlier coordinator that no longer decodes (or a damaged row).
     task = h.store.task(1, "dev-1")
@@ -126,7 +108,7 @@ def test_a_round_summary_postgresql_refuses_aborts_the_round_once(tmp_path, db_u
     """PostgreSQL's json type refuses Infinity: an epsilon stored as inf (before headers were
     checked) made every commit of the round fail, before and after each restart."""
     h = Harness(tmp_path, db_url, devices=2)
-    updates = _round_with_updates(h)
+    updates = h.round_with_updates()
     h.engine.handle(*updates["dev-0"])
     task = h.store.task(1, "dev-1")
     h.store.accept_update(1, "dev-1", task.task, _payload(updates["dev-1"][1]),
@@ -142,7 +124,7 @@ def test_a_round_summary_postgresql_refuses_aborts_the_round_once(tmp_path, db_u
 # --- item 7: a device's weight is what was planned ---------------------------------------------
 def test_an_update_claiming_more_samples_than_planned_is_refused(tmp_path, sqlite_url):
     h = Harness(tmp_path, sqlite_url, devices=2)
-    updates = _round_with_updates(h)
+    updates = h.round_with_updates()
     assert {t.aggregation_weight for t in h.store.tasks(1).values()} == {150.0}  # FedAvg: samples
     topic, honest = updates["dev-0"]
     h.engine.handle(topic, update_message(_header(honest), _payload(honest), num_samples=151))
@@ -158,7 +140,7 @@ def test_an_update_claiming_more_samples_than_planned_is_refused(tmp_path, sqlit
 # --- item 8: decoded within what the task's tensors can take; refusals bounded -----------------
 def test_a_decompression_bomb_is_refused_before_allocating_and_refusals_are_bounded(tmp_path, sqlite_url):
     h = Harness(tmp_path, sqlite_url, devices=1)
-    topic, honest = _round_with_updates(h)["dev-0"]
+    topic, honest = h.round_with_updates()["dev-0"]
     header = _header(honest)
     body = bytes(96 * 2**20)  # 96 MiB of zeros: under the codec's default 256 MiB limit
     bomb = codec.HEADER.pack(codec.MAGIC, codec.FORMAT_VERSION, 1, 0, 0, 1, len(body)) + \
@@ -186,7 +168,7 @@ def test_an_update_that_arrived_in_time_is_not_late_because_the_engine_was_busy(
     """The engine is one thread: an export at round start can keep it busy past the deadline while
     updates wait in the inbox. Lateness is judged by when the update arrived."""
     h = Harness(tmp_path, sqlite_url, devices=2)
-    updates = _round_with_updates(h)
+    updates = h.round_with_updates()
     arrived = h.clock.now + 59
     h.clock.now += 75  # the engine gets to the inbox after the 60 s deadline
     h.engine.handle(*updates["dev-0"], received_at=arrived)
@@ -198,7 +180,7 @@ def test_an_update_that_arrived_in_time_is_not_late_because_the_engine_was_busy(
 # --- item 12: digest, topic kind, committing, signed ACKs --------------------------------------
 def test_an_update_whose_payload_sha256_does_not_match_is_refused(tmp_path, sqlite_url):
     h = Harness(tmp_path, sqlite_url, devices=1)
-    topic, honest = _round_with_updates(h)["dev-0"]
+    topic, honest = h.round_with_updates()["dev-0"]
     h.engine.handle(topic, encode_envelope(MessageType.UPDATE, {
         **_header(honest), "payload_sha256": hashlib.sha256(b"something else").hexdigest()},
         _payload(honest)))
@@ -209,7 +191,7 @@ def test_an_update_whose_payload_sha256_does_not_match_is_refused(tmp_path, sqli
 
 def test_an_update_on_a_register_topic_is_refused(tmp_path, sqlite_url):
     h = Harness(tmp_path, sqlite_url, devices=1)
-    _, honest = _round_with_updates(h)["dev-0"]
+    _, honest = h.round_with_updates()["dev-0"]
     h.engine.handle(h.topics.register("dev-0"), honest)
     (ack,) = h.deliver_acks("dev-0")
     assert not ack.accepted and "an UPDATE goes on the update topic, not on register" in ack.reason
@@ -218,7 +200,7 @@ def test_an_update_on_a_register_topic_is_refused(tmp_path, sqlite_url):
 
 def test_updates_arriving_while_a_resumed_round_commits_are_refused(tmp_path, sqlite_url):
     h = Harness(tmp_path, sqlite_url, devices=2)
-    updates = _round_with_updates(h)
+    updates = h.round_with_updates()
     h.engine.handle(*updates["dev-0"])
     h.store.set_round(1, state="committing")  # what _commit writes first; then the process died
     h.new_engine()
@@ -236,7 +218,7 @@ def test_updates_arriving_while_a_resumed_round_commits_are_refused(tmp_path, sq
 def test_acks_are_signed_when_the_coordinator_signs_tasks(tmp_path, sqlite_url):
     key_path, _, key = signing_key_files(tmp_path)
     h = Harness(tmp_path, sqlite_url, devices=1, signing_key=str(key_path))
-    topic, honest = _round_with_updates(h)["dev-0"]
+    topic, honest = h.round_with_updates()["dev-0"]
     h.engine.handle(topic, update_message(_header(honest), b"refused too"))
     h.engine.handle(topic, honest)
     acks = [decode_envelope(p) for _, p in h.take(h.to_devices, "ack", "dev-0")]
@@ -248,7 +230,7 @@ def test_acks_are_signed_when_the_coordinator_signs_tasks(tmp_path, sqlite_url):
 # --- contracts 4, 6, 9: privacy policy, contributions, artifacts -------------------------------
 def test_the_round_summary_lists_each_contribution_once(tmp_path, sqlite_url):
     h = Harness(tmp_path, sqlite_url, devices=2)
-    updates = _round_with_updates(h)
+    updates = h.round_with_updates()
     for device in ("dev-1", "dev-0"):
         h.engine.handle(*updates[device])
     h.engine.handle(*updates["dev-0"])  # a QoS 1 redelivery: counted as a duplicate, added once
@@ -261,7 +243,7 @@ def test_the_round_summary_lists_each_contribution_once(tmp_path, sqlite_url):
 
 def test_a_device_refusing_for_its_privacy_policy_is_not_selected_again(tmp_path, sqlite_url):
     h = Harness(tmp_path, sqlite_url, devices=2, rounds={"min_devices": 1})
-    updates = _round_with_updates(h)
+    updates = h.round_with_updates()
     task = h.store.task(1, "dev-1")
     # What a device whose own config requires DP answers a task without it (contract 4).
     h.engine.handle(h.topics.refusal("dev-1"), encode_envelope(MessageType.REFUSAL, {
@@ -294,180 +276,3 @@ def test_a_refused_artifact_is_counted_and_leaves_the_task_running(tmp_path, sql
     h.engine.tick()
     summary = h.store.last_committed().summary
     assert summary["artifact_refusals"] == 1 and summary["accepted"] == 1
-
-
-# --- items 9 and 10: the service over a real Mosquitto, with a database that fails ------------
-class _Lock:
-    """Another connection holding the database (or its updates table) exclusively."""
-
-    def __init__(self, db_url: str):
-        url = sqlalchemy.make_url(db_url)
-        if url.get_backend_name() == "sqlite":
-            self.conn = sqlite3.connect(url.database, isolation_level=None, check_same_thread=False)
-            self.conn.execute("BEGIN EXCLUSIVE")
-        else:
-            self.conn = psycopg.connect(url.set(drivername="postgresql", query={})
-                                        .render_as_string(hide_password=False))
-            self.conn.execute("LOCK TABLE updates IN ACCESS EXCLUSIVE MODE")
-
-    def release(self) -> None:
-        self.conn.rollback() if isinstance(self.conn, psycopg.Connection) else self.conn.execute("ROLLBACK")
-        self.conn.close()
-
-
-def _failing_fast(db_url: str) -> str:
-    """The same database, waiting 0.2 s for a lock instead of 30 s before failing."""
-    if db_url.startswith("sqlite"):
-        return f"{db_url}?timeout=0.2"
-    return f"{db_url}?options=-c%20lock_timeout%3D200"
-
-
-def _service(h: Harness, broker: Mosquitto, name: str, **retry) -> CoordinatorService:
-    changes = {"broker": h.config.broker.model_copy(update={"url": broker.url, "client_id": name})}
-    if retry:
-        changes["retry"] = h.config.retry.model_copy(update=retry)
-    config = h.config.model_copy(update=changes)
-    service = CoordinatorService(config)
-    service.start()
-    assert _next(service)[0] == ""  # connected (the RECONNECTED marker)
-    return service
-
-
-def _next(service: CoordinatorService) -> tuple:
-    """The next message the service's link received (waiting for it: an event, not a sleep)."""
-    try:
-        return service.link.inbox.get(timeout=30)
-    except queue.Empty:
-        raise AssertionError("the service received nothing within 30 s") from None
-
-
-def _device(broker: Mosquitto, device: str) -> MqttPeer:
-    """A device's MQTT client, subscribed to its ACKs."""
-    return MqttPeer(broker.url, f"{device}-{time.monotonic_ns()}", [f"fedprune/test/ack/{device}"],
-                    timeout=30)
-
-
-class _LogEvent(logging.Handler):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text, self.seen = text, threading.Event()
-
-    def emit(self, record):
-        if self.text in record.getMessage():
-            self.seen.set()
-
-
-def _handle_next(service: CoordinatorService) -> None:
-    """One turn of the service's loop, for the message that arrives next."""
-    service._handle(_next(service))
-
-
-def test_an_update_the_database_cannot_store_for_a_while_is_stored_once_it_can(tmp_path, db_url, broker):
-    h = Harness(tmp_path, _failing_fast(db_url), devices=1)
-    h.clock.now = time.time()  # the service's engine runs on the real clock
-    topic, honest = _round_with_updates(h)["dev-0"]
-    service = _service(h, broker, f"retry-{uuid.uuid4().hex[:8]}")
-    device = _device(broker, "dev-0")
-    retrying = _LogEvent(f"a message on {topic} failed")
-    logging.getLogger("fedprune.coordinator").addHandler(retrying)
-    lock = _Lock(db_url)
-    try:
-        # The lock goes once the service has failed to store the update and is waiting to retry.
-        releaser = threading.Thread(target=lambda: (retrying.seen.wait(30), lock.release()))
-        releaser.start()
-        device.publish(topic, honest, timeout=30)
-        _handle_next(service)
-        releaser.join()
-        assert retrying.seen.is_set(), "the service never retried the update: it was dropped"
-        assert device.wait_for(lambda: device.of("ack"), 30), "the device got no ACK"
-    finally:
-        logging.getLogger("fedprune.coordinator").removeHandler(retrying)
-        device.close()
-        service.stop()
-    (ack,) = [decode_envelope(a).header for a in device.of("ack")]
-    assert ack["accepted"] and not ack["duplicate"]
-    assert h.store.has_update(1, "dev-0", ack["task"])
-    assert service.status()["handling"]["transient_failures"] >= 1
-    assert not (tmp_path / "coordinator" / "dead-letter").exists()
-
-
-def test_an_update_that_always_fails_is_dead_lettered_and_acknowledged(tmp_path, db_url, broker):
-    h = Harness(tmp_path, _failing_fast(db_url), devices=1)
-    h.clock.now = time.time()
-    topic, honest = _round_with_updates(h)["dev-0"]
-    session = f"dead-{uuid.uuid4().hex[:8]}"
-    service = _service(h, broker, session, attempts=2, first_delay_seconds=0.05)
-    device = _device(broker, "dev-0")
-    lock = _Lock(db_url)
-    try:
-        device.publish(topic, honest, timeout=30)
-        _handle_next(service)
-    finally:
-        lock.release()
-        service.stop()
-    name = hashlib.sha256(honest).hexdigest()
-    folder = tmp_path / "coordinator" / "dead-letter"
-    assert (folder / f"{name}.bin").read_bytes() == honest
-    kept = json.loads((folder / f"{name}.json").read_text())
-    assert kept["topic"] == topic and "OperationalError" in kept["reason"] and kept["attempts"] == 2
-    assert (folder / f"{name}.bin").stat().st_mode & 0o777 == 0o600
-    assert service.status()["handling"]["dead_lettered"] == 1
-    # Acknowledged: the same persistent session, reconnected, is not sent it again; the next
-    # message it receives is one published after it reconnected.
-    again = _service(h, broker, session)
-    try:
-        device.publish(h.topics.status("dev-0"), encode_envelope(
-            MessageType.STATUS, {"device_id": "dev-0", "online": True}), timeout=30)
-        assert _next(again)[0] == h.topics.status("dev-0")
-    finally:
-        device.close()
-        again.stop()
-    assert h.store.update_count(1) == 0  # kept for the operator; the device resends on its timer
-
-
-def test_a_qos0_flood_does_not_grow_the_inbox_and_is_counted(tmp_path, broker):
-    h = Harness(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", devices=1)
-    service = _service(h, broker, f"flood-{uuid.uuid4().hex[:8]}")
-    flooder = _device(broker, "dev-0")
-    try:
-        for _ in range(500):
-            flooder.client.publish(h.topics.update("dev-0"), b"x" * 1000, qos=0)
-        # Sent after the flood on the same connection: delivered after it.
-        flooder.publish(h.topics.status("dev-0"), encode_envelope(
-            MessageType.STATUS, {"device_id": "dev-0", "online": True}))
-        received = []
-        while True:
-            topic, *_ = _next(service)
-            if topic == h.topics.status("dev-0"):
-                break
-            received.append(topic)
-        assert received == [] and service.link.inbox.qsize() == 0
-        assert service.status()["inbox"]["dropped_qos0"] == 500
-    finally:
-        flooder.close()
-        service.stop()
-
-
-def test_the_inbox_is_bounded_and_what_it_cannot_hold_is_delivered_again(tmp_path, broker):
-    h = Harness(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", devices=1, broker={"inbox_limit": 10})
-    session = f"bounded-{uuid.uuid4().hex[:8]}"
-    service = _service(h, broker, session)
-    device = _device(broker, "dev-0")
-    topic = h.topics.status("dev-0")
-    try:
-        for i in range(15):  # QoS 1: within Mosquitto's in-flight window of 20, all are sent
-            device.publish(topic, f"status {i}".encode(), timeout=30)
-        wait_until(lambda: service.link.inbox.qsize() + service.link.counters["dropped_inbox_full"] >= 15,
-                   30, "the broker to deliver the 15 messages", interval=0.05)
-        assert service.link.inbox.qsize() == 10
-        assert service.status()["inbox"]["dropped_inbox_full"] == 5
-    finally:
-        service.stop()
-    # None was acknowledged: the same session, reconnected (with room this time), gets all 15.
-    h.config = h.config.model_copy(update={"broker": h.config.broker.model_copy(update={"inbox_limit": 100})})
-    again = _service(h, broker, session)
-    try:
-        assert sorted(_next(again)[1] for _ in range(15)) == sorted(f"status {i}".encode() for i in range(15))
-    finally:
-        device.close()
-        again.stop()

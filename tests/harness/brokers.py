@@ -208,3 +208,9 @@ class MqttPeer:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def fleet_wire(url: str, name: str, fleet: str = "test") -> MqttPeer:
+    """The test's own MQTT client on `fleet`: publishes what a coordinator would and records every
+    message the devices send (fedprune/<fleet>/+/+), so tests wait on what crossed the broker."""
+    return MqttPeer(url, f"wire-{name}", [f"fedprune/{fleet}/+/+"])

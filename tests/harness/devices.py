@@ -13,9 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_sdk.agent import EdgeAgent, EdgeSettings
-from edge_sdk.protocol import decode_envelope, parse_header
+from edge_sdk.protocol import Topics, decode_envelope, parse_header
 from harness.brokers import kind_of
 from harness.processes import Process
+
+TOPICS = Topics("test")  # the fleet of the in-process agents and of harness.fleet.Harness
+DEVICE = "dev-0"         # the device a single-device test drives
 
 
 # --- processes -----------------------------------------------------------------------------------
@@ -50,7 +53,7 @@ def capture(queue: list[tuple[str, bytes]]):
     return publish
 
 
-def captured_agent(tmp_path: Path, device: str = "dev-0", **settings
+def captured_agent(tmp_path: Path, device: str = DEVICE, **settings
                    ) -> tuple[EdgeAgent, list[tuple[str, bytes]]]:
     """A real agent of fleet "test" (device 0 of 3, 150 samples) whose publish is captured: the
     agent and the list of what it sent."""

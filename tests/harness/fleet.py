@@ -77,6 +77,11 @@ class Harness:
                                   clock=self.clock)
         return self.engine
 
+    def on_broker(self, device: str, url: str, state_dir: Path, **settings) -> EdgeSettings:
+        """`device`'s settings for a device on a real broker, with its own state directory."""
+        return EdgeSettings.model_validate({**self.agents[device].config.model_dump(), "broker": url,
+                                            "state_dir": str(state_dir), **settings})
+
     def register_all(self) -> None:
         for device, agent in self.agents.items():
             self.engine.handle(self.topics.register(device), agent._registration())
@@ -98,6 +103,14 @@ class Harness:
         for topic, payload in messages:
             self.engine.handle(topic, payload)
         return messages
+
+    def round_with_updates(self) -> dict[str, tuple[str, bytes]]:
+        """Round 1 open, every device trained: its update (topic, message), not yet delivered,
+        per device."""
+        self.register_all()
+        self.engine.tick()
+        self.deliver_to_devices("task")
+        return {self.topics.device_of(t)[1]: (t, p) for t, p in self.take(self.to_coordinator, "update")}
 
     def deliver_acks(self, device: str) -> list:
         """Deliver the coordinator's ACKs to `device`, and return them parsed."""

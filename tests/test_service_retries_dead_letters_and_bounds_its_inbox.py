@@ -1,0 +1,206 @@
+"""The coordinator service over a real Mosquitto when its database fails or its inbox is flooded
+(issue 11, items 9 and 10): an update the database cannot store for a while is not acknowledged,
+retried with backoff and stored once it can (one ACK, accepted); one that always fails is kept in
+state_dir/dead-letter/ (0600, with topic and reason) and acknowledged, never delivered again; a
+QoS 0 flood is dropped on arrival and counted; the inbox holds at most `broker.inbox_limit`, and
+what it could not hold the broker delivers again.
+
+The database is broken for real (a lock held by another connection, SQLite and PostgreSQL), never
+with a patched store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+
+import psycopg
+import sqlalchemy
+
+from coordinator.service import CoordinatorService
+from edge_sdk.protocol import MessageType, decode_envelope, encode_envelope
+from harness.brokers import Mosquitto, MqttPeer
+from harness.fleet import Harness
+from harness.waiting import wait_until
+
+
+class _Lock:
+    """Another connection holding the database (or its updates table) exclusively."""
+
+    def __init__(self, db_url: str):
+        url = sqlalchemy.make_url(db_url)
+        if url.get_backend_name() == "sqlite":
+            self.conn = sqlite3.connect(url.database, isolation_level=None, check_same_thread=False)
+            self.conn.execute("BEGIN EXCLUSIVE")
+        else:
+            self.conn = psycopg.connect(url.set(drivername="postgresql", query={})
+                                        .render_as_string(hide_password=False))
+            self.conn.execute("LOCK TABLE updates IN ACCESS EXCLUSIVE MODE")
+
+    def release(self) -> None:
+        self.conn.rollback() if isinstance(self.conn, psycopg.Connection) else self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+def _failing_fast(db_url: str) -> str:
+    """The same database, waiting 0.2 s for a lock instead of 30 s before failing."""
+    if db_url.startswith("sqlite"):
+        return f"{db_url}?timeout=0.2"
+    return f"{db_url}?options=-c%20lock_timeout%3D200"
+
+
+def _service(h: Harness, broker: Mosquitto, name: str, **retry) -> CoordinatorService:
+    changes = {"broker": h.config.broker.model_copy(update={"url": broker.url, "client_id": name})}
+    if retry:
+        changes["retry"] = h.config.retry.model_copy(update=retry)
+    config = h.config.model_copy(update=changes)
+    service = CoordinatorService(config)
+    service.start()
+    assert _next(service)[0] == ""  # connected (the RECONNECTED marker)
+    return service
+
+
+def _next(service: CoordinatorService) -> tuple:
+    """The next message the service's link received (waiting for it: an event, not a sleep)."""
+    try:
+        return service.link.inbox.get(timeout=30)
+    except queue.Empty:
+        raise AssertionError("the service received nothing within 30 s") from None
+
+
+def _device(broker: Mosquitto, device: str) -> MqttPeer:
+    """A device's MQTT client, subscribed to its ACKs."""
+    return MqttPeer(broker.url, f"{device}-{time.monotonic_ns()}", [f"fedprune/test/ack/{device}"],
+                    timeout=30)
+
+
+class _LogEvent(logging.Handler):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text, self.seen = text, threading.Event()
+
+    def emit(self, record):
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+def _handle_next(service: CoordinatorService) -> None:
+    """One turn of the service's loop, for the message that arrives next."""
+    service._handle(_next(service))
+
+
+def test_an_update_the_database_cannot_store_for_a_while_is_stored_once_it_can(tmp_path, db_url, broker):
+    h = Harness(tmp_path, _failing_fast(db_url), devices=1)
+    h.clock.now = time.time()  # the service's engine runs on the real clock
+    topic, honest = h.round_with_updates()["dev-0"]
+    service = _service(h, broker, f"retry-{uuid.uuid4().hex[:8]}")
+    device = _device(broker, "dev-0")
+    retrying = _LogEvent(f"a message on {topic} failed")
+    logging.getLogger("fedprune.coordinator").addHandler(retrying)
+    lock = _Lock(db_url)
+    try:
+        # The lock goes once the service has failed to store the update and is waiting to retry.
+        releaser = threading.Thread(target=lambda: (retrying.seen.wait(30), lock.release()))
+        releaser.start()
+        device.publish(topic, honest, timeout=30)
+        _handle_next(service)
+        releaser.join()
+        assert retrying.seen.is_set(), "the service never retried the update: it was dropped"
+        assert device.wait_for(lambda: device.of("ack"), 30), "the device got no ACK"
+    finally:
+        logging.getLogger("fedprune.coordinator").removeHandler(retrying)
+        device.close()
+        service.stop()
+    (ack,) = [decode_envelope(a).header for a in device.of("ack")]
+    assert ack["accepted"] and not ack["duplicate"]
+    assert h.store.has_update(1, "dev-0", ack["task"])
+    assert service.status()["handling"]["transient_failures"] >= 1
+    assert not (tmp_path / "coordinator" / "dead-letter").exists()
+
+
+def test_an_update_that_always_fails_is_dead_lettered_and_acknowledged(tmp_path, db_url, broker):
+    h = Harness(tmp_path, _failing_fast(db_url), devices=1)
+    h.clock.now = time.time()
+    topic, honest = h.round_with_updates()["dev-0"]
+    session = f"dead-{uuid.uuid4().hex[:8]}"
+    service = _service(h, broker, session, attempts=2, first_delay_seconds=0.05)
+    device = _device(broker, "dev-0")
+    lock = _Lock(db_url)
+    try:
+        device.publish(topic, honest, timeout=30)
+        _handle_next(service)
+    finally:
+        lock.release()
+        service.stop()
+    name = hashlib.sha256(honest).hexdigest()
+    folder = tmp_path / "coordinator" / "dead-letter"
+    assert (folder / f"{name}.bin").read_bytes() == honest
+    kept = json.loads((folder / f"{name}.json").read_text())
+    assert kept["topic"] == topic and "OperationalError" in kept["reason"] and kept["attempts"] == 2
+    assert (folder / f"{name}.bin").stat().st_mode & 0o777 == 0o600
+    assert service.status()["handling"]["dead_lettered"] == 1
+    # Acknowledged: the same persistent session, reconnected, is not sent it again; the next
+    # message it receives is one published after it reconnected.
+    again = _service(h, broker, session)
+    try:
+        device.publish(h.topics.status("dev-0"), encode_envelope(
+            MessageType.STATUS, {"device_id": "dev-0", "online": True}), timeout=30)
+        assert _next(again)[0] == h.topics.status("dev-0")
+    finally:
+        device.close()
+        again.stop()
+    assert h.store.update_count(1) == 0  # kept for the operator; the device resends on its timer
+
+
+def test_a_qos0_flood_does_not_grow_the_inbox_and_is_counted(tmp_path, broker):
+    h = Harness(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", devices=1)
+    service = _service(h, broker, f"flood-{uuid.uuid4().hex[:8]}")
+    flooder = _device(broker, "dev-0")
+    try:
+        for _ in range(500):
+            flooder.client.publish(h.topics.update("dev-0"), b"x" * 1000, qos=0)
+        # Sent after the flood on the same connection: delivered after it.
+        flooder.publish(h.topics.status("dev-0"), encode_envelope(
+            MessageType.STATUS, {"device_id": "dev-0", "online": True}))
+        received = []
+        while True:
+            topic, *_ = _next(service)
+            if topic == h.topics.status("dev-0"):
+                break
+            received.append(topic)
+        assert received == [] and service.link.inbox.qsize() == 0
+        assert service.status()["inbox"]["dropped_qos0"] == 500
+    finally:
+        flooder.close()
+        service.stop()
+
+
+def test_the_inbox_is_bounded_and_what_it_cannot_hold_is_delivered_again(tmp_path, broker):
+    h = Harness(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", devices=1, broker={"inbox_limit": 10})
+    session = f"bounded-{uuid.uuid4().hex[:8]}"
+    service = _service(h, broker, session)
+    device = _device(broker, "dev-0")
+    topic = h.topics.status("dev-0")
+    try:
+        for i in range(15):  # QoS 1: within Mosquitto's in-flight window of 20, all are sent
+            device.publish(topic, f"status {i}".encode(), timeout=30)
+        wait_until(lambda: service.link.inbox.qsize() + service.link.counters["dropped_inbox_full"] >= 15,
+                   30, "the broker to deliver the 15 messages", interval=0.05)
+        assert service.link.inbox.qsize() == 10
+        assert service.status()["inbox"]["dropped_inbox_full"] == 5
+    finally:
+        service.stop()
+    # None was acknowledged: the same session, reconnected (with room this time), gets all 15.
+    h.config = h.config.model_copy(update={"broker": h.config.broker.model_copy(update={"inbox_limit": 100})})
+    again = _service(h, broker, session)
+    try:
+        assert sorted(_next(again)[1] for _ in range(15)) == sorted(f"status {i}".encode() for i in range(15))
+    finally:
+        device.close()
+        again.stop()
