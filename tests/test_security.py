@@ -64,6 +64,15 @@ def _connect(prov: Path, user: str, password: str | None = None, client_id: str 
     return client, outcome.get("rc"), received
 
 
+def _subscribe(client, topic: str) -> None:
+    """Subscribe at QoS 1 and wait for the broker's SUBACK (it answers a subscription its ACL
+    denies too, and then delivers nothing on it)."""
+    done = threading.Event()
+    client.on_subscribe = lambda *args: done.set()
+    client.subscribe(topic, qos=1)
+    assert done.wait(10), f"the broker did not answer the subscription to {topic}"
+
+
 def test_anonymous_and_wrong_passwords_are_refused_over_tls(fleet):
     prov, _ = fleet
     client, rc, _ = _connect(prov, "dev-a", password="not-the-password")
@@ -77,18 +86,17 @@ def test_anonymous_and_wrong_passwords_are_refused_over_tls(fleet):
 def test_a_device_cannot_publish_as_another_nor_read_anothers_task(fleet):
     prov, _ = fleet
     spy, _, seen = _connect(prov, "coordinator")
-    spy.subscribe(f"fedprune/{FLEET}/update/#", qos=1)
+    _subscribe(spy, f"fedprune/{FLEET}/update/#")
     a, _, a_got = _connect(prov, "dev-a")
     b, _, b_got = _connect(prov, "dev-b")
-    a.subscribe(f"fedprune/{FLEET}/task/dev-b", qos=1)   # not its topic: the ACL hides it
-    b.subscribe(f"fedprune/{FLEET}/task/dev-b", qos=1)
-    time.sleep(0.5)
+    _subscribe(a, f"fedprune/{FLEET}/task/dev-b")   # not its topic: the ACL hides it
+    _subscribe(b, f"fedprune/{FLEET}/task/dev-b")
     forged = encode_envelope(MessageType.UPDATE, {"device_id": "dev-b", "round": 1, "task": "x",
                                                   "num_samples": 1})
     a.publish(f"fedprune/{FLEET}/update/dev-a", b"control", qos=1).wait_for_publish(5)
     spy.publish(f"fedprune/{FLEET}/task/dev-b", b"task for b", qos=1).wait_for_publish(5)
     a.publish(f"fedprune/{FLEET}/update/dev-b", forged, qos=1)  # denied (Mosquitto may also drop a)
-    time.sleep(1.0)
+    time.sleep(1.0)  # a window for what must not arrive: the forgery, a's copy of b's task
     for client in (spy, a, b):
         client.loop_stop()
     assert [t for t, _ in seen] == [f"fedprune/{FLEET}/update/dev-a"]  # the forgery never arrived
