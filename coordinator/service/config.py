@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
+from sqlalchemy import make_url
 
 from edge_sdk.protocol.transport import BrokerAddress
 from export.formats import ExportFormatName
@@ -99,6 +101,36 @@ class ExportSettings(Settings):
     verify_samples: int = Field(256, ge=1)
 
 
+def _node_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class ClusterSettings(Settings):
+    """Several `fedprune coordinator serve` processes on one fleet and one PostgreSQL database
+    (docs/ARCHITECTURE.md, "Several coordinators"). Off: one process, exactly as without it.
+
+    Every process takes in updates and refusals through the broker's shared subscription
+    `$share/<group>/<prefix>/<fleet>/update/+` (and `refusal/+`); the one holding PostgreSQL's
+    session advisory lock `leader_lock_key` leads: it registers devices, opens rounds, sends
+    tasks and commits. Takeover after the leader dies: PostgreSQL frees the lock as soon as it
+    sees the leader's connection close (at once when the process dies: its kernel closes the
+    socket), and a follower takes it within `takeover_poll_seconds`. If the leader's host
+    vanishes without closing it, PostgreSQL's TCP keepalives and user timeout on that connection
+    drop it within `dead_leader_seconds`. Defaults: 1 s after the leader process dies, 11 s after
+    its host vanishes; then the new leader resumes the open round from the database.
+    """
+    enabled: bool = False
+    group: str = Field("fedprune", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # This process's name: in its MQTT client id (<broker.client_id>-<node>), its lock
+    # connection's application_name (fedprune-leader:<node>) and its logs. Default host-pid.
+    node: str = Field(default_factory=_node_name, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # pg_try_advisory_lock's key; every coordinator of one fleet must use the same. Default:
+    # the ASCII bytes of "fedprune" as a bigint.
+    leader_lock_key: int = Field(int.from_bytes(b"fedprune", "big"), ge=-2**63, lt=2**63)
+    takeover_poll_seconds: float = Field(1.0, gt=0, le=60)
+    dead_leader_seconds: int = Field(10, ge=3, le=600)
+
+
 class ServiceSettings(LearningSettings):
     strategy: StrategyName = "fedp3"
     slicing: Literal["prefix", "rolling", "magnitude"] = "magnitude"
@@ -131,6 +163,7 @@ class ServiceSettings(LearningSettings):
     rounds: RoundsSettings = RoundsSettings()
     retry: RetrySettings = RetrySettings()
     export: ExportSettings = ExportSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     @model_validator(mode="before")
     @classmethod
@@ -155,6 +188,16 @@ class ServiceSettings(LearningSettings):
                 f"the network unauthenticated. Set http_token (at least 16 characters) in "
                 f"coordinator.toml or {HTTP_TOKEN_VARIABLE} in the environment, or bind http_host "
                 "to 127.0.0.1")
+        return self
+
+    @model_validator(mode="after")
+    def _cluster_needs_postgresql(self):
+        if self.cluster.enabled and make_url(self.database_url).get_backend_name() != "postgresql":
+            raise ValueError(
+                "cluster.enabled needs PostgreSQL: every coordinator of the cluster shares one "
+                "database and the leader holds a PostgreSQL advisory lock. Set database = "
+                "\"postgresql+psycopg://USER@HOST:5432/DB\" (SQLite is for one coordinator: "
+                "leave cluster.enabled = false)")
         return self
 
     @property

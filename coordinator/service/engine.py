@@ -9,6 +9,11 @@ new global checkpoint before the round is marked committed. On restart the engin
 last committed checkpoint, resumes the open round (re-sending its unanswered tasks; devices
 de-duplicate by task key), and re-runs a commit that was interrupted, which is deterministic.
 
+With several coordinators on one database ([cluster]), one engine leads (`leading`: registers,
+opens, ticks and commits rounds, re-sends tasks) and every engine takes in updates and refusals;
+a follower reads the open round from the database before each (`follow_round`), and a follower
+that takes the lead resumes the open round exactly as a restart does (`take_lead`).
+
 Every message is hostile until parsed, and no content makes `handle` raise: a message that can
 never be handled is refused with the reason (an ACK accepted=false when it names a task, a log
 line otherwise) and the caller acknowledges it to the broker. Only failures that may pass (the
@@ -36,6 +41,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from device_profiles import DeviceProfile
+from device_profiles.files import atomic_write
 from edge_sdk import codec
 from edge_sdk.sizing import DevicePlan
 from edge_sdk.checkpoint import Checkpoint, load_checkpoint
@@ -57,7 +63,7 @@ from ..rounds import (RoundPipeline, Task, UpdateRefused, device_settings, dp_co
 from ..strategies import build_strategy
 from .config import ServiceSettings
 from .states import ROUND_IN_PROGRESS, TASK_MOVES, RoundState, TaskState
-from .store import Store, TaskRow
+from .store import RoundClosed, Store, TaskRow
 
 log = logging.getLogger("fedprune.coordinator")
 
@@ -73,8 +79,11 @@ def is_transient(error: BaseException) -> bool:
 
 class RoundEngine:
     def __init__(self, config: ServiceSettings, store: Store, publish: Publish,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, leading: bool = True):
+        """`leading` False: a cluster follower, which resumes nothing and sends no task until
+        `take_lead`."""
         self.config, self.store, self.publish, self.clock = config, store, publish, clock
+        self.leading = leading
         self.topics = Topics(config.broker.fleet, config.broker.topic_prefix)
         source = load_dataset(config.dataset, config.data_dir)
         self.info = source.info
@@ -102,15 +111,54 @@ class RoundEngine:
         self.counters: Counter[str] = Counter()  # messages refused or failed, for status()
         self.round = store.current_round()
         if self.round is not None:
-            log.info("resuming round %d (%s)", self.round.number, self.round.state)
+            log.info("%s round %d (%s)", "resuming" if leading else "following", self.round.number,
+                     self.round.state)
             self._prepare_pipeline(self.round.number)
-            self.resend_unanswered()
+            if leading:
+                self.resend_unanswered()
+
+    # --- several coordinators ([cluster]) ------------------------------------------------------
+    def follow_round(self) -> None:
+        """A follower's view of the round the leader runs, read from the database: a new round
+        brings the global model it started from (the last committed checkpoint)."""
+        current = self.store.current_round()
+        if current is not None and (self.pipeline is None
+                                    or self.pipeline.round_number != current.number):
+            self.global_state = self._load_global()
+            self._prepare_pipeline(current.number)
+        self.round = current
+
+    def take_lead(self) -> None:
+        """This engine leads from now on: resume the open round from the database as after a
+        restart (the global model, the round, its unanswered tasks re-sent with the same ids)."""
+        self.leading = True
+        self.waiting_since = None
+        self.global_state = self._load_global()
+        self.round = self.store.current_round()
+        if self.round is None:
+            log.info("leading: no round open; %d of %d rounds committed", self.committed_rounds(),
+                     self.config.rounds.total)
+            return
+        log.info("leading: resuming round %d (%s)", self.round.number, self.round.state)
+        self._prepare_pipeline(self.round.number)
+        self.resend_unanswered()
+
+    def step_down(self) -> None:
+        """This engine no longer leads (its lock is gone): it only takes in updates."""
+        self.leading = False
+        self.waiting_since = None
 
     # --- global model ----------------------------------------------------------------------
     def _load_global(self) -> dict[str, np.ndarray]:
         last = self.store.last_committed()
         if last is not None and last.checkpoint:
-            saved = load_checkpoint(last.checkpoint)
+            path, data = Path(last.checkpoint), None
+            if self.config.cluster.enabled:  # the leader's state_dir may be another machine's
+                data = self.store.checkpoint(last.number)
+            if data is not None:
+                path = self.state_dir / "checkpoints" / path.name
+                atomic_write(path, data)
+            saved = load_checkpoint(path)
             return {k: v.numpy().copy() for k, v in saved.state.items()}
         initial = self.strategy.initial_state()
         if initial is not None:
@@ -290,13 +338,22 @@ class RoundEngine:
                                 reason=str(exc))
             self._ack(header, False, f"update refused: {exc}")
             return
-        stored = self.store.accept_update(current.number, header.device_id, header.task, payload,
-                                          task.aggregation_weight, header.num_samples,
-                                          header.epsilon, header.local_accuracy)
+        try:
+            stored = self.store.accept_update(current.number, header.device_id, header.task,
+                                              payload, task.aggregation_weight, header.num_samples,
+                                              header.epsilon, header.local_accuracy)
+        except RoundClosed:  # another coordinator (the leader) closed the round meanwhile
+            stored = self.store.has_update(current.number, header.device_id, header.task)
+            self._ack(header, stored, None if stored else
+                      f"round {current.number} closed: the update came too late to be counted",
+                      duplicate=stored)
+            return
         self.store.update_device(header.device_id, epsilon=header.epsilon,
                                  model_digest=self.pipeline.view(task.width_ratio).spec.digest())
         self._ack(header, True, duplicate=not stored)
-        log.info("round %d: accepted %d-byte update from %s", current.number, len(payload), header.device_id)
+        self.counters["updates_accepted"] += stored
+        log.info("round %d: accepted %d-byte update from %s", current.number, len(payload),
+                 header.device_id, extra={"device": header.device_id, "stored": stored})
 
     def _check_claims(self, header, payload: bytes) -> None:
         """What the header says must hold before the payload is decoded: its digest, and no more
@@ -532,6 +589,8 @@ class RoundEngine:
         checkpoint = Checkpoint(self.spec, {k: torch.from_numpy(v) for k, v in new_state.items()},
                                 self.config.model, self.info.name, None, number)
         checkpoint.save(path)
+        if self.config.cluster.enabled:  # before the round is committed: followers load it
+            self.store.save_checkpoint(number, path.read_bytes())
         global_accuracy = None
         if self.test_x is not None:
             model = build_model(self.spec)

@@ -15,6 +15,9 @@ deliveries, which nothing limits, are dropped on arrival and counted, and one pa
 is left unacknowledged for the broker to deliver again. Publishing waits for the oldest message
 once `window` (32) are unsent, so a round's tasks to a thousand devices never all sit in paho's
 queue at once.
+
+In cluster mode (service.py, [cluster]) the service passes its own subscriptions (updates and
+refusals through the broker's shared subscription) and a clean session: see `cluster_subscriptions`.
 """
 
 from __future__ import annotations
@@ -24,17 +27,30 @@ import logging
 from edge_sdk.protocol import Topics
 from edge_sdk.protocol.transport import RECONNECTED, Delivery, MqttTransport
 
-__all__ = ["RECONNECTED", "CoordinatorLink", "Delivery"]
+__all__ = ["RECONNECTED", "CoordinatorLink", "Delivery", "cluster_subscriptions"]
 
 log = logging.getLogger("fedprune.coordinator.mqtt")
+
+
+def cluster_subscriptions(topics: Topics, group: str) -> list[str]:
+    """A cluster member's subscriptions: updates and refusals through the shared subscription
+    `$share/<group>/...`, which the broker hands to one member of the group each (Mosquitto 2.0,
+    EMQX and HiveMQ accept it from MQTT 3.1.1 clients); registrations and status, retained, to
+    every member (only the leader acts on them, and it subscribes again when it takes the lead,
+    which makes the broker send every retained one again)."""
+    return [f"$share/{group}/{topics.root}/{kind}/+" for kind in ("update", "refusal")] + \
+           [f"{topics.root}/{kind}/+" for kind in ("register", "status")]
 
 
 class CoordinatorLink(MqttTransport):
     def __init__(self, url: str, topics: Topics, client_id: str, keepalive: int = 30,
                  username: str | None = None, password: str | None = None, tls_ca: str | None = None,
-                 inbox_limit: int = 1000):
+                 inbox_limit: int = 1000, subscriptions: list[str] | None = None,
+                 clean_session: bool = False):
         super().__init__(client_id, url, username=username, password=password, tls_ca=tls_ca,
-                         keepalive=keepalive, subscriptions=topics.coordinator_subscriptions(),
+                         keepalive=keepalive, clean_session=clean_session,
+                         subscriptions=(topics.coordinator_subscriptions() if subscriptions is None
+                                        else subscriptions),
                          inbox_limit=inbox_limit, mark_reconnects=True, max_inflight=100,
                          logger=log)
         self.topics = topics

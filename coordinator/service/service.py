@@ -11,6 +11,15 @@ with exponential backoff ([retry] in coordinator.toml), and if it still fails it
 state_dir/dead-letter/ (the raw bytes as <sha256>.bin, topic and reason in <sha256>.json) and only
 then acknowledged, so it is neither lost nor redelivered forever. The device, which got no ACK,
 sends the update again on its resend timer.
+
+Cluster mode ([cluster] enabled; docs/ARCHITECTURE.md, "Several coordinators"): several of these
+processes share one PostgreSQL database. Each connects to the broker with a clean session under
+its own client id and takes in updates and refusals from a shared subscription; the one holding
+the leader lock (cluster.py) also acts on registrations and status, ticks and commits rounds.
+Every `takeover_poll_seconds` a follower tries the lock (and reads the open round) and the leader
+checks it still holds it. A follower that takes the lead resumes the open round from the
+database and subscribes again to registrations and status, whose retained messages the broker
+then sends again (what arrived while no one led).
 """
 
 from __future__ import annotations
@@ -30,10 +39,11 @@ from device_profiles.files import atomic_write
 from edge_sdk.protocol import Topics
 from edge_sdk.rehearsal import peak_rss_bytes
 
+from .cluster import Leadership
 from .config import ServiceSettings
 from .engine import RoundEngine, is_transient
 from .http_api import ApiServer, build_app
-from .link import RECONNECTED, CoordinatorLink, Delivery
+from .link import RECONNECTED, CoordinatorLink, Delivery, cluster_subscriptions
 from .store import Store
 
 log = logging.getLogger("fedprune.coordinator")
@@ -47,11 +57,28 @@ class CoordinatorService:
     def __init__(self, config: ServiceSettings):
         self.config = config
         self.store = Store(config.database_url)
-        broker = config.broker
-        self.link = CoordinatorLink(broker.url, Topics(broker.fleet, broker.topic_prefix),
-                                    broker.client_id, broker.keepalive, broker.username,
-                                    broker.password, broker.tls_ca, broker.inbox_limit)
-        self.engine = RoundEngine(config, self.store, self.link.publish)
+        broker, cluster = config.broker, config.cluster
+        topics = Topics(broker.fleet, broker.topic_prefix)
+        if cluster.enabled:
+            # A clean session: the broker drops a dead member from the shared subscription as soon
+            # as its connection closes. (Mosquitto 2.0 keeps handing a disconnected member with a
+            # persistent session its share of the updates, queued until it returns.) With a
+            # broker user, the client id is the user name: give each coordinator its own user.
+            client_id = broker.client_id if broker.username else f"{broker.client_id}-{cluster.node}"
+            self.link = CoordinatorLink(broker.url, topics, client_id, broker.keepalive,
+                                        broker.username, broker.password, broker.tls_ca,
+                                        broker.inbox_limit,
+                                        subscriptions=cluster_subscriptions(topics, cluster.group),
+                                        clean_session=True)
+            self.leadership: Leadership | None = Leadership(config.database_url, cluster)
+        else:
+            self.link = CoordinatorLink(broker.url, topics, broker.client_id, broker.keepalive,
+                                        broker.username, broker.password, broker.tls_ca,
+                                        broker.inbox_limit)
+            self.leadership = None
+        self.engine = RoundEngine(config, self.store, self.link.publish,
+                                  leading=not cluster.enabled)
+        self.polled_at = float("-inf")  # when the leader lock was last polled (cluster mode)
         self.dead_letters = Path(config.state_dir) / "dead-letter"
         # transient_failures: attempts that failed and were tried again; dead_lettered: messages
         # kept in dead-letter/ after the last attempt.
@@ -75,7 +102,12 @@ class CoordinatorService:
                           "dropped_qos0": self.link.counters["dropped_qos0"],
                           "dropped_inbox_full": self.link.counters["dropped_inbox_full"]},
                 "handling": {"transient_failures": self.counters["transient_failures"],
-                             "dead_lettered": self.counters["dead_lettered"]}}
+                             "dead_lettered": self.counters["dead_lettered"]},
+                **({} if self.leadership is None else {"cluster": {
+                    "node": self.config.cluster.node,
+                    "role": "leader" if self.engine.leading else "follower",
+                    "leader_since": self.leadership.since,
+                    "updates_accepted": self.engine.counters["updates_accepted"]}})}
 
     def start(self) -> None:
         """The HTTP API first: an address it cannot listen on stops the service before the link
@@ -84,6 +116,8 @@ class CoordinatorService:
             self.http = ApiServer(build_app(self.store, self.config, self.status),
                                   self.config.http_host, self.config.http_port,
                                   self.config.http_token).start()
+        if self.leadership is not None:
+            self._poll_leadership()
         self.link.start()
 
     def run(self) -> None:
@@ -97,7 +131,10 @@ class CoordinatorService:
                         self._handle(self.link.inbox.get_nowait())
                 except queue.Empty:
                     pass
-                self._tick()
+                if self.leadership is not None:
+                    self._poll_leadership()
+                if self.engine.leading:
+                    self._tick()
                 if self.config.exit_when_done and self.engine.done:
                     log.info("done: %d of %d rounds committed", self.engine.committed_rounds(),
                              self.config.rounds.total,
@@ -109,14 +146,52 @@ class CoordinatorService:
         finally:
             self.stop()
 
+    def _poll_leadership(self, force: bool = False) -> None:
+        """Cluster mode, every takeover_poll_seconds: take the lead if it is free, keep it, or
+        step down when its lock connection is gone; a follower reads the open round."""
+        now = time.monotonic()
+        if not force and now - self.polled_at < self.config.cluster.takeover_poll_seconds:
+            return
+        self.polled_at = now
+        leading = self.leadership.poll()
+        node = self.config.cluster.node
+        if leading and not self.engine.leading:
+            log.info("node %s took the leader lock; resuming round control from the database",
+                     node, extra={"node": node, "event": "took_lead"})
+            if self._attempt(self.engine.take_lead, "taking the lead") is not None:
+                self.leadership.close()  # let another coordinator lead; try again next poll
+                self.engine.step_down()
+                return
+            for kind in ("register", "status") if self.link.connected.is_set() else ():
+                try:  # the retained registrations and status, sent again: what no one led for
+                    self.link.subscribe(f"{self.link.topics.root}/{kind}/+", timeout=10)
+                except ConnectionError as exc:  # on (re)connect the link subscribes anyway
+                    log.warning("could not subscribe again to %s (%s); the next connection will", kind, exc)
+        elif not leading and self.engine.leading:
+            log.error("node %s lost the leader lock; it only takes in updates now", node,
+                      extra={"node": node, "event": "lost_lead"})
+            self.engine.step_down()
+        if not self.engine.leading:
+            self._attempt(self.engine.follow_round, "reading the open round")
+
     def _handle(self, delivery: Delivery) -> None:
         topic, payload = delivery.topic, delivery.payload
         if topic == RECONNECTED:
+            if not self.engine.leading:
+                return
             if self._attempt(self.engine.resend_unanswered, "re-sending unanswered tasks"):
                 log.error("unanswered tasks were not re-sent; they will be on the next reconnect")
             return
-        failure = self._attempt(lambda: self.engine.handle(topic, payload, delivery.received_at),
-                                f"a message on {topic}")
+        if not self.engine.leading:
+            kind = topic.split("/")[-2] if topic.count("/") >= 2 else ""
+            if kind in ("register", "status"):  # the leader's; it re-reads the retained ones
+                self.link.ack(delivery.mid, delivery.qos)
+                return
+            action = lambda: (self.engine.follow_round(),  # noqa: E731
+                              self.engine.handle(topic, payload, delivery.received_at))
+        else:
+            action = lambda: self.engine.handle(topic, payload, delivery.received_at)  # noqa: E731
+        failure = self._attempt(action, f"a message on {topic}")
         if failure is not None and not self._dead_letter(topic, payload, failure):
             return  # kept nowhere: left unacknowledged for the broker to deliver again
         self.link.ack(delivery.mid, delivery.qos)
@@ -175,6 +250,8 @@ class CoordinatorService:
     def stop(self) -> None:
         self.stopping.set()
         self.link.stop()
+        if self.leadership is not None:
+            self.leadership.close()
         if self.http is not None:
             self.http.stop()
             self.http = None

@@ -4,6 +4,13 @@ Accepted updates are stored whole (their encoded payload) in the same transactio
 them, keyed by the idempotency key (round, device, task): a QoS 1 redelivery or a replay hits
 the primary key and is recognised as a duplicate, and a coordinator killed at any point finds
 every update it acknowledged when it restarts. Aggregation reads them back at commit.
+
+Several coordinators may share one PostgreSQL database ([cluster]): every one of them stores
+updates, the leader alone opens and closes rounds. Accepting an update holds the round's row
+FOR SHARE while it checks the round is still collecting and stores the update; the leader's move
+to committing waits for those transactions and makes later ones fail (`RoundClosed`), so every
+update acknowledged as accepted is one the commit reads. Two processes storing the same update
+(a redelivery) meet at the primary key: one stores it, the other is told it is a duplicate.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from .states import (ROUND_IN_PROGRESS, ROUND_START, TASK_START, RoundState, Tas
 
 class Base(DeclarativeBase):
     pass
+
+
+class RoundClosed(Exception):
+    """The update's round is no longer collecting (the leader moved it on): nothing was stored."""
 
 
 class _StateColumn(TypeDecorator):
@@ -94,6 +105,14 @@ class TaskRow(Base):
     sent_at: Mapped[float] = mapped_column(Float)
     answered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     reason: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+
+
+class CheckpointRow(Base):
+    """A committed round's global checkpoint file, for coordinators that do not share the
+    leader's state_dir (cluster mode writes it; one coordinator reads its own file)."""
+    __tablename__ = "checkpoints"
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class UpdateRow(Base):
@@ -210,7 +229,7 @@ class Store:
         """Write `fields` of round `number`; a `state` moves through `round_transition` (an
         illegal move raises IllegalTransition and writes nothing)."""
         with self.session.begin() as s:
-            row = s.get(RoundRow, number)
+            row = s.get(RoundRow, number, with_for_update=True)  # SQLite: no-op (one writer)
             if "state" in fields:
                 fields["state"] = round_transition(row.state, fields["state"])
             for key, value in fields.items():
@@ -220,7 +239,7 @@ class Store:
         """One more `event` in the round's summary: "duplicates" (a second copy of an accepted
         update, not counted again), "artifact_refusals" (a device refused its exported model)."""
         with self.session.begin() as s:
-            row = s.get(RoundRow, number)
+            row = s.get(RoundRow, number, with_for_update=True)  # several coordinators may count
             row.summary = {**(row.summary or {}), event: (row.summary or {}).get(event, 0) + 1}
 
     def tasks(self, round_number: int) -> dict[str, TaskRow]:
@@ -252,10 +271,17 @@ class Store:
                       num_samples: int, epsilon: float | None,
                       local_accuracy: float | None = None) -> bool:
         """Store an update and mark its task accepted, atomically. False: already stored;
-        IllegalTransition (nothing stored): the task cannot be accepted (missing)."""
+        IllegalTransition (nothing stored): the task cannot be accepted (missing); RoundClosed
+        (nothing stored): the round is no longer collecting."""
         now = time.time()
         try:
             with self.session.begin() as s:
+                # FOR SHARE: the leader's move to committing waits for this transaction, and one
+                # that starts after it sees the new state (SQLite: no-op, it has one writer).
+                state = s.scalar(select(RoundRow.state).where(RoundRow.number == round_number)
+                                 .with_for_update(read=True))
+                if state != RoundState.COLLECTING:
+                    raise RoundClosed(f"round {round_number} is {state}")
                 s.add(UpdateRow(round=round_number, device=device, task=task, payload=payload,
                                 weight=weight, num_samples=num_samples, epsilon=epsilon,
                                 local_accuracy=local_accuracy, bytes=len(payload), received_at=now))
@@ -275,6 +301,16 @@ class Store:
         for device, task in keys:
             with self.session() as s:
                 yield s.get(UpdateRow, (round_number, device, task))
+
+    def save_checkpoint(self, round_number: int, data: bytes) -> None:
+        """Keep a round's checkpoint file in the database (again after a re-run commit)."""
+        with self.session.begin() as s:
+            s.merge(CheckpointRow(round=round_number, data=data))
+
+    def checkpoint(self, round_number: int) -> bytes | None:
+        with self.session() as s:
+            row = s.get(CheckpointRow, round_number)
+            return None if row is None else row.data
 
     def has_update(self, round_number: int, device: str, task: str) -> bool:
         with self.session() as s:

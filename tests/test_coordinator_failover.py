@@ -1,0 +1,161 @@
+"""Two coordinators in cluster mode on one Mosquitto and one PostgreSQL database: both take in the
+round's updates (the broker's shared subscription), the leader is SIGKILLed mid-round, the other
+takes the leader lock, resumes the round from the database and commits it with every device's
+update counted once. The row it records goes to the fault matrix (docs/RELIABILITY.md).
+
+Counted from both sides, like every fault-matrix row: `measure` (tests/test_faults.py) reads the
+devices' state dirs and logs and the committed round's contributions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+
+from coordinator.service.cluster import Leadership
+from coordinator.service.config import ClusterSettings
+from coordinator.service.store import Store
+from edge_sdk.agent import EdgeSettings
+from harness.brokers import running_mosquitto
+from harness.databases import POSTGRES
+from harness.devices import coordinator_process, start_edge_agent
+from harness.processes import Process, stop_processes
+from harness.waiting import wait_until
+from test_faults import measure
+
+pytestmark = pytest.mark.faults
+
+FLEET = "ha"
+POLL = 0.5            # cluster.takeover_poll_seconds
+SAMPLES = 96          # per device: few, so process start-up, not training, sets the pace
+
+
+@contextmanager
+def own_database() -> Iterator[str]:
+    """A PostgreSQL database of this test's own (created, then dropped), on the server the
+    other tests use (harness.databases.POSTGRES, FEDPRUNE_TEST_POSTGRES)."""
+    server = sqlalchemy.make_url(POSTGRES)
+    name = f"fedprune_failover_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    except sqlalchemy.exc.OperationalError:
+        admin.dispose()
+        pytest.fail(f"PostgreSQL is not reachable at {server.render_as_string()}; start it: "
+                    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _coordinator(tmp: Path, node: str, broker: str, database: str) -> Process:
+    overrides = [f"broker.url={broker}", f"broker.fleet={FLEET}", f"state_dir={tmp / node}",
+                 f"database={database}", "cluster.enabled=true", f"cluster.node={node}",
+                 f"cluster.takeover_poll_seconds={POLL}", "http_port=0", "exit_when_done=true",
+                 "strategy=fedavg", "model=mlp", "evaluate=false", "export.enabled=false",
+                 "train.lr=0.05", "rounds.total=1", "rounds.devices_per_round=4",
+                 "rounds.min_devices=4", "rounds.deadline_seconds=90",
+                 "rounds.registration_grace_seconds=0"]
+    return coordinator_process(node, overrides, tmp / f"{node}.log").start()
+
+
+def _device(tmp: Path, broker: str, i: int, samples: int) -> Process:
+    config = EdgeSettings(device_id=f"{FLEET}-{i}", broker=broker, fleet=FLEET,
+                          state_dir=str(tmp / f"d{i}"), profile="catalogue:rpi4-4gb",
+                          max_samples=samples, data={"clients": 4, "device_index": i})
+    return start_edge_agent(config, tmp, stem=f"d{i}")  # measure() reads d*.toml and d*.log
+
+
+def _stored_by(log: Path) -> list[str]:
+    """The devices whose update this coordinator stored (its log's accepted lines, not duplicates)."""
+    devices = []
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if "accepted" in entry.get("message", "") and entry.get("stored"):
+            devices.append(entry["device"])
+    return devices
+
+
+def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, fault_matrix):
+    with running_mosquitto(tmp_path / "broker") as broker, own_database() as url:
+        store = Store(url)  # the tables, before any coordinator starts
+        lock = Leadership(url, ClusterSettings(enabled=True, node="test"))  # to ask who leads
+        nodes = {name: _coordinator(tmp_path, name, broker.url, url) for name in ("c0", "c1")}
+        # Two devices register, then freeze (SIGSTOP) until the leader is dead: their tasks wait
+        # in their sockets and their updates come after the takeover.
+        late = [_device(tmp_path, broker.url, i, SAMPLES) for i in (2, 3)]
+        everyone = [*nodes.values(), *late]
+        try:
+            wait_until(lambda: lock.holder() in nodes, 60, "a coordinator to take the leader lock",
+                       everyone)
+            wait_until(lambda: all(store.device(f"{FLEET}-{i}") for i in (2, 3)), 60,
+                       "the late devices to register", everyone)
+            for device in late:
+                device.popen.send_signal(signal.SIGSTOP)
+            prompt = [_device(tmp_path, broker.url, i, SAMPLES) for i in (0, 1)]
+            everyone += prompt
+            # Both coordinators store one of the prompt devices' updates (the broker hands the
+            # shared subscription's messages out in turn); then the leader dies without a word.
+            wait_until(lambda: all(_stored_by(tmp_path / f"{n}.log") for n in nodes), 90,
+                       "each coordinator to store an update of round 1", [*nodes.values(), *prompt])
+            leader = lock.holder()
+            survivor = next(n for n in nodes if n != leader)
+            stored_before = store.update_count(1)
+            by_node = {n: sorted(_stored_by(tmp_path / f"{n}.log")) for n in nodes}
+            nodes[leader].stop(signal.SIGKILL)
+            killed_at = time.monotonic()
+            wait_until(lambda: lock.holder() == survivor, 30, f"{survivor} to take the lead",
+                       [nodes[survivor], *prompt])
+            takeover = time.monotonic() - killed_at
+            for device in late:
+                device.popen.send_signal(signal.SIGCONT)
+            devices = [*prompt, *late]
+            wait_until(lambda: nodes[survivor].exited() is not None, 120,
+                       f"{survivor} to commit round 1", devices)
+            assert nodes[survivor].exited() == 0, nodes[survivor].tail()
+            measured = measure(store, tmp_path)
+            dead_letters = sum(len(list((tmp_path / n / "dead-letter").glob("*.bin"))) for n in nodes)
+            measured = dataclasses.replace(measured, dead_lettered=dead_letters)
+            committed = store.rounds()
+            by_node_after = {n: sorted(_stored_by(tmp_path / f"{n}.log")) for n in nodes}
+        finally:
+            for device in everyone[2:]:
+                if device.popen.poll() is None:
+                    device.popen.send_signal(signal.SIGCONT)
+            stop_processes([p for p in everyone if p.popen.poll() is None], signal.SIGKILL)
+            lock.close()
+            store.close()
+    assert stored_before == 2 and sorted(sum(by_node.values(), [])) == [f"{FLEET}-0", f"{FLEET}-1"], \
+        (stored_before, by_node)
+    assert all(by_node.values()), by_node  # each coordinator had stored one before the kill
+    assert takeover <= POLL + 2.5, f"took {takeover:.1f} s to take the lead"
+    assert [r.state for r in committed] == ["committed"]
+    contributions = committed[0].summary["contributions"]
+    assert sorted(c.split("/")[0] for c in contributions) == [f"{FLEET}-{i}" for i in range(4)]
+    # Stored once each, across both coordinators (the dead one's log included).
+    assert sorted(sum(by_node_after.values(), [])) == [f"{FLEET}-{i}" for i in range(4)], by_node_after
+    assert (measured.sent, measured.counted, measured.lost, measured.duplicated,
+            measured.counted_unsent, measured.dead_lettered) == (4, 4, 0, 0, 0, 0), measured
+    fault_matrix(
+        "2 coordinators in cluster mode (one PostgreSQL, updates through a shared subscription), 4 "
+        "devices, 1 round: each coordinator stored one update, then the leader was SIGKILLed; 2 "
+        "devices held (SIGSTOP) until after the kill",
+        f"the other took the leader lock {takeover:.1f} s after the kill (takeover_poll_seconds "
+        f"{POLL:g}), resumed round 1 from the database, re-sent the 2 unanswered tasks and "
+        "committed the round with all 4 updates", measured)
