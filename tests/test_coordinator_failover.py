@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,8 +24,11 @@ import sqlalchemy
 
 from coordinator.service.cluster import Leadership
 from coordinator.service.config import ClusterSettings
-from coordinator.service.store import Store
+from coordinator.service import store as store_module
+from coordinator.service.states import RoundState
+from coordinator.service.store import RoundClosed, Store, TaskRow
 from edge_sdk.agent import EdgeSettings
+from edge_sdk.agent.state import task_key
 from harness.brokers import running_mosquitto
 from harness.databases import POSTGRES
 from harness.devices import coordinator_process, start_edge_agent
@@ -133,6 +137,7 @@ def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, f
             dead_letters = sum(len(list((tmp_path / n / "dead-letter").glob("*.bin"))) for n in nodes)
             measured = dataclasses.replace(measured, dead_lettered=dead_letters)
             committed = store.rounds()
+            tasks = store.tasks(1)
             by_node_after = {n: sorted(_stored_by(tmp_path / f"{n}.log")) for n in nodes}
         finally:
             for device in everyone[2:]:
@@ -150,6 +155,11 @@ def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, f
     assert sorted(c.split("/")[0] for c in contributions) == [f"{FLEET}-{i}" for i in range(4)]
     # Stored once each, across both coordinators (the dead one's log included).
     assert sorted(sum(by_node_after.values(), [])) == [f"{FLEET}-{i}" for i in range(4)], by_node_after
+    # The new leader re-sent the late devices' tasks with the ids the dead one gave them: each
+    # late device got its task twice and ran it once.
+    for i in (2, 3):
+        key = task_key(1, tasks[f"{FLEET}-{i}"].task)
+        assert f"task {key} already" in (tmp_path / f"d{i}.log").read_text(), f"d{i} got no re-sent task"
     assert (measured.sent, measured.counted, measured.lost, measured.duplicated,
             measured.counted_unsent, measured.dead_lettered) == (4, 4, 0, 0, 0, 0), measured
     fault_matrix(
@@ -159,3 +169,68 @@ def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, f
         f"the other took the leader lock {takeover:.1f} s after the kill (takeover_poll_seconds "
         f"{POLL:g}), resumed round 1 from the database, re-sent the 2 unanswered tasks and "
         "committed the round with all 4 updates", measured)
+
+
+# --- the database's part: two processes storing, the leader closing the round ------------------
+def _waiting_on_a_lock(store: Store, count: int) -> bool:
+    """Whether `count` sessions of this database wait for a row lock (pg_stat_activity)."""
+    with store.engine.connect() as connection:
+        return connection.scalar(sqlalchemy.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'")) >= count
+
+
+def test_an_update_being_stored_holds_its_round_open_and_a_racing_copy_is_a_duplicate(monkeypatch):
+    """Two coordinators' stores on one database, the first held inside accept_update's transaction
+    (after its row lock and insert): the same update from the second waits, then is a duplicate;
+    the leader's move to committing waits, then reads the update; an update after that is refused
+    (RoundClosed) and not stored."""
+    with own_database() as url:
+        intake, other, leader = Store(url), Store(url), Store(url)
+        try:
+            for device in ("d0", "d1"):
+                leader.upsert_device(device, profile={}, num_samples=1, formats=[], plan={},
+                                     width_ratio=1.0, fits=True)
+            leader.open_round(1, time.time() + 60, ["d0", "d1"], 1, [
+                TaskRow(round=1, device=d, task=f"task-{d}", width_ratio=1.0, aggregation_weight=1.0,
+                        bytes_down=0, sent_at=time.time()) for d in ("d0", "d1")])
+            inside, release = threading.Event(), threading.Event()
+            real = store_module.task_transition
+
+            def held(current, new):  # called inside accept_update's transaction, after the insert
+                if threading.current_thread().name == "held":
+                    inside.set()
+                    assert release.wait(30)
+                return real(current, new)
+            monkeypatch.setattr(store_module, "task_transition", held)
+            results: dict[str, object] = {}
+
+            def run(name, action):
+                def target():
+                    try:
+                        results[name] = action()
+                    except Exception as exc:  # noqa: BLE001 - the test reads it
+                        results[name] = exc
+                thread = threading.Thread(target=target, name=name)
+                thread.start()
+                return thread
+
+            update = (1, "d0", "task-d0", b"payload", 1.0, 1, None)
+            first = run("held", lambda: intake.accept_update(*update))
+            assert inside.wait(30)
+            copy = run("copy", lambda: other.accept_update(*update))
+            closing = run("closing", lambda: leader.set_round(1, state=RoundState.COMMITTING))
+            wait_until(lambda: _waiting_on_a_lock(leader, 2), 30,
+                       "the copy and the leader's commit to wait for the stored update's transaction")
+            assert copy.is_alive() and closing.is_alive()
+            release.set()
+            for thread in (first, copy, closing):
+                thread.join(30)
+            assert results == {"held": True, "copy": False, "closing": None}, results
+            assert [(u.device, u.task) for u in leader.updates(1)] == [("d0", "task-d0")]
+            with pytest.raises(RoundClosed):
+                other.accept_update(1, "d1", "task-d1", b"late", 1.0, 1, None)
+            assert leader.update_count(1) == 1 and leader.task(1, "d1").state == "sent"
+        finally:
+            for store in (intake, other, leader):
+                store.close()
