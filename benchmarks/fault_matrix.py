@@ -20,6 +20,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tests that record rows: one coordinator against faults, then two in cluster mode.
+FAULT_TESTS = ("tests/test_faults.py", "tests/test_coordinator_failover.py")
 # Asserted by other tests, not measured here: (scenario, what happened, test, how it runs). Engine
 # tests drive the real round engine and edge agents message by message (tests/harness/fleet.py),
 # no broker; service tests run CoordinatorService in the test process against Mosquitto.
@@ -60,6 +62,14 @@ STATIC_ROWS = [
      "test_service_retries_dead_letters_and_bounds_its_inbox.py::"
      "test_an_update_that_always_fails_is_dead_lettered_and_acknowledged",
      SERVICE),
+    ("cluster mode: two coordinators store the same update at once; the leader moves the round to "
+     "committing while another coordinator is storing an update",
+     "the second copy waits for the first and is acknowledged as a duplicate; the move to "
+     "committing waits for the update being stored, and the commit reads it; an update after that "
+     "is refused (the round closed) and not stored",
+     "test_coordinator_failover.py::"
+     "test_an_update_being_stored_holds_its_round_open_and_a_racing_copy_is_a_duplicate",
+     "store, three sessions on PostgreSQL"),
 ]
 COLUMNS = ("sent", "counted", "refused", "lost", "duplicated", "redelivered", "counted_unsent",
            "dead_lettered")
@@ -113,7 +123,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fault-matrix-"))
     rows_path, junit = work / "rows.jsonl", work / "junit.xml"
     started, load = time.time(), os.getloadavg()[0]  # other work on the machine slows the run
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "faults", "tests/test_faults.py",
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "faults", *FAULT_TESTS,
                           f"--junitxml={junit}"], cwd=ROOT,
                          env={**os.environ, "FEDPRUNE_FAULT_MATRIX": str(rows_path),
                               "OMP_NUM_THREADS": "1"})
@@ -124,11 +134,12 @@ def main() -> None:
     failed = _failed_tests(junit)
     lines = ["# Reliability: the fault matrix", "",
              "Produced by `python benchmarks/fault_matrix.py`, which runs the fault tests "
-             "(`pytest -m faults tests/test_faults.py`: real Mosquitto 2.0 with "
+             f"(`pytest -m faults {' '.join(FAULT_TESTS)}`: real Mosquitto 2.0 with "
              "`deploy/mosquitto/mosquitto.conf` as shipped, debug logging added so the broker's log "
              "shows each delivery; the coordinator (`fedprune coordinator serve`) and every device "
              "(`fedprune-edge run`) as separate processes; "
-             "the coordinator on SQLite, and on PostgreSQL where the row says so) and writes this "
+             "the coordinator on SQLite, and on PostgreSQL where the row says so; two coordinators "
+             "in cluster mode, `[cluster]`, in the row that says so) and writes this "
              "file from the rows they record. Machine: "
              f"{platform.machine()}, {os.cpu_count()} cores; the fault tests took {seconds:.0f} s "
              f"({cpu_seconds:.0f} CPU-seconds; load average {load:.1f} when they started); "
