@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy
 
@@ -96,6 +98,18 @@ def _stored_by(log: Path) -> list[str]:
     return devices
 
 
+def _http_url(log: Path) -> str:
+    """The coordinator's HTTP API address, from its log (http_port 0: a free port)."""
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            match = re.fullmatch(r"HTTP API on (http://\S+)", json.loads(line).get("message", ""))
+        except ValueError:
+            continue
+        if match:
+            return match[1]
+    raise AssertionError(f"{log} names no HTTP API address")
+
+
 def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, fault_matrix):
     with running_mosquitto(tmp_path / "broker") as broker, own_database() as url:
         store = Store(url)  # the tables, before any coordinator starts
@@ -127,6 +141,8 @@ def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, f
             wait_until(lambda: lock.holder() == survivor, 30, f"{survivor} to take the lead",
                        [nodes[survivor], *prompt])
             takeover = time.monotonic() - killed_at
+            # Its HTTP API says so too (before the late devices answer: it cannot commit yet).
+            status = httpx.get(f"{_http_url(tmp_path / f'{survivor}.log')}/status", timeout=10).json()
             for device in late:
                 device.popen.send_signal(signal.SIGCONT)
             devices = [*prompt, *late]
@@ -149,6 +165,7 @@ def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, f
     assert stored_before == 2 and sorted(sum(by_node.values(), [])) == [f"{FLEET}-0", f"{FLEET}-1"], \
         (stored_before, by_node)
     assert all(by_node.values()), by_node  # each coordinator had stored one before the kill
+    assert status["cluster"]["node"] == survivor and status["cluster"]["role"] == "leader", status
     assert takeover <= POLL + 2.5, f"took {takeover:.1f} s to take the lead"
     assert [r.state for r in committed] == ["committed"]
     contributions = committed[0].summary["contributions"]

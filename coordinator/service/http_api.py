@@ -134,6 +134,14 @@ class HandlingView(_View):
     dead_lettered: int
 
 
+class ClusterView(_View):
+    """Cluster mode ([cluster]): this process's node name and role; updates it stored itself."""
+    node: str
+    role: str                             # leader | follower
+    leader_since: float | None            # unix time this process took the lead
+    updates_accepted: int
+
+
 class StatusView(_View):
     fleet: str
     process: ProcessView
@@ -145,6 +153,7 @@ class StatusView(_View):
     rounds: list[StatusRoundView]
     inbox: InboxView | None = None        # the service's; absent from the engine's own status
     handling: HandlingView | None = None
+    cluster: ClusterView | None = None    # cluster mode only
 
 
 class PlanView(_View):
