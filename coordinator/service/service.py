@@ -129,6 +129,8 @@ class CoordinatorService:
                     self._handle(self.link.inbox.get(timeout=0.2))
                     while True:  # drain what arrived meanwhile before ticking
                         self._handle(self.link.inbox.get_nowait())
+                        if self.leadership is not None:  # a takeover waits for one message at most
+                            self._poll_leadership()
                 except queue.Empty:
                     pass
                 if self.leadership is not None:
