@@ -23,20 +23,20 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy
-
-from coordinator.service.cluster import Leadership
-from coordinator.service.config import ClusterSettings
-from coordinator.service import store as store_module
-from coordinator.service.states import RoundState
-from coordinator.service.store import RoundClosed, Store, TaskRow
-from edge_sdk.agent import EdgeSettings
-from edge_sdk.agent.state import task_key
 from harness.brokers import running_mosquitto
 from harness.databases import POSTGRES
 from harness.devices import coordinator_process, start_edge_agent
 from harness.processes import Process, stop_processes
 from harness.waiting import wait_until
 from test_faults import measure
+
+from coordinator.service import store as store_module
+from coordinator.service.cluster import Leadership
+from coordinator.service.config import ClusterSettings
+from coordinator.service.states import RoundState
+from coordinator.service.store import RoundClosed, Store, TaskRow
+from edge_sdk.agent import EdgeSettings
+from edge_sdk.agent.state import task_key
 
 pytestmark = pytest.mark.faults
 
@@ -162,7 +162,7 @@ def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, f
             stop_processes([p for p in everyone if p.popen.poll() is None], signal.SIGKILL)
             lock.close()
             store.close()
-    assert stored_before == 2 and sorted(sum(by_node.values(), [])) == [f"{FLEET}-0", f"{FLEET}-1"], \
+    assert stored_before == 2 and sorted(d for stored in by_node.values() for d in stored) == [f"{FLEET}-0", f"{FLEET}-1"], \
         (stored_before, by_node)
     assert all(by_node.values()), by_node  # each coordinator had stored one before the kill
     assert status["cluster"]["node"] == survivor and status["cluster"]["role"] == "leader", status
@@ -171,7 +171,7 @@ def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, f
     contributions = committed[0].summary["contributions"]
     assert sorted(c.split("/")[0] for c in contributions) == [f"{FLEET}-{i}" for i in range(4)]
     # Stored once each, across both coordinators (the dead one's log included).
-    assert sorted(sum(by_node_after.values(), [])) == [f"{FLEET}-{i}" for i in range(4)], by_node_after
+    assert sorted(d for stored in by_node_after.values() for d in stored) == [f"{FLEET}-{i}" for i in range(4)], by_node_after
     # The new leader re-sent the late devices' tasks with the ids the dead one gave them: each
     # late device got its task twice and ran it once.
     for i in (2, 3):

@@ -189,10 +189,12 @@ class CoordinatorService:
             if kind in ("register", "status"):  # the leader's; it re-reads the retained ones
                 self.link.ack(delivery.mid, delivery.qos)
                 return
-            action = lambda: (self.engine.follow_round(),  # noqa: E731
-                              self.engine.handle(topic, payload, delivery.received_at))
+            def action() -> None:
+                self.engine.follow_round()
+                self.engine.handle(topic, payload, delivery.received_at)
         else:
-            action = lambda: self.engine.handle(topic, payload, delivery.received_at)  # noqa: E731
+            def action() -> None:
+                self.engine.handle(topic, payload, delivery.received_at)
         failure = self._attempt(action, f"a message on {topic}")
         if failure is not None and not self._dead_letter(topic, payload, failure):
             return  # kept nowhere: left unacknowledged for the broker to deliver again
