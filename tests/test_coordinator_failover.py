@@ -251,3 +251,15 @@ def test_an_update_being_stored_holds_its_round_open_and_a_racing_copy_is_a_dupl
         finally:
             for store in (intake, other, leader):
                 store.close()
+
+
+def test_cluster_mode_refuses_sqlite():
+    from coordinator.config import ConfigError, load_config
+    from coordinator.service.config import ServiceSettings
+
+    with pytest.raises(ConfigError, match="cluster.enabled needs PostgreSQL"):
+        load_config(None, ["cluster.enabled=true"], schema=ServiceSettings)
+    with pytest.raises(ConfigError, match="cluster.enabled needs PostgreSQL"):
+        load_config(None, ["cluster.enabled=true", "database=sqlite:///x.db"], schema=ServiceSettings)
+    assert load_config(None, ["cluster.enabled=true", f"database={POSTGRES}"],
+                       schema=ServiceSettings).cluster.enabled
