@@ -16,6 +16,7 @@ from edge_sdk.settings import CodecSettings, DPSettings, Settings, TrainSettings
 from edge_sdk.validation import describe, read_toml
 from export.formats import ExportFormatName
 
+from .backends import BackendName
 from .byzantine import ByzantineSettings
 from .robust import AggregatorSettings
 from .strategies import strategy_sections
@@ -100,6 +101,14 @@ class SimulationSettings(LearningSettings):
     export_formats: list[ExportFormatName] = Field(["onnx", "tflite"], min_length=1)
     export_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(["fp32"], min_length=1)
     byzantine: ByzantineSettings = ByzantineSettings()
+    # Where the devices run their tasks (coordinator/backends/): all in this process, or a Ray
+    # actor per device on the Ray cluster at `ray_address` (None: a local one; "auto": the one
+    # `ray start` runs on this machine). The results are the same for the same seed.
+    backend: BackendName = "inprocess"
+    ray_address: str | None = None
+    # Intra-op threads a device computes with (None: the driver's torch threads). A task's bytes
+    # depend on it, so both backends use it; the Ray backend's actors need it to equal the run's.
+    device_threads: int | None = Field(None, ge=1)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

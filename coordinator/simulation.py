@@ -1,7 +1,10 @@
-"""In-process simulation: N devices running the real device code against one coordinator loop.
+"""Simulation: N devices running the real device code against one coordinator loop.
 
 Nothing here is simulated except the network: every download and upload is encoded and decoded
-with the wire codec, so the byte counts reported are the bytes a broker would carry.
+with the wire codec, so the byte counts reported are the bytes a broker would carry. The loop
+below is the driver whatever the backend: it plans, builds downloads, takes updates in and
+aggregates; a backend (coordinator/backends/) only holds the devices and runs their tasks, in
+this process or as Ray actors, with the same results for the same seed.
 """
 
 from __future__ import annotations
@@ -17,13 +20,21 @@ from tqdm import tqdm
 
 from device_profiles import DeviceProfile
 from edge_sdk.checkpoint import Checkpoint
-from edge_sdk.client import LocalClient, TaskOutcome
+from edge_sdk.client import TaskOutcome
 from edge_sdk.data import ClientData, load_dataset, make_client_data, to_tensor
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.models.cost import footprint, inference_macs
 from edge_sdk.slicing import width_spec
 from edge_sdk.training import accuracy, chance_accuracy
 
+from .backends import open_backend
+from .backends.base import (  # noqa: F401  (privacy_entry: its home before the backends)
+    DeviceResources,
+    FleetSetup,
+    SimulationBackend,
+    TaskRun,
+    privacy_entry,
+)
 from .byzantine import attack
 from .combine import RoundCombiner
 from .config import SimulationSettings
@@ -69,6 +80,7 @@ class SimulationResult:
     clients: list[dict[str, Any]] | None = None
     exports: list[dict[str, Any]] | None = None
     cost: dict[str, Any] = field(default_factory=dict)
+    backend: dict[str, Any] | None = None  # a remote backend's placement and timing
 
     def to_dict(self) -> dict[str, Any]:
         last = self.rounds[-1]
@@ -99,6 +111,7 @@ class SimulationResult:
             **({"privacy": self.privacy} if self.privacy is not None else {}),
             **({"clients": self.clients} if self.clients is not None else {}),
             **({"exports": self.exports} if self.exports is not None else {}),
+            **({"backend": self.backend} if self.backend is not None else {}),
         }
 
 
@@ -116,16 +129,13 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
     strategy = build_strategy(config, model_spec(config.model, source.info.input_shape,
                                                 source.info.num_classes))
     spec = strategy.spec  # a strategy may change the architecture (FedDP's gates)
-    train = config.train
     dp = dp_config(config)
     shards = [data.capped(config.max_client_samples)
               for data in make_client_data(source, config.clients, config.partition, config.seed)]
     fleet = _plan_fleet(config, strategy, shards, profiles) \
         if (config.fleet or profiles is not None) else None
-    clients = [LocalClient(data, train, dp, planned_rounds=config.rounds, seed=config.seed)
-               for data in shards]
     test_x, test_y = to_tensor(source.test_x, source.info), torch.tensor(source.test_y)
-    chance = float(np.mean([chance_accuracy(c.data.test_y) for c in clients]))
+    chance = float(np.mean([chance_accuracy(data.test_y) for data in shards]))
 
     global_model = build_model(spec, seed=config.seed)
     global_state = strategy.initial_state() or {k: v.detach().numpy().copy()
@@ -139,6 +149,51 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
     sizing = {a.device_index: a.plan for a in fleet} if fleet else {}
     result = SimulationResult(config=config.model_dump(),
                               clients=[a.to_dict() for a in fleet] if fleet else None)
+    backend = open_backend(config.backend, _fleet_setup(config, fleet), shards)
+    try:
+        pipeline, global_state = _run_rounds(config, backend, strategy, shards, fleet, sizing,
+                                             global_model, history, staleness, per_round,
+                                             malicious, rng, chance, (test_x, test_y), result,
+                                             observe, progress)
+        widths = [pipeline.width_for(i, sizing.get(i)) for i in range(config.clients)]
+        result.cost = _inference_cost(spec, widths)
+        if dp is not None:
+            result.privacy = backend.privacy()
+        if config.export_dir:
+            final = Checkpoint(spec, {k: torch.from_numpy(v) for k, v in global_state.items()},
+                               config.model, source.info.name, None, config.rounds)
+            result.exports = export_clients(config.export_dir, backend.clients(), widths, final,
+                                            source.info, slicing=pipeline.slicing,
+                                            formats=config.export_formats,
+                                            precisions=config.export_precisions,
+                                            progress=progress)
+        result.backend = backend.report()
+    finally:
+        backend.close()
+    return result
+
+
+def _fleet_setup(config: SimulationSettings, fleet: list[DeviceAssignment] | None) -> FleetSetup:
+    """The devices as a backend builds them: named data, training settings and resources."""
+    resources = tuple(DeviceResources(a.profile.cpu_cores, a.plan.predicted_peak_bytes)
+                      for a in fleet) if fleet else (DeviceResources(),) * config.clients
+    return FleetSetup(config.dataset, config.data_dir, config.clients, config.partition,
+                      config.seed, config.max_client_samples, config.train, dp_config(config),
+                      config.rounds, config.device_threads, resources, config.ray_address)
+
+
+def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy: Strategy,
+                shards: list[ClientData], fleet: list[DeviceAssignment] | None,
+                sizing: dict, global_model: torch.nn.Module, history: list, staleness: int,
+                per_round: int, malicious: set[int], rng: np.random.Generator, chance: float,
+                test: tuple[torch.Tensor, torch.Tensor], result: SimulationResult,
+                observe: TaskObserver | None, progress: bool) -> tuple[RoundPipeline, dict]:
+    """Every round: the round's tasks are all sent before any answer is taken in (a backend may
+    run them at once), then the answers are taken in device by device in the order the devices
+    were chosen, so aggregation is the same whatever ran when. Returns the last round's pipeline
+    and the final global state."""
+    train, dp, byzantine = config.train, dp_config(config), config.byzantine
+    global_state = history[-1]
     bar = tqdm(total=config.rounds * per_round, disable=not progress, unit="task",
                desc=f"{config.strategy} {config.partition}")
     pipeline = None
@@ -152,33 +207,46 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
         combiner = RoundCombiner(strategy, global_state, config.aggregator, config.seed)
         row = RoundResult(round_number, 0.0, 0.0, 0.0, chance, 0, 0, 0.0, 0, 0,
                           simulated_seconds=0.0 if fleet else None)
+        sent = []
         for device_index in chosen:
-            bar.update(1)
             assignment = fleet[device_index] if fleet else None
             if assignment is not None and not assignment.selected:  # no submodel it can hold
+                bar.update(1)
                 row.left_out += 1
                 continue
-            client = clients[device_index]
+            num_train = len(shards[device_index].train_y)
             age = int(rng.integers(0, len(history))) if staleness else 0  # async: a stale start
-            base = history[-1 - age]
-            task = pipelines[age].task(device_index, client.num_train, sizing.get(device_index))
-            payload = pipelines[age].download(task, device_has_private_copy=client.spec is not None)
+            task = pipelines[age].task(device_index, num_train, sizing.get(device_index))
+            payload = pipelines[age].download(task,
+                                              device_has_private_copy=backend.has_model(device_index))
             row.bytes_down += len(payload)
             entry = {"client": device_index, **task.sizing(), "download_bytes": len(payload)}
+            runs, before_upload = True, None
             if assignment is not None:
                 entry["predicted_peak_bytes"] = assignment.plan.predicted_peak_bytes
-                outcome = _run_on_the_clock(assignment, client, task, payload, dp, config, entry,
-                                            row)
-            else:
-                outcome = _run(client, task, payload, entry, row)
+                before_upload = _starts_on_the_clock(assignment, num_train, task, payload, dp,
+                                                     config, entry, row)
+                runs = before_upload is not None
+            pending = backend.submit(device_index, task, payload) if runs else None
+            sent.append((device_index, age, task, payload, entry, assignment, before_upload,
+                         pending))
+        for device_index, age, task, payload, entry, assignment, before_upload, pending in sent:
+            bar.update(1)
+            outcome = None
+            if pending is not None:
+                outcome = _taken(backend.result(pending), entry, row)
+                if assignment is not None:
+                    _finish_on_the_clock(assignment, task, payload, outcome, before_upload, dp,
+                                         config, entry, row)
             if observe is not None:
                 observe(device_index, task, payload, outcome)
             if dp is not None:  # what the device has spent so far (`fedprune report` plots it)
                 entry["epsilon"] = outcome.epsilon if outcome is not None and \
-                    outcome.epsilon is not None else client.ledger.epsilon()
+                    outcome.epsilon is not None else backend.epsilon(device_index)
             row.devices.append(entry)
             if outcome is None or entry["outcome"] != "accepted":
                 continue
+            base = history[-1 - age]
             update = pipelines[age].intake(task, outcome.payload)
             if device_index in malicious:
                 update = attack(update, base, byzantine, rng)
@@ -186,37 +254,24 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
             row.participants += 1
         global_state = combiner.result()
         history = (history + [global_state])[-(staleness + 1):]
-        global_model.load_state_dict({k: torch.from_numpy(v)
-                                      for k, v in strategy.materialize(global_state).items()})
-        row.personalized_accuracy = float(np.nanmean([c.evaluate(c.personal_model() or global_model)
-                                                      for c in clients]))
-        row.global_device_accuracy = float(np.nanmean([c.evaluate(global_model) for c in clients]))
-        row.global_accuracy = accuracy(global_model, test_x, test_y)
+        weights = strategy.materialize(global_state)
+        global_model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+        scores = backend.evaluate(strategy.spec, weights, global_model)
+        row.personalized_accuracy = float(np.nanmean([own for own, _ in scores]))
+        row.global_device_accuracy = float(np.nanmean([glob for _, glob in scores]))
+        row.global_accuracy = accuracy(global_model, *test)
         row.seconds = time.perf_counter() - started
         result.rounds.append(row)
         bar.set_postfix(personal=f"{row.personalized_accuracy:.3f}",
                         glob=f"{row.global_accuracy:.3f}")
     bar.close()
-    widths = [pipeline.width_for(i, sizing.get(i)) for i in range(config.clients)]
-    result.cost = _inference_cost(spec, widths)
-    if dp is not None:
-        result.privacy = [privacy_entry(c) for c in clients]
-    if config.export_dir:
-        final = Checkpoint(spec, {k: torch.from_numpy(v) for k, v in global_state.items()},
-                           config.model, source.info.name, None, config.rounds)
-        result.exports = export_clients(config.export_dir, clients, widths, final, source.info,
-                                        slicing=pipeline.slicing, formats=config.export_formats,
-                                        precisions=config.export_precisions, progress=progress)
-    return result
+    return pipeline, global_state
 
 
-def _run(client: LocalClient, task: Task, payload: bytes, entry: dict,
-         row: RoundResult) -> TaskOutcome:
-    """The device runs its task: its training settings are the task's."""
-    client.train_config = task.train
-    started = time.perf_counter()
-    outcome = client.run_task(task.plan, payload)
-    row.client_seconds += time.perf_counter() - started
+def _taken(run: TaskRun, entry: dict, row: RoundResult) -> TaskOutcome:
+    """A device's answer, recorded: refused, or what it trained and sent."""
+    outcome = run.outcome
+    row.client_seconds += run.seconds
     entry["outcome"] = "refused" if outcome.refused else "accepted"
     if outcome.refused:
         row.refused += 1
@@ -226,14 +281,17 @@ def _run(client: LocalClient, task: Task, payload: bytes, entry: dict,
     return outcome
 
 
-def _run_on_the_clock(assignment, client: LocalClient, task: Task, payload: bytes, dp, config: SimulationSettings, entry: dict, row: RoundResult) -> TaskOutcome | None:
-    """A planned device's task on the simulated clock. A device whose model does not fit in its
-    memory dies in training; one that cannot have finished training by the deadline is cut off
-    there (not trained, nothing sent); one whose upload ends past the deadline sent it, but it is
-    not aggregated. The round lasts until its last device answers, at most the deadline."""
+def _starts_on_the_clock(assignment: DeviceAssignment, num_train: int, task: Task,
+                         payload: bytes, dp, config: SimulationSettings, entry: dict,
+                         row: RoundResult) -> float | None:
+    """Whether a planned device's task runs at all on the simulated clock: its simulated
+    seconds up to its upload when it does, None when not. A device whose model does not fit in
+    its memory dies in training; one that cannot have finished training by the deadline is cut
+    off there (not trained, nothing sent)."""
     deadline = config.deadline_seconds
     profile, epochs = assignment.profile, task.train.local_epochs
-    samples = client.samples_this_round(task.plan)
+    samples = num_train if task.plan.local_samples is None else min(task.plan.local_samples,
+                                                                    num_train)
     before_upload = task_time(profile, task.plan.spec, dp is not None, len(payload), 0, samples,
                               epochs)
     if assignment.out_of_memory:
@@ -246,17 +304,25 @@ def _run_on_the_clock(assignment, client: LocalClient, task: Task, payload: byte
         row.straggled += 1
         row.simulated_seconds = deadline
         return None
-    outcome = _run(client, task, payload, entry, row)
+    return before_upload.total
+
+
+def _finish_on_the_clock(assignment: DeviceAssignment, task: Task, payload: bytes,
+                         outcome: TaskOutcome, before_upload: float, dp,
+                         config: SimulationSettings, entry: dict, row: RoundResult) -> None:
+    """A planned device's task on the simulated clock, once it answered: a refused task ends
+    before its upload; one whose upload ends past the deadline sent it, but it is not
+    aggregated. The round lasts until its last device answers, at most the deadline."""
     if outcome.refused:
-        entry["seconds"] = before_upload.total
-        return outcome
-    clock = task_time(profile, task.plan.spec, dp is not None, len(payload),
-                      len(outcome.payload), outcome.num_samples, epochs)
+        entry["seconds"] = before_upload
+        return
+    deadline = config.deadline_seconds
+    clock = task_time(assignment.profile, task.plan.spec, dp is not None, len(payload),
+                      len(outcome.payload), outcome.num_samples, task.train.local_epochs)
     late = clock.total > deadline
     entry.update(outcome="straggled" if late else "accepted", seconds=clock.total)
     row.straggled += late
     row.simulated_seconds = max(row.simulated_seconds, min(deadline, clock.total))
-    return outcome
 
 
 def _inference_cost(spec, widths: list[float]) -> dict[str, Any]:
@@ -276,11 +342,3 @@ def _plan_fleet(config: SimulationSettings, strategy: Strategy, shards: list[Cli
                   for i, d in enumerate(shards)]
     return plan_fleet(config.fleet or "catalogue", strategy.spec, config.model, per_device,
                       config.sizing, profiles)
-
-
-def privacy_entry(client: LocalClient) -> dict[str, Any]:
-    ledger = client.ledger
-    sigma, rate = (ledger.history[0][0], ledger.history[0][1]) if ledger.history else (None, None)
-    return {"client": client.device_index, "epsilon": ledger.epsilon(), "delta": ledger.delta,
-            "noise_multiplier": sigma, "sample_rate": rate, "steps": ledger.steps,
-            "accountant": ledger.accountant}

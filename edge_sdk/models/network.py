@@ -145,7 +145,7 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> SpecModel:
 @lru_cache(maxsize=64)
 def layer_tensor_names(spec: ModelSpec) -> tuple[tuple[str, ...], ...]:
     """Tensor names per parameterised layer, in order; the last entry is the output layer."""
-    model = SpecModel(spec)
+    model = build_model(spec, seed=0)  # seeded: a cache miss must not draw from torch's generator
     groups = []
     for i, layer in enumerate(model.layers):
         names = tuple(f"layers.{i}.{name}" for name, _ in layer.named_parameters())
@@ -156,7 +156,9 @@ def layer_tensor_names(spec: ModelSpec) -> tuple[tuple[str, ...], ...]:
 
 @lru_cache(maxsize=64)
 def _tensor_shapes(spec: ModelSpec) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    return tuple((name, tuple(p.shape)) for name, p in SpecModel(spec).named_parameters())
+    # Seeded: a cache miss must not draw from torch's global generator, or what a device's task
+    # draws from it (DP's Poisson sampling) would depend on what the process ran before.
+    return tuple((name, tuple(p.shape)) for name, p in build_model(spec, seed=0).named_parameters())
 
 
 def tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

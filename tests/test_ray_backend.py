@@ -1,0 +1,132 @@
+"""`fedprune simulate --backend ray`: the same run on a two-node Ray cluster gives exactly the
+in-process results (accuracies, bytes, epsilon), with one actor per device asking for the device's
+own resources and each node loading the data once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from coordinator.config import load_config
+from coordinator.simulation import run_simulation
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+# FedP3 keeps private tensors on the device across rounds, DP keeps a ledger there, and a planned
+# fleet gives the devices unequal cores and planned memory peaks.
+RUN = dict(strategy="fedp3", model="mlp", clients=4, rounds=2, partition="classes:5",
+           max_client_samples=150, fleet="catalogue")
+# One intra-op thread per device in both backends (a task's last bits depend on the count).
+SETTINGS = ["dp.noise_multiplier=1.0", "train.lr=0.05", "device_threads=1"]
+TIMING = ("seconds", "client_seconds")
+
+
+def _comparable(result: dict) -> dict:
+    """The results without wall-clock timings and without the backend's own record."""
+    result = json.loads(json.dumps(result))
+    result.pop("backend", None)
+    for key in ("backend", "ray_address"):
+        result["config"].pop(key)
+    for row in result["rounds"]:
+        for key in TIMING:
+            row.pop(key)
+    result["final"].pop("client_seconds_total")
+    return result
+
+
+def _two_node_cluster() -> Cluster:
+    """A head and one more node, one CPU and a 100 MB object store each."""
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20})
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+        cluster.wait_for_nodes()
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
+
+
+def test_ray_backend_gives_the_in_process_results_on_a_two_node_cluster():
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:  # the in-process run trains while the cluster boots
+        training = pool.submit(lambda: run_simulation(load_config(None, SETTINGS, **RUN),
+                                                      progress=False).to_dict())
+        cluster = _two_node_cluster()  # Ray's signal handlers: the main thread only
+        try:
+            in_process = training.result()
+        except BaseException:
+            cluster.shutdown()
+            raise
+    try:
+        booted = time.perf_counter()
+        config = load_config(None, SETTINGS + ["backend=ray", f"ray_address={cluster.address}"],
+                             **RUN)
+        on_ray = run_simulation(config, progress=False).to_dict()
+        ray_seconds = time.perf_counter() - booted
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+    print(f"in-process and cluster start {booted - started:.1f} s, ray run {ray_seconds:.1f} s "
+          f"(its startup {on_ray['backend']['timing']['startup_seconds']:.1f} s)")
+
+    assert "backend" not in in_process  # the default records nothing about where devices ran
+    assert _comparable(on_ray) == _comparable(in_process)
+    assert len(in_process["privacy"]) == 4 and in_process["final"]["bytes_up_total"] > 0
+
+    devices = on_ray["backend"]["devices"]
+    # Every device ran every task in its own actor, on the node Ray placed it on, and the tasks
+    # ran on both nodes.
+    assert all(d["task_nodes"] == [d["node"]] for d in devices)
+    assert len({d["node"] for d in devices}) == 2
+    # Each node read the dataset once, for all its devices.
+    assert [n["data_loads"] for n in on_ray["backend"]["nodes"]] == [1, 1]
+    # Unequal devices, unequal resources: CPU in proportion to cores (place_devices, below),
+    # memory = the device's planned peak.
+    plans = {c["client"]: c["plan"] for c in in_process["clients"]}
+    assert [d["memory_bytes"] for d in devices] == \
+        [plans[d["client"]]["predicted_peak_bytes"] for d in devices]
+    assert len({d["num_cpus"] for d in devices}) > 1
+    assert sum(d["num_cpus"] for d in devices) <= 2.0
+
+
+def test_devices_get_cpu_in_proportion_to_cores_scaled_to_fit_the_nodes():
+    from coordinator.backends import DeviceResources
+    from coordinator.backends.ray_backend import NodeCapacity, place_devices
+
+    gib = 2**30
+    nodes = [NodeCapacity("a", 1.0, 8 * gib), NodeCapacity("b", 1.0, 8 * gib)]
+    devices = [DeviceResources(8, gib), DeviceResources(4, gib), DeviceResources(4, gib),
+               DeviceResources(4, 2 * gib)]
+    placed = place_devices(devices, nodes)
+    cpus = [p.num_cpus for p in placed]
+    assert cpus[0] == pytest.approx(2 * cpus[1], rel=1e-3) and cpus[1] == cpus[2] == cpus[3]
+    for node in nodes:  # nothing asks a node for more than it has
+        assert sum(p.num_cpus for p in placed if p.node == node.node) <= node.cpus + 1e-9
+    assert [p.memory_bytes for p in placed] == [gib, gib, gib, 2 * gib]
+    assert {p.node for p in placed} == {"a", "b"}
+    # A small fleet on a big cluster keeps its shares as they are (the largest device: 1 CPU).
+    few = place_devices(devices[:2], [NodeCapacity("a", 16.0, 64 * gib)])
+    assert [p.num_cpus for p in few] == [1.0, 0.5]
+    # Memory is what a device needs: it is never scaled down to fit.
+    with pytest.raises(RuntimeError, match="does not fit"):
+        place_devices([DeviceResources(4, 9 * gib)], nodes)
+
+
+def test_the_in_process_path_does_not_import_ray():
+    code = ("import sys; from coordinator.config import load_config; "
+            "from coordinator.simulation import run_simulation; "
+            "run_simulation(load_config(None, [], model='mlp', clients=2, rounds=1, "
+            "max_client_samples=40), progress=False); "
+            "assert 'ray' not in sys.modules, 'ray was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
