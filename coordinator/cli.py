@@ -20,6 +20,7 @@ def _simulate(args: argparse.Namespace) -> int:
                          data_dir=args.data_dir, model=args.model, clients=args.clients,
                          partition=args.partition, rounds=args.rounds, seed=args.seed,
                          fraction=args.fraction, fleet=args.fleet, export_dir=args.export_dir,
+                         backend=args.backend, ray_address=args.ray_address,
                          **{"train.local_epochs": args.local_epochs})
     result = run_simulation(config, progress=not args.quiet).to_dict()
     _print_summary(result)
@@ -212,6 +213,7 @@ def _api_devices(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .backends import backend_names
     from .strategies import strategy_names, strategy_sections
 
     parser = argparse.ArgumentParser(
@@ -240,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "profile and train the submodel the planner sizes for it")
     sim.add_argument("--export-dir", help="export every client's final model here (ONNX and "
                      "TFLite, verified), one folder per client with its manifest.json")
+    sim.add_argument("--backend", choices=backend_names(),
+                     help="where the devices run: in this process (default), or a Ray actor per "
+                          "device on a Ray cluster (same results for the same seed)")
+    sim.add_argument("--ray-address", metavar="ADDRESS",
+                     help="the Ray cluster for --backend ray: 'auto' (the one `ray start` runs "
+                          "here) or HOST:PORT of its head (default: start a local one)")
     sim.add_argument("--json-out", help="write the results JSON here")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.set_defaults(handler=_simulate)
