@@ -101,7 +101,7 @@ def test_ray_backend_gives_the_in_process_results_on_a_two_node_cluster():
 
 
 def test_devices_get_cpu_in_proportion_to_cores_scaled_to_fit_the_nodes():
-    from coordinator.backends import DeviceResources
+    from coordinator.backends.base import DeviceResources
     from coordinator.backends.ray_backend import NodeCapacity, place_devices
 
     gib = 2**30

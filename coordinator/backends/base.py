@@ -17,7 +17,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,7 @@ class TaskRun:
     seconds: float
     has_model: bool                # the device now holds a model (its private tensors)
     node: str | None = None
+    cpu_seconds: float = 0.0       # the CPU time of the device's process during the task
 
 
 @dataclass
@@ -76,8 +77,8 @@ class BackendTiming:
     startup: float = 0.0
     waiting: float = 0.0
     evaluating: float = 0.0
+    task_cpu: float = 0.0
     tasks: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Pending:
@@ -160,10 +161,10 @@ def run_device_task(client: LocalClient, task: Task, payload: bytes, threads: in
     client.train_config = task.train
     with device_threads(threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(task_torch_seed(client.seed, client.device_index, task.plan.round))
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         outcome = client.run_task(task.plan, payload)
-        seconds = time.perf_counter() - started
-    return TaskRun(outcome, seconds, client.spec is not None, node)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return TaskRun(outcome, seconds, client.spec is not None, node, cpu)
 
 
 def global_model(spec: ModelSpec, state: dict[str, np.ndarray]) -> torch.nn.Module:
