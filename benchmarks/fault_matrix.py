@@ -62,6 +62,14 @@ STATIC_ROWS = [
      "test_service_retries_dead_letters_and_bounds_its_inbox.py::"
      "test_an_update_that_always_fails_is_dead_lettered_and_acknowledged",
      SERVICE),
+    ("the coordinator (re)connects to the retained status of more devices than its inbox holds "
+     "(Mosquitto sends them all at once)",
+     "the link stops reading at the limit and takes the rest as the engine makes room; every one "
+     "is delivered and acknowledged, and live messages keep coming (none left unacknowledged to "
+     "hold the broker's in-flight slots)",
+     "test_service_retries_dead_letters_and_bounds_its_inbox.py::"
+     "test_retained_state_past_the_inbox_limit_waits_in_the_broker_and_is_all_delivered",
+     "service over Mosquitto, SQLite"),
     ("cluster mode: two coordinators store the same update at once; the leader moves the round to "
      "committing while another coordinator is storing an update",
      "the second copy waits for the first and is acknowledged as a duplicate; the move to "

@@ -25,7 +25,8 @@ from harness.fleet import Harness
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
-SNAPSHOT_EXTRA = {"inbox": {"queued": 3, "limit": 1000, "dropped_qos0": 2, "dropped_inbox_full": 5},
+SNAPSHOT_EXTRA = {"inbox": {"queued": 3, "limit": 1000, "bytes": 4096, "max_bytes": 16777216,
+                            "dropped_qos0": 2, "full_waits": 5, "over_limit": 1},
                   "handling": {"transient_failures": 7, "dead_lettered": 1}}
 
 
@@ -168,8 +169,9 @@ def test_metrics_agree_with_the_database_after_two_rounds(tmp_path, db_url):
 
     # The live counters come from the service's status snapshot.
     assert one(m, "fedprune_inbox_dropped_total", reason="qos0") == 2
-    assert one(m, "fedprune_inbox_dropped_total", reason="inbox_full") == 5
+    assert one(m, "fedprune_inbox_full_waits_total") == 5 and one(m, "fedprune_inbox_over_limit_total") == 1
     assert one(m, "fedprune_inbox_queued") == 3 and one(m, "fedprune_inbox_limit") == 1000
+    assert one(m, "fedprune_inbox_bytes") == 4096 and one(m, "fedprune_inbox_max_bytes") == 16777216
     assert one(m, "fedprune_handling_transient_failures_total") == 7
     assert one(m, "fedprune_messages_dead_lettered_total") == 1
     assert one(m, "fedprune_messages_refused_total") == snapshot["messages"]["refused"]

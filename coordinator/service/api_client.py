@@ -57,8 +57,10 @@ def status_text(status: dict, rounds: list[dict]) -> str:
     notes = [f"messages refused {status['messages']['refused']}, failed {status['messages']['failed']}"]
     if status.get("inbox"):
         inbox = status["inbox"]
-        notes.append(f"inbox {inbox['queued']} of {inbox['limit']} queued, dropped "
-                     f"{inbox['dropped_qos0']} QoS 0 and {inbox['dropped_inbox_full']} when full")
+        notes.append(f"inbox {inbox['queued']} of {inbox['limit']} queued "
+                     f"({inbox['bytes'] / 1e6:.1f} of {inbox['max_bytes'] / 1e6:.0f} MB), "
+                     f"{inbox['full_waits']} waits when full, {inbox['over_limit']} over the limit, "
+                     f"{inbox['dropped_qos0']} QoS 0 dropped")
     if status.get("handling"):
         handling = status["handling"]
         notes.append(f"{handling['transient_failures']} transient failures retried, "

@@ -46,10 +46,12 @@ class BrokerSettings(Settings):
     username: str | None = None
     password: str | None = None
     tls_ca: str | None = None       # the fleet CA, for mqtts:// URLs
-    # Messages waiting for the engine, at most. QoS 1 deliveries are bounded by the broker's
-    # in-flight window (mosquitto.conf: max_inflight_messages 20) long before this; QoS 0 ones,
-    # which the protocol never uses, are dropped on arrival and counted.
+    # Messages, and payload bytes, waiting for the engine at most: when either is reached the
+    # link stops reading from the broker until the engine takes one (edge_sdk/protocol/transport.py;
+    # the broker's in-flight window does not bound it). QoS 0 deliveries, which the protocol never
+    # uses, are dropped on arrival and counted.
     inbox_limit: int = Field(1000, ge=10)
+    inbox_max_bytes: int = Field(16 * 1024 * 1024, ge=1024)
 
     @field_validator("url")
     @classmethod

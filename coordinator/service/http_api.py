@@ -125,8 +125,11 @@ class StatusRoundView(_View):
 class InboxView(_View):
     queued: int
     limit: int
+    bytes: int
+    max_bytes: int
     dropped_qos0: int
-    dropped_inbox_full: int
+    full_waits: int   # deliveries that waited for room (the link stopped reading meanwhile)
+    over_limit: int   # queued past the limits: the engine made no room in time
 
 
 class HandlingView(_View):

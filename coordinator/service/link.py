@@ -8,13 +8,13 @@ messages are acknowledged only once handled. Every (re)connection puts a `RECONN
 the inbox, so the engine re-sends its unanswered tasks (one published while the broker was going
 down may be lost).
 
-Manual acknowledgement also bounds memory: the broker sends at most its in-flight window of
-unacknowledged messages, so the inbox, and the coordinator's memory, stay small however many
-devices answer at once. The inbox is bounded too: every topic of the protocol is QoS 1; QoS 0
-deliveries, which nothing limits, are dropped on arrival and counted, and one past `inbox_limit`
-is left unacknowledged for the broker to deliver again. Publishing waits for the oldest message
-once `window` (32) are unsent, so a round's tasks to a thousand devices never all sit in paho's
-queue at once.
+The inbox is bounded in messages and bytes (`inbox_limit`, `inbox_max_bytes`) by backpressure:
+when it is full the link stops reading from the broker until the engine takes a message, so the
+coordinator's memory stays the same however many devices answer at once (the broker's in-flight
+window does not bound it: see edge_sdk/protocol/transport.py). Every topic of the protocol is
+QoS 1; QoS 0 deliveries are dropped on arrival and counted. Publishing waits for the oldest
+message once `window` (32) are unsent, so a round's tasks to a thousand devices never all sit in
+paho's queue at once.
 
 In cluster mode (service.py, [cluster]) the service passes its own subscriptions (updates and
 refusals through the broker's shared subscription) and a clean session: see `cluster_subscriptions`.
@@ -46,11 +46,12 @@ class CoordinatorLink(MqttTransport):
     def __init__(self, url: str, topics: Topics, client_id: str, keepalive: int = 30,
                  username: str | None = None, password: str | None = None, tls_ca: str | None = None,
                  inbox_limit: int = 1000, subscriptions: list[str] | None = None,
-                 clean_session: bool = False):
+                 clean_session: bool = False, inbox_max_bytes: int = 16 * 1024 * 1024):
         super().__init__(client_id, url, username=username, password=password, tls_ca=tls_ca,
                          keepalive=keepalive, clean_session=clean_session,
                          subscriptions=(topics.coordinator_subscriptions() if subscriptions is None
                                         else subscriptions),
-                         inbox_limit=inbox_limit, mark_reconnects=True, max_inflight=100,
+                         inbox_limit=inbox_limit, inbox_max_bytes=inbox_max_bytes,
+                         mark_reconnects=True, max_inflight=100,
                          logger=log)
         self.topics = topics

@@ -309,15 +309,25 @@ class StoreCollector(Collector):
         if inbox:
             dropped = CounterMetricFamily(
                 "fedprune_inbox_dropped", "Messages the MQTT link dropped on arrival: qos0 (the "
-                "protocol never uses QoS 0) or inbox_full (the engine's inbox was at its limit).",
-                labels=["reason"])
+                "protocol never uses QoS 0).", labels=["reason"])
             dropped.add_metric(["qos0"], inbox.get("dropped_qos0", 0))
-            dropped.add_metric(["inbox_full"], inbox.get("dropped_inbox_full", 0))
             yield dropped
+            yield CounterMetricFamily(
+                "fedprune_inbox_full_waits", "Deliveries that waited for room in the engine's full "
+                "inbox (the link stopped reading from the broker meanwhile).",
+                value=inbox.get("full_waits", 0))
+            yield CounterMetricFamily(
+                "fedprune_inbox_over_limit", "Deliveries queued past the inbox's limits because "
+                "the engine made no room within half the keepalive.", value=inbox.get("over_limit", 0))
             yield GaugeMetricFamily("fedprune_inbox_queued", "Messages waiting for the engine.",
                                     value=inbox.get("queued", 0))
+            yield GaugeMetricFamily("fedprune_inbox_bytes", "Payload bytes waiting for the engine.",
+                                    value=inbox.get("bytes", 0))
             yield GaugeMetricFamily("fedprune_inbox_limit", "The inbox's limit (broker.inbox_limit).",
                                     value=inbox.get("limit", 0))
+            yield GaugeMetricFamily("fedprune_inbox_max_bytes",
+                                    "The inbox's byte limit (broker.inbox_max_bytes).",
+                                    value=inbox.get("max_bytes", 0))
         if handling:
             yield CounterMetricFamily(
                 "fedprune_handling_transient_failures", "Handlings of a message that failed for a "

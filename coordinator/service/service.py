@@ -69,12 +69,12 @@ class CoordinatorService:
                                         broker.username, broker.password, broker.tls_ca,
                                         broker.inbox_limit,
                                         subscriptions=cluster_subscriptions(topics, cluster.group),
-                                        clean_session=True)
+                                        clean_session=True, inbox_max_bytes=broker.inbox_max_bytes)
             self.leadership: Leadership | None = Leadership(config.database_url, cluster)
         else:
             self.link = CoordinatorLink(broker.url, topics, broker.client_id, broker.keepalive,
                                         broker.username, broker.password, broker.tls_ca,
-                                        broker.inbox_limit)
+                                        broker.inbox_limit, inbox_max_bytes=broker.inbox_max_bytes)
             self.leadership = None
         self.engine = RoundEngine(config, self.store, self.link.publish,
                                   leading=not cluster.enabled)
@@ -96,11 +96,15 @@ class CoordinatorService:
         return None if self.http is None else f"{self.http.url}/status"
 
     def status(self) -> dict:
-        """The engine's status, plus what the link dropped and what handling retried or kept."""
+        """The engine's status, plus what the link dropped or held back and what handling retried
+        or kept."""
+        link = self.link
         return {**self.engine.status(),
-                "inbox": {"queued": self.link.inbox.qsize(), "limit": self.link.inbox_limit,
-                          "dropped_qos0": self.link.counters["dropped_qos0"],
-                          "dropped_inbox_full": self.link.counters["dropped_inbox_full"]},
+                "inbox": {"queued": link.inbox.qsize(), "limit": link.inbox_limit,
+                          "bytes": link.inbox.bytes, "max_bytes": link.inbox_max_bytes,
+                          "dropped_qos0": link.counters["dropped_qos0"],
+                          "full_waits": link.counters["inbox_full"],
+                          "over_limit": link.counters["over_limit"]},
                 "handling": {"transient_failures": self.counters["transient_failures"],
                              "dead_lettered": self.counters["dead_lettered"]},
                 **({} if self.leadership is None else {"cluster": {

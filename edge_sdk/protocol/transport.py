@@ -10,9 +10,21 @@ drains it from one thread of its own. Everything is published at QoS 1. Sessions
 (clean_session=False) unless asked otherwise, so what is published to a client while it is away
 is delivered when it returns, and paho reconnects with exponential backoff (1 s to 30 s).
 Deliveries are acknowledged manually, once their owner has handled them (`ack`): a message
-received just before a crash is delivered again. The inbox is bounded: a delivery past
-`inbox_limit` is left unacknowledged (the broker sends it again after a reconnect) and counted;
-QoS 0 deliveries, which nothing limits and no fedprune peer sends, are dropped and counted.
+received just before a crash is delivered again.
+
+The inbox is bounded, in messages (`inbox_limit`) and in payload bytes (`inbox_max_bytes`), by
+backpressure: when it is full, paho's thread waits for the owner to take a message before it
+reads the next one from the socket, so the rest stays in the broker (and TCP) instead of this
+process. The broker's in-flight window does not bound it: Mosquitto 2.0 sends a whole window
+more for each acknowledgement (benchmarks/service_overhead.py found a thousand 360 kB updates
+queued here at once, most of the coordinator's growth with fleet size). Nothing is left
+unacknowledged: a delivery left so would hold one of the broker's in-flight slots until the next
+reconnection, and enough of them stop every delivery (the retained registrations of a thousand
+devices did). The wait is bounded, so that a stuck owner cannot stop the network thread past
+half the keepalive (the broker would drop the connection) and an owner waiting for its own
+publishes to be sent is never deadlocked: past it the delivery is queued over the limit, and
+counted (`over_limit`). QoS 0 deliveries, which nothing limits and no fedprune peer sends, are
+dropped and counted.
 """
 
 from __future__ import annotations
@@ -78,6 +90,24 @@ class Delivery(NamedTuple):
     arrived: float = 0.0  # time.perf_counter() at arrival, for timing round trips
 
 
+class Inbox(queue.Queue):
+    """The deliveries waiting for the owner, with their payload bytes counted (`bytes`, read under
+    `mutex`)."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self.bytes = 0
+
+    def _put(self, item: Delivery) -> None:
+        super()._put(item)
+        self.bytes += len(item.payload)
+
+    def _get(self) -> Delivery:
+        item = super()._get()
+        self.bytes -= len(item.payload)
+        return item
+
+
 class MqttTransport:
     """One MQTT connection with reconnect, manual acknowledgement and a bounded inbox.
 
@@ -93,7 +123,7 @@ class MqttTransport:
                  clean_session: bool = False, keepalive: int = 30,
                  subscriptions: Iterable[str] = (), on_connect: Callable[[], None] | None = None,
                  will: tuple[str, bytes] | None = None, inbox_limit: int = 1000,
-                 manual_ack: bool = True, reconnect: bool = True, mark_reconnects: bool = False,
+                 inbox_max_bytes: int = 64 * 1024 * 1024, manual_ack: bool = True, reconnect: bool = True, mark_reconnects: bool = False,
                  max_inflight: int = 20, window: int = 32, logger: logging.Logger | None = None):
         self.client, self.address = make_client(client_id, url, username, password, tls_ca,
                                                 clean_session, reconnect_on_failure=reconnect)
@@ -101,12 +131,16 @@ class MqttTransport:
         self.subscriptions = tuple(subscriptions)
         self.on_connect = on_connect
         self.will = will
-        self.inbox: queue.Queue[Delivery] = queue.Queue()
-        self.inbox_limit = inbox_limit
+        self.inbox = Inbox()
+        self.inbox_limit, self.inbox_max_bytes = inbox_limit, inbox_max_bytes
+        # Set while the owner waits for its own publishes to be sent, which only paho's thread
+        # can do: that thread then queues past the limit rather than wait for room.
+        self._owner_waits = threading.Event()
         self.mark_reconnects = mark_reconnects
         self.log = logger or logging.getLogger("fedprune.mqtt")
         # connects, disconnects; dropped_qos0: deliveries at QoS 0 (the protocol sends none);
-        # dropped_inbox_full: deliveries past inbox_limit (not acknowledged, so sent again).
+        # inbox_full: deliveries that waited for room in the inbox; over_limit: those queued
+        # past its limits because the owner made no room in time (or waited on a publish).
         self.counters: Counter[str] = Counter()
         self.connected = threading.Event()
         self.stopping = threading.Event()
@@ -169,13 +203,38 @@ class MqttTransport:
                 self.log.warning("dropped %d QoS 0 messages (latest on %s): fedprune peers "
                                  "publish at QoS 1 only", dropped, msg.topic)
             return
-        if self.inbox.qsize() >= self.inbox_limit:
-            self.counters["dropped_inbox_full"] += 1
-            self.log.warning("inbox full (%d messages); a message on %s is left unacknowledged "
-                             "for the broker to deliver again", self.inbox_limit, msg.topic)
-            return
-        self.inbox.put(Delivery(msg.topic, msg.payload, msg.mid, msg.qos, time.time(),
-                                time.perf_counter()))
+        received_at, arrived = time.time(), time.perf_counter()
+        if not self._room():
+            self.counters["inbox_full"] += 1
+            if not self._wait_for_room(max(1.0, self.keepalive / 2)):
+                self.counters["over_limit"] += 1
+                over = self.counters["over_limit"]
+                if over in (1, 10, 100) or over % 1000 == 0:
+                    self.log.warning("inbox full (%d messages, %.0f MB) and not drained in time; "
+                                     "%d deliveries queued past its limits (latest on %s)",
+                                     self.inbox.qsize(), self.inbox.bytes / 1e6, over, msg.topic)
+        self.inbox.put(Delivery(msg.topic, msg.payload, msg.mid, msg.qos, received_at, arrived))
+
+    def _room(self) -> bool:
+        """Whether one more delivery fits (an empty inbox takes any one)."""
+        with self.inbox.mutex:
+            return self._has_room()
+
+    def _has_room(self) -> bool:  # under inbox.mutex
+        queued = len(self.inbox.queue)
+        return queued == 0 or (queued < self.inbox_limit and self.inbox.bytes < self.inbox_max_bytes)
+
+    def _wait_for_room(self, timeout: float) -> bool:
+        """Wait (in paho's thread: the socket is not read meanwhile) until the owner has taken
+        enough; False if it did not within `timeout`, or waits for a publish, or is stopping."""
+        with self.inbox.not_full:  # notified by every get
+            return self.inbox.not_full.wait_for(
+                lambda: self._has_room() or self._owner_waits.is_set() or self.stopping.is_set(),
+                timeout) and self._has_room()
+
+    def _release_network_thread(self) -> None:
+        with self.inbox.not_full:
+            self.inbox.not_full.notify_all()
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
         if mid not in self._own_subscriptions:
@@ -211,9 +270,14 @@ class MqttTransport:
         result, mid = self.client.subscribe(topic, qos=1)
         granted = None
         if result == mqtt.MQTT_ERR_SUCCESS:
-            with self._subacked:
-                self._subacked.wait_for(lambda: mid in self._subacks, timeout)
-                granted = self._subacks.pop(mid, None)
+            self._owner_waits.set()  # the SUBACK comes through paho's thread: it must not wait
+            self._release_network_thread()
+            try:
+                with self._subacked:
+                    self._subacked.wait_for(lambda: mid in self._subacks, timeout)
+                    granted = self._subacks.pop(mid, None)
+            finally:
+                self._owner_waits.clear()
         if not granted or any(code.is_failure for code in granted):
             raise TransportError(f"cannot subscribe to {topic} ({granted or result})")
 
@@ -228,10 +292,14 @@ class MqttTransport:
             except IndexError:  # paho's thread (publishing on connect) took it meanwhile
                 break
             if self.connected.is_set() and threading.current_thread() is not self._network_thread:
+                self._owner_waits.set()  # paho's thread must not wait for room meanwhile
+                self._release_network_thread()
                 try:
                     oldest.wait_for_publish(timeout=30)
                 except (RuntimeError, ValueError):  # not queued: paho logged why
                     pass
+                finally:
+                    self._owner_waits.clear()
         return info
 
     def ack(self, mid: int, qos: int) -> None:
@@ -241,6 +309,7 @@ class MqttTransport:
     def stop(self) -> None:
         """Publish the will (if connected; a clean disconnect does not fire it) and disconnect."""
         self.stopping.set()
+        self._release_network_thread()
         if self.will is not None and self.connected.is_set():
             info = self.client.publish(self.will[0], self.will[1], qos=1, retain=True)
             try:
