@@ -141,13 +141,21 @@ def _export(args: argparse.Namespace) -> int:
 def _coordinator_serve(args: argparse.Namespace) -> int:
     from .config import load_config
     from .service import CoordinatorService, ServiceSettings
+    from .service.memtrace import from_environment
     from edge_sdk.logs import configure_logging
 
     config = load_config(args.config, args.set, schema=ServiceSettings)
     configure_logging(args.log_level, json_lines=not args.plain_logs)
+    trace = from_environment()  # FEDPRUNE_TRACEMALLOC=PATH: a debugging aid (memtrace.py)
     service = CoordinatorService(config)
+    if trace is not None:
+        service.engine.on_commit = lambda summary: trace.report(f"round {summary['round']} committed")
     service.install_signal_handlers()
-    service.run()
+    try:
+        service.run()
+    finally:
+        if trace is not None:
+            trace.stop()
     return 0
 
 
