@@ -104,7 +104,8 @@ def run_fedprune(job: dict, backend: str, worker_nodes: int = 0) -> dict:
             "worker_nodes": worker_nodes or None,
             "tasks": sum(r["participants"] for r in result["rounds"]),
             "wall_seconds": wall, "cluster_seconds": booted - started,
-            # dataset, partition, planning; on Ray also connecting, actors, and each node's data
+            # dataset, partition, planning; on Ray also connecting, the actors, each node's data;
+            # and the teardown
             "startup_seconds": wall - (booted - started) - rounds,
             "backend_startup_seconds": timing.get("startup_seconds"),
             "rounds_seconds": rounds,
@@ -291,15 +292,17 @@ def flower_worker(job: dict, worker_nodes: int) -> dict:
     wall = time.perf_counter() - started
     rounds = record["rounds"]
     rounds_seconds = rounds[-1]["end"] - rounds[0]["start"]
+    before_rounds = rounds[0]["start"] - booted
     return {"run": "flower (ray)", "worker_nodes": worker_nodes, "tasks": record["tasks"],
             "wall_seconds": wall, "cluster_seconds": booted - started,
-            "startup_seconds": rounds[0]["start"] - booted,
+            "startup_seconds": wall - (booted - started) - rounds_seconds,  # and teardown
             "rounds_seconds": rounds_seconds,
             "round_seconds": [r["end"] - r["start"] for r in rounds],
             "round_tasks": [r["tasks"] for r in rounds],
             "training_seconds": record["training_seconds"],
             "training_cpu_seconds": record["training_cpu_seconds"],
             "data_load_seconds": record["load_seconds"],
+            "before_rounds_seconds": before_rounds,
             "evaluation_seconds": sum(r["end"] - r["trained"] for r in rounds),
             "global_accuracy": rounds[-1]["global_accuracy"],
             "global_device_accuracy": rounds[-1]["device_accuracy"],
@@ -325,7 +328,8 @@ def steady_rate(run: dict) -> float:
 
 def table(rows: list[dict]) -> str:
     head = ("| run | worker nodes | tasks | tasks/s (rounds 2+) | tasks/s (all rounds) "
-            "| tasks/s (end to end) | end to end s | cluster start s | start-up s | round 1 s "
+            "| tasks/s (end to end) | end to end s | cluster start s | start-up and teardown s "
+            "| round 1 s "
             "| rounds 2+ s | training CPU s (sum) | evaluation s | global acc |\n|" + "---|" * 14)
     lines = [head]
     for r in rows:

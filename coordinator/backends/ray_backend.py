@@ -85,6 +85,7 @@ class DeviceActor:
     def load(self, data: Any, device_index: int, train, dp, planned_rounds: int, seed: int) -> str:
         shard = ray.get(data.shard.remote(device_index))
         self.local = LocalClient(shard, train, dp, planned_rounds=planned_rounds, seed=seed)
+        _warm_up()
         return self.node
 
     def run(self, task: Task, payload: bytes) -> TaskRun:
@@ -101,6 +102,16 @@ class DeviceActor:
 
     def client(self) -> LocalClient:
         return self.local
+
+
+def _warm_up() -> None:
+    """What a process's first optimizer step imports (torch._dynamo, sympy: about a second of
+    CPU), paid while the devices are built rather than inside each device's first task."""
+    with torch.random.fork_rng(devices=[]):
+        weight = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        weight.sum().backward()
+        optimizer.step()
 
 
 @dataclass(frozen=True)
