@@ -200,8 +200,14 @@ class RayBackend(SimulationBackend):
         self.address = setup.ray_address
         self._owns_connection = not ray.is_initialized()
         if self._owns_connection:
-            ray.init(address=setup.ray_address, include_dashboard=False,
-                     logging_level="WARNING", configure_logging=True)
+            try:
+                ray.init(address=setup.ray_address, include_dashboard=False,
+                         logging_level="WARNING", configure_logging=True)
+            except ConnectionError as exc:
+                raise ConnectionError(
+                    f"{exc}. A cluster started with `ray start` asks for its token by default: "
+                    "run with RAY_AUTH_MODE=token and the head's token (its ~/.ray/auth_token, "
+                    "or RAY_AUTH_TOKEN)") from None
         self.threads = setup.threads or torch.get_num_threads()
         self.placements = place_devices(setup.resources, cluster_nodes())
         self._data = {node: NodeData.options(
