@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -98,7 +99,35 @@ class SysBytes:
         return dict(self.values)
 
 
-def run_fleet(devices: int, rounds: int, model: str, workdir: Path) -> dict:
+class RssSampler:
+    """The coordinator's VmRSS every 0.1 s, read from /proc by this process (so the sampling
+    costs the coordinator nothing): its resident memory once started, before any device is
+    planned, and its largest and last resident memory while it ran."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        self.samples: list[tuple[float, int]] = []
+        self.path = Path(f"/proc/{pid}/status")
+        threading.Thread(target=self._run, args=(interval,), daemon=True).start()
+
+    def _run(self, interval: float) -> None:
+        while True:
+            try:
+                text = self.path.read_text()
+            except OSError:  # exited
+                return
+            for line in text.splitlines():
+                if line.startswith("VmRSS:"):
+                    self.samples.append((time.time(), int(line.split()[1]) * 1024))
+            time.sleep(interval)
+
+    def at(self, when: float) -> int:
+        """The last sample taken before `when` (unix time)."""
+        before = [rss for t, rss in self.samples if t <= when]
+        return before[-1] if before else 0
+
+
+def run_fleet(devices: int, rounds: int, model: str, workdir: Path,
+              tracemalloc_dir: str | None = None, extra: tuple[str, ...] = ()) -> dict:
     broker = Mosquitto(workdir, extra="sys_interval 1\n").start()
     fleet = f"bench{devices}"
     counters = SysBytes(broker.port)
@@ -117,11 +146,18 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path) -> dict:
                  "evaluate=false", "export.enabled=false", f"model={model}", "strategy=fedavg",
                  f"rounds.total={rounds}", f"rounds.devices_per_round={devices}",
                  f"rounds.min_devices={devices}", "rounds.deadline_seconds=600",
-                 "codec.download_dtype=fp16", "codec.upload_dtype=fp16"]
+                 "codec.download_dtype=fp16", "codec.upload_dtype=fp16", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if tracemalloc_dir is not None:  # the coordinator's opt-in tracing (coordinator/service/memtrace.py)
+        env["FEDPRUNE_TRACEMALLOC"] = str(Path(tracemalloc_dir).resolve() / f"coordinator-{devices}.txt")
     started = time.perf_counter()
     with open(log, "w") as handle:
-        subprocess.run(["fedprune", "coordinator", "serve", *sum((["--set", o] for o in overrides), [])],
-                       stderr=handle, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        coordinator = subprocess.Popen(
+            ["fedprune", "coordinator", "serve", *sum((["--set", o] for o in overrides), [])],
+            stderr=handle, env=env)
+        rss = RssSampler(coordinator.pid)
+        if coordinator.wait() != 0:
+            raise subprocess.CalledProcessError(coordinator.returncode, "fedprune coordinator serve")
     wall = time.perf_counter() - started
     after = counters.read()
     for proc in workers:
@@ -140,7 +176,16 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path) -> dict:
     codec_up = sum(u.bytes for n in range(1, rounds + 1) for u in store.updates(n))
     tasks = [t for n in range(1, rounds + 1) for t in store.tasks(n).values()]
     store.close()
-    return {"devices": devices, "rounds": committed, "wall_seconds": wall,
+    # RSS before the first registration is planned: the runtime, the model and the dataset.
+    first = next((e["ts"] for e in entries if e["message"].startswith("registered ")), None)
+    return {"devices": devices, "coordinators": 1, "rounds": committed, "wall_seconds": wall,
+            "rss_ready_bytes": rss.at(first) if first else 0,
+            "rss_max_sampled_bytes": max((r for _, r in rss.samples), default=0),
+            "rss_last_bytes": rss.samples[-1][1] if rss.samples else 0,
+            "rss_samples": [(round(t, 2), r) for t, r in rss.samples],
+            # The link's inbox over the run (the coordinator's last log line): the most messages
+            # and payload bytes it held, and how often a delivery waited or went over the limit.
+            "inbox": final.get("inbox", {}),
             "median_round_seconds": statistics.median(r["seconds"] for r in committed[1:] or committed),
             "peak_rss_bytes": final["peak_rss_bytes"],
             "bytes_up_codec": codec_up,
@@ -158,11 +203,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--json-out", default="runs/service_overhead.json")
+    # Coordinator processes sharing the fleet. Only 1 for now: the multi-coordinator runs (1, 2, 4
+    # processes under one supervisor, one PostgreSQL) become columns of the memory table below.
+    parser.add_argument("--coordinators", default="1",
+                        help="comma-separated coordinator process counts (only 1 is supported yet)")
+    parser.add_argument("--tracemalloc", metavar="DIR",
+                        help="run the coordinator with FEDPRUNE_TRACEMALLOC=DIR/coordinator-N.txt "
+                             "(slower: the round seconds are not comparable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a coordinator.toml override, after the benchmark's own")
     args = parser.parse_args()
+    counts = [int(c) for c in args.coordinators.split(",")]
+    if counts != [1]:
+        parser.error("--coordinators: only 1 coordinator process is supported yet")
     results = []
     for devices in (int(d) for d in args.devices.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
-            results.append(run_fleet(devices, args.rounds, args.model, Path(tmp)))
+            results.append(run_fleet(devices, args.rounds, args.model, Path(tmp), args.tracemalloc,
+                                     tuple(args.set)))
         r = results[-1]
         print(f"{devices} devices: median round {r['median_round_seconds']:.2f} s", flush=True)
     print(f"\n{'devices':>7} {'round s':>8} {'per device ms':>13} {'peak RSS MB':>11} "
@@ -172,6 +230,16 @@ def main() -> None:
               f"{1000 * r['median_round_seconds'] / r['devices']:>13.1f} {r['peak_rss_bytes'] / 1e6:>11.0f} "
               f"{r['bytes_up_codec'] / 1e6:>11.1f} {r['bytes_down_envelopes'] / 1e6:>13.1f} "
               f"{r['broker_received'] / 1e6:>12.1f} {r['broker_sent'] / 1e6:>13.1f}")
+    # Coordinator memory against fleet size, one column group per coordinator count (only 1 yet).
+    print(f"\ncoordinator memory, MB ({counts[0]} coordinator process)")
+    print(f"{'devices':>7} {'RSS ready':>9} {'RSS last':>8} {'peak RSS':>8} {'peak - ready':>12} "
+          f"{'inbox most':>10} {'inbox MB':>8} {'over limit':>10}")
+    for r in results:
+        print(f"{r['devices']:>7} {r['rss_ready_bytes'] / 1e6:>9.0f} {r['rss_last_bytes'] / 1e6:>8.0f} "
+              f"{r['peak_rss_bytes'] / 1e6:>8.0f} "
+              f"{(r['peak_rss_bytes'] - r['rss_ready_bytes']) / 1e6:>12.0f} "
+              f"{r['inbox'].get('most_queued', 0):>10} {r['inbox'].get('most_bytes', 0) / 1e6:>8.1f} "
+              f"{r['inbox'].get('over_limit', 0):>10}")
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(results, indent=2))
 

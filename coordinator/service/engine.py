@@ -29,7 +29,7 @@ import logging
 import math
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,10 +79,16 @@ def is_transient(error: BaseException) -> bool:
 
 class RoundEngine:
     def __init__(self, config: ServiceSettings, store: Store, publish: Publish,
-                 clock: Callable[[], float] = time.time, leading: bool = True):
+                 clock: Callable[[], float] = time.time, leading: bool = True,
+                 can_publish: Callable[[], bool] = lambda: True):
         """`leading` False: a cluster follower, which resumes nothing and sends no task until
-        `take_lead`."""
+        `take_lead`. `can_publish`: whether a task can be published without waiting (the link's
+        window); the tasks it holds back are sent by the next ticks, between deliveries."""
         self.config, self.store, self.publish, self.clock = config, store, publish, clock
+        self.can_publish = can_publish
+        # The open round's tasks still to publish, in order: (device row, task row).
+        self.unsent: deque[tuple[Any, TaskRow]] = deque()
+        self.artifacts_due: tuple | None = None  # (chosen, tasks, number) once the tasks are out
         self.leading = leading
         self.topics = Topics(config.broker.fleet, config.broker.topic_prefix)
         source = load_dataset(config.dataset, config.data_dir)
@@ -147,6 +153,8 @@ class RoundEngine:
         """This engine no longer leads (its lock is gone): it only takes in updates."""
         self.leading = False
         self.waiting_since = None
+        self.unsent.clear()
+        self.artifacts_due = None
 
     # --- global model ----------------------------------------------------------------------
     def _load_global(self) -> dict[str, np.ndarray]:
@@ -432,6 +440,7 @@ class RoundEngine:
         if self.round.state == RoundState.COMMITTING:
             self._commit()
             return
+        self._send_tasks()
         counts = self.store.task_counts(self.round.number)
         if counts.get(TaskState.SENT, 0) == 0 or now >= self.round.deadline:
             accepted = counts.get(TaskState.ACCEPTED, 0)
@@ -441,7 +450,7 @@ class RoundEngine:
                 self._abort(f"{accepted} accepted updates, quorum {self.round.quorum}")
 
     def _eligible(self):
-        return [d for d in self.store.devices() if d.online and d.fits and not d.exhausted]
+        return self.store.eligible_devices()
 
     def _maybe_open(self, now: float) -> None:
         rounds = self.config.rounds
@@ -507,26 +516,44 @@ class RoundEngine:
             task.bytes_down = len(self._task_message(device, task, deadline))
         self.store.open_round(number, deadline, [d.id for d in chosen], quorum, tasks)
         self.round = self.store.current_round()
-        # Persisted first: a crash while sending re-sends on restart. Built one at a time so a
-        # thousand tasks are never in memory at once (the link bounds what is queued).
-        for device, task in zip(chosen, tasks):
-            self.publish(self.topics.task(device.id), self._task_message(device, task, deadline))
-        log.info("round %d: sent tasks to %d devices (quorum %d, deadline in %.0f s)", number,
+        log.info("round %d: sending tasks to %d devices (quorum %d, deadline in %.0f s)", number,
                  count, quorum, self.config.rounds.deadline_seconds)
-        if self.config.export.enabled:
+        # Persisted first: a crash while sending re-sends on restart. Built one at a time, and
+        # sent while the link takes them without waiting: the rest by the next ticks, after the
+        # updates that came meanwhile, so neither the tasks nor the updates pile up in memory.
+        self.unsent = deque(zip(chosen, tasks))
+        self.artifacts_due = (chosen, tasks, number) if self.config.export.enabled else None
+        self._send_tasks()
+
+    def _send_tasks(self) -> None:
+        """Publish the open round's unsent tasks while the link takes them without waiting; once
+        all are out, its artifacts (export on)."""
+        if not self.unsent and self.artifacts_due is None:
+            return
+        while self.unsent and self.can_publish():
+            device, task = self.unsent.popleft()
+            self.publish(self.topics.task(device.id),
+                         self._task_message(device, task, self.round.deadline))
+        if self.unsent:
+            return
+        log.info("round %d: every task sent", self.round.number)
+        if self.artifacts_due is not None:
+            chosen, tasks, number = self.artifacts_due
+            self.artifacts_due = None
             artifact_bytes = self._send_artifacts(chosen, tasks, number)
             self.store.set_round(number, summary={"artifact_bytes": artifact_bytes})
 
     def resend_unanswered(self) -> None:
         """Re-send the open round's unanswered tasks (same ids; devices never run a task twice):
-        after a restart, or after the broker connection came back."""
+        after a restart, or after the broker connection came back (those not sent yet among
+        them, once)."""
         if self.round is None or self.round.state != RoundState.COLLECTING:
             return
         devices = {d.id: d for d in self.store.devices()}
-        for device_id, task in self.store.tasks(self.round.number).items():
-            if task.state == TaskState.SENT and device_id in devices:
-                self.publish(self.topics.task(device_id),
-                             self._task_message(devices[device_id], task, self.round.deadline))
+        self.unsent = deque((devices[device_id], task)
+                            for device_id, task in self.store.tasks(self.round.number).items()
+                            if task.state == TaskState.SENT and device_id in devices)
+        self._send_tasks()
 
     def _send_artifacts(self, chosen, tasks: list[TaskRow], number: int) -> int:
         """The model each device starts the round from, exported for its width and runtime; its
@@ -618,6 +645,8 @@ class RoundEngine:
         self.store.set_round(number, state=RoundState.COMMITTED, checkpoint=str(path),
                              finished_at=self.clock(), summary=summary)
         self.global_state, self.round = new_state, None
+        self.unsent.clear()  # the deadline passed before they were all sent
+        self.artifacts_due = None
         log.info("round %d committed: %s", number, summary)
         if self.on_commit:
             self.on_commit(summary)
@@ -636,6 +665,8 @@ class RoundEngine:
                              summary=summary)
         log.warning("round %d aborted: %s; a new round will be opened", number, why)
         self.round = None
+        self.unsent.clear()
+        self.artifacts_due = None
 
     # --- status ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -13,8 +13,10 @@ when it is full the link stops reading from the broker until the engine takes a 
 coordinator's memory stays the same however many devices answer at once (the broker's in-flight
 window does not bound it: see edge_sdk/protocol/transport.py). Every topic of the protocol is
 QoS 1; QoS 0 deliveries are dropped on arrival and counted. Publishing waits for the oldest
-message once `window` (32) are unsent, so a round's tasks to a thousand devices never all sit in
-paho's queue at once.
+message once 1,000 messages or 16 MiB are unacknowledged, so a round's tasks to a thousand
+devices never all sit in paho's queue at once; the engine sends tasks only while `can_publish`,
+between deliveries, so that it never waits (ACKs, a few hundred bytes each, never reach the
+window).
 
 In cluster mode (service.py, [cluster]) the service passes its own subscriptions (updates and
 refusals through the broker's shared subscription) and a clean session: see `cluster_subscriptions`.
@@ -52,6 +54,7 @@ class CoordinatorLink(MqttTransport):
                          subscriptions=(topics.coordinator_subscriptions() if subscriptions is None
                                         else subscriptions),
                          inbox_limit=inbox_limit, inbox_max_bytes=inbox_max_bytes,
-                         mark_reconnects=True, max_inflight=100,
+                         mark_reconnects=True, max_inflight=100, window=1000,
+                         window_bytes=16 * 1024 * 1024,
                          logger=log)
         self.topics = topics

@@ -77,7 +77,7 @@ class CoordinatorService:
                                         broker.inbox_limit, inbox_max_bytes=broker.inbox_max_bytes)
             self.leadership = None
         self.engine = RoundEngine(config, self.store, self.link.publish,
-                                  leading=not cluster.enabled)
+                                  leading=not cluster.enabled, can_publish=self.link.can_publish)
         self.polled_at = float("-inf")  # when the leader lock was last polled (cluster mode)
         self.dead_letters = Path(config.state_dir) / "dead-letter"
         # transient_failures: attempts that failed and were tried again; dead_lettered: messages
@@ -145,7 +145,10 @@ class CoordinatorService:
                     log.info("done: %d of %d rounds committed", self.engine.committed_rounds(),
                              self.config.rounds.total,
                              extra={"peak_rss_bytes": peak_rss_bytes(),
-                                    "devices_registered": len(self.store.devices())})
+                                    "devices_registered": len(self.store.devices()),
+                                    "inbox": {"most_queued": self.link.inbox.most,
+                                              "most_bytes": self.link.inbox.most_bytes,
+                                              **self.link.counters}})
                     break
         except _Stopped:
             pass

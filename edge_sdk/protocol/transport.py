@@ -21,10 +21,16 @@ queued here at once, most of the coordinator's growth with fleet size). Nothing 
 unacknowledged: a delivery left so would hold one of the broker's in-flight slots until the next
 reconnection, and enough of them stop every delivery (the retained registrations of a thousand
 devices did). The wait is bounded, so that a stuck owner cannot stop the network thread past
-half the keepalive (the broker would drop the connection) and an owner waiting for its own
-publishes to be sent is never deadlocked: past it the delivery is queued over the limit, and
-counted (`over_limit`). QoS 0 deliveries, which nothing limits and no fedprune peer sends, are
-dropped and counted.
+half the keepalive (the broker would drop the connection), and it is not taken while the owner
+waits for paho's thread (its publishes acknowledged, a SUBACK): past it, or meanwhile, the
+delivery is queued over the limit and counted (`over_limit`). An owner that sends many large
+messages therefore asks `can_publish` and sends the rest between deliveries rather than wait:
+the broker's acknowledgements come on the same socket after whatever it sent before them, so
+waiting for them reads it all in. QoS 0 deliveries, which nothing limits and no fedprune peer
+sends, are dropped and counted.
+
+Publishing is bounded too: paho keeps each QoS 1 message until the broker acknowledges it, so
+`publish` waits for the oldest once `window` messages (or `window_bytes`) are unacknowledged.
 """
 
 from __future__ import annotations
@@ -90,17 +96,24 @@ class Delivery(NamedTuple):
     arrived: float = 0.0  # time.perf_counter() at arrival, for timing round trips
 
 
+def _settled(info: mqtt.MQTTMessageInfo) -> bool:
+    if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+        return True  # not connected, or not queued: paho logged why
+    return info.is_published()
+
+
 class Inbox(queue.Queue):
     """The deliveries waiting for the owner, with their payload bytes counted (`bytes`, read under
-    `mutex`)."""
+    `mutex`) and the most of each there ever were (`most`, `most_bytes`)."""
 
     def _init(self, maxsize: int) -> None:
         super()._init(maxsize)
-        self.bytes = 0
+        self.bytes = self.most = self.most_bytes = 0
 
     def _put(self, item: Delivery) -> None:
         super()._put(item)
         self.bytes += len(item.payload)
+        self.most, self.most_bytes = max(self.most, len(self.queue)), max(self.most_bytes, self.bytes)
 
     def _get(self) -> Delivery:
         item = super()._get()
@@ -123,8 +136,10 @@ class MqttTransport:
                  clean_session: bool = False, keepalive: int = 30,
                  subscriptions: Iterable[str] = (), on_connect: Callable[[], None] | None = None,
                  will: tuple[str, bytes] | None = None, inbox_limit: int = 1000,
-                 inbox_max_bytes: int = 64 * 1024 * 1024, manual_ack: bool = True, reconnect: bool = True, mark_reconnects: bool = False,
-                 max_inflight: int = 20, window: int = 32, logger: logging.Logger | None = None):
+                 inbox_max_bytes: int = 64 * 1024 * 1024, manual_ack: bool = True,
+                 reconnect: bool = True, mark_reconnects: bool = False,
+                 max_inflight: int = 20, window: int = 32, window_bytes: int | None = None,
+                 logger: logging.Logger | None = None):
         self.client, self.address = make_client(client_id, url, username, password, tls_ca,
                                                 clean_session, reconnect_on_failure=reconnect)
         self.client_id, self.url, self.keepalive = client_id, url, keepalive
@@ -136,6 +151,8 @@ class MqttTransport:
         # Set while the owner waits for its own publishes to be sent, which only paho's thread
         # can do: that thread then queues past the limit rather than wait for room.
         self._owner_waits = threading.Event()
+        self._overflowing = False  # a wait for room timed out: queue without waiting until room
+        self._flushed = 0.0  # perf_counter of the last `_flush`
         self.mark_reconnects = mark_reconnects
         self.log = logger or logging.getLogger("fedprune.mqtt")
         # connects, disconnects; dropped_qos0: deliveries at QoS 0 (the protocol sends none);
@@ -152,8 +169,12 @@ class MqttTransport:
         self._network_thread: threading.Thread | None = None
         # paho keeps every queued message in memory; waiting for the oldest once `window` are
         # unsent keeps a publisher's memory independent of how many messages it sends.
-        self.pending: deque[mqtt.MQTTMessageInfo] = deque()
-        self.window = window
+        # `window_bytes` bounds their payload bytes too; `can_publish` tells an owner that sends
+        # many large messages (the coordinator's tasks) whether one more fits without waiting.
+        self.pending: deque[tuple[mqtt.MQTTMessageInfo, int]] = deque()
+        self.pending_bytes = 0
+        self._pending_lock = threading.Lock()
+        self.window, self.window_bytes = window, window_bytes
         client = self.client
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
@@ -204,9 +225,16 @@ class MqttTransport:
                                  "publish at QoS 1 only", dropped, msg.topic)
             return
         received_at, arrived = time.time(), time.perf_counter()
-        if not self._room():
+        if arrived - self._flushed >= 0.5:  # paho may read many packets before it writes
+            self._flush()
+        if self._room():
+            self._overflowing = False
+        else:
             self.counters["inbox_full"] += 1
-            if not self._wait_for_room(max(1.0, self.keepalive / 2)):
+            # After a wait that timed out, the next deliveries do not wait until there is room
+            # again: paho's thread must get back to its own loop (keepalive pings) meanwhile.
+            if self._overflowing or not self._wait_for_room(max(1.0, self.keepalive / 2)):
+                self._overflowing = not self._owner_waits.is_set()
                 self.counters["over_limit"] += 1
                 over = self.counters["over_limit"]
                 if over in (1, 10, 100) or over % 1000 == 0:
@@ -226,11 +254,37 @@ class MqttTransport:
 
     def _wait_for_room(self, timeout: float) -> bool:
         """Wait (in paho's thread: the socket is not read meanwhile) until the owner has taken
-        enough; False if it did not within `timeout`, or waits for a publish, or is stopping."""
-        with self.inbox.not_full:  # notified by every get
-            return self.inbox.not_full.wait_for(
-                lambda: self._has_room() or self._owner_waits.is_set() or self.stopping.is_set(),
-                timeout) and self._has_room()
+        enough; False if it did not within `timeout`, or waits for paho's thread, or is stopping.
+        Meanwhile what the owner queued (its acknowledgements, publishes) is written every half
+        second, as on arrival: paho reads up to one packet per unacknowledged message before it
+        writes, and the broker drops a client it hears nothing from for 1.5 keepalives."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.inbox.not_full:  # notified by every get
+                self.inbox.not_full.wait_for(
+                    lambda: self._has_room() or self._owner_waits.is_set() or self.stopping.is_set(),
+                    max(0.0, min(0.5, deadline - time.monotonic())))
+                if self._has_room():
+                    return True
+                if self._owner_waits.is_set() or self.stopping.is_set():
+                    return False
+            if time.monotonic() >= deadline:
+                return False
+            if time.perf_counter() - self._flushed >= 0.5:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write what is queued for the broker, from paho's thread inside its message callback.
+        paho's `_packet_write` (not `loop_write`, whose error handling calls on_disconnect under
+        the callback lock this thread holds); never once stopping (the DISCONNECT packet would
+        do the same). A failure is left for paho's own loop to find on its next write."""
+        self._flushed = time.perf_counter()
+        if self.stopping.is_set() or not self.client.want_write():
+            return
+        try:
+            self.client._packet_write()
+        except Exception:  # noqa: BLE001 - paho's loop reports the connection's state itself
+            pass
 
     def _release_network_thread(self) -> None:
         with self.inbox.not_full:
@@ -281,16 +335,42 @@ class MqttTransport:
         if not granted or any(code.is_failure for code in granted):
             raise TransportError(f"cannot subscribe to {topic} ({granted or result})")
 
+    def _over_window(self) -> bool:  # under _pending_lock
+        return len(self.pending) > self.window or (
+            self.window_bytes is not None and self.pending_bytes > self.window_bytes)
+
+    def _settle(self) -> None:
+        """Forget the oldest pending messages that the broker has acknowledged, or that were
+        published while disconnected (paho sends those on reconnecting, and the owner re-sends
+        what matters then: they are not waited for, as before)."""
+        with self._pending_lock:
+            while self.pending and _settled(self.pending[0][0]):
+                self.pending_bytes -= self.pending.popleft()[1]
+
+    def can_publish(self) -> bool:
+        """Whether a message can be published now without waiting: fewer than `window` messages
+        and `window_bytes` bytes published and not yet acknowledged by the broker (an owner that
+        waits for that keeps paho's thread reading: see the module's docstring)."""
+        self._settle()
+        with self._pending_lock:
+            return not self.pending or not (len(self.pending) >= self.window or (
+                self.window_bytes is not None and self.pending_bytes >= self.window_bytes))
+
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
         """QoS 1; paho queues it while disconnected and sends it on reconnect. Past `window`
-        unsent messages, waits for the oldest (never in paho's own thread, which sends them)."""
+        unacknowledged messages (or `window_bytes`), waits for the oldest (never in paho's own
+        thread, which sends them; never for the message just published)."""
         info = self.client.publish(topic, payload, qos=1, retain=retain)
-        self.pending.append(info)
-        while len(self.pending) > self.window:
-            try:
-                oldest = self.pending.popleft()
-            except IndexError:  # paho's thread (publishing on connect) took it meanwhile
-                break
+        with self._pending_lock:
+            self.pending.append((info, len(payload)))
+            self.pending_bytes += len(payload)
+        while True:
+            self._settle()
+            with self._pending_lock:
+                if len(self.pending) <= 1 or not self._over_window():
+                    break
+                oldest, size = self.pending.popleft()
+                self.pending_bytes -= size
             if self.connected.is_set() and threading.current_thread() is not self._network_thread:
                 self._owner_waits.set()  # paho's thread must not wait for room meanwhile
                 self._release_network_thread()
