@@ -1,4 +1,5 @@
-"""Coordinator + broker overhead per round with 10, 100 and 1,000 lightweight devices.
+"""Coordinator + broker overhead per round with 10 to 5,000 lightweight devices, with one
+coordinator or several sharing the fleet.
 
 Lightweight devices do no training: each answers its task at once with an update built from its
 download (the uploaded tensors of its plan, decoded and re-encoded with the real codec), so a
@@ -6,12 +7,18 @@ round's wall time is the coordinator's and the broker's work alone: planning and
 tasks, delivery, validating, storing and aggregating updates, writing the checkpoint. Devices
 run as paho clients, 250 per worker process. The broker is Mosquitto with the shipped config
 (plus `sys_interval 1` for its byte counters); the coordinator is `fedprune coordinator serve`
-as deployed, with SQLite, export and evaluation off.
+as deployed, export and evaluation off: one process on SQLite, or N processes in cluster mode
+([cluster]: update intake through the broker's shared subscription, one leader) on a PostgreSQL
+database of the run's own.
 
     python benchmarks/service_overhead.py --devices 10,100,1000 --rounds 3 --model mlp
+    python benchmarks/service_overhead.py --devices 1000,5000 --coordinators 1,2,4 --database postgresql
 
-Reported per fleet size: median round seconds (open to commit) over rounds 2..R, coordinator
-peak RSS (VmHWM), and bytes: codec payloads vs envelopes vs what Mosquitto counted.
+Reported per run: median round seconds (open to commit) over rounds 2..R; updates stored per
+second fleet-wide (first to last update of a round); bytes: codec payloads vs envelopes vs what
+Mosquitto counted; where the CPU went (each coordinator, the broker, the devices, the rest of the
+machine); per coordinator process: the updates it stored, its CPU seconds and its memory (resident
+once started, last, peak, and its inbox's high-water marks).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -99,13 +107,35 @@ class SysBytes:
         return dict(self.values)
 
 
-class RssSampler:
-    """The coordinator's VmRSS every 0.1 s, read from /proc by this process (so the sampling
-    costs the coordinator nothing): its resident memory once started, before any device is
-    planned, and its largest and last resident memory while it ran."""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a live process (/proc/<pid>/stat), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core spent busy since boot (/proc/stat), for what no pid is kept of
+    (PostgreSQL's backends, this script)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / CLOCK_TICKS
+
+
+class ProcessSampler:
+    """A coordinator's VmRSS and CPU seconds every 0.1 s, read from /proc by this process (so the
+    sampling costs the coordinator nothing): its resident memory once started, before any device
+    is planned, its largest and last while it ran, and the CPU it had used when last seen."""
 
     def __init__(self, pid: int, interval: float = 0.1):
         self.samples: list[tuple[float, int]] = []
+        self.cpu_seconds = 0.0
+        self.pid = pid
         self.path = Path(f"/proc/{pid}/status")
         threading.Thread(target=self._run, args=(interval,), daemon=True).start()
 
@@ -115,6 +145,10 @@ class RssSampler:
                 text = self.path.read_text()
             except OSError:  # exited
                 return
+            cpu = cpu_seconds(self.pid)
+            if cpu is None:
+                return
+            self.cpu_seconds = cpu
             for line in text.splitlines():
                 if line.startswith("VmRSS:"):
                     self.samples.append((time.time(), int(line.split()[1]) * 1024))
@@ -126,8 +160,25 @@ class RssSampler:
         return before[-1] if before else 0
 
 
-def run_fleet(devices: int, rounds: int, model: str, workdir: Path,
-              tracemalloc_dir: str | None = None, extra: tuple[str, ...] = ()) -> dict:
+def log_entries(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+def intake(entries: list[dict], rounds: int) -> dict[int, list[float]]:
+    """Per round, when each update this coordinator stored was accepted (its log's lines)."""
+    times: dict[int, list[float]] = {n: [] for n in range(1, rounds + 1)}
+    for e in entries:
+        message = e["message"]
+        if e.get("stored") and " accepted " in message and message.startswith("round "):
+            times[int(message.split()[1].rstrip(":"))].append(e["ts"])
+    return times
+
+
+def run_fleet(devices: int, rounds: int, model: str, workdir: Path, coordinators: int = 1,
+              database: str | None = None, tracemalloc_dir: str | None = None,
+              extra: tuple[str, ...] = ()) -> dict:
+    """One fleet through `rounds` rounds. `database` None: one coordinator on SQLite, as deployed
+    by default. A PostgreSQL URL: `coordinators` processes in cluster mode on it."""
     broker = Mosquitto(workdir, extra="sys_interval 1\n").start()
     fleet = f"bench{devices}"
     counters = SysBytes(broker.port)
@@ -140,26 +191,36 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path,
     for proc in workers:
         assert proc.stdout.readline().strip() == "ready"
     before = counters.read()
-    log = workdir / "coordinator.log"
     overrides = [f"broker.url=mqtt://127.0.0.1:{broker.port}", f"broker.fleet={fleet}",
-                 f"state_dir={workdir / 'state'}", "http_port=0", "exit_when_done=true",
+                 "http_port=0", "exit_when_done=true",
                  "evaluate=false", "export.enabled=false", f"model={model}", "strategy=fedavg",
                  f"rounds.total={rounds}", f"rounds.devices_per_round={devices}",
                  f"rounds.min_devices={devices}", "rounds.deadline_seconds=600",
-                 "codec.download_dtype=fp16", "codec.upload_dtype=fp16", *extra]
+                 "codec.download_dtype=fp16", "codec.upload_dtype=fp16"]
+    nodes = [f"c{i}" for i in range(coordinators)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if tracemalloc_dir is not None:  # the coordinator's opt-in tracing (coordinator/service/memtrace.py)
-        env["FEDPRUNE_TRACEMALLOC"] = str(Path(tracemalloc_dir).resolve() / f"coordinator-{devices}.txt")
-    started = time.perf_counter()
-    with open(log, "w") as handle:
-        coordinator = subprocess.Popen(
-            ["fedprune", "coordinator", "serve", *sum((["--set", o] for o in overrides), [])],
-            stderr=handle, env=env)
-        rss = RssSampler(coordinator.pid)
-        if coordinator.wait() != 0:
-            raise subprocess.CalledProcessError(coordinator.returncode, "fedprune coordinator serve")
+    processes, samplers = {}, {}
+    busy_before, started = machine_busy_seconds(), time.perf_counter()
+    for node in nodes:
+        own = [f"state_dir={workdir / node}"]
+        if database is not None:
+            own += [f"database={database}", "cluster.enabled=true", f"cluster.node={node}"]
+        if tracemalloc_dir is not None:  # the coordinator's opt-in tracing (coordinator/service/memtrace.py)
+            env["FEDPRUNE_TRACEMALLOC"] = str(Path(tracemalloc_dir).resolve() / f"coordinator-{devices}-{node}.txt")
+        with open(workdir / f"{node}.log", "w") as handle:
+            processes[node] = subprocess.Popen(
+                ["fedprune", "coordinator", "serve",
+                 *sum((["--set", o] for o in [*overrides, *own, *extra]), [])],
+                stderr=handle, env=dict(env))
+        samplers[node] = ProcessSampler(processes[node].pid)
+    for node, process in processes.items():
+        if process.wait() != 0:
+            raise subprocess.CalledProcessError(process.returncode, f"fedprune coordinator serve ({node})")
     wall = time.perf_counter() - started
+    busy = machine_busy_seconds() - busy_before
     after = counters.read()
+    broker_cpu = cpu_seconds(broker.proc.pid) or 0.0
+    worker_cpu = sum(cpu_seconds(proc.pid) or 0.0 for proc in workers)
     for proc in workers:
         proc.stdin.close()
     for proc in workers:
@@ -168,26 +229,53 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path,
         except subprocess.TimeoutExpired:
             proc.kill()
     broker.stop()
-    entries = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    final = next(e for e in entries if e["message"].startswith("done: "))
     from coordinator.service.store import Store
-    store = Store(f"sqlite:///{workdir / 'state' / 'coordinator.db'}")
+    store = Store(database or f"sqlite:///{workdir / nodes[0] / 'coordinator.db'}")
     committed = [r.summary for r in store.rounds() if r.state == "committed"]
     codec_up = sum(u.bytes for n in range(1, rounds + 1) for u in store.updates(n))
     tasks = [t for n in range(1, rounds + 1) for t in store.tasks(n).values()]
     store.close()
-    # RSS before the first registration is planned: the runtime, the model and the dataset.
-    first = next((e["ts"] for e in entries if e["message"].startswith("registered ")), None)
-    return {"devices": devices, "coordinators": 1, "rounds": committed, "wall_seconds": wall,
+    per_node = []
+    for node in nodes:
+        entries = log_entries(workdir / f"{node}.log")
+        final = next(e for e in entries if e["message"].startswith("done: "))
+        # RSS before the first registration is planned: the runtime, the model and the dataset.
+        first = next((e["ts"] for e in entries if e["message"].startswith(("registered ", "following "))), None)
+        rss = samplers[node]
+        per_node.append({
+            "node": node, "led": any(e.get("event") == "took_lead" for e in entries) or database is None,
+            "stored": {n: len(t) for n, t in intake(entries, rounds).items()},
+            "accepted_at": intake(entries, rounds),
+            "cpu_seconds": rss.cpu_seconds,
             "rss_ready_bytes": rss.at(first) if first else 0,
-            "rss_max_sampled_bytes": max((r for _, r in rss.samples), default=0),
             "rss_last_bytes": rss.samples[-1][1] if rss.samples else 0,
             "rss_samples": [(round(t, 2), r) for t, r in rss.samples],
-            # The link's inbox over the run (the coordinator's last log line): the most messages
-            # and payload bytes it held, and how often a delivery waited or went over the limit.
-            "inbox": final.get("inbox", {}),
-            "median_round_seconds": statistics.median(r["seconds"] for r in committed[1:] or committed),
             "peak_rss_bytes": final["peak_rss_bytes"],
+            # The link's inbox over the run: the most messages and payload bytes it held, and how
+            # often a delivery waited or went over the limit.
+            "inbox": final.get("inbox", {})})
+    later = [n for n in range(2, rounds + 1)] or [1]
+    spans = []  # per round: the first to the last update stored, by any coordinator
+    for n in later:
+        times = sorted(t for p in per_node for t in p["accepted_at"][n])
+        if len(times) > 1:
+            spans.append((len(times), times[-1] - times[0]))
+    for p in per_node:
+        del p["accepted_at"]
+    leader = next((p for p in per_node if p["led"]), per_node[0])
+    coordinators_cpu = sum(p["cpu_seconds"] for p in per_node)
+    return {"devices": devices, "coordinators": coordinators,
+            "database": "sqlite" if database is None else "postgresql", "rounds": committed,
+            "wall_seconds": wall, "nodes": per_node,
+            "median_round_seconds": statistics.median(r["seconds"] for r in committed[1:] or committed),
+            # Updates stored per second, fleet-wide, from the first to the last of each round.
+            "intake_per_second": statistics.median(count / span for count, span in spans) if spans else 0.0,
+            "cpu_seconds": {"coordinators": coordinators_cpu, "leader": leader["cpu_seconds"],
+                            "broker": broker_cpu, "devices": worker_cpu,
+                            "rest": max(0.0, busy - coordinators_cpu - broker_cpu - worker_cpu)},
+            "busy_seconds": busy,
+            "rss_ready_bytes": leader["rss_ready_bytes"], "rss_last_bytes": leader["rss_last_bytes"],
+            "peak_rss_bytes": leader["peak_rss_bytes"], "inbox": leader["inbox"],
             "bytes_up_codec": codec_up,
             "bytes_down_envelopes": sum(t.bytes_down for t in tasks),
             "broker_received": after.get("received", 0) - before.get("received", 0),
@@ -203,45 +291,72 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--json-out", default="runs/service_overhead.json")
-    # Coordinator processes sharing the fleet. Only 1 for now: the multi-coordinator runs (1, 2, 4
-    # processes under one supervisor, one PostgreSQL) become columns of the memory table below.
     parser.add_argument("--coordinators", default="1",
-                        help="comma-separated coordinator process counts (only 1 is supported yet)")
+                        help="comma-separated coordinator process counts; more than 1 needs "
+                             "--database postgresql (cluster mode)")
+    parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="sqlite: one coordinator as deployed by default; postgresql: every "
+                             "count in cluster mode on a database of the run's own, on the server "
+                             "of FEDPRUNE_TEST_POSTGRES (default 127.0.0.1:5432, trust auth)")
     parser.add_argument("--tracemalloc", metavar="DIR",
-                        help="run the coordinator with FEDPRUNE_TRACEMALLOC=DIR/coordinator-N.txt "
+                        help="run the coordinator with FEDPRUNE_TRACEMALLOC=DIR/coordinator-N-node.txt "
                              "(slower: the round seconds are not comparable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a coordinator.toml override, after the benchmark's own")
     args = parser.parse_args()
     counts = [int(c) for c in args.coordinators.split(",")]
-    if counts != [1]:
-        parser.error("--coordinators: only 1 coordinator process is supported yet")
+    if args.database == "sqlite" and counts != [1]:
+        parser.error("--coordinators above 1 share a PostgreSQL database: add --database postgresql")
     results = []
     for devices in (int(d) for d in args.devices.split(",")):
-        with tempfile.TemporaryDirectory() as tmp:
-            results.append(run_fleet(devices, args.rounds, args.model, Path(tmp), args.tracemalloc,
-                                     tuple(args.set)))
-        r = results[-1]
-        print(f"{devices} devices: median round {r['median_round_seconds']:.2f} s", flush=True)
-    print(f"\n{'devices':>7} {'round s':>8} {'per device ms':>13} {'peak RSS MB':>11} "
-          f"{'codec up MB':>11} {'tasks down MB':>13} {'broker in MB':>12} {'broker out MB':>13}")
+        for count in counts:
+            with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+                database = None
+                if args.database == "postgresql":
+                    from harness.databases import own_database
+                    database = stack.enter_context(own_database("bench"))
+                results.append(run_fleet(devices, args.rounds, args.model, Path(tmp), count, database,
+                                         args.tracemalloc, tuple(args.set)))
+            r = results[-1]
+            print(f"{devices} devices, {count} coordinator(s): median round "
+                  f"{r['median_round_seconds']:.2f} s", flush=True)
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json_out).write_text(json.dumps(results, indent=2))
+    print_tables(results)
+
+
+def print_tables(results: list[dict]) -> None:
+    print(f"\n{'devices':>7} {'coord':>5} {'db':>10} {'round s':>8} {'per device ms':>13} "
+          f"{'intake/s':>8} {'codec up MB':>11} {'tasks down MB':>13} {'broker in MB':>12} "
+          f"{'broker out MB':>13}")
     for r in results:
-        print(f"{r['devices']:>7} {r['median_round_seconds']:>8.2f} "
-              f"{1000 * r['median_round_seconds'] / r['devices']:>13.1f} {r['peak_rss_bytes'] / 1e6:>11.0f} "
+        print(f"{r['devices']:>7} {r['coordinators']:>5} {r['database']:>10} "
+              f"{r['median_round_seconds']:>8.2f} "
+              f"{1000 * r['median_round_seconds'] / r['devices']:>13.1f} {r['intake_per_second']:>8.0f} "
               f"{r['bytes_up_codec'] / 1e6:>11.1f} {r['bytes_down_envelopes'] / 1e6:>13.1f} "
               f"{r['broker_received'] / 1e6:>12.1f} {r['broker_sent'] / 1e6:>13.1f}")
-    # Coordinator memory against fleet size, one column group per coordinator count (only 1 yet).
-    print(f"\ncoordinator memory, MB ({counts[0]} coordinator process)")
-    print(f"{'devices':>7} {'RSS ready':>9} {'RSS last':>8} {'peak RSS':>8} {'peak - ready':>12} "
+    print("\nwhere the CPU went over the whole run (seconds; 'rest' is the machine's busy time "
+          "less the named processes: PostgreSQL, this script, the kernel)")
+    print(f"{'devices':>7} {'coord':>5} {'wall s':>7} {'busy s':>7} {'leader':>7} {'followers':>9} "
+          f"{'broker':>7} {'devices':>7} {'rest':>7}")
+    for r in results:
+        cpu = r["cpu_seconds"]
+        print(f"{r['devices']:>7} {r['coordinators']:>5} {r['wall_seconds']:>7.1f} {r['busy_seconds']:>7.1f} "
+              f"{cpu['leader']:>7.1f} {cpu['coordinators'] - cpu['leader']:>9.1f} {cpu['broker']:>7.1f} "
+              f"{cpu['devices']:>7.1f} {cpu['rest']:>7.1f}")
+    print("\nper coordinator process: updates stored (all rounds), CPU seconds, memory MB")
+    print(f"{'devices':>7} {'coord':>5} {'node':>5} {'role':>8} {'stored':>7} {'CPU s':>7} "
+          f"{'RSS ready':>9} {'RSS last':>8} {'peak RSS':>8} {'peak - ready':>12} "
           f"{'inbox most':>10} {'inbox MB':>8} {'over limit':>10}")
     for r in results:
-        print(f"{r['devices']:>7} {r['rss_ready_bytes'] / 1e6:>9.0f} {r['rss_last_bytes'] / 1e6:>8.0f} "
-              f"{r['peak_rss_bytes'] / 1e6:>8.0f} "
-              f"{(r['peak_rss_bytes'] - r['rss_ready_bytes']) / 1e6:>12.0f} "
-              f"{r['inbox'].get('most_queued', 0):>10} {r['inbox'].get('most_bytes', 0) / 1e6:>8.1f} "
-              f"{r['inbox'].get('over_limit', 0):>10}")
-    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_out).write_text(json.dumps(results, indent=2))
+        for p in r["nodes"]:
+            print(f"{r['devices']:>7} {r['coordinators']:>5} {p['node']:>5} "
+                  f"{'leader' if p['led'] else 'follower':>8} {sum(p['stored'].values()):>7} "
+                  f"{p['cpu_seconds']:>7.1f} {p['rss_ready_bytes'] / 1e6:>9.0f} "
+                  f"{p['rss_last_bytes'] / 1e6:>8.0f} {p['peak_rss_bytes'] / 1e6:>8.0f} "
+                  f"{(p['peak_rss_bytes'] - p['rss_ready_bytes']) / 1e6:>12.0f} "
+                  f"{p['inbox'].get('most_queued', 0):>10} {p['inbox'].get('most_bytes', 0) / 1e6:>8.1f} "
+                  f"{p['inbox'].get('over_limit', 0):>10}")
 
 
 if __name__ == "__main__":

@@ -15,16 +15,13 @@ import re
 import signal
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy
 from harness.brokers import running_mosquitto
-from harness.databases import POSTGRES
+from harness.databases import own_database
 from harness.devices import coordinator_process, start_edge_agent
 from harness.processes import Process, stop_processes
 from harness.waiting import wait_until
@@ -43,28 +40,6 @@ pytestmark = pytest.mark.faults
 FLEET = "ha"
 POLL = 0.5            # cluster.takeover_poll_seconds
 SAMPLES = 96          # per device: few, so process start-up, not training, sets the pace
-
-
-@contextmanager
-def own_database() -> Iterator[str]:
-    """A PostgreSQL database of this test's own (created, then dropped), on the server the
-    other tests use (harness.databases.POSTGRES, FEDPRUNE_TEST_POSTGRES)."""
-    server = sqlalchemy.make_url(POSTGRES)
-    name = f"fedprune_failover_{uuid.uuid4().hex[:8]}"
-    admin = sqlalchemy.create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    except sqlalchemy.exc.OperationalError:
-        admin.dispose()
-        pytest.fail(f"PostgreSQL is not reachable at {server.render_as_string()}; start it: "
-                    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _coordinator(tmp: Path, node: str, broker: str, database: str) -> Process:
@@ -111,7 +86,7 @@ def _http_url(log: Path) -> str:
 
 
 def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, fault_matrix):
-    with running_mosquitto(tmp_path / "broker") as broker, own_database() as url:
+    with running_mosquitto(tmp_path / "broker") as broker, own_database("failover") as url:
         store = Store(url)  # the tables, before any coordinator starts
         lock = Leadership(url, ClusterSettings(enabled=True, node="test"))  # to ask who leads
         nodes = {name: _coordinator(tmp_path, name, broker.url, url) for name in ("c0", "c1")}
@@ -202,7 +177,7 @@ def test_an_update_being_stored_holds_its_round_open_and_a_racing_copy_is_a_dupl
     (after its row lock and insert): the same update from the second waits, then is a duplicate;
     the leader's move to committing waits, then reads the update; an update after that is refused
     (RoundClosed) and not stored."""
-    with own_database() as url:
+    with own_database("failover") as url:
         intake, other, leader = Store(url), Store(url), Store(url)
         try:
             for device in ("d0", "d1"):

@@ -238,8 +238,9 @@ class MqttTransport:
                 self.counters["over_limit"] += 1
                 over = self.counters["over_limit"]
                 if over in (1, 10, 100) or over % 1000 == 0:
-                    self.log.warning("inbox full (%d messages, %.0f MB) and not drained in time; "
-                                     "%d deliveries queued past its limits (latest on %s)",
+                    self.log.warning("inbox full (%d messages, %.0f MB) while its owner waited "
+                                     "for the broker or made no room in time; %d deliveries "
+                                     "queued past its limits (latest on %s)",
                                      self.inbox.qsize(), self.inbox.bytes / 1e6, over, msg.topic)
         self.inbox.put(Delivery(msg.topic, msg.payload, msg.mid, msg.qos, received_at, arrived))
 

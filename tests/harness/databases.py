@@ -5,6 +5,7 @@ test that uses it. FEDPRUNE_TEST_POSTGRES names another database, for runs that 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,3 +37,26 @@ def empty_postgres() -> Iterator[str]:
         yield POSTGRES
     finally:
         _drop_tables()
+
+
+@contextmanager
+def own_database(purpose: str = "test") -> Iterator[str]:
+    """A PostgreSQL database of the caller's own (created, then dropped), on POSTGRES's server: for
+    several processes sharing one database (a cluster of coordinators), which `empty_postgres`'s
+    shared `test` database cannot be while other tests use it."""
+    server = sqlalchemy.make_url(POSTGRES)
+    name = f"fedprune_{purpose}_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    except sqlalchemy.exc.OperationalError:
+        admin.dispose()
+        pytest.fail(f"PostgreSQL is not reachable at {server.render_as_string()}; start it: "
+                    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
