@@ -38,20 +38,28 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from harness.brokers import Mosquitto  # noqa: E402  (the tests' launcher of the shipped config)
+from harness.brokers import Mosquitto
 
 PER_WORKER = 250
 
 
 def worker(port: int, fleet: str, start: int, count: int) -> None:
     """`count` lightweight devices in this process; exits when told (stdin closes)."""
+    import hashlib
+
     from device_profiles import catalogue_profile
     from edge_sdk import codec
     from edge_sdk.plan import SubmodelPlan
-    import hashlib
-
-    from edge_sdk.protocol import (MessageType, RegisterHeader, StatusHeader, Topics, UpdateHeader,
-                                   decode_envelope, encode_message, parse_header)
+    from edge_sdk.protocol import (
+        MessageType,
+        RegisterHeader,
+        StatusHeader,
+        Topics,
+        UpdateHeader,
+        decode_envelope,
+        encode_message,
+        parse_header,
+    )
 
     topics = Topics(fleet)
     profile = catalogue_profile("rpi4-4gb").model_dump(mode="json")
@@ -210,7 +218,7 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path, coordinators
         with open(workdir / f"{node}.log", "w") as handle:
             processes[node] = subprocess.Popen(
                 ["fedprune", "coordinator", "serve",
-                 *sum((["--set", o] for o in [*overrides, *own, *extra]), [])],
+                 *(arg for o in [*overrides, *own, *extra] for arg in ("--set", o))],
                 stderr=handle, env=dict(env))
         samplers[node] = ProcessSampler(processes[node].pid)
     for node, process in processes.items():

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import sqlalchemy
 from harness.brokers import running_mosquitto
-from harness.databases import own_database
+from harness.databases import POSTGRES, own_database
 from harness.devices import coordinator_process, start_edge_agent
 from harness.processes import Process, stop_processes
 from harness.waiting import wait_until
