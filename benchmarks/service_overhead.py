@@ -209,6 +209,8 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path, coordinators
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     processes, samplers = {}, {}
     busy_before, started = machine_busy_seconds(), time.perf_counter()
+    broker_cpu_before = cpu_seconds(broker.proc.pid) or 0.0
+    worker_cpu_before = sum(cpu_seconds(proc.pid) or 0.0 for proc in workers)
     for node in nodes:
         own = [f"state_dir={workdir / node}"]
         if database is not None:
@@ -223,12 +225,13 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path, coordinators
         samplers[node] = ProcessSampler(processes[node].pid)
     for node, process in processes.items():
         if process.wait() != 0:
-            raise subprocess.CalledProcessError(process.returncode, f"fedprune coordinator serve ({node})")
+            raise RuntimeError(f"coordinator {node} exited with {process.returncode}:\n"
+                               + (workdir / f"{node}.log").read_text()[-3000:])
     wall = time.perf_counter() - started
     busy = machine_busy_seconds() - busy_before
     after = counters.read()
-    broker_cpu = cpu_seconds(broker.proc.pid) or 0.0
-    worker_cpu = sum(cpu_seconds(proc.pid) or 0.0 for proc in workers)
+    broker_cpu = (cpu_seconds(broker.proc.pid) or 0.0) - broker_cpu_before
+    worker_cpu = sum(cpu_seconds(proc.pid) or 0.0 for proc in workers) - worker_cpu_before
     for proc in workers:
         proc.stdin.close()
     for proc in workers:
@@ -251,7 +254,10 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path, coordinators
         first = next((e["ts"] for e in entries if e["message"].startswith(("registered ", "following "))), None)
         rss = samplers[node]
         per_node.append({
-            "node": node, "led": any(e.get("event") == "took_lead" for e in entries) or database is None,
+            # The leader of a run: the one that sent tasks (a follower may take the lead only to
+            # find every round committed, when the leader exits first).
+            "led": any(" sending tasks to " in e["message"] for e in entries),
+            "node": node,
             "stored": {n: len(t) for n, t in intake(entries, rounds).items()},
             "accepted_at": intake(entries, rounds),
             "cpu_seconds": rss.cpu_seconds,

@@ -238,3 +238,29 @@ def test_cluster_mode_refuses_sqlite():
         load_config(None, ["cluster.enabled=true", "database=sqlite:///x.db"], schema=ServiceSettings)
     assert load_config(None, ["cluster.enabled=true", f"database={POSTGRES}"],
                        schema=ServiceSettings).cluster.enabled
+
+
+def test_coordinators_started_together_on_an_empty_database_all_start():
+    """A supervisor starts a cluster's coordinators at once: each creates the schema it finds
+    missing, and none may fail on another's half-made tables."""
+    with own_database("schema") as url:
+        barrier = threading.Barrier(6)
+        errors: list[BaseException] = []
+        stores: list[Store] = []
+
+        def start() -> None:
+            barrier.wait()
+            try:
+                stores.append(Store(url))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        for store in stores:
+            store.close()
+    assert not errors, errors
+    assert len(stores) == 6

@@ -22,7 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, LargeBinary, String,
-                        TypeDecorator, create_engine, func, make_url, select)
+                        TypeDecorator, create_engine, func, make_url, select, text)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, defer, mapped_column, sessionmaker
 
@@ -129,6 +129,10 @@ class UpdateRow(Base):
     received_at: Mapped[float] = mapped_column(Float)
 
 
+# pg_advisory_xact_lock's key while the schema is created: the ASCII bytes of "fpschema".
+SCHEMA_LOCK_KEY = int.from_bytes(b"fpschema", "big")
+
+
 class Store:
     def __init__(self, url: str):
         kwargs: dict[str, Any] = {}
@@ -141,7 +145,13 @@ class Store:
             kwargs["connect_args"] = {"check_same_thread": False,
                                       **({} if "timeout" in parsed.query else {"timeout": 30})}
         self.engine = create_engine(url, **kwargs)
-        Base.metadata.create_all(self.engine)
+        with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Coordinators of a cluster started together on an empty database would both
+                # find a table missing and both create it: the second failed on a duplicate type.
+                # DDL is transactional here, so the lock (released at commit) serialises them.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            Base.metadata.create_all(connection)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
