@@ -182,6 +182,35 @@ def intake(entries: list[dict], rounds: int) -> dict[int, list[float]]:
     return times
 
 
+def phases(entries: list[dict], accepted_at: dict[int, list[float]], rounds: int) -> dict[str, float]:
+    """Where a round's wall time goes, medians over rounds 2..R from the leader's log: opening it
+    to the last task sent (tasks go out between deliveries), the last task sent to the last
+    update stored, and that to the commit (aggregation and checkpoint)."""
+    marks: dict[int, dict[str, float]] = {n: {} for n in range(1, rounds + 1)}
+    for e in entries:
+        words = e["message"].split()
+        if len(words) < 3 or words[0] != "round" or not words[1].rstrip(":").isdigit():
+            continue
+        n = int(words[1].rstrip(":"))
+        if n not in marks:
+            continue
+        if " sending tasks to " in e["message"]:
+            marks[n]["open"] = e["ts"]
+        elif e["message"].endswith("every task sent"):
+            marks[n]["sent"] = e["ts"]
+        elif words[2] == "committed:":
+            marks[n]["committed"] = e["ts"]
+    out: dict[str, list[float]] = {"sending": [], "last_updates": [], "commit": []}
+    for n in range(2, rounds + 1) if rounds > 1 else (1,):
+        m, stored = marks[n], accepted_at.get(n)
+        if {"open", "sent", "committed"} <= m.keys() and stored:
+            last = max(stored)
+            out["sending"].append(m["sent"] - m["open"])
+            out["last_updates"].append(max(0.0, last - m["sent"]))
+            out["commit"].append(m["committed"] - max(last, m["sent"]))
+    return {k: statistics.median(v) for k, v in out.items() if v}
+
+
 def run_fleet(devices: int, rounds: int, model: str, workdir: Path, coordinators: int = 1,
               database: str | None = None, tracemalloc_dir: str | None = None,
               extra: tuple[str, ...] = ()) -> dict:
@@ -246,12 +275,12 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path, coordinators
     codec_up = sum(u.bytes for n in range(1, rounds + 1) for u in store.updates(n))
     tasks = [t for n in range(1, rounds + 1) for t in store.tasks(n).values()]
     store.close()
-    per_node = []
+    per_node, logs = [], {}
     for node in nodes:
-        entries = log_entries(workdir / f"{node}.log")
+        entries = logs[node] = log_entries(workdir / f"{node}.log")
         final = next(e for e in entries if e["message"].startswith("done: "))
-        # RSS before the first registration is planned: the runtime, the model and the dataset.
-        first = next((e["ts"] for e in entries if e["message"].startswith(("registered ", "following "))), None)
+        # RSS once connected, before any device is planned: the runtime, the model, the dataset.
+        first = next((e["ts"] for e in entries if e["message"].startswith("connected to ")), None)
         rss = samplers[node]
         per_node.append({
             # The leader of a run: the one that sent tasks (a follower may take the lead only to
@@ -268,15 +297,14 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path, coordinators
             # The link's inbox over the run: the most messages and payload bytes it held, and how
             # often a delivery waited or went over the limit.
             "inbox": final.get("inbox", {})})
-    later = [n for n in range(2, rounds + 1)] or [1]
-    spans = []  # per round: the first to the last update stored, by any coordinator
-    for n in later:
-        times = sorted(t for p in per_node for t in p["accepted_at"][n])
-        if len(times) > 1:
-            spans.append((len(times), times[-1] - times[0]))
+    # Per round, when each update was stored, by any coordinator; the spans first to last.
+    everyone = {n: sorted(t for p in per_node for t in p["accepted_at"][n]) for n in range(1, rounds + 1)}
+    spans = [(len(everyone[n]), everyone[n][-1] - everyone[n][0])
+             for n in (range(2, rounds + 1) if rounds > 1 else (1,)) if len(everyone[n]) > 1]
+    leader = next((p for p in per_node if p["led"]), per_node[0])
+    round_phases = phases(logs[leader["node"]], everyone, rounds)
     for p in per_node:
         del p["accepted_at"]
-    leader = next((p for p in per_node if p["led"]), per_node[0])
     coordinators_cpu = sum(p["cpu_seconds"] for p in per_node)
     return {"devices": devices, "coordinators": coordinators,
             "database": "sqlite" if database is None else "postgresql", "rounds": committed,
@@ -287,7 +315,7 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path, coordinators
             "cpu_seconds": {"coordinators": coordinators_cpu, "leader": leader["cpu_seconds"],
                             "broker": broker_cpu, "devices": worker_cpu,
                             "rest": max(0.0, busy - coordinators_cpu - broker_cpu - worker_cpu)},
-            "busy_seconds": busy,
+            "busy_seconds": busy, "phases": round_phases,
             "rss_ready_bytes": leader["rss_ready_bytes"], "rss_last_bytes": leader["rss_last_bytes"],
             "peak_rss_bytes": leader["peak_rss_bytes"], "inbox": leader["inbox"],
             "bytes_up_codec": codec_up,
@@ -358,6 +386,14 @@ def print_tables(results: list[dict]) -> None:
         print(f"{r['devices']:>7} {r['coordinators']:>5} {r['wall_seconds']:>7.1f} {r['busy_seconds']:>7.1f} "
               f"{cpu['leader']:>7.1f} {cpu['coordinators'] - cpu['leader']:>9.1f} {cpu['broker']:>7.1f} "
               f"{cpu['devices']:>7.1f} {cpu['rest']:>7.1f}")
+    print("\nwhere a round's time went (seconds, median of rounds 2..R): opening it to the last task "
+          "sent, then to the last update stored, then to the commit")
+    print(f"{'devices':>7} {'coord':>5} {'round s':>8} {'sending':>8} {'last updates':>12} {'commit':>7}")
+    for r in results:
+        ph = r.get("phases", {})
+        print(f"{r['devices']:>7} {r['coordinators']:>5} {r['median_round_seconds']:>8.2f} "
+              f"{ph.get('sending', float('nan')):>8.2f} {ph.get('last_updates', float('nan')):>12.2f} "
+              f"{ph.get('commit', float('nan')):>7.2f}")
     print("\nper coordinator process: updates stored (all rounds), CPU seconds, memory MB")
     print(f"{'devices':>7} {'coord':>5} {'node':>5} {'role':>8} {'stored':>7} {'CPU s':>7} "
           f"{'RSS ready':>9} {'RSS last':>8} {'peak RSS':>8} {'peak - ready':>12} "

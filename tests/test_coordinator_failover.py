@@ -39,13 +39,15 @@ pytestmark = pytest.mark.faults
 
 FLEET = "ha"
 POLL = 0.5            # cluster.takeover_poll_seconds
+DEAD = 3              # cluster.dead_leader_seconds (its least)
 SAMPLES = 96          # per device: few, so process start-up, not training, sets the pace
 
 
 def _coordinator(tmp: Path, node: str, broker: str, database: str) -> Process:
     overrides = [f"broker.url={broker}", f"broker.fleet={FLEET}", f"state_dir={tmp / node}",
                  f"database={database}", "cluster.enabled=true", f"cluster.node={node}",
-                 f"cluster.takeover_poll_seconds={POLL}", "http_port=0", "exit_when_done=true",
+                 f"cluster.takeover_poll_seconds={POLL}", f"cluster.dead_leader_seconds={DEAD}",
+                 "http_port=0", "exit_when_done=true",
                  "strategy=fedavg", "model=mlp", "evaluate=false", "export.enabled=false",
                  "train.lr=0.05", "rounds.total=1", "rounds.devices_per_round=4",
                  "rounds.min_devices=4", "rounds.deadline_seconds=90",
@@ -85,7 +87,16 @@ def _http_url(log: Path) -> str:
     raise AssertionError(f"{log} names no HTTP API address")
 
 
-def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, fault_matrix):
+# The leader's fault: SIGKILL (the process dies; PostgreSQL sees its connection close), or SIGSTOP
+# (it hangs with its session open, its kernel still answering: the follower ends that session once
+# the leader's heartbeat is DEAD seconds old; the leader is woken after the commit). The bound each
+# takeover must meet: the poll, or DEAD plus the poll, and 2.5 s of slack for a loaded machine.
+FAULTS = {"killed": (signal.SIGKILL, POLL + 2.5), "hung": (signal.SIGSTOP, DEAD + POLL + 2.5)}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_leader_dead_or_hung_mid_round_the_other_coordinator_takes_over(tmp_path, fault_matrix, fault):
+    bound = FAULTS[fault][1]
     with running_mosquitto(tmp_path / "broker") as broker, own_database("failover") as url:
         store = Store(url)  # the tables, before any coordinator starts
         lock = Leadership(url, ClusterSettings(enabled=True, node="test"))  # to ask who leads
@@ -111,11 +122,14 @@ def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, f
             survivor = next(n for n in nodes if n != leader)
             stored_before = store.update_count(1)
             by_node = {n: sorted(_stored_by(tmp_path / f"{n}.log")) for n in nodes}
-            nodes[leader].stop(signal.SIGKILL)
-            killed_at = time.monotonic()
+            if fault == "killed":
+                nodes[leader].stop(signal.SIGKILL)
+            else:
+                nodes[leader].popen.send_signal(signal.SIGSTOP)
+            faulted_at = time.monotonic()
             wait_until(lambda: lock.holder() == survivor, 30, f"{survivor} to take the lead",
                        [nodes[survivor], *prompt])
-            takeover = time.monotonic() - killed_at
+            takeover = time.monotonic() - faulted_at
             # Its HTTP API says so too (before the late devices answer: it cannot commit yet).
             status = httpx.get(f"{_http_url(tmp_path / f'{survivor}.log')}/status", timeout=10).json()
             for device in late:
@@ -124,6 +138,13 @@ def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, f
             wait_until(lambda: nodes[survivor].exited() is not None, 120,
                        f"{survivor} to commit round 1", devices)
             assert nodes[survivor].exited() == 0, nodes[survivor].tail()
+            if fault == "hung":  # woken: it finds its session ended, steps down, follows, exits
+                nodes[leader].popen.send_signal(signal.SIGCONT)
+                wait_until(lambda: nodes[leader].exited() is not None, 60,
+                           f"the woken {leader} to find the round committed and exit", [nodes[leader]])
+                assert nodes[leader].exited() == 0, nodes[leader].tail()
+                woken_log = (tmp_path / f"{leader}.log").read_text()
+                survivor_log = (tmp_path / f"{survivor}.log").read_text()
             measured = measure(store, tmp_path)
             dead_letters = sum(len(list((tmp_path / n / "dead-letter").glob("*.bin"))) for n in nodes)
             measured = dataclasses.replace(measured, dead_lettered=dead_letters)
@@ -134,6 +155,9 @@ def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, f
             for device in everyone[2:]:
                 if device.popen.poll() is None:
                     device.popen.send_signal(signal.SIGCONT)
+            for node in nodes.values():
+                if node.popen.poll() is None:
+                    node.popen.send_signal(signal.SIGCONT)
             stop_processes([p for p in everyone if p.popen.poll() is None], signal.SIGKILL)
             lock.close()
             store.close()
@@ -141,7 +165,10 @@ def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, f
         (stored_before, by_node)
     assert all(by_node.values()), by_node  # each coordinator had stored one before the kill
     assert status["cluster"]["node"] == survivor and status["cluster"]["role"] == "leader", status
-    assert takeover <= POLL + 2.5, f"took {takeover:.1f} s to take the lead"
+    assert takeover <= bound, f"took {takeover:.1f} s to take the lead (bound {bound} s)"
+    if fault == "hung":
+        assert takeover >= DEAD, f"took the lead {takeover:.1f} s after, before the leader was {DEAD} s silent"
+        assert '"event": "deposed_leader"' in survivor_log and '"event": "lost_lead"' in woken_log
     assert [r.state for r in committed] == ["committed"]
     contributions = committed[0].summary["contributions"]
     assert sorted(c.split("/")[0] for c in contributions) == [f"{FLEET}-{i}" for i in range(4)]
@@ -154,13 +181,23 @@ def test_leader_sigkilled_mid_round_the_other_coordinator_takes_over(tmp_path, f
         assert f"task {key} already" in (tmp_path / f"d{i}.log").read_text(), f"d{i} got no re-sent task"
     assert (measured.sent, measured.counted, measured.lost, measured.duplicated,
             measured.counted_unsent, measured.dead_lettered) == (4, 4, 0, 0, 0, 0), measured
-    fault_matrix(
-        "2 coordinators in cluster mode (one PostgreSQL, updates through a shared subscription), 4 "
-        "devices, 1 round: each coordinator stored one update, then the leader was SIGKILLed; 2 "
-        "devices held (SIGSTOP) until after the kill",
-        f"the other took the leader lock {takeover:.1f} s after the kill (takeover_poll_seconds "
-        f"{POLL:g}), resumed round 1 from the database, re-sent the 2 unanswered tasks and "
-        "committed the round with all 4 updates", measured)
+    if fault == "killed":
+        fault_matrix(
+            "2 coordinators in cluster mode (one PostgreSQL, updates through a shared subscription), 4 "
+            "devices, 1 round: each coordinator stored one update, then the leader was SIGKILLed; 2 "
+            "devices held (SIGSTOP) until after the kill",
+            f"the other took the leader lock {takeover:.1f} s after the kill (takeover_poll_seconds "
+            f"{POLL:g}), resumed round 1 from the database, re-sent the 2 unanswered tasks and "
+            "committed the round with all 4 updates", measured)
+    else:
+        fault_matrix(
+            "2 coordinators in cluster mode, 4 devices, 1 round: each coordinator stored one update, "
+            "then the leader hung (SIGSTOP: its database session stays open); 2 devices held until "
+            "after; the hung leader woken (SIGCONT) after the commit",
+            f"the other ended the silent leader's sessions and took the lock {takeover:.1f} s after "
+            f"it hung (dead_leader_seconds {DEAD}, takeover_poll_seconds {POLL:g}), re-sent the 2 "
+            "unanswered tasks and committed with all 4 updates; the woken leader found its session "
+            "ended, stepped down and exited", measured)
 
 
 # --- the database's part: two processes storing, the leader closing the round ------------------
@@ -228,9 +265,13 @@ def test_an_update_being_stored_holds_its_round_open_and_a_racing_copy_is_a_dupl
                 store.close()
 
 
-def test_cluster_mode_refuses_sqlite():
+def test_cluster_mode_refuses_sqlite_and_a_heartbeat_slower_than_its_deadline():
     from coordinator.config import ConfigError, load_config
     from coordinator.service.config import ServiceSettings
+
+    with pytest.raises(ConfigError, match=r"dead_leader_seconds \(10\) must be at least 3 x takeover_poll_seconds"):
+        load_config(None, ["cluster.enabled=true", f"database={POSTGRES}", "cluster.takeover_poll_seconds=4"],
+                    schema=ServiceSettings)
 
     with pytest.raises(ConfigError, match="cluster.enabled needs PostgreSQL"):
         load_config(None, ["cluster.enabled=true"], schema=ServiceSettings)

@@ -10,6 +10,17 @@ TCP keepalives and user timeout, set on this connection only). Followers try the
 `takeover_poll_seconds`; the leader checks its connection as often and steps down when it is
 gone (its lock is gone with it).
 
+A leader that hangs (stopped, swapping, deadlocked) keeps its session: its kernel still answers
+TCP, so PostgreSQL would never free the lock and the fleet would wait. So the leader's heartbeat
+thread runs `SELECT 1` on the lock connection every `takeover_poll_seconds`, which PostgreSQL
+records as the session's `state_change`; a follower that finds the holder's last heartbeat older
+than `dead_leader_seconds` ends that session with `pg_terminate_backend` (allowed between
+sessions of one database role) and takes the lock. A thread of its own, so a leader busy with a
+long commit still beats. A deposed leader that wakes finds its connection closed at its next
+check and steps down; until then the round's state table and primary keys refuse what it
+repeats (a second open or commit). Its store's sessions (`fedprune:<node>`, `member_url`) are
+ended with it, so no row lock it held blocks the new leader.
+
 Who leads is visible in PostgreSQL: the lock connection is named `fedprune-leader:<node>` while it
 holds the lock (`fedprune-candidate:<node>` before):
 
@@ -20,9 +31,10 @@ holds the lock (`fedprune-candidate:<node>` before):
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -31,7 +43,16 @@ from .config import ClusterSettings
 
 log = logging.getLogger("fedprune.coordinator.cluster")
 
-LEADER_PREFIX, CANDIDATE_PREFIX = "fedprune-leader:", "fedprune-candidate:"
+LEADER_PREFIX, CANDIDATE_PREFIX, MEMBER_PREFIX = "fedprune-leader:", "fedprune-candidate:", "fedprune:"
+
+
+def member_url(database_url: str, node: str) -> str:
+    """The store's database URL for a cluster member: its sessions named `fedprune:<node>`, so a
+    follower deposing a hung leader can end them too (a hung leader's open transaction would
+    keep its row locks and block the new leader)."""
+    url = make_url(database_url)
+    return url.update_query_dict({"application_name": f"{MEMBER_PREFIX}{node}"}).render_as_string(
+        hide_password=False)
 
 
 def keepalive_settings(dead_leader_seconds: int) -> dict[str, int]:
@@ -46,6 +67,10 @@ def lock_parts(key: int) -> tuple[int, int]:
     """pg_locks' (classid, objid) of a bigint advisory lock key (objsubid is 1)."""
     unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
     return unsigned >> 32, unsigned & 0xFFFF_FFFF
+
+
+class ConnectionLost(Exception):
+    """The heartbeat found the lock connection gone: the lock went with it."""
 
 
 class Leadership:
@@ -69,23 +94,34 @@ class Leadership:
         self.leading = False
         self.since: float | None = None   # time.time() when this process took the lead
         self.changes = 0                   # times this process took or lost the lead
+        self.deposed = 0                   # hung leaders whose session this process ended
+        # The lock connection is shared by `poll` and the heartbeat thread; `beat_failed` tells
+        # `poll` that a heartbeat found the connection gone.
+        self._connection_lock = threading.Lock()
+        self._beat_failed: str | None = None
+        self._stop_beating = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def poll(self) -> bool:
         """Whether this process leads now: the leader checks that its lock connection is alive; a
         follower tries to take the lock. A database that cannot be reached makes a follower (and
         a leader that loses its connection steps down: its lock went with the connection)."""
         try:
-            if self.connection is None:
-                self.connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
             if self.leading:
-                self.connection.execute(text("SELECT 1"))
+                if self._beat_failed is not None:
+                    raise ConnectionLost(self._beat_failed)
                 return True
-            if self.connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key}):
+            with self._connection_lock:
+                if self.connection is None:
+                    self.connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                if not self._try_lock() and not (self._depose_hung_leader() and self._try_lock()):
+                    return False
                 self.connection.execute(text(f"SET application_name = '{LEADER_PREFIX}{self.node}'"))
-                self.leading, self.since = True, time.time()
-                self.changes += 1
-            return self.leading
-        except SQLAlchemyError as exc:
+            self.leading, self.since = True, time.time()
+            self.changes += 1
+            self._start_heartbeat()
+            return True
+        except (SQLAlchemyError, ConnectionLost) as exc:
             if self.leading:
                 log.error("lost the leader lock's database connection (%s: %s); stepping down",
                           type(exc).__name__, exc)
@@ -95,6 +131,53 @@ class Leadership:
             self.leading, self.since = False, None
             self._drop_connection()
             return False
+
+    def _try_lock(self) -> bool:
+        return bool(self.connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key}))
+
+    def _depose_hung_leader(self) -> bool:
+        """End the holder's session when its last heartbeat is older than dead_leader_seconds:
+        whether it was ended (PostgreSQL frees the lock as the session exits, at once or by the
+        next poll)."""
+        classid, objid = lock_parts(self.key)
+        holder = self.connection.execute(text(
+            "SELECT a.pid, a.application_name, EXTRACT(EPOCH FROM now() - a.state_change) "
+            "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+            "AND l.granted AND l.classid = :classid AND l.objid = :objid AND l.objsubid = 1"),
+            {"classid": classid, "objid": objid}).first()
+        if holder is None or holder[2] is None or float(holder[2]) <= self.settings.dead_leader_seconds:
+            return False
+        pid, name, silent = holder
+        if not self.connection.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}):
+            return False
+        if name.startswith(LEADER_PREFIX):  # and the hung leader's store sessions (their locks)
+            self.connection.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :member"),
+                {"member": MEMBER_PREFIX + name.removeprefix(LEADER_PREFIX)})
+        self.deposed += 1
+        log.error("the leader %s has not beaten for %.1f s (dead_leader_seconds %d): ended its "
+                  "session; taking the lead", name, float(silent), self.settings.dead_leader_seconds,
+                  extra={"event": "deposed_leader", "leader": name, "silent_seconds": float(silent)})
+        return True
+
+    def _start_heartbeat(self) -> None:
+        self._beat_failed = None
+        self._stop_beating = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, args=(self._stop_beating,),
+                                           name="fedprune-leader-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self, stop: threading.Event) -> None:
+        """The leader's `SELECT 1` every takeover_poll_seconds: what followers read as alive."""
+        while not stop.wait(self.settings.takeover_poll_seconds):
+            with self._connection_lock:
+                if self.connection is None:
+                    return
+                try:
+                    self.connection.execute(text("SELECT 1"))
+                except SQLAlchemyError as exc:
+                    self._beat_failed = f"{type(exc).__name__}: {exc}"
+                    return
 
     def holder(self) -> str | None:
         """The node that holds the leader lock now (from pg_locks), or None."""
@@ -109,6 +192,11 @@ class Leadership:
         return name.split(":", 1)[1] if ":" in name else name
 
     def _drop_connection(self) -> None:
+        self._stop_beating.set()
+        with self._connection_lock:
+            self._close_connection()
+
+    def _close_connection(self) -> None:
         if self.connection is not None:
             try:
                 self.connection.invalidate()
@@ -119,10 +207,12 @@ class Leadership:
 
     def close(self) -> None:
         """Give the lock up (closing the session releases it) and close the connection."""
-        if self.connection is not None:
-            try:
-                self.connection.close()
-            except SQLAlchemyError:
-                pass
-        self.connection, self.leading, self.since = None, False, None
+        self._stop_beating.set()
+        with self._connection_lock:
+            if self.connection is not None:
+                try:
+                    self.connection.close()
+                except SQLAlchemyError:
+                    pass
+            self.connection, self.leading, self.since = None, False, None
         self.engine.dispose()

@@ -118,8 +118,10 @@ class ClusterSettings(Settings):
     sees the leader's connection close (at once when the process dies: its kernel closes the
     socket), and a follower takes it within `takeover_poll_seconds`. If the leader's host
     vanishes without closing it, PostgreSQL's TCP keepalives and user timeout on that connection
-    drop it within `dead_leader_seconds`. Defaults: 1 s after the leader process dies, 11 s after
-    its host vanishes; then the new leader resumes the open round from the database.
+    drop it within `dead_leader_seconds`; if the leader hangs, a follower ends its sessions once
+    its heartbeat (every `takeover_poll_seconds`) is `dead_leader_seconds` old. Defaults: 1 s
+    after the leader process dies, 11 s after its host vanishes or it hangs; then the new leader
+    resumes the open round from the database.
     """
     enabled: bool = False
     group: str = Field("fedprune", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -131,6 +133,15 @@ class ClusterSettings(Settings):
     leader_lock_key: int = Field(int.from_bytes(b"fedprune", "big"), ge=-2**63, lt=2**63)
     takeover_poll_seconds: float = Field(1.0, gt=0, le=60)
     dead_leader_seconds: int = Field(10, ge=3, le=600)
+
+    @model_validator(mode="after")
+    def _heartbeat_fits(self) -> ClusterSettings:
+        # The leader beats every takeover_poll_seconds; a silence this long must mean it hangs.
+        if self.dead_leader_seconds < 3 * self.takeover_poll_seconds:
+            raise ValueError(f"dead_leader_seconds ({self.dead_leader_seconds}) must be at least 3 x "
+                             f"takeover_poll_seconds ({self.takeover_poll_seconds:g}), the leader's "
+                             "heartbeat, or followers depose a healthy leader; raise it")
+        return self
 
 
 class ServiceSettings(LearningSettings):

@@ -39,7 +39,7 @@ from device_profiles.files import atomic_write
 from edge_sdk.protocol import Topics
 from edge_sdk.rehearsal import peak_rss_bytes
 
-from .cluster import Leadership
+from .cluster import Leadership, member_url
 from .config import ServiceSettings
 from .engine import RoundEngine, is_transient
 from .http_api import ApiServer, build_app
@@ -56,8 +56,9 @@ class _Stopped(Exception):
 class CoordinatorService:
     def __init__(self, config: ServiceSettings):
         self.config = config
-        self.store = Store(config.database_url)
         broker, cluster = config.broker, config.cluster
+        self.store = Store(member_url(config.database_url, cluster.node) if cluster.enabled
+                           else config.database_url)
         topics = Topics(broker.fleet, broker.topic_prefix)
         if cluster.enabled:
             # A clean session: the broker drops a dead member from the shared subscription as soon
