@@ -141,7 +141,7 @@ def test_leader_dead_or_hung_mid_round_the_other_coordinator_takes_over(tmp_path
             if fault == "hung":  # woken: it finds its session ended, steps down, follows, exits
                 nodes[leader].popen.send_signal(signal.SIGCONT)
                 wait_until(lambda: nodes[leader].exited() is not None, 60,
-                           f"the woken {leader} to find the round committed and exit", [nodes[leader]])
+                           f"the woken {leader} to find the round committed and exit")
                 assert nodes[leader].exited() == 0, nodes[leader].tail()
                 woken_log = (tmp_path / f"{leader}.log").read_text()
                 survivor_log = (tmp_path / f"{survivor}.log").read_text()
