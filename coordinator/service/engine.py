@@ -45,7 +45,7 @@ from device_profiles.files import atomic_write
 from edge_sdk import codec
 from edge_sdk.sizing import DevicePlan
 from edge_sdk.checkpoint import Checkpoint, load_checkpoint
-from edge_sdk.data import load_dataset, to_tensor
+from edge_sdk.data import dataset_info, load_dataset, to_tensor
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.protocol.topics import DEVICE_TO_COORDINATOR
 from edge_sdk.protocol.signing import load_private_key
@@ -91,15 +91,16 @@ class RoundEngine:
         self.artifacts_due: tuple | None = None  # (chosen, tasks, number) once the tasks are out
         self.leading = leading
         self.topics = Topics(config.broker.fleet, config.broker.topic_prefix)
-        source = load_dataset(config.dataset, config.data_dir)
-        self.info = source.info
-        self.strategy = build_strategy(config, model_spec(config.model, source.info.input_shape,
-                                                         source.info.num_classes))
+        # The dataset's files are read only to evaluate (here) or to export (a calibration batch).
+        self.info = dataset_info(config.dataset)
+        self.strategy = build_strategy(config, model_spec(config.model, self.info.input_shape,
+                                                         self.info.num_classes))
         self.spec = self.strategy.spec
         self.dp = dp_config(config)
         self.signing_key = load_private_key(config.signing_key) if config.signing_key else None
-        self.test_x = to_tensor(source.test_x, source.info) if config.evaluate else None
-        self.test_y = torch.tensor(source.test_y) if config.evaluate else None
+        source = load_dataset(config.dataset, config.data_dir) if config.evaluate else None
+        self.test_x = to_tensor(source.test_x, self.info) if source is not None else None
+        self.test_y = torch.tensor(source.test_y) if source is not None else None
         self.state_dir = Path(config.state_dir)
         self.planner = planner_settings(config, self.strategy, config.rounds.deadline_seconds)
         self.train = config.train

@@ -1,6 +1,7 @@
 """Data access for fedprune: verified dataset files, loaders and client partitions."""
 
-from .datasets import DATASET_NAMES, DatasetInfo, FederatedSource, load_dataset, read_idx, to_tensor
+from .datasets import (DATASET_NAMES, DatasetInfo, FederatedSource, dataset_info, load_dataset, read_idx,
+                       to_tensor)
 from .locate import DataError, download_enabled_by_default, ensure_file, resolve_data_dir, user_cache_dir
 from .partition import (
     ClientData,
@@ -20,6 +21,7 @@ __all__ = [
     "FederatedSource",
     "PartitionSpec",
     "client_data_for",
+    "dataset_info",
     "download_enabled_by_default",
     "ensure_file",
     "load_dataset",

@@ -126,6 +126,12 @@ def _canonical_name(name: str) -> str:
     return key
 
 
+def dataset_info(name: str) -> DatasetInfo:
+    """A dataset's shape, classes and normalisation without reading its files: what a
+    coordinator that neither evaluates nor exports needs (the files are 55 MB in memory)."""
+    return _INFOS[_canonical_name(name)]
+
+
 def _file_list(name: str) -> list[str]:
     if name == "femnist":
         return [
