@@ -167,7 +167,8 @@ def test_leader_dead_or_hung_mid_round_the_other_coordinator_takes_over(tmp_path
     assert status["cluster"]["node"] == survivor and status["cluster"]["role"] == "leader", status
     assert takeover <= bound, f"took {takeover:.1f} s to take the lead (bound {bound} s)"
     if fault == "hung":
-        assert takeover >= DEAD, f"took the lead {takeover:.1f} s after, before the leader was {DEAD} s silent"
+        # Silence counts from the leader's last beat, which may be up to a poll before it hung.
+        assert takeover >= DEAD - POLL, f"took the lead {takeover:.1f} s after the hang: before {DEAD} s of silence"
         assert '"event": "deposed_leader"' in survivor_log and '"event": "lost_lead"' in woken_log
     assert [r.state for r in committed] == ["committed"]
     contributions = committed[0].summary["contributions"]

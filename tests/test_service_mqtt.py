@@ -117,7 +117,7 @@ def test_a_device_killed_mid_round_is_missing_then_readmitted(tmp_path, broker):
     fleet = "crash"
     configs = [_edge_config(tmp_path, broker.url, fleet, i) for i in range(3)]
     devices = [start_edge_agent(config, tmp_path) for config in configs]
-    service = _service(tmp_path, broker.url, fleet, deadline_seconds=30, min_fraction=0.6)
+    service = _service(tmp_path, broker.url, fleet, deadline_seconds=20, min_fraction=0.6)
     service_thread = _run_in_thread(service.run)
     try:
         wait_until(lambda: service.engine.round is not None, 60, "round 1 to open")

@@ -94,13 +94,11 @@ class Leadership:
         self.leading = False
         self.since: float | None = None   # time.time() when this process took the lead
         self.changes = 0                   # times this process took or lost the lead
-        self.deposed = 0                   # hung leaders whose session this process ended
         # The lock connection is shared by `poll` and the heartbeat thread; `beat_failed` tells
         # `poll` that a heartbeat found the connection gone.
         self._connection_lock = threading.Lock()
         self._beat_failed: str | None = None
         self._stop_beating = threading.Event()
-        self._heartbeat: threading.Thread | None = None
 
     def poll(self) -> bool:
         """Whether this process leads now: the leader checks that its lock connection is alive; a
@@ -154,7 +152,6 @@ class Leadership:
             self.connection.execute(text(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :member"),
                 {"member": MEMBER_PREFIX + name.removeprefix(LEADER_PREFIX)})
-        self.deposed += 1
         log.error("the leader %s has not beaten for %.1f s (dead_leader_seconds %d): ended its "
                   "session; taking the lead", name, float(silent), self.settings.dead_leader_seconds,
                   extra={"event": "deposed_leader", "leader": name, "silent_seconds": float(silent)})
@@ -163,9 +160,8 @@ class Leadership:
     def _start_heartbeat(self) -> None:
         self._beat_failed = None
         self._stop_beating = threading.Event()
-        self._heartbeat = threading.Thread(target=self._beat, args=(self._stop_beating,),
-                                           name="fedprune-leader-heartbeat", daemon=True)
-        self._heartbeat.start()
+        threading.Thread(target=self._beat, args=(self._stop_beating,),
+                         name="fedprune-leader-heartbeat", daemon=True).start()
 
     def _beat(self, stop: threading.Event) -> None:
         """The leader's `SELECT 1` every takeover_poll_seconds: what followers read as alive."""
@@ -194,16 +190,13 @@ class Leadership:
     def _drop_connection(self) -> None:
         self._stop_beating.set()
         with self._connection_lock:
-            self._close_connection()
-
-    def _close_connection(self) -> None:
-        if self.connection is not None:
-            try:
-                self.connection.invalidate()
-                self.connection.close()
-            except SQLAlchemyError:
-                pass
-        self.connection = None
+            if self.connection is not None:
+                try:
+                    self.connection.invalidate()
+                    self.connection.close()
+                except SQLAlchemyError:
+                    pass
+            self.connection = None
 
     def close(self) -> None:
         """Give the lock up (closing the session releases it) and close the connection."""
