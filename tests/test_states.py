@@ -14,8 +14,10 @@ from coordinator.service.states import (ROUND_MOVES, TASK_MOVES, IllegalTransiti
                                         TaskState, round_transition, task_transition)
 from coordinator.service.store import Store, TaskRow
 
-ROUND_LEGAL = [(a, b) for a, nexts in ROUND_MOVES.items() for b in nexts]
-TASK_LEGAL = [(a, b) for a, nexts in TASK_MOVES.items() for b in nexts]
+# Sorted: the moves are frozensets, whose order differs between processes (pytest-xdist's
+# workers must collect the same list).
+ROUND_LEGAL = sorted((a, b) for a, nexts in ROUND_MOVES.items() for b in nexts)
+TASK_LEGAL = sorted((a, b) for a, nexts in TASK_MOVES.items() for b in nexts)
 ROUND_ILLEGAL = [p for p in itertools.product(RoundState, RoundState) if p not in ROUND_LEGAL]
 TASK_ILLEGAL = [p for p in itertools.product(TaskState, TaskState) if p not in TASK_LEGAL]
 
