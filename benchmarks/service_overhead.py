@@ -182,6 +182,11 @@ def intake(entries: list[dict], rounds: int) -> dict[int, list[float]]:
     return times
 
 
+def measured_rounds(rounds: int) -> range:
+    """The rounds the medians are taken over: 2..R (round 1 also plans every device), or 1 alone."""
+    return range(2, rounds + 1) if rounds > 1 else range(1, 2)
+
+
 def phases(entries: list[dict], accepted_at: dict[int, list[float]], rounds: int) -> dict[str, float]:
     """Where a round's wall time goes, medians over rounds 2..R from the leader's log: opening it
     to the last task sent (tasks go out between deliveries), the last task sent to the last
@@ -201,7 +206,7 @@ def phases(entries: list[dict], accepted_at: dict[int, list[float]], rounds: int
         elif words[2] == "committed:":
             marks[n]["committed"] = e["ts"]
     out: dict[str, list[float]] = {"sending": [], "last_updates": [], "commit": []}
-    for n in range(2, rounds + 1) if rounds > 1 else (1,):
+    for n in measured_rounds(rounds):
         m, stored = marks[n], accepted_at.get(n)
         if {"open", "sent", "committed"} <= m.keys() and stored:
             last = max(stored)
@@ -275,9 +280,10 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path, coordinators
     codec_up = sum(u.bytes for n in range(1, rounds + 1) for u in store.updates(n))
     tasks = [t for n in range(1, rounds + 1) for t in store.tasks(n).values()]
     store.close()
-    per_node, logs = [], {}
+    per_node, logs, accepted_at = [], {}, {}
     for node in nodes:
         entries = logs[node] = log_entries(workdir / f"{node}.log")
+        accepted_at[node] = intake(entries, rounds)
         final = next(e for e in entries if e["message"].startswith("done: "))
         # RSS once connected, before any device is planned: the runtime, the model, the dataset.
         first = next((e["ts"] for e in entries if e["message"].startswith("connected to ")), None)
@@ -287,8 +293,7 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path, coordinators
             # find every round committed, when the leader exits first).
             "led": any(" sending tasks to " in e["message"] for e in entries),
             "node": node,
-            "stored": {n: len(t) for n, t in intake(entries, rounds).items()},
-            "accepted_at": intake(entries, rounds),
+            "stored": {n: len(t) for n, t in accepted_at[node].items()},
             "cpu_seconds": rss.cpu_seconds,
             "rss_ready_bytes": rss.at(first) if first else 0,
             "rss_last_bytes": rss.samples[-1][1] if rss.samples else 0,
@@ -298,18 +303,17 @@ def run_fleet(devices: int, rounds: int, model: str, workdir: Path, coordinators
             # often a delivery waited or went over the limit.
             "inbox": final.get("inbox", {})})
     # Per round, when each update was stored, by any coordinator; the spans first to last.
-    everyone = {n: sorted(t for p in per_node for t in p["accepted_at"][n]) for n in range(1, rounds + 1)}
+    everyone = {n: sorted(t for times in accepted_at.values() for t in times[n]) for n in range(1, rounds + 1)}
     spans = [(len(everyone[n]), everyone[n][-1] - everyone[n][0])
-             for n in (range(2, rounds + 1) if rounds > 1 else (1,)) if len(everyone[n]) > 1]
+             for n in measured_rounds(rounds) if len(everyone[n]) > 1]
     leader = next((p for p in per_node if p["led"]), per_node[0])
     round_phases = phases(logs[leader["node"]], everyone, rounds)
-    for p in per_node:
-        del p["accepted_at"]
     coordinators_cpu = sum(p["cpu_seconds"] for p in per_node)
     return {"devices": devices, "coordinators": coordinators,
             "database": "sqlite" if database is None else "postgresql", "rounds": committed,
             "wall_seconds": wall, "nodes": per_node,
-            "median_round_seconds": statistics.median(r["seconds"] for r in committed[1:] or committed),
+            "median_round_seconds": statistics.median(r["seconds"] for r in committed
+                                                      if r["round"] in measured_rounds(rounds)),
             # Updates stored per second, fleet-wide, from the first to the last of each round.
             "intake_per_second": statistics.median(count / span for count, span in spans) if spans else 0.0,
             "cpu_seconds": {"coordinators": coordinators_cpu, "leader": leader["cpu_seconds"],

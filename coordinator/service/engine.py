@@ -154,8 +154,7 @@ class RoundEngine:
         """This engine no longer leads (its lock is gone): it only takes in updates."""
         self.leading = False
         self.waiting_since = None
-        self.unsent.clear()
-        self.artifacts_due = None
+        self._forget_sending()
 
     # --- global model ----------------------------------------------------------------------
     def _load_global(self) -> dict[str, np.ndarray]:
@@ -450,12 +449,9 @@ class RoundEngine:
             else:
                 self._abort(f"{accepted} accepted updates, quorum {self.round.quorum}")
 
-    def _eligible(self):
-        return self.store.eligible_devices()
-
     def _maybe_open(self, now: float) -> None:
         rounds = self.config.rounds
-        eligible = self._eligible()
+        eligible = self.store.eligible_devices()
         if len(eligible) < rounds.min_devices:
             self.waiting_since = None
             return
@@ -543,6 +539,11 @@ class RoundEngine:
             self.artifacts_due = None
             artifact_bytes = self._send_artifacts(chosen, tasks, number)
             self.store.set_round(number, summary={"artifact_bytes": artifact_bytes})
+
+    def _forget_sending(self) -> None:
+        """No task or artifact is due any more: the round ended, or this engine stopped leading."""
+        self.unsent.clear()
+        self.artifacts_due = None
 
     def resend_unanswered(self) -> None:
         """Re-send the open round's unanswered tasks (same ids; devices never run a task twice):
@@ -646,8 +647,7 @@ class RoundEngine:
         self.store.set_round(number, state=RoundState.COMMITTED, checkpoint=str(path),
                              finished_at=self.clock(), summary=summary)
         self.global_state, self.round = new_state, None
-        self.unsent.clear()  # the deadline passed before they were all sent
-        self.artifacts_due = None
+        self._forget_sending()  # the deadline may have passed before every task was sent
         log.info("round %d committed: %s", number, summary)
         if self.on_commit:
             self.on_commit(summary)
@@ -666,8 +666,7 @@ class RoundEngine:
                              summary=summary)
         log.warning("round %d aborted: %s; a new round will be opened", number, why)
         self.round = None
-        self.unsent.clear()
-        self.artifacts_due = None
+        self._forget_sending()
 
     # --- status ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -15,8 +15,8 @@ window does not bound it: see edge_sdk/protocol/transport.py). Every topic of th
 QoS 1; QoS 0 deliveries are dropped on arrival and counted. Publishing waits for the oldest
 message once 16 MiB are unacknowledged, so a round's tasks to a thousand devices never all sit
 in paho's queue at once; the engine sends tasks only while `can_publish`, between deliveries, so
-that it never waits. ACKs, a few hundred bytes each, are not counted (100,000 of them would be):
-a count window filled with the ACKs of a 5,000-device round while the link was holding back,
+that it never waits. The messages are not counted (`window=None`): ACKs are a few hundred bytes
+each, and a count window filled with the ACKs of a 5,000-device round while the link was holding back,
 and the engine's wait read every update in.
 
 In cluster mode (service.py, [cluster]) the service passes its own subscriptions (updates and
@@ -55,7 +55,7 @@ class CoordinatorLink(MqttTransport):
                          subscriptions=(topics.coordinator_subscriptions() if subscriptions is None
                                         else subscriptions),
                          inbox_limit=inbox_limit, inbox_max_bytes=inbox_max_bytes,
-                         mark_reconnects=True, max_inflight=100, window=100_000,
+                         mark_reconnects=True, max_inflight=100, window=None,
                          window_bytes=16 * 1024 * 1024,
                          logger=log)
         self.topics = topics

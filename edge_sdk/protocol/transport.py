@@ -138,7 +138,7 @@ class MqttTransport:
                  will: tuple[str, bytes] | None = None, inbox_limit: int = 1000,
                  inbox_max_bytes: int = 64 * 1024 * 1024, manual_ack: bool = True,
                  reconnect: bool = True, mark_reconnects: bool = False,
-                 max_inflight: int = 20, window: int = 32, window_bytes: int | None = None,
+                 max_inflight: int = 20, window: int | None = 32, window_bytes: int | None = None,
                  logger: logging.Logger | None = None):
         self.client, self.address = make_client(client_id, url, username, password, tls_ca,
                                                 clean_session, reconnect_on_failure=reconnect)
@@ -336,9 +336,11 @@ class MqttTransport:
         if not granted or any(code.is_failure for code in granted):
             raise TransportError(f"cannot subscribe to {topic} ({granted or result})")
 
-    def _over_window(self) -> bool:  # under _pending_lock
-        return len(self.pending) > self.window or (
-            self.window_bytes is not None and self.pending_bytes > self.window_bytes)
+    def _over_window(self, extra: int = 0) -> bool:  # under _pending_lock
+        """Whether the unacknowledged messages, and `extra` more messages and bytes, are past
+        `window` or `window_bytes` (None: that one is unbounded)."""
+        return (self.window is not None and len(self.pending) + extra > self.window) or (
+            self.window_bytes is not None and self.pending_bytes + extra > self.window_bytes)
 
     def _settle(self) -> None:
         """Forget the oldest pending messages that the broker has acknowledged, or that were
@@ -354,8 +356,7 @@ class MqttTransport:
         waits for that keeps paho's thread reading: see the module's docstring)."""
         self._settle()
         with self._pending_lock:
-            return not self.pending or not (len(self.pending) >= self.window or (
-                self.window_bytes is not None and self.pending_bytes >= self.window_bytes))
+            return not self.pending or not self._over_window(extra=1)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
         """QoS 1; paho queues it while disconnected and sends it on reconnect. Past `window`
