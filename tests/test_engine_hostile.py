@@ -58,7 +58,7 @@ def test_no_message_content_makes_the_engine_raise_and_updates_are_answered(tmp_
             "device_id": "dev-0", "round": 1, "task": header["task"], "code": "nonsense", "message": "x"})),
         (t.status("dev-0"), encode_envelope(MessageType.STATUS, {"device_id": "dev-0", "online": "maybe"})),
         (t.register("dev-0"), honest),                                      # an UPDATE on register
-        (f"fedprune/test/task/dev-0", honest),                              # not a device topic
+        ("fedprune/test/task/dev-0", honest),                              # not a device topic
     ]
     for hostile_topic, message in hostile:
         h.engine.handle(hostile_topic, message)  # returns: nothing escapes

@@ -113,30 +113,6 @@ def test_two_rounds_over_mosquitto_as_a_plain_subscriber_sees_them(tmp_path, bro
     assert sum(seen["task"]) == sum(r["bytes_down"] for r in rounds)
 
 
-def test_a_device_killed_mid_round_is_missing_then_readmitted(tmp_path, broker):
-    fleet = "crash"
-    configs = [_edge_config(tmp_path, broker.url, fleet, i) for i in range(3)]
-    devices = [start_edge_agent(config, tmp_path) for config in configs]
-    service = _service(tmp_path, broker.url, fleet, deadline_seconds=20, min_fraction=0.6)
-    service_thread = _run_in_thread(service.run)
-    try:
-        wait_until(lambda: service.engine.round is not None, 60, "round 1 to open")
-        devices[2].stop(signal.SIGKILL, timeout=10)  # dies with its task: no goodbye, no update
-        wait_until(lambda: service.store.last_committed() is not None, 90,
-                   "round 1 to commit at its deadline")
-        first = service.store.last_committed().summary
-        assert first["accepted"] == 2 and first["missing"] == 1
-        devices[2] = start_edge_agent(configs[2], tmp_path)  # the device comes back with its state on disk
-        service_thread.join(150)
-        assert not service_thread.is_alive(), "round 2 did not commit"
-        second = service.store.last_committed().summary
-        assert second["round"] == 2 and second["accepted"] == 3  # re-admitted
-        assert service.store.update_count(1) == 2  # its late round-1 update, if any, not counted
-    finally:
-        service.stopping.set()
-        stop_processes(devices)
-
-
 def test_one_round_over_the_embedded_amqtt_broker(tmp_path):
     with EmbeddedBroker() as embedded:
         fleet = "embedded"
