@@ -1,7 +1,7 @@
 """A lean edge install: `pip install ".[edge]"` resolves to what a device needs, and a device
 process (`fedprune-edge`, `python -m edge_sdk.cli`) never imports the coordinator.
 
-The resolution test asks pip's own resolver in a fresh venv (a dry run with a report: nothing is
+The resolution test asks pip's own resolver from scratch (a dry run with a report: nothing is
 installed); the process test runs a real edge agent under `-X importtime` through a real round
 with a real coordinator and broker, and reads every module the device imported.
 """
@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -45,23 +44,19 @@ def _forbidden(modules) -> list[str]:
 
 
 def test_edge_extra_resolves_without_the_coordinators_packages(tmp_path):
-    """pip's resolver, from scratch in a fresh venv, on this pyproject.toml (copied, so the build
-    of its metadata writes nothing into the checkout), with the repository's constraints.txt as
-    the README says."""
+    """pip's resolver, from scratch (`--ignore-installed`: what this machine has installed plays
+    no part), on this pyproject.toml (copied, so the build of its metadata writes nothing into
+    the checkout), with the repository's constraints.txt as the README says."""
     project = tmp_path / "project"
     project.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, project / name)
     constraints = ROOT / "constraints.txt"
-    venv = tmp_path / "venv"
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     report = tmp_path / "report.json"
     resolve = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--dry-run", "--ignore-installed",
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
          "--quiet", "--report", str(report), f"{project}[edge]", "-c", str(constraints)],
         capture_output=True, text=True, timeout=300)
-    seconds = time.perf_counter() - started
     assert resolve.returncode == 0, resolve.stderr[-3000:]
     resolved = {_normalise(item["metadata"]["name"]): item["metadata"]["version"]
                 for item in json.loads(report.read_text())["install"]}
@@ -70,7 +65,6 @@ def test_edge_extra_resolves_without_the_coordinators_packages(tmp_path):
     assert not NOT_ON_A_DEVICE & resolved.keys(), sorted(NOT_ON_A_DEVICE & resolved.keys())
     # The runtimes for exported models are opt-in extras (edge-onnx, edge-tflite), not in [edge].
     assert not {"onnxruntime", "ai-edge-litert"} & resolved.keys()
-    assert seconds < 60, f"creating the venv and resolving [edge] took {seconds:.0f} s"
 
 
 def test_console_scripts_split_the_device_from_the_coordinator():
