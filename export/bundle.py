@@ -76,15 +76,17 @@ def export_bundle(model: SpecModel, out_dir: str | Path, *, model_name: str, inf
     for chosen in exporters:
         fmt = chosen.name
         example = torch.from_numpy(verify_x[:chosen.batch or 1])
+        fp32 = chosen.convert(model, example, metadata)  # traced once for every precision
         for precision in precisions:
-            data = chosen.convert(model, example, precision, metadata)
+            data = chosen.artifact(fp32, precision)
             backend = open_backend(fmt, data, threads)
             got = backend.run(verify_x)
             result = compare(got, want, TOLERANCES[precision])
             if not result.ok:
                 layer = localize(model.layers, [f"layers.{i}" for i in range(len(model.layers))],
                                  verify_x[:64], lambda m, x: open_backend(
-                                     fmt, chosen.convert(m, example, precision, None), threads).run(x),
+                                     fmt, chosen.artifact(chosen.convert(m, example, None), precision),
+                                     threads).run(x),
                                  TOLERANCES[precision])
                 where = f"; first layer that departs from torch: {layer}" if layer else ""
                 raise ExportError(f"{fmt}/{precision} export of {device_id} disagrees with torch "

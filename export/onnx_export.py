@@ -23,13 +23,44 @@ if TYPE_CHECKING:
 OPSET = 18
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def onnx_precision(model: bytes, precision: str) -> bytes:
+    """The fp32 ONNX model `model` at fp16 or int8."""
+    import onnx
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return convert_float_to_float16(onnx.load_from_string(model),
+                                            keep_io_types=True).SerializeToString()
+    if precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        # It logs a generic "consider pre-processing" warning on the root logger every call.
+        with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
+            source, target = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
+            source.write_bytes(model)
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+            quantized = onnx.load(target)
+        # quantize_dynamic keeps metadata_props only on some versions; carry them over.
+        original = onnx.load_from_string(model)
+        if not quantized.metadata_props:
+            quantized.metadata_props.extend(original.metadata_props)
+        return quantized.SerializeToString()
+    raise ExportError(f"unknown precision {precision!r}; use fp32, fp16 or int8")
+
+
 @register_exporter("onnx", precisions=("fp32", "fp16", "int8"), opset=OPSET,
-                   packages=("onnx", "onnxruntime"))
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, precision: str,
-                metadata: dict[str, str] | None = None) -> bytes:
-    return onnx_precision(to_onnx(model, example, metadata), precision)
-
-
+                   packages=("onnx", "onnxruntime"), variant=onnx_precision)
 def to_onnx(model: torch.nn.Module, example: torch.Tensor,
             metadata: dict[str, str] | None = None) -> bytes:
     """Serialized ONNX model with `metadata` as metadata_props; input `input`, output `logits`."""
@@ -52,40 +83,3 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor,
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     return proto.SerializeToString()
-
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def onnx_precision(model: bytes, precision: str) -> bytes:
-    if precision == "fp32":
-        return model
-    import onnx
-    if precision == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return convert_float_to_float16(onnx.load_from_string(model),
-                                            keep_io_types=True).SerializeToString()
-    if precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        # It logs a generic "consider pre-processing" warning on the root logger every call.
-        with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
-            source, target = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
-            source.write_bytes(model)
-            quantize_dynamic(source, target, weight_type=QuantType.QInt8)
-            quantized = onnx.load(target)
-        # quantize_dynamic keeps metadata_props only on some versions; carry them over.
-        original = onnx.load_from_string(model)
-        if not quantized.metadata_props:
-            quantized.metadata_props.extend(original.metadata_props)
-        return quantized.SerializeToString()
-    raise ExportError(f"unknown precision {precision!r}; use fp32, fp16 or int8")

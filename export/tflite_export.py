@@ -22,13 +22,6 @@ if TYPE_CHECKING:
 TFLITE_BATCH = 1
 
 
-@register_exporter("tflite", precisions=("fp32", "fp16", "int8"), batch=TFLITE_BATCH,
-                   packages=("litert-torch", "ai-edge-quantizer", "ai-edge-litert"))
-def export_tflite(model: torch.nn.Module, example: torch.Tensor, precision: str,
-                  metadata: dict[str, str] | None = None) -> bytes:
-    return tflite_precision(to_tflite(model, example), precision)
-
-
 def _require(module: str, package: str):
     # litert-torch prints a progress tree and the converter logs every pass; a CLI wants neither.
     # Set before the toolchain's first import, which reads them.
@@ -41,21 +34,8 @@ def _require(module: str, package: str):
         raise ExportError(f"TFLite export needs {package}: pip install 'fedprune[tflite]'") from exc
 
 
-def to_tflite(model: torch.nn.Module, example: torch.Tensor) -> bytes:
-    litert_torch = _require("litert_torch", "litert-torch")
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            converted = litert_torch.convert(model.eval(), (example[:TFLITE_BATCH],))
-            return bytes(converted.model_content())
-    except Exception as exc:
-        raise ExportError(f"litert-torch could not convert {type(model).__name__}: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-
-
 def tflite_precision(model: bytes, precision: str) -> bytes:
-    if precision == "fp32":
-        return model
+    """The fp32 TFLite flatbuffer `model` at fp16 or int8."""
     if precision not in ("fp16", "int8"):
         raise ExportError(f"unknown precision {precision!r}; use fp32, fp16 or int8")
     quantizer = _require("ai_edge_quantizer.quantizer", "ai-edge-quantizer")
@@ -71,3 +51,20 @@ def tflite_precision(model: bytes, precision: str) -> bytes:
                                  num_bits=16, algorithm_key=AlgorithmName.FLOAT_CASTING)
     with contextlib.redirect_stdout(io.StringIO()):
         return bytes(q.quantize().quantized_model)
+
+
+@register_exporter("tflite", precisions=("fp32", "fp16", "int8"), batch=TFLITE_BATCH,
+                   packages=("litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
+                   variant=tflite_precision)
+def to_tflite(model: torch.nn.Module, example: torch.Tensor,
+              metadata: dict[str, str] | None = None) -> bytes:
+    """The fp32 TFLite flatbuffer (`metadata` is not embedded: the manifest carries it)."""
+    litert_torch = _require("litert_torch", "litert-torch")
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            converted = litert_torch.convert(model.eval(), (example[:TFLITE_BATCH],))
+            return bytes(converted.model_content())
+    except Exception as exc:
+        raise ExportError(f"litert-torch could not convert {type(model).__name__}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc

@@ -45,17 +45,23 @@ def npz_format():
                 x = np.maximum(x, 0) if act else x
             return x
 
-    @register_exporter("npz", precisions=("fp32", "fp16"), packages=("numpy",))
-    def export_npz(model: torch.nn.Module, example: torch.Tensor, precision: str,
+    def npz_fp16(fp32: bytes, precision: str) -> bytes:
+        with np.load(io.BytesIO(fp32)) as arrays:
+            halved = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in arrays.items()}
+        buffer = io.BytesIO()
+        np.savez(buffer, **halved)
+        return buffer.getvalue()
+
+    @register_exporter("npz", precisions=("fp32", "fp16"), packages=("numpy",), variant=npz_fp16)
+    def export_npz(model: torch.nn.Module, example: torch.Tensor,
                    metadata: dict[str, str] | None = None) -> bytes:
         layers = list(getattr(model, "layers", model))
         if not all(isinstance(layer, DenseLayer) for layer in layers):
             raise ExportError("npz holds fully connected networks only")
-        dtype = np.float16 if precision == "fp16" else np.float32
         arrays = {"count": np.array(len(layers))}
         for i, layer in enumerate(layers):
-            arrays[f"w{i}"] = layer.linear.weight.detach().numpy().astype(dtype)
-            arrays[f"b{i}"] = layer.linear.bias.detach().numpy().astype(dtype)
+            arrays[f"w{i}"] = layer.linear.weight.detach().numpy()
+            arrays[f"b{i}"] = layer.linear.bias.detach().numpy()
             arrays[f"act{i}"] = np.array(layer.act)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
@@ -112,6 +118,10 @@ def test_a_format_refuses_precisions_it_does_not_have_and_exporters_need_a_runti
         register_exporter("caffe")(lambda *args: b"")
     with pytest.raises(ValueError, match="'npz' is already registered"):
         register_exporter("npz")(lambda *args: b"")
+    with pytest.raises(ValueError, match="precisions other than fp32 need a variant function"):
+        register_exporter("npz", precisions=("fp32", "int8"))(lambda *args: b"")
+    with pytest.raises(ValueError, match="must be fp32 and any of fp16, int8"):
+        register_exporter("npz", precisions=("int8",))(lambda *args: b"")
     with pytest.raises(ValueError, match="must match"):
         register_runtime("../x")
     with pytest.raises(ValueError, match="unknown artifact format 'caffe'; registered formats: "
