@@ -263,7 +263,7 @@ def test_coordinator_sigkill_mid_round_resumes(tmp_path, broker, database, fault
 
 def test_a_third_of_the_devices_vanish_mid_round(tmp_path, broker, database, fault_matrix):
     devices = [_device(tmp_path, broker.url, "gone", i, 3) for i in range(3)]
-    coordinator = _coordinator(tmp_path, broker.url, "gone", database, 3, deadline_seconds=12,
+    coordinator = _coordinator(tmp_path, broker.url, "gone", database, 3, deadline_seconds=6,
                                min_fraction=0.6)
     try:
         wait_until(lambda: database.current_round() is not None, 90, "round 1 to open",
@@ -279,7 +279,7 @@ def test_a_third_of_the_devices_vanish_mid_round(tmp_path, broker, database, fau
         assert first["accepted"] == 2 and first["missing"] == 1 and second["accepted"] == 3
         _assert_nothing_lost_or_doubled(measured, counted=5)
         fault_matrix("1 of 3 selected devices SIGKILLed as round 1 opened, restarted after round 1 "
-                     "committed (2 rounds, 12 s deadline, quorum 2, SQLite)",
+                     "committed (2 rounds, 6 s deadline, quorum 2, SQLite)",
                      "round 1 committed at its deadline with 2 of 3; the device rejoined for round 2",
                      measured)
     finally:
