@@ -223,12 +223,12 @@ def test_broker_restart_mid_round(tmp_path, broker, database, fault_matrix):
     try:
         wait_until(lambda: database.current_round() is not None, 90, "round 1 to open",
                    [coordinator, *devices])
-        broker.restart(down_seconds=3)  # every connection drops; sessions survive on disk
+        broker.restart(down_seconds=1.5)  # every connection drops; sessions survive on disk
         _finish(coordinator, devices)
         measured = measure(database, tmp_path)
         assert _committed(database) == 2
         _assert_nothing_lost_or_doubled(measured, counted=6)
-        fault_matrix("broker stopped for 3 s and restarted while round 1 was collecting "
+        fault_matrix("broker stopped for 1.5 s and restarted while round 1 was collecting "
                      "(3 devices, 2 rounds, SQLite)",
                      "devices and coordinator reconnected; both rounds committed", measured)
     finally:
