@@ -187,12 +187,14 @@ class Leadership:
             return None
         return name.split(":", 1)[1] if ":" in name else name
 
-    def _drop_connection(self) -> None:
+    def _drop_connection(self, broken: bool = True) -> None:
+        """Stop beating and close the lock connection; a `broken` one is not returned for reuse."""
         self._stop_beating.set()
         with self._connection_lock:
             if self.connection is not None:
                 try:
-                    self.connection.invalidate()
+                    if broken:
+                        self.connection.invalidate()
                     self.connection.close()
                 except SQLAlchemyError:
                     pass
@@ -200,12 +202,6 @@ class Leadership:
 
     def close(self) -> None:
         """Give the lock up (closing the session releases it) and close the connection."""
-        self._stop_beating.set()
-        with self._connection_lock:
-            if self.connection is not None:
-                try:
-                    self.connection.close()
-                except SQLAlchemyError:
-                    pass
-            self.connection, self.leading, self.since = None, False, None
+        self._drop_connection(broken=False)
+        self.leading, self.since = False, None
         self.engine.dispose()

@@ -24,6 +24,7 @@ summary, instead of failing again on every restart.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -557,13 +558,21 @@ class RoundEngine:
                             if task.state == TaskState.SENT and device_id in devices)
         self._send_tasks()
 
+    @functools.cached_property
+    def _verify_inputs(self) -> np.ndarray:
+        """The real inputs every export is verified on, taken once: a coordinator that does not
+        evaluate reads the dataset's files here, on its first export, not every round."""
+        if self.test_x is not None:
+            return self.test_x[:self.config.export.verify_samples].numpy()
+        return to_tensor(load_dataset(self.config.dataset, self.config.data_dir).test_x[:64],
+                         self.info).numpy()
+
     def _send_artifacts(self, chosen, tasks: list[TaskRow], number: int) -> int:
         """The model each device starts the round from, exported for its width and runtime; its
         header names the device's task, which a refusal of the artifact names in turn."""
         from export import ExportError, export_bundle
 
-        x = self.test_x[:self.config.export.verify_samples].numpy() if self.test_x is not None else \
-            to_tensor(load_dataset(self.config.dataset, self.config.data_dir).test_x[:64], self.info).numpy()
+        x = self._verify_inputs
         bundles, sent = {}, 0
         for device, task in zip(chosen, tasks):
             formats = [f for f in self.config.export.formats if f in device.formats]
