@@ -54,6 +54,7 @@ class TaskHeader(_TaskKey):
     planned_rounds: int = Field(ge=1)
     deadline: float      # coordinator's unix time; it alone judges lateness (device clocks drift)
     width_ratio: float = Field(1.0, gt=0, le=1)
+    leader_epoch: int = Field(0, ge=0)         # the sending leader's fencing epoch (cluster mode)
 
     @field_validator("dp")
     @classmethod
@@ -86,6 +87,9 @@ class RefusalCode(str, enum.Enum):
     INTERNAL = "internal"                      # the device failed while training
     BAD_ARTIFACT = "bad_artifact"              # the exported model was refused (not stored); the
                                                # task it came with is unaffected
+    STALE = "stale"                            # the task or artifact comes from an older leader
+                                               # epoch, or an older round, than one the device has
+                                               # already seen (a deposed leader or a replay)
 
 
 class RefusalHeader(_TaskKey):
@@ -103,6 +107,7 @@ class ArtifactHeader(_Header):
     task: TaskId                               # the task it starts: a refusal names it
     manifest: dict[str, Any]                   # the bundle's manifest.json
     artifact: str                              # which entry of the manifest the payload is (path)
+    leader_epoch: int = Field(0, ge=0)         # the sending leader's fencing epoch (cluster mode)
 
 
 _SCHEMAS: dict[MessageType, type[_Header]] = {
