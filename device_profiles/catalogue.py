@@ -2,11 +2,13 @@
 
 Where the numbers come from, per field:
 
-- Memory total: Raspberry Pi boards from the revision-code table in the shared data
+- Memory total: Raspberry Pi boards from the revision-code table
   (`device-profiles/raspberry_pi_revision_codes.csv`, from Raspberry Pi Ltd's
   documentation, CC BY-SA 4.0), phones from the AI Benchmark phone list
   (`device-profiles/ai_benchmark_phones_flash.csv`). Both are read from the files,
-  never copied into code, and pinned by sha256 like every other data file. The
+  never copied into code, and pinned by sha256 like every other data file; the
+  package ships copies of the shared data's tables (`data/`, provenance in
+  `data/SOURCES.md`), so an installed device needs nothing beside it. The
   Jetson Nano and the 512 MB gateway have no public machine-readable table, so
   their RAM is a hard-coded vendor/class figure and their source says so.
 - Memory available for training: total minus an OS/runtime reserve per class. The
@@ -30,12 +32,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
-import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from importlib import resources
 from pathlib import Path
 
 from .profile import ComputeProfile, DeviceProfile, NetworkProfile
@@ -52,8 +55,8 @@ __all__ = [
     "CatalogueError",
     "catalogue_names",
     "catalogue_profile",
-    "data_file",
     "flash_network_traces",
+    "table_bytes",
 ]
 
 REFERENCE_MODEL = "fedp3_cnn"
@@ -73,8 +76,8 @@ _PI_REVISIONS = "device-profiles/raspberry_pi_revision_codes.csv"
 _PHONES = "device-profiles/ai_benchmark_phones_flash.csv"
 _FLASH_SPEEDS = "device-traces/flash_network_speed_distribution.csv"
 
-# Same pins as shared/data/SOURCES.md: a substituted table would silently change
-# every plan built from the catalogue.
+# Same pins as shared/data/SOURCES.md and data/SOURCES.md: a substituted table would
+# silently change every plan built from the catalogue.
 _SHA256 = {
     _PI_REVISIONS: "b4ae16e0d50859c120ce66996a1f946de899b3887b2c18f5c7315e0dd03e4a21",
     _PHONES: "345c7f395c9c8f2ad5d81c4e2a4739e087d628aa8f1cc74e76943d49d121c849",
@@ -88,55 +91,41 @@ class CatalogueError(ValueError):
     """An unknown catalogue name, or a catalogue data file that is missing or corrupt."""
 
 
-def _default_data_dir() -> Path:
-    """Same order as edge_sdk's resolver, without importing it (edge_sdk depends on us).
+# The tables ship inside this package (see data/SOURCES.md): a device installed from the wheel
+# builds its catalogue profile with no copy of the shared data beside it.
+_PACKAGED = resources.files(__package__).joinpath("data")
 
-    No download fallback: the tables are conversions made for this project and have
-    no upstream URL with these exact bytes.
+
+def table_bytes(rel_path: str, data_dir: str | Path | None = None) -> bytes:
+    """The bytes of a pinned device table, checked against its sha256.
+
+    Read from the copy shipped in this package, or from `data_dir` when given (a folder laid
+    out like shared/data). Nothing falls back to another copy: a table that is missing or
+    differs is a CatalogueError, since a substitute would silently change every plan.
     """
-    env = os.environ.get("FEDPRUNE_DATA", "").strip()
-    if env:
-        return Path(env).expanduser().resolve()
-    beside_repo = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    for candidate in (Path.cwd().parent / "shared" / "data", beside_repo):
-        if candidate.is_dir():
-            return candidate.resolve()
-    raise CatalogueError(
-        "cannot find the shared data directory holding the device tables: set FEDPRUNE_DATA "
-        "or pass data_dir to a directory containing device-profiles/ and device-traces/."
-    )
-
-
-def data_file(rel_path: str, data_dir: str | Path | None = None) -> Path:
-    """Path of a pinned device-data file, checked against its sha256."""
-    base = Path(data_dir).expanduser().resolve() if data_dir else _default_data_dir()
-    return _verified(base / rel_path, _SHA256[rel_path])
+    return _verified(rel_path, Path(data_dir).expanduser().resolve() if data_dir else None)
 
 
 @lru_cache(maxsize=None)
-def _verified(path: Path, sha256: str) -> Path:
-    if not path.is_file():
-        raise CatalogueError(
-            f"missing device data file {path}: copy it from shared/data (see SOURCES.md), "
-            f"or set FEDPRUNE_DATA / data_dir to a directory that holds it."
-        )
-    actual = hashlib.sha256(path.read_bytes()).hexdigest()
-    if actual != sha256:
-        raise CatalogueError(
-            f"checksum mismatch for {path}: expected sha256 {sha256}, got {actual}. "
-            f"Replace it with the file described in shared/data/SOURCES.md."
-        )
-    return path
+def _verified(rel_path: str, data_dir: Path | None) -> bytes:
+    where = (data_dir or _PACKAGED).joinpath(rel_path)
+    fix = (f"copy it from shared/data (see device_profiles/data/SOURCES.md) into {data_dir}"
+           if data_dir else "reinstall fedprune: this installation lacks the package data it ships with")
+    try:
+        data = where.read_bytes()
+    except OSError as exc:
+        raise CatalogueError(f"cannot read the device table {where} ({exc.strerror or exc}): {fix}.") from None
+    actual, expected = hashlib.sha256(data).hexdigest(), _SHA256[rel_path]
+    if actual != expected:
+        raise CatalogueError(f"checksum mismatch for the device table {where}: expected sha256 "
+                             f"{expected}, got {actual}; {fix}.")
+    return data
 
 
 @lru_cache(maxsize=None)
-def _read_csv(path: Path) -> tuple[dict[str, str], ...]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return tuple(csv.DictReader(fh))
-
-
 def _rows(rel_path: str, data_dir: str | Path | None) -> tuple[dict[str, str], ...]:
-    return _read_csv(data_file(rel_path, data_dir))
+    text = table_bytes(rel_path, data_dir).decode("utf-8")
+    return tuple(csv.DictReader(io.StringIO(text, newline="")))
 
 
 def flash_network_traces(data_dir: str | Path | None = None) -> list[dict[str, float | str]]:
@@ -365,9 +354,8 @@ _PI_CLASSES = {
     "rpi5-8gb": _PiClass("5", "8 GB", 1 / 3, "1/3", _WIFI_AC),
 }
 
-# Each entry builds on call, not at import: edge_sdk imports this package on devices
-# that hold no copy of the shared tables, and importing must not fail there. The
-# tables themselves are read once and cached.
+# Each entry builds on call, not at import: importing the package reads no table (edge_sdk
+# imports it on every device). The tables themselves are read once and cached.
 CATALOGUE: dict[str, Callable[..., DeviceProfile]] = {
     **{name: partial(_pi, spec, name) for name, spec in _PI_CLASSES.items()},
     "jetson-nano-4gb": partial(_fixed, _JETSON_NANO, "jetson-nano-4gb"),
@@ -382,7 +370,8 @@ def catalogue_names() -> list[str]:
 
 
 def catalogue_profile(name: str, data_dir: str | Path | None = None) -> DeviceProfile:
-    """Build the named class's profile from the data files under `data_dir` (default: shared data)."""
+    """Build the named class's profile from the tables shipped in this package (or under
+    `data_dir`, laid out like shared/data)."""
     try:
         build = CATALOGUE[name]
     except KeyError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -21,9 +22,10 @@ from device_profiles import (
     parse_profile,
     sample_fleet,
 )
-from device_profiles.catalogue import data_file
+from device_profiles.catalogue import table_bytes
 
 MIB = 1 << 20
+TRACES = "device-traces/flash_network_speed_distribution.csv"
 
 
 def _measured() -> dict:
@@ -137,8 +139,9 @@ def test_catalogue_profiles_validate_and_cite_sources(name):
 
 
 def _pi_ram_mib(board: str, ram: str) -> set[int]:
-    with open(data_file("device-profiles/raspberry_pi_revision_codes.csv"), newline="") as fh:
-        return {int(r["ram_mb"]) for r in csv.DictReader(fh) if r["model"] == board and r["ram"] == ram}
+    text = table_bytes("device-profiles/raspberry_pi_revision_codes.csv").decode()
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    return {int(r["ram_mb"]) for r in rows if r["model"] == board and r["ram"] == ram}
 
 
 @pytest.mark.parametrize(
@@ -158,6 +161,32 @@ def test_phones_are_ordered_by_compute():
     low, mid, high = (catalogue_profile(n).compute for n in ("phone-low", "phone-mid", "phone-high"))
     assert low.samples_per_s < mid.samples_per_s < high.samples_per_s
     assert low.dp_samples_per_s < mid.dp_samples_per_s < high.dp_samples_per_s
+
+
+def test_the_catalogue_reads_the_tables_shipped_in_the_package(tmp_path, monkeypatch):
+    """No shared data beside the working directory, and FEDPRUNE_DATA (the datasets' folder)
+    pointing at an empty one: the catalogue still builds, from its own package data."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("FEDPRUNE_DATA", str(tmp_path))
+    assert catalogue_profile("rpi3b").memory_total_bytes == 1024 * MIB
+    assert catalogue_profile("phone-mid", data_dir=None).network.source == "trace"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.unlink(), "cannot read the device table"),
+    (lambda path: path.write_bytes(path.read_bytes() + b"4B,9,1 GB"), "checksum mismatch"),
+])
+def test_a_missing_or_changed_table_is_an_error_never_a_default(tmp_path, damage, message):
+    rel = TRACES
+    for table in ("device-profiles/ai_benchmark_phones_flash.csv", rel):
+        (tmp_path / table).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / table).write_bytes(table_bytes(table))
+    damage(tmp_path / rel)
+    with pytest.raises(CatalogueError, match=message) as err:
+        catalogue_profile("phone-low", data_dir=tmp_path)
+    assert str(tmp_path / rel) in str(err.value)
 
 
 def test_unknown_catalogue_name_lists_the_names():
