@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+import tempfile
 from collections.abc import Callable
 from typing import Annotated, Protocol
 
 import numpy as np
 from pydantic import AfterValidator
+
+from .bundle_files import ManifestError
 
 # Format names become file suffixes and config values: short, lower-case, nothing a path reads.
 FORMAT_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
@@ -29,6 +32,13 @@ FORMAT_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
 
 class BackendUnavailable(ImportError):
     """No runtime for this format is installed; the message says which package to install."""
+
+
+# The first onnxruntime that refuses absolute and escaping external data paths of a model
+# loaded from bytes (microsoft/onnxruntime#26776, #27430: 1.24.3's "validation of external model
+# data paths when loading models from memory").
+MIN_ONNXRUNTIME = (1, 24, 3)
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
 class Backend(Protocol):
@@ -81,6 +91,16 @@ def open_backend(fmt: str, model: bytes, threads: int | None = None) -> Backend:
     return _RUNTIMES[check_runtime_format(fmt)](model, threads)
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(1, 24, 3) from "1.24.3" or "1.24.3.dev20260301"."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else type(exc).__name__
+
+
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -97,11 +117,25 @@ class OnnxBackend:
             import onnxruntime as ort
         except ImportError as exc:
             raise BackendUnavailable("ONNX artifacts need onnxruntime: pip install onnxruntime") from exc
+        if _release(ort.__version__) < MIN_ONNXRUNTIME:
+            raise BackendUnavailable(
+                f"onnxruntime {ort.__version__} resolves a model's external data paths without "
+                f"confining them; pip install 'onnxruntime>={'.'.join(map(str, MIN_ONNXRUNTIME))}'")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        # A model loaded from bytes resolves external data against the working directory. An
+        # artifact is one self-contained file (the manifest's sha256 covers nothing else), so
+        # its external data is resolved in a fresh empty folder: any reference is refused.
+        with tempfile.TemporaryDirectory(prefix="fedprune-onnx-") as empty:
+            options.add_session_config_entry(EXTERNAL_DATA_FOLDER, empty)
+            try:
+                self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own types; name the cause
+                raise ManifestError(f"onnxruntime cannot load this artifact ({_first_line(exc)}); an "
+                                    "artifact is one self-contained file, external data is "
+                                    "refused: re-export the bundle") from None
         self.input_name = self.session.get_inputs()[0].name
         self.version = ort.__version__
 

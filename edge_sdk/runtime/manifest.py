@@ -20,6 +20,7 @@ from device_profiles.files import atomic_write
 
 from ..validation import describe, load_json
 from .backends import RuntimeFormatName
+from .bundle_files import ManifestError, read_bundle_file
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_LIMIT = 1024 * 1024  # bytes; a real manifest is a few kB
@@ -32,10 +33,6 @@ def artifact_file_name(fmt: Format, precision: Precision) -> str:
     """The one name an artifact file has in a bundle, built from validated fields only: a
     device stores what it receives under this name, never under a name from the message."""
     return f"model-{precision}.{fmt}"
-
-
-class ManifestError(ValueError):
-    """A bundle that cannot be used as is; the message names the file and what to do."""
 
 
 class Parity(BaseModel):
@@ -110,14 +107,10 @@ def load_manifest(path: str | Path) -> BundleManifest:
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
-    try:
-        with path.open("rb") as file:
-            raw = file.read(MANIFEST_LIMIT + 1)
-    except FileNotFoundError:
+    if not path.exists():
         raise ManifestError(f"{path} does not exist; point at a bundle written by "
-                            "`fedprune export --out DIR`") from None
-    except OSError as exc:
-        raise ManifestError(f"{path} cannot be read ({exc.strerror or exc})") from None
+                            "`fedprune export --out DIR`")
+    raw = read_bundle_file(path.parent, path.name, limit=MANIFEST_LIMIT)
     try:
         data = load_json(raw, str(path), ManifestError, MANIFEST_LIMIT)
     except ManifestError as exc:

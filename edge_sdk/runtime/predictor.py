@@ -3,18 +3,21 @@
 The predictor applies the manifest's input contract itself (divide by `input_scale`, then
 standardise per channel), so callers hand it raw pixels exactly as a sensor or file gives them.
 The artifact's sha256 is checked before it is loaded: a corrupted or swapped file is refused.
+Every file is read through `bundle_files`: confined to the bundle folder, regular, and of the
+size the manifest declares.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
-import zstandard
 
 from .backends import Backend, open_backend
-from .manifest import MANIFEST_NAME, BundleManifest, ManifestError, load_manifest
+from .bundle_files import ManifestError, bundle_path, read_bundle_file, unpack
+from .manifest import MANIFEST_NAME, ArtifactEntry, BundleManifest, load_manifest
 
 # A model file is tens of MB at most; refuse a compressed artifact that claims more.
 MAX_ARTIFACT_BYTES = 1 << 30
@@ -38,20 +41,24 @@ def normalise(raw: np.ndarray, input_shape, input_scale: float, mean, std) -> np
     return np.ascontiguousarray((arr / np.float32(input_scale) - mean) / std, dtype=np.float32)
 
 
-def read_artifact(bundle_dir: Path, path: str, compressed_path: str, sha256: str) -> bytes:
-    """The plain file if it is there, else the shipped .zst; either way it must match sha256."""
-    plain, packed = bundle_dir / path, bundle_dir / compressed_path
-    if plain.exists():
-        data = plain.read_bytes()
-    elif packed.exists():
-        data = zstandard.ZstdDecompressor().decompress(packed.read_bytes(),
-                                                       max_output_size=MAX_ARTIFACT_BYTES)
+def read_artifact(bundle_dir: Path, entry: ArtifactEntry) -> bytes:
+    """The plain file if it is there, else the shipped .zst; either way confined to the bundle
+    folder, of the sizes the manifest declares, and matching its sha256."""
+    if entry.bytes > MAX_ARTIFACT_BYTES:
+        raise ManifestError(f"the manifest says {entry.path[:200]!r} is {entry.bytes:,} bytes; the "
+                            f"limit is {MAX_ARTIFACT_BYTES:,}")
+    plain, packed = (bundle_path(bundle_dir, name) for name in (entry.path, entry.compressed_path))
+    if os.path.lexists(plain):
+        data = read_bundle_file(bundle_dir, entry.path, size=entry.bytes)
+    elif os.path.lexists(packed):
+        data = unpack(read_bundle_file(bundle_dir, entry.compressed_path, size=entry.compressed_bytes),
+                      entry.bytes, str(packed))
     else:
         raise ManifestError(f"neither {plain} nor {packed} exists; the bundle is incomplete")
     digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
+    if digest != entry.sha256:
         raise ManifestError(f"{plain.name} has sha256 {digest[:12]}..., the manifest says "
-                            f"{sha256[:12]}...; the file is corrupt or replaced, re-export it")
+                            f"{entry.sha256[:12]}...; the file is corrupt or replaced, re-export it")
     return data
 
 
@@ -68,7 +75,7 @@ class Predictor:
         bundle_dir = bundle if bundle.is_dir() else bundle.parent
         manifest = load_manifest(bundle_dir / MANIFEST_NAME if bundle.is_dir() else bundle)
         entry = manifest.artifact(fmt, precision)
-        data = read_artifact(bundle_dir, entry.path, entry.compressed_path, entry.sha256)
+        data = read_artifact(bundle_dir, entry)
         return cls(manifest, open_backend(entry.format, data, threads), entry.format, entry.precision)
 
     def prepare(self, raw: np.ndarray) -> np.ndarray:
