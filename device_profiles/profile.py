@@ -42,7 +42,9 @@ _FIX_HINT = (
 # NaN/inf would pass "> 0" checks (inf) or poison every sum downstream (NaN).
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
-_NonEmptyStr = Annotated[str, Field(min_length=1)]
+# No control characters (C0, DEL, C1): these strings are printed (`fedprune devices` shows the
+# name), and an ESC would start a terminal escape sequence.
+_NonEmptyStr = Annotated[str, Field(min_length=1, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
 
 
 class ProfileError(ValueError):

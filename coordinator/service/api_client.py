@@ -1,5 +1,9 @@
 """`fedprune status` and `fedprune devices`: read the coordinator's HTTP API (http_api.py) with
-httpx and print its answers as tables (tabulate)."""
+httpx and print its answers as tables (tabulate).
+
+Every string the API answers came from somewhere else first (a device's profile name, a refusal
+reason, a fleet name), so none reaches the terminal as is: `printable` writes out each control
+character (an ESC would start a terminal escape sequence) instead of printing it."""
 
 from __future__ import annotations
 
@@ -11,6 +15,21 @@ import httpx
 from tabulate import tabulate
 
 from .config import HTTP_TOKEN_VARIABLE
+
+
+def printable(value: Any) -> Any:
+    """A string with every character a terminal would act on rather than show (controls, ESC,
+    line and paragraph separators, bidi overrides) written as its Python escape (`\\x1b`);
+    any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in value)
+
+
+def _table(rows: list[list[Any]], headers: list[str]) -> str:
+    return tabulate([[printable(cell) for cell in row] for row in rows], headers=headers,
+                    missingval="-", floatfmt=".4g")
 
 
 class ApiError(ValueError):
@@ -31,7 +50,7 @@ def fetch(url: str, path: str, token: str | None = None, timeout: float = 10.0) 
         raise ApiError(f"{target} answered 401: the coordinator requires its http_token; pass "
                        f"--token or set {HTTP_TOKEN_VARIABLE}")
     if reply.status_code != 200:
-        raise ApiError(f"{target} answered {reply.status_code}: {reply.text[:200]}")
+        raise ApiError(f"{target} answered {reply.status_code}: {printable(reply.text[:200])}")
     try:
         return reply.json()
     except ValueError:
@@ -73,12 +92,11 @@ def status_text(status: dict, rounds: list[dict]) -> str:
              r["personalized_accuracy"], r["epsilon_max"],
              None if r["duration_seconds"] is None else f"{r['duration_seconds']:.1f}"]
             for r in rounds]
-    table = tabulate(rows, headers=["round", "state", "selected", "accepted", "straggled",
-                                    "refused", "rejected", "missing", "refused by reason",
-                                    "MB up", "MB down", "global acc", "personal acc", "ε max",
-                                    "seconds"],
-                     missingval="-", floatfmt=".4g")
-    return "\n".join(lines) + "\n\n" + (table if rounds else "no rounds yet")
+    table = _table(rows, headers=["round", "state", "selected", "accepted", "straggled",
+                                  "refused", "rejected", "missing", "refused by reason",
+                                  "MB up", "MB down", "global acc", "personal acc", "ε max",
+                                  "seconds"])
+    return "\n".join(map(printable, lines)) + "\n\n" + (table if rounds else "no rounds yet")
 
 
 def devices_text(devices: list[dict]) -> str:
@@ -95,8 +113,7 @@ def devices_text(devices: list[dict]) -> str:
                      f"{plan['upload_dtype']}/{plan['upload_keep']:g}",
                      _megabytes(d["download_bytes_per_second"]), _megabytes(d["upload_bytes_per_second"]),
                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d["last_seen"]))])
-    table = tabulate(rows, headers=["device", "class", "state", "width", "rounds", "ε spent",
-                                    "ε budget", "peak MB", "limit MB", "download", "upload",
-                                    "down MB/s", "up MB/s", "last seen"],
-                     missingval="-", floatfmt=".4g")
+    table = _table(rows, headers=["device", "class", "state", "width", "rounds", "ε spent",
+                                  "ε budget", "peak MB", "limit MB", "download", "upload",
+                                  "down MB/s", "up MB/s", "last seen"])
     return table if devices else "no devices registered"
