@@ -118,7 +118,8 @@ RECIPES: dict[str, Recipe] = {
     "max_client_samples=600 --rounds 1 --local-epochs 1 --json-out runs/fleet.json": Recipe(
         {"set:max_client_samples": "48"}),
     "fedprune simulate --strategy fedp3 --clients 10 --rounds 3 --export-dir runs/export": Recipe(
-        SMALL, FEW_SAMPLES),
+        {"--clients": "2", "--rounds": "1"}, (*FEW_SAMPLES, "--set", "export_formats=['onnx']"),
+        expect=(r"exported",)),
     "fedprune export --checkpoint runs/export/global/checkpoint.pt --plan plan.json --format all "
     "--quantize int8 --out runs/pi-12": Recipe(expect=(r"tflite", r"onnx")),
     "fedprune export --checkpoint runs/export/global/checkpoint.pt --device jetson-nano-4gb --out "
