@@ -17,9 +17,15 @@ records as the session's `state_change`; a follower that finds the holder's last
 than `dead_leader_seconds` ends that session with `pg_terminate_backend` (allowed between
 sessions of one database role) and takes the lock. A thread of its own, so a leader busy with a
 long commit still beats. A deposed leader that wakes finds its connection closed at its next
-check and steps down; until then the round's state table and primary keys refuse what it
-repeats (a second open or commit). Its store's sessions (`fedprune:<node>`, `member_url`) are
-ended with it, so no row lock it held blocks the new leader.
+check and steps down. Its store's sessions (`fedprune:<node>`, `member_url`) are ended with it, so
+no row lock it held blocks the new leader.
+
+Fencing: taking the lock raises the leader epoch in the database (`store.raise_epoch`, on the lock's
+session), and the leader's `epoch` is the value it got. `poll` checks, on the lock connection,
+that the database still holds that epoch (a closed connection fails the query: the lock is gone);
+the service asks it before every retry of a leader's step, and the store refuses any write of a
+leader whose epoch moved (`store.Deposed`), so a leader that woke between those checks still opens,
+commits and publishes nothing. Devices refuse a TASK or ARTIFACT of an older epoch (`stale`).
 
 Who leads is visible in PostgreSQL: the lock connection is named `fedprune-leader:<node>` while it
 holds the lock (`fedprune-candidate:<node>` before):
@@ -40,6 +46,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from .config import ClusterSettings
+from .store import leader_epoch, raise_epoch
 
 log = logging.getLogger("fedprune.coordinator.cluster")
 
@@ -70,7 +77,7 @@ def lock_parts(key: int) -> tuple[int, int]:
 
 
 class ConnectionLost(Exception):
-    """The heartbeat found the lock connection gone: the lock went with it."""
+    """The lock connection is gone (the lock went with it), or the leader epoch moved."""
 
 
 class Leadership:
@@ -93,6 +100,7 @@ class Leadership:
         self.connection: Connection | None = None
         self.leading = False
         self.since: float | None = None   # time.time() when this process took the lead
+        self.epoch: int | None = None     # the leader epoch it took the lead with (fencing)
         self.changes = 0                   # times this process took or lost the lead
         # The lock connection is shared by `poll` and the heartbeat thread; `beat_failed` tells
         # `poll` that a heartbeat found the connection gone.
@@ -106,8 +114,7 @@ class Leadership:
         a leader that loses its connection steps down: its lock went with the connection)."""
         try:
             if self.leading:
-                if self._beat_failed is not None:
-                    raise ConnectionLost(self._beat_failed)
+                self._confirm()
                 return True
             with self._connection_lock:
                 if self.connection is None:
@@ -115,20 +122,37 @@ class Leadership:
                 if not self._try_lock() and not (self._depose_hung_leader() and self._try_lock()):
                     return False
                 self.connection.execute(text(f"SET application_name = '{LEADER_PREFIX}{self.node}'"))
+                self.epoch = raise_epoch(self.connection, self.node)
+            log.info("node %s leads under leader epoch %d", self.node, self.epoch,
+                     extra={"event": "leader_epoch", "epoch": self.epoch})
             self.leading, self.since = True, time.time()
             self.changes += 1
             self._start_heartbeat()
             return True
         except (SQLAlchemyError, ConnectionLost) as exc:
             if self.leading:
-                log.error("lost the leader lock's database connection (%s: %s); stepping down",
+                log.error("lost the lead (%s: %s); stepping down",
                           type(exc).__name__, exc)
                 self.changes += 1
             else:
                 log.warning("cannot try the leader lock (%s: %s)", type(exc).__name__, exc)
-            self.leading, self.since = False, None
+            self.leading, self.since, self.epoch = False, None, None
             self._drop_connection()
             return False
+
+    def _confirm(self) -> None:
+        """A leader's check, on its lock connection: the connection answers (so the lock is
+        held) and the database's epoch is still the one it took the lead with; ConnectionLost
+        (or the query's error) otherwise. After a pause the heartbeat may not have run yet."""
+        if self._beat_failed is not None:
+            raise ConnectionLost(self._beat_failed)
+        with self._connection_lock:
+            if self.connection is None:
+                raise ConnectionLost("the lock connection was closed")
+            epoch = leader_epoch(self.connection)
+        if epoch != self.epoch:
+            raise ConnectionLost(f"the leader epoch moved from {self.epoch} to {epoch}: another "
+                                 "coordinator took the lead")
 
     def _try_lock(self) -> bool:
         return bool(self.connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key}))
@@ -203,5 +227,5 @@ class Leadership:
     def close(self) -> None:
         """Give the lock up (closing the session releases it) and close the connection."""
         self._drop_connection(broken=False)
-        self.leading, self.since = False, None
+        self.leading, self.since, self.epoch = False, None, None
         self.engine.dispose()

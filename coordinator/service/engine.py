@@ -12,7 +12,11 @@ de-duplicate by task key), and re-runs a commit that was interrupted, which is d
 With several coordinators on one database ([cluster]), one engine leads (`leading`: registers,
 opens, ticks and commits rounds, re-sends tasks) and every engine takes in updates and refusals;
 a follower reads the open round from the database before each (`follow_round`), and a follower
-that takes the lead resumes the open round exactly as a restart does (`take_lead`).
+that takes the lead resumes the open round exactly as a restart does (`take_lead`). A leader
+writes under its leader epoch (the store's `fence`) and stamps it on every TASK and ARTIFACT
+(`leader_epoch`, 0 with one coordinator): once another coordinator took over, its writes fail with
+`Deposed` (raised, not refused: the service steps down), it publishes no task (`_send_tasks` checks
+the epoch first), and devices refuse what it had already sent as `stale`.
 
 Every message is hostile until parsed, and no content makes `handle` raise: a message that can
 never be handled is refused with the reason (an ACK accepted=false when it names a task, a log
@@ -64,7 +68,7 @@ from ..rounds import (RoundPipeline, Task, UpdateRefused, device_settings, dp_co
 from ..strategies import build_strategy
 from .config import ServiceSettings
 from .states import ROUND_IN_PROGRESS, TASK_MOVES, RoundState, TaskState
-from .store import RoundClosed, Store, TaskRow
+from .store import Deposed, RoundClosed, Store, TaskRow
 
 log = logging.getLogger("fedprune.coordinator")
 
@@ -114,8 +118,6 @@ class RoundEngine:
         # Called with the device's stored row (DeviceRow: profile, plan, fits, ...) after each
         # registration is planned and stored, from the engine's thread.
         self.on_register: Callable[[Any], None] | None = None
-        # Refused updates per (round, device): past max_refused_updates, no more are decoded.
-        self.refused_updates: Counter[tuple[int, str]] = Counter()
         self.counters: Counter[str] = Counter()  # messages refused or failed, for status()
         self.round = store.current_round()
         if self.round is not None:
@@ -150,6 +152,11 @@ class RoundEngine:
         log.info("leading: resuming round %d (%s)", self.round.number, self.round.state)
         self._prepare_pipeline(self.round.number)
         self.resend_unanswered()
+
+    @property
+    def epoch(self) -> int:
+        """The leader epoch stamped on tasks and artifacts: the store's fence, 0 without one."""
+        return self.store.fence or 0
 
     def step_down(self) -> None:
         """This engine no longer leads (its lock is gone): it only takes in updates."""
@@ -201,7 +208,7 @@ class RoundEngine:
         try:
             self._dispatch(topic, payload, self.clock() if received_at is None else received_at)
         except Exception as exc:
-            if is_transient(exc):
+            if is_transient(exc) or isinstance(exc, Deposed):
                 raise
             self.counters["messages_failed"] += 1
             log.exception("could not handle a message on %s (%s: %s); it is dropped", topic,
@@ -327,14 +334,13 @@ class RoundEngine:
             self._ack(header, False, f"round {current.number} is committing: the update came too "
                                      "late to be counted (nothing to resend)")
             return
-        refused = self.refused_updates[(current.number, header.device_id)]
+        refused = self.store.refused_updates(current.number, header.device_id)
         if refused >= self.config.max_refused_updates:
             self._ack(header, False, f"{refused} updates for task {header.task} were refused; "
                                      "no further one is decoded this round")
             return
         if received_at > current.deadline:
-            self.store.set_task(current.number, header.device_id, state=TaskState.REJECTED,
-                                reason="late")
+            self.store.reject_update(current.number, header.device_id, "late", counted=False)
             self._ack(header, False, "late: the round's deadline had passed")
             return
         try:
@@ -342,9 +348,7 @@ class RoundEngine:
             update = self.pipeline.intake(self._task_for(task), payload)
             self._check_norm(update)
         except (codec.CodecError, UpdateRefused) as exc:
-            self.refused_updates[(current.number, header.device_id)] += 1
-            self.store.set_task(current.number, header.device_id, state=TaskState.REJECTED,
-                                reason=str(exc))
+            self.store.reject_update(current.number, header.device_id, str(exc))
             self._ack(header, False, f"update refused: {exc}")
             return
         try:
@@ -406,6 +410,15 @@ class RoundEngine:
             log.warning("round %d: %s refused its exported model: %s", current.number,
                         header.device_id, header.message)
             return
+        if header.code == RefusalCode.STALE:
+            # A copy from a deposed leader (or a replay) that the device saw after a newer one:
+            # the task it runs is the newer copy (same key), so the task's state stands, and it
+            # says nothing of the device's privacy (not exhausted).
+            self.store.count(current.number, "stale_refusals")
+            log.warning("round %d: %s refused a stale copy of task %s: %s", current.number,
+                        header.device_id, header.task, header.message,
+                        extra={"event": "stale_refusal", "device": header.device_id})
+            return
         if TaskState.REFUSED not in TASK_MOVES[task.state]:  # answered already: the answer stands
             return
         self.store.set_task(current.number, header.device_id, state=TaskState.REFUSED,
@@ -428,7 +441,7 @@ class RoundEngine:
         try:
             self._advance(self.clock())
         except Exception as exc:
-            if is_transient(exc) or self.round is None:
+            if is_transient(exc) or isinstance(exc, Deposed) or self.round is None:
                 raise
             log.exception("round %d: %s failed", self.round.number, self.round.state)
             self._abort(f"{self.round.state} failed: {type(exc).__name__}: {exc}")
@@ -490,7 +503,7 @@ class RoundEngine:
             train=built.train.model_dump(),
             dp=self.config.dp.model_dump(exclude={"epsilon_budget"}) if self.dp else None,
             planned_rounds=self.config.rounds.total, deadline=deadline,
-            width_ratio=built.width_ratio)
+            width_ratio=built.width_ratio, leader_epoch=self.epoch)
         return self._message(header, payload)
 
     def _message(self, header, payload: bytes = b"") -> bytes:
@@ -528,6 +541,7 @@ class RoundEngine:
         all are out, its artifacts (export on)."""
         if not self.unsent and self.artifacts_due is None:
             return
+        self.store.check_fence()  # a deposed leader publishes nothing (devices refuse it anyway)
         while self.unsent and self.can_publish():
             device, task = self.unsent.popleft()
             self.publish(self.topics.task(device.id),
@@ -597,7 +611,7 @@ class RoundEngine:
             message = self._message(
                 ArtifactHeader(device_id=device.id, round=number - 1, task=task.task,
                                manifest=manifest.model_dump(mode="json"),
-                               artifact=entry.compressed_path),
+                               artifact=entry.compressed_path, leader_epoch=self.epoch),
                 (out / entry.compressed_path).read_bytes())
             self.publish(self.topics.artifact(device.id), message)
             sent += len(message)

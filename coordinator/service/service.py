@@ -20,6 +20,12 @@ Every `takeover_poll_seconds` a follower tries the lock (and reads the open roun
 checks it still holds it. A follower that takes the lead resumes the open round from the
 database and subscribes again to registrations and status, whose retained messages the broker
 then sends again (what arrived while no one led).
+
+Fencing (cluster.py): the leader's store writes under its leader epoch. Before each retry of a
+leader's step (the round step, taking the lead, re-sending tasks, a registration) the service
+asks the lock again, so a leader that was paused and woke to a failing query steps down instead
+of trying again; a step the store refuses as `Deposed` steps down too, and a message it was
+handling is handled again as a follower's.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from .config import ServiceSettings
 from .engine import RoundEngine, is_transient
 from .http_api import ApiServer, build_app
 from .link import RECONNECTED, CoordinatorLink, Delivery, cluster_subscriptions
-from .store import Store
+from .store import Deposed, Store
 
 log = logging.getLogger("fedprune.coordinator")
 
@@ -112,6 +118,7 @@ class CoordinatorService:
                     "node": self.config.cluster.node,
                     "role": "leader" if self.engine.leading else "follower",
                     "leader_since": self.leadership.since,
+                    "leader_epoch": self.store.fence,
                     "updates_accepted": self.engine.counters["updates_accepted"]}})}
 
     def start(self) -> None:
@@ -164,35 +171,64 @@ class CoordinatorService:
             return
         self.polled_at = now
         leading = self.leadership.poll()
-        node = self.config.cluster.node
         if leading and not self.engine.leading:
-            log.info("node %s took the leader lock; resuming round control from the database",
-                     node, extra={"node": node, "event": "took_lead"})
-            if self._attempt(self.engine.take_lead, "taking the lead") is not None:
-                self.leadership.close()  # let another coordinator lead; try again next poll
-                self.engine.step_down()
-                return
-            for kind in ("register", "status") if self.link.connected.is_set() else ():
-                try:  # the retained registrations and status, sent again: what no one led for
-                    self.link.subscribe(f"{self.link.topics.root}/{kind}/+", timeout=10)
-                except ConnectionError as exc:  # on (re)connect the link subscribes anyway
-                    log.warning("could not subscribe again to %s (%s); the next connection will", kind, exc)
+            self._take_lead()
         elif not leading and self.engine.leading:
-            log.error("node %s lost the leader lock; it only takes in updates now", node,
-                      extra={"node": node, "event": "lost_lead"})
-            self.engine.step_down()
+            self._step_down()
         if not self.engine.leading:
             self._attempt(self.engine.follow_round, "reading the open round")
+
+    def _take_lead(self) -> None:
+        node = self.config.cluster.node
+        log.info("node %s took the leader lock (leader epoch %d); resuming round control from the "
+                 "database", node, self.leadership.epoch,
+                 extra={"node": node, "event": "took_lead", "epoch": self.leadership.epoch})
+        self.store.fence = self.leadership.epoch  # before the engine writes or sends anything
+        if self._attempt(self.engine.take_lead, "taking the lead", leader=True) is not None:
+            self.leadership.close()  # let another coordinator lead; try again next poll
+            self.store.fence = None
+            self.engine.step_down()
+            return
+        for kind in ("register", "status") if self.link.connected.is_set() else ():
+            try:  # the retained registrations and status, sent again: what no one led for
+                self.link.subscribe(f"{self.link.topics.root}/{kind}/+", timeout=10)
+            except ConnectionError as exc:  # on (re)connect the link subscribes anyway
+                log.warning("could not subscribe again to %s (%s); the next connection will", kind, exc)
+
+    def _step_down(self, why: Exception | None = None) -> None:
+        """Stop leading: the lock was lost, or the store refused a write (`why`, Deposed), when
+        the lock connection is given up too (another coordinator leads; this one may take the
+        lead again later, under a new epoch)."""
+        node = self.config.cluster.node
+        if why is not None:
+            self.leadership.close()
+        log.error("node %s lost the lead%s; it only takes in updates now", node,
+                  f" ({why})" if why is not None else "", extra={"node": node, "event": "lost_lead"})
+        self.store.fence = None
+        self.engine.step_down()
+
+    def _still_leading(self) -> bool:
+        """Ask the lock again (on its connection, now): a leader that lost it steps down."""
+        if self.leadership is None:
+            return True
+        if self.engine.leading and self.leadership.leading and self.leadership.poll():
+            return True
+        if self.engine.leading:
+            self._step_down()
+        return False
 
     def _handle(self, delivery: Delivery) -> None:
         topic, payload = delivery.topic, delivery.payload
         if topic == RECONNECTED:
             if not self.engine.leading:
                 return
-            if self._attempt(self.engine.resend_unanswered, "re-sending unanswered tasks"):
+            failure = self._attempt(self.engine.resend_unanswered, "re-sending unanswered tasks",
+                                    leader=True)
+            if failure is not None and self.engine.leading:
                 log.error("unanswered tasks were not re-sent; they will be on the next reconnect")
             return
-        if not self.engine.leading:
+        leading = self.engine.leading
+        if not leading:
             kind = topic.split("/")[-2] if topic.count("/") >= 2 else ""
             if kind in ("register", "status"):  # the leader's; it re-reads the retained ones
                 self.link.ack(delivery.mid, delivery.qos)
@@ -203,7 +239,10 @@ class CoordinatorService:
         else:
             def action() -> None:
                 self.engine.handle(topic, payload, delivery.received_at)
-        failure = self._attempt(action, f"a message on {topic}")
+        failure = self._attempt(action, f"a message on {topic}", leader=leading)
+        if leading and not self.engine.leading:  # deposed meanwhile: as a follower now
+            self._handle(delivery)
+            return
         if failure is not None and not self._dead_letter(topic, payload, failure):
             return  # kept nowhere: left unacknowledged for the broker to deliver again
         self.link.ack(delivery.mid, delivery.qos)
@@ -211,14 +250,16 @@ class CoordinatorService:
     def _tick(self) -> None:
         """The engine aborts a round that fails for good; a transient failure is retried here,
         and again at the next tick: the round and its accepted updates are kept meanwhile."""
-        failure = self._attempt(self.engine.tick, "the round step")
-        if failure is not None:
+        failure = self._attempt(self.engine.tick, "the round step", leader=True)
+        if failure is not None and self.engine.leading:
             log.error("the round step keeps failing (%s: %s); trying again", type(failure).__name__,
                       failure)
 
-    def _attempt(self, action: Callable[[], None], what: str) -> Exception | None:
+    def _attempt(self, action: Callable[[], None], what: str, leader: bool = False) -> Exception | None:
         """Run `action`, trying a transient failure again with exponential backoff; the last
-        failure if it never passed, None once it did."""
+        failure if it never passed, None once it did. A `leader` step (cluster mode) is tried
+        again only while the lock is still held (asked before each retry), and one the store
+        refuses as Deposed steps down: the failure is returned, and the engine no longer leads."""
         retry = self.config.retry
         delay = retry.first_delay_seconds
         failure: Exception | None = None
@@ -229,9 +270,14 @@ class CoordinatorService:
                 if self.stopping.wait(delay):
                     raise _Stopped from failure
                 delay = min(2 * delay, retry.max_delay_seconds)
+                if leader and not self._still_leading():
+                    return failure
             try:
                 action()
                 return None
+            except Deposed as exc:
+                self._step_down(exc)
+                return exc
             except Exception as exc:  # noqa: BLE001 - one failure must not stop the fleet
                 if not is_transient(exc):  # the engine refuses bad content itself: a defect
                     log.exception("%s failed", what)

@@ -11,6 +11,15 @@ FOR SHARE while it checks the round is still collecting and stores the update; t
 to committing waits for those transactions and makes later ones fail (`RoundClosed`), so every
 update acknowledged as accepted is one the commit reads. Two processes storing the same update
 (a redelivery) meet at the primary key: one stores it, the other is told it is a duplicate.
+
+Fencing: the `leadership` row holds the leader epoch, raised by every coordinator that takes the
+leader lock (`raise_epoch`, on the lock's own session, so only a holder of the lock can raise it).
+While a process leads, its store's `fence` is that epoch and every write transaction first reads
+the row FOR SHARE and fails with `Deposed` (writing nothing) when the epoch moved: a leader that
+was paused or cut off and woke after another took over cannot open, close or change anything.
+The new leader's raise waits for the old leader's transactions in flight, so each of them either
+committed before the takeover or fails. A partial unique index allows one round in progress
+(collecting or committing) at a time, whoever tries to open a second.
 """
 
 from __future__ import annotations
@@ -18,13 +27,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, LargeBinary, String,
+from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String,
                         TypeDecorator, create_engine, func, make_url, select, text)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, defer, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, defer, mapped_column, sessionmaker
+from sqlalchemy.schema import CreateIndex
 
 from .states import (ROUND_IN_PROGRESS, ROUND_START, TASK_START, RoundState, TaskState,
                      round_transition, task_transition)
@@ -36,6 +49,11 @@ class Base(DeclarativeBase):
 
 class RoundClosed(Exception):
     """The update's round is no longer collecting (the leader moved it on): nothing was stored."""
+
+
+class Deposed(Exception):
+    """This process led under a leader epoch the database no longer holds: another coordinator
+    took the lead since. The transaction wrote nothing."""
 
 
 class _StateColumn(TypeDecorator):
@@ -93,6 +111,13 @@ class RoundRow(Base):
     summary: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
+# One round in progress at a time: a unique index over a value every in-progress row shares (true),
+# holding only those rows. Created with the table, and on a database made before it (`Store`).
+_IN_PROGRESS = RoundRow.state.in_([state.value for state in ROUND_IN_PROGRESS])
+ONE_ROUND_IN_PROGRESS = Index("rounds_one_in_progress", _IN_PROGRESS, unique=True,
+                              postgresql_where=_IN_PROGRESS, sqlite_where=_IN_PROGRESS)
+
+
 class TaskRow(Base):
     __tablename__ = "tasks"
     round: Mapped[int] = mapped_column(ForeignKey("rounds.number"), primary_key=True)
@@ -129,6 +154,42 @@ class UpdateRow(Base):
     received_at: Mapped[float] = mapped_column(Float)
 
 
+class RefusedUpdatesRow(Base):
+    """Updates refused for one task (damaged, over the limits): past `max_refused_updates` no
+    more are decoded. Kept here, not in memory, so a restart or another coordinator of the
+    cluster does not start the count again (a table of its own: databases made before it gain
+    it as they open)."""
+    __tablename__ = "refused_updates"
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+
+
+class LeadershipRow(Base):
+    """The cluster's leader epoch (the fencing token): one row (id 1), raised by every takeover."""
+    __tablename__ = "leadership"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    node: Mapped[str] = mapped_column(String(64))   # who raised it last
+    since: Mapped[float] = mapped_column(Float)
+
+
+def raise_epoch(connection: Connection, node: str) -> int:
+    """Raise the leader epoch by one (the first leader gets 1) and return it, in one statement on
+    `connection`: the leader lock's session, so only the holder of the lock raises it (a session
+    ended by a follower cannot). PostgreSQL (cluster mode)."""
+    row = pg_insert(LeadershipRow).values(id=1, epoch=1, node=node, since=time.time())
+    return connection.scalar(row.on_conflict_do_update(
+        index_elements=[LeadershipRow.id],
+        set_={"epoch": LeadershipRow.epoch + 1, "node": row.excluded.node,
+              "since": row.excluded.since}).returning(LeadershipRow.epoch))
+
+
+def leader_epoch(connection: Connection | Session) -> int:
+    """The leader epoch the database holds now (0 before any coordinator led)."""
+    return connection.scalar(select(LeadershipRow.epoch).where(LeadershipRow.id == 1)) or 0
+
+
 # pg_advisory_xact_lock's key while the schema is created: the ASCII bytes of "fpschema".
 SCHEMA_LOCK_KEY = int.from_bytes(b"fpschema", "big")
 
@@ -152,7 +213,34 @@ class Store:
                 # DDL is transactional here, so the lock (released at commit) serialises them.
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
             Base.metadata.create_all(connection)
+            connection.execute(CreateIndex(ONE_ROUND_IN_PROGRESS, if_not_exists=True))
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+        # The leader epoch this process leads under (cluster mode), which every write checks;
+        # None: no check (one coordinator, or a follower, whose writes need no lead).
+        self.fence: int | None = None
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A write transaction; while `fence` is set it first holds the leadership row FOR SHARE
+        and raises `Deposed` if the epoch moved (a takeover's raise waits for it, or it sees it)."""
+        with self.session.begin() as s:
+            if self.fence is not None:
+                epoch = s.scalar(select(LeadershipRow.epoch).where(LeadershipRow.id == 1)
+                                 .with_for_update(read=True))
+                self._check(epoch)
+            yield s
+
+    def _check(self, epoch: int | None) -> None:
+        if self.fence is not None and epoch != self.fence:
+            raise Deposed(f"this coordinator led under leader epoch {self.fence}, the database "
+                          f"holds {epoch}: another coordinator took the lead")
+
+    def check_fence(self) -> None:
+        """Raise `Deposed` if this process no longer leads under its epoch: asked before tasks
+        or artifacts are published, which write nothing the fence could stop."""
+        if self.fence is not None:
+            with self.session() as s:
+                self._check(leader_epoch(s))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -170,7 +258,7 @@ class Store:
 
     def upsert_device(self, device_id: str, **fields: Any) -> DeviceRow:
         now = time.time()
-        with self.session.begin() as s:
+        with self._write() as s:
             row = s.get(DeviceRow, device_id)
             if row is None:
                 highest = s.scalar(select(func.max(DeviceRow.index)))
@@ -184,7 +272,7 @@ class Store:
         return row
 
     def update_device(self, device_id: str, **fields: Any) -> None:
-        with self.session.begin() as s:
+        with self._write() as s:
             row = s.get(DeviceRow, device_id)
             if row is not None:
                 for key, value in fields.items():
@@ -213,7 +301,7 @@ class Store:
                    tasks: list[TaskRow]) -> None:
         """The round, collecting, with its tasks, each sent (the states every round and task
         starts in; `tasks` are given without a state)."""
-        with self.session.begin() as s:
+        with self._write() as s:
             s.add(RoundRow(number=number, state=ROUND_START, started_at=time.time(),
                            deadline=deadline, selected=selected, quorum=quorum, summary={}))
             s.flush()
@@ -247,7 +335,7 @@ class Store:
     def set_round(self, number: int, **fields: Any) -> None:
         """Write `fields` of round `number`; a `state` moves through `round_transition` (an
         illegal move raises IllegalTransition and writes nothing)."""
-        with self.session.begin() as s:
+        with self._write() as s:
             row = s.get(RoundRow, number, with_for_update=True)  # SQLite: no-op (one writer)
             if "state" in fields:
                 fields["state"] = round_transition(row.state, fields["state"])
@@ -257,7 +345,7 @@ class Store:
     def count(self, number: int, event: str) -> None:
         """One more `event` in the round's summary: "duplicates" (a second copy of an accepted
         update, not counted again), "artifact_refusals" (a device refused its exported model)."""
-        with self.session.begin() as s:
+        with self._write() as s:
             row = s.get(RoundRow, number, with_for_update=True)  # several coordinators may count
             row.summary = {**(row.summary or {}), event: (row.summary or {}).get(event, 0) + 1}
 
@@ -278,12 +366,32 @@ class Store:
     def set_task(self, round_number: int, device: str, **fields: Any) -> None:
         """Write `fields` of the device's task; a `state` moves through `task_transition` (an
         illegal move raises IllegalTransition and writes nothing)."""
-        with self.session.begin() as s:
+        with self._write() as s:
             row = s.get(TaskRow, (round_number, device))
             if "state" in fields:
                 fields["state"] = task_transition(row.state, fields["state"])
             for key, value in fields.items():
                 setattr(row, key, value)
+
+    def reject_update(self, round_number: int, device: str, reason: str, counted: bool = True) -> None:
+        """Mark the device's task rejected with `reason` and, when `counted`, count one more
+        refused update for it, atomically (the task row is locked first: coordinators of a
+        cluster counting at once take turns)."""
+        with self._write() as s:
+            row = s.get(TaskRow, (round_number, device), with_for_update=True)
+            row.state, row.reason = task_transition(row.state, TaskState.REJECTED), reason
+            if counted:
+                refused = s.get(RefusedUpdatesRow, (round_number, device))
+                if refused is None:
+                    s.add(RefusedUpdatesRow(round=round_number, device=device, count=1))
+                else:
+                    refused.count += 1
+
+    def refused_updates(self, round_number: int, device: str) -> int:
+        """Updates refused (and counted) for the device's task of this round."""
+        with self.session() as s:
+            row = s.get(RefusedUpdatesRow, (round_number, device))
+            return 0 if row is None else row.count
 
     # --- updates ---------------------------------------------------------------------------
     def accept_update(self, round_number: int, device: str, task: str, payload: bytes, weight: float,
@@ -294,7 +402,7 @@ class Store:
         (nothing stored): the round is no longer collecting."""
         now = time.time()
         try:
-            with self.session.begin() as s:
+            with self._write() as s:
                 # FOR SHARE: the leader's move to committing waits for this transaction, and one
                 # that starts after it sees the new state (SQLite: no-op, it has one writer).
                 state = s.scalar(select(RoundRow.state).where(RoundRow.number == round_number)
@@ -323,7 +431,7 @@ class Store:
 
     def save_checkpoint(self, round_number: int, data: bytes) -> None:
         """Keep a round's checkpoint file in the database (again after a re-run commit)."""
-        with self.session.begin() as s:
+        with self._write() as s:
             s.merge(CheckpointRow(round=round_number, data=data))
 
     def checkpoint(self, round_number: int) -> bytes | None:
