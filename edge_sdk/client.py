@@ -54,7 +54,6 @@ class LocalClient:
         if ledger is None and dp is not None:
             ledger = PrivacyLedger(delta=dp.delta, budget_epsilon=dp.budget, accountant=dp.accountant)
         self.ledger = ledger
-        self._noise_multiplier: float | None = None
         self.scores: dict[str, torch.Tensor] = {}  # HideNseek: the device's own sign scores
 
     @property
@@ -80,15 +79,14 @@ class LocalClient:
     def run_task(self, plan: SubmodelPlan, download: bytes) -> TaskOutcome:
         shapes = tensor_shapes(plan.spec)
         received = codec.decode(download, expected_shapes=shapes)
-        phases = plan.phases or (TrainPhase(tuple(plan.trained), self.train_config.local_epochs),)
+        phases = self._phases(plan)
         train_x, train_y = self.round_samples(plan)
-        sampling = noise = None
-        if self.dp is not None:
-            sampling = dp_sampling(len(train_y), self.train_config.batch_size,
-                                   sum(phase.epochs for phase in phases))
-            noise = self._noise(sampling)
+        charge = self.dp_charge(plan)
+        noise = None
+        if charge is not None:
+            noise = charge[0]
             try:
-                self.ledger.check_affordable(noise, *sampling)
+                self.ledger.check_affordable(*charge)
             except PrivacyBudgetExceeded as exc:
                 return TaskOutcome(self.device_index, plan.round, None, len(train_y),
                                    epsilon=self.ledger.epsilon(), refused=str(exc))
@@ -157,11 +155,22 @@ class LocalClient:
         payload = codec.encode(upload, codec.ValueDtype.SIGN1, known_indices=set(upload))
         return TaskOutcome(self.device_index, plan.round, payload, len(train_y), report)
 
-    def _noise(self, sampling: tuple[float, int]) -> float:
-        if self._noise_multiplier is None:
-            sample_rate, steps = sampling
-            self._noise_multiplier = self.dp.resolve_noise(sample_rate, steps * self.planned_rounds)
-        return self._noise_multiplier
+    def _phases(self, plan: SubmodelPlan) -> tuple[TrainPhase, ...]:
+        return plan.phases or (TrainPhase(tuple(plan.trained), self.train_config.local_epochs),)
+
+    def dp_charge(self, plan: SubmodelPlan) -> tuple[float, float, int] | None:
+        """(noise multiplier, sample rate, steps) this task trains at under DP, as the ledger
+        records them; None without DP.
+
+        Worked out from this task alone (its dp settings, its samples, batch size and epochs,
+        the planned rounds a target_epsilon is spread over), never kept from an earlier task:
+        a task that asks for more noise gets it, and one that was refused leaves nothing behind.
+        """
+        if self.dp is None:
+            return None
+        sample_rate, steps = dp_sampling(self.samples_this_round(plan), self.train_config.batch_size,
+                                         sum(phase.epochs for phase in self._phases(plan)))
+        return self.dp.resolve_noise(sample_rate, steps * self.planned_rounds), sample_rate, steps
 
     def _starting_state(self, plan: SubmodelPlan, shapes, received):
         """Private tensors come from the device's own copy; everything else from the download."""

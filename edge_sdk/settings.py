@@ -8,6 +8,7 @@ the same in `fedprune.toml`, on the wire and on the device.
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -73,15 +74,29 @@ class DPSettings(Settings):
         return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
 
     def resolve_noise(self, sample_rate: float, planned_steps: int) -> float:
+        """The noise multiplier these settings train at, for `planned_steps` steps at
+        `sample_rate`: the given one, or the one that spends exactly target_epsilon over them."""
         if self.noise_multiplier is not None:
             return self.noise_multiplier
         if self.target_epsilon is None:
             raise ValueError("DP is off (no dp.noise_multiplier or dp.target_epsilon): no noise")
-        from opacus.accountants.utils import get_noise_multiplier  # lazy: opacus costs ~4 s to import
+        return calibrated_noise(self.target_epsilon, self.delta, sample_rate, planned_steps,
+                                self.accountant)
 
-        return get_noise_multiplier(target_epsilon=self.target_epsilon, target_delta=self.delta,
-                                    sample_rate=sample_rate, steps=planned_steps,
-                                    accountant=self.accountant)
+
+@functools.lru_cache(maxsize=256)
+def calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                     accountant: AccountantName) -> float:
+    """Opacus's noise multiplier for (target_epsilon, delta) over `steps` at `sample_rate`.
+
+    Memoised because Opacus's search takes 1-2 s and every round asks again: the value is a
+    pure function of these arguments, so a task gets exactly what a fresh search would give it,
+    and nothing of an earlier task (its settings, or whether it was refused) reaches a later one.
+    """
+    from opacus.accountants.utils import get_noise_multiplier  # lazy: opacus costs ~4 s to import
+
+    return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                sample_rate=sample_rate, steps=steps, accountant=accountant)
 
 
 class CodecSettings(Settings):

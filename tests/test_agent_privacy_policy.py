@@ -1,7 +1,13 @@
 """The device's own configuration decides its privacy, whatever the coordinator's task says: a
 device with an epsilon budget or `require_dp` refuses a task without DP (REFUSAL privacy_policy,
-never training); it refuses a task whose delta is above its own `dp_delta`; and its ledger
+never training); it refuses a task whose delta is above its own `dp_delta`, whose noise is below
+its `min_noise_multiplier` or whose own epsilon is above its `max_task_epsilon`; and its ledger
 accounts at its own delta, the epsilon it reports being the ledger's.
+
+Each task trains at the noise worked out from its own settings, never one kept from an earlier
+task, and a refused task saves nothing: across an agent restart (a new EdgeAgent on the same state
+directory), a refused bad task does not block a later good one, and the noise each task's Opacus
+optimizer used, the epsilon the ledger records and Opacus's and dp-accounting's accountants agree.
 
 The real engine and real agents, message by message (tests/harness/fleet.py).
 """
@@ -11,11 +17,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
 
-from edge_sdk.agent import EdgeSettings
-from edge_sdk.protocol import decode_envelope, parse_header
-from harness.devices import DEVICE, refusals_in
+from edge_sdk.agent import EdgeAgent, EdgeSettings
+from edge_sdk.protocol import MessageType, decode_envelope, encode_envelope, parse_header
+from edge_sdk.training import PrivacyLedger
+from harness.devices import DEVICE, capture, refusals_in
 from harness.fleet import Harness
+from test_privacy import independent_epsilon
 
 
 def _only_refusal(h: Harness):
@@ -62,6 +72,104 @@ def test_the_ledger_accounts_at_the_devices_delta_whatever_the_task_says(tmp_pat
     ledger = json.loads((h.agents[DEVICE].state.root / "ledger.json").read_text())["ledger"]
     assert ledger["delta"] == 1e-5  # edge.toml's dp_delta (its default), not the task's 1e-9
     assert ledger["history"]  # it trained with DP, and the epsilon it reports is at its own delta
-    from edge_sdk.training import PrivacyLedger
     assert parse_header(decode_envelope(update)).epsilon == pytest.approx(
         PrivacyLedger.from_json(json.dumps(ledger)).epsilon())
+
+
+# --- each task's own noise; nothing saved for a refused task; restarts -------------------------
+def _one_task(h: Harness) -> bytes:
+    """The engine's round-1 task for the device (dp: noise 1.0), to be re-sent with changes."""
+    h.register_all()
+    h.engine.tick()
+    [(_, genuine)] = h.take(h.to_devices, "task", DEVICE)
+    return genuine
+
+
+def _variant(genuine: bytes, **header) -> bytes:
+    """`genuine` with header fields replaced (unsigned: these agents hold no coordinator key)."""
+    envelope = decode_envelope(genuine)
+    return encode_envelope(MessageType.TASK, {**envelope.header, **header}, envelope.payload)
+
+
+def _restart(h: Harness, **settings) -> EdgeAgent:
+    """The device restarted: a new agent on the same state directory (and `settings` changed)."""
+    config = EdgeSettings.model_validate({**h.agents[DEVICE].config.model_dump(), **settings})
+    h.agents[DEVICE] = EdgeAgent(config, publish=capture(h.to_coordinator))
+    return h.agents[DEVICE]
+
+
+def _send(h: Harness, message: bytes) -> None:
+    h.agents[DEVICE].handle(h.topics.task(DEVICE), message)
+
+
+def _saved_history(h: Harness) -> list[tuple[float, float, int]]:
+    ledger = json.loads((h.agents[DEVICE].state.root / "ledger.json").read_text())
+    assert set(ledger) == {"ledger"}, "only the ledger is saved, no noise beside it"
+    return [tuple(entry) for entry in ledger["ledger"]["history"]]
+
+
+def _opacus_epsilon(history, delta: float = 1e-5) -> float:
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("policy", [{"require_dp": True}, {"epsilon_budget": 8.0}])
+def test_too_little_noise_is_refused_saves_nothing_and_a_later_good_task_trains(tmp_path, sqlite_url,
+                                                                                policy):
+    """Before: a require_dp device trained at noise 1e-6 (epsilon ~1e12); a budgeted one refused
+    it but kept its noise, and after a restart trained every later task at it: refused forever."""
+    h = Harness(tmp_path, sqlite_url, devices=1, dp={"noise_multiplier": 1.0})
+    genuine = _one_task(h)
+    agent = _restart(h, **policy)
+    _send(h, _variant(genuine, task="bad", dp={"noise_multiplier": 1e-6}))
+    refusal = _only_refusal(h)
+    assert refusal.code.value == "privacy_policy"
+    assert "noise multiplier 1e-06, below this device's min_noise_multiplier 0.5" in refusal.message
+    assert sorted(p.name for p in agent.state.root.iterdir()) == ["outbox", "tasks.json"]
+    assert agent.state.tasks() == {"r000001-bad": "refused"}
+
+    _restart(h)
+    _send(h, _variant(genuine, task="good", dp={"noise_multiplier": 1.0}))
+    [(_, update)] = h.take(h.to_coordinator, "update", DEVICE)
+    [(noise, rate, steps)] = _saved_history(h)
+    assert noise == 1.0
+    epsilon = parse_header(decode_envelope(update)).epsilon
+    assert epsilon == pytest.approx(_opacus_epsilon([(noise, rate, steps)]))
+    assert epsilon == pytest.approx(independent_epsilon([(noise, rate, steps)], 1e-5), rel=0.01)
+
+
+def test_a_task_whose_own_epsilon_is_over_the_ceiling_is_refused(tmp_path, sqlite_url):
+    h = Harness(tmp_path, sqlite_url, devices=1, dp={"noise_multiplier": 1.0})
+    genuine = _one_task(h)
+    agent = _restart(h, require_dp=True)
+    _send(h, _variant(genuine, task="weak", dp={"noise_multiplier": 0.55}))  # above the minimum
+    refusal = _only_refusal(h)
+    assert refusal.code.value == "privacy_policy"
+    assert "over this device's max_task_epsilon 10 (edge.toml)" in refusal.message
+    assert not (agent.state.root / "ledger.json").exists()
+    _restart(h, require_dp=True, max_task_epsilon=100.0)  # the device's own choice
+    _send(h, _variant(genuine, task="weak-again", dp={"noise_multiplier": 0.55}))
+    assert len(h.take(h.to_coordinator, "update", DEVICE)) == 1
+    assert [entry[0] for entry in _saved_history(h)] == [0.55]
+
+
+def test_every_task_trains_at_its_own_noise_before_and_after_a_restart(tmp_path, sqlite_url):
+    """Before: the first task's noise was kept (and restored from disk) for every later task."""
+    h = Harness(tmp_path, sqlite_url, devices=1, budgets={0: 50.0}, dp={"noise_multiplier": 1.0})
+    genuine = _one_task(h)
+    _send(h, _variant(genuine, task="first", dp={"noise_multiplier": 2.0}))
+    _send(h, _variant(genuine, round=2, task="second", dp={"noise_multiplier": 1.0}))
+    _restart(h)
+    _send(h, _variant(genuine, round=3, task="third", planned_rounds=4,
+                      dp={"target_epsilon": 3.0, "delta": 1e-5}))
+    updates = [parse_header(decode_envelope(p)) for _, p in h.take(h.to_coordinator, "update", DEVICE)]
+    assert [u.task for u in updates] == ["first", "second", "third"]
+    history = _saved_history(h)
+    assert [noise for noise, _, _ in history[:2]] == [2.0, 1.0]
+    _, rate, steps = history[2]  # calibrated from this task's own target, rounds and sampling
+    assert history[2][0] == pytest.approx(get_noise_multiplier(
+        target_epsilon=3.0, target_delta=1e-5, sample_rate=rate, steps=steps * 4, accountant="rdp"))
+    for count, update in enumerate(updates, 1):  # what each update reports is the ledger's then
+        assert update.epsilon == pytest.approx(_opacus_epsilon(history[:count]))
+        assert update.epsilon == pytest.approx(independent_epsilon(history[:count], 1e-5), rel=0.01)

@@ -32,12 +32,22 @@ class EdgeSettings(BaseModel):
     profile: str = "catalogue:rpi4-4gb"
     formats: list[RuntimeFormatName] = ["onnx"]  # formats of the runtimes installed here
     # Privacy is the device's decision, not the coordinator's. With require_dp, or with a
-    # budget (which implies it), a task without DP or with a delta above dp_delta is refused
-    # (privacy_policy), and one that would push epsilon past the budget too (privacy_budget).
-    # The ledger always accounts at dp_delta, whatever delta a task names.
+    # budget (which implies it), a task is refused (privacy_policy) when it has no DP, a delta
+    # above dp_delta, a noise multiplier below min_noise_multiplier, or an epsilon of its own
+    # (this task alone, at dp_delta) above max_task_epsilon; one that would push the device's
+    # total past its budget is refused too (privacy_budget). The ledger always accounts at
+    # dp_delta, whatever delta a task names.
     epsilon_budget: float | None = Field(None, gt=0)
     dp_delta: float = Field(1e-5, gt=0, lt=1)
     require_dp: bool = False
+    # 10: the top of the range the DP literature still calls a reasonable guarantee for one
+    # release (Ponomareva et al., "How to DP-fy ML", 2023: epsilon <= 1 strong, <= 10
+    # reasonable, above that weak); without a budget a device gives no more than that per task.
+    max_task_epsilon: float = Field(10.0, gt=0)
+    # 0.5: a single full-batch step at this noise already costs epsilon ~10.7 (RDP, delta 1e-5),
+    # the ceiling above; less noise leans entirely on subsampling amplification and on the
+    # accountant's numerics at tiny noise, and 1e-6 (an upload at epsilon ~1e12) is no privacy.
+    min_noise_multiplier: float = Field(0.5, gt=0)
     threads: int = Field(1, ge=1)
     max_samples: int | None = Field(None, ge=2)  # training samples (ClientData.with_train_limit)
     keepalive: int = Field(30, ge=5)

@@ -94,6 +94,7 @@ class EdgeAgent:
         self.stopping = threading.Event()
         self.coordinator_key = load_public_key(config.coordinator_key) if config.coordinator_key else None
         self._sent_at: dict[str, float] = {}  # outbox key -> monotonic time it was last published
+        self.fence = self.state.load_fence()  # the newest leader epoch and round acted on
         self.unhandled = 0  # messages acknowledged without being handled (poison, forgeries)
         device = config.device_id
         # The last will says offline (retained); `stop` publishes it too on a clean shutdown.
@@ -119,7 +120,7 @@ class EdgeAgent:
         return encode_message(StatusHeader(device_id=self.config.device_id, online=online))
 
     def _registration(self) -> bytes:
-        ledger, _ = self.state.load_ledger()
+        ledger = self.state.load_ledger()
         model_file = self.state.root / "model.pt"
         digest = load_checkpoint(model_file).spec.digest() if model_file.exists() else None
         return encode_message(RegisterHeader(
@@ -257,17 +258,23 @@ class EdgeAgent:
                 self._publish_update(key, pending)
             log.info("task %s already %s", key, done)
             return
+        stale = self.fence.stale(f"the task of round {header.round}", header.leader_epoch,
+                                 header.round)
+        if stale is not None:  # not recorded: the answer is the same whenever it comes again
+            self._refuse(header, RefusalCode.STALE, stale, record=False)
+            return
+        dp = self._task_dp(header)
+        client = self._client(header, dp)
         try:
             plan = SubmodelPlan.from_dict(header.plan)
-            dp = self._task_dp(header)
+            charge = client.dp_charge(plan)
         except (ValueError, TypeError, KeyError) as exc:
             self._refuse(header, RefusalCode.BAD_TASK, f"task cannot be run as sent: {exc}")
             return
-        breach = self._privacy_breach(dp)
+        breach = self._privacy_breach(dp, charge)
         if breach is not None:
             self._refuse(header, RefusalCode.PRIVACY_POLICY, breach)
             return
-        client = self._client(header, dp)
         log.info("round %d: task at width %g, physical batch %s, %s local samples, upload %s "
                  "keep %g", header.round, header.width_ratio, client.train_config.physical_batch_size,
                  plan.local_samples or "all", plan.upload_dtype, plan.upload_keep)
@@ -281,13 +288,9 @@ class EdgeAgent:
             log.exception("training failed")
             self._refuse(header, RefusalCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
-        if client.ledger is not None:
-            self.state.save_ledger(client.ledger, client._noise_multiplier)
         if outcome.refused:
             self._refuse(header, RefusalCode.PRIVACY_BUDGET, outcome.refused, outcome.epsilon)
             return
-        Checkpoint(client.spec, client.state, plan.spec.name, self.config.data.dataset, device,
-                   header.round, header.width_ratio).save(self.state.root / "model.pt")
         envelope = encode_message(UpdateHeader(
             device_id=device, round=header.round, task=header.task,
             num_samples=outcome.num_samples, epsilon=outcome.epsilon,
@@ -298,6 +301,13 @@ class EdgeAgent:
                          f"the fleet's limit of {self.config.max_payload_bytes:,}; plan a smaller "
                          "upload (fp16, sparser) for this device")
             return
+        # Accepted: what it spent, what it trained and the round it acted on are saved before
+        # the update is sent (a refused task, above, saved none of them).
+        if client.ledger is not None:
+            self.state.save_ledger(client.ledger)
+        Checkpoint(client.spec, client.state, plan.spec.name, self.config.data.dataset, device,
+                   header.round, header.width_ratio).save(self.state.root / "model.pt")
+        self._advance_fence(header.leader_epoch, header.round)
         self.state.put_outbox(key, envelope)  # on disk before it is sent: a crash resends it
         self.state.mark(key, "sent")
         self._publish_update(key, envelope)
@@ -310,8 +320,10 @@ class EdgeAgent:
             return None
         return header.dp.model_copy(update={"epsilon_budget": self.config.epsilon_budget})
 
-    def _privacy_breach(self, dp: DPSettings | None) -> str | None:
-        """Why the task asks for less privacy than this device's config allows, if it does."""
+    def _privacy_breach(self, dp: DPSettings | None,
+                        charge: tuple[float, float, int] | None) -> str | None:
+        """Why the task asks for less privacy than this device's config allows, if it does.
+        `charge`: (noise, sample rate, steps) the task would train at (`LocalClient.dp_charge`)."""
         config = self.config
         if not config.dp_required:
             return None
@@ -323,33 +335,46 @@ class EdgeAgent:
             return (f"the task's dp.delta {dp.delta:g} is above this device's dp_delta "
                     f"{config.dp_delta:g}; a larger delta is a weaker guarantee. Send "
                     f"dp.delta <= {config.dp_delta:g}")
+        noise, rate, steps = charge
+        if not noise >= config.min_noise_multiplier:
+            return (f"the task trains at noise multiplier {noise:.3g}, below this device's "
+                    f"min_noise_multiplier {config.min_noise_multiplier:g} (edge.toml); send a "
+                    f"dp.noise_multiplier >= {config.min_noise_multiplier:g}, or a smaller "
+                    "dp.target_epsilon or more planned rounds")
+        epsilon = PrivacyLedger(config.dp_delta, accountant=dp.accountant).epsilon([charge])
+        if not epsilon <= config.max_task_epsilon:
+            return (f"this task alone would spend epsilon {epsilon:.3g} at delta "
+                    f"{config.dp_delta:g} (noise {noise:.3g}, sample rate {rate:.4f}, {steps} "
+                    f"steps), over this device's max_task_epsilon {config.max_task_epsilon:g} "
+                    "(edge.toml); send more noise, fewer epochs or fewer local samples")
         return None
 
     def _client(self, header: TaskHeader, dp: DPSettings | None) -> LocalClient:
-        """The device's trainer, restored from disk on first use. DP settings come from the
-        task, the budget and the delta the ledger accounts at from the device's own config."""
-        train = header.train
-        if self.client is None:
-            ledger, noise = self.state.load_ledger()
-            if ledger is not None:
-                ledger.budget_epsilon = self.config.epsilon_budget
-            elif dp is not None:
-                ledger = PrivacyLedger(self.config.dp_delta, dp.budget, dp.accountant)
-            self.client = LocalClient(self.data, train, dp, planned_rounds=header.planned_rounds,
-                                      ledger=ledger)
-            self.client._noise_multiplier = noise
-            model_file = self.state.root / "model.pt"
-            if model_file.exists():
-                saved = load_checkpoint(model_file)
-                self.client.spec, self.client.state = saved.spec, saved.state
-        else:
-            self.client.train_config, self.client.dp = train, dp
-            if dp is not None and self.client.ledger is None:
-                self.client.ledger = PrivacyLedger(self.config.dp_delta, self.config.epsilon_budget,
-                                                   dp.accountant)
-        if self.client.ledger is not None:  # the history re-accounts exactly at any delta
-            self.client.ledger.delta = self.config.dp_delta
-        return self.client
+        """The device's trainer for this task. Its settings (train, dp, planned rounds) are the
+        task's; what it carries over from earlier tasks (ledger, model) is read from disk, as
+        the last task the device accepted saved it, so a refused task leaves nothing behind and
+        a restart changes nothing. The ledger's budget and delta are the device's own."""
+        if self.client is None:  # kept in memory for what is not saved: HideNseek's scores
+            self.client = LocalClient(self.data, header.train)
+        client = self.client
+        client.train_config, client.dp, client.planned_rounds = header.train, dp, header.planned_rounds
+        client.ledger = self.state.load_ledger()
+        if client.ledger is None and dp is not None:
+            client.ledger = PrivacyLedger(self.config.dp_delta, accountant=dp.accountant)
+        if client.ledger is not None:  # the history re-accounts exactly at any delta
+            client.ledger.budget_epsilon = self.config.epsilon_budget
+            client.ledger.delta = self.config.dp_delta
+        model_file = self.state.root / "model.pt"
+        saved = load_checkpoint(model_file) if model_file.exists() else None
+        client.spec, client.state = (saved.spec, saved.state) if saved is not None else (None, {})
+        return client
+
+    def _advance_fence(self, leader_epoch: int, round_number: int) -> None:
+        """Remember (on disk) the newest leader epoch and round this device has acted on."""
+        fence = self.fence.advanced(leader_epoch, round_number)
+        if fence != self.fence:
+            self.state.save_fence(fence)
+            self.fence = fence
 
     def _refuse(self, header: TaskHeader, code: RefusalCode, message: str,
                 epsilon: float | None = None, record: bool = True) -> None:
@@ -394,12 +419,19 @@ class EdgeAgent:
 
     # --- artifacts -------------------------------------------------------------------------
     def _on_artifact(self, header: ArtifactHeader, payload: bytes) -> None:
+        starts = header.round + 1  # the round whose task it comes with, which a refusal names
+        stale = self.fence.stale(f"the artifact of round {header.round} (the model round {starts} "
+                                 "starts from)", header.leader_epoch, starts)
+        if stale is not None:
+            self._send_refusal(starts, header.task, RefusalCode.STALE, stale)
+            return
         try:
             manifest, name = self._checked_artifact(header, payload)
         except ArtifactRefused as exc:
-            self._send_refusal(header.round + 1, header.task, RefusalCode.BAD_ARTIFACT, str(exc))
+            self._send_refusal(starts, header.task, RefusalCode.BAD_ARTIFACT, str(exc))
             return
         self.state.save_artifact(manifest, name, payload)
+        self._advance_fence(header.leader_epoch, starts)
         log.info("round %d: stored exported model %s", header.round, name)
 
     def _checked_artifact(self, header: ArtifactHeader, payload: bytes) -> tuple[dict, str]:

@@ -2,7 +2,8 @@
 
     state_dir/
       model.pt          the personalized model (Checkpoint), private tensors included
-      ledger.json       every DP step the device has spent, and the noise it calibrated
+      ledger.json       every DP step the device has spent (nothing of a refused task)
+      fence.json        the newest leader epoch and round it acted on (stale messages refused)
       tasks.json        finished task keys -> "sent" | "acked" | "refused"
       outbox/<key>.bin  update envelopes not yet acknowledged; resent until acknowledged
       artifact/         the latest exported model bundle (manifest.json + model-<p>.<f>.zst)
@@ -21,6 +22,8 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from device_profiles.files import atomic_publish_dir, atomic_write, recover_dir
 
@@ -61,6 +64,37 @@ def inside(folder: Path, name: str) -> Path:
     return path
 
 
+class Fence(BaseModel):
+    """The newest leader epoch and round this device has acted on (trained a task of, stored an
+    artifact of). A TASK or ARTIFACT from an older epoch (a deposed leader) or of an older round
+    (a replay; an artifact that would roll the exported model back) is stale.
+
+    Rounds are counted as tasks count them: an artifact of global model r is the model round
+    r + 1 starts from, and is sent with round r + 1's task, so it stands for round r + 1.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    leader_epoch: int = Field(0, ge=0)
+    round: int = Field(0, ge=0)
+
+    def stale(self, what: str, leader_epoch: int, round_number: int) -> str | None:
+        """Why a `what` ("task of round 3", say) from `leader_epoch` for task round
+        `round_number` is stale, or None when it is not."""
+        if leader_epoch < self.leader_epoch:
+            return (f"{what} comes from leader epoch {leader_epoch}, older than epoch "
+                    f"{self.leader_epoch} this device has already acted on: a deposed leader's "
+                    "message is not acted upon")
+        if round_number < self.round:
+            return (f"{what} is older than round {self.round}, which this device has already "
+                    "acted on: a replay or a late message, refused so the device never goes back "
+                    "to an older model")
+        return None
+
+    def advanced(self, leader_epoch: int, round_number: int) -> Fence:
+        return Fence(leader_epoch=max(self.leader_epoch, leader_epoch),
+                     round=max(self.round, round_number))
+
+
 class DeviceState:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -69,16 +103,24 @@ class DeviceState:
         recover_dir(self.artifact_dir)  # a bundle swap cut short by a crash: keep the old one
 
     # --- privacy -------------------------------------------------------------------------
-    def load_ledger(self) -> tuple[PrivacyLedger | None, float | None]:
+    def load_ledger(self) -> PrivacyLedger | None:
+        """The ledger as last saved (a noise multiplier that older versions kept beside it is
+        ignored: each task works out its own)."""
         path = self.root / "ledger.json"
         if not path.exists():
-            return None, None
-        data = json.loads(path.read_text())
-        return PrivacyLedger.from_json(json.dumps(data["ledger"])), data.get("noise_multiplier")
+            return None
+        return PrivacyLedger.from_json(json.dumps(json.loads(path.read_text())["ledger"]))
 
-    def save_ledger(self, ledger: PrivacyLedger, noise_multiplier: float | None) -> None:
-        atomic_write(self.root / "ledger.json", json.dumps(
-            {"ledger": json.loads(ledger.to_json()), "noise_multiplier": noise_multiplier}).encode())
+    def save_ledger(self, ledger: PrivacyLedger) -> None:
+        atomic_write(self.root / "ledger.json", json.dumps({"ledger": json.loads(ledger.to_json())}).encode())
+
+    # --- fencing -------------------------------------------------------------------------
+    def load_fence(self) -> Fence:
+        path = self.root / "fence.json"
+        return Fence.model_validate_json(path.read_bytes()) if path.exists() else Fence()
+
+    def save_fence(self, fence: Fence) -> None:
+        atomic_write(self.root / "fence.json", fence.model_dump_json().encode())
 
     # --- tasks and outbox ----------------------------------------------------------------
     def tasks(self) -> dict[str, str]:

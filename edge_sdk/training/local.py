@@ -111,8 +111,9 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
     if engine is not None:
         model.to_standard_module()  # remove Opacus's hooks: a later phase wraps the model again
         # Every logical Poisson batch is a step of the mechanism, empty or split into physical
-        # chunks alike, so the charge is the loader's batch count per epoch: exact.
-        report.privacy_history = [(float(noise_multiplier), float(loader.sample_rate),
+        # chunks alike, so the charge is the loader's batch count per epoch: exact. The noise
+        # is the one Opacus's optimizer added, read back from it, not the one it was asked for.
+        report.privacy_history = [(float(optimizer.noise_multiplier), float(loader.sample_rate),
                                    len(loader) * config.local_epochs)]
     return report
 
