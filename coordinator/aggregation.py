@@ -35,11 +35,16 @@ class StreamingAggregator:
         """Fold in one device's update: validated whole first, so a bad update changes nothing."""
         if not np.isfinite(weight) or weight <= 0:
             raise AggregationError(f"aggregation weight must be a positive finite number, got {weight}")
-        for name, tensor in tensors.items():
-            self._validate(name, tensor)
+        self.check(tensors)
         for name, tensor in tensors.items():
             self._add(name, tensor, weight)
         self.updates += 1
+
+    def check(self, tensors: Mapping[str, SparseTensor]) -> None:
+        """AggregationError unless every tensor of the update fits the global model (a caller
+        that folds updates in later still refuses a bad one when it arrives)."""
+        for name, tensor in tensors.items():
+            self._validate(name, tensor)
 
     def _validate(self, name: str, tensor: SparseTensor) -> None:
         if name not in self.shapes:

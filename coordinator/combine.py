@@ -4,11 +4,22 @@ The strategy says whether uploads are averaged as values or as changes from the 
 device started from (FFGG's server step needs changes, which also makes a stale update mean
 what it is); the aggregation rule (streaming mean by default, or a robust rule) combines them;
 the strategy's `server_update` turns the aggregate into the new global state.
+
+No device steers the round alone: its aggregation weight (its sample count, for sample-weighted
+strategies) is capped at `aggregator.max_weight_ratio` (k, default 3) times the lower median of
+the weights of the updates the round combines (`weight_cap`). A device that registered 1,000,000
+samples, planned at 74,277, next to two of 60 weighs 180, not 99.8% of the round. The median is
+only known once every weight is: a caller that knows them first (`weights`) has each update
+folded in as it comes; otherwise the combiner holds the round's updates until `result()`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import math
+import statistics
+from collections import Counter
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -16,6 +27,17 @@ from edge_sdk import codec
 
 from .robust import AggregatorSettings, make_aggregator
 from .strategies import Strategy
+
+log = logging.getLogger(__name__)
+
+
+def weight_cap(weights: Sequence[float], ratio: float | None) -> float:
+    """The largest aggregation weight one update may carry in a round of `weights`: `ratio`
+    times their lower median (a weight some update really has; with two updates the smaller,
+    so neither of two outweighs the other more than `ratio` to 1). inf without a ratio."""
+    if ratio is None or not weights:
+        return math.inf
+    return ratio * statistics.median_low(weights)
 
 
 def change_from(update: Mapping[str, codec.SparseTensor], base: Mapping[str, np.ndarray]
@@ -32,20 +54,50 @@ def change_from(update: Mapping[str, codec.SparseTensor], base: Mapping[str, np.
 
 class RoundCombiner:
     def __init__(self, strategy: Strategy, global_state: Mapping[str, np.ndarray],
-                 aggregator: AggregatorSettings | None = None, seed: int = 0):
+                 aggregator: AggregatorSettings | None = None, seed: int = 0,
+                 weights: Sequence[float] | None = None):
+        """`weights`: the weights of the updates the round will add, when the caller knows them
+        before the first (the service's commit: its accepted tasks); each update is then folded
+        in as it comes, and memory does not grow with the round. Without them the updates are
+        held until `result()`, which knows the cap only then."""
         self.strategy, self.global_state = strategy, global_state
+        self.max_weight_ratio = (aggregator or AggregatorSettings()).max_weight_ratio
         self.aggregator = make_aggregator({k: v.shape for k, v in global_state.items()}, aggregator,
                                           seed)
+        self.declared = None if weights is None else sorted(weights)
+        self.cap = None if weights is None else weight_cap(weights, self.max_weight_ratio)
+        self.added: list[float] = []
+        self.held: list[tuple[dict[str, codec.SparseTensor], float]] = []
 
     def add(self, update: Mapping[str, codec.SparseTensor], weight: float,
             base: Mapping[str, np.ndarray] | None = None) -> None:
         """`update` in global indices; `base`: the state the device started from (default: this
-        round's global state)."""
+        round's global state). A bad update is refused here (AggregationError), held or not."""
         if self.strategy.aggregates == "delta":
             update = change_from(update, self.global_state if base is None else base)
-        self.aggregator.add_update(update, weight)
+        self.aggregator.check(update)
+        self.added.append(weight)
+        if self.cap is None:
+            self.held.append((dict(update), weight))
+        else:
+            self._fold(update, weight)
+
+    def _fold(self, update: Mapping[str, codec.SparseTensor], weight: float) -> None:
+        if weight > self.cap:
+            log.info("an update's aggregation weight %g is capped at %g (aggregator."
+                     "max_weight_ratio %g x the round's median weight)", weight, self.cap,
+                     self.max_weight_ratio)
+        self.aggregator.add_update(update, min(weight, self.cap))
 
     def result(self) -> dict[str, np.ndarray]:
+        if self.declared is not None and Counter(self.declared) != Counter(self.added):
+            raise ValueError(f"the round declared update weights {self.declared} and added "
+                             f"{sorted(self.added)}: the cap would not be the round's")
+        if self.cap is None:
+            self.cap = weight_cap(self.added, self.max_weight_ratio)
+            held, self.held = self.held, []
+            for update, weight in held:
+                self._fold(update, weight)
         if self.strategy.aggregates == "delta":
             zeros = {k: np.zeros_like(v) for k, v in self.global_state.items()}
             return self.strategy.server_update(dict(self.global_state), self.aggregator.apply(zeros))

@@ -36,6 +36,9 @@ class AggregatorSettings(Settings):
     clip_radius: float = Field(1.0, gt=0)    # centered clipping: tau, in L2 norm of the whole update
     clip_iterations: int = Field(3, ge=1)
     bucket: int = Field(0, ge=0)             # 0 or 1: no bucketing
+    # k: no device weighs more than k times the round's (lower) median weight, whatever it claims
+    # (combine.weight_cap); None: weights as planned (FedAvg exactly, for reproducing papers).
+    max_weight_ratio: float | None = Field(3.0, ge=1)
 
 
 class RobustAggregator(StreamingAggregator):

@@ -38,7 +38,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeHistogramMetricFam
 from prometheus_client.registry import Collector
 from sqlalchemy import and_, case, func, select
 
-from edge_sdk.protocol.messages import RefusalCode
+from edge_sdk.protocol.messages import MAX_EPSILON, RefusalCode
 
 from .states import ROUND_IN_PROGRESS, RoundState, TaskState
 from .store import DeviceRow, RoundRow, Store, TaskRow, UpdateRow
@@ -273,7 +273,10 @@ class StoreCollector(Collector):
         yield planned
 
         epsilon = DeviceRow.epsilon
-        row = s.execute(select(*_histogram_query(epsilon, EPSILON_BUCKETS))
+        # Summed within the protocol's bound: a row stored before it (or by hand) at 1e308 would
+        # make the sum Infinity, and an error on PostgreSQL (the whole scrape a 500).
+        bounded = case((epsilon > MAX_EPSILON, MAX_EPSILON), else_=epsilon)
+        row = s.execute(select(*_histogram_query(bounded, EPSILON_BUCKETS))
                         .where(epsilon.is_not(None))).one()
         yield _histogram("fedprune_devices_epsilon_spent",
                          "Devices by the privacy budget (DP epsilon) they last reported spent "

@@ -23,6 +23,14 @@ from .topics import check_id
 from ..settings import DPSettings, TrainSettings
 from ..validation import describe
 
+# What a device says about itself is bounded, so nothing the coordinator stores or sums from it
+# overflows (sample counts are INTEGER columns; two epsilons of 1e308 summed are Infinity, and an
+# error on PostgreSQL). An epsilon this large is no privacy at all, but a device that trained
+# with almost no noise reports it honestly; a training run longer than 100 days is not one.
+MAX_SAMPLES = 2**31 - 1
+MAX_EPSILON = 1e15
+MAX_TRAIN_SECONDS = 1e7
+
 DeviceId = Annotated[str, AfterValidator(partial(check_id, "device id"))]
 TaskId = Annotated[str, AfterValidator(partial(check_id, "task id"))]
 
@@ -39,11 +47,11 @@ class _TaskKey(_Header):
 
 class RegisterHeader(_Header):
     profile: dict[str, Any]
-    num_samples: int = Field(ge=1)             # local training samples the device holds
+    num_samples: int = Field(ge=1, le=MAX_SAMPLES)  # local training samples the device holds
     formats: list[str] = ["onnx"]              # runtimes it can run exported models in
     sdk_version: str = "unknown"
-    epsilon_spent: float | None = Field(None, ge=0)
-    epsilon_budget: float | None = Field(None, gt=0)
+    epsilon_spent: float | None = Field(None, ge=0, le=MAX_EPSILON)
+    epsilon_budget: float | None = Field(None, gt=0, le=MAX_EPSILON)
     model_digest: str | None = None            # spec digest of the model the device holds
 
 
@@ -66,9 +74,9 @@ class TaskHeader(_TaskKey):
 
 
 class UpdateHeader(_TaskKey):
-    num_samples: int = Field(ge=1)
-    epsilon: float | None = Field(None, ge=0)
-    train_seconds: float = Field(0.0, ge=0)
+    num_samples: int = Field(ge=1, le=MAX_SAMPLES)
+    epsilon: float | None = Field(None, ge=0, le=MAX_EPSILON)
+    train_seconds: float = Field(0.0, ge=0, le=MAX_TRAIN_SECONDS)
     local_accuracy: float | None = Field(None, ge=0, le=1)  # personal model, local test split
     payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # checked by the coordinator
 
@@ -95,7 +103,7 @@ class RefusalCode(str, enum.Enum):
 class RefusalHeader(_TaskKey):
     code: RefusalCode
     message: str = Field(max_length=4096)
-    epsilon: float | None = Field(None, ge=0)
+    epsilon: float | None = Field(None, ge=0, le=MAX_EPSILON)
 
 
 class StatusHeader(_Header):
