@@ -21,7 +21,6 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
@@ -37,7 +36,8 @@ from device_profiles.readers import (
     os_description,
 )
 
-__all__ = ["measure_network", "measure_profile", "measure_reference_throughput", "parse_broker_url"]
+__all__ = ["link_topic", "measure_network", "measure_profile", "measure_reference_throughput",
+           "parse_broker_url"]
 
 
 def measure_reference_throughput(seconds: float, dp: bool, seed: int = 0) -> float:
@@ -55,32 +55,65 @@ def measure_reference_throughput(seconds: float, dp: bool, seed: int = 0) -> flo
                               batch_size=REFERENCE_BATCH_SIZE, seed=seed)
 
 
-def parse_broker_url(url: str) -> tuple[str, int]:
-    """mqtt://HOST[:PORT] -> (host, port); TLS (mqtts://) is not supported by this tool yet."""
-    parts = urlsplit(url)
+def _transport_module():
+    """edge_sdk.protocol.transport, the SDK's one MQTT client; paho-mqtt is needed only here."""
     try:
-        port = parts.port or 1883
-    except ValueError:
-        port = None
-    if parts.scheme not in ("mqtt", "tcp") or not parts.hostname or port is None:
-        raise ProfilingError(f"--broker {url!r}: expected mqtt://HOST[:PORT], e.g. mqtt://192.168.1.10:1883")
-    return parts.hostname, port
-
-
-def measure_network(url: str, pings: int = 10, measure_bandwidth: bool = True) -> dict[str, float | None]:
-    """Latency and link rate to the coordinator's MQTT broker (`device_profiles.network`), over
-    the shared `MqttTransport`: a one-off clean session subscribed to a topic of its own."""
-    try:
-        from .protocol.transport import MqttTransport, TransportError
+        from .protocol import transport
     except ImportError:
         raise ProfilingError("--broker needs paho-mqtt on the device: pip install paho-mqtt, "
                              "or pass --bandwidth UP,DOWN instead") from None
+    return transport
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """mqtt://HOST[:1883] or mqtts://HOST[:8883] -> (host, port), parsed as the agent's own
+    connection parses it (`BrokerAddress`), so the profiler accepts every broker the agent does."""
+    try:
+        address = _transport_module().BrokerAddress.parse(url)
+    except ValueError:
+        raise ProfilingError(f"--broker {url!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT] "
+                             f"(TLS), e.g. mqtt://192.168.1.10:1883") from None
+    return address.host, address.port
+
+
+def link_topic(root: str, device: str) -> str:
+    """`<root>/profile/<device>`: the topic a provisioned device runs its link test on, under its
+    fleet's root and its own id, so that one broker ACL line (`pattern readwrite
+    <root>/profile/%u`) lets each device echo to itself and to no other."""
+    return f"{root}/profile/{device}"
+
+
+def measure_network(url: str, pings: int = 10, measure_bandwidth: bool = True, *,
+                    username: str | None = None, password: str | None = None,
+                    tls_ca: str | None = None, topic: str | None = None) -> dict[str, float | None]:
+    """Latency and link rate to the coordinator's MQTT broker (`device_profiles.network`), over
+    the shared `MqttTransport`: a one-off clean session subscribed to `topic`, which it publishes
+    to and reads back.
+
+    A device of a provisioned fleet passes what its agent connects with (edge.toml's broker URL,
+    user name, password and fleet CA for mqtts://) and its `link_topic`: the broker's ACL allows
+    it no other. Such a broker makes the client id the user name, so this clean session replaces
+    the device's own persistent one: it runs before the agent first connects (`profile =
+    "measure"` measures once, at the agent's first start). Without a topic, a random one under
+    fedprune/profile/ (an open broker, `fedprune-edge profile --broker`).
+    """
+    transport_module = _transport_module()
     parse_broker_url(url)
     token = uuid.uuid4().hex[:12]
-    topic = f"fedprune/profile/{token}"
-    # Not reconnected, and acknowledged by paho on arrival: nothing here is worth redelivering.
-    transport = MqttTransport(f"fedprune-profile-{token}", url, clean_session=True,
-                              reconnect=False, manual_ack=False)
+    topic = topic or f"fedprune/profile/{token}"
+
+    def fail(why: str) -> ProfilingError:
+        return ProfilingError(f"MQTT broker {url}: {why}. Check the address, the credentials and CA "
+                              f"of a TLS broker, and that the broker is running, or pass "
+                              f"--bandwidth UP,DOWN instead of --broker")
+
+    try:
+        # Not reconnected, and acknowledged by paho on arrival: nothing here is worth redelivering.
+        transport = transport_module.MqttTransport(
+            f"fedprune-profile-{token}", url, username=username, password=password, tls_ca=tls_ca,
+            clean_session=True, reconnect=False, manual_ack=False)
+    except (ValueError, OSError) as exc:  # tls_ca on mqtt://, an unreadable CA file
+        raise fail(str(exc)) from None
 
     def receive(timeout: float) -> tuple[bytes, float] | None:
         try:
@@ -89,16 +122,12 @@ def measure_network(url: str, pings: int = 10, measure_bandwidth: bool = True) -
             return None
         return delivery.payload, delivery.arrived
 
-    def fail(why: str) -> ProfilingError:
-        return ProfilingError(f"MQTT broker {url}: {why}. Check the address and that the broker is "
-                              f"running, or pass --bandwidth UP,DOWN instead of --broker")
-
     try:
         transport.connect(PING_TIMEOUT_S)
         transport.subscribe(topic, PING_TIMEOUT_S)
         return measure_link(lambda payload: transport.publish(topic, payload), receive, pings,
                             measure_bandwidth)
-    except TransportError as exc:
+    except transport_module.TransportError as exc:
         raise fail(str(exc)) from None
     except ProfilingError as exc:
         raise fail(f"on {topic}, {exc}") from None
@@ -111,12 +140,15 @@ def measure_profile(name: str | None = None, broker: str | None = None,
                     disk_path: str | Path = ".", proc_root: str | Path = "/proc",
                     cgroup_root: str | Path = "/sys/fs/cgroup",
                     power_supply_root: str | Path = "/sys/class/power_supply",
-                    progress: bool = True) -> DeviceProfile:
+                    progress: bool = True, *, username: str | None = None,
+                    password: str | None = None, tls_ca: str | None = None,
+                    topic: str | None = None) -> DeviceProfile:
     """Measure this device and return its validated profile.
 
     Memory is read before anything else, so the profiler's own model is not counted against the
     device; the network is measured before compute, so a wrong broker address fails in seconds
-    and the link test does not compete with training for the CPU.
+    and the link test does not compete with training for the CPU. `username`, `password`,
+    `tls_ca` and `topic` are how the link test reaches the broker: see `measure_network`.
     """
     if broker is None and bandwidth is None:
         raise ProfilingError("no way to know the link to the coordinator: pass --broker "
@@ -131,7 +163,9 @@ def measure_profile(name: str | None = None, broker: str | None = None,
     }
     if broker is not None:
         steps["network"] = lambda: measure_network(broker, pings=5 if quick else 10,
-                                                   measure_bandwidth=bandwidth is None)
+                                                   measure_bandwidth=bandwidth is None,
+                                                   username=username, password=password,
+                                                   tls_ca=tls_ca, topic=topic)
     steps["compute (plain)"] = lambda: measure_reference_throughput(seconds, dp=False)
     steps["compute (DP)"] = lambda: measure_reference_throughput(seconds, dp=True)
 

@@ -18,6 +18,11 @@ from device_profiles import network
 from device_profiles.network import measure_link, parse_bandwidth
 from device_profiles.readers import battery_state, cgroup_memory, memory_budget, read_meminfo
 from device_profiles.throughput import measure_throughput
+from edge_sdk.agent import DeviceState, load_edge_config
+from edge_sdk.agent.runner import load_profile_dict
+from edge_sdk.profiling import link_topic, measure_network
+from edge_sdk.protocol import Topics
+from harness.brokers import provisioned_mosquitto
 
 MIB = 1 << 20
 MEMINFO = """\
@@ -244,3 +249,55 @@ def test_nested_cgroup_v2_limits_follow_the_process_and_the_tightest_ancestor_wi
     assert cgroup_memory(cgroup, self_cgroup) == (256 * MIB, 56 * MIB)
     self_cgroup.write_text("0::/\n")
     assert cgroup_memory(cgroup, self_cgroup) == (None, 900 * MIB)
+
+
+# --- profile = "measure" into a provisioned fleet: mqtts://, the device's own credentials ---------
+
+LINK_FLEET = "linktest"
+
+
+def _grant_link_topics(broker_dir: Path) -> None:
+    """Each device may read and write its own link-test topic and no other's. `fedprune coordinator
+    provision` does not write this ACL line yet: it is added here only while its ACL lacks it."""
+    line = f"pattern readwrite {link_topic(Topics(LINK_FLEET).root, '%u')}"
+    acl = (broker_dir / "acl").read_text()
+    if line not in acl:
+        (broker_dir / "acl").write_text(acl + line + "\n")
+
+
+@pytest.fixture(scope="module")
+def provisioned():
+    """A Mosquitto configured by `fedprune coordinator provision`: TLS, a password file, ACLs."""
+    with provisioned_mosquitto(LINK_FLEET, ["dev-p"], ["127.0.0.1"], prefix="fedprune-link-",
+                               before_start=_grant_link_topics) as (prov, _):
+        yield load_edge_config(prov / "devices" / "dev-p" / "edge.toml")
+
+
+def test_a_provisioned_device_measures_its_own_profile_over_tls_with_its_credentials(provisioned,
+                                                                                      tmp_path):
+    """The agent's `profile = "measure"` with the edge.toml `provision` wrote: mqtts://, its user
+    name, password and fleet CA; the broker refuses anonymous clients and plaintext."""
+    assert provisioned.broker.startswith("mqtts://") and provisioned.password and provisioned.tls_ca
+    config = provisioned.model_copy(update={"profile": "measure", "state_dir": str(tmp_path / "state")})
+    profile = load_profile_dict(config, DeviceState(config.state_dir))
+    assert profile["name"] == "dev-p" and f"link measured through {config.broker}" in profile["source"]
+    network = profile["network"]
+    assert network["source"] == "measured" and network["latency_ms"] > 0
+    assert network["uplink_bytes_per_s"] > 0 and network["downlink_bytes_per_s"] > 0
+    assert load_profile(tmp_path / "state" / "profile.json").model_dump(mode="json") == profile
+    assert provisioned.password not in (tmp_path / "state" / "profile.json").read_text()
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"password": "not-the-password"}, "refused by the broker"),
+    ({"tls_ca": None}, "certificate verify failed"),  # the system's trust store: not the fleet CA
+    ({"tls_ca": "/nonexistent/ca.crt"}, "No such file"),
+])
+def test_the_link_test_says_why_the_broker_refused_it(provisioned, change, reason):
+    login = {"username": provisioned.username, "password": provisioned.password,
+             "tls_ca": provisioned.tls_ca, **change}
+    with pytest.raises(ProfilingError, match=reason) as err:
+        measure_network(provisioned.broker, pings=1, topic=link_topic(Topics(LINK_FLEET).root, "dev-p"),
+                        **login)
+    assert provisioned.broker in str(err.value) and "credentials" in str(err.value)
+    assert provisioned.password not in str(err.value)
