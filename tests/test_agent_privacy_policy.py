@@ -20,10 +20,11 @@ import pytest
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from edge_sdk.agent import EdgeAgent, EdgeSettings
-from edge_sdk.protocol import MessageType, decode_envelope, encode_envelope, parse_header
+from edge_sdk.agent import EdgeSettings
+from edge_sdk.protocol import decode_envelope, parse_header
 from edge_sdk.training import PrivacyLedger
-from harness.devices import DEVICE, capture, refusals_in
+from harness.device_tasks import first_task, restart_agent, send_task, task_variant
+from harness.devices import DEVICE, refusals_in
 from harness.fleet import Harness
 from test_privacy import independent_epsilon
 
@@ -77,31 +78,6 @@ def test_the_ledger_accounts_at_the_devices_delta_whatever_the_task_says(tmp_pat
 
 
 # --- each task's own noise; nothing saved for a refused task; restarts -------------------------
-def _one_task(h: Harness) -> bytes:
-    """The engine's round-1 task for the device (dp: noise 1.0), to be re-sent with changes."""
-    h.register_all()
-    h.engine.tick()
-    [(_, genuine)] = h.take(h.to_devices, "task", DEVICE)
-    return genuine
-
-
-def _variant(genuine: bytes, **header) -> bytes:
-    """`genuine` with header fields replaced (unsigned: these agents hold no coordinator key)."""
-    envelope = decode_envelope(genuine)
-    return encode_envelope(MessageType.TASK, {**envelope.header, **header}, envelope.payload)
-
-
-def _restart(h: Harness, **settings) -> EdgeAgent:
-    """The device restarted: a new agent on the same state directory (and `settings` changed)."""
-    config = EdgeSettings.model_validate({**h.agents[DEVICE].config.model_dump(), **settings})
-    h.agents[DEVICE] = EdgeAgent(config, publish=capture(h.to_coordinator))
-    return h.agents[DEVICE]
-
-
-def _send(h: Harness, message: bytes) -> None:
-    h.agents[DEVICE].handle(h.topics.task(DEVICE), message)
-
-
 def _saved_history(h: Harness) -> list[tuple[float, float, int]]:
     ledger = json.loads((h.agents[DEVICE].state.root / "ledger.json").read_text())
     assert set(ledger) == {"ledger"}, "only the ledger is saved, no noise beside it"
@@ -120,17 +96,17 @@ def test_too_little_noise_is_refused_saves_nothing_and_a_later_good_task_trains(
     """Before: a require_dp device trained at noise 1e-6 (epsilon ~1e12); a budgeted one refused
     it but kept its noise, and after a restart trained every later task at it: refused forever."""
     h = Harness(tmp_path, sqlite_url, devices=1, dp={"noise_multiplier": 1.0})
-    genuine = _one_task(h)
-    agent = _restart(h, **policy)
-    _send(h, _variant(genuine, task="bad", dp={"noise_multiplier": 1e-6}))
+    genuine = first_task(h)
+    agent = restart_agent(h, **policy)
+    send_task(h, task_variant(genuine, task="bad", dp={"noise_multiplier": 1e-6}))
     refusal = _only_refusal(h)
     assert refusal.code.value == "privacy_policy"
     assert "noise multiplier 1e-06, below this device's min_noise_multiplier 0.5" in refusal.message
     assert sorted(p.name for p in agent.state.root.iterdir()) == ["outbox", "tasks.json"]
     assert agent.state.tasks() == {"r000001-bad": "refused"}
 
-    _restart(h)
-    _send(h, _variant(genuine, task="good", dp={"noise_multiplier": 1.0}))
+    restart_agent(h)
+    send_task(h, task_variant(genuine, task="good", dp={"noise_multiplier": 1.0}))
     [(_, update)] = h.take(h.to_coordinator, "update", DEVICE)
     [(noise, rate, steps)] = _saved_history(h)
     assert noise == 1.0
@@ -141,15 +117,16 @@ def test_too_little_noise_is_refused_saves_nothing_and_a_later_good_task_trains(
 
 def test_a_task_whose_own_epsilon_is_over_the_ceiling_is_refused(tmp_path, sqlite_url):
     h = Harness(tmp_path, sqlite_url, devices=1, dp={"noise_multiplier": 1.0})
-    genuine = _one_task(h)
-    agent = _restart(h, require_dp=True)
-    _send(h, _variant(genuine, task="weak", dp={"noise_multiplier": 0.55}))  # above the minimum
+    genuine = first_task(h)
+    agent = restart_agent(h, require_dp=True)
+    # Above the minimum noise, but this task alone would spend epsilon ~13
+    send_task(h, task_variant(genuine, task="weak", dp={"noise_multiplier": 0.55}))
     refusal = _only_refusal(h)
     assert refusal.code.value == "privacy_policy"
     assert "over this device's max_task_epsilon 10 (edge.toml)" in refusal.message
     assert not (agent.state.root / "ledger.json").exists()
-    _restart(h, require_dp=True, max_task_epsilon=100.0)  # the device's own choice
-    _send(h, _variant(genuine, task="weak-again", dp={"noise_multiplier": 0.55}))
+    restart_agent(h, require_dp=True, max_task_epsilon=100.0)  # the device's own choice
+    send_task(h, task_variant(genuine, task="weak-again", dp={"noise_multiplier": 0.55}))
     assert len(h.take(h.to_coordinator, "update", DEVICE)) == 1
     assert [entry[0] for entry in _saved_history(h)] == [0.55]
 
@@ -157,12 +134,12 @@ def test_a_task_whose_own_epsilon_is_over_the_ceiling_is_refused(tmp_path, sqlit
 def test_every_task_trains_at_its_own_noise_before_and_after_a_restart(tmp_path, sqlite_url):
     """Before: the first task's noise was kept (and restored from disk) for every later task."""
     h = Harness(tmp_path, sqlite_url, devices=1, budgets={0: 50.0}, dp={"noise_multiplier": 1.0})
-    genuine = _one_task(h)
-    _send(h, _variant(genuine, task="first", dp={"noise_multiplier": 2.0}))
-    _send(h, _variant(genuine, round=2, task="second", dp={"noise_multiplier": 1.0}))
-    _restart(h)
-    _send(h, _variant(genuine, round=3, task="third", planned_rounds=4,
-                      dp={"target_epsilon": 3.0, "delta": 1e-5}))
+    genuine = first_task(h)
+    send_task(h, task_variant(genuine, task="first", dp={"noise_multiplier": 2.0}))
+    send_task(h, task_variant(genuine, round=2, task="second", dp={"noise_multiplier": 1.0}))
+    restart_agent(h)
+    send_task(h, task_variant(genuine, round=3, task="third", planned_rounds=4,
+                              dp={"target_epsilon": 3.0, "delta": 1e-5}))
     updates = [parse_header(decode_envelope(p)) for _, p in h.take(h.to_coordinator, "update", DEVICE)]
     assert [u.task for u in updates] == ["first", "second", "third"]
     history = _saved_history(h)

@@ -112,7 +112,8 @@ class DeviceState:
         return PrivacyLedger.from_json(json.dumps(json.loads(path.read_text())["ledger"]))
 
     def save_ledger(self, ledger: PrivacyLedger) -> None:
-        atomic_write(self.root / "ledger.json", json.dumps({"ledger": json.loads(ledger.to_json())}).encode())
+        atomic_write(self.root / "ledger.json",
+                     json.dumps({"ledger": json.loads(ledger.to_json())}).encode())
 
     # --- fencing -------------------------------------------------------------------------
     def load_fence(self) -> Fence:
