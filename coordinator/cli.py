@@ -202,7 +202,12 @@ def _report(args: argparse.Namespace) -> int:
     for name, why in report.skipped.items():
         print(f"skipped {name}: {why}")
     print(f"open {report.index}")
-    return 0
+    for why in report.unread:  # drawn without them; the exit status says the report is partial
+        print(f"fedprune report: error: {why}", file=sys.stderr)
+    if report.failed:
+        print(f"fedprune report: error: not drawn: {', '.join(report.failed)} (reasons above)",
+              file=sys.stderr)
+    return 2 if report.unread else 1 if report.failed else 0
 
 
 def _api_status(args: argparse.Namespace) -> int:

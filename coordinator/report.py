@@ -18,8 +18,13 @@ solid, global dashed), `epsilon_by_device.png`, `fleet_plans.png` (width and dow
 keep per device), `devices_per_round.png` (devices in and out of each round). Matplotlib draws
 through its Agg canvas directly (no pyplot state, no display).
 
-A file that is not a results file raises `ReportError` naming the file and what is wrong; a valid
-file with fields missing loses only the figures that need them.
+A results file is parsed with the bounded JSON reader (edge_sdk.validation: nesting, integer
+lengths and size bounded, NaN and Infinity refused). A file that cannot be read or is not a
+results file is left out, named with what is wrong, and the other files are still drawn
+(`Report.unread`); a valid file with fields missing loses only the figures that need them. Text
+from the files (labels, device names) is drawn as it is, never as mathtext (a `$` in a label
+made matplotlib raise), and a figure matplotlib still cannot draw is listed with the reason while
+the others are drawn (`Report.failed`).
 """
 
 from __future__ import annotations
@@ -32,10 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_sdk.validation import load_json
+
 FIGURES = ("accuracy_by_round.png", "accuracy_by_bytes.png", "epsilon_by_device.png",
            "fleet_plans.png", "devices_per_round.png")
 DPI = 110
 MAX_COLUMNS = 3
+MAX_RESULTS_BYTES = 256 * 1024 * 1024  # a results file of thousands of rounds is a few MB
 
 
 class ReportError(ValueError):
@@ -302,40 +310,53 @@ def _named(name: str, read, *args):
         raise
 
 
-def load_runs(paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[Run]:
-    """Every run in the files. `labels`, one per file, name the runs (default: the label the file
-    carries, else its name); a file of several runs adds each run's own name to it."""
+def load_runs(paths: Sequence[str | Path], labels: Sequence[str] | None = None
+              ) -> tuple[list[Run], list[str]]:
+    """Every run in the files, and `PATH: why` for each file that could not be read. `labels`, one per
+    file, name the runs (default: the label the file carries, else its name); a file of several
+    runs adds each run's own name to it."""
     if labels and len(labels) != len(paths):
         raise ReportError(f"{len(labels)} labels for {len(paths)} results files: give one "
                           "--label per file, in the same order, or none")
     stems = [Path(p).stem for p in paths]
     runs: list[Run] = []
+    unread: list[str] = []
     for n, path in enumerate(paths):
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ReportError(f"{path}: cannot read it: {exc}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ReportError(f"{path}: not JSON: {exc}") from None
-        found = _named(str(path), _runs_in, data, str(path))
-        if labels:
-            base = labels[n]
-        elif len(found) == 1 and found[0][0] and not isinstance(data, list):
-            base = None  # the file's own label
-        else:
-            base = f"{path.parent.name}/{path.stem}" if stems.count(path.stem) > 1 else path.stem
-        for sub, run, where in found:
-            label = base if len(found) == 1 and base else \
-                " ".join(x for x in (base, sub) if x) or path.stem
-            runs.append(_named(str(path), _read_run, label, str(path), run, where))
+            runs += _file_runs(path, labels[n] if labels else None, stems.count(path.stem) > 1)
+        except ReportError as exc:
+            unread.append(str(exc))
     seen: dict[str, int] = {}
     for run in runs:  # labels are legends: keep them apart
         seen[run.label] = seen.get(run.label, 0) + 1
         if seen[run.label] > 1:
             run.label = f"{run.label} ({seen[run.label]})"
+    return runs, unread
+
+
+def _file_runs(path: Path, label: str | None, stem_taken: bool) -> list[Run]:
+    """The runs of one results file; ReportError `PATH: what is wrong` if it has none to give."""
+    try:
+        with path.open("rb") as file:
+            raw = file.read(MAX_RESULTS_BYTES + 1)
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        data = load_json(raw, "it", ReportError, MAX_RESULTS_BYTES)
+    except ReportError as exc:
+        raise ReportError(f"{path}: {exc}") from None
+    found = _named(str(path), _runs_in, data, str(path))
+    if label:
+        base = label
+    elif len(found) == 1 and found[0][0] and not isinstance(data, list):
+        base = None  # the file's own label
+    else:
+        base = f"{path.parent.name}/{path.stem}" if stem_taken else path.stem
+    runs = []
+    for sub, run, where in found:
+        name = base if len(found) == 1 and base else " ".join(x for x in (base, sub) if x) or path.stem
+        runs.append(_named(str(path), _read_run, name, str(path), run, where))
     return runs
 
 
@@ -525,6 +546,8 @@ class Report:
     figures: dict[str, str] = field(default_factory=dict)  # file name -> caption
     skipped: dict[str, str] = field(default_factory=dict)  # file name -> why
     notes: dict[str, list[str]] = field(default_factory=dict)  # file name -> runs left out of it
+    unread: list[str] = field(default_factory=list)  # "results file: why it was not read"
+    failed: list[str] = field(default_factory=list)  # figures matplotlib could not draw (in skipped)
 
     @property
     def index(self) -> Path:
@@ -537,23 +560,43 @@ def _left_out(report: Report, name: str, runs: list[Run], kept: list[Run], why: 
         report.notes.setdefault(name, []).append(f"not drawn ({why}): {', '.join(missing)}")
 
 
+def _draw(report: Report, name: str, draw, *args) -> bool:
+    """`draw(*args)` with the files' text drawn as plain text (never mathtext); whether it drew.
+    A figure matplotlib cannot draw anyway (any of its exceptions: an axis limit it refuses, a
+    font) is listed as not drawn with the reason, and the other figures are still drawn."""
+    import matplotlib
+
+    try:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            draw(*args)
+    except Exception as exc:  # matplotlib raises many types; the report must go on without it
+        (report.out / name).unlink(missing_ok=True)
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        report.skipped[name] = f"matplotlib could not draw it ({type(exc).__name__}: {reason})"
+        report.failed.append(name)
+        return False
+    return True
+
+
 def write_report(runs: list[Run], out: str | Path, title: str = "fedprune report",
-                 command: str | None = None) -> Report:
-    """Draw every figure the runs allow into `out`, and `out/index.html` showing them."""
+                 command: str | None = None, unread: Sequence[str] = ()) -> Report:
+    """Draw every figure the runs allow into `out`, and `out/index.html` showing them and
+    listing the `unread` results files."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(out)
+    report = Report(out, unread=list(unread))
     for stale in FIGURES:  # a figure this report does not draw must not be left from an older one
         (out / stale).unlink(missing_ok=True)
 
     with_accuracy = [r for r in runs if r.has(r.personalized) or r.has(r.global_accuracy)]
     name = "accuracy_by_round.png"
     if with_accuracy:
-        _accuracy(with_accuracy, lambda r: r.rounds, "round", "Accuracy after each round",
-                  out / name)
-        report.figures[name] = ("Accuracy after each round: personalized (each device's own model "
-                                "on its own test split; solid) and the global model (dashed).")
-        _left_out(report, name, runs, with_accuracy, "no accuracy in its rounds")
+        if _draw(report, name, _accuracy, with_accuracy, lambda r: r.rounds, "round",
+                  "Accuracy after each round", out / name):
+            report.figures[name] = ("Accuracy after each round: personalized (each device's own "
+                                    "model on its own test split; solid) and the global model "
+                                    "(dashed).")
+            _left_out(report, name, runs, with_accuracy, "no accuracy in its rounds")
     else:
         report.skipped[name] = "no run has accuracies in its rounds (a service run with " \
                                "evaluation off reports none)"
@@ -561,23 +604,23 @@ def write_report(runs: list[Run], out: str | Path, title: str = "fedprune report
     name = "accuracy_by_bytes.png"
     with_bytes = [r for r in with_accuracy if r.has(r.cumulative_bytes)]
     if with_bytes:
-        _accuracy(with_bytes, lambda r: [b / 1e6 for b in r.cumulative_bytes],
-                  "cumulative bytes, up + down (MB)", "Accuracy against the bytes moved",
-                  out / name)
-        report.figures[name] = ("Accuracy against the cumulative bytes moved (uploads plus "
-                                "downloads, codec payloads) up to each round.")
-        _left_out(report, name, runs, with_bytes, "no accuracy or no bytes in its rounds")
+        if _draw(report, name, _accuracy, with_bytes, lambda r: [b / 1e6 for b in r.cumulative_bytes],
+                 "cumulative bytes, up + down (MB)", "Accuracy against the bytes moved", out / name):
+            report.figures[name] = ("Accuracy against the cumulative bytes moved (uploads plus "
+                                    "downloads, codec payloads) up to each round.")
+            _left_out(report, name, runs, with_bytes, "no accuracy or no bytes in its rounds")
     else:
         report.skipped[name] = "no run has both accuracies and bytes_up/bytes_down in its rounds"
 
     name = "epsilon_by_device.png"
     with_eps = [r for r in runs if r.epsilon_by_round or r.epsilon_final or r.epsilon_max_by_round]
     if with_eps:
-        _epsilon(with_eps, out / name)
-        report.figures[name] = ("The privacy spent (record-level epsilon): per device after each "
-                                "round it trained in when the results have it, else the round's "
-                                "maximum and each device's at the end; dotted: the budget.")
-        _left_out(report, name, runs, with_eps, "no epsilon: trained without DP")
+        if _draw(report, name, _epsilon, with_eps, out / name):
+            report.figures[name] = ("The privacy spent (record-level epsilon): per device after "
+                                    "each round it trained in when the results have it, else the "
+                                    "round's maximum and each device's at the end; dotted: the "
+                                    "budget.")
+            _left_out(report, name, runs, with_eps, "no epsilon: trained without DP")
     else:
         report.skipped[name] = "no run has epsilon (none trained with DP, e.g. --set " \
                                "dp.target_epsilon=4)"
@@ -585,12 +628,13 @@ def write_report(runs: list[Run], out: str | Path, title: str = "fedprune report
     name = "fleet_plans.png"
     with_plans = [r for r in runs if r.plans]
     if with_plans:
-        _plans(with_plans, out / name)
-        report.figures[name] = ("The fleet's sizing: width ratio and download / upload keep per "
-                                "device (hatched: left out, no plan that fits). From the planner's "
-                                "plans where the results have them (--fleet, the service), else "
-                                "from each device's last task.")
-        _left_out(report, name, runs, with_plans, "no plans, every task at full width and keep")
+        if _draw(report, name, _plans, with_plans, out / name):
+            report.figures[name] = ("The fleet's sizing: width ratio and download / upload keep "
+                                    "per device (hatched: left out, no plan that fits). From the "
+                                    "planner's plans where the results have them (--fleet, the "
+                                    "service), else from each device's last task.")
+            _left_out(report, name, runs, with_plans,
+                      "no plans, every task at full width and keep")
     else:
         report.skipped[name] = "no run has plans (simulate --fleet, demo) or tasks below full " \
                                "width or keep"
@@ -598,13 +642,13 @@ def write_report(runs: list[Run], out: str | Path, title: str = "fedprune report
     name = "devices_per_round.png"
     with_flows = [r for r in runs if r.flows and (r.kind == "service" or r.lost_anything)]
     if with_flows:
-        _flows(with_flows, out / name)
-        report.figures[name] = ("Devices in and out of each round: selected (service) or sent a "
-                                "task (simulation), accepted into the aggregate, straggled (past "
-                                "the deadline), out of memory, refused, rejected, left out (no plan "
-                                "fits).")
-        _left_out(report, name, runs, with_flows,
-                  "a simulation where every device sent was accepted")
+        if _draw(report, name, _flows, with_flows, out / name):
+            report.figures[name] = ("Devices in and out of each round: selected (service) or sent "
+                                    "a task (simulation), accepted into the aggregate, straggled "
+                                    "(past the deadline), out of memory, refused, rejected, left "
+                                    "out (no plan fits).")
+            _left_out(report, name, runs, with_flows,
+                      "a simulation where every device sent was accepted")
     else:
         report.skipped[name] = "no service results, and no simulation lost a device in a round"
 
@@ -641,6 +685,10 @@ def _html(report: Report, runs: list[Run], title: str, command: str | None) -> s
         notes = "".join(f"<br><small>{e(n)}</small>" for n in report.notes.get(name, []))
         parts.append(f'<figure id="{e(name)}"><img src="{e(name)}" alt="{e(caption)}">'
                      f"<figcaption><code>{e(name)}</code>: {e(caption)}{notes}</figcaption></figure>")
+    if report.unread:
+        parts.append("<h2>Results files not read</h2><ul>")
+        parts += [f"<li>{e(why)}</li>" for why in report.unread]
+        parts.append("</ul>")
     if report.skipped:
         parts.append("<h2>Not drawn</h2><ul>")
         parts += [f"<li><code>{e(name)}</code>: {e(why)}</li>" for name, why in report.skipped.items()]
@@ -651,7 +699,11 @@ def _html(report: Report, runs: list[Run], title: str, command: str | None) -> s
 
 def report_files(paths: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
                  title: str = "fedprune report", command: str | None = None) -> Report:
-    return write_report(load_runs(paths, labels), out, title, command)
+    """The report of every results file that can be read; ReportError when none can."""
+    runs, unread = load_runs(paths, labels)
+    if not runs:
+        raise ReportError("; ".join(unread))
+    return write_report(runs, out, title, command, unread)
 
 
 def report_results(results: Sequence[tuple[str, dict]], out: str | Path,

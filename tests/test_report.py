@@ -1,6 +1,8 @@
 """`fedprune report`: two real simulations' results (one plain, one on a planned fleet with DP)
 and a coordinator service's round summaries become PNG figures and an HTML page that shows them;
-a file that is not a results file is refused with its name and what is wrong."""
+a file that is not a results file is refused with its name and what is wrong; hostile files
+(a `$` label, an Infinity, deep nesting, numbers matplotlib cannot place) never end the report
+with a traceback: the rest is drawn and what was not is listed."""
 
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def test_missing_fields_skip_figures_with_a_note(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("{not json", "not JSON"),
+    ("{not json", "not valid JSON"),
     ('"a string"', "expected a results object"),
     ('{"model": "mlp"}', "not a fedprune results file"),
     ('{"rounds": {"round": 1}}', "rounds: expected a list"),
@@ -125,3 +127,44 @@ def test_labels_must_match_the_files(tmp_path, capsys):
     path.write_text(json.dumps(_service_results()))
     assert main(["report", str(path), "--label", "a", "--label", "b", "--out", str(tmp_path)]) == 2
     assert "2 labels for 1 results files" in capsys.readouterr().err
+
+
+def test_hostile_files_are_listed_and_the_rest_is_drawn(tmp_path, capsys):
+    good = tmp_path / "good.json"
+    results = _service_results()
+    for i, device in enumerate(results["devices"]):  # mathtext that matplotlib cannot parse
+        device["id"] = f"$x^{{{i}$"
+    good.write_text(json.dumps({"label": r"$\frac{a$ run", "result": results}))
+    infinite = tmp_path / "infinite.json"
+    infinite.write_text(json.dumps(_service_results()).replace('"epsilon_max": 2.0', '"epsilon_max": Infinity'))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    out = tmp_path / "out"
+    assert main(["report", str(good), str(infinite), str(deep), "--out", str(out),
+                 "--label", "$5 $ fleet", "--label", "b", "--label", "c"]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    assert f"fedprune report: error: {infinite}: " in captured.err and "Infinity is not a number" in captured.err
+    assert f"fedprune report: error: {deep}: " in captured.err and "nests 100000 levels" in captured.err
+    for name in ("accuracy_by_round.png", "epsilon_by_device.png", "fleet_plans.png",
+                 "devices_per_round.png"):
+        _assert_real_png(out / name)
+    index = (out / "index.html").read_text()
+    assert "Results files not read" in index and "<td>$5 $ fleet</td>" in index
+    assert index.count("<li>") >= 2 and str(deep) in index
+
+
+def test_a_figure_matplotlib_cannot_draw_is_listed_and_the_others_are_drawn(tmp_path, capsys):
+    results = _service_results()
+    results["rounds"][1]["global_accuracy"] = 1.7e308  # finite, but no axis can hold it
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps(results))
+    out = tmp_path / "out"
+    assert main(["report", str(path), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert "skipped accuracy_by_round.png: matplotlib could not draw it (ValueError" in captured.out
+    assert "fedprune report: error: not drawn: accuracy_by_round.png" in captured.err
+    assert not (out / "accuracy_by_round.png").exists()
+    for name in ("epsilon_by_device.png", "fleet_plans.png", "devices_per_round.png"):
+        _assert_real_png(out / name)
