@@ -17,6 +17,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -54,6 +55,16 @@ def _ok(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout
 
 
+class Installed(NamedTuple):
+    python: Path  # the venv's interpreter
+    bin: Path  # its console scripts
+    site: Path  # its site-packages, where the wheel went
+    work: Path  # the working directory: nothing beside it, no shared/ above it
+    env: dict[str, str]  # no FEDPRUNE_DATA, no PYTHONPATH, no downloads
+    data: Path  # the datasets (Fashion-MNIST only), for --data-dir
+    wheel: Path
+
+
 def _copy_sources(dest: Path) -> None:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, dest / name)
@@ -63,9 +74,8 @@ def _copy_sources(dest: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """(venv python, venv bin folder, a work folder, its environment, the dataset folder, the
-    wheel): the wheel installed in a fresh venv; the work folder has nothing beside it."""
+def installed(tmp_path_factory) -> Installed:
+    """The wheel, built from the checkout's sources and installed in a fresh venv."""
     tmp = tmp_path_factory.mktemp("packaging")
     src, wheels, work = tmp / "src", tmp / "wheels", tmp / "nothing-beside" / "work"
     for folder in (src, wheels, work):
@@ -92,14 +102,15 @@ def installed(tmp_path_factory):
     env = {key: value for key, value in os.environ.items()
            if key not in ("FEDPRUNE_DATA", "PYTHONPATH", "VIRTUAL_ENV")}
     env.update(FEDPRUNE_DOWNLOAD="0", OMP_NUM_THREADS="1")
-    return python, venv / "bin", work, env, data, wheel
+    site = _ok(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                    work, env)).strip()
+    return Installed(python, venv / "bin", Path(site), work, env, data, wheel)
 
 
 def test_the_wheel_holds_every_file_of_the_packages(installed):
     """Every non-Python file in the packages (the dashboard, the memory calibration, the device
     tables and their sources) is in the wheel: nothing the code reads stays behind."""
-    *_, wheel = installed
-    shipped = set(zipfile.ZipFile(wheel).namelist())
+    shipped = set(zipfile.ZipFile(installed.wheel).namelist())
     data_files = {path.relative_to(ROOT).as_posix() for package in PACKAGES
                   for path in (ROOT / package).rglob("*")
                   if path.is_file() and path.suffix not in (".py", ".pyc")
@@ -110,36 +121,40 @@ def test_the_wheel_holds_every_file_of_the_packages(installed):
 
 
 def test_the_installed_package_plans_and_profiles_as_the_checkout(installed):
-    python, bin_dir, work, env, data, _ = installed
-    assert not (work.parent / "shared").exists() and not (work.parent.parent / "shared").exists()
+    python, bin_dir, site, work, env, data, _ = installed
+    assert not any((folder / "shared").exists() for folder in work.parents)
     where = _ok(_run([str(python), "-c", WHERE], work, env)).split()
-    site = _ok(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                    work, env)).strip()
-    assert all(path.startswith(site) for path in where), (where, site)
+    assert all(Path(path).is_relative_to(site) for path in where), (where, site)
+    checkout = [sys.executable, "-m", "coordinator.cli"]
+    checkout_env = {**env, "PYTHONPATH": str(ROOT)}
+    where = _ok(_run([sys.executable, "-c", WHERE], work, checkout_env)).split()
+    assert all(Path(path).is_relative_to(ROOT) for path in where), (where, ROOT)
 
     # The README's command as it is, its plan also saved as JSON (--out) to compare every field.
     plan = [*PLAN, "--data-dir", str(data)]
     from_wheel = _ok(_run([str(bin_dir / "fedprune"), *plan, "--out", "wheel.json"], work, env))
-    from_checkout = _ok(_run([sys.executable, "-m", "coordinator.cli", *plan, "--out", "checkout.json"],
-                             work, env))
+    from_checkout = _ok(_run([*checkout, *plan, "--out", "checkout.json"], work, checkout_env))
+    # A wheel without the memory calibration planned a Pi 3B's batch at 12 instead of 48.
     assert from_wheel == from_checkout and from_wheel.startswith("rpi3b: ")
     saved = [json.loads((work / name).read_text()) for name in ("wheel.json", "checkout.json")]
     assert saved[0] == saved[1]
-    assert saved[0]["physical_batch_size"] == 48  # the calibration's batch, not a default's
 
-    profiles = [_ok(_run([python_, "-c", PROFILES, str(work / f"state-{n}")], work, env))
-                for n, python_ in enumerate((str(python), sys.executable))]
+    profiles = [_ok(_run([python_, "-c", PROFILES, str(work / f"state-{n}")], work, environment))
+                for n, (python_, environment) in enumerate(((str(python), env),
+                                                             (sys.executable, checkout_env)))]
     assert json.loads(profiles[0]) == json.loads(profiles[1])
     assert json.loads(profiles[0])["device"]["name"] == "rpi4-4gb"
 
 
 def test_a_missing_device_table_is_an_error_that_says_what_to_do(installed):
-    python, bin_dir, work, env, data, _ = installed
-    site = Path(_ok(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                         work, env)).strip())
-    (site / TRACES).unlink()
-    proc = _run([str(bin_dir / "fedprune"), "plan", "--catalogue", "phone-mid", "--model", "leaf_cnn",
-                 "--data-dir", str(data)], work, env)
+    table = installed.site / TRACES
+    kept = table.read_bytes()
+    table.unlink()
+    try:
+        proc = _run([str(installed.bin / "fedprune"), "plan", "--catalogue", "phone-mid", "--model",
+                     "leaf_cnn", "--data-dir", str(installed.data)], installed.work, installed.env)
+    finally:
+        table.write_bytes(kept)
     assert proc.returncode == 2
     assert "flash_network_speed_distribution.csv" in proc.stderr and "reinstall fedprune" in proc.stderr
     assert "Traceback" not in proc.stderr
