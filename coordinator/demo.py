@@ -49,6 +49,7 @@ from .planning.planner import plan_device
 from .rounds import device_settings, planner_settings
 from .strategies import build_strategy
 from .service import CoordinatorService, ServiceSettings
+from .service.config import HTTP_TOKEN_VARIABLE
 
 MODEL = "leaf_cnn"
 DATASET = "fashion-mnist"
@@ -344,8 +345,8 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2))
     if coordinator.is_alive():
-        tqdm.write(f"\n--hold: the dashboard stays up at {service.dashboard_url} (with the "
-                   "coordinator and the devices) until Ctrl-C")
+        tqdm.write(f"\n--hold: the dashboard, the coordinator and the devices stay up until "
+                   f"Ctrl-C; dashboard: {service.dashboard_url}")
         try:
             while coordinator.is_alive():
                 coordinator.join(0.5)
@@ -375,19 +376,25 @@ def _sigterm_as_interrupt():
 
 
 class _DemoService(CoordinatorService):
-    """The coordinator, announcing the dashboard's address as soon as its HTTP API listens."""
+    """The coordinator, announcing the dashboard's address as soon as its HTTP API listens.
+
+    The address never carries the API token (the terminal, its scrollback and any log of the
+    demo's output would hold it): the page asks for it, and the message says where it is."""
 
     @property
     def dashboard_url(self) -> str | None:
+        """Where the dashboard is, and where its token is when the API has one."""
         if self.http_url is None:
             return None
-        token = self.config.http_token
-        return f"{self.http_url}/" + (f"#token={token.get_secret_value()}" if token else "")
+        if self.config.http_token is None:
+            return f"{self.http_url}/"
+        return (f"{self.http_url}/ (the page asks for the API token, the value of "
+                f"${HTTP_TOKEN_VARIABLE}; or append #token= and that value to the address)")
 
     def start(self) -> None:
         super().start()
         if self.dashboard_url:
-            tqdm.write(f"dashboard: {self.dashboard_url} (live while the demo runs)")
+            tqdm.write(f"dashboard: {self.dashboard_url}, live while the demo runs")
 
 
 def _fmt(value: float | None) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +13,16 @@ from pathlib import Path
 
 def test_demo_plans_devices_differently_and_reports_rounds_accuracy_bytes_and_epsilon(tmp_path):
     out, report = tmp_path / "demo", tmp_path / "r.json"
+    token = secrets.token_hex(16)  # the dashboard's API token: never printed nor logged
     run = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--devices", "3",
                           "--rounds", "2", "--samples", "400", "--out", str(out),
-                          "--json-out", str(report)], capture_output=True, text=True, timeout=600)
+                          "--json-out", str(report)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "FEDPRUNE_HTTP_TOKEN": token})
     assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/ \(the page asks for the API token, "
+                     r"the value of \$FEDPRUNE_HTTP_TOKEN", run.stdout + run.stderr)
+    assert token not in run.stdout + run.stderr
+    assert not [f for f in out.rglob("*") if f.is_file() and token.encode() in f.read_bytes()]
     result = json.loads(report.read_text())
 
     # Each device's plan is the coordinator's (DevicePlan dict from its store), and the planner's
