@@ -3,6 +3,11 @@ round's updates (the broker's shared subscription), the leader is SIGKILLed mid-
 takes the leader lock, resumes the round from the database and commits it with every device's
 update counted once. The row it records goes to the fault matrix (docs/RELIABILITY.md).
 
+Fencing (issue 22): a leader paused (SIGSTOP) across a takeover, mid-round or between rounds, is
+woken before the new leader commits: it opens no round and publishes no task (the broker's debug
+log names the client of every PUBLISH it received; a client of the test's own records every task
+with its round and leader epoch), and every update is counted once.
+
 Counted from both sides, like every fault-matrix row: `measure` (tests/test_faults.py) reads the
 devices' state dirs and logs and the committed round's contributions.
 """
@@ -20,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy
-from harness.brokers import running_mosquitto
+from harness.brokers import MqttPeer, running_mosquitto
 from harness.databases import POSTGRES, own_database
 from harness.devices import coordinator_process, start_edge_agent
 from harness.processes import Process, stop_processes
@@ -31,9 +36,10 @@ from coordinator.service import store as store_module
 from coordinator.service.cluster import Leadership
 from coordinator.service.config import ClusterSettings
 from coordinator.service.states import RoundState
-from coordinator.service.store import RoundClosed, Store, TaskRow
+from coordinator.service.store import Deposed, RoundClosed, Store, TaskRow, raise_epoch
 from edge_sdk.agent import EdgeSettings
 from edge_sdk.agent.state import task_key
+from edge_sdk.protocol import decode_envelope, parse_header
 
 pytestmark = pytest.mark.faults
 
@@ -43,7 +49,8 @@ DEAD = 3              # cluster.dead_leader_seconds (its least)
 SAMPLES = 96          # per device: few, so process start-up, not training, sets the pace
 
 
-def _coordinator(tmp: Path, node: str, broker: str, database: str) -> Process:
+def _coordinator(tmp: Path, node: str, broker: str, database: str, *settings: str) -> Process:
+    """Coordinator `node` of the cluster; `settings` (KEY=VALUE) override the defaults below."""
     overrides = [f"broker.url={broker}", f"broker.fleet={FLEET}", f"state_dir={tmp / node}",
                  f"database={database}", "cluster.enabled=true", f"cluster.node={node}",
                  f"cluster.takeover_poll_seconds={POLL}", f"cluster.dead_leader_seconds={DEAD}",
@@ -51,8 +58,39 @@ def _coordinator(tmp: Path, node: str, broker: str, database: str) -> Process:
                  "strategy=fedavg", "model=mlp", "evaluate=false", "export.enabled=false",
                  "train.lr=0.05", "rounds.total=1", "rounds.devices_per_round=4",
                  "rounds.min_devices=4", "rounds.deadline_seconds=90",
-                 "rounds.registration_grace_seconds=0"]
+                 "rounds.registration_grace_seconds=0", *settings]
     return coordinator_process(node, overrides, tmp / f"{node}.log").start()
+
+
+def _client_id(node: str) -> str:
+    """A cluster member's MQTT client id without broker credentials (service.py)."""
+    return f"fedprune-coordinator-{node}"
+
+
+def _task_publishes(broker_log: Path, node: str) -> int:
+    """TASK and ARTIFACT messages the broker received from `node` (its debug log, one line each)."""
+    pattern = re.compile(rf"Received PUBLISH from {re.escape(_client_id(node))} \(d\d, q\d, r\d, "
+                         rf"m\d+, 'fedprune/{FLEET}/(task|artifact)/")
+    return len(pattern.findall(broker_log.read_text(errors="replace")))
+
+
+def _events(log: Path, event: str) -> list[dict]:
+    """The lines where a coordinator logged `event` (its JSON lines' "event" field)."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == event:
+            found.append(entry)
+    return found
+
+
+def _task_stamps(wire: MqttPeer) -> list[tuple[int, int]]:
+    """(round, leader_epoch) of every TASK that crossed the broker, in order."""
+    return [(h.round, h.leader_epoch) for h in
+            (parse_header(decode_envelope(p)) for p in wire.of("task"))]
 
 
 def _device(tmp: Path, broker: str, i: int, samples: int) -> Process:
@@ -89,15 +127,18 @@ def _http_url(log: Path) -> str:
 
 # The leader's fault: SIGKILL (the process dies; PostgreSQL sees its connection close), or SIGSTOP
 # (it hangs with its session open, its kernel still answering: the follower ends that session once
-# the leader's heartbeat is DEAD seconds old; the leader is woken after the commit). The bound each
-# takeover must meet: the poll, or DEAD plus the poll, and 2.5 s of slack for a loaded machine.
+# the leader's heartbeat is DEAD seconds old; the leader is woken after the takeover, before the
+# commit, so that what it does awake is fenced). The bound each takeover must meet: the poll, or
+# DEAD plus the poll, and 2.5 s of slack for a loaded machine.
 FAULTS = {"killed": (signal.SIGKILL, POLL + 2.5), "hung": (signal.SIGSTOP, DEAD + POLL + 2.5)}
 
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_leader_dead_or_hung_mid_round_the_other_coordinator_takes_over(tmp_path, fault_matrix, fault):
     bound = FAULTS[fault][1]
-    with running_mosquitto(tmp_path / "broker") as broker, own_database("failover") as url:
+    # Debug logging only adds lines: the broker's log names the client of every PUBLISH.
+    with running_mosquitto(tmp_path / "broker", extra="log_type debug\n") as broker, \
+            own_database("failover") as url:
         store = Store(url)  # the tables, before any coordinator starts
         lock = Leadership(url, ClusterSettings(enabled=True, node="test"))  # to ask who leads
         nodes = {name: _coordinator(tmp_path, name, broker.url, url) for name in ("c0", "c1")}
@@ -127,19 +168,23 @@ def test_leader_dead_or_hung_mid_round_the_other_coordinator_takes_over(tmp_path
             else:
                 nodes[leader].popen.send_signal(signal.SIGSTOP)
             faulted_at = time.monotonic()
+            published_by_leader = _task_publishes(broker.log, leader)
             wait_until(lambda: lock.holder() == survivor, 30, f"{survivor} to take the lead",
                        [nodes[survivor], *prompt])
             takeover = time.monotonic() - faulted_at
             # Its HTTP API says so too (before the late devices answer: it cannot commit yet).
             status = httpx.get(f"{_http_url(tmp_path / f'{survivor}.log')}/status", timeout=10).json()
+            if fault == "hung":  # woken before the commit: it must find itself deposed, and act not
+                nodes[leader].popen.send_signal(signal.SIGCONT)
+                wait_until(lambda: _events(tmp_path / f"{leader}.log", "lost_lead"), 30,
+                           f"the woken {leader} to step down", [nodes[leader], nodes[survivor]])
             for device in late:
                 device.popen.send_signal(signal.SIGCONT)
             devices = [*prompt, *late]
             wait_until(lambda: nodes[survivor].exited() is not None, 120,
                        f"{survivor} to commit round 1", devices)
             assert nodes[survivor].exited() == 0, nodes[survivor].tail()
-            if fault == "hung":  # woken: it finds its session ended, steps down, follows, exits
-                nodes[leader].popen.send_signal(signal.SIGCONT)
+            if fault == "hung":  # a follower now: it finds the round committed and exits
                 wait_until(lambda: nodes[leader].exited() is not None, 60,
                            f"the woken {leader} to find the round committed and exit")
                 assert nodes[leader].exited() == 0, nodes[leader].tail()
@@ -150,6 +195,7 @@ def test_leader_dead_or_hung_mid_round_the_other_coordinator_takes_over(tmp_path
             measured = dataclasses.replace(measured, dead_lettered=dead_letters)
             committed = store.rounds()
             tasks = store.tasks(1)
+            published_after = _task_publishes(broker.log, leader) - published_by_leader
             by_node_after = {n: sorted(_stored_by(tmp_path / f"{n}.log")) for n in nodes}
         finally:
             for device in everyone[2:]:
@@ -170,6 +216,7 @@ def test_leader_dead_or_hung_mid_round_the_other_coordinator_takes_over(tmp_path
         # Silence counts from the leader's last beat, which may be up to a poll before it hung.
         assert takeover >= DEAD - POLL, f"took the lead {takeover:.1f} s after the hang: before {DEAD} s of silence"
         assert '"event": "deposed_leader"' in survivor_log and '"event": "lost_lead"' in woken_log
+    assert published_after == 0, f"the deposed {leader} published {published_after} tasks"
     assert [r.state for r in committed] == ["committed"]
     contributions = committed[0].summary["contributions"]
     assert sorted(c.split("/")[0] for c in contributions) == [f"{FLEET}-{i}" for i in range(4)]
@@ -194,11 +241,95 @@ def test_leader_dead_or_hung_mid_round_the_other_coordinator_takes_over(tmp_path
         fault_matrix(
             "2 coordinators in cluster mode, 4 devices, 1 round: each coordinator stored one update, "
             "then the leader hung (SIGSTOP: its database session stays open); 2 devices held until "
-            "after; the hung leader woken (SIGCONT) after the commit",
+            "after; the hung leader woken (SIGCONT) after the takeover, before the commit",
             f"the other ended the silent leader's sessions and took the lock {takeover:.1f} s after "
             f"it hung (dead_leader_seconds {DEAD}, takeover_poll_seconds {POLL:g}), re-sent the 2 "
             "unanswered tasks and committed with all 4 updates; the woken leader found its session "
-            "ended, stepped down and exited", measured)
+            "ended, stepped down, published nothing (broker log) and exited", measured)
+
+
+GRACE = 4  # rounds.registration_grace_seconds: how long a leader waits between rounds below
+
+
+def test_a_leader_paused_between_rounds_and_woken_after_a_takeover_opens_and_publishes_nothing(
+        tmp_path, fault_matrix):
+    """Issue 22's deposed leader: c0 commits round 1 and is paused (SIGSTOP) while it waits to open
+    round 2; c1 ends its sessions, takes the lead and opens round 2; c0 is woken before c1 commits.
+    Before fencing, c0's first query failed, its retry ran without asking the lock again, and it
+    opened round 3 and sent its tasks. Now it steps down: no round 3, no PUBLISH from it after the
+    pause, and every update of both rounds counted once.
+
+    Round 2 waits GRACE seconds for a fifth device (devices_per_round 5, min_devices 4), which
+    gives the test time to pause c0 between the rounds (once it logged that it waits); the devices
+    are paused with it, so round 2 cannot commit before c0 wakes."""
+    between_rounds = ["rounds.total=2", "rounds.devices_per_round=5",
+                      f"rounds.registration_grace_seconds={GRACE}"]
+    with running_mosquitto(tmp_path / "broker", extra="log_type debug\n") as broker, \
+            own_database("paused") as url:
+        store = Store(url)
+        lock = Leadership(url, ClusterSettings(enabled=True, node="test"))
+        wire = MqttPeer(broker.url, "wire-paused", [f"fedprune/{FLEET}/task/+"])
+        nodes = {name: _coordinator(tmp_path, name, broker.url, url, *between_rounds)
+                 for name in ("c0", "c1")}
+        devices = [_device(tmp_path, broker.url, i, SAMPLES) for i in range(4)]
+        everyone = [*nodes.values(), *devices]
+        try:
+            wait_until(lambda: store.last_committed() is not None, 120, "round 1 to commit", everyone)
+            leader = lock.holder()
+            survivor = next(n for n in nodes if n != leader)
+            # Paused once it waits for round 2's devices: woken, its grace is long over.
+            wait_until(lambda: len(_events(tmp_path / f"{leader}.log", "waiting_for_devices")) == 2,
+                       30, f"{leader} to wait for round 2's devices", everyone)
+            for process in (nodes[leader], *devices):
+                process.popen.send_signal(signal.SIGSTOP)
+            assert store.current_round() is None, \
+                f"{leader} opened round 2 before it was paused; raise GRACE"
+            published_by_leader = _task_publishes(broker.log, leader)
+            wait_until(lambda: lock.holder() == survivor, 30, f"{survivor} to take the lead",
+                       [nodes[survivor]])
+            wait_until(lambda: sum(r == 2 for r, _ in _task_stamps(wire)) >= 4, 60,
+                       f"{survivor} to send round 2's tasks", [nodes[survivor]])
+            nodes[leader].popen.send_signal(signal.SIGCONT)
+            wait_until(lambda: _events(tmp_path / f"{leader}.log", "lost_lead"), 30,
+                       f"the woken {leader} to step down", everyone)
+            assert store.last_committed().number == 1  # woken before round 2's commit
+            for device in devices:
+                device.popen.send_signal(signal.SIGCONT)
+            wait_until(lambda: all(n.exited() is not None for n in nodes.values()), 120,
+                       "both coordinators to see round 2 committed and exit", devices)
+            assert [n.exited() for n in nodes.values()] == [0, 0], [n.tail() for n in nodes.values()]
+            published_after = _task_publishes(broker.log, leader) - published_by_leader
+            stamps = _task_stamps(wire)
+            rounds = [(r.number, r.state) for r in store.rounds()]
+            measured = measure(store, tmp_path)
+            woken_log = (tmp_path / f"{leader}.log").read_text()
+        finally:
+            for process in everyone:
+                if process.popen.poll() is None:
+                    process.popen.send_signal(signal.SIGCONT)
+            stop_processes([p for p in everyone if p.popen.poll() is None], signal.SIGKILL)
+            wire.close()
+            lock.close()
+            store.close()
+    assert rounds == [(1, "committed"), (2, "committed")], rounds
+    assert published_after == 0, f"the deposed {leader} published {published_after} tasks"
+    assert "round 3" not in woken_log
+    # The epoch each took the lead with first (the woken one may lead again once the survivor
+    # exits, under a third).
+    epochs = {n: _events(tmp_path / f"{n}.log", "leader_epoch")[0]["epoch"] for n in nodes}
+    # Round 1's tasks carry the first leader's epoch, round 2's the survivor's, a later one.
+    assert sorted(set(stamps)) == [(1, epochs[leader]), (2, epochs[survivor])], (stamps, epochs)
+    assert epochs[survivor] > epochs[leader], epochs
+    assert (measured.sent, measured.counted, measured.lost, measured.duplicated,
+            measured.counted_unsent, measured.dead_lettered) == (8, 8, 0, 0, 0, 0), measured
+    fault_matrix(
+        "2 coordinators in cluster mode, 4 devices, 2 rounds: the leader paused (SIGSTOP) after "
+        "committing round 1, before opening round 2, with the devices; woken (SIGCONT) after the "
+        "other took the lead and sent round 2's tasks, before round 2 committed",
+        f"the other ended the paused leader's sessions, took the lead (leader epoch "
+        f"{epochs[survivor]}, the paused one's {epochs[leader]}) and "
+        "opened round 2; the woken leader stepped down, opened no round and published nothing "
+        "(broker log); both rounds committed with every update once", measured)
 
 
 # --- the database's part: two processes storing, the leader closing the round ------------------
@@ -264,6 +395,73 @@ def test_an_update_being_stored_holds_its_round_open_and_a_racing_copy_is_a_dupl
         finally:
             for store in (intake, other, leader):
                 store.close()
+
+
+def _task_rows(number: int, devices: list[str]) -> list[TaskRow]:
+    return [TaskRow(round=number, device=d, task=f"r{number}-{d}", width_ratio=1.0,
+                    aggregation_weight=1.0, bytes_down=0, sent_at=time.time()) for d in devices]
+
+
+def test_a_deposed_leaders_writes_fail_and_one_round_at_most_is_in_progress():
+    """The fence, in the database: once another coordinator raised the leader epoch, every write
+    of the old leader's store fails (Deposed) and writes nothing, and the check before publishing
+    fails too; and no second round can be opened while one is in progress, whoever tries."""
+    with own_database("fence") as url:
+        old, new = Store(url), Store(url)
+        try:
+            with old.engine.begin() as connection:
+                old.fence = raise_epoch(connection, "old")
+            for device in ("d0", "d1"):
+                old.upsert_device(device, profile={}, num_samples=1, formats=[], plan={},
+                                  width_ratio=1.0, fits=True)
+            old.open_round(1, time.time() + 60, ["d0", "d1"], 1, _task_rows(1, ["d0", "d1"]))
+            with new.engine.begin() as connection:
+                new.fence = raise_epoch(connection, "new")
+            assert (old.fence, new.fence) == (1, 2)
+            for write in (lambda: old.set_round(1, state=RoundState.COMMITTING),
+                          lambda: old.open_round(2, time.time() + 60, ["d0"], 1, _task_rows(2, ["d0"])),
+                          lambda: old.reject_update(1, "d0", "late", counted=False),
+                          lambda: old.update_device("d0", online=False),
+                          old.check_fence):
+                with pytest.raises(Deposed, match="led under leader epoch 1, the database holds 2"):
+                    write()
+            assert [(r.number, r.state) for r in new.rounds()] == [(1, "collecting")]
+            assert new.task(1, "d0").state == "sent" and new.device("d0").online
+            new.check_fence()
+            with pytest.raises(sqlalchemy.exc.IntegrityError, match="rounds_one_in_progress"):
+                new.open_round(2, time.time() + 60, ["d0"], 1, _task_rows(2, ["d0"]))
+            new.set_round(1, state=RoundState.COMMITTING)  # committing is in progress too
+            with pytest.raises(sqlalchemy.exc.IntegrityError, match="rounds_one_in_progress"):
+                new.open_round(2, time.time() + 60, ["d0"], 1, _task_rows(2, ["d0"]))
+            new.set_round(1, state=RoundState.COMMITTED)
+            new.open_round(2, time.time() + 60, ["d0"], 1, _task_rows(2, ["d0"]))
+        finally:
+            old.close()
+            new.close()
+
+
+def test_a_leader_whose_session_was_ended_knows_at_once_without_its_heartbeat():
+    """A paused leader wakes with its heartbeat thread not run yet: before fencing, `poll` trusted
+    the heartbeat's last word and said it still led, and its first step ran as a leader's. Now
+    `poll` asks the lock connection itself (and the epoch), so it steps down at once."""
+    slow = {"enabled": True, "takeover_poll_seconds": 20, "dead_leader_seconds": 60}  # no beat here
+    with own_database("ask") as url:
+        Store(url).close()  # the tables
+        first = Leadership(url, ClusterSettings(node="first", **slow))
+        second = Leadership(url, ClusterSettings(node="second", **slow))
+        try:
+            assert first.poll() and first.epoch == 1
+            with first.engine.connect() as connection:  # what a follower does to a hung leader
+                connection.execute(sqlalchemy.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'fedprune-leader:first'"))
+            wait_until(second.poll, 10, "the second to take the freed lock")
+            assert second.epoch == 2
+            assert not first.poll() and first.epoch is None
+            assert second.poll() and second.holder() == "second"
+        finally:
+            first.close()
+            second.close()
 
 
 def test_cluster_mode_refuses_sqlite_and_a_heartbeat_slower_than_its_deadline():

@@ -473,7 +473,12 @@ class RoundEngine:
         if gave_up is not None:
             log.error("not opening another round: %s", gave_up)
             return
-        self.waiting_since = self.waiting_since or now
+        if self.waiting_since is None:
+            self.waiting_since = now
+            if len(eligible) < rounds.devices_per_round and rounds.registration_grace_seconds > 0:
+                log.info("%d of %d devices eligible for the next round; waiting up to %g s for more",
+                         len(eligible), rounds.devices_per_round, rounds.registration_grace_seconds,
+                         extra={"event": "waiting_for_devices"})
         if len(eligible) < rounds.devices_per_round and now - self.waiting_since < rounds.registration_grace_seconds:
             return
         self.waiting_since = None
