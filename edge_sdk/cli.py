@@ -35,7 +35,7 @@ def _rehearse(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{report['device']}: trained {report['samples']} samples in "
+        print(f"{report['device_id']}: trained {report['samples']} samples in "
               f"{report['seconds']:.1f} s, peak RSS {report['peak_rss_bytes'] / 1e6:.1f} MB")
     return 0
 
