@@ -29,9 +29,16 @@ step whatever the batch; a conv network (ResNet-18) peaks in the backward pass a
   largest such layer's parameter count per sample: 1,200 on FedP3's CNN, 2.36 M (0.45 GB at
   batch 48) for ResNet-18's last 3x3 conv.
 
+The prediction is an upper bound, not a central estimate: peaks of the same plan vary from one
+fresh process to the next (by up to 10%), and a plan predicted at exactly its limit must not
+overrun it half the time. So the formula above is fitted to each calibration point's median peak,
+and the prediction adds `margin_bytes + margin_fraction x (fit - baseline)`, the smallest margin
+under which none of the repeated fresh rehearsals of any calibration point exceeds it.
+
 The coefficients are fitted to peaks measured by `benchmarks/calibrate_memory.py` on this machine
-kind and stored in `memory_calibration.json` with the command and machine; docs/BENCHMARKS.md
-records the fit and its out-of-sample errors.
+kind and stored in `memory_calibration.json` with the command, machine, date and every measured
+peak; docs/BENCHMARKS.md records the fit, its margin and its out-of-sample errors. Without that
+file the planner refuses to plan (CalibrationError) rather than guess.
 """
 
 from __future__ import annotations
@@ -41,40 +48,68 @@ import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from edge_sdk.models import ModelSpec, build_model
 from edge_sdk.models.cost import ModelFootprint, footprint  # noqa: F401  (re-exported for the planner)
 
 CALIBRATION_FILE = Path(__file__).with_name("memory_calibration.json")
+_COEFFICIENT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+NonNegative = Annotated[float, Field(ge=0)]
 
 
-@dataclass(frozen=True)
+class CalibrationError(ValueError):
+    """The memory calibration cannot be read. Planning refuses to guess: default coefficients
+    would size every device's batch and width from numbers nobody measured."""
+
+
+@pydantic_dataclass(frozen=True, config=_COEFFICIENT)
 class MemoryCoefficients:
-    baseline_bytes: float
-    bytes_per_parameter: float
-    activation_factor: float
-    source: str = "uncalibrated defaults"
-    per_sample_gradient_factor: float = 0.0
+    baseline_bytes: NonNegative
+    bytes_per_parameter: NonNegative
+    activation_factor: NonNegative
+    source: str = "uncalibrated"
+    per_sample_gradient_factor: NonNegative = 0.0
     # None: the calibration predates the two-phase formula; the terms then add up (conservative).
-    backward_bytes_per_parameter: float | None = None
-    retained_fraction: float = 0.0
+    backward_bytes_per_parameter: NonNegative | None = None
+    retained_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # The upper bound over the central fit: + margin_bytes + margin_fraction x (fit - baseline),
+    # the smallest pair that covers every repeated fresh rehearsal of the calibration.
+    margin_bytes: NonNegative = 0.0
+    margin_fraction: NonNegative = 0.0
 
     @classmethod
-    def load(cls, path: Path = CALIBRATION_FILE) -> MemoryCoefficients:
-        if not path.exists():
-            # Conservative defaults until calibrated: 480 MB runtime, 48 B/param at the step, 16
-            # in the backward pass, 5 copies of the saved activations, 3 of the largest
-            # per-sample gradient.
-            return cls(480e6, 48.0, 5.0, per_sample_gradient_factor=3.0,
-                       backward_bytes_per_parameter=16.0, retained_fraction=0.5)
-        data = json.loads(path.read_text())
-        return cls(**{k: data[k] for k in ("baseline_bytes", "bytes_per_parameter",
-                                           "activation_factor", "source",
-                                           "per_sample_gradient_factor",
-                                           "backward_bytes_per_parameter", "retained_fraction")
-                                 if k in data})
+    def load(cls, path: Path | str = CALIBRATION_FILE) -> MemoryCoefficients:
+        """The coefficients stored in `path`; CalibrationError if it is missing or malformed.
+
+        The file's `calibration` record (command, machine, date, every measured peak) is for
+        readers and tests, not for the formula.
+        """
+        path = Path(path)
+        remedy = ("reinstall fedprune (the file ships in the package), or measure this machine "
+                  "with `python benchmarks/calibrate_memory.py` from a checkout")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CalibrationError(f"memory calibration {path} is missing, so the planner cannot "
+                                   f"predict peak memory; {remedy}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CalibrationError(f"memory calibration {path} cannot be read ({exc}); {remedy}") \
+                from None
+        if not isinstance(data, dict):
+            raise CalibrationError(f"memory calibration {path} is not a JSON object; {remedy}")
+        data.pop("calibration", None)
+        try:
+            return cls(**data)
+        except (TypeError, ValidationError) as exc:
+            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()) \
+                if isinstance(exc, ValidationError) else str(exc)
+            raise CalibrationError(f"memory calibration {path} is malformed ({detail}); {remedy}") \
+                from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,7 +165,8 @@ def predict_peak_bytes(spec: ModelSpec, physical_batch: int, local_samples: int,
     else:
         moving = max(c.bytes_per_parameter * f.parameters + c.retained_fraction * batch_terms,
                      c.backward_bytes_per_parameter * f.parameters + batch_terms)
-    peak = c.baseline_bytes + moving + 4 * f.input_elements * local_samples
+    above_baseline = moving + 4 * f.input_elements * local_samples
     if per_sample_gradients:
-        peak += 4 * f.parameters * physical_batch
-    return int(peak)
+        above_baseline += 4 * f.parameters * physical_batch
+    # Upper bound, not a central estimate: the margin covers the spread of fresh rehearsals.
+    return math.ceil(c.baseline_bytes + c.margin_bytes + (1 + c.margin_fraction) * above_baseline)
