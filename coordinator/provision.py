@@ -7,14 +7,19 @@ Writes, under --out:
     broker/acl                            per-device topic ACLs (user name = device id)
     broker/fedprune-security.conf         the listener, password_file, acl_file and client-id binding
     coordinator/coordinator.toml          broker credentials, CA and signing key
+    coordinator/coordinator-<i>.toml      instead, with coordinators=N > 1 (cluster mode): one per
+                                          coordinator, each its own broker user and client id
+                                          fedprune-coordinator-<i> and [cluster] node c<i>
     coordinator/signing.key, signing.pub  Ed25519: the coordinator signs tasks, devices verify
     devices/<id>/edge.toml                each device's credentials, CA and the coordinator's key
 Passwords are random (secrets.token_urlsafe); nothing is reused between devices. Keys, passwords
 and configs holding a password are created with mode 0600 (device_profiles.files.atomic_write),
 never readable by others even for a moment. The broker binds each client id to its user name
 (`use_username_as_clientid`), so a device cannot connect under another's client id and take over
-its session (or the coordinator's) with the queued messages in it; device ids the coordinator
-uses itself are refused.
+its session (or the coordinator's) with the queued messages in it; device ids the coordinators
+use themselves (fedprune-coordinator, fedprune-coordinator-<anything>) are refused. The
+coordinators of a cluster each get their own user: one shared user would give them one client id,
+and the broker would close each one's connection as the other connects.
 """
 
 from __future__ import annotations
@@ -37,7 +42,17 @@ from edge_sdk.agent import EdgeSettings
 from edge_sdk.protocol.topics import Topics, check_id
 
 COORDINATOR_USER = "fedprune-coordinator"  # its broker user name and client id
-RESERVED_IDS = frozenset({COORDINATOR_USER})  # names no device may have
+
+
+def coordinator_users(count: int) -> list[str]:
+    """The coordinators' broker user names (and client ids): one coordinator keeps the name it
+    always had; the N of a cluster are fedprune-coordinator-0 ... -<N-1>."""
+    return [COORDINATOR_USER] if count == 1 else [f"{COORDINATOR_USER}-{i}" for i in range(count)]
+
+
+def is_reserved(device: str) -> bool:
+    """Whether a device id is, or may become, a coordinator's user name (names no device may have)."""
+    return device == COORDINATOR_USER or device.startswith(f"{COORDINATOR_USER}-")
 
 
 def _pem_key(key) -> bytes:
@@ -89,31 +104,37 @@ def _password_file(path: Path, users: dict[str, str]) -> None:
     subprocess.run([tool, "-U", str(path)], check=True, capture_output=True, umask=0o077)
 
 
-def acl_text(topics: Topics) -> str:
+def acl_text(topics: Topics, coordinators: list[str] = (COORDINATOR_USER,)) -> str:
     root = topics.root
-    lines = [f"user {COORDINATOR_USER}", f"topic readwrite {root}/#", "",
-             "# every other user is a device whose user name is its id (%u)"]
+    lines = [line for user in coordinators for line in (f"user {user}", f"topic readwrite {root}/#", "")]
+    lines += ["# every other user is a device whose user name is its id (%u)"]
     lines += [f"pattern write {root}/{kind}/%u" for kind in ("register", "status", "update", "refusal")]
     lines += [f"pattern read {root}/{kind}/%u" for kind in ("task", "ack", "artifact")]
     return "\n".join(lines) + "\n"
 
 
 def provision(out: str | Path, devices: list[str], broker_url: str, broker_hosts: list[str],
-              fleet: str = "default", listener_port: int = 8883) -> dict:
+              fleet: str = "default", listener_port: int = 8883, coordinators: int = 1) -> dict:
+    """`coordinators` > 1: a cluster's (docs/DEPLOYMENT.md), each with its own broker user,
+    password, client id and config (coordinator/coordinator-<i>.toml, cluster enabled, node c<i>;
+    set `database` to the cluster's PostgreSQL in each)."""
     out = Path(out)
+    if not 1 <= coordinators <= 64:
+        raise ValueError(f"coordinators must be from 1 to 64 (got {coordinators})")
     for device in devices:
         check_id("device id", device)
-        if device in RESERVED_IDS:
-            raise ValueError(f"device id {device!r} is the coordinator's own broker user name and "
-                             "client id; give the device another id")
+        if is_reserved(device):
+            raise ValueError(f"device id {device!r} is, or may become, a coordinator's own broker "
+                             f"user name and client id ({COORDINATOR_USER}, "
+                             f"{COORDINATOR_USER}-<n>); give the device another id")
     if len(set(devices)) != len(devices):
         raise ValueError("device ids must be unique")
     topics = Topics(fleet)
     _certificates(out, broker_hosts)
     passwords = {device: secrets.token_urlsafe(24) for device in devices}
-    coordinator_password = secrets.token_urlsafe(24)
-    _password_file(out / "broker" / "passwords", {COORDINATOR_USER: coordinator_password, **passwords})
-    atomic_write(out / "broker" / "acl", acl_text(topics).encode())
+    users = {user: secrets.token_urlsafe(24) for user in coordinator_users(coordinators)}
+    _password_file(out / "broker" / "passwords", {**users, **passwords})
+    atomic_write(out / "broker" / "acl", acl_text(topics, list(users)).encode())
     broker_dir = (out / "broker").resolve()
     ca_dir = (out / "ca").resolve()
     atomic_write(out / "broker" / "fedprune-security.conf", "\n".join([
@@ -132,11 +153,17 @@ def provision(out: str | Path, devices: list[str], broker_url: str, broker_hosts
                                               serialization.PublicFormat.SubjectPublicKeyInfo)
     atomic_write(coordinator / "signing.pub", public)
     atomic_write(coordinator / "ca.crt", ca_cert)
-    atomic_write(coordinator / "coordinator.toml", "\n".join([
-        f'signing_key = "{(coordinator / "signing.key").resolve()}"', "", "[broker]",
-        f'url = "{broker_url}"', f'fleet = "{fleet}"', f'client_id = "{COORDINATOR_USER}"',
-        f'username = "{COORDINATOR_USER}"', f'password = "{coordinator_password}"',
-        f'tls_ca = "{(coordinator / "ca.crt").resolve()}"', ""]).encode(), private=True)
+    for i, (user, password) in enumerate(users.items()):
+        cluster = [] if coordinators == 1 else [
+            "", "[cluster]", "enabled = true", f'node = "c{i}"',
+            "# and, above [broker], the cluster's one PostgreSQL database (the same on every one):",
+            '# database = "postgresql+psycopg://USER@HOST:5432/DB"']
+        name = "coordinator.toml" if coordinators == 1 else f"coordinator-{i}.toml"
+        atomic_write(coordinator / name, "\n".join([
+            f'signing_key = "{(coordinator / "signing.key").resolve()}"', "", "[broker]",
+            f'url = "{broker_url}"', f'fleet = "{fleet}"', f'client_id = "{user}"',
+            f'username = "{user}"', f'password = "{password}"',
+            f'tls_ca = "{(coordinator / "ca.crt").resolve()}"', *cluster, ""]).encode(), private=True)
     for device in devices:
         folder = out / "devices" / device
         atomic_write(folder / "ca.crt", ca_cert)

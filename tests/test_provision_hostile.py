@@ -2,11 +2,16 @@
 (issue 11): no device may take the coordinator's name, secrets are never readable by others, and
 the generated Mosquitto configuration binds every client id to its user name, so device A cannot
 take over device B's (or the coordinator's) persistent session. The takeover is tried against a
-real Mosquitto run with the generated TLS configuration."""
+real Mosquitto run with the generated TLS configuration.
+
+A provisioned cluster (issue 22): `coordinators=N` gives each coordinator its own user, client id
+and config, so two `fedprune coordinator serve` processes in cluster mode share the provisioned
+broker without closing each other's connection (one user made one client id for both)."""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,19 +20,28 @@ import pytest
 from coordinator.config import ConfigError, load_config
 from coordinator.provision import COORDINATOR_USER, provision
 from coordinator.service import ServiceSettings
-from coordinator.service.config import BrokerSettings
+from coordinator.service.cluster import Leadership
+from coordinator.service.config import BrokerSettings, ClusterSettings
+from coordinator.service.store import Store
 from edge_sdk.agent import load_edge_config
+from edge_sdk.protocol import Topics, decode_envelope, parse_header
 from harness.brokers import MqttPeer, provisioned_mosquitto
+from harness.databases import own_database
+from harness.devices import captured_agent, coordinator_process
+from harness.messages import update_message
+from harness.processes import stop_processes
+from harness.waiting import wait_until
 
 FLEET = "prov"
 PRIVATE = ["ca/ca.key", "broker/server.key", "broker/passwords", "coordinator/signing.key",
            "coordinator/coordinator.toml", "devices/dev-a/edge.toml", "devices/dev-b/edge.toml"]
 
 
-@pytest.mark.parametrize("device", [COORDINATOR_USER, "dev1\n", "../dev", "dev/1"])
+@pytest.mark.parametrize("device", [COORDINATOR_USER, f"{COORDINATOR_USER}-1", "dev1\n", "../dev", "dev/1"])
 def test_a_device_cannot_take_the_coordinators_name_or_an_unsafe_one(tmp_path, device):
     """A device provisioned as "fedprune-coordinator" replaced the coordinator's password entry
-    (and got its ACL: read and write on every topic of the fleet)."""
+    (and got its ACL: read and write on every topic of the fleet); so would one named as a
+    cluster's coordinator."""
     with pytest.raises(ValueError, match="coordinator's own broker user name|is not valid"):
         provision(tmp_path / "prov", ["dev-a", device], "mqtts://127.0.0.1:8883", ["127.0.0.1"], FLEET)
     assert not (tmp_path / "prov" / "broker" / "passwords").exists()
@@ -137,3 +151,62 @@ def test_a_device_cannot_kick_the_coordinator_off_its_session(fleet):
     finally:
         intruder.close()
         coordinator.close()
+
+
+# --- a provisioned cluster ----------------------------------------------------------------------
+def _connections(log: Path) -> int:
+    """How many times a coordinator connected to the broker (its log)."""
+    return log.read_text(errors="replace").count('"message": "connected to ')
+
+
+def test_a_provisioned_cluster_runs_its_coordinators_side_by_side(tmp_path):
+    """Two coordinators in cluster mode from `provision(coordinators=2)`'s configs, on the broker
+    it configured (TLS, passwords, ACL with use_username_as_clientid) and one PostgreSQL: each
+    connects once and stays connected; the leader takes a device's registration, and the device's
+    updates, through the shared subscription the ACL must allow, are answered."""
+    with provisioned_mosquitto(FLEET, ["dev-a"], ["127.0.0.1"], prefix="fedprune-cluster-",
+                               coordinators=2) as (prov, _), own_database("provisioned") as url:
+        configs = sorted((prov / "coordinator").glob("coordinator-*.toml"))
+        assert [c.name for c in configs] == ["coordinator-0.toml", "coordinator-1.toml"]
+        assert not (prov / "coordinator" / "coordinator.toml").exists()
+        users = [load_config(c, ["database=" + url], schema=ServiceSettings).broker.username for c in configs]
+        assert users == [f"{COORDINATOR_USER}-0", f"{COORDINATOR_USER}-1"]
+        store = Store(url)
+        lock = Leadership(url, ClusterSettings(enabled=True, node="test"))
+        nodes = [coordinator_process(
+            f"c{i}", [f"database={url}", f"state_dir={tmp_path / f'c{i}'}", "http_port=0",
+                      "strategy=fedavg", "model=mlp", "evaluate=false", "export.enabled=false",
+                      "cluster.takeover_poll_seconds=0.5", "cluster.dead_leader_seconds=3"],
+            tmp_path / f"c{i}.log", args=["--config", str(config)]).start()
+            for i, config in enumerate(configs)]
+        device = _peer(prov, "dev-a", "dev-a", clean_session=True)
+        topics = Topics(FLEET)
+        try:
+            device.subscribe(topics.ack("dev-a"))
+            wait_until(lambda: all(_connections(n.log) for n in nodes) and lock.holder() in ("c0", "c1"),
+                       60, "both coordinators to connect and one to lead", nodes)
+            agent, _ = captured_agent(tmp_path, "dev-a")  # its registration (no fleet in it)
+            device.client.publish(topics.register("dev-a"), agent._registration(), qos=1,
+                                  retain=True).wait_for_publish(10)
+            wait_until(lambda: store.device("dev-a") is not None, 60, "the leader to register dev-a", nodes)
+            # Round 1 is not open: each update is answered (refused as stale) by whichever
+            # coordinator the shared subscription hands it to.
+            for task in ("0" * 16, "1" * 16, "2" * 16, "3" * 16):
+                device.publish(topics.update("dev-a"), _stale_update(task))
+            acks = [parse_header(decode_envelope(p)) for p in device.wait("ack", 4, timeout=60)]
+            connections = [_connections(n.log) for n in nodes]
+            logs = "".join(n.log.read_text(errors="replace") for n in nodes)
+        finally:
+            device.close()
+            stop_processes(nodes)
+            lock.close()
+            store.close()
+    assert sorted(a.task for a in acks) == ["0" * 16, "1" * 16, "2" * 16, "3" * 16]
+    assert all(not a.accepted and "is not open" in a.reason for a in acks), acks
+    assert connections == [1, 1], "a coordinator was disconnected and connected again"
+    assert not re.search(r"disconnected from the broker|refused a subscription|refused the connection", logs)
+
+
+def _stale_update(task: str) -> bytes:
+    """An UPDATE for round 1, which is not open (a device's header; the payload is not read)."""
+    return update_message({"device_id": "dev-a", "round": 1, "task": task, "num_samples": 1}, b"x")

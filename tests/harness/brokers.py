@@ -100,8 +100,8 @@ def running_mosquitto(workdir: Path, extra: str = "") -> Iterator[Mosquitto]:
 
 @contextmanager
 def provisioned_mosquitto(fleet: str, devices: Sequence[str], hosts: Sequence[str], prefix: str,
-                          before_start: Callable[[Path], None] | None = None
-                          ) -> Iterator[tuple[Path, int]]:
+                          before_start: Callable[[Path], None] | None = None,
+                          coordinators: int = 1) -> Iterator[tuple[Path, int]]:
     """`fedprune coordinator provision` for `devices` on a free TLS port, and a Mosquitto running
     the generated configuration: (the provisioned folder, the TLS port). `before_start` may change
     the generated broker folder (passwords, ACL) before the broker reads it.
@@ -114,7 +114,8 @@ def provisioned_mosquitto(fleet: str, devices: Sequence[str], hosts: Sequence[st
     root.chmod(0o755)
     try:
         port = free_port()
-        provision(root / "prov", list(devices), f"mqtts://127.0.0.1:{port}", list(hosts), fleet, port)
+        provision(root / "prov", list(devices), f"mqtts://127.0.0.1:{port}", list(hosts), fleet, port,
+                  coordinators=coordinators)
         broker_dir = root / "prov" / "broker"
         if before_start is not None:
             before_start(broker_dir)
