@@ -125,7 +125,17 @@ def test_the_dashboard_shows_every_device_and_the_committed_round(tmp_path, brok
                 outside: list[str] = []  # nothing may be fetched from any other host
                 page.on("request", lambda request: None if request.url.startswith(base)
                         else outside.append(request.url))
-                page.goto(f"{base}/?interval=1#token={TOKEN}")
+                # The API's Content-Security-Policy must let the page do all it does: any
+                # violation is reported by the browser as an event (and a console error).
+                page.add_init_script("""window.cspViolations = [];
+                    document.addEventListener('securitypolicyviolation',
+                        (e) => window.cspViolations.push(`${e.violatedDirective} ${e.blockedURI}`));""")
+                console: list[str] = []
+                page.on("console", lambda message: console.append(message.text)
+                        if message.type == "error" else None)
+                loaded = page.goto(f"{base}/?interval=1#token={TOKEN}")
+                assert "default-src 'none'" in loaded.headers["content-security-policy"]
+                assert loaded.headers["x-frame-options"] == "DENY"
                 page.wait_for_function(
                     "n => document.querySelectorAll('tr[data-device-id]').length === n"
                     " && Number(document.getElementById('chart-epsilon').dataset.points) > 0",
@@ -177,6 +187,8 @@ def test_the_dashboard_shows_every_device_and_the_committed_round(tmp_path, brok
                 assert "token" not in page.url
                 assert page.evaluate("sessionStorage.getItem('fedprune-dashboard-token')") == TOKEN
                 assert errors == [] and outside == []
+                assert page.evaluate("window.cspViolations") == []
+                assert not [m for m in console if "Content Security Policy" in m], console
                 anonymous = browser.new_page()
                 anonymous.goto(f"{base}/?interval=1")
                 anonymous.wait_for_selector("#token-form:not([hidden])", timeout=10_000)

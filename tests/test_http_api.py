@@ -52,7 +52,9 @@ def fleet(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def guarded_app(fleet):
-    config = fleet.config.model_copy(update={"http_token": SecretStr(TOKEN)})
+    # schemathesis calls the app in process as http://testserver: a name it answers to here.
+    config = fleet.config.model_copy(update={"http_token": SecretStr(TOKEN),
+                                             "http_allowed_hosts": ["testserver"]})
     return build_app(fleet.store, config, fleet.engine.status)
 
 
@@ -76,7 +78,8 @@ def test_every_answer_matches_the_schema_and_none_is_a_server_error(case):
 def test_devices_and_rounds_agree_with_the_store(fleet):
     from fastapi.testclient import TestClient
 
-    client = TestClient(build_app(fleet.store, fleet.config, fleet.engine.status))
+    client = TestClient(build_app(fleet.store, fleet.config, fleet.engine.status),
+                        base_url="http://127.0.0.1")  # the API answers to loopback names only
     devices = {d["device_id"]: d for d in client.get("/devices").json()["devices"]}
     assert set(devices) == {"dev-0", "dev-1", "dev-2"}
     for row in fleet.store.devices():
@@ -189,3 +192,47 @@ def test_the_cli_prints_status_and_devices_as_tables(fleet, monkeypatch, capsys)
         server.stop()
     assert main(["status", "--url", server.url]) == 2  # nothing listens there now
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_only_requests_naming_an_allowed_host_are_served_and_every_answer_is_unframeable(fleet):
+    """DNS rebinding: a web page points a name of its own at 127.0.0.1 and reads the API from the
+    browser; the browser then sends that name as Host, which the API refuses. Every answer, the
+    refusal, a 404 and the dashboard's files included, forbids framing and loading from elsewhere."""
+    config = fleet.config.model_copy(update={"http_allowed_hosts": ["coordinator.lan"]})
+    server = ApiServer(build_app(fleet.store, config, fleet.engine.status), "127.0.0.1", 0).start()
+    port = server.port
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}",
+                         f"coordinator.lan:{port}"):
+                assert http.get("/devices", headers={"Host": host}).status_code == 200, host
+            answers = {}
+            for host in (f"rebound.attacker.example:{port}", "127.0.0.1.attacker.example",
+                         "coordinator.lan.attacker.example", "", "a b"):
+                answers[host] = refused = http.get("/devices", headers={"Host": host})
+                assert refused.status_code == 400, host
+                detail = refused.json()["detail"]
+                assert "does not answer to the Host" in detail and "http_allowed_hosts" in detail
+                assert "127.0.0.1, localhost, [::1], coordinator.lan" in detail
+            answers["ok"] = http.get("/devices")
+            answers["404"] = http.get("/rounds/99")
+            answers["index"] = http.get("/")
+            answers["asset"] = http.get("/assets/app.js")
+            answers["metrics"] = http.get("/metrics")
+            for name, answer in answers.items():
+                assert answer.headers["x-frame-options"] == "DENY", name
+                csp = answer.headers["content-security-policy"]
+                assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, name
+                assert "script-src 'self'" in csp and "connect-src 'self'" in csp, name
+            assert answers["index"].status_code == answers["asset"].status_code == 200
+    finally:
+        server.stop()
+
+
+def test_any_host_only_with_a_token(monkeypatch):
+    monkeypatch.delenv(HTTP_TOKEN_VARIABLE, raising=False)
+    with pytest.raises(ValueError, match="any web page could read the API"):
+        ServiceSettings(http_allowed_hosts=["*"])
+    with pytest.raises(ValueError, match="is not a host name"):
+        ServiceSettings(http_allowed_hosts=["coordinator.*"])
+    assert ServiceSettings(http_allowed_hosts=["*"], http_token=TOKEN).http_allowed_hosts == ["*"]

@@ -156,6 +156,11 @@ class ServiceSettings(LearningSettings):
     # Bearer token every endpoint but /healthz then requires (Authorization: Bearer <token>).
     # Set here, or in the FEDPRUNE_HTTP_TOKEN environment variable (used when this key is absent).
     http_token: SecretStr | None = None
+    # Host names (or addresses) the API answers to besides the loopback ones (127.0.0.1,
+    # localhost, [::1]) and http_host: a request naming any other Host is refused (400), so a web
+    # page cannot read the API through a DNS name it rebinds to this machine. "*.example.com"
+    # matches its subdomains; "*" any name (then only the token guards the API).
+    http_allowed_hosts: list[str] = []
     evaluate: bool = True                     # global accuracy on the test set after each round
     # Refuse an update whose change from the global model has an L2 norm above this (a blown-up
     # or scaled attack); None accepts any finite update. Robust aggregation handles subtler ones.
@@ -186,6 +191,15 @@ class ServiceSettings(LearningSettings):
             data = {**data, "http_token": token}
         return data
 
+    @field_validator("http_allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if not host or "*" in host[1:] or (host.startswith("*") and host != "*"
+                                                and not host.startswith("*.")):
+                raise ValueError(f"{host!r} is not a host name, '*.domain' or '*'")
+        return hosts
+
     @field_validator("http_token")
     @classmethod
     def _token_length(cls, value: SecretStr | None) -> SecretStr | None:
@@ -201,6 +215,14 @@ class ServiceSettings(LearningSettings):
                 f"the network unauthenticated. Set http_token (at least 16 characters) in "
                 f"coordinator.toml or {HTTP_TOKEN_VARIABLE} in the environment, or bind http_host "
                 "to 127.0.0.1")
+        return self
+
+    @model_validator(mode="after")
+    def _any_host_needs_a_token(self):
+        if "*" in self.http_allowed_hosts and self.http_token is None:
+            raise ValueError("http_allowed_hosts = [\"*\"] answers any Host name, so any web page "
+                             "could read the API through a DNS name that points here: set "
+                             f"http_token (or {HTTP_TOKEN_VARIABLE}), or list the names instead")
         return self
 
     @model_validator(mode="after")

@@ -17,11 +17,19 @@ other address it will not start without a token (`ServiceSettings.http_token`); 
 endpoint but /healthz and the dashboard's static files (which hold no data: the page reads the
 token from its URL fragment and sends it with each request) requires `Authorization: Bearer
 <token>`, compared in constant time, and answers 401 with `WWW-Authenticate: Bearer` otherwise.
+
+Whatever the address, the API answers only requests whose `Host` is a name it is reached by: the
+loopback names, `http_host` and `http_allowed_hosts` (Starlette's TrustedHostMiddleware decides;
+anything else gets 400 saying which key to set). A web page can point a DNS name of its own at
+127.0.0.1 and read any server there (DNS rebinding), but the browser then sends that name as
+Host. Every response carries a Content-Security-Policy that lets the dashboard load only its
+own files and call only this API, and `X-Frame-Options: DENY` (no page may frame it).
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import socket
 import threading
@@ -38,6 +46,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sqlalchemy import func, select
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import ConfigError
 from .config import HTTP_TOKEN_VARIABLE, ServiceSettings, is_loopback
@@ -50,6 +61,14 @@ DASHBOARD = Path(__file__).resolve().parent / "dashboard"
 # Round numbers are INTEGER columns: anything outside is a round that cannot exist (404), and is
 # never handed to the database (SQLite refuses integers past 2**63 with an OverflowError).
 _ROUND_NUMBERS = range(1, 2**31)
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+# The dashboard (dashboard/index.html) loads its script, styles and vendored chart library from
+# /assets/ and reads this API with fetch; its favicon is a data: URL. Nothing else may load.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+                           "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
+                           "base-uri 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = {"content-security-policy": CONTENT_SECURITY_POLICY,
+                    "x-frame-options": "DENY", "x-content-type-options": "nosniff"}
 
 
 # --- response models: the OpenAPI schema is generated from these ---------------------------------
@@ -329,6 +348,79 @@ def round_detail(store: Store, number: int) -> RoundDetailView | None:
         local_accuracy=u.local_accuracy if u else None) for t, u in pairs])
 
 
+# --- what every request and response passes through ------------------------------------------------
+def _host_name(host: str) -> str:
+    """`host` as a Host header names it: lower case, an IPv6 address in brackets."""
+    host = host.strip().lower()
+    try:
+        return f"[{host.strip('[]')}]" if ipaddress.ip_address(host.strip("[]")).version == 6 else host
+    except ValueError:
+        return host
+
+
+def allowed_hosts(config: ServiceSettings) -> list[str]:
+    """The Host names the API answers to: the loopback ones, `http_host` unless it is a wildcard
+    address (0.0.0.0, ::), and `http_allowed_hosts`."""
+    names = [*LOOPBACK_NAMES, *config.http_allowed_hosts]
+    if config.http_host.strip("[] ") not in ("", "0.0.0.0", "::"):
+        names.append(config.http_host)
+    return list(dict.fromkeys(_host_name(name) for name in names))
+
+
+class HostCheck:
+    """Starlette's TrustedHostMiddleware decides whether a request's Host is allowed; a refusal
+    is answered here, as JSON like every other error, saying what to set (its own answer is a
+    bare "Invalid host header")."""
+
+    def __init__(self, app: ASGIApp, allowed: list[str]):
+        self.app, self.allowed = app, allowed
+        self.check = TrustedHostMiddleware(self._passed, allowed, www_redirect=False)
+
+    @staticmethod
+    async def _passed(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["fedprune.host_allowed"] = True
+
+    @staticmethod
+    async def _discard(message) -> None:
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.check(scope, receive, self._discard)
+        if scope.pop("fedprune.host_allowed", False):
+            await self.app(scope, receive, send)
+            return
+        host = Headers(scope=scope).get("host", "")
+        await JSONResponse({"detail": (
+            f"this API does not answer to the Host {host[:100]!r}: it answers to "
+            f"{', '.join(self.allowed)}. Reach it by one of those names, or add the name to "
+            "http_allowed_hosts in coordinator.toml")}, status_code=400)(scope, receive, send)
+
+
+class SecurityHeaders:
+    """SECURITY_HEADERS on every response, refusals and static files included (two fixed
+    headers: not worth a dependency)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 # --- the application ------------------------------------------------------------------------------
 def build_app(store: Store, config: ServiceSettings,
               snapshot: Callable[[], Mapping[str, Any]], *,
@@ -407,6 +499,8 @@ def build_app(store: Store, config: ServiceSettings,
         return FileResponse(page)
 
     app.mount("/assets", StaticFiles(directory=dashboard, check_dir=False), name="assets")
+    app.add_middleware(HostCheck, allowed=allowed_hosts(config))
+    app.add_middleware(SecurityHeaders)  # added last: outermost, so refusals carry them too
     return app
 
 
