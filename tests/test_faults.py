@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import signal
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,10 @@ class Measured:
       outbox entry, or a "round N: sent" log line with no such record); counted: it is in a
       committed round's contributions; refused: sent, not counted, and the device was told why
       (tasks.json "rejected", with the coordinator's task reason or the reason the device
-      logged); lost: sent, neither counted nor refused; duplicated: contributions beyond the first
+      logged); lost: sent, neither counted nor refused, or refused for its timing (late, or its
+      round no longer open) although the device sent it before the round's deadline (it reached
+      the broker in time: the coordinator was down across the deadline, and it judges lateness
+      by when an update reaches it); duplicated: contributions beyond the first
       of the same update across the committed rounds; redelivered: second copies that reached
       the coordinator (the rounds' `duplicates` counters); counted_unsent: contributions that no
       device records sending (a forged or phantom update); dead_lettered: messages the
@@ -124,14 +128,35 @@ _SENT_LINE = re.compile(r"round (\d+): sent \d+-byte update")
 _REJECTED_LINE = re.compile(r"coordinator rejected update (\S+): (.*)", re.S)
 
 
-def _log_messages(path: Path) -> list[str]:
-    messages = []
+def _log_entries(path: Path) -> list[tuple[float, str]]:
+    """(unix time, message) of each JSON line of a log."""
+    entries = []
     for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
         try:
-            messages.append(json.loads(line)["message"])
+            entry = json.loads(line)
+            entries.append((float(entry["ts"]), entry["message"]))
         except (ValueError, KeyError, TypeError):  # a traceback or a line from before logging started
             continue
-    return messages
+    return entries
+
+
+def _log_messages(path: Path) -> list[str]:
+    return [message for _, message in _log_entries(path)]
+
+
+def _first_sends(config_path: Path) -> dict[int, float]:
+    """When the device (its log, on the test machine's one clock) first sent its update of each
+    round: within milliseconds of it reaching the broker on loopback."""
+    sends: dict[int, float] = {}
+    for at, message in _log_entries(config_path.with_suffix(".log")):
+        match = _SENT_LINE.match(message)
+        if match:
+            sends.setdefault(int(match[1]), at)
+    return sends
+
+
+# The coordinator's reasons for refusing an update for its timing, not its content.
+_TIMING = re.compile(r"late|round \d+ is not open|round \d+ (closed|is committing)")
 
 
 def _device_record(config_path: Path) -> tuple[dict[tuple[str, int, str], str], dict[str, str], int]:
@@ -180,12 +205,15 @@ def measure(store: Store, tmp: Path) -> Measured:
             contributions.update((row.number, entry) for entry in summary["contributions"])
     sent: dict[tuple[str, int, str], str] = {}
     reasons: dict[str, str] = {}
+    sends: dict[tuple[str, int], float] = {}
     unrecorded = 0
     for config_path in sorted(tmp.glob("d*.toml")):
         device_sent, device_reasons, device_unrecorded = _device_record(config_path)
         sent.update(device_sent)
         reasons.update(device_reasons)
         unrecorded += device_unrecorded
+        device = load_edge_config(config_path).device_id
+        sends.update({(device, number): at for number, at in _first_sends(config_path).items()})
     counted, refusals, lost = 0, [], unrecorded
     for (device, number, task), status in sorted(sent.items()):
         if contributions[(number, f"{device}/{task}")]:
@@ -194,7 +222,9 @@ def measure(store: Store, tmp: Path) -> Measured:
         row = store.task(number, device)
         reason = (row.reason if row is not None and row.task == task and row.reason else
                   reasons.get(task_key(number, task)))
-        if status == "rejected" and reason:
+        round_row = store.round_row(number)
+        in_time = round_row is not None and sends.get((device, number), float("inf")) <= round_row.deadline
+        if status == "rejected" and reason and not (in_time and _TIMING.match(reason)):
             refusals.append(f"{device} round {number}: {reason}")
         else:
             lost += 1
@@ -284,6 +314,61 @@ def test_a_third_of_the_devices_vanish_mid_round(tmp_path, broker, database, fau
                      measured)
     finally:
         _stop(devices + [coordinator])
+
+
+LATE_DEADLINE = 20  # seconds: room for the held device to train and send while the coordinator is down
+
+
+def test_an_update_sent_in_time_while_the_coordinator_was_down_across_the_deadline_is_lost(
+        tmp_path, broker, database, fault_matrix):
+    """Issue 22, item 6: the coordinator is down (SIGKILL) across round 1's deadline; a device
+    sends its update before the deadline, the broker queues it in the coordinator's session, and
+    the restarted coordinator refuses it (late, or its round no longer open). MQTT 3.1.1 tells
+    the coordinator nothing of when an update reached the broker, and it judges by when it
+    received it; so the fault matrix counts that update as lost, not refused (`measure`)."""
+    fleet = "late"
+    devices = [_device(tmp_path, broker.url, fleet, i, 2) for i in range(2)]
+    rounds = {"deadline_seconds": LATE_DEADLINE, "min_fraction": 0.5}
+    coordinator = _coordinator(tmp_path, broker.url, fleet, database, 2, **rounds)
+    held = devices[1]
+    try:
+        wait_until(lambda: database.device(f"{fleet}-1") is not None, 90, f"{fleet}-1 to register",
+                   [coordinator, *devices])
+        held.popen.send_signal(signal.SIGSTOP)  # its task waits for it
+        wait_until(lambda: database.update_count(1) >= 1, 90, "the other device's update",
+                   [coordinator, devices[0]])
+        coordinator.stop(signal.SIGKILL)
+        deadline = database.round_row(1).deadline
+        held.popen.send_signal(signal.SIGCONT)
+        wait_until(lambda: 1 in _first_sends(tmp_path / "d1.toml"), 60,
+                   f"{fleet}-1 to send its update while the coordinator is down", [held])
+        sent_at = _first_sends(tmp_path / "d1.toml")[1]
+        assert sent_at < deadline, f"sent {sent_at - deadline:.1f} s after the deadline; raise LATE_DEADLINE"
+        wait_until(lambda: time.time() > deadline, LATE_DEADLINE + 5,
+                   "round 1's deadline to pass with the coordinator down", devices)
+        coordinator = _coordinator(tmp_path, broker.url, fleet, database, 2, **rounds)
+        _finish(coordinator, devices)
+        measured = measure(database, tmp_path)
+        first = database.round_row(1).summary
+        held_task = database.task(1, f"{fleet}-1")
+        reasons = _device_record(tmp_path / "d1.toml")[1]
+    finally:
+        if held.popen.poll() is None:
+            held.popen.send_signal(signal.SIGCONT)
+        _stop(devices + [coordinator])
+    assert first["accepted"] == 1 and _committed(database) == 2
+    # Refused for its timing, with the reason the device was told (the round's task reason, or
+    # the one in the ACK the device logged when the round had closed first).
+    told = held_task.reason if held_task.state == "rejected" else reasons.get(task_key(1, held_task.task))
+    assert told and _TIMING.match(told), (held_task.state, held_task.reason, reasons)
+    assert (measured.sent, measured.counted, measured.refused, measured.lost, measured.duplicated,
+            measured.counted_unsent, measured.dead_lettered) == (4, 3, 0, 1, 0, 0, 0), measured
+    fault_matrix(f"coordinator SIGKILLed in round 1 of 2 ({LATE_DEADLINE} s deadline, quorum 1 of 2, "
+                 "SQLite) and restarted after the deadline; the other device sent its update "
+                 f"{deadline - sent_at:.1f} s before the deadline, queued by the broker meanwhile",
+                 f"the restarted coordinator refused that update ({told}): it judges lateness by "
+                 "when an update reaches it, and MQTT 3.1.1 gives no broker arrival time, so the "
+                 "update is counted lost; round 1 committed with 1, round 2 with both", measured)
 
 
 # --- poison messages ---------------------------------------------------------------------------
