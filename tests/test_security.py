@@ -23,6 +23,7 @@ from harness.brokers import provisioned_mosquitto
 from harness.devices import start_edge_agent
 from harness.fleet import Harness, signing_key_files
 from harness.processes import stop_processes
+from harness.waiting import wait_until
 
 FLEET = "sec"
 # A read-only observer of the whole fleet, added by the fixture (not by provisioning): the broker
@@ -90,17 +91,30 @@ def test_a_device_cannot_publish_as_another_nor_read_anothers_task(fleet):
     a, _, a_got = _connect(prov, "dev-a")
     b, _, b_got = _connect(prov, "dev-b")
     _subscribe(a, f"fedprune/{FLEET}/task/dev-b")   # not its topic: the ACL hides it
+    _subscribe(a, f"fedprune/{FLEET}/task/dev-a")
     _subscribe(b, f"fedprune/{FLEET}/task/dev-b")
     forged = encode_envelope(MessageType.UPDATE, {"device_id": "dev-b", "round": 1, "task": "x",
                                                   "num_samples": 1})
+    # Each check ends with a marker on the same connection as what must not arrive: the broker
+    # forwards one client's QoS 1 messages in order, so once the marker is in, what came before
+    # it and did not arrive never will.
     a.publish(f"fedprune/{FLEET}/update/dev-a", b"control", qos=1).wait_for_publish(5)
     spy.publish(f"fedprune/{FLEET}/task/dev-b", b"task for b", qos=1).wait_for_publish(5)
-    a.publish(f"fedprune/{FLEET}/update/dev-b", forged, qos=1)  # denied (Mosquitto may also drop a)
-    time.sleep(1.0)  # a window for what must not arrive: the forgery, a's copy of b's task
+    spy.publish(f"fedprune/{FLEET}/task/dev-a", b"after b's task", qos=1).wait_for_publish(5)
+    wait_until(lambda: a_got and b_got, 10, "b's task at dev-b and the marker after it at dev-a")
+    assert [p for _, p in b_got] == [b"task for b"]
+    assert a_got == [(f"fedprune/{FLEET}/task/dev-a", b"after b's task")]  # not b's task
+    # The forgery is acknowledged (the broker has dealt with it), then refused: Mosquitto 2 drops
+    # a's connection. The marker is queued (QoS 1) and paho sends it once it has reconnected.
+    forgery = a.publish(f"fedprune/{FLEET}/update/dev-b", forged, qos=1)
+    forgery.wait_for_publish(5)
+    assert forgery.is_published()
+    a.publish(f"fedprune/{FLEET}/update/dev-a", b"after the forgery", qos=1)
+    wait_until(lambda: len(seen) >= 2, 10, "the marker after the forgery at the spy")
     for client in (spy, a, b):
         client.loop_stop()
-    assert [t for t, _ in seen] == [f"fedprune/{FLEET}/update/dev-a"]  # the forgery never arrived
-    assert [p for _, p in b_got] == [b"task for b"] and a_got == []
+    assert seen == [(f"fedprune/{FLEET}/update/dev-a", b"control"),
+                    (f"fedprune/{FLEET}/update/dev-a", b"after the forgery")]  # no forgery
 
 
 def test_devices_run_only_tasks_signed_by_the_coordinator(tmp_path):
@@ -131,7 +145,7 @@ def test_devices_run_only_tasks_signed_by_the_coordinator(tmp_path):
 def test_a_round_over_tls_with_acls_carries_no_raw_data_and_no_private_tensor(fleet, tmp_path):
     prov, _ = fleet
     spy, _, seen = _connect(prov, INSPECTOR)
-    spy.subscribe(f"fedprune/{FLEET}/#", qos=1)
+    _subscribe(spy, f"fedprune/{FLEET}/#")
     config = load_config(prov / "coordinator" / "coordinator.toml", schema=ServiceSettings)
     config = config.model_copy(update={
         "strategy": "fedper", "state_dir": str(tmp_path / "coordinator"), "http_port": None,
@@ -150,7 +164,11 @@ def test_a_round_over_tls_with_acls_carries_no_raw_data_and_no_private_tensor(fl
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     thread.join(180)
-    time.sleep(0.5)
+    # The coordinator acknowledged both updates before it committed; the inspector has them
+    # once they are in its list (nothing to wait for when the round failed: the asserts say so).
+    if not thread.is_alive():
+        wait_until(lambda: sum(t.split("/")[2] == "ack" for t, _ in list(seen)) >= 2, 30,
+                   "both ACKs at the inspector")
     stop_processes(devices)
     spy.loop_stop()
     assert not thread.is_alive() and service.store.last_committed().summary["accepted"] == 2

@@ -11,7 +11,6 @@ import json
 import signal
 import subprocess
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from harness.devices import start_edge_agent
 from harness.processes import stop_processes
 from harness.waiting import wait_until
 
-MOSQUITTO_SUB = "mosquitto_sub"
+MOSQUITTO_SUB, MOSQUITTO_PUB = "mosquitto_sub", "mosquitto_pub"
+PROBE = "probe"  # the topic kind of the messages that show the recording subscriber is subscribed
 
 
 def _service(tmp: Path, url: str, fleet: str, **rounds) -> CoordinatorService:
@@ -47,6 +47,34 @@ def _edge_config(tmp: Path, url: str, fleet: str, i: int, devices: int = 3) -> E
                       data={"clients": devices, "device_index": i})
 
 
+def _recording_subscriber(port: int, fleet: str
+                          ) -> tuple[subprocess.Popen, threading.Thread, list[str]]:
+    """A `mosquitto_sub` of every fleet topic, printing `topic length` lines that a thread
+    collects; returned once its subscription is in place: a probe on a fleet topic is published
+    until the subscriber prints it (its lines are under the topic kind PROBE)."""
+    sub = subprocess.Popen([MOSQUITTO_SUB, "-p", str(port), "-q", "1", "-v",
+                            "-t", f"fedprune/{fleet}/#", "-F", "%t %l"],
+                           stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in sub.stdout:
+            lines.append(line.rstrip("\n"))
+    reader = _run_in_thread(read)
+    probe = f"fedprune/{fleet}/{PROBE}"
+
+    def probed() -> bool:
+        subprocess.run([MOSQUITTO_PUB, "-p", str(port), "-q", "1", "-t", probe, "-m", "probe"],
+                       check=True, timeout=10)
+        return any(line.startswith(f"{probe} ") for line in lines)
+    try:
+        wait_until(probed, 10, "mosquitto_sub's subscription")
+    except BaseException:
+        sub.kill()
+        raise
+    return sub, reader, lines
+
+
 def _run_in_thread(target) -> threading.Thread:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
@@ -55,10 +83,7 @@ def _run_in_thread(target) -> threading.Thread:
 
 def test_two_rounds_over_mosquitto_as_a_plain_subscriber_sees_them(tmp_path, broker):
     fleet = "e2e"
-    sub = subprocess.Popen([MOSQUITTO_SUB, "-p", str(broker.port), "-q", "1", "-v",
-                            "-t", f"fedprune/{fleet}/#", "-F", "%t %l"],
-                           stdout=subprocess.PIPE, text=True)
-    time.sleep(0.3)
+    sub, reader, lines = _recording_subscriber(broker.port, fleet)
     configs = [_edge_config(tmp_path, broker.url, fleet, i) for i in range(3)]
     devices = [start_edge_agent(config, tmp_path) for config in configs]
     service = _service(tmp_path, broker.url, fleet)
@@ -85,7 +110,8 @@ def test_two_rounds_over_mosquitto_as_a_plain_subscriber_sees_them(tmp_path, bro
         service.stopping.set()
         stop_processes(devices)
         sub.send_signal(signal.SIGINT)  # a clean exit flushes its output
-        lines = sub.communicate(timeout=10)[0].splitlines()
+        sub.wait(timeout=10)
+        reader.join(10)
     retained = subprocess.run([MOSQUITTO_SUB, "-p", str(broker.port), "-C", "1", "-W", "5", "-F", "%x",
                                "-t", f"fedprune/{fleet}/register/{fleet}-dev-0"],
                               capture_output=True, text=True, timeout=10).stdout
@@ -107,7 +133,8 @@ def test_two_rounds_over_mosquitto_as_a_plain_subscriber_sees_them(tmp_path, bro
     for line in lines:
         topic, length = line.split(" ")
         kind = topic.split("/")[2]
-        seen.setdefault(kind, []).append(int(length))
+        if kind != PROBE:
+            seen.setdefault(kind, []).append(int(length))
     assert set(seen) == {"register", "status", "task", "update", "ack", "artifact"}
     assert len(seen["task"]) == len(seen["update"]) == len(seen["ack"]) == 6
     assert sum(seen["task"]) == sum(r["bytes_down"] for r in rounds)
