@@ -560,22 +560,30 @@ def _left_out(report: Report, name: str, runs: list[Run], kept: list[Run], why: 
         report.notes.setdefault(name, []).append(f"not drawn ({why}): {', '.join(missing)}")
 
 
-def _draw(report: Report, name: str, draw, *args) -> bool:
-    """`draw(*args)` with the files' text drawn as plain text (never mathtext); whether it drew.
-    A figure matplotlib cannot draw anyway (any of its exceptions: an axis limit it refuses, a
-    font) is listed as not drawn with the reason, and the other figures are still drawn."""
+def _one_figure(report: Report, name: str, runs: list[Run], kept: list[Run], draw,
+                caption: str, without: str, nobody: str) -> None:
+    """Figure `name`, `draw(kept, path)`, of the runs that have what it needs, with `caption`
+    and the runs left out (`without`: why); `nobody` says why it is missing when no run has it.
+
+    The files' text is drawn as plain text, never as mathtext. A figure matplotlib cannot draw
+    anyway (any of its exceptions: an axis limit it refuses, a font) is listed as not drawn with
+    the reason, and the other figures are still drawn."""
     import matplotlib
 
+    if not kept:
+        report.skipped[name] = nobody
+        return
     try:
         with matplotlib.rc_context({"text.parse_math": False}):
-            draw(*args)
+            draw(kept, report.out / name)
     except Exception as exc:  # matplotlib raises many types; the report must go on without it
         (report.out / name).unlink(missing_ok=True)
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         report.skipped[name] = f"matplotlib could not draw it ({type(exc).__name__}: {reason})"
         report.failed.append(name)
-        return False
-    return True
+        return
+    report.figures[name] = caption
+    _left_out(report, name, runs, kept, without)
 
 
 def write_report(runs: list[Run], out: str | Path, title: str = "fedprune report",
@@ -589,68 +597,48 @@ def write_report(runs: list[Run], out: str | Path, title: str = "fedprune report
         (out / stale).unlink(missing_ok=True)
 
     with_accuracy = [r for r in runs if r.has(r.personalized) or r.has(r.global_accuracy)]
-    name = "accuracy_by_round.png"
-    if with_accuracy:
-        if _draw(report, name, _accuracy, with_accuracy, lambda r: r.rounds, "round",
-                  "Accuracy after each round", out / name):
-            report.figures[name] = ("Accuracy after each round: personalized (each device's own "
-                                    "model on its own test split; solid) and the global model "
-                                    "(dashed).")
-            _left_out(report, name, runs, with_accuracy, "no accuracy in its rounds")
-    else:
-        report.skipped[name] = "no run has accuracies in its rounds (a service run with " \
-                               "evaluation off reports none)"
-
-    name = "accuracy_by_bytes.png"
-    with_bytes = [r for r in with_accuracy if r.has(r.cumulative_bytes)]
-    if with_bytes:
-        if _draw(report, name, _accuracy, with_bytes, lambda r: [b / 1e6 for b in r.cumulative_bytes],
-                 "cumulative bytes, up + down (MB)", "Accuracy against the bytes moved", out / name):
-            report.figures[name] = ("Accuracy against the cumulative bytes moved (uploads plus "
-                                    "downloads, codec payloads) up to each round.")
-            _left_out(report, name, runs, with_bytes, "no accuracy or no bytes in its rounds")
-    else:
-        report.skipped[name] = "no run has both accuracies and bytes_up/bytes_down in its rounds"
-
-    name = "epsilon_by_device.png"
-    with_eps = [r for r in runs if r.epsilon_by_round or r.epsilon_final or r.epsilon_max_by_round]
-    if with_eps:
-        if _draw(report, name, _epsilon, with_eps, out / name):
-            report.figures[name] = ("The privacy spent (record-level epsilon): per device after "
-                                    "each round it trained in when the results have it, else the "
-                                    "round's maximum and each device's at the end; dotted: the "
-                                    "budget.")
-            _left_out(report, name, runs, with_eps, "no epsilon: trained without DP")
-    else:
-        report.skipped[name] = "no run has epsilon (none trained with DP, e.g. --set " \
-                               "dp.target_epsilon=4)"
-
-    name = "fleet_plans.png"
-    with_plans = [r for r in runs if r.plans]
-    if with_plans:
-        if _draw(report, name, _plans, with_plans, out / name):
-            report.figures[name] = ("The fleet's sizing: width ratio and download / upload keep "
-                                    "per device (hatched: left out, no plan that fits). From the "
-                                    "planner's plans where the results have them (--fleet, the "
-                                    "service), else from each device's last task.")
-            _left_out(report, name, runs, with_plans,
-                      "no plans, every task at full width and keep")
-    else:
-        report.skipped[name] = "no run has plans (simulate --fleet, demo) or tasks below full " \
-                               "width or keep"
-
-    name = "devices_per_round.png"
-    with_flows = [r for r in runs if r.flows and (r.kind == "service" or r.lost_anything)]
-    if with_flows:
-        if _draw(report, name, _flows, with_flows, out / name):
-            report.figures[name] = ("Devices in and out of each round: selected (service) or sent "
-                                    "a task (simulation), accepted into the aggregate, straggled "
-                                    "(past the deadline), out of memory, refused, rejected, left "
-                                    "out (no plan fits).")
-            _left_out(report, name, runs, with_flows,
-                      "a simulation where every device sent was accepted")
-    else:
-        report.skipped[name] = "no service results, and no simulation lost a device in a round"
+    _one_figure(
+        report, "accuracy_by_round.png", runs, with_accuracy,
+        lambda kept, path: _accuracy(kept, lambda r: r.rounds, "round", "Accuracy after each round",
+                                     path),
+        "Accuracy after each round: personalized (each device's own model on its own test split; "
+        "solid) and the global model (dashed).",
+        "no accuracy in its rounds",
+        "no run has accuracies in its rounds (a service run with evaluation off reports none)")
+    _one_figure(
+        report, "accuracy_by_bytes.png", runs,
+        [r for r in with_accuracy if r.has(r.cumulative_bytes)],
+        lambda kept, path: _accuracy(kept, lambda r: [b / 1e6 for b in r.cumulative_bytes],
+                                     "cumulative bytes, up + down (MB)",
+                                     "Accuracy against the bytes moved", path),
+        "Accuracy against the cumulative bytes moved (uploads plus downloads, codec payloads) up "
+        "to each round.",
+        "no accuracy or no bytes in its rounds",
+        "no run has both accuracies and bytes_up/bytes_down in its rounds")
+    _one_figure(
+        report, "epsilon_by_device.png", runs,
+        [r for r in runs if r.epsilon_by_round or r.epsilon_final or r.epsilon_max_by_round],
+        _epsilon,
+        "The privacy spent (record-level epsilon): per device after each round it trained in when "
+        "the results have it, else the round's maximum and each device's at the end; dotted: the "
+        "budget.",
+        "no epsilon: trained without DP",
+        "no run has epsilon (none trained with DP, e.g. --set dp.target_epsilon=4)")
+    _one_figure(
+        report, "fleet_plans.png", runs, [r for r in runs if r.plans], _plans,
+        "The fleet's sizing: width ratio and download / upload keep per device (hatched: left "
+        "out, no plan that fits). From the planner's plans where the results have them (--fleet, "
+        "the service), else from each device's last task.",
+        "no plans, every task at full width and keep",
+        "no run has plans (simulate --fleet, demo) or tasks below full width or keep")
+    _one_figure(
+        report, "devices_per_round.png", runs,
+        [r for r in runs if r.flows and (r.kind == "service" or r.lost_anything)], _flows,
+        "Devices in and out of each round: selected (service) or sent a task (simulation), "
+        "accepted into the aggregate, straggled (past the deadline), out of memory, refused, "
+        "rejected, left out (no plan fits).",
+        "a simulation where every device sent was accepted",
+        "no service results, and no simulation lost a device in a round")
 
     report.index.write_text(_html(report, runs, title, command), encoding="utf-8")
     return report
