@@ -31,9 +31,9 @@ def bundle_path(bundle_dir: Path, name: str) -> Path:
                             "the bundle")
     target = (root / name).resolve()
     if not target.is_relative_to(root) or target == root:
-        raise ManifestError(f"the manifest names {name[:200]!r}, which resolves to {target}, "
-                            f"outside the bundle folder {root}; refused (a bundle's files are "
-                            "plain names inside its folder: re-export it)")
+        raise ManifestError(f"the manifest names {name[:200]!r}, which resolves to "
+                            f"{_shown(target)}, outside the bundle folder {root}; refused (a "
+                            "bundle's files are plain names inside its folder: re-export it)")
     return target
 
 
@@ -42,31 +42,38 @@ def read_bundle_file(bundle_dir: Path, name: str, *, size: int | None = None,
     """The bytes of bundle file `name`: exactly `size` bytes if given (a file of any other size
     is refused before it is read), else at most `limit` bytes (a larger file is refused)."""
     path = bundle_path(bundle_dir, name)
+    shown = _shown(path)
     try:
-        _check_regular(path, os.stat(path))
+        _check_regular(shown, os.stat(path))
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ManifestError(f"{path} does not exist; the bundle is incomplete, re-export it") from None
+        raise ManifestError(f"{shown} does not exist; the bundle is incomplete, re-export it") from None
     except OSError as exc:
-        raise ManifestError(f"{path} cannot be opened ({exc.strerror or exc})") from None
+        raise ManifestError(f"{shown} cannot be opened ({exc.strerror or exc})") from None
     with os.fdopen(fd, "rb") as file:
-        found = _check_regular(path, os.fstat(fd)).st_size  # the file opened, not a swapped name
+        found = _check_regular(shown, os.fstat(fd)).st_size  # the file opened, not a swapped name
         if size is not None and found != size:
-            raise ManifestError(f"{path} is {found:,} bytes, the manifest says {size:,}; the file "
+            raise ManifestError(f"{shown} is {found:,} bytes, the manifest says {size:,}; the file "
                                 "is truncated or replaced, re-export the bundle")
         most = size if size is not None else limit
         if most is not None and found > most:
-            raise ManifestError(f"{path} is {found:,} bytes; the limit is {most:,}")
+            raise ManifestError(f"{shown} is {found:,} bytes; the limit is {most:,}")
         data = file.read(most + 1) if most is not None else file.read()
     if size is not None and len(data) != size:
-        raise ManifestError(f"{path} changed while it was read ({len(data):,} bytes, the manifest "
+        raise ManifestError(f"{shown} changed while it was read ({len(data):,} bytes, the manifest "
                             f"says {size:,}); re-export the bundle")
     if most is not None and len(data) > most:
-        raise ManifestError(f"{path} grew past {most:,} bytes while it was read; refused")
+        raise ManifestError(f"{shown} grew past {most:,} bytes while it was read; refused")
     return data
 
 
-def _check_regular(path: Path, status: os.stat_result) -> os.stat_result:
+def _shown(path: Path) -> str:
+    """`path` for a message: a name from a manifest can be a megabyte long."""
+    text = str(path)
+    return text if len(text) <= 300 else f"{text[:297]}..."
+
+
+def _check_regular(path: str, status: os.stat_result) -> os.stat_result:
     if not stat.S_ISREG(status.st_mode):
         raise ManifestError(f"{path} cannot be read: it is not a regular file (a FIFO, device, "
                             "folder or socket), and is refused without reading it")
