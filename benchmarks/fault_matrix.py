@@ -86,6 +86,27 @@ STATIC_ROWS = [
      "test_coordinator_failover.py::"
      "test_coordinators_started_together_on_an_empty_database_all_start",
      "store, six threads on PostgreSQL"),
+    ("cluster mode: another coordinator raised the leader epoch (a takeover) while the old leader's "
+     "store still runs; a second round opened while one is in progress",
+     "every write of the old leader (open, commit, a task's state, a device's) and its check before "
+     "publishing fail with Deposed and write nothing; the new leader's second round is refused by "
+     "the one-round-in-progress index, collecting or committing",
+     "test_coordinator_failover.py::"
+     "test_a_deposed_leaders_writes_fail_and_one_round_at_most_is_in_progress",
+     "store, two sessions on PostgreSQL"),
+    ("cluster mode: the leader's lock session ended by another (as a follower does to a hung "
+     "leader) before its heartbeat thread ran",
+     "the old leader's next poll asks its lock connection and the epoch itself and steps down at "
+     "once (before fencing it trusted the heartbeat and still said it led)",
+     "test_coordinator_failover.py::"
+     "test_a_leader_whose_session_was_ended_knows_at_once_without_its_heartbeat",
+     "leader lock, two sessions on PostgreSQL"),
+    ("2 refused updates for one task, the coordinator restarted (SIGTERM), 2 more",
+     "the count is kept in the database: the 3rd is refused as before, the 4th is not decoded at "
+     "all (max_refused_updates 3; before, each restart gave a fresh allowance)",
+     "test_coordinator_restart_counters.py::"
+     "test_the_refused_update_count_survives_a_coordinator_restart",
+     "service process over Mosquitto, SQLite"),
 ]
 COLUMNS = ("sent", "counted", "refused", "lost", "duplicated", "redelivered", "counted_unsent",
            "dead_lettered")
@@ -100,11 +121,18 @@ DEFINITIONS = (
     "sent and lost).",
     "- **counted**: the update is in a committed round's `summary[\"contributions\"]`, which the "
     "engine writes at commit with one `device/task` entry per update added to the aggregate.",
-    "- **refused**: sent, not counted, and refused with a reason the device received: its "
+    "- **refused**: sent, not counted, and refused with a reason the device received (but see "
+    "**lost** for an update refused as late that was sent in time): its "
     "tasks.json entry is `rejected` (an ACK with accepted=false) and a reason is on record (the "
     "coordinator's task reason, else the reason the device logged). The reasons are listed "
     "with the row.",
-    "- **lost**: sent, neither counted nor refused.",
+    "- **lost**: sent, neither counted nor refused; and an update refused for its timing (late, or "
+    "its round no longer open) that the device's log shows it sent before the round's deadline. "
+    "Such an update reached the broker in time while the coordinator was down across the "
+    "deadline: the coordinator judges lateness by when an update reaches it (MQTT 3.1.1 gives no "
+    "broker arrival time, and device clocks are not trusted), so it refuses it, and the matrix "
+    "counts it as lost, not refused (the device's send time on the test machine's one clock, "
+    "loopback to the broker, stands for the arrival time).",
     "- **duplicated**: entries in the committed rounds' contributions beyond the first entry of "
     "the same update (an update aggregated twice).",
     "- **redelivered**: second copies of an update that reached the coordinator and were "
