@@ -74,17 +74,22 @@ def _task_publishes(broker_log: Path, node: str) -> int:
     return len(pattern.findall(broker_log.read_text(errors="replace")))
 
 
-def _events(log: Path, event: str) -> list[dict]:
-    """The lines where a coordinator logged `event` (its JSON lines' "event" field)."""
-    found = []
+def _entries(log: Path) -> list[dict]:
+    """A coordinator's JSON log lines (a traceback's lines are skipped)."""
+    entries = []
     for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if isinstance(entry, dict) and entry.get("event") == event:
-            found.append(entry)
-    return found
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def _events(log: Path, event: str) -> list[dict]:
+    """The lines where a coordinator logged `event` (its JSON lines' "event" field)."""
+    return [entry for entry in _entries(log) if entry.get("event") == event]
 
 
 def _task_stamps(wire: MqttPeer) -> list[tuple[int, int]]:
@@ -102,24 +107,14 @@ def _device(tmp: Path, broker: str, i: int, samples: int) -> Process:
 
 def _stored_by(log: Path) -> list[str]:
     """The devices whose update this coordinator stored (its log's accepted lines, not duplicates)."""
-    devices = []
-    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if "accepted" in entry.get("message", "") and entry.get("stored"):
-            devices.append(entry["device"])
-    return devices
+    return [entry["device"] for entry in _entries(log)
+            if "accepted" in entry.get("message", "") and entry.get("stored")]
 
 
 def _http_url(log: Path) -> str:
     """The coordinator's HTTP API address, from its log (http_port 0: a free port)."""
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            match = re.fullmatch(r"HTTP API on (http://\S+)", json.loads(line).get("message", ""))
-        except ValueError:
-            continue
+    for entry in _entries(log):
+        match = re.fullmatch(r"HTTP API on (http://\S+)", entry.get("message", ""))
         if match:
             return match[1]
     raise AssertionError(f"{log} names no HTTP API address")
