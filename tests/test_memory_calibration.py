@@ -65,7 +65,7 @@ def test_the_shipped_calibration_loads_with_its_margin(tmp_path):
     coefficients = MemoryCoefficients.load()
     assert coefficients.margin_bytes > 0 or coefficients.margin_fraction > 0
     record = stored()["calibration"]
-    assert {"command", "machine", "date", "points", "validation"} <= set(record)
+    assert {"command", "machine", "date", "points", "off_grid"} <= set(record)
 
 
 def test_every_calibration_peak_is_within_the_prediction():
@@ -74,10 +74,10 @@ def test_every_calibration_peak_is_within_the_prediction():
     record = stored()["calibration"]
     coefficients = MemoryCoefficients.load()
     repeated = 0
-    for row in record["points"] + record["validation"]:
+    for row in record["points"] + record["off_grid"]:
         spec = width_spec(model_spec(row["model"], (1, 28, 28), 10), row["width"])
         predicted = predict_peak_bytes(spec, row["physical_batch"], row["local_samples"], coefficients)
         over = [peak for peak in row["peaks"] if peak > predicted]
         assert not over, (row["model"], row["width"], row["physical_batch"], over, predicted)
         repeated += len(row["peaks"]) >= 20
-    assert repeated >= 5 and record["validation"]
+    assert repeated >= 5 and record["off_grid"]

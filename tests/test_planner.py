@@ -143,7 +143,9 @@ def test_predicted_peak_grows_with_width_and_batch():
     assert widths == sorted(widths) and widths[0] < widths[-1]
     assert predict_peak_bytes(BASE, 8, 420, COEFFS) < predict_peak_bytes(BASE, 192, 420, COEFFS)
     hooks = predict_peak_bytes(BASE, 48, 420, COEFFS, per_sample_gradients=True)
-    assert hooks - predict_peak_bytes(BASE, 48, 420, COEFFS) == 4 * footprint(BASE).parameters * 48
+    # Opacus's hooks mode keeps a per-sample gradient of every parameter, margin included
+    assert hooks - predict_peak_bytes(BASE, 48, 420, COEFFS) == pytest.approx(
+        (1 + COEFFS.margin_fraction) * 4 * footprint(BASE).parameters * 48, abs=2)
 
 
 def test_plan_file_round_trip_and_clear_errors(tmp_path):
@@ -160,17 +162,25 @@ def test_plan_file_round_trip_and_clear_errors(tmp_path):
         DevicePlan.load(tmp_path / "missing.json")
 
 
-def test_rehearsal_peak_is_measured_and_near_the_prediction():
-    plan = plan_for(catalogue_profile("rpi4-2gb"), local_samples=200)
-    plan = plan.model_copy(update={"width_ratio": 0.25, "data": DataSlice(clients=10, device_index=1)})
-    spec = width_spec(BASE, 0.25)
-    predicted = predict_peak_bytes(spec, plan.physical_batch_size, plan.local_samples, COEFFS)
+def test_a_fresh_rehearsal_of_a_plan_stays_within_its_predicted_peak_and_limit(monkeypatch):
+    """Issue 22: LEAF's CNN planned for a device with 600 MB available (limit 540 MB) peaked at
+    544 MB in a fresh rehearsal, over its predicted 534 MB. The prediction is now an upper bound
+    (memory_calibration.json's margin over repeated fresh rehearsals): the planner's plan for that
+    device, rehearsed in a fresh process, peaks under its prediction and so under its limit; and
+    the bound is not so loose that it wastes the device (under 1.25x the peak)."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as calibrated: threads sleep, not spin
+    leaf = model_spec("leaf_cnn", (1, 28, 28), 10)
+    plan = plan_device(with_memory(600_000_000), leaf, "leaf_cnn", SETTINGS, COEFFS)
+    # The rehearsal holds the plan's data slice: 100 clients of 600 images, 420 to train, which
+    # is the planner's local_samples (the data term of the prediction).
+    assert plan.fits and plan.local_samples == 420 and plan.data == DataSlice()
     ballast = np.ones(100_000_000)  # 800 MB in the parent must not count as the child's peak
-    peak, report = measure_rehearsal(plan, threads=1)
+    peak, report = measure_rehearsal(plan, threads=2)
     del ballast
-    assert report["samples"] > 0 and report["parameters"] == footprint(spec).parameters
+    assert report["samples"] > 0 and report["parameters"] == plan.parameters
     assert peak > 100_000_000  # torch + opacus + data really were loaded
-    assert abs(predicted - peak) / peak < 0.25
+    assert peak <= plan.predicted_peak_bytes <= plan.memory_limit_bytes
+    assert plan.predicted_peak_bytes < 1.25 * peak
 
 
 def test_plan_verify_on_an_unseen_profile_fits_only_within_budget(tmp_path):
