@@ -3,7 +3,7 @@
 Runs `fedprune-edge rehearse` as a fresh child for a grid of (model, width ratio, physical batch)
 (DP-SGD, ghost clipping, a Fashion-MNIST shard of 96-192 samples) and reads each child's peak
 RSS from the kernel (its VmHWM). Peaks of the same configuration vary from one fresh process to
-the next (by up to 10% on LEAF's CNN), so the points in REPEATED are rehearsed `--repeats` times,
+the next (by up to 17% on LEAF's CNN), so the points in REPEATED are rehearsed `--repeats` times,
 each in a fresh process, the others once (ResNet-18 at full width takes minutes per rehearsal on
 two shared cores).
 
@@ -72,7 +72,7 @@ GRID: tuple[tuple[str, tuple[float, ...], tuple[int, ...], int], ...] = (
 # under an hour on two shared cores: every regime of every model at least once (LEAF's
 # step-dominated full width, its batch-dominated half width; ResNet-18's per-sample conv
 # gradients). The others are rehearsed once: ResNet-18 at full width or at physical batch 8
-# takes 1-2.5 minutes per rehearsal there, and FedP3's CNN varies by under 1%.
+# takes 1-2.5 minutes per rehearsal there, and FedP3's CNN varies by under 4%.
 REPEATED: tuple[tuple[str, float, int], ...] = (
     ("fedp3_cnn", 1.0, 8),
     ("leaf_cnn", 1.0, 8), ("leaf_cnn", 1.0, 48), ("leaf_cnn", 0.5, 48), ("leaf_cnn", 0.5, 192),

@@ -30,7 +30,7 @@ step whatever the batch; a conv network (ResNet-18) peaks in the backward pass a
   batch 48) for ResNet-18's last 3x3 conv.
 
 The prediction is an upper bound, not a central estimate: peaks of the same plan vary from one
-fresh process to the next (by up to 10%), and a plan predicted at exactly its limit must not
+fresh process to the next (by up to 17%), and a plan predicted at exactly its limit must not
 overrun it half the time. So the formula above is fitted to each calibration point's median peak,
 and the prediction adds `margin_bytes + margin_fraction x (fit - baseline)`, the smallest margin
 under which none of the repeated fresh rehearsals of any calibration point exceeds it.
