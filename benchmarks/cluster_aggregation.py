@@ -131,8 +131,9 @@ def main() -> None:
 
         # Intake, as every coordinator does it: decode and check, then store. Partial sums add
         # to the process's running sums and write them with the update (timed apart).
-        partials = [RoundCombiner(strategy, global_state, config.aggregator, config.seed)
-                    for _ in range(args.intake)]
+        # Each intake process knows the round's weights (its tasks'), so it folds as it goes.
+        partials = [RoundCombiner(strategy, global_state, config.aggregator, config.seed,
+                                  weights=list(weights.values())) for _ in range(args.intake)]
         intake_seconds, partial_seconds, update_bytes = 0.0, 0.0, 0
         for i, device in enumerate(devices):
             data = payload()
@@ -151,7 +152,8 @@ def main() -> None:
         del partials
 
         def stream() -> dict[str, np.ndarray]:
-            combiner = RoundCombiner(strategy, global_state, config.aggregator, config.seed)
+            combiner = RoundCombiner(strategy, global_state, config.aggregator, config.seed,
+                                     weights=store.update_weights(1))
             for update in store.updates(1):
                 combiner.add(pipeline.intake(task, update.payload), update.weight)
             return combiner.result()

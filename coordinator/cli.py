@@ -167,7 +167,7 @@ def _coordinator_provision(args: argparse.Namespace) -> int:
     if not devices:
         raise ValueError("give --devices ID,ID,... or --count N")
     result = provision(args.out, devices, args.broker, args.broker_host or ["localhost", "127.0.0.1"],
-                       args.fleet, args.listener_port)
+                       args.fleet, args.listener_port, args.coordinators)
     print(f"provisioned {len(devices)} devices in {result['out']}; include "
           f"{result['broker_conf']} in mosquitto.conf, copy devices/<id>/ to each device and "
           "keep ca/ca.key offline")
@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--fleet", default="default")
     prov.add_argument("--listener-port", type=int, default=8883)
     prov.add_argument("--out", required=True)
+    prov.add_argument("--coordinators", type=int, default=1,
+                      help="a cluster's coordinators: each its own broker user, client id, ACL entry "
+                           "and coordinator/coordinator-<i>.toml (default 1)")
     prov.set_defaults(handler=_coordinator_provision)
 
     for name, handler, what in (("status", _api_status, "the service's status and its rounds"),

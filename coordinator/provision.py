@@ -110,6 +110,7 @@ def acl_text(topics: Topics, coordinators: list[str] = (COORDINATOR_USER,)) -> s
     lines += ["# every other user is a device whose user name is its id (%u)"]
     lines += [f"pattern write {root}/{kind}/%u" for kind in ("register", "status", "update", "refusal")]
     lines += [f"pattern read {root}/{kind}/%u" for kind in ("task", "ack", "artifact")]
+    lines += [f"pattern readwrite {topics.profile('%u')}"]  # its own link test (profile = "measure")
     return "\n".join(lines) + "\n"
 
 

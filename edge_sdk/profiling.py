@@ -36,7 +36,7 @@ from device_profiles.readers import (
     os_description,
 )
 
-__all__ = ["link_topic", "measure_network", "measure_profile", "measure_reference_throughput",
+__all__ = ["measure_network", "measure_profile", "measure_reference_throughput",
            "parse_broker_url"]
 
 
@@ -76,13 +76,6 @@ def parse_broker_url(url: str) -> tuple[str, int]:
     return address.host, address.port
 
 
-def link_topic(root: str, device: str) -> str:
-    """`<root>/profile/<device>`: the topic a provisioned device runs its link test on, under its
-    fleet's root and its own id, so that one broker ACL line (`pattern readwrite
-    <root>/profile/%u`) lets each device echo to itself and to no other."""
-    return f"{root}/profile/{device}"
-
-
 def measure_network(url: str, pings: int = 10, measure_bandwidth: bool = True, *,
                     username: str | None = None, password: str | None = None,
                     tls_ca: str | None = None, topic: str | None = None) -> dict[str, float | None]:
@@ -91,7 +84,8 @@ def measure_network(url: str, pings: int = 10, measure_bandwidth: bool = True, *
     to and reads back.
 
     A device of a provisioned fleet passes what its agent connects with (edge.toml's broker URL,
-    user name, password and fleet CA for mqtts://) and its `link_topic`: the broker's ACL allows
+    user name, password and fleet CA for mqtts://) and its `Topics.profile` topic: the broker's ACL
+    (`pattern readwrite <root>/profile/%u`, written by `provision`) allows
     it no other. Such a broker makes the client id the user name, so this clean session replaces
     the device's own persistent one: it runs before the agent first connects (`profile =
     "measure"` measures once, at the agent's first start). Without a topic, a random one under

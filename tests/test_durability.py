@@ -34,7 +34,7 @@ SPEC = model_spec("fedp3_cnn", (1, 28, 28), 10)
 
 # --- every writer of state, each writing version n of its file into `folder` -------------------
 def _ledger(folder: Path, n: int) -> Path:
-    DeviceState(folder).save_ledger(PrivacyLedger(1e-5, None, "rdp", [(1.0, 0.01, n)]), 1.0)
+    DeviceState(folder).save_ledger(PrivacyLedger(1e-5, None, "rdp", [(1.0, 0.01, n)]))
     return folder / "ledger.json"
 
 

@@ -64,7 +64,6 @@ def test_no_message_content_makes_the_engine_raise_and_updates_are_answered(tmp_
         h.engine.handle(hostile_topic, message)  # returns: nothing escapes
     reasons = [a.reason for a in h.deliver_acks("dev-0")]
     assert h.store.update_count(1) == 0 and h.engine.round.number == 1
-    assert any("registered" in r for r in reasons), reasons           # the 10**19-sample claim
     assert any("update topic" in r for r in reasons), reasons         # UPDATE on the register topic
     assert h.store.device("dev-0").num_samples == 150                 # no registration took
     assert h.engine.status()["messages"]["refused"] >= 6

@@ -20,7 +20,7 @@ from device_profiles.readers import battery_state, cgroup_memory, memory_budget,
 from device_profiles.throughput import measure_throughput
 from edge_sdk.agent import DeviceState, load_edge_config
 from edge_sdk.agent.runner import load_profile_dict
-from edge_sdk.profiling import link_topic, measure_network
+from edge_sdk.profiling import measure_network
 from edge_sdk.protocol import Topics
 from harness.brokers import provisioned_mosquitto
 
@@ -256,20 +256,11 @@ def test_nested_cgroup_v2_limits_follow_the_process_and_the_tightest_ancestor_wi
 LINK_FLEET = "linktest"
 
 
-def _grant_link_topics(broker_dir: Path) -> None:
-    """Each device may read and write its own link-test topic and no other's. `fedprune coordinator
-    provision` does not write this ACL line yet: it is added here only while its ACL lacks it."""
-    line = f"pattern readwrite {link_topic(Topics(LINK_FLEET).root, '%u')}"
-    acl = (broker_dir / "acl").read_text()
-    if line not in acl:
-        (broker_dir / "acl").write_text(acl + line + "\n")
-
-
 @pytest.fixture(scope="module")
 def provisioned():
     """A Mosquitto configured by `fedprune coordinator provision`: TLS, a password file, ACLs."""
-    with provisioned_mosquitto(LINK_FLEET, ["dev-p"], ["127.0.0.1"], prefix="fedprune-link-",
-                               before_start=_grant_link_topics) as (prov, _):
+    with provisioned_mosquitto(LINK_FLEET, ["dev-p"], ["127.0.0.1"],
+                               prefix="fedprune-link-") as (prov, _):
         yield load_edge_config(prov / "devices" / "dev-p" / "edge.toml")
 
 
@@ -297,7 +288,7 @@ def test_the_link_test_says_why_the_broker_refused_it(provisioned, change, reaso
     login = {"username": provisioned.username, "password": provisioned.password,
              "tls_ca": provisioned.tls_ca, **change}
     with pytest.raises(ProfilingError, match=reason) as err:
-        measure_network(provisioned.broker, pings=1, topic=link_topic(Topics(LINK_FLEET).root, "dev-p"),
+        measure_network(provisioned.broker, pings=1, topic=Topics(LINK_FLEET).profile("dev-p"),
                         **login)
     assert provisioned.broker in str(err.value) and "credentials" in str(err.value)
     assert provisioned.password not in str(err.value)

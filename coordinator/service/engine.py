@@ -630,7 +630,7 @@ class RoundEngine:
             self.round = self.store.round_row(number)
         tasks = self.store.tasks(number)
         combiner = RoundCombiner(self.strategy, self.global_state, self.config.aggregator,
-                                 self.config.seed)
+                                 self.config.seed, weights=self.store.update_weights(number))
         bytes_up, epsilons, local, contributions = 0, [], [], []
         for update in self.store.updates(number):
             combiner.add(self.pipeline.intake(self._task_for(tasks[update.device]), update.payload),

@@ -161,6 +161,7 @@ class ClusterView(_View):
     node: str
     role: str                             # leader | follower
     leader_since: float | None            # unix time this process took the lead
+    leader_epoch: int | None = None       # the fencing epoch it leads in (docs/PROTOCOL.md)
     updates_accepted: int
 
 

@@ -419,6 +419,13 @@ class Store:
             return False
         return True
 
+    def update_weights(self, round_number: int) -> list[float]:
+        """The aggregation weights of a round's stored updates, without their payloads: the
+        commit declares them first, so the weight cap is known before the first update is folded
+        in and the commit holds one update at a time."""
+        with self.session() as s:
+            return list(s.scalars(select(UpdateRow.weight).where(UpdateRow.round == round_number)))
+
     def updates(self, round_number: int) -> Iterator[UpdateRow]:
         """One at a time, so aggregation memory does not grow with the number of devices."""
         with self.session() as s:

@@ -71,14 +71,14 @@ def load_profile_dict(config: EdgeSettings, state: DeviceState) -> dict[str, Any
     if spec == "measure":
         measured = state.root / "profile.json"
         if not measured.exists():
-            from ..profiling import link_topic, measure_profile
+            from ..profiling import measure_profile
             log.info("measuring this device's profile (once; kept in %s)", measured)
             # The link test connects as the agent does: its broker, credentials and fleet CA.
             profile = measure_profile(
                 name=config.device_id, broker=config.broker, quick=True, disk_path=state.root,
                 progress=False, username=config.username, password=config.password,
                 tls_ca=config.tls_ca,
-                topic=link_topic(Topics(config.fleet, config.topic_prefix).root, config.device_id))
+                topic=Topics(config.fleet, config.topic_prefix).profile(config.device_id))
             profile.save(measured)
         spec = str(measured)
     return load_profile(spec).model_dump(mode="json")

@@ -73,6 +73,10 @@ class Topics:
     def artifact(self, device: str) -> str:
         return f"{self.root}/artifact/{device}"
 
+    # device -> itself: `fedprune-edge profile`'s link test (plain echo payloads, not envelopes)
+    def profile(self, device: str) -> str:
+        return f"{self.root}/profile/{device}"
+
     def coordinator_subscriptions(self) -> list[str]:
         return [f"{self.root}/{kind}/+" for kind in DEVICE_TO_COORDINATOR]
 
