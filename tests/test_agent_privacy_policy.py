@@ -150,3 +150,16 @@ def test_every_task_trains_at_its_own_noise_before_and_after_a_restart(tmp_path,
     for count, update in enumerate(updates, 1):  # what each update reports is the ledger's then
         assert update.epsilon == pytest.approx(_opacus_epsilon(history[:count]))
         assert update.epsilon == pytest.approx(independent_epsilon(history[:count], 1e-5), rel=0.01)
+
+
+def test_a_device_without_a_policy_refuses_an_epsilon_no_update_can_report(tmp_path, sqlite_url):
+    """Before: a device with no privacy settings trained at noise 1e-9, then could not build its
+    UPDATE (epsilon ~1e18, over the protocol's bound) and left the task unanswered."""
+    h = Harness(tmp_path, sqlite_url, devices=1, dp={"noise_multiplier": 1.0})
+    genuine = first_task(h)
+    agent = restart_agent(h)
+    assert not agent.config.dp_required
+    send_task(h, task_variant(genuine, task="none", dp={"noise_multiplier": 1e-9}))
+    refusal = _only_refusal(h)
+    assert refusal.code.value == "privacy_policy" and "an update can report" in refusal.message
+    assert not (agent.state.root / "ledger.json").exists()

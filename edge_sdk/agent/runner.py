@@ -36,6 +36,7 @@ from ..protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError, Mess
                         RefusalCode, RefusalHeader, RegisterHeader, StatusHeader, TaskHeader,
                         Topics, UpdateHeader, decode_envelope, encode_message, parse_header,
                         peek_header)
+from ..protocol.messages import MAX_EPSILON
 from ..protocol.signing import load_public_key, verify
 from ..protocol.topics import COORDINATOR_TO_DEVICE, check_id
 from ..protocol.transport import MqttTransport
@@ -294,6 +295,13 @@ class EdgeAgent:
             return
         if outcome.refused:
             self._refuse(header, RefusalCode.PRIVACY_BUDGET, outcome.refused, outcome.epsilon)
+            return
+        if outcome.epsilon is not None and not outcome.epsilon <= MAX_EPSILON:
+            # Even a device with no privacy policy cannot report this: the protocol bounds epsilon
+            # so that every sum of it stays finite, and such noise protects nothing anyway.
+            self._refuse(header, RefusalCode.PRIVACY_POLICY,
+                         f"the task would bring this device's epsilon to {outcome.epsilon:.3g}, over "
+                         f"the {MAX_EPSILON:g} an update can report: send more noise")
             return
         envelope = encode_message(UpdateHeader(
             device_id=device, round=header.round, task=header.task,
