@@ -1,4 +1,5 @@
-"""`fedprune demo`, the README's main job, as a user runs it: real processes, embedded broker."""
+"""`fedprune demo`, the README's main job, as a user runs it (`bash scripts/demo.sh`, on fewer
+devices, rounds and samples): real processes, embedded broker."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_demo_plans_devices_differently_and_reports_rounds_accuracy_bytes_and_epsilon(tmp_path):
     out, report = tmp_path / "demo", tmp_path / "r.json"
     token = secrets.token_hex(16)  # the dashboard's API token: never printed nor logged
-    run = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--devices", "3",
+    # The script's own arguments come first; later ones win (argparse), as its comment says.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--devices", "3",
                           "--rounds", "2", "--samples", "400", "--out", str(out),
                           "--json-out", str(report)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "FEDPRUNE_HTTP_TOKEN": token})
+                         env={**os.environ, "FEDPRUNE_HTTP_TOKEN": token, "PATH": path})
     assert run.returncode == 0, run.stderr[-3000:]
     assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/ \(the page asks for the API token, "
                      r"the value of \$FEDPRUNE_HTTP_TOKEN", run.stdout + run.stderr)
