@@ -11,4 +11,7 @@ fi
 if [ ! -x /usr/bin/chromium ]; then
   apt-get update -qq && apt-get install -y -qq chromium
 fi
-python3 -m pytest -q "$@"
+# Two workers (pytest-xdist), each file's tests on one of them (module-scoped brokers and
+# fixtures stay per file): many tests wait on processes, brokers and deadlines, so one worker
+# left a core idle (docs/BENCHMARKS.md section 10).
+python3 -m pytest -q -n 2 --dist loadfile "$@"

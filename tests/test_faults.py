@@ -316,7 +316,7 @@ def test_a_third_of_the_devices_vanish_mid_round(tmp_path, broker, database, fau
         _stop(devices + [coordinator])
 
 
-LATE_DEADLINE = 20  # seconds: room for the held device to train and send while the coordinator is down
+LATE_DEADLINE = 14  # seconds: room for the held device to train and send while the coordinator is down
 
 
 def test_an_update_sent_in_time_while_the_coordinator_was_down_across_the_deadline_is_lost(

@@ -110,7 +110,8 @@ RECIPES: dict[str, Recipe] = {
     "fedprune plan --profile my-device.json --deadline 600 --json --out plan.json --verify": Recipe(
         expect=(r'"measured_peak_bytes": \d+',)),
     "fedprune plan --catalogue gateway-512mb": Recipe(exit=1, expect=(r"DOES NOT FIT: memory",)),
-    "fedprune-edge rehearse --plan plan.json": Recipe(expect=(r"peak RSS",)),
+    "fedprune-edge rehearse --plan plan.json": Recipe(
+        expect=(r"^\S+: trained \d+ samples in [\d.]+ s, peak RSS [\d.]+ MB$",)),
     "fedprune simulate --fleet catalogue:0 --clients 20 --rounds 3": Recipe(
         SMALL, FEW_SAMPLES, expect=(*ROUND_TABLE, r"peak/limit MB\s+fits")),
     "fedprune plan --catalogue rpi3b --model leaf_cnn": Recipe(),
@@ -119,11 +120,11 @@ RECIPES: dict[str, Recipe] = {
         {"set:max_client_samples": "48"}),
     "fedprune simulate --strategy fedp3 --clients 10 --rounds 3 --export-dir runs/export": Recipe(
         {"--clients": "2", "--rounds": "1"}, (*FEW_SAMPLES, "--set", "export_formats=['onnx']"),
-        expect=(r"exported",)),
+        expect=(r"exported 2 client bundles \(checkpoint, artifacts, manifest\.json\) to runs/export",)),
     "fedprune export --checkpoint runs/export/global/checkpoint.pt --plan plan.json --format all "
     "--quantize int8 --out runs/pi-12": Recipe(expect=(r"tflite", r"onnx")),
     "fedprune export --checkpoint runs/export/global/checkpoint.pt --device jetson-nano-4gb --out "
-    "runs/jetson": Recipe(expect=(r"jetson-nano-4gb",)),
+    "runs/jetson": Recipe(add=("--format", "onnx"), expect=(r"jetson-nano-4gb",)),
     "python -c 'import numpy as np; from edge_sdk.runtime import Predictor; p = Predictor.open("
     "'\"'\"'runs/pi-12'\"'\"', fmt='\"'\"'tflite'\"'\"'); print(p.classify(np.zeros((2, 28, 28), "
     "np.uint8)))'": Recipe(expect=(r"^\[\d \d\]$",)),

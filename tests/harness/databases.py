@@ -1,6 +1,7 @@
 """The PostgreSQL the tests use (127.0.0.1:5432, trust auth, database `test`), emptied around each
 test that uses it. FEDPRUNE_TEST_POSTGRES names another database, for runs that must not share
-`test` (the tables are dropped)."""
+`test` (the tables are dropped). Under pytest-xdist each worker empties a database of its own,
+`<database>_<worker>`, created on first use, so two workers never drop each other's tables."""
 
 from __future__ import annotations
 
@@ -15,9 +16,30 @@ import sqlalchemy
 from coordinator.service.store import Base
 
 POSTGRES = os.environ.get("FEDPRUNE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    _shared = sqlalchemy.make_url(POSTGRES)
+    POSTGRES = _shared.set(database=f"{_shared.database}_{_WORKER}").render_as_string(
+        hide_password=False)
+
+
+def _create_worker_database() -> None:
+    """The worker's own database, made once (it outlives the run: the next run empties it)."""
+    url = sqlalchemy.make_url(POSTGRES)
+    admin = sqlalchemy.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            exists = connection.execute(sqlalchemy.text("SELECT 1 FROM pg_database WHERE datname = :n"),
+                                        {"n": url.database}).first()
+            if not exists:
+                connection.execute(sqlalchemy.text(f'CREATE DATABASE "{url.database}"'))
+    finally:
+        admin.dispose()
 
 
 def _drop_tables() -> None:
+    if _WORKER:
+        _create_worker_database()
     engine = sqlalchemy.create_engine(POSTGRES)
     try:
         Base.metadata.drop_all(engine)
