@@ -14,6 +14,7 @@ devices' state dirs and logs and the committed round's contributions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -36,7 +37,8 @@ from coordinator.service import store as store_module
 from coordinator.service.cluster import Leadership
 from coordinator.service.config import ClusterSettings
 from coordinator.service.states import RoundState
-from coordinator.service.store import Deposed, RoundClosed, Store, TaskRow, raise_epoch
+from coordinator.service.store import (Deposed, RoundClosed, SeveralRoundsInProgress, Store, TaskRow,
+                                      raise_epoch)
 from edge_sdk.agent import EdgeSettings
 from edge_sdk.agent.state import task_key
 from edge_sdk.protocol import decode_envelope, parse_header
@@ -499,3 +501,31 @@ def test_coordinators_started_together_on_an_empty_database_all_start():
             store.close()
     assert not errors, errors
     assert len(stores) == 6
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_database_left_with_two_rounds_in_progress_is_a_clear_error(backend, tmp_path):
+    """A database from before fencing may hold two rounds in progress (two leaders each opened
+    one): opening it cannot make the one-round index. Before, that was a raw IntegrityError; now
+    the error names the rounds and says how to repair them, and the repair works."""
+    with contextlib.ExitStack() as stack:
+        url = (f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite"
+               else stack.enter_context(own_database("legacy")))
+        store = Store(url)
+        with store.engine.begin() as connection:  # the database as it was before the index
+            connection.execute(sqlalchemy.text("DROP INDEX rounds_one_in_progress"))
+        store.upsert_device("d0", profile={}, num_samples=1, formats=[], plan={}, width_ratio=1.0,
+                            fits=True)
+        for number in (3, 4):
+            store.open_round(number, time.time() + 60, ["d0"], 1, _task_rows(number, ["d0"]))
+        store.close()
+        with pytest.raises(SeveralRoundsInProgress, match=r"2 rounds in progress \(3, 4\)") as err:
+            Store(url)
+        repair = str(err.value).split("(UPDATE ", 1)[1].split("), then", 1)[0]
+        engine = sqlalchemy.create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text("UPDATE " + repair))
+        engine.dispose()
+        repaired = Store(url)
+        assert [(r.number, r.state) for r in repaired.rounds()] == [(3, "aborted"), (4, "collecting")]
+        repaired.close()

@@ -51,6 +51,11 @@ class RoundClosed(Exception):
     """The update's round is no longer collecting (the leader moved it on): nothing was stored."""
 
 
+class SeveralRoundsInProgress(ValueError):
+    """The database holds more than one round in progress (left by a coordinator from before
+    fencing, when two leaders could each open one): the one-round index cannot be made."""
+
+
 class Deposed(Exception):
     """This process led under a leader epoch the database no longer holds: another coordinator
     took the lead since. The transaction wrote nothing."""
@@ -206,18 +211,38 @@ class Store:
             kwargs["connect_args"] = {"check_same_thread": False,
                                       **({} if "timeout" in parsed.query else {"timeout": 30})}
         self.engine = create_engine(url, **kwargs)
-        with self.engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                # Coordinators of a cluster started together on an empty database would both
-                # find a table missing and both create it: the second failed on a duplicate type.
-                # DDL is transactional here, so the lock (released at commit) serialises them.
-                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
-            Base.metadata.create_all(connection)
-            connection.execute(CreateIndex(ONE_ROUND_IN_PROGRESS, if_not_exists=True))
+        try:
+            with self.engine.begin() as connection:
+                if connection.dialect.name == "postgresql":
+                    # Coordinators of a cluster started together on an empty database would both
+                    # find a table missing and both create it: the second failed on a duplicate
+                    # type. DDL is transactional here, so the lock (released at commit) serialises
+                    # them.
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                       {"key": SCHEMA_LOCK_KEY})
+                Base.metadata.create_all(connection)
+                connection.execute(CreateIndex(ONE_ROUND_IN_PROGRESS, if_not_exists=True))
+        except IntegrityError:
+            self._refuse_several_in_progress()
+            raise
         self.session = sessionmaker(self.engine, expire_on_commit=False)
         # The leader epoch this process leads under (cluster mode), which every write checks;
         # None: no check (one coordinator, or a follower, whose writes need no lead).
         self.fence: int | None = None
+
+    def _refuse_several_in_progress(self) -> None:
+        with self.engine.connect() as connection:
+            numbers = list(connection.scalars(select(RoundRow.number).where(_IN_PROGRESS)
+                                              .order_by(RoundRow.number)))
+        if len(numbers) < 2:
+            return  # not that: the caller re-raises the error as it came
+        self.engine.dispose()
+        states = ", ".join(f"'{state.value}'" for state in sorted(ROUND_IN_PROGRESS))
+        raise SeveralRoundsInProgress(
+            f"the database holds {len(numbers)} rounds in progress ({', '.join(map(str, numbers))}); "
+            "a coordinator from before leader fencing left them, and only one may be. Stop every "
+            "coordinator, abort all but the newest (UPDATE rounds SET state = 'aborted' WHERE "
+            f"state IN ({states}) AND number < {numbers[-1]}), then start again") from None
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
