@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import zstandard
 from pydantic import ValidationError
 
 from ..checkpoint import Checkpoint, load_checkpoint
@@ -40,6 +39,7 @@ from ..protocol.messages import MAX_EPSILON
 from ..protocol.signing import load_public_key, verify
 from ..protocol.topics import COORDINATOR_TO_DEVICE, check_id
 from ..protocol.transport import MqttTransport
+from ..runtime.bundle_files import ManifestError, unpack
 from ..runtime.manifest import BundleManifest, artifact_file_name
 from ..runtime.predictor import MAX_ARTIFACT_BYTES
 from ..training import PrivacyLedger
@@ -472,23 +472,16 @@ class EdgeAgent:
 
 
 def _check_decompressed(packed: bytes, size: int, sha256: str) -> None:
-    """Refuse unless `packed` decompresses to exactly `size` bytes with this sha256. Streamed,
-    and stopped one byte past `size`: a decompression bomb costs nothing."""
+    """Refuse unless `packed` decompresses to exactly `size` bytes with this sha256 (the
+    runtime's bounded `unpack`: a decompression bomb costs at most `size` + 1 bytes)."""
     if size > MAX_ARTIFACT_BYTES:
         raise ArtifactRefused(f"the manifest says {size:,} bytes; the limit is {MAX_ARTIFACT_BYTES:,}")
-    digest, seen = hashlib.sha256(), 0
     try:
-        with zstandard.ZstdDecompressor().stream_reader(packed) as reader:
-            while seen <= size and (chunk := reader.read(min(1 << 20, size + 1 - seen))):
-                digest.update(chunk)
-                seen += len(chunk)
-    except zstandard.ZstdError as exc:
-        raise ArtifactRefused(f"the payload is not a zstd frame: {exc}") from None
-    if seen != size:
-        raise ArtifactRefused(f"the payload decompresses to {'more than ' if seen > size else ''}"
-                              f"{seen:,} bytes, the manifest says {size:,}")
-    if digest.hexdigest() != sha256:
-        raise ArtifactRefused(f"the decompressed artifact has sha256 {digest.hexdigest()[:16]}..., "
+        digest = hashlib.sha256(unpack(packed, size, "the payload")).hexdigest()
+    except ManifestError as exc:
+        raise ArtifactRefused(str(exc)) from None
+    if digest != sha256:
+        raise ArtifactRefused(f"the decompressed artifact has sha256 {digest[:16]}..., "
                               f"the manifest says {sha256[:16]}...: corrupt or replaced")
 
 
