@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from edge_sdk.sizing import DevicePlan
 from edge_sdk.checkpoint import Checkpoint, CheckpointError
 from edge_sdk.data import load_dataset, to_tensor
-from edge_sdk.models import SpecModel, build_model
+from edge_sdk.models import build_model
 from edge_sdk.runtime import BundleManifest
 from export import export_bundle
 
@@ -26,7 +27,7 @@ VERIFY_SAMPLES = 512
 
 
 def submodel(checkpoint: Checkpoint, width_ratio: float, method: str = "magnitude",
-             round_number: int = 0) -> SpecModel:
+             round_number: int = 0) -> nn.Module:
     """The checkpoint's model at `width_ratio` of its full width (itself at 1.0)."""
     if width_ratio >= 1.0 or width_ratio == checkpoint.width_ratio:
         return checkpoint.build()

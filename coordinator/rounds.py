@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from edge_sdk import codec
 from edge_sdk.sizing import DevicePlan
-from edge_sdk.models import ModelSpec, SpecModel, build_model, tensor_shapes
+from edge_sdk.models import ModelSpec, build_model, tensor_shapes
 from edge_sdk.plan import SubmodelPlan, TensorPlan
 from edge_sdk.pruning import is_prunable
 from edge_sdk.settings import DPSettings, TrainSettings
@@ -215,7 +216,7 @@ class RoundPipeline:
         return view.to_global(update)
 
     # --- the model a device runs ----------------------------------------------------------
-    def model_at(self, ratio: float) -> SpecModel:
+    def model_at(self, ratio: float) -> nn.Module:
         """The global model at `ratio`, sliced with the same channels as that width's tasks (the
         artifact a device is sent is the model it trains)."""
         view = self.view(ratio)

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import codec
 from .data.partition import ClientData
-from .models import ModelSpec, SpecModel, build_model, tensor_shapes
+from .models import ModelSpec, build_model, tensor_shapes
 from .plan import SubmodelPlan, TrainPhase
 from .plan_features import build_features
 from .pruning import is_prunable, magnitude_mask, top_changes_mask
@@ -191,7 +192,7 @@ class LocalClient:
             raise TaskError(f"plan does not cover tensors {sorted(missing)}")
         return start, from_download
 
-    def personal_model(self) -> SpecModel | None:
+    def personal_model(self) -> nn.Module | None:
         """The device's personalized model: what it trained last, private tensors included."""
         if self.spec is None:
             return None

@@ -30,7 +30,7 @@ from .settings import Settings, WidthLevels
 from .validation import describe
 
 if TYPE_CHECKING:
-    from .models import SpecModel
+    from torch import nn
 
 
 class PlanFeatureError(ValueError):
@@ -56,7 +56,7 @@ class PlanFeature:
     def __init__(self, params: Settings):
         self.params = params
 
-    def hooks(self, model: SpecModel, rng: np.random.Generator) -> TrainingHooks:
+    def hooks(self, model: "nn.Module", rng: np.random.Generator) -> TrainingHooks:
         return TrainingHooks()
 
     def upload_mask(self, name: str, trained: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -108,7 +108,7 @@ class OrderedDropout(PlanFeature):
     """FjORD: before each batch, keep only the first ceil(p x C) units of every hidden layer, p
     drawn from the levels."""
 
-    def hooks(self, model: SpecModel, rng: np.random.Generator) -> TrainingHooks:
+    def hooks(self, model: "nn.Module", rng: np.random.Generator) -> TrainingHooks:
         levels = self.params.levels
         active = {"p": 1.0}
         handles = []
@@ -145,7 +145,7 @@ class ThresholdPruning(PlanFeature):
     """FedDP (released code): after each local epoch, conv weights with |w| <= threshold become
     zero and stay zero for the rest of the task; zeroed entries are not uploaded."""
 
-    def hooks(self, model: SpecModel, rng: np.random.Generator) -> TrainingHooks:
+    def hooks(self, model: "nn.Module", rng: np.random.Generator) -> TrainingHooks:
         threshold = self.params.threshold
         convs = {name: p for name, p in model.named_parameters() if p.dim() == 4}
 

@@ -20,7 +20,7 @@ import numpy as np
 from device_profiles import DeviceProfile
 from edge_sdk import codec
 from edge_sdk.sizing import DevicePlan, DataSlice
-from edge_sdk.models import MODELS, ModelSpec, SpecError, build_model, model_spec, tensor_shapes
+from edge_sdk.models import ModelSpec, SpecError, build_model, model_names, model_spec, tensor_shapes
 from edge_sdk.pruning import is_prunable, magnitude_mask
 from edge_sdk.slicing import width_spec
 
@@ -267,7 +267,7 @@ def _reference_macs(name: str) -> int:
         return footprint(model_spec(name, (1, 28, 28), 10)).macs
     except SpecError:
         raise ValueError(f"the profile's compute.reference_model {name[:64]!r} is not a model this "
-                         f"coordinator knows ({', '.join(MODELS)}); measure the device again with "
+                         f"coordinator knows ({', '.join(model_names())}); measure the device again with "
                          "`fedprune-edge profile`") from None
 
 

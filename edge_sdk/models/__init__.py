@@ -1,8 +1,9 @@
-"""Model specs and the networks built from them (shared by devices and the coordinator)."""
+"""Registered models and the networks built from them (shared by devices and the coordinator)."""
 
-from .network import SpecModel, build_model, layer_tensor_names, tensor_shapes
-from .spec import LayerSpec, ModelSpec, SpecError
-from .zoo import MODELS, model_spec
+from .network import build_model, check_structure, layer_tensor_names, model_spec, structure, tensor_shapes
+from .registry import allow_reference, model_names, register_model
+from .spec import ModelSpec, SpecError
 
-__all__ = ["LayerSpec", "ModelSpec", "SpecError", "SpecModel", "build_model", "layer_tensor_names",
-           "tensor_shapes", "MODELS", "model_spec"]
+__all__ = ["ModelSpec", "SpecError", "allow_reference", "build_model", "check_structure",
+           "layer_tensor_names", "model_names", "model_spec", "register_model", "structure",
+           "tensor_shapes"]

@@ -1,166 +1,199 @@
-"""Build a torch network from a ModelSpec, with its layers addressable by index.
+"""Building a spec's network, the same way on both sides, and reading its structure.
 
-Every parameterised layer lives at `layers.<i>`, so tensor names (`layers.2.linear.weight`) say
-which layer they belong to; `layer_tensor_names` is how plans and strategies speak about layers
-without knowing the architecture.
+`build_model(spec)` is the one way any network is made: the registered factory, Opacus's fixes
+(BatchNorm becomes GroupNorm, since per-sample clipping cannot go through batch statistics), the
+structural check against the coordinator's digest, width pruning to the kept channels, FedDP's
+gates. A submodel is pruned while the full model is still on the `meta` device, so a device
+never allocates the network it cannot hold: only the pruned tensors become real.
+
+A model's *layers* (what FedP3 samples and FedPer's head counts in) are its parametrised modules
+in the order the forward pass runs them, or the module prefixes it lists in `fedprune_layers`;
+the last one is the output layer and must produce the logits.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from .spec import LayerSpec, ModelSpec, SpecError
+from .registry import allow_reference, model_factory
+from .spec import ModelSpec, SpecError
 
 
-class ConvLayer(nn.Module):
-    def __init__(self, in_ch: int, spec: LayerSpec):
+@dataclass(frozen=True)
+class Structure:
+    """What a full model is, read once per (name, input shape, classes) from a meta build."""
+
+    digest: str                             # parameter names and shapes, and the forward's operators
+    layers: tuple[tuple[str, ...], ...]     # tensor names per layer, in forward order, head last
+    layer_modules: tuple[str, ...]          # the module name (prefix) of each layer
+    head: str                               # the module that produces the logits
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    fixed: tuple[str, ...]                  # what Opacus's fix replaced ("" when nothing)
+
+
+class _OperatorLog(TorchDispatchMode):
+    def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, spec.out, spec.kernel, spec.stride, spec.padding)
-        self.norm = nn.GroupNorm(_groups(spec.out), spec.out) if spec.norm else None
-        self.act = spec.act
-        self.pool = nn.MaxPool2d(spec.pool) if spec.pool > 1 else None
-        self.keep = math.ceil(spec.gate * spec.out) if spec.gate < 1 else None
-        self.gate = None
-        if self.keep is not None:
-            # FBS-style gate (FedDP's paper variant): global pooling -> small FC -> the top-k
-            # channels per sample survive, scaled by their saliency; the rest are zero in the
-            # forward and get no gradient, and need not be computed at inference.
-            self.gate = nn.Linear(in_ch, spec.out)
-            nn.init.constant_(self.gate.bias, 1.0)
+        self.ops: list[str] = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        saliency = torch.relu(self.gate(x.mean(dim=(2, 3)))) if self.gate is not None else None
-        x = self.conv(x)
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.act:
-            x = torch.relu(x)
-        if self.pool is not None:
-            x = self.pool(x)
-        if saliency is not None:
-            cutoff = saliency.topk(self.keep, dim=1).values[:, -1:]
-            x = x * (saliency * (saliency >= cutoff))[:, :, None, None]
-        return x
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
 
 
-class DenseLayer(nn.Module):
-    def __init__(self, in_features: int, spec: LayerSpec):
-        super().__init__()
-        self.linear = nn.Linear(in_features, spec.out)
-        self.act = spec.act
+def _factory_build(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...]]:
+    """The registered factory's module with Opacus's fixes applied; what was fixed, said."""
+    try:
+        model = model_factory(spec.name)(tuple(spec.input_shape), spec.num_classes)
+    except SpecError:
+        raise
+    except Exception as exc:  # the user's factory is code we do not control
+        raise SpecError(f"model {spec.name!r} cannot be built for input {spec.input_shape} and "
+                        f"{spec.num_classes} classes: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"model {spec.name!r} returned {type(model).__name__}, not an nn.Module")
+    from opacus.validators import ModuleValidator
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear(torch.flatten(x, 1))
-        return torch.relu(x) if self.act else x
-
-
-class ResidualBlock(nn.Module):
-    """Basic ResNet block with GroupNorm, so it stays compatible with per-sample clipping."""
-
-    def __init__(self, in_ch: int, spec: LayerSpec):
-        super().__init__()
-        out = spec.out
-        self.conv1 = nn.Conv2d(in_ch, out, 3, spec.stride, 1, bias=False)
-        self.norm1 = nn.GroupNorm(_groups(out), out)
-        self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
-        self.norm2 = nn.GroupNorm(_groups(out), out)
-        self.shortcut = (nn.Conv2d(in_ch, out, 1, spec.stride, bias=False)
-                         if spec.stride != 1 or in_ch != out else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.norm1(self.conv1(x)))
-        y = self.norm2(self.conv2(y))
-        skip = x if self.shortcut is None else self.shortcut(x)
-        return torch.relu(y + skip)
+    problems = ModuleValidator.validate(model, strict=False)
+    if not problems:
+        return model, ()
+    fixed = tuple(sorted({type(p).__name__ + ": " + str(p).split("\n")[0][:120] for p in problems}))
+    model = ModuleValidator.fix(model)
+    left = ModuleValidator.validate(model, strict=False)
+    if left:
+        raise SpecError(f"model {spec.name!r} cannot be trained with per-sample clipping: {left[0]}")
+    return model, fixed
 
 
-class GlobalAvgPool(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3), keepdim=True)
-
-
-def _groups(channels: int) -> int:
-    for groups in (8, 4, 2):
-        if channels % groups == 0:
-            return groups
-    return 1
-
-
-def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
-class SpecModel(nn.Module):
-    def __init__(self, spec: ModelSpec):
-        super().__init__()
-        spec.validate()
-        self.spec = spec
-        channels, height, width = spec.input_shape
-        layers: list[nn.Module] = []
-        for i, layer in enumerate(spec.layers):
-            if layer.kind in ("conv", "resblock"):
-                if height == 0:
-                    raise SpecError(f"layer {i}: {layer.kind} after a flattening fc layer")
-                if layer.kind == "conv":
-                    layers.append(ConvLayer(channels, layer))
-                    height = _conv_out(height, layer.kernel, layer.stride, layer.padding)
-                    width = _conv_out(width, layer.kernel, layer.stride, layer.padding)
-                else:
-                    layers.append(ResidualBlock(channels, layer))
-                    height = _conv_out(height, 3, layer.stride, 1)
-                    width = _conv_out(width, 3, layer.stride, 1)
-                if layer.kind == "conv" and layer.pool > 1:
-                    height, width = height // layer.pool, width // layer.pool
-                if height < 1 or width < 1:
-                    raise SpecError(f"layer {i}: the feature map shrinks to nothing "
-                                    f"for input {spec.input_shape}")
-                channels = layer.out
-            elif layer.kind == "gap":
-                layers.append(GlobalAvgPool())
-                height = width = 1
-            else:
-                layers.append(DenseLayer(channels * max(height, 1) * max(width, 1), layer))
-                channels, height, width = layer.out, 0, 0
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
-def build_model(spec: ModelSpec, seed: int | None = None) -> SpecModel:
-    """Build the network; with a seed, initial weights are reproducible on any device."""
-    if seed is None:
-        return SpecModel(spec)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return SpecModel(spec)
+def meta_model(spec: ModelSpec) -> nn.Module:
+    """The full model on the meta device: its structure, no memory."""
+    with torch.device("meta"):
+        return _factory_build(spec.base)[0]
 
 
 @lru_cache(maxsize=64)
+def structure(base: ModelSpec) -> Structure:
+    base = ModelSpec(base.name, base.input_shape, base.num_classes)
+    with torch.device("meta"):
+        model, fixed = _factory_build(base)
+    order: list[str] = []
+    names = {module: name for name, module in model.named_modules()}
+    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    hooks = [m.register_forward_hook(lambda m, i, o: order.append(names[m])) for m in owners]
+    log = _OperatorLog()
+    try:
+        with torch.no_grad(), log:
+            output = model(torch.zeros(2, *base.input_shape, device="meta"))
+    except Exception as exc:
+        raise SpecError(f"model {base.name!r} fails on an input of shape {base.input_shape}: "
+                        f"{type(exc).__name__}: {exc}") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (2, base.num_classes):
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise SpecError(f"model {base.name!r} must return logits of shape (batch, "
+                        f"{base.num_classes}), got {got}")
+    executed = list(dict.fromkeys(order))
+    if not executed:
+        raise SpecError(f"model {base.name!r} has no parameters to train")
+    head = executed[-1]
+    declared = getattr(model, "fedprune_layers", None)
+    prefixes = list(declared) if declared else executed
+    layers = tuple(tuple(n for n, _ in model.get_submodule(p).named_parameters(prefix=p))
+                   for p in prefixes)
+    shapes = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+    covered = [n for layer in layers for n in layer]
+    if sorted(covered) != sorted(n for n, _ in shapes) or not all(layers):
+        raise SpecError(f"model {base.name!r}: fedprune_layers must cover every parameter once")
+    buffers = [(n, tuple(b.shape)) for n, b in model.named_buffers()]
+    text = json.dumps([shapes, buffers, log.ops], separators=(",", ":"))
+    return Structure(hashlib.sha256(text.encode()).hexdigest()[:16], layers, tuple(prefixes),
+                     head, shapes, fixed)
+
+
+def model_spec(name: str, input_shape, num_classes: int) -> ModelSpec:
+    """The full model's spec, its structural digest filled in (what the coordinator sends).
+
+    `name` may be a `package.module:function` reference: this is only ever called with a name
+    from the caller's own configuration, never with one from a message."""
+    if ":" in name:
+        allow_reference(name)
+    base = ModelSpec(name, tuple(int(v) for v in input_shape), int(num_classes))
+    return ModelSpec(base.name, base.input_shape, base.num_classes,
+                     structure=structure(base).digest)
+
+
+def check_structure(spec: ModelSpec) -> Structure:
+    """This machine's structure for `spec`, or SpecError if it is not the coordinator's."""
+    local = structure(spec.base)
+    if spec.structure and spec.structure != local.digest:
+        raise SpecError(
+            f"model {spec.name!r} builds differently here (structure {local.digest}, "
+            f"{len(local.shapes)} parameter tensors, {sum(_count(s) for _, s in local.shapes)} "
+            f"parameters) than on the coordinator (structure {spec.structure}): install the same "
+            "version of the package that defines it on both sides")
+    return local
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
+    """The network `spec` describes; with a seed, initial weights are reproducible anywhere."""
+    from . import gates, width
+
+    info = check_structure(spec)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        if not spec.keep:
+            model = _factory_build(spec.base)[0]
+        else:
+            with torch.device("meta"):
+                model = _factory_build(spec.base)[0]
+            width.prune(model, spec)
+            model = model.to_empty(device="cpu")
+            for module in model.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        if spec.gate < 1.0:
+            gates.attach(model, spec.gate, info.head)
+    return model
+
+
 def layer_tensor_names(spec: ModelSpec) -> tuple[tuple[str, ...], ...]:
-    """Tensor names per parameterised layer, in order; the last entry is the output layer."""
-    model = build_model(spec, seed=0)  # seeded: a cache miss must not draw from torch's generator
-    groups = []
-    for i, layer in enumerate(model.layers):
-        names = tuple(f"layers.{i}.{name}" for name, _ in layer.named_parameters())
-        if names:
-            groups.append(names)
-    return tuple(groups)
+    """Tensor names per layer, in forward order; the last entry is the output layer.
+
+    FedDP's gate tensors belong to the layer of the convolution they gate."""
+    layers = structure(spec.base).layers
+    if spec.gate >= 1.0:
+        return layers
+    from .gates import gate_tensor_names
+
+    return tuple(layer + gate_tensor_names(spec, layer) for layer in layers)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=256)
 def _tensor_shapes(spec: ModelSpec) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    # Seeded: a cache miss must not draw from torch's global generator, or what a device's task
-    # draws from it (DP's Poisson sampling) would depend on what the process ran before.
-    return tuple((name, tuple(p.shape)) for name, p in build_model(spec, seed=0).named_parameters())
+    if not spec.keep and spec.gate >= 1.0:
+        return structure(spec.base).shapes
+    return tuple((n, tuple(p.shape)) for n, p in build_model(spec, seed=0).named_parameters())
 
 
 def tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return dict(_tensor_shapes(spec))
 
+
+Module = nn.Module  # what build_model returns; named for type hints elsewhere
