@@ -46,7 +46,7 @@ def exporter_versions() -> dict[str, str]:
     return versions
 
 
-def export_bundle(model: out_dir: str | Path, *, model_name: str, info: DatasetInfo,
+def export_bundle(model: nn.Module, out_dir: str | Path, *, model_name: str, info: DatasetInfo,
                   device_id: str, verify_x: np.ndarray, verify_y: np.ndarray | None = None,
                   round_number: int | None = None, width_ratio: float = 1.0,
                   checkpoint_sha256: str | None = None, formats: Sequence[str] | None = None,
@@ -106,7 +106,7 @@ def export_bundle(model: out_dir: str | Path, *, model_name: str, info: DatasetI
     return manifest
 
 
-def _header(model: model_name: str, info: DatasetInfo, device_id: str,
+def _header(model: nn.Module, model_name: str, info: DatasetInfo, device_id: str,
             round_number: int | None, width_ratio: float, checkpoint_sha256: str | None) -> dict:
     spec = model.spec
     weights = [p.detach() for p in model.parameters()]
