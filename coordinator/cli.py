@@ -210,6 +210,15 @@ def _report(args: argparse.Namespace) -> int:
     return 2 if report.unread else 1 if report.failed else 0
 
 
+def _new(args: argparse.Namespace) -> int:
+    from .new_project import new_project
+
+    project = new_project(args.directory, force=args.force)
+    print(f"wrote {', '.join(p.name for p in project.written)} in {project.directory}; run it with\n"
+          f"  cd {project.directory} && fedprune simulate --config fedprune.toml")
+    return 0
+
+
 def _api_status(args: argparse.Namespace) -> int:
     from .service.api_client import fetch, status_text
 
@@ -371,6 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a cluster's coordinators: each its own broker user, client id, ACL entry "
                            "and coordinator/coordinator-<i>.toml (default 1)")
     prov.set_defaults(handler=_coordinator_provision)
+
+    new = sub.add_parser("new", help="start a project: your model, your data, configs",
+                         description="Write a project that `fedprune simulate --config "
+                         "fedprune.toml` runs as written: model.py (a PyTorch model factory), "
+                         "data.py (the data), fedprune.toml (the simulation), edge.toml (a "
+                         "device) and a README; see docs/YOUR-MODEL.md.")
+    new.add_argument("directory", metavar="DIR", help="a new or empty folder")
+    new.add_argument("--force", action="store_true",
+                     help="write into a folder that has files (the project's own are replaced)")
+    new.set_defaults(handler=_new)
 
     for name, handler, what in (("status", _api_status, "the service's status and its rounds"),
                                 ("devices", _api_devices, "the registered devices and their plans")):
