@@ -164,6 +164,7 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
             with torch.device("meta"):
                 model = _factory_build(spec.base)[0]
             width.prune(model, spec)
+            model.train()  # Torch-Pruning traces in eval mode; Opacus refuses a model left there
             model = model.to_empty(device="cpu")
             for module in model.modules():
                 if hasattr(module, "reset_parameters"):
