@@ -61,10 +61,17 @@ def _factory_build(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...]]:
         raise SpecError(f"model {spec.name!r} returned {type(model).__name__}, not an nn.Module")
     from opacus.validators import ModuleValidator
 
+    # Opacus's backward hooks wrap each module's output in a view; an in-place activation after
+    # it (torchvision's ReLU6(inplace=True)) is then an autograd error in the first DP step.
+    in_place = [m for m in model.modules() if getattr(m, "inplace", None) is True]
+    for module in in_place:
+        module.inplace = False
+    done = ("in-place activations made out-of-place",) if in_place else ()
     problems = ModuleValidator.validate(model, strict=False)
     if not problems:
-        return model, ()
-    fixed = tuple(sorted({type(p).__name__ + ": " + str(p).split("\n")[0][:120] for p in problems}))
+        return model, done
+    fixed = done + tuple(sorted({type(p).__name__ + ": " + str(p).split("\n")[0][:120]
+                                 for p in problems}))
     model = ModuleValidator.fix(model)
     left = ModuleValidator.validate(model, strict=False)
     if left:
