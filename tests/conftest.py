@@ -38,14 +38,15 @@ def trained(fmnist, tmp_path_factory):
     from edge_sdk.models import build_model, model_spec
 
     torch.manual_seed(0)
-    model = build_model(model_spec("fedp3_cnn", (1, 28, 28), 10), seed=0)
+    spec = model_spec("fedp3_cnn", (1, 28, 28), 10)
+    model = build_model(spec, seed=0)
     x, y = to_tensor(fmnist.train_x[:12000], fmnist.info), torch.tensor(fmnist.train_y[:12000])
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for start in range(0, len(x), 64):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x[start:start + 64]), y[start:start + 64]).backward()
         opt.step()
-    checkpoint = Checkpoint(model.spec, dict(model.state_dict()), "fedp3_cnn", "fashion-mnist",
+    checkpoint = Checkpoint(spec, dict(model.state_dict()), "fedp3_cnn", "fashion-mnist",
                             round=7)
     checkpoint.save(tmp_path_factory.mktemp("ckpt") / "global.pt")
     return checkpoint
