@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from device_profiles.files import atomic_write
 
-from ..sizing import DataSlice
+from ..data.sources import CONFIG_DIR, DataSettings
 from ..protocol.topics import check_id
 from ..protocol.transport import BrokerAddress
 from ..runtime.backends import RuntimeFormatName
@@ -61,7 +61,9 @@ class EdgeSettings(BaseModel):
     password: str | None = None
     tls_ca: str | None = None
     coordinator_key: str | None = None
-    data: DataSlice = DataSlice()
+    # What the device trains on (edge_sdk/data/sources/settings.py lists the keys); without a
+    # source, the old keys (dataset, clients, device_index, partition) name a benchmark shard.
+    data: DataSettings = DataSettings()
 
     @field_validator("device_id", "fleet")
     @classmethod
@@ -84,8 +86,13 @@ class EdgeSettings(BaseModel):
         def lines(values: dict) -> list[str]:
             return [f"{key} = {json.dumps(value)}" for key, value in values.items() if value is not None]
         data = self.model_dump(mode="json")
-        section = data.pop("data")
-        return "\n".join(lines(data) + ["", "[data]"] + lines(section)) + "\n"
+        data.pop("data")
+        section = self.data.model_dump(mode="json", exclude_unset=True)  # only what was chosen
+        options = section.pop("options", {})
+        text = lines(data) + ["", "[data]"] + lines(section)
+        if options:
+            text += ["", "[data.options]"] + lines(options)
+        return "\n".join(text) + "\n"
 
     def save(self, path: str | Path) -> Path:
         """Written 0600 from the start: edge.toml may hold the device's broker password."""
@@ -97,7 +104,8 @@ class EdgeSettings(BaseModel):
 def load_edge_config(path: str | Path) -> EdgeSettings:
     data = read_toml(path, "edge config", EdgeConfigError)
     try:
-        return EdgeSettings.model_validate(data)
+        # [data] paths are read from the config file's folder
+        return EdgeSettings.model_validate(data, context={CONFIG_DIR: Path(path).resolve().parent})
     except ValidationError as exc:
         problems = describe(exc, "config")
         raise EdgeConfigError(f"{path}: {problems}") from None

@@ -29,13 +29,13 @@ from pydantic import ValidationError
 
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..client import LocalClient
-from ..data import client_data_for, load_dataset
+from ..data.sources import device_data
 from ..plan import SubmodelPlan
 from ..protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError, MessageType,
                         RefusalCode, RefusalHeader, RegisterHeader, StatusHeader, TaskHeader,
                         Topics, UpdateHeader, decode_envelope, encode_message, parse_header,
                         peek_header)
-from ..protocol.messages import MAX_EPSILON
+from ..protocol.messages import MAX_EPSILON, MAX_SAMPLES, MAX_SKIP_REASONS
 from ..protocol.signing import load_public_key, verify
 from ..protocol.topics import COORDINATOR_TO_DEVICE, check_id
 from ..protocol.transport import MqttTransport
@@ -91,10 +91,11 @@ class EdgeAgent:
         self.topics = Topics(config.fleet, config.topic_prefix)
         self.state = DeviceState(config.state_dir)
         self.profile = load_profile_dict(config, self.state)
-        source = load_dataset(config.data.dataset, config.data.data_dir)
-        data = client_data_for(source, config.data.clients, config.data.partition,
-                               config.data.seed, config.data.device_index)
-        self.data = data.with_train_limit(config.max_samples)
+        # The device's own samples, split here; only counts (usable, skipped by reason) leave it.
+        loaded = device_data(config.data)
+        self.data = loaded.data.with_train_limit(config.max_samples)
+        self.data_contract, self.data_skipped, self.data_name = \
+            loaded.contract, loaded.skipped, loaded.name
         self.client: LocalClient | None = None
         self.stopping = threading.Event()
         self.coordinator_key = load_public_key(config.coordinator_key) if config.coordinator_key else None
@@ -132,7 +133,8 @@ class EdgeAgent:
             device_id=self.config.device_id, profile=self.profile,
             num_samples=len(self.data.train_y), formats=list(self.config.formats),
             sdk_version=_sdk_version(), epsilon_budget=self.config.epsilon_budget,
-            epsilon_spent=ledger.epsilon() if ledger else None, model_digest=digest))
+            epsilon_spent=ledger.epsilon() if ledger else None, model_digest=digest,
+            skipped=_bounded(self.data_skipped)))
 
     # --- main loop -------------------------------------------------------------------------
     def start(self) -> None:
@@ -276,6 +278,10 @@ class EdgeAgent:
         except (ValueError, TypeError, KeyError) as exc:
             self._refuse(header, RefusalCode.BAD_TASK, f"task cannot be run as sent: {exc}")
             return
+        mismatch = self.data_contract.mismatch(plan.spec.input_shape, plan.spec.num_classes)
+        if mismatch is not None:
+            self._refuse(header, RefusalCode.BAD_TASK, mismatch)
+            return
         breach = self._privacy_breach(dp, charge)
         if breach is not None:
             self._refuse(header, RefusalCode.PRIVACY_POLICY, breach)
@@ -317,7 +323,7 @@ class EdgeAgent:
         # the update is sent (a refused task, above, saved none of them).
         if client.ledger is not None:
             self.state.save_ledger(client.ledger)
-        Checkpoint(client.spec, client.state, plan.spec.name, self.config.data.dataset, device,
+        Checkpoint(client.spec, client.state, plan.spec.name, self.data_name, device,
                    header.round, header.width_ratio).save(self.state.root / "model.pt")
         self._advance_fence(header.leader_epoch, header.round)
         self.state.put_outbox(key, envelope)  # on disk before it is sent: a crash resends it
@@ -483,6 +489,17 @@ def _check_decompressed(packed: bytes, size: int, sha256: str) -> None:
     if digest != sha256:
         raise ArtifactRefused(f"the decompressed artifact has sha256 {digest[:16]}..., "
                               f"the manifest says {sha256[:16]}...: corrupt or replaced")
+
+
+def _bounded(skipped: dict[str, int]) -> dict[str, int]:
+    """Skip counts within REGISTER's bounds: a plug-in source with more reasons than the header
+    carries reports its rarest ones together as `other`."""
+    if len(skipped) <= MAX_SKIP_REASONS:
+        return {reason: min(count, MAX_SAMPLES) for reason, count in skipped.items()}
+    ranked = sorted(skipped.items(), key=lambda kv: -kv[1])
+    kept = dict(ranked[:MAX_SKIP_REASONS - 1])
+    kept["other"] = kept.get("other", 0) + sum(count for _, count in ranked[MAX_SKIP_REASONS - 1:])
+    return {reason: min(count, MAX_SAMPLES) for reason, count in kept.items()}
 
 
 def _sdk_version() -> str:

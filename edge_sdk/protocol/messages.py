@@ -15,7 +15,8 @@ from functools import partial
 from typing import Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints,
+                      ValidationError, field_validator)
 
 from .envelope import Envelope, EnvelopeError, MessageType, encode_envelope
 from .signing import sign
@@ -31,7 +32,10 @@ MAX_SAMPLES = 2**31 - 1
 MAX_EPSILON = 1e15
 MAX_TRAIN_SECONDS = 1e7
 
+MAX_SKIP_REASONS = 32
+
 DeviceId = Annotated[str, AfterValidator(partial(check_id, "device id"))]
+SkipReason = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,39}$")]
 TaskId = Annotated[str, AfterValidator(partial(check_id, "task id"))]
 
 
@@ -53,6 +57,10 @@ class RegisterHeader(_Header):
     epsilon_spent: float | None = Field(None, ge=0, le=MAX_EPSILON)
     epsilon_budget: float | None = Field(None, gt=0, le=MAX_EPSILON)
     model_digest: str | None = None            # spec digest of the model the device holds
+    # Samples its data source could not use, by reason (`unreadable_image`, `not_numeric`, ...):
+    # counts only, nothing of the data itself. `num_samples` counts only the usable ones.
+    skipped: dict[SkipReason, Annotated[int, Field(ge=0, le=MAX_SAMPLES)]] = \
+        Field(default_factory=dict, max_length=MAX_SKIP_REASONS)
 
 
 class TaskHeader(_TaskKey):
