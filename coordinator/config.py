@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator)
 
+from edge_sdk.data.sources import CONFIG_DIR, DataSettings
 from edge_sdk.settings import CodecSettings, DPSettings, Settings, TrainSettings, WidthLevels
 from edge_sdk.validation import describe, read_toml
 from export.formats import ExportFormatName
@@ -109,6 +110,30 @@ class SimulationSettings(LearningSettings):
     # Intra-op threads a device computes with (None: the driver's torch threads). A task's bytes
     # depend on it, so both backends use it; the Ray backend's actors need it to equal the run's.
     device_threads: int | None = Field(None, ge=1)
+    # The samples the run partitions: an image folder, a CSV, an npz, a user's Dataset function
+    # (edge_sdk/data/sources/settings.py lists the keys); without it, the benchmark `dataset`.
+    data: DataSettings | None = None
+
+    @model_validator(mode="after")
+    def _one_data_source(self):
+        if self.data is None:
+            return self
+        named = sorted({"dataset", "data_dir"} & self.model_fields_set)
+        if named:
+            raise ValueError(f"{named[0]}: the data is named in [data]; set data.source and its "
+                             f"keys there (a benchmark: data.dataset), not {' and '.join(named)}")
+        run_keys = sorted({"clients", "partition", "device_index"} & self.data.model_fields_set)
+        if run_keys:
+            raise ValueError(f"data.{run_keys[0]}: a simulation's clients and partition are its own "
+                             "`clients` and `partition` keys (device_index is a device's)")
+        return self
+
+    @property
+    def data_settings(self) -> DataSettings:
+        """The run's data: its [data], or the benchmark `dataset`."""
+        if self.data is not None:
+            return self.data
+        return DataSettings(dataset=self.dataset, data_dir=self.data_dir)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -140,7 +165,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         keys, value = parse_override(item)
         _assign(data, keys, value)
     try:
-        return schema.model_validate(data)
+        # [data] paths and a project's data.py are read from the config file's folder
+        context = {CONFIG_DIR: Path(path).resolve().parent} if path is not None else None
+        return schema.model_validate(data, context=context)
     except ValidationError as exc:
         problems = describe(exc, "config")
         raise ConfigError(f"invalid configuration: {problems}") from None

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from device_profiles import DeviceProfile
 from edge_sdk.checkpoint import Checkpoint
 from edge_sdk.client import TaskOutcome
-from edge_sdk.data import ClientData, load_dataset, make_client_data, to_tensor
+from edge_sdk.data import ClientData
+from edge_sdk.data.sources import federated_data
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.models.cost import footprint, inference_macs
 from edge_sdk.slicing import width_spec
@@ -125,16 +126,15 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
                    observe: TaskObserver | None = None) -> SimulationResult:
     """`profiles`: the fleet's devices, one per client, instead of sampling `config.fleet`."""
     torch.manual_seed(config.seed)
-    source = load_dataset(config.dataset, config.data_dir)
+    source = federated_data(config.data_settings, config.clients, config.partition, config.seed)
     strategy = build_strategy(config, model_spec(config.model, source.info.input_shape,
                                                 source.info.num_classes))
     spec = strategy.spec  # a strategy may change the architecture (FedDP's gates)
     dp = dp_config(config)
-    shards = [data.capped(config.max_client_samples)
-              for data in make_client_data(source, config.clients, config.partition, config.seed)]
+    shards = [data.capped(config.max_client_samples) for data in source.shards]
     fleet = _plan_fleet(config, strategy, shards, profiles) \
         if (config.fleet or profiles is not None) else None
-    test_x, test_y = to_tensor(source.test_x, source.info), torch.tensor(source.test_y)
+    test_x, test_y = source.test_x, source.test_y
     chance = float(np.mean([chance_accuracy(data.test_y) for data in shards]))
 
     global_model = build_model(spec, seed=config.seed)
@@ -177,7 +177,7 @@ def _fleet_setup(config: SimulationSettings, fleet: list[DeviceAssignment] | Non
     """The devices as a backend builds them: named data, training settings and resources."""
     resources = tuple(DeviceResources(a.profile.cpu_cores, a.plan.predicted_peak_bytes)
                       for a in fleet) if fleet else (DeviceResources(),) * config.clients
-    return FleetSetup(config.dataset, config.data_dir, config.clients, config.partition,
+    return FleetSetup(config.data_settings, config.clients, config.partition,
                       config.seed, config.max_client_samples, config.train, dp_config(config),
                       config.rounds, config.device_threads, resources, config.ray_address)
 

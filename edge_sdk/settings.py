@@ -14,6 +14,9 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 AccountantName = Literal["rdp", "prv"]
+# The names edge_sdk/training/local.py registers (LOSSES, OPTIMIZERS); a device only looks them up.
+LossName = Literal["cross_entropy", "label_smoothing"]
+OptimizerName = Literal["sgd", "adam"]
 ValueDtypeName = Literal["fp32", "fp16"]
 
 
@@ -38,11 +41,25 @@ class TrainSettings(Settings):
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(48, ge=1)
     lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
+    momentum: float = Field(0.0, ge=0, lt=1)  # SGD's; Adam keeps its own moment estimates
+    optimizer: OptimizerName = "sgd"
+    loss: LossName = "cross_entropy"
+    label_smoothing: float = Field(0.1, gt=0, lt=1)  # the share spread over all classes
     clip_norm: float | None = Field(10.0, gt=0)  # plain gradient clipping without DP (FedP3: 10)
     # Under DP a logical batch larger than this runs in physical chunks (Opacus virtual steps):
     # same privacy and the same update, less peak memory. The planner sets it per device.
     physical_batch_size: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _settings_of_the_chosen(self):
+        """A key of a loss or optimizer that is not the chosen one would silently do nothing."""
+        if self.label_smoothing != 0.1 and self.loss != "label_smoothing":
+            raise ValueError(f"train.label_smoothing applies to loss = \"label_smoothing\", not "
+                             f"{self.loss!r}; set train.loss = \"label_smoothing\" or drop it")
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"train.momentum is SGD's; {self.optimizer!r} keeps its own moment "
+                             "estimates: drop train.momentum or use optimizer = \"sgd\"")
+        return self
 
 
 class DPSettings(Settings):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from edge_sdk.client import LocalClient, TaskOutcome
+from edge_sdk.data.sources import DataSettings
 from edge_sdk.models import ModelSpec, build_model
 from edge_sdk.settings import DPSettings, TrainSettings
 
@@ -44,8 +45,7 @@ class FleetSetup:
     """Everything a backend needs to build the devices where they run: the data is named, not
     sent (a remote backend loads each shard on the device's own node)."""
 
-    dataset: str
-    data_dir: str | None
+    data: DataSettings
     clients: int
     partition: str
     seed: int

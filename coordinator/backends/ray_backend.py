@@ -26,7 +26,8 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from edge_sdk.client import LocalClient
-from edge_sdk.data import ClientData, load_dataset, make_client_data
+from edge_sdk.data import ClientData
+from edge_sdk.data.sources import DataSettings, federated_data
 from edge_sdk.models import ModelSpec
 
 from ..rounds import Task
@@ -54,18 +55,16 @@ _CPU_STEP = 1e-4  # Ray's resource granularity
 class NodeData:
     """One node's copy of the run's data: read from this node's disk and partitioned once."""
 
-    def __init__(self, dataset: str, data_dir: str | None, clients: int, partition: str,
-                 seed: int, max_client_samples: int | None):
-        self._args = (dataset, data_dir, clients, partition, seed)
+    def __init__(self, data: DataSettings, clients: int, partition: str, seed: int,
+                 max_client_samples: int | None):
+        self._args = (data, clients, partition, seed)
         self._cap = max_client_samples
         self._shards: list[ClientData] | None = None
         self.loads = 0
 
     def shard(self, device_index: int) -> ClientData:
         if self._shards is None:
-            dataset, data_dir, clients, partition, seed = self._args
-            self._shards = make_client_data(load_dataset(dataset, data_dir), clients, partition,
-                                            seed)
+            self._shards = federated_data(*self._args).shards
             self.loads += 1
         return self._shards[device_index].capped(self._cap)
 
@@ -212,8 +211,8 @@ class RayBackend(SimulationBackend):
         self.placements = place_devices(setup.resources, cluster_nodes())
         self._data = {node: NodeData.options(
                           scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-                      .remote(setup.dataset, setup.data_dir, setup.clients, setup.partition,
-                              setup.seed, setup.max_client_samples)
+                      .remote(setup.data, setup.clients, setup.partition, setup.seed,
+                              setup.max_client_samples)
                       for node in dict.fromkeys(p.node for p in self.placements)}
         self._actors = [DeviceActor.options(
                             num_cpus=p.num_cpus, memory=p.memory_bytes,

@@ -20,6 +20,18 @@ from torch import nn
 
 from ..settings import DPSettings, TrainSettings
 
+# The losses and optimizers a task's `train` settings can name (settings.py's LossName and
+# OptimizerName list the same names): a name from the wire is only looked up here. Opacus wraps
+# whichever is chosen: the DP optimizer clips and noises the gradients before the inner step.
+LOSSES: dict[str, Callable[[TrainSettings], nn.Module]] = {
+    "cross_entropy": lambda config: nn.CrossEntropyLoss(),
+    "label_smoothing": lambda config: nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+}
+OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], TrainSettings], torch.optim.Optimizer]] = {
+    "sgd": lambda params, config: torch.optim.SGD(params, lr=config.lr, momentum=config.momentum),
+    "adam": lambda params, config: torch.optim.Adam(params, lr=config.lr),
+}
+
 
 @dataclass
 class TrainReport:
@@ -59,9 +71,9 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
     named = dict(model.named_parameters())
     masked = [(named[name], mask) for name, mask in masks.items()]
     masks = dict(masks)
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    optimizer = OPTIMIZERS[config.optimizer](params, config)
     generator = torch.Generator().manual_seed(seed)
-    criterion: nn.Module = nn.CrossEntropyLoss()
+    criterion: nn.Module = LOSSES[config.loss](config)
     engine = None
     if dp is None:
         loader = _ShuffledBatches(x, y, config.batch_size, generator)
