@@ -75,7 +75,8 @@ def main() -> None:
         with torch.no_grad():
             torch_acc = float((model(torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean())
         with tempfile.TemporaryDirectory() as tmp:
-            manifest = export_bundle(model, tmp, model_name="fedp3_cnn", info=source.info,
+            manifest = export_bundle(model, tmp, info=source.info,
+                                     spec=width_spec(model_spec("fedp3_cnn", (1, 28, 28), 10), width),
                                      device_id=f"w{width:g}", verify_x=test_x[:512],
                                      verify_y=test_y[:512], width_ratio=width,
                                      precisions=("fp32", "int8"), threads=1)

@@ -7,17 +7,16 @@ where the simulator hands every client's final model to the exporter.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from edge_sdk.sizing import DevicePlan
 from edge_sdk.checkpoint import Checkpoint, CheckpointError
 from edge_sdk.data import load_dataset, to_tensor
-from edge_sdk.models import build_model
 from edge_sdk.runtime import BundleManifest
 from export import export_bundle
 
@@ -27,18 +26,18 @@ VERIFY_SAMPLES = 512
 
 
 def submodel(checkpoint: Checkpoint, width_ratio: float, method: str = "magnitude",
-             round_number: int = 0) -> nn.Module:
-    """The checkpoint's model at `width_ratio` of its full width (itself at 1.0)."""
+             round_number: int = 0) -> Checkpoint:
+    """The checkpoint's model at `width_ratio` of its full width (itself at its own width): its
+    spec and state, with the source's provenance; `sha256` is None, it is no file yet."""
     if width_ratio >= 1.0 or width_ratio == checkpoint.width_ratio:
-        return checkpoint.build()
+        return checkpoint
     if checkpoint.width_ratio < 1.0:
         raise CheckpointError(f"the checkpoint is already a width-{checkpoint.width_ratio:g} "
                               f"submodel; slice to width {width_ratio:g} from the global checkpoint")
     cut = width_slice(checkpoint.spec, {k: v.numpy() for k, v in checkpoint.state.items()},
                       width_ratio, method, round_number)
-    model = build_model(cut.spec)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in cut.state.items()})
-    return model.eval()
+    return dataclasses.replace(checkpoint, spec=cut.spec, width_ratio=width_ratio, sha256=None,
+                               state={k: torch.from_numpy(v) for k, v in cut.state.items()})
 
 
 def device_plan(device: str, checkpoint: Checkpoint) -> DevicePlan:
@@ -69,11 +68,10 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | Path, *, plan: Devi
         raise CheckpointError(f"device {plan.device_id} has no submodel that fits: "
                               + "; ".join(plan.reasons))
     width = plan.width_ratio if plan else checkpoint.width_ratio
-    model = submodel(checkpoint, width, plan.slicing if plan else "magnitude",
-                     checkpoint.round or 0)
+    cut = submodel(checkpoint, width, plan.slicing if plan else "magnitude", checkpoint.round or 0)
     info, x, y = verification_inputs(checkpoint.dataset, data_dir, samples)
-    return export_bundle(model, out_dir, model_name=checkpoint.model, info=info,
-                         device_id=device_id or (plan.device_id if plan else None)
+    return export_bundle(cut.build(), out_dir, spec=cut.spec, model_name=checkpoint.model,
+                         info=info, device_id=device_id or (plan.device_id if plan else None)
                          or checkpoint.device_id or "global",
                          verify_x=x, verify_y=y, round_number=checkpoint.round, width_ratio=width,
                          checkpoint_sha256=checkpoint.sha256, formats=formats,
@@ -102,14 +100,14 @@ def export_clients(out_dir: str | Path, clients, widths: Sequence[float], global
                                     global_checkpoint.dataset, device_id, global_checkpoint.round,
                                     width, {"source": "personalized"})
         else:
-            model = submodel(global_checkpoint, width, slicing, global_checkpoint.round or 0)
-            checkpoint = Checkpoint(model.spec, dict(model.state_dict()), global_checkpoint.model,
-                                    global_checkpoint.dataset, device_id, global_checkpoint.round,
-                                    width, {"source": "global"})
+            cut = submodel(global_checkpoint, width, slicing, global_checkpoint.round or 0)
+            checkpoint = dataclasses.replace(cut, device_id=device_id, width_ratio=width,
+                                             extra={"source": "global"}, sha256=None)
         folder = out_dir / device_id
         checkpoint.save(folder / "checkpoint.pt")
         x = to_tensor(client.data.test_x[:VERIFY_SAMPLES], info).numpy()
-        manifest = export_bundle(checkpoint.build(), folder, model_name=checkpoint.model, info=info,
+        manifest = export_bundle(checkpoint.build(), folder, spec=checkpoint.spec,
+                                 model_name=checkpoint.model, info=info,
                                  device_id=device_id, verify_x=x,
                                  verify_y=np.asarray(client.data.test_y[:VERIFY_SAMPLES]),
                                  round_number=checkpoint.round, width_ratio=width,

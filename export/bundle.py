@@ -1,6 +1,7 @@
 """Export one device's model as a verified bundle: artifacts, their .zst copies and manifest.json.
 
-Every artifact is made by its format's registered exporter (formats.py) and run in the runtime
+Any registered model exports: the input contract comes from its spec (its input shape, any rank),
+the normalisation and labels from the dataset it was trained on, where there is one. Every artifact is made by its format's registered exporter (formats.py) and run in the runtime
 the device will use (the edge runtime registered under the same name) on real test inputs before
 anything is published; files are written only when every artifact passes,
 each atomically and durably (device_profiles.files), with manifest.json written last. A reader
@@ -24,9 +25,11 @@ import zstandard
 
 from device_profiles.files import atomic_write
 from edge_sdk.data import DatasetInfo
+from edge_sdk.models import ModelSpec
 from edge_sdk.models.cost import footprint
+from edge_sdk.models.network import structure, tensor_shapes
 from edge_sdk.runtime import MANIFEST_NAME, ArtifactEntry, BundleManifest, Parity, open_backend
-from edge_sdk.runtime.manifest import artifact_file_name
+from edge_sdk.runtime.manifest import LAYOUTS, artifact_file_name
 
 from .formats import PRECISIONS, ExportError, Exporter, export_formats, exporter
 from .parity import TOLERANCES, compare, localize, torch_outputs
@@ -46,16 +49,19 @@ def exporter_versions() -> dict[str, str]:
     return versions
 
 
-def export_bundle(model: nn.Module, out_dir: str | Path, *, model_name: str, info: DatasetInfo,
-                  device_id: str, verify_x: np.ndarray, verify_y: np.ndarray | None = None,
+def export_bundle(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec, device_id: str,
+                  verify_x: np.ndarray, info: DatasetInfo | None = None,
+                  verify_y: np.ndarray | None = None, model_name: str | None = None,
                   round_number: int | None = None, width_ratio: float = 1.0,
                   checkpoint_sha256: str | None = None, formats: Sequence[str] | None = None,
                   precisions: Sequence[str] = ("fp32",), threads: int | None = None) -> BundleManifest:
-    """Export `model` in every format x precision, verify each, publish them with a manifest.
+    """Export `model`, the network `spec` describes, in every format x precision, verify each,
+    publish them with a manifest.
 
     `formats` are registered export formats (formats.py; None: all of them). `verify_x` are
-    normalised real inputs (N, C, H, W); `verify_y` their labels, if known, so the manifest can
-    record accuracy of torch and of each artifact on them.
+    real inputs as the model takes them, (N, *spec.input_shape), normalised as in training;
+    `verify_y` their labels, if known, so the manifest can record accuracy of torch and of each
+    artifact on them. `info`, the dataset's, gives the manifest its normalisation and labels.
     """
     exporters = [exporter(fmt) for fmt in (export_formats() if formats is None else formats)]
     for precision in precisions:
@@ -63,13 +69,18 @@ def export_bundle(model: nn.Module, out_dir: str | Path, *, model_name: str, inf
             raise ExportError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
         for chosen in exporters:
             chosen.check_precision(precision)
+    _check_model(model, spec, info)
+    verify_x = np.ascontiguousarray(verify_x, dtype=np.float32)
     if len(verify_x) == 0:
         raise ExportError("verification needs at least one real input")
+    if verify_x.shape[1:] != spec.input_shape:
+        raise ExportError(f"verification inputs have shape {verify_x.shape}; model {spec.name!r} "
+                          f"takes (N, {', '.join(map(str, spec.input_shape))})")
     model = model.eval()
     out_dir = Path(out_dir)
-    verify_x = np.ascontiguousarray(verify_x, dtype=np.float32)
     want = torch_outputs(model, verify_x)
-    header = _header(model, model_name, info, device_id, round_number, width_ratio, checkpoint_sha256)
+    header = _header(model, spec, model_name or spec.name, info, device_id, round_number,
+                     width_ratio, checkpoint_sha256)
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in header.items()}
 
     entries, files = [], {}
@@ -79,17 +90,17 @@ def export_bundle(model: nn.Module, out_dir: str | Path, *, model_name: str, inf
         fp32 = chosen.convert(model, example, metadata)  # traced once for every precision
         for precision in precisions:
             data = chosen.artifact(fp32, precision)
-            backend = open_backend(fmt, data, threads)
-            got = backend.run(verify_x)
+            variant = f"{fmt}/{precision} export of {device_id}"
+            backend, got = _run(fmt, data, verify_x, threads, variant)
             result = compare(got, want, TOLERANCES[precision])
             if not result.ok:
-                layer = localize(model.layers, [f"layers.{i}" for i in range(len(model.layers))],
-                                 verify_x[:64], lambda m, x: open_backend(
+                layer = localize(model, structure(spec.base).layer_modules, verify_x[:64],
+                                 lambda m, x, precision=precision, variant=variant: _run(
                                      fmt, chosen.artifact(chosen.convert(m, example, None), precision),
-                                     threads).run(x),
+                                     x, threads, variant)[1],
                                  TOLERANCES[precision])
                 where = f"; first layer that departs from torch: {layer}" if layer else ""
-                raise ExportError(f"{fmt}/{precision} export of {device_id} disagrees with torch "
+                raise ExportError(f"{variant} disagrees with torch "
                                   f"on {len(verify_x)} real inputs: {result.describe()}{where}. "
                                   "Not published; drop this variant or report the layer")
             entry, packed = _entry(chosen, precision, data, backend, result, got, want, verify_y,
@@ -106,18 +117,59 @@ def export_bundle(model: nn.Module, out_dir: str | Path, *, model_name: str, inf
     return manifest
 
 
-def _header(model: nn.Module, model_name: str, info: DatasetInfo, device_id: str,
-            round_number: int | None, width_ratio: float, checkpoint_sha256: str | None) -> dict:
-    spec = model.spec
+def _run(fmt: str, artifact: bytes, inputs: np.ndarray, threads: int | None,
+         where: str) -> tuple[object, np.ndarray]:
+    """The artifact opened in its edge runtime, and its outputs on `inputs`."""
+    try:
+        backend = open_backend(fmt, artifact, threads)
+        return backend, backend.run(inputs)
+    except Exception as exc:  # the runtime's own types: an operator it lacks, mostly
+        raise ExportError(f"{where} does not run in its edge runtime: {type(exc).__name__}: "
+                          f"{_first_line(exc)}. The converter made what the runtime cannot run; "
+                          "export this model in another format") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _check_model(model: nn.Module, spec: ModelSpec, info: DatasetInfo | None) -> None:
+    """`model` is the network `spec` describes, and `info`'s data is what it takes."""
+    want = tensor_shapes(spec)
+    have = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    if have != want:
+        differ = sorted(set(have) ^ set(want)) or sorted(n for n in have if have[n] != want[n])
+        raise ExportError(f"the model is not the network its spec describes ({spec.name!r}, "
+                          f"{len(spec.keep)} pruned channel groups, gate {spec.gate:g}): tensors "
+                          f"{', '.join(differ[:5])} differ; export it with the spec it was built from")
+    shape = getattr(info, "input_shape", None)
+    if shape is not None and tuple(shape) != spec.input_shape:
+        raise ExportError(f"dataset {info.name!r} has inputs of shape {tuple(shape)}, model "
+                          f"{spec.name!r} takes {spec.input_shape}; export it with its own data")
+
+
+def _header(model: nn.Module, spec: ModelSpec, model_name: str, info: DatasetInfo | None,
+            device_id: str, round_number: int | None, width_ratio: float,
+            checkpoint_sha256: str | None) -> dict:
+    """The manifest's fields but the artifacts: the contract from the spec, the normalisation and
+    labels from the dataset where it gives them."""
     weights = [p.detach() for p in model.parameters()]
     parameters = sum(w.numel() for w in weights)
     nonzero = sum(int(torch.count_nonzero(w)) for w in weights)
     macs = footprint(spec).macs
+    scale, mean, std = (getattr(info, key, None) for key in ("input_scale", "mean", "std"))
+    if mean is None or std is None or len(mean) == 0:
+        mean = std = None
     return {"device_id": device_id, "round": round_number, "model": model_name,
             "spec": spec.to_dict(), "spec_digest": spec.digest(), "width_ratio": width_ratio,
-            "dataset": info.name, "input_shape": tuple(info.input_shape),
-            "input_scale": info.input_scale, "mean": tuple(info.mean), "std": tuple(info.std),
-            "labels": tuple(info.labels), "parameters": parameters, "nonzero_parameters": nonzero,
+            "dataset": info.name if info is not None else None,
+            "input_shape": spec.input_shape, "input_layout": LAYOUTS[len(spec.input_shape)],
+            "input_scale": None if scale is None else float(scale),
+            "mean": None if mean is None else tuple(float(v) for v in mean),
+            "std": None if std is None else tuple(float(v) for v in std),
+            "labels": tuple(getattr(info, "labels", None) or ()),
+            "parameters": parameters, "nonzero_parameters": nonzero,
             "sparsity": 1.0 - nonzero / max(parameters, 1), "macs_per_sample": macs,
             "flops_per_sample": 2 * macs, "checkpoint_sha256": checkpoint_sha256}
 

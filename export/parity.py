@@ -3,13 +3,16 @@
 Each precision has its own bar: fp32 must match torch to float rounding, fp16 to half-precision
 rounding, int8 dynamic-range to what weight quantization costs. The bar is on the logits (an
 absolute plus a relative term, relative to the largest torch logit) and on top-1 agreement over
-real test inputs. When an artifact misses it, `localize` re-exports ever longer prefixes of the
-network the same way to name the first layer whose output departs from torch.
+real test inputs. When an artifact misses it, `localize` exports the network cut at one of its
+layers (`structure(spec).layer_modules`, any architecture: the whole forward runs and that
+layer's output is returned) the same way, and bisects over the layers for the one whose output
+departs from torch while the layer before it still agrees.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,18 +67,77 @@ def torch_outputs(model: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:
         return model.eval()(torch.from_numpy(inputs)).numpy()
 
 
-def localize(layers: torch.nn.ModuleList, names: list[str], inputs: np.ndarray,
+class _LayerOutput(torch.nn.Module):
+    """`model` cut at one layer: its whole forward runs, the layer's (first) output is returned.
+
+    A hook, not a prefix network, so any architecture can be cut (residual adds, branches, code
+    in forward); the exporters drop the computation after the layer as unused."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.clear()
+        self.model(x)
+        return self.seen[0]
+
+
+@contextmanager
+def _cut_at(model: torch.nn.Module, layer: str):
+    probe = _LayerOutput(model)
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda module, inputs, output: probe.seen.append(output.clone()))
+    try:
+        yield probe.eval()
+    finally:
+        handle.remove()
+
+
+def _probed_layers(model: torch.nn.Module, layers: Sequence[str], inputs: np.ndarray) -> list[str]:
+    """The layers whose output is one tensor with the batch's rows: those a cut can return."""
+    outputs: dict[str, object] = {}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda module, i, output, name=name: outputs.setdefault(name, output)) for name in layers]
+    try:
+        torch_outputs(model, inputs[:2])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [name for name in layers if isinstance(outputs.get(name), torch.Tensor)
+            and outputs[name].dim() >= 1 and len(outputs[name]) == len(inputs[:2])]
+
+
+def localize(model: torch.nn.Module, layers: Sequence[str], inputs: np.ndarray,
              run_exported: Callable[[torch.nn.Module, np.ndarray], np.ndarray],
              tolerance: Tolerance) -> str | None:
-    """Name of the first layer whose prefix network, exported the same way, misses the bar."""
-    for end in range(1, len(layers) + 1):
-        prefix = torch.nn.Sequential(*layers[:end]).eval()
-        want = torch_outputs(prefix, inputs)
-        try:
-            got = run_exported(prefix, inputs)
-        except Exception as exc:  # a prefix that cannot even be exported names the layer too
-            return f"{names[end - 1]} (export failed: {exc})"
+    """The layer (module name, from `layers` in forward order) whose output, exported the same
+    way, is the first to miss the bar: it departs and the layer before it agrees. None when
+    every layer agrees (the departure is after the last one, or only in top-1 agreement).
+
+    Bisection: about log2(layers) exports, not one per layer; a converter is slow."""
+    candidates = _probed_layers(model.eval(), layers, inputs)
+    failures: dict[int, str] = {}
+
+    def departs(index: int) -> bool:
+        with _cut_at(model, candidates[index]) as probe:
+            want = torch_outputs(probe, inputs)
+            try:
+                got = run_exported(probe, inputs)
+            except Exception as exc:  # a cut that cannot even be exported names the layer too
+                failures[index] = f" (export failed: {str(exc).splitlines()[0] if str(exc) else exc!r})"
+                return True
         got, want = got.reshape(len(got), -1), want.reshape(len(want), -1)
-        if got.shape != want.shape or not np.abs(got - want).max() <= tolerance.bound(want):
-            return names[end - 1]
-    return None
+        return got.shape != want.shape or not np.abs(got - want).max() <= tolerance.bound(want)
+
+    agrees, departed = -1, len(candidates)  # the input agrees; past the last layer is unknown
+    while departed - agrees > 1:
+        middle = (agrees + departed) // 2
+        if departs(middle):
+            departed = middle
+        else:
+            agrees = middle
+    if departed == len(candidates):
+        return None
+    return candidates[departed] + failures.get(departed, "")

@@ -31,8 +31,8 @@ from harness.fleet import Harness
 
 def _export(fmnist, out: Path, seed: int) -> Path:
     """A real exported bundle (ONNX fp32, verified in onnxruntime), as the engine ships them."""
-    model = build_model(model_spec("fedp3_cnn", (1, 28, 28), 10), seed=seed)
-    export_bundle(model, out, model_name="fedp3_cnn", info=fmnist.info, device_id="width-1",
+    spec = model_spec("fedp3_cnn", (1, 28, 28), 10)
+    export_bundle(build_model(spec, seed=seed), out, spec=spec, info=fmnist.info, device_id="width-1",
                   verify_x=to_tensor(fmnist.test_x[:16], fmnist.info).numpy(), round_number=0,
                   formats=("onnx",))
     return out

@@ -25,7 +25,8 @@ def test_the_manifest_records_contract_provenance_and_parity(trained, full_bundl
     assert manifest.device_id == "pi-12" and manifest.round == 7
     assert manifest.checkpoint_sha256 == trained.sha256
     assert manifest.spec_digest == trained.spec.digest()
-    assert manifest.input_shape == (1, 28, 28) and manifest.input_scale == 255.0
+    assert manifest.input_shape == (1, 28, 28) and manifest.input_layout == "NCHW"
+    assert manifest.input_scale == 255.0 and manifest.dataset == "fashion-mnist"
     assert manifest.mean == fmnist.info.mean and manifest.labels == fmnist.info.labels
     assert manifest.parameters == 1_258_798 and manifest.flops_per_sample == 2 * 1_389_824
     assert {"torch", "onnxruntime", "litert-torch", "ai-edge-litert"} <= set(manifest.exporters)
@@ -75,7 +76,7 @@ def test_masked_zeros_are_baked_in_and_stored_compressed(trained, fmnist, tmp_pa
             if p.dim() > 1:
                 p[p.abs() < p.abs().flatten().kthvalue(int(0.9 * p.numel())).values] = 0
     x = to_tensor(fmnist.test_x[:64], fmnist.info).numpy()
-    manifest = export_bundle(model, tmp_path, model_name="fedp3_cnn", info=fmnist.info,
+    manifest = export_bundle(model, tmp_path, spec=trained.spec, info=fmnist.info,
                              device_id="sparse", verify_x=x, formats=("onnx",))
     entry = manifest.artifact("onnx", "fp32")
     assert 0.85 < manifest.sparsity < 0.95

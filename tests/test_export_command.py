@@ -11,7 +11,7 @@ import torch
 
 from coordinator.cli import main
 from coordinator.exporting import submodel
-from edge_sdk.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from edge_sdk.checkpoint import CheckpointError, load_checkpoint
 from edge_sdk.runtime import load_manifest
 from harness.exports import device_plan
 
@@ -41,10 +41,10 @@ def test_exporting_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path, ca
 
 def test_a_sliced_checkpoint_cannot_be_sliced_again(trained):
     half = submodel(trained, 0.5)
-    checkpoint = Checkpoint(half.spec, dict(half.state_dict()), "fedp3_cnn", "fashion-mnist",
-                            width_ratio=0.5)
+    assert half.width_ratio == 0.5 and half.spec.keep and half.sha256 is None
+    assert submodel(half, 0.5) is half
     with pytest.raises(CheckpointError, match="from the global checkpoint"):
-        submodel(checkpoint, 0.25)
+        submodel(half, 0.25)
 
 
 def test_simulate_exports_every_clients_final_model(tmp_path):

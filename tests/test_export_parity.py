@@ -50,7 +50,7 @@ def test_an_artifact_outside_tolerance_is_refused_naming_the_layer(trained, fmni
     (tmp_path / "manifest.json").write_text("previous bundle")
     with pytest.raises(ExportError, match=r"onnx/fp32 export of dev-3 disagrees with torch.*"
                                           r"first layer that departs from torch: layers\.\d"):
-        export_bundle(trained.build(), tmp_path, model_name="fedp3_cnn", info=fmnist.info,
+        export_bundle(trained.build(), tmp_path, spec=trained.spec, info=fmnist.info,
                       device_id="dev-3", verify_x=x, formats=("onnx",))
     # Nothing published, nothing half-written; the previous bundle is untouched.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]

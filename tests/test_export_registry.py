@@ -17,7 +17,7 @@ from coordinator.config import ConfigError, load_config
 from edge_sdk.agent.config import EdgeConfigError, load_edge_config
 from edge_sdk.data import to_tensor
 from edge_sdk.models import build_model, model_spec
-from edge_sdk.models.network import DenseLayer
+from edge_sdk.models.layered import DenseLayer
 from edge_sdk.runtime import (Predictor, load_manifest, open_backend, register_runtime,
                               runtime_formats, unregister_runtime)
 from export import (ExportError, export_bundle, export_formats, register_exporter,
@@ -74,16 +74,16 @@ def npz_format():
 
 @pytest.fixture(scope="module")
 def mlp_and_inputs(fmnist):
-    model = build_model(model_spec("mlp", (1, 28, 28), 10), seed=3).eval()
-    return model, to_tensor(fmnist.test_x[:256], fmnist.info).numpy()
+    spec = model_spec("mlp", (1, 28, 28), 10)
+    return build_model(spec, seed=3).eval(), spec, to_tensor(fmnist.test_x[:256], fmnist.info).numpy()
 
 
 def test_a_registered_format_is_exported_verified_and_run_like_the_built_in_ones(
         npz_format, mlp_and_inputs, fmnist, tmp_path):
-    model, x = mlp_and_inputs
+    model, spec, x = mlp_and_inputs
     assert export_formats()[:2] == ("onnx", "tflite") and "npz" in export_formats()
     assert "npz" in runtime_formats()
-    manifest = export_bundle(model, tmp_path, model_name="mlp", info=fmnist.info, device_id="toy-1",
+    manifest = export_bundle(model, tmp_path, spec=spec, info=fmnist.info, device_id="toy-1",
                              verify_x=x, verify_y=fmnist.test_y[:256], formats=("npz",),
                              precisions=("fp32", "fp16"))
 
@@ -105,13 +105,13 @@ def test_a_registered_format_is_exported_verified_and_run_like_the_built_in_ones
 
 def test_a_format_refuses_precisions_it_does_not_have_and_exporters_need_a_runtime(
         npz_format, mlp_and_inputs, fmnist, tmp_path):
-    model, x = mlp_and_inputs
+    model, spec, x = mlp_and_inputs
     with pytest.raises(ExportError, match="npz has no int8 variant; it exports fp32, fp16"):
-        export_bundle(model, tmp_path, model_name="mlp", info=fmnist.info, device_id="toy-1",
+        export_bundle(model, tmp_path, spec=spec, info=fmnist.info, device_id="toy-1",
                       verify_x=x, formats=("npz",), precisions=("fp32", "int8"))
     with pytest.raises(ExportError, match="unknown export format 'caffe'; registered formats: "
                                           "onnx, tflite, npz"):
-        export_bundle(model, tmp_path, model_name="mlp", info=fmnist.info, device_id="toy-1",
+        export_bundle(model, tmp_path, spec=spec, info=fmnist.info, device_id="toy-1",
                       verify_x=x, formats=("caffe",))
     assert not any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="'caffe' has no edge runtime"):

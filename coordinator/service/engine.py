@@ -602,8 +602,9 @@ class RoundEngine:
                 out = self.state_dir / "exports" / f"round-{number:04d}" / f"w{device.width_ratio:g}-{formats[0]}"
                 try:
                     bundles[key] = (out, export_bundle(
-                        self.pipeline.model_at(device.width_ratio),
-                        out, model_name=self.config.model, info=self.info,
+                        self.pipeline.model_at(device.width_ratio), out,
+                        spec=self.pipeline.view(device.width_ratio).spec,
+                        model_name=self.config.model, info=self.info,
                         device_id=f"width-{device.width_ratio:g}", verify_x=x, round_number=number - 1,
                         width_ratio=device.width_ratio, formats=(formats[0],)))
                 except ExportError as exc:

@@ -1,7 +1,8 @@
 """Load a device's bundle and classify raw inputs with the exported model.
 
-The predictor applies the manifest's input contract itself (divide by `input_scale`, then
-standardise per channel), so callers hand it raw pixels exactly as a sensor or file gives them.
+The predictor applies the manifest's input contract itself (the model's input shape, and where
+the training data was normalised, divide by `input_scale`, then standardise along a sample's
+first axis), so callers hand it raw values exactly as a sensor or file gives them.
 The artifact's sha256 is checked before it is loaded: a corrupted or swapped file is refused.
 Every file is read through `bundle_files`: confined to the bundle folder, regular, and of the
 size the manifest declares.
@@ -23,22 +24,32 @@ from .manifest import MANIFEST_NAME, ArtifactEntry, BundleManifest, load_manifes
 MAX_ARTIFACT_BYTES = 1 << 30
 
 
-def normalise(raw: np.ndarray, input_shape, input_scale: float, mean, std) -> np.ndarray:
-    """(N, C, H, W), (N, H, W) for one channel, or one sample without N -> float32 (N, C, H, W)."""
+def normalise(raw: np.ndarray, input_shape, input_scale: float | None = None, mean=None,
+              std=None) -> np.ndarray:
+    """Raw inputs -> the float32 batch (N, *input_shape) the model takes.
+
+    `raw` is a batch (N, *input_shape) or one sample (input_shape); a model whose first input
+    axis has one entry (a grey image, a one-channel signal) also takes its samples without that
+    axis. Values are divided by `input_scale` and standardised with `mean` and `std` (one value,
+    or one per entry of the sample's first axis), each where given.
+    """
+    shape = tuple(int(v) for v in input_shape)
     arr = np.asarray(raw, dtype=np.float32)
-    channels, height, width = input_shape
-    if arr.shape[-2:] != (height, width):
-        raise ValueError(f"input has shape {arr.shape}; this model takes {height}x{width} images "
-                         f"with {channels} channel(s)")
-    if arr.ndim == 2 or (arr.ndim == 3 and channels != 1 and arr.shape[0] == channels):
+    if arr.shape == shape:
         arr = arr[None]
-    if arr.ndim == 3:
-        arr = arr[:, None] if channels == 1 else arr
-    if arr.ndim != 4 or arr.shape[1] != channels:
-        raise ValueError(f"input has shape {arr.shape}; expected (N, {channels}, {height}, {width})")
-    mean = np.asarray(mean, np.float32).reshape(1, channels, 1, 1)
-    std = np.asarray(std, np.float32).reshape(1, channels, 1, 1)
-    return np.ascontiguousarray((arr / np.float32(input_scale) - mean) / std, dtype=np.float32)
+    elif shape[0] == 1 and len(shape) > 1 and arr.ndim in (len(shape) - 1, len(shape)) \
+            and arr.shape[1 - len(shape):] == shape[1:]:
+        arr = arr.reshape(-1, *shape)  # samples without their first axis's single entry
+    if arr.shape[1:] != shape:
+        short = f" or (N, {', '.join(map(str, shape[1:]))})" if shape[0] == 1 and len(shape) > 1 else ""
+        raise ValueError(f"input has shape {arr.shape}; this model takes (N, "
+                         f"{', '.join(map(str, shape))}){short} or one such sample")
+    if input_scale is not None:
+        arr = arr / np.float32(input_scale)
+    if mean is not None:
+        stats = (1, len(mean)) + (1,) * (len(shape) - 1)
+        arr = (arr - np.asarray(mean, np.float32).reshape(stats)) / np.asarray(std, np.float32).reshape(stats)
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def read_artifact(bundle_dir: Path, entry: ArtifactEntry) -> bytes:
@@ -86,5 +97,5 @@ class Predictor:
         return self.backend.run(self.prepare(raw))
 
     def classify(self, raw: np.ndarray) -> np.ndarray:
-        """Predicted class indices; `manifest.labels[i]` names them."""
+        """Predicted class indices; `manifest.labels[i]` names them where the bundle has labels."""
         return self.logits(raw).argmax(axis=1)
