@@ -298,6 +298,9 @@ def test_config_paths_are_read_from_the_config_folder_and_may_not_leave_it(tmp_p
     (device / "edge.toml").write_text(base + 'path = "photos"\nlabel_column = "x"\n')
     with pytest.raises(EdgeConfigError, match="the imagefolder source does not read label_column"):
         load_edge_config(device / "edge.toml")
+    with pytest.raises(ValueError, match="'red' listed more than once"):
+        DataSettings(source="imagefolder", path=str(device / "photos"), input_shape=[3, 8, 8],
+                     classes=["red", "green", "red"])
     # The old keys are still a benchmark shard.
     (device / "edge.toml").write_text('device_id = "d1"\n[data]\ndataset = "mnist"\nclients = 4\n'
                                       'device_index = 3\n')
@@ -324,7 +327,8 @@ def test_a_device_refuses_a_task_whose_model_does_not_fit_its_data(tmp_path, sql
     [refusal] = refusals_in(h.to_coordinator)
     assert refusal.code.value == "bad_task"
     assert "takes input (1, 28, 28) and has 10 classes" in refusal.message
-    assert "data is (3, 8, 8) with 3 classes (red, green, blue)" in refusal.message
+    assert "data is (3, 8, 8) with 3 classes:" in refusal.message
+    assert "red" not in refusal.message  # nothing of the data but counts leaves the device
     assert not (tmp_path / DEVICE / "model.pt").exists()
 
 

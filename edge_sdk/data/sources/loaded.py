@@ -22,10 +22,11 @@ class DataContract:
         shape = tuple(int(d) for d in input_shape)
         if shape == self.input_shape and num_classes == len(self.classes):
             return None
-        shown = ", ".join(self.classes[:5]) + (", ..." if len(self.classes) > 5 else "")
+        # Shape and count only: the class names may be the device's own folder names (people's,
+        # places'), and nothing about the data leaves the device but counts.
         return (f"the task's model takes input {shape} and has {num_classes} classes; this device's "
-                f"data is {self.input_shape} with {len(self.classes)} classes ({shown}): give the "
-                "device a model made for its data, or set its [data] input_shape and classes")
+                f"data is {self.input_shape} with {len(self.classes)} classes: give the device a "
+                "model made for its data, or set its [data] input_shape and classes")
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from ...settings import Settings
 
@@ -19,8 +19,17 @@ def _names(value: Any) -> Any:
     return value
 
 
+def _distinct(names: tuple[str, ...]) -> tuple[str, ...]:
+    doubled = sorted({name for name in names if names.count(name) > 1})
+    if doubled:
+        raise ValueError(f"{', '.join(map(repr, doubled[:5]))} listed more than once; each class "
+                         "is one output of the model")
+    return names
+
+
 ClassNames = Annotated[tuple[Annotated[str, Field(min_length=1, max_length=200)], ...],
-                       BeforeValidator(_names), Field(min_length=1, max_length=100_000)]
+                       BeforeValidator(_names), Field(min_length=1, max_length=100_000),
+                       AfterValidator(_distinct)]
 Dimension = Annotated[int, Field(ge=1, le=1 << 16)]
 
 
