@@ -10,7 +10,8 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from edge_sdk.data.sources import CONFIG_DIR, DataSettings
 from edge_sdk.settings import CodecSettings, DPSettings, Settings, TrainSettings, WidthLevels
@@ -56,6 +57,17 @@ class LearningSettings(Settings):
     aggregator: AggregatorSettings = AggregatorSettings()
     dp: DPSettings = DPSettings()
     codec: CodecSettings = CodecSettings()
+
+    @field_validator("model")
+    @classmethod
+    def _model_reference(cls, value: str, info: ValidationInfo) -> str:
+        """A `package.module:function` model is imported now, from the config file's folder first
+        (a project's model.py resolves as `model:build`); a typo is a configuration error."""
+        if ":" in value:
+            from edge_sdk.models import allow_reference
+
+            allow_reference(value, (info.context or {}).get(CONFIG_DIR))
+        return value
 
     @model_validator(mode="after")
     def _strategy_sections(self):

@@ -19,8 +19,9 @@ FILES = ("README.md", "model.py", "data.py", "fedprune.toml", "edge.toml")
 _NAME = "__PROJECT__"
 
 
-class ProjectExists(ValueError):
-    """The target folder holds files already; the message says how to go on."""
+class ProjectError(ValueError):
+    """The project cannot be written (the folder holds files, a template is missing); the
+    message says how to go on."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,11 @@ class NewProject:
 
 
 def template_text(name: str) -> str:
-    return (files("coordinator") / TEMPLATE / f"{name}.tmpl").read_text(encoding="utf-8")
+    try:
+        return (files("coordinator") / TEMPLATE / f"{name}.tmpl").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProjectError(f"the template {TEMPLATE}/{name}.tmpl is missing from this fedprune "
+                           "installation; reinstall fedprune") from None
 
 
 def project_name(directory: Path) -> str:
@@ -42,17 +47,18 @@ def project_name(directory: Path) -> str:
 def new_project(directory: str | Path, force: bool = False) -> NewProject:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise ProjectExists(f"{directory} is a file, not a folder; give a new folder's name")
+        raise ProjectError(f"{directory} is a file, not a folder; give a new folder's name")
     if directory.is_dir() and any(directory.iterdir()) and not force:
         present = sorted(p.name for p in directory.iterdir())
         shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
-        raise ProjectExists(f"{directory} is not empty ({shown}); give a new folder, or --force "
+        raise ProjectError(f"{directory} is not empty ({shown}); give a new folder, or --force "
                             f"to write {', '.join(FILES)} into it (other files are left alone)")
+    texts = {file: template_text(file) for file in FILES}  # all or nothing
     directory.mkdir(parents=True, exist_ok=True)
     name = project_name(directory)
     written = []
-    for file in FILES:
+    for file, text in texts.items():
         path = directory / file
-        path.write_text(template_text(file).replace(_NAME, name), encoding="utf-8")
+        path.write_text(text.replace(_NAME, name), encoding="utf-8")
         written.append(path)
     return NewProject(directory, tuple(written))

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from torch import nn
 
@@ -42,10 +44,12 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     return register
 
 
-def allow_reference(reference: str) -> str:
+def allow_reference(reference: str, config_dir: str | Path | None = None) -> str:
     """Register `package.module:function` from this process's own configuration.
 
-    Imports it now, so a typo is a configuration error naming the reference, not a failed round.
+    Imports it now, so a typo is a configuration error naming the reference, not a failed round;
+    with the config file's folder first on the import path (as `[data]` references are), so a
+    project's own model.py beside its config resolves as `model:build` without being installed.
     """
     if reference in _REGISTRY:
         return reference
@@ -53,11 +57,21 @@ def allow_reference(reference: str) -> str:
         raise SpecError(f"model {reference!r} is neither a registered model ({', '.join(model_names())}) "
                         "nor a package.module:function reference")
     module_name, function = reference.split(":")
+    folder = str(Path(config_dir).resolve()) if config_dir is not None else None
+    added = folder is not None and folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
     try:
         factory = getattr(importlib.import_module(module_name), function)
     except (ImportError, AttributeError) as exc:
-        raise SpecError(f"model {reference!r} cannot be loaded ({exc}); install the package that "
-                        "defines it on this machine") from None
+        raise SpecError(f"model {reference!r} cannot be loaded ({exc}); put {module_name}.py next "
+                        "to the config file or install the package that defines it") from None
+    except Exception as exc:  # the user's module failed while importing
+        raise SpecError(f"model {reference!r}: importing {module_name} failed: "
+                        f"{type(exc).__name__}: {exc}") from None
+    finally:
+        if added:
+            sys.path.remove(folder)
     if not callable(factory):
         raise SpecError(f"model {reference!r} is not a function")
     _REGISTRY[reference] = factory

@@ -1,4 +1,4 @@
-"""Write scikit-learn's handwritten digits as a folder of 32x32 RGB PNG images, one folder per class.
+"""Write scikit-learn's handwritten digits as a folder of 16x16 RGB PNG images, one folder per class.
 
 The digits (1,797 scans of 8x8 pixels, 16 grey levels, from the UCI optical recognition set) ship
 inside scikit-learn, so this example needs no download. Each image is scaled up with bilinear
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-SIZE = 32
+SIZE = 16
 
 
 def write_images(out: Path, test_share: float = 0.2, seed: int = 0) -> dict[str, int]:

@@ -37,10 +37,10 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    # (expansion, output channels, blocks, first stride), MobileNetV2's table scaled to 32x32 input
-    SETTINGS = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2), (4, 48, 1, 1))
+    # (expansion, output channels, blocks, first stride), MobileNetV2's table scaled to 16x16 input
+    SETTINGS = ((1, 16, 1, 1), (3, 24, 2, 2), (3, 32, 2, 2))
 
-    def __init__(self, in_channels: int, num_classes: int, last_channels: int = 128) -> None:
+    def __init__(self, in_channels: int, num_classes: int, last_channels: int = 96) -> None:
         super().__init__()
         cin = 16
         blocks: list[nn.Module] = [conv_bn(in_channels, cin, 3)]
