@@ -33,7 +33,10 @@ def read(settings: DataSettings, part: Part, skips: SkipLog) -> Records | None:
     if file is None:
         return None
     path = Path(file)
-    handle = path.open(newline="", encoding="utf-8-sig", errors="replace")
+    try:
+        handle = path.open(newline="", encoding="utf-8-sig", errors="replace")
+    except OSError as exc:
+        raise DataError(f"CSV file {path} cannot be read ({exc.strerror or exc})") from None
     rows = csv.reader(handle)
     try:
         header = next(rows)

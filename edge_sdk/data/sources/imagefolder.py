@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..locate import DataError
 from .records import Record, Records, SkipLog
 from .registry import POOLED_KEYS, Part, SourceKind
 from .settings import DataSettings
@@ -38,7 +39,10 @@ def read(settings: DataSettings, part: Part, skips: SkipLog) -> Records | None:
     if folder is None:
         return None
     root = Path(folder)
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p))
+    try:
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p))
+    except OSError as exc:
+        raise DataError(f"image folder {root} cannot be listed ({exc.strerror or exc})") from None
     return Records(_records(root, class_dirs, settings, skips), f"image folder {root}",
                    tuple(p.name for p in class_dirs), input_scale=255.0)
 
@@ -49,7 +53,12 @@ def _records(root: Path, class_dirs: list[Path], settings: DataSettings,
         skips.skip("outside_class_folder", stray.name, "a file beside the class folders")
     channels, height, width = settings.input_shape
     for class_dir in class_dirs:
-        for file in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+        try:
+            files = sorted(p for p in class_dir.rglob("*") if p.is_file())
+        except OSError as exc:  # one unreadable folder is one class missing here, not fatal
+            skips.skip("unreadable_folder", class_dir.name, exc.strerror or str(exc))
+            continue
+        for file in files:
             relative = file.relative_to(root)
             if not all(_visible(Path(part)) for part in relative.parts):
                 continue
