@@ -12,6 +12,9 @@ behaviour is one registered class:
     class Mine(PlanFeature):
         def hooks(self, model, rng): return TrainingHooks(before_batch=...)
 
+A feature sees the built model and, as `self.spec`, the plan's model spec (what the model is: its
+output layer, its channel groups), so it works on any registered network, not one layout.
+
 A plan naming a feature this SDK does not have, or parameters that do not validate, is refused
 with `PlanFeatureError` (the device answers `bad_task` with the reason).
 """
@@ -31,6 +34,8 @@ from .validation import describe
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from .models.spec import ModelSpec
 
 
 class PlanFeatureError(ValueError):
@@ -53,8 +58,9 @@ class PlanFeature:
     # True: the feature runs the whole task itself (`run`), instead of weight training with hooks.
     replaces_training: ClassVar[bool] = False
 
-    def __init__(self, params: Settings):
+    def __init__(self, params: Settings, spec: "ModelSpec | None" = None):
         self.params = params
+        self.spec = spec  # the plan's model; None where only the parameters are being checked
 
     def hooks(self, model: "nn.Module", rng: np.random.Generator) -> TrainingHooks:
         return TrainingHooks()
@@ -79,8 +85,9 @@ def plan_feature_names() -> tuple[str, ...]:
     return tuple(_FEATURES)
 
 
-def build_features(requested: Mapping[str, Mapping[str, Any]]) -> list[PlanFeature]:
-    """The plan's features, validated; PlanFeatureError names what is wrong."""
+def build_features(requested: Mapping[str, Mapping[str, Any]],
+                   spec: "ModelSpec | None" = None) -> list[PlanFeature]:
+    """The plan's features for the model `spec`, validated; PlanFeatureError names what is wrong."""
     features = []
     for name, params in requested.items():
         cls = _FEATURES.get(name)
@@ -89,7 +96,7 @@ def build_features(requested: Mapping[str, Mapping[str, Any]]) -> list[PlanFeatu
                                    f"not have (it has {', '.join(_FEATURES) or 'none'}); upgrade "
                                    "the device's fedprune or plan without it")
         try:
-            features.append(cls(cls.params_model.model_validate(params)))
+            features.append(cls(cls.params_model.model_validate(params), spec))
         except ValidationError as exc:
             raise PlanFeatureError(f"plan feature {name!r}: {describe(exc, name)}") from None
     if sum(f.replaces_training for f in features) > 1:
@@ -105,27 +112,51 @@ class OrderedDropoutParams(Settings):
 
 @register_plan_feature("ordered_dropout", OrderedDropoutParams)
 class OrderedDropout(PlanFeature):
-    """FjORD: before each batch, keep only the first ceil(p x C) units of every hidden layer, p
-    drawn from the levels."""
+    """FjORD: before each batch, keep only the first ceil(p x C) channels of every layer but the
+    output layer, p drawn from the levels.
+
+    Any network: every convolution's and linear layer's output channels (the model's own, not
+    FedDP's gates) and every normalisation's after them, so a dropped channel is zero downstream
+    (a normalisation would otherwise turn a zeroed channel into its bias, and the next layer
+    would read it); both sides of a residual add are cut at the same prefix."""
 
     def hooks(self, model: "nn.Module", rng: np.random.Generator) -> TrainingHooks:
+        from torch import nn
+
+        from .models.network import structure
+
+        if self.spec is None:
+            raise PlanFeatureError("ordered_dropout needs the plan's model spec to find the "
+                                   "output layer; pass it to build_features")
+        head = structure(self.spec.base).head
         levels = self.params.levels
         active = {"p": 1.0}
+        norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
         handles = []
-        for layer in list(model.layers[:-1]):
-            inner = getattr(layer, "conv", None) or getattr(layer, "linear", None)
-            if inner is None:
+        for name, module in model.named_modules():
+            if name == head or name.rsplit(".", 1)[-1] == "gate":
                 continue
-            units = inner.out_channels if isinstance(inner, torch.nn.Conv2d) else inner.out_features
+            if isinstance(module, nn.modules.conv._ConvNd):
+                dim, units = 1, module.out_channels
+            elif isinstance(module, nn.Linear):
+                dim, units = -1, module.out_features
+            elif isinstance(module, nn.GroupNorm):
+                dim, units = 1, module.num_channels
+            elif isinstance(module, norms):
+                dim, units = 1, module.num_features
+            else:
+                continue
 
-            def hook(module, inputs, output, units=units):
+            def hook(module, inputs, output, units=units, dim=dim):
                 keep = max(1, int(np.ceil(active["p"] * units)))
                 if keep >= units:
                     return output
-                mask = torch.zeros(units, dtype=output.dtype)
+                mask = torch.zeros(units, dtype=output.dtype, device=output.device)
                 mask[:keep] = 1
-                return output * mask.view(1, -1, *([1] * (output.dim() - 2)))
-            handles.append(layer.register_forward_hook(hook))
+                shape = [1] * output.dim()
+                shape[dim] = units
+                return output * mask.view(shape)
+            handles.append(module.register_forward_hook(hook))
 
         def before_batch() -> None:
             active["p"] = float(rng.choice(levels))
