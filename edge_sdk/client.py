@@ -92,7 +92,7 @@ class LocalClient:
                 return TaskOutcome(self.device_index, plan.round, None, len(train_y),
                                    epsilon=self.ledger.epsilon(), refused=str(exc))
 
-        features = build_features(plan.features)
+        features = build_features(plan.features, plan.spec)
         replacing = next((f for f in features if f.replaces_training), None)
         if replacing is not None:
             return self._run_supermask(plan, replacing.params.init_seed, received, train_x, train_y)
