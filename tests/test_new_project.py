@@ -2,7 +2,8 @@
 
 The run is the user's: `fedprune simulate --config fedprune.toml` in the new folder, as a fresh
 process, with the project's model and data resolved from `model:build` and `data:load` (nothing
-installed), and it learns: the final accuracy beats chance by a margin.
+installed), and it learns: the final accuracy beats chance by a margin. The same files made a
+package with docs/YOUR-MODEL.md's pyproject.toml, really installed, run by their entry points.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from coordinator.cli import main
 from coordinator.new_project import FILES, new_project, template_text
 
 ROOT = Path(__file__).resolve().parents[1]
+GUIDE = ROOT / "docs" / "YOUR-MODEL.md"
 
 
 def fedprune(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -49,12 +51,71 @@ def test_the_new_project_runs_as_written_and_learns(tmp_path):
     assert final["personalized_accuracy"] > final["chance_accuracy"] + 0.3, final
 
 
-def test_the_edge_config_is_a_valid_device_config(tmp_path):
+def guide_pyproject() -> str:
+    """The pyproject.toml docs/YOUR-MODEL.md shows (its indented block from [build-system])."""
+    lines = GUIDE.read_text().splitlines()
+    start = lines.index("    [build-system]")
+    block = []
+    for line in lines[start:]:
+        if line and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return "\n".join(block).strip() + "\n"
+
+
+def test_the_guides_entry_points_install_and_run_by_name(tmp_path):
+    """docs/YOUR-MODEL.md's package, installed for real (pip, into a venv that sees this
+    machine's packages), runs from a config naming only the entry points, in a folder with no
+    model.py or data.py beside it."""
+    package = tmp_path / "src"
+    new_project(package / "my_project")
+    (package / "my_project" / "__init__.py").write_text("")
+    (package / "pyproject.toml").write_text(guide_pyproject())
+    venv = tmp_path / "venv"
+    quiet = ["--quiet", "--disable-pip-version-check", "--no-index"]
+    for args in ([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                 [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                  "--no-deps", "--no-build-isolation", *quiet, str(package)]):
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "fedprune.toml").write_text(
+        'model = "my-cnn"\nstrategy = "fedavg"\nclients = 2\npartition = "iid"\nrounds = 1\n'
+        '[train]\nlocal_epochs = 1\n[data]\nsource = "my-shapes"\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "coordinator.cli", "simulate",
+                           "--config", "fedprune.toml", "--quiet", "--json-out", "results.json"],
+                          cwd=run_dir, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((run_dir / "results.json").read_text())
+    assert result["config"]["model"] == "my-cnn" and result["rounds"][0]["participants"] == 2
+    assert result["config"]["data"]["source"] == "my-shapes"
+
+
+@pytest.fixture
+def project_modules(monkeypatch):
+    """The project's `data` module, imported in this process, is forgotten afterwards: another
+    test's `data:load` must not find this one."""
+    from edge_sdk.data.sources import registry
+
+    monkeypatch.setattr(registry, "_RESOLVED", dict(registry._RESOLVED))
+    yield
+    sys.modules.pop("data", None)
+
+
+def test_the_edge_config_is_a_device_config_that_reads_the_projects_data(tmp_path, project_modules):
     from edge_sdk.agent.config import load_edge_config
+    from edge_sdk.data.sources import device_data
 
     new_project(tmp_path / "p")
     settings = load_edge_config(tmp_path / "p" / "edge.toml")
-    assert settings.device_id == "p-device-000"
+    assert settings.device_id == "p-device-000" and settings.epsilon_budget == 8.0
+    data = device_data(settings.data)  # what the agent trains on: data.py's train split
+    assert data.contract.input_shape == (1, 16, 16)
+    assert data.contract.classes == ("horizontal bar", "vertical bar", "cross", "square")
+    assert len(data.data.train_y) + len(data.data.test_y) == 2500 and data.skipped == {}
 
 
 def test_a_folder_with_files_is_refused_without_a_traceback(tmp_path, capsys):
