@@ -124,8 +124,8 @@ def _run(fmt: str, artifact: bytes, inputs: np.ndarray, threads: int | None,
         backend = open_backend(fmt, artifact, threads)
         return backend, backend.run(inputs)
     except Exception as exc:  # the runtime's own types: an operator it lacks, mostly
-        raise ExportError(f"{where} does not run in its edge runtime: {type(exc).__name__}: "
-                          f"{_first_line(exc)}. The converter made what the runtime cannot run; "
+        raise ExportError(f"{where} does not run in its edge runtime ({type(exc).__name__}: "
+                          f"{_first_line(exc)}); the converter made what the runtime cannot run: "
                           "export this model in another format") from None
 
 
