@@ -211,11 +211,13 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _new(args: argparse.Namespace) -> int:
+    import shlex
+
     from .new_project import new_project
 
     project = new_project(args.directory, force=args.force)
     print(f"wrote {', '.join(p.name for p in project.written)} in {project.directory}; run it with\n"
-          f"  cd {project.directory} && fedprune simulate --config fedprune.toml")
+          f"  cd {shlex.quote(str(project.directory))} && fedprune simulate --config fedprune.toml")
     return 0
 
 
