@@ -37,7 +37,8 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    # (expansion, output channels, blocks, first stride), MobileNetV2's table scaled to 16x16 input
+    # (expansion, output channels, blocks, first stride): MobileNetV2's table (expansion 6, seven
+    # stages, 224x224 input) cut to three stages and expansion 3 for 16x16 digits
     SETTINGS = ((1, 16, 1, 1), (3, 24, 2, 2), (3, 32, 2, 2))
 
     def __init__(self, in_channels: int, num_classes: int, last_channels: int = 96) -> None:
