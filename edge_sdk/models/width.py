@@ -33,7 +33,8 @@ def channel_groups(model: nn.Module, spec: ModelSpec) -> dict[str, tp.dependency
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     example = torch.zeros(1, *spec.input_shape, device=device, dtype=dtype)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    with torch.enable_grad():  # Torch-Pruning traces through autograd; a caller may be in no_grad
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     names = {module: name for name, module in model.named_modules()}
     head = model.get_submodule(structure(spec.base).head)
     return {names[group[0].dep.target.module]: group
