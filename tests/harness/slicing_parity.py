@@ -31,12 +31,17 @@ def load(spec: ModelSpec, state: dict[str, np.ndarray]) -> torch.nn.Module:
     return model.eval()
 
 
-def zero_removed(spec: ModelSpec, state: dict[str, np.ndarray], kept: dict[int, np.ndarray]):
-    """Global state with every removed unit's incoming weights and bias set to zero."""
+def zero_removed(sub: ModelSpec, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Global state with every dropped channel's producing weights and bias set to zero.
+
+    The channels a submodel keeps are named per channel group, by the group's root module; in a
+    network without normalisation or residual adds that module is the group's only producer, so
+    its output rows are what a dropped channel is made of."""
     out = {k: v.copy() for k, v in state.items()}
-    for i, units in kept.items():
-        kind = {"conv": "conv", "fc": "linear"}[spec.layers[i].kind]
-        removed = np.setdiff1d(np.arange(spec.layers[i].out), units)
-        out[f"layers.{i}.{kind}.weight"][removed] = 0.0
-        out[f"layers.{i}.{kind}.bias"][removed] = 0.0
+    for key, units in sub.keep:
+        weight = out[f"{key}.weight"]
+        removed = np.setdiff1d(np.arange(weight.shape[0]), units)
+        weight[removed] = 0.0
+        if f"{key}.bias" in out:
+            out[f"{key}.bias"][removed] = 0.0
     return out
