@@ -17,6 +17,8 @@
 - `messages`: hand-built wire messages (`raw_envelope`, `update_message`).
 - `databases`: the PostgreSQL the tests use, emptied around each test.
 - `slicing_parity`: seeded global models and the zeroed-units reference of the slicing tests.
+- `models`: networks fedprune has no code for, registered on import (`mobilenet_style`, a
+  MobileNetV2 with BatchNorm, depthwise convolutions and residual adds; `signal_cnn`, 1-D).
 - `codec_payloads`: tensor payloads built straight from the documented format.
 
 Fixtures built on these (`broker`, `sqlite_url`, `db_url`, the Fashion-MNIST data, the trained
