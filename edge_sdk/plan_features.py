@@ -174,11 +174,12 @@ class ThresholdPruningParams(Settings):
 @register_plan_feature("threshold_pruning", ThresholdPruningParams)
 class ThresholdPruning(PlanFeature):
     """FedDP (released code): after each local epoch, conv weights with |w| <= threshold become
-    zero and stay zero for the rest of the task; zeroed entries are not uploaded."""
+    zero and stay zero for the rest of the task; zeroed entries are not uploaded. A convolution
+    kernel is any weight of 3 or more dimensions (Conv1d, Conv2d, Conv3d)."""
 
     def hooks(self, model: "nn.Module", rng: np.random.Generator) -> TrainingHooks:
         threshold = self.params.threshold
-        convs = {name: p for name, p in model.named_parameters() if p.dim() == 4}
+        convs = {name: p for name, p in model.named_parameters() if p.dim() >= 3}
 
         def after_epoch(masks: dict[str, torch.Tensor]) -> None:
             for name, param in convs.items():
@@ -187,7 +188,7 @@ class ThresholdPruning(PlanFeature):
         return TrainingHooks(after_epoch=after_epoch)
 
     def upload_mask(self, name: str, trained: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return mask & (trained != 0) if trained.ndim == 4 else mask
+        return mask & (trained != 0) if trained.ndim >= 3 else mask
 
 
 class SupermaskParams(Settings):

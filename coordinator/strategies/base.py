@@ -40,12 +40,24 @@ class Strategy(ABC):
 
     def __init__(self, spec: ModelSpec, settings: Settings | None = None, upload_dtype: str = "fp32",
                  seed: int = 0):
-        """`settings`: the strategy's own section of the run configuration (None if it has none)."""
+        """`settings`: the strategy's own section of the run configuration (None if it has none).
+        A model the strategy cannot serve is refused here (`check_model`), before any set-up."""
+        self.check_model(spec, settings)
         self.spec = spec
         self.settings = settings
         self.upload_dtype = upload_dtype
         self.seed = seed
         self.layers = layer_tensor_names(spec)
+
+    @classmethod
+    def check_model(cls, spec: ModelSpec, settings: Settings | None = None) -> None:
+        """Raise SpecError saying why this strategy cannot serve `spec` with `settings`.
+
+        Called by every constructor (so by `build_strategy`, at configuration), and callable
+        without building the strategy: a run is refused with the reason before any round, not
+        by a device's failing task or, worse, by a method that quietly degenerates into another
+        (gates on a model with nothing to gate are FedAvg). Every model has at least one layer,
+        so the base strategy serves any model."""
 
     @abstractmethod
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:

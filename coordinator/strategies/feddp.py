@@ -17,7 +17,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from edge_sdk.models import ModelSpec
+from edge_sdk.models import ModelSpec, SpecError, structure
+from edge_sdk.models.gates import gated_convs
+from edge_sdk.models.network import meta_model
 from edge_sdk.plan import SubmodelPlan, TensorPlan
 from edge_sdk.settings import Settings
 
@@ -49,6 +51,23 @@ class FedDP(Strategy):
             spec = gated(spec, settings.gate)
             self.width_sliceable = False
         super().__init__(spec, settings, upload_dtype, seed)
+
+    @classmethod
+    def check_model(cls, spec: ModelSpec, settings: FedDPSettings | None = None) -> None:
+        """Without anything to prune, either variant would be FedAvg under another name."""
+        settings = settings or FedDPSettings()
+        model = meta_model(spec)
+        if settings.variant == "gate":
+            if not gated_convs(model, structure(spec.base).head):
+                raise SpecError(
+                    f"feddp variant 'gate' gates the output channels of 2-D convolutions "
+                    f"(nn.Conv2d, not grouped or depthwise, not the output layer); model "
+                    f"{spec.name!r} has none to gate: use feddp.variant = \"threshold\" or another "
+                    "strategy")
+        elif not any(p.dim() >= 3 for p in model.parameters()):
+            raise SpecError(f"feddp variant 'threshold' prunes convolution kernels; model "
+                            f"{spec.name!r} has no convolution: use another strategy (fedavg, "
+                            "fedp3, hidenseek)")
 
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         features = {"threshold_pruning": {"threshold": self.settings.threshold}} \

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from edge_sdk.models import ModelSpec
+from edge_sdk.models import ModelSpec, SpecError, layer_tensor_names
 from edge_sdk.plan import SubmodelPlan, TensorPlan
 from edge_sdk.settings import Settings
 
@@ -58,11 +58,22 @@ class FedP3(Strategy):
     def __init__(self, spec: ModelSpec, settings: FedP3Settings | None = None, upload_dtype: str = "fp32",
                  seed: int = 0):
         super().__init__(spec, settings or FedP3Settings(), upload_dtype, seed)
-        config = self.settings
         self.hidden = len(self.layers) - 1
-        if self.hidden < 1:
-            raise ValueError(f"FedP3 needs a model with hidden layers; {spec.name} has none")
-        self.kind, self.k = parse_selection(config.selection, self.hidden)
+        self.kind, self.k = parse_selection(self.settings.selection, self.hidden)
+
+    @classmethod
+    def check_model(cls, spec: ModelSpec, settings: FedP3Settings | None = None) -> None:
+        """Devices choose among the hidden layers (every layer but the output layer), so a model
+        needs one at least, and as many as the selection uploads."""
+        hidden = len(layer_tensor_names(spec)) - 1
+        if hidden < 1:
+            raise SpecError(f"fedp3 selects hidden layers to upload, and model {spec.name!r} has "
+                            "only its output layer; give it a hidden layer, or list its layers in "
+                            "a `fedprune_layers` attribute, or use another strategy")
+        try:
+            parse_selection((settings or FedP3Settings()).selection, hidden)
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
 
     def selected_layers(self, device_index: int, round_number: int) -> tuple[int, ...]:
         if self.kind == "opr":

@@ -17,7 +17,7 @@ import re
 import numpy as np
 from pydantic import Field
 
-from edge_sdk.models import ModelSpec
+from edge_sdk.models import ModelSpec, SpecError, layer_tensor_names
 from edge_sdk.plan import SubmodelPlan, TensorPlan, TrainPhase
 from edge_sdk.settings import Settings
 
@@ -33,6 +33,20 @@ class FFGGSettings(Settings):
     max_staleness: int = Field(0, ge=0)  # simulator: updates may come from a model this many rounds old
 
 
+def private_tensors(spec: ModelSpec, private: str) -> list[str]:
+    """The output layer's tensors for "head" (the layer producing the logits, last in forward
+    order: what is most personal in a classifier), else the tensors the regex finds."""
+    layers = layer_tensor_names(spec)
+    if private == "head":
+        return list(layers[-1])
+    try:
+        pattern = re.compile(private)
+    except re.error as exc:
+        raise SpecError(f"ffgg.private = {private!r} is not a regular expression ({exc}); use "
+                        "\"head\" or a regex over tensor names") from None
+    return [n for layer in layers for n in layer if pattern.search(n)]
+
+
 @register_strategy("ffgg", settings=FFGGSettings,
                    summary="partially personalized FL (FFGG): private parameters by name, server "
                            "steps on the mean change of the global part")
@@ -43,17 +57,20 @@ class FFGG(Strategy):
     def __init__(self, spec: ModelSpec, settings: FFGGSettings | None = None, upload_dtype: str = "fp32",
                  seed: int = 0):
         super().__init__(spec, settings or FFGGSettings(), upload_dtype, seed)
-        config = self.settings
-        names = self.all_tensors()
-        if config.private == "head":
-            self.private = list(self.layers[-1])
-        else:
-            pattern = re.compile(config.private)
-            self.private = [n for n in names if pattern.search(n)]
-        self.shared = [n for n in names if n not in self.private]
-        if not self.private or not self.shared:
-            raise ValueError(f"ffgg.private={config.private!r} must select some but not all tensors "
-                             f"of {spec.name} ({', '.join(names)})")
+        self.private = private_tensors(spec, self.settings.private)
+        self.shared = [n for n in self.all_tensors() if n not in self.private]
+
+    @classmethod
+    def check_model(cls, spec: ModelSpec, settings: FFGGSettings | None = None) -> None:
+        """The model must split into a private part and a global part, both non-empty."""
+        private = (settings or FFGGSettings()).private
+        names = [n for layer in layer_tensor_names(spec) for n in layer]
+        chosen = private_tensors(spec, private)
+        if not chosen or len(chosen) == len(names):
+            shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+            raise SpecError(f"ffgg.private = {private!r} must select some but not all tensors of "
+                            f"model {spec.name!r}, it selects {len(chosen)} of {len(names)} "
+                            f"({shown})")
 
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         tensors = tuple([TensorPlan(n) for n in self.shared]

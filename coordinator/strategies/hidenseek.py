@@ -12,13 +12,15 @@ per kept weight. The server combines signs by majority vote (ties keep the old s
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field
+from torch import nn
 
-from edge_sdk.models import ModelSpec, build_model
+from edge_sdk.models import ModelSpec, SpecError, build_model
 from edge_sdk.plan import SubmodelPlan, TensorPlan
 from edge_sdk.settings import Settings
 
@@ -32,11 +34,38 @@ class HideNseekSettings(Settings):
     aggregation: Literal["vote", "mean"] = "vote"
 
 
-def synflow_masks(spec: ModelSpec, density: float, iterations: int, seed: int) -> dict[str, np.ndarray]:
-    """Kept entries per prunable weight tensor (dim >= 2), `density` of them overall."""
+# SynFlow's score is the path norm R = 1^T (prod_l |W_l|) 1 of the network with absolute
+# weights, its activations linear: on a positive input a ReLU is the identity, but a saturating
+# one is not (MobileNet's ReLU6 clips the growing signal at 6, a sigmoid flattens it), and
+# normalisation divides the signal by its own statistics, which on the constant input zeroes it
+# (Tanaka et al. score BatchNorm nets in eval mode, where fresh statistics make it the identity).
+# Both kinds of module are bypassed while scoring, so any network scores as its linearised self.
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+          nn.RMSNorm)
+
+
+def _linearised(module: nn.Module) -> bool:
+    return isinstance(module, _NORMS) or type(module).__module__ == nn.modules.activation.__name__
+
+
+def _bypass(module: nn.Module, inputs: tuple, output):
+    same = isinstance(output, torch.Tensor) and inputs and isinstance(inputs[0], torch.Tensor) \
+        and inputs[0].shape == output.shape
+    return inputs[0] if same else output
+
+
+def synflow_masks(spec: ModelSpec, density: float, iterations: int, seed: int,
+                  model: nn.Module | None = None) -> dict[str, np.ndarray]:
+    """Kept entries per prunable weight tensor (dim >= 2), `density` of them overall.
+
+    `model`: the seeded network (`build_model(spec, seed=seed)`), when the caller has it."""
     if not 0 < density <= 1:
         raise ValueError(f"hidenseek.density must be in (0, 1], got {density}")
-    model = build_model(spec, seed=seed).double()
+    model = copy.deepcopy(model if model is not None else build_model(spec, seed=seed))
+    model = model.double().eval()  # no dropout: the score is a function of the weights alone
+    for module in model.modules():
+        if _linearised(module):
+            module.register_forward_hook(_bypass)
     prunable = {n: p for n, p in model.named_parameters() if p.dim() > 1}
     with torch.no_grad():
         for param in model.parameters():
@@ -51,11 +80,25 @@ def synflow_masks(spec: ModelSpec, density: float, iterations: int, seed: int) -
                 param.copy_(original[name] * masks[name])
         model.zero_grad()
         model(ones).sum().backward()
-        scores = {n: (p.grad * p).detach().abs() for n, p in prunable.items()}
+        scores = {n: (p.grad * p).detach().abs() if p.grad is not None else torch.zeros_like(p)
+                  for n, p in prunable.items()}
+        flat = torch.cat([s.reshape(-1) for s in scores.values()])
+        if not torch.isfinite(flat).all():
+            raise SpecError(f"hidenseek cannot prune model {spec.name!r}: SynFlow's scores "
+                            "overflow (the network's output on an all-ones input with absolute "
+                            "weights is not finite); use another strategy")
         keep = max(1, int(round(density ** (k / iterations) * total)))
-        threshold = torch.topk(torch.cat([s.reshape(-1) for s in scores.values()]), keep).values[-1]
+        threshold = torch.topk(flat, keep).values[-1]
         masks = {n: masks[n] & (scores[n] >= threshold) & (scores[n] > 0) for n in prunable}
-    return {n: m.numpy() for n, m in masks.items()}
+    masks = {n: m.numpy() for n, m in masks.items()}
+    unreached = [n for n, m in masks.items() if not m.any()]
+    if unreached:
+        raise SpecError(
+            f"hidenseek cannot prune model {spec.name!r}: SynFlow scores every weight of "
+            f"{', '.join(unreached[:6])}{' ...' if len(unreached) > 6 else ''} zero (no path "
+            "from an all-ones input to the output goes through them, a functional clamp in the "
+            "forward may have cut it), so the mask would cut them off; use another strategy")
+    return masks
 
 
 @register_strategy("hidenseek", settings=HideNseekSettings,
@@ -70,12 +113,23 @@ class HideNseek(Strategy):
         super().__init__(spec, settings or HideNseekSettings(), "sign1", seed)
         config = self.settings
         self.init_seed = seed
-        self.masks = synflow_masks(spec, config.density, config.synflow_iterations, seed)
+        model = build_model(spec, seed=seed)
+        self.initial = {n: p.detach().numpy().copy() for n, p in model.state_dict().items()}
+        self.masks = synflow_masks(spec, config.density, config.synflow_iterations, seed, model)
         self.fixed_masks = self.masks
         self.download_dtype = "sign1" if config.aggregation == "vote" else "fp16"
         self.upload_known_indices = {n: np.flatnonzero(m.reshape(-1)) for n, m in self.masks.items()}
-        self.initial = {n: p.detach().numpy().copy()
-                        for n, p in build_model(spec, seed=seed).state_dict().items()}
+
+    @classmethod
+    def check_model(cls, spec: ModelSpec, settings: HideNseekSettings | None = None) -> None:
+        """Signs are learnt over weight matrices and kernels; a model needs one at least. (A
+        model SynFlow cannot score is refused when the mask is made, with SynFlow's reason.)"""
+        from edge_sdk.models import structure
+
+        if not any(len(shape) > 1 for _, shape in structure(spec.base).shapes):
+            raise SpecError(f"hidenseek learns the signs of weight matrices and kernels, and model "
+                            f"{spec.name!r} has none (every parameter is a vector); use another "
+                            "strategy")
 
     def initial_state(self) -> dict[str, np.ndarray]:
         """Global state: +1 on every kept weight (the initial weights' own signs), 0 where pruned."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from edge_sdk.models import ModelSpec
+from edge_sdk.models import ModelSpec, SpecError, layer_tensor_names
 from edge_sdk.plan import SubmodelPlan, TensorPlan, TrainPhase
 from edge_sdk.settings import Settings
 
@@ -33,11 +33,23 @@ class FedPer(Strategy):
                  upload_dtype: str = "fp32", seed: int = 0):
         super().__init__(spec, settings or PersonalSettings(), upload_dtype, seed)
         config = self.settings
-        if not 1 <= config.head_layers < len(self.layers):
-            raise ValueError(f"head_layers must be between 1 and {len(self.layers) - 1} for "
-                             f"{spec.name}, got {config.head_layers}")
         self.head = [n for layer in self.layers[-config.head_layers:] for n in layer]
         self.body = [n for layer in self.layers[:-config.head_layers] for n in layer]
+
+    @classmethod
+    def check_model(cls, spec: ModelSpec, settings: PersonalSettings | None = None) -> None:
+        """The head is the last `head_layers` layers (the output layer last); a shared body must
+        be left, or nothing would be federated."""
+        layers = len(layer_tensor_names(spec))
+        head_layers = (settings or PersonalSettings()).head_layers
+        if layers < 2:
+            raise SpecError(f"{cls.name} keeps the output layer on the device and shares the "
+                            f"layers before it, and model {spec.name!r} has no layer before its "
+                            "output layer; use another strategy")
+        if head_layers >= layers:
+            raise SpecError(f"personal.head_layers = {head_layers} leaves no shared body: model "
+                            f"{spec.name!r} has {layers} layers (its parametrised modules in "
+                            f"forward order, the output layer last); use 1 to {layers - 1}")
 
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         tensors = tuple([TensorPlan(n) for n in self.body]

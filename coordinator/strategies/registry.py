@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.models import ModelSpec
+from edge_sdk.models import ModelSpec, SpecError
+from edge_sdk.models.width import check_sliceable
 from edge_sdk.settings import Settings
 
 if TYPE_CHECKING:
@@ -79,10 +80,25 @@ def check_strategy_name(name: str) -> str:
 
 
 def build_strategy(config: Any, spec: ModelSpec) -> Strategy:
-    """`config`: a SimulationSettings or ServiceSettings (the same learning settings)."""
+    """`config`: a SimulationSettings or ServiceSettings (the same learning settings).
+
+    A model the strategy cannot serve is refused here, before any round, with the reason
+    (SpecError from the strategy's `check_model`, which its constructor calls); so are the run's
+    `width_levels` below 1 when the strategy or the model cannot be width-sliced."""
     entry = strategy_entry(config.strategy)
     settings = getattr(config, entry.section) if entry.section is not None else None
-    return entry.cls(spec, settings, config.codec.upload_dtype, config.seed)
+    strategy = entry.cls(spec, settings, config.codec.upload_dtype, config.seed)
+    levels = [r for r in getattr(config, "width_levels", None) or () if r < 1]
+    if levels:
+        if not strategy.width_sliceable:
+            raise SpecError(f"{entry.name} runs every device at full width (FedDP's gates and "
+                            f"HideNseek's masks are not width-sliced), and width_levels asks for "
+                            f"{levels}; remove width_levels or use 1.0 only")
+        try:
+            check_sliceable(spec.base)
+        except SpecError as exc:
+            raise SpecError(f"width_levels {levels} ask for narrower submodels, and {exc}") from None
+    return strategy
 
 
 def strategy_table() -> str:

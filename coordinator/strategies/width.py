@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from edge_sdk.models import ModelSpec
+from edge_sdk.models import ModelSpec, SpecError
+from edge_sdk.models.width import check_sliceable
 from edge_sdk.plan import SubmodelPlan, TensorPlan
 from edge_sdk.settings import Settings, WidthLevels
 
@@ -31,6 +32,14 @@ class FjORDSettings(Settings):
 @register_strategy("heterofl", summary="HeteroFL (Diao et al., 2021): nested width prefixes")
 class HeteroFL(Strategy):
     slicing = "prefix"
+
+    @classmethod
+    def check_model(cls, spec: ModelSpec, settings: Settings | None = None) -> None:
+        """Narrower submodels are the method: a model Torch-Pruning cannot prune is refused."""
+        try:
+            check_sliceable(spec.base)
+        except SpecError as exc:
+            raise SpecError(f"{cls.name} trains narrower submodels of the model, and {exc}") from None
 
     def plan(self, device_index: int, round_number: int, num_samples: int) -> SubmodelPlan:
         return SubmodelPlan(device_index, round_number, self.spec,
