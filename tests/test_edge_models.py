@@ -159,7 +159,6 @@ def test_resnet18_submodels_keep_identity_blocks_with_their_input_and_run(method
 
 @pytest.mark.parametrize("name,classes,ratio,method,round_number", [
     ("resnet18", 10, 0.125, "rolling", 60),
-    ("resnet18", 10, 0.5, "prefix", 60),
     ("leaf_cnn", 62, 0.25, "magnitude", 7),
     (MOBILENET, 10, 0.5, "rolling", 3),
 ])
