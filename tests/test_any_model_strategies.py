@@ -32,6 +32,8 @@ from harness.models import MOBILENET, SIGNAL_CNN
 TABULAR = "test_any_model_tabular_mlp"
 SCALED = "test_any_model_channel_scaled"
 LINEAR = "test_any_model_linear"
+FUNCTIONAL = "test_any_model_functional_relu6"
+FROZEN = "test_any_model_frozen_features"
 
 
 class TabularMLP(nn.Module):
@@ -58,6 +60,35 @@ class ChannelScaled(nn.Module):
         return self.fc((torch.relu(self.conv(x)) * self.scale).mean(dim=(2, 3)))
 
 
+class FunctionalReLU6(nn.Module):
+    """Saturating activations called in the forward, not modules SynFlow could bypass."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(channels, 16, 3, padding=1),
+                                    nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)])
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = nn.functional.relu6(conv(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class FrozenFeatures(nn.Module):
+    """Features detached before the classifier: no gradient reaches the first layer."""
+
+    def __init__(self, features: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Linear(features, 16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.features(x)).detach())
+
+
+register_model(FUNCTIONAL)(lambda shape, classes: FunctionalReLU6(shape[0], classes))
+register_model(FROZEN)(lambda shape, classes: FrozenFeatures(shape[0], classes))
 register_model(TABULAR)(lambda shape, classes: TabularMLP(shape[0], classes))
 register_model(SCALED)(lambda shape, classes: ChannelScaled(shape[0], classes))
 register_model(LINEAR)(lambda shape, classes: nn.Sequential(nn.Flatten(), nn.Linear(shape[0], classes)))
@@ -174,6 +205,7 @@ def test_the_mobilenet_layers_heads_and_masks_are_the_models_own():
     ("hidenseek", TABULAR, {"width_levels": [1.0, 0.5]}, "hidenseek runs every device at full width"),
     ("feddp", TABULAR, {"feddp.variant": "threshold"}, "prunes convolution kernels; model "
                                                       "'test_any_model_tabular_mlp' has no convolution"),
+    ("hidenseek", FROZEN, {}, r"SynFlow scores every weight of features.weight, fc.weight zero \(no path"),
     ("fedp3", LINEAR, {}, "has only its output layer"),
     ("fedp3", TABULAR, {"fedp3.selection": "opu3"}, "k must be between 1 and the 2 hidden layers"),
     ("fedper", LINEAR, {}, "has no layer before its output layer"),
@@ -192,5 +224,17 @@ def test_a_strategy_refuses_a_model_it_cannot_serve_at_configuration(strategy, m
     if "width_levels" not in extra:  # the refusal is the model's, found without a strategy
         entry = strategy_entry(strategy)
         settings = getattr(config, entry.section) if entry.section else None
-        with pytest.raises(SpecError, match=reason):
-            entry.cls.check_model(spec, settings)
+        if strategy != "hidenseek":  # SynFlow's refusal comes with the mask, in the constructor
+            with pytest.raises(SpecError, match=reason):
+                entry.cls.check_model(spec, settings)
+
+
+def test_synflow_keeps_weights_in_every_kernel_of_a_net_with_functional_relu6():
+    """Saturation the scoring cannot bypass as a module: the scaled-down input stays below it."""
+    from coordinator.strategies.hidenseek import synflow_masks
+
+    masks = synflow_masks(model_spec(FUNCTIONAL, (1, 8, 8), CLASSES), 0.2, 5, seed=0)
+    assert set(masks) == {"convs.0.weight", "convs.1.weight", "convs.2.weight", "fc.weight"}
+    assert all(m.any() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert kept == pytest.approx(0.2 * sum(m.size for m in masks.values()), rel=0.02)

@@ -1,13 +1,14 @@
 """HideNseek (federated sign supermasks): prune at initialisation with SynFlow, then learn only signs.
 
-Server side: SynFlow (Tanaka et al., 2020) scores |theta x dR/dtheta| with R the output of the
-all-ones input through the network with absolute weights (data-free); pruning is iterative with
-an exponential schedule (keep density^(k/n) after iteration k of n) and global scope over every
-prunable weight. The kept set is fixed for the run; the initial weights come from a shared seed
-and never travel. The global state of a prunable tensor is the aggregated sign of each kept
-weight (zero where pruned); devices train sign scores (edge_sdk/supermask.py) and upload one bit
-per kept weight. The server combines signs by majority vote (ties keep the old sign) or, with
-`aggregation = "mean"`, keeps the mean sign as a soft value and sends it as fp16.
+Server side: SynFlow (Tanaka et al., 2020) scores |theta x dR/dtheta| with R the output of a
+constant input through the network with absolute weights, linearised so that any network scores
+(see `_INPUT_SCALE`); data-free, iterative with an exponential schedule (keep density^(k/n) after
+iteration k of n), global scope over every weight matrix and kernel. The kept set is fixed for
+the run; the initial weights come from a shared seed and never travel. The global state of a
+prunable tensor is the aggregated sign of each kept weight (zero where pruned); devices train
+sign scores (edge_sdk/supermask.py) and upload one bit per kept weight. The server combines
+signs by majority vote (ties keep the old sign) or, with `aggregation = "mean"`, keeps the mean
+sign as a soft value and sends it as fp16.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from edge_sdk.models import ModelSpec, SpecError, build_model
+from edge_sdk.models import ModelSpec, SpecError, build_model, structure
 from edge_sdk.plan import SubmodelPlan, TensorPlan
 from edge_sdk.settings import Settings
 
@@ -35,11 +36,15 @@ class HideNseekSettings(Settings):
 
 
 # SynFlow's score is the path norm R = 1^T (prod_l |W_l|) 1 of the network with absolute
-# weights, its activations linear: on a positive input a ReLU is the identity, but a saturating
+# weights and linear activations: on a positive input a ReLU is the identity, but a saturating
 # one is not (MobileNet's ReLU6 clips the growing signal at 6, a sigmoid flattens it), and
 # normalisation divides the signal by its own statistics, which on the constant input zeroes it
 # (Tanaka et al. score BatchNorm nets in eval mode, where fresh statistics make it the identity).
-# Both kinds of module are bypassed while scoring, so any network scores as its linearised self.
+# So any network scores as its linearised self: normalisation and activation modules are
+# bypassed, and for what a forward does functionally (F.relu6, a clamp) the signal is kept far
+# below any threshold: biases are zero (R has none) and the all-ones input is scaled by
+# _INPUT_SCALE, which scales every score alike in a linear network (float64 has the range).
+_INPUT_SCALE = 1e-100
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
           nn.RMSNorm)
 
@@ -68,12 +73,15 @@ def synflow_masks(spec: ModelSpec, density: float, iterations: int, seed: int,
             module.register_forward_hook(_bypass)
     prunable = {n: p for n, p in model.named_parameters() if p.dim() > 1}
     with torch.no_grad():
-        for param in model.parameters():
-            param.abs_()
+        for name, param in model.named_parameters():
+            if name.rpartition(".")[2] == "bias":
+                param.zero_()
+            else:
+                param.abs_()
     original = {n: p.detach().clone() for n, p in prunable.items()}
     masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable.items()}
     total = sum(p.numel() for p in prunable.values())
-    ones = torch.ones(1, *spec.input_shape, dtype=torch.float64)
+    ones = torch.full((1, *spec.input_shape), _INPUT_SCALE, dtype=torch.float64)
     for k in range(1, iterations + 1):
         with torch.no_grad():
             for name, param in prunable.items():
@@ -85,8 +93,8 @@ def synflow_masks(spec: ModelSpec, density: float, iterations: int, seed: int,
         flat = torch.cat([s.reshape(-1) for s in scores.values()])
         if not torch.isfinite(flat).all():
             raise SpecError(f"hidenseek cannot prune model {spec.name!r}: SynFlow's scores "
-                            "overflow (the network's output on an all-ones input with absolute "
-                            "weights is not finite); use another strategy")
+                            "are not finite (the network's output on a constant input with "
+                            "absolute weights overflows); use another strategy")
         keep = max(1, int(round(density ** (k / iterations) * total)))
         threshold = torch.topk(flat, keep).values[-1]
         masks = {n: masks[n] & (scores[n] >= threshold) & (scores[n] > 0) for n in prunable}
@@ -96,8 +104,8 @@ def synflow_masks(spec: ModelSpec, density: float, iterations: int, seed: int,
         raise SpecError(
             f"hidenseek cannot prune model {spec.name!r}: SynFlow scores every weight of "
             f"{', '.join(unreached[:6])}{' ...' if len(unreached) > 6 else ''} zero (no path "
-            "from an all-ones input to the output goes through them, a functional clamp in the "
-            "forward may have cut it), so the mask would cut them off; use another strategy")
+            "from a constant input to the output goes through them: the forward cuts it, or "
+            "saturates it), so the mask would cut them off; use another strategy")
     return masks
 
 
@@ -124,8 +132,6 @@ class HideNseek(Strategy):
     def check_model(cls, spec: ModelSpec, settings: HideNseekSettings | None = None) -> None:
         """Signs are learnt over weight matrices and kernels; a model needs one at least. (A
         model SynFlow cannot score is refused when the mask is made, with SynFlow's reason.)"""
-        from edge_sdk.models import structure
-
         if not any(len(shape) > 1 for _, shape in structure(spec.base).shapes):
             raise SpecError(f"hidenseek learns the signs of weight matrices and kernels, and model "
                             f"{spec.name!r} has none (every parameter is a vector); use another "
