@@ -27,13 +27,14 @@ from edge_sdk.data.partition import ClientData
 from edge_sdk.models import (SpecError, build_model, layer_tensor_names, model_spec, register_model,
                              tensor_shapes)
 from edge_sdk.settings import TrainSettings
-from harness.models import MOBILENET, SIGNAL_CNN
+from harness.models import MOBILENET, SIGNAL_CNN, MobileNetStyle
 
 TABULAR = "test_any_model_tabular_mlp"
 SCALED = "test_any_model_channel_scaled"
 LINEAR = "test_any_model_linear"
 FUNCTIONAL = "test_any_model_functional_relu6"
 FROZEN = "test_any_model_frozen_features"
+BLOCKS = "test_any_model_mobilenet_by_blocks"
 
 
 class TabularMLP(nn.Module):
@@ -87,6 +88,14 @@ class FrozenFeatures(nn.Module):
         return self.fc(torch.relu(self.features(x)).detach())
 
 
+def _mobilenet_by_blocks(shape, classes):
+    """The MobileNet with its blocks as the layers FedP3 chooses among (`fedprune_layers`)."""
+    model = MobileNetStyle(shape[0], classes)
+    model.fedprune_layers = [f"features.{i}" for i in range(len(model.features))] + ["classifier"]
+    return model
+
+
+register_model(BLOCKS)(_mobilenet_by_blocks)
 register_model(FUNCTIONAL)(lambda shape, classes: FunctionalReLU6(shape[0], classes))
 register_model(FROZEN)(lambda shape, classes: FrozenFeatures(shape[0], classes))
 register_model(TABULAR)(lambda shape, classes: TabularMLP(shape[0], classes))
@@ -174,7 +183,8 @@ def test_every_strategy_runs_a_round_on_any_model_or_says_why_not(strategy, mode
 
 
 def test_the_mobilenet_layers_heads_and_masks_are_the_models_own():
-    """FedP3 chooses among the model's own parametrised modules, in forward order, and the head
+    """FedP3 chooses among the model's own parametrised modules, in forward order (or the
+    modules it lists in `fedprune_layers`: here its blocks), and the head
     of FedPer, FedRep and FFGG is the output layer; HideNseek keeps weights in every one of its
     kernels (SynFlow's linearised path norm sees through GroupNorm and ReLU6), about `density`."""
     spec = model_spec(MOBILENET, SHAPES[MOBILENET], CLASSES)
@@ -185,6 +195,12 @@ def test_the_mobilenet_layers_heads_and_masks_are_the_models_own():
     plan = fedp3.plan(3, 1, 10)
     chosen = {n for i in plan.selected_layers for n in layers[i]}
     assert set(plan.uploaded) == chosen | set(layers[-1]) and len(plan.selected_layers) == 2
+    blocks = model_spec(BLOCKS, SHAPES[MOBILENET], CLASSES)
+    by_block = build_strategy(config, blocks)
+    assert by_block.hidden == 7 and by_block.layers[-1] == ("classifier.weight", "classifier.bias")
+    chosen = by_block.plan(3, 1, 10).selected_layers
+    assert chosen == (3, 4) and {n for i in chosen for n in by_block.layers[i]} == \
+        {n for n in tensor_shapes(blocks) if n.startswith(("features.3.", "features.4."))}
     for name in ("fedper", "fedrep", "ffgg"):
         strategy = build_strategy(_config(name), spec)
         private = strategy.head if name != "ffgg" else strategy.private
