@@ -24,6 +24,19 @@ measured peak.
 
 `--save FILE` keeps the raw measurements as they come (a rerun with the same file skips the
 rehearsals it already holds); `--load FILE` refits them without rehearsing.
+
+`--check` does not refit: it holds fresh rehearsals of the same points against the stored
+coefficients (does the shipped calibration still hold for the built-in networks?) and, if no more
+than 1 in 20 exceeds its prediction, stores the highest floor they measured (`floor_bytes`: the
+process with Fashion-MNIST loaded, before any model), which a model's own calibration stands on.
+
+`--model NAME` (repeatable; a built-in or a package.module:function) runs the per-model
+calibration the planner runs on first use (coordinator/planning/model_memory.py: six fresh
+rehearsals on random inputs), then `--verify-repeats` fresh real rehearsals (Fashion-MNIST,
+`fedprune-edge rehearse`) of each of VERIFY's plans, and prints each one's measured/predicted:
+
+    python benchmarks/calibrate_memory.py --check --load /tmp/calib_points.json
+    python benchmarks/calibrate_memory.py --model mypkg.nets:mobilenet --verify-repeats 20 --models-only
 """
 
 from __future__ import annotations
@@ -55,7 +68,7 @@ from coordinator.planning.memory import (
 )
 from coordinator.planning.verify import measure_rehearsal
 from edge_sdk.sizing import DevicePlan
-from edge_sdk.models import ModelSpec, model_spec
+from edge_sdk.models import ModelSpec, model_spec, structure
 from edge_sdk.slicing import width_spec
 
 # (model, widths, physical batches, local samples). The planner's physical batches are 48, 24, 12
@@ -84,6 +97,12 @@ REPEATED: tuple[tuple[str, float, int], ...] = (
 # the grid's CNN points train four (192 samples).
 OFF_GRID: tuple[tuple[str, float, int, int], ...] = (("leaf_cnn", 0.375, 48, 420),)
 INPUT_SHAPE, CLASSES = (1, 28, 28), 10  # Fashion-MNIST, the dataset every rehearsal loads
+# (width, physical batch, local samples) of the real rehearsals that check a model's own
+# calibration (--model): the planner's corners and a middle, 96 samples (two logical batches of
+# 48: a rehearsal peaks in its first ones, and the data term is 0.3 MB either way).
+VERIFY: tuple[tuple[float, int, int], ...] = ((1.0, 48, 96), (1.0, 8, 96), (0.625, 24, 96),
+                                              (0.25, 48, 96))
+EXCEEDANCE_AIM = 1 / 20
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,7 @@ class Point:
     samples: int
     peak: int
     repeat: int = 0
+    floor: int = 0  # the child's resident memory with its data loaded, before the model is built
 
     @property
     def spec(self) -> ModelSpec:
@@ -335,8 +355,8 @@ def measure(repeats: int, threads: int, save: str | None) -> list[Point]:
         if ((model, width, physical, samples), repeat) in done:
             continue
         t0 = time.perf_counter()
-        peak, _ = measure_rehearsal(rehearsal_plan(model, width, physical, samples), threads=threads)
-        points.append(Point(model, width, physical, samples, peak, repeat))
+        peak, report = measure_rehearsal(rehearsal_plan(model, width, physical, samples), threads=threads)
+        points.append(Point(model, width, physical, samples, peak, repeat, report["floor_rss_bytes"]))
         print(f"measured {model} width {width} physical batch {physical} ({samples} samples, "
               f"repetition {repeat}): {peak / 1e6:.1f} MB ({time.perf_counter() - t0:.0f} s)", flush=True)
         if save:
@@ -358,16 +378,111 @@ def record(points: Sequence[Point], off_grid: Sequence[Point], threads: int, rep
     """What memory_calibration.json keeps besides the coefficients: how, where, when, and every
     measured peak (tests check the prediction against them)."""
     def rows(group: Sequence[Point]) -> list[dict]:
-        by_config: dict[tuple, list[int]] = {}
+        by_config: dict[tuple, list[Point]] = {}
         for p in group:
-            by_config.setdefault(p.config, []).append(p.peak)
-        return [{"model": m, "width": w, "physical_batch": b, "local_samples": s, "peaks": peaks}
-                for (m, w, b, s), peaks in by_config.items()]
+            by_config.setdefault(p.config, []).append(p)
+        return [{"model": m, "width": w, "physical_batch": b, "local_samples": s,
+                 "peaks": [p.peak for p in mine], "floors": [p.floor for p in mine if p.floor]}
+                for (m, w, b, s), mine in by_config.items()]
 
     command = f"python benchmarks/calibrate_memory.py --threads {threads} --repeats {repeats}"
     return {"command": command + (" (measured with --save, refitted with --load)" if loaded else ""),
             "machine": machine(), "date": str(date.today()), "threads": threads,
             "omp_wait_policy": "PASSIVE", "points": rows(points), "off_grid": rows(off_grid)}
+
+
+# --------------------------------------------------------------------------- --check, --model
+
+
+def check(points: Sequence[Point], off_grid: Sequence[Point], threads: int, repeats: int,
+          write: bool) -> None:
+    """The stored coefficients against fresh rehearsals, no refit; the floor stored if they hold."""
+    shipped = MemoryCoefficients.load()
+    everything = list(points) + list(off_grid)
+    print_bound(points, shipped, "the stored calibration against fresh rehearsals (no refit)")
+    if off_grid:
+        print_bound(off_grid, shipped, "off-grid points")
+    rows = bound_table(everything, shipped)
+    over = sum(r["over"] for r in rows.values())
+    floors = [p.floor for p in everything if p.floor]
+    floor = math.ceil(max(floors) / 1e6) * 1e6 if floors else None
+    holds = over <= EXCEEDANCE_AIM * len(everything)
+    print(f"\n{over} of {len(everything)} fresh rehearsals over the stored prediction "
+          f"(aim: at most 1 in 20): {'holds' if holds else 'DOES NOT HOLD, refit with --load'}; "
+          + (f"floor (data loaded, no model) {min(floors) / 1e6:.1f}-{max(floors) / 1e6:.1f} MB"
+             if floors else "no floor measured"))
+    if write and holds and floor is not None:
+        data = json.loads(CALIBRATION_FILE.read_text())
+        data["floor_bytes"] = floor
+        data["calibration"]["check"] = {
+            "command": f"python benchmarks/calibrate_memory.py --check --threads {threads} "
+                       f"--repeats {repeats}",
+            "machine": machine(), "date": str(date.today()), "rehearsals": len(everything),
+            "over_prediction": over,
+            "worst_measured_over_predicted": {
+                model: round(max(r["worst"] for c, r in rows.items() if c[0] == model), 4)
+                for model in dict.fromkeys(c[0] for c in rows)},
+            "floors": sorted(floors)}
+        MemoryCoefficients(**{k: v for k, v in data.items() if k != "calibration"})  # still valid
+        CALIBRATION_FILE.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote floor_bytes {floor / 1e6:.0f} MB and the check to {CALIBRATION_FILE}")
+
+
+def own_model(name: str, verify_repeats: int, threads: int, jobs: int,
+              grid: Sequence[Point] = ()) -> dict:
+    """The planner's per-model calibration of `name`, then fresh real rehearsals against it (and
+    against `grid`'s, the calibration points of a built-in: an out-of-sample check of the
+    per-model scheme on networks measured a hundred times)."""
+    from coordinator.planning import model_memory
+
+    base = model_spec(name, INPUT_SHAPE, CLASSES)
+    shipped = MemoryCoefficients.load()
+    t0 = time.perf_counter()
+    record = model_memory.measure(base, structure(base).digest, jobs=jobs, threads=threads)
+    seconds = time.perf_counter() - t0
+    dp, plain = model_memory.fit(base, record.rehearsals, shipped)
+    print(f"\n{name}: {len(record.rehearsals)} fresh rehearsals on random inputs in {seconds:.0f} s "
+          f"({jobs} at a time); {dp.source}; {plain.source}")
+    print("| rehearsal | width | physical batch | floor MB | peak MB | on the data floor MB | "
+          "predicted MB | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in record.rehearsals:
+        standing = r.peak_bytes - r.floor_bytes + shipped.floor_bytes
+        predicted = predict_peak_bytes(width_spec(base, r.width), r.physical_batch, 0,
+                                       dp if r.dp else plain)
+        print(f"| {'DP-SGD' if r.dp else 'plain'} | {r.width} | {r.physical_batch} | "
+              f"{r.floor_bytes / 1e6:.1f} | {r.peak_bytes / 1e6:.1f} | {standing / 1e6:.1f} | "
+              f"{predicted / 1e6:.1f} | {standing / predicted:.3f} |")
+    rows = [(p.width, p.physical, p.samples, p.peak,
+             predict_peak_bytes(p.spec, p.physical, p.samples, dp)) for p in grid if p.model == name]
+    if rows:
+        print(f"its own calibration against the {len(rows)} real rehearsals of {name} in the grid: "
+              f"worst measured/predicted {max(r[3] / r[4] for r in rows):.3f}, "
+              f"{sum(r[3] > r[4] for r in rows)} over the prediction")
+    for repeat in range(verify_repeats):
+        for width, physical, samples in VERIFY:
+            plan = rehearsal_plan(name, width, physical, samples)
+            peak, _ = measure_rehearsal(plan, threads=threads)
+            predicted = predict_peak_bytes(width_spec(base, width), physical, samples, dp)
+            rows.append((width, physical, samples, peak, predicted))
+            print(f"verified {name} width {width} physical batch {physical} (repetition {repeat}): "
+                  f"{peak / 1e6:.1f} of {predicted / 1e6:.1f} MB predicted", flush=True)
+    if rows:
+        print("\n| width | physical batch | samples | real rehearsals | median MB | max MB | "
+              "predicted MB | worst measured/predicted | over the prediction |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for width, physical, samples in dict.fromkeys(r[:3] for r in rows):
+            mine = [r for r in rows if r[:3] == (width, physical, samples)]
+            peaks = [r[3] for r in mine]
+            print(f"| {width} | {physical} | {samples} | {len(mine)} | "
+                  f"{statistics.median(peaks) / 1e6:.1f} | {max(peaks) / 1e6:.1f} | "
+                  f"{mine[0][4] / 1e6:.1f} | {max(peaks) / mine[0][4]:.3f} | "
+                  f"{sum(p > mine[0][4] for p in peaks)} of {len(mine)} |")
+    worst = max((r[3] / r[4] for r in rows), default=float("nan"))
+    over = sum(r[3] > r[4] for r in rows)
+    print(f"{name}: {len(rows)} real rehearsals, worst measured/predicted {worst:.3f}, "
+          f"{over} over the prediction")
+    return {"model": name, "seconds": seconds, "rehearsals": len(rows), "worst": worst, "over": over}
 
 
 # --------------------------------------------------------------------------- main
@@ -381,13 +496,36 @@ def main() -> None:
     parser.add_argument("--save", help="write the raw measurements here (JSON)")
     parser.add_argument("--load", help="refit measurements saved by --save instead of rehearsing")
     parser.add_argument("--no-write", action="store_true", help="do not update memory_calibration.json")
+    parser.add_argument("--check", action="store_true",
+                        help="hold the rehearsals against the stored coefficients instead of refitting")
+    parser.add_argument("--model", action="append", default=[],
+                        help="also run this model's own calibration and verify it (repeatable)")
+    parser.add_argument("--verify-repeats", type=int, default=20,
+                        help="fresh real rehearsals of each VERIFY plan per --model (default 20)")
+    parser.add_argument("--jobs", type=int, default=2, help="rehearsals at once in --model's calibration")
+    parser.add_argument("--models-only", action="store_true", help="only the --model part")
     args = parser.parse_args()
 
     started = time.perf_counter()
+    if args.models_only:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        results = [own_model(name, args.verify_repeats, args.threads, args.jobs) for name in args.model]
+        print("\n| model | calibration s | real rehearsals | worst measured/predicted | over the prediction |")
+        print("|---|---:|---:|---:|---:|")
+        for r in results:
+            print(f"| {r['model']} | {r['seconds']:.0f} | {r['rehearsals']} | {r['worst']:.3f} | {r['over']} |")
+        print(f"\n{time.perf_counter() - started:.0f} s")
+        return
     measured = ([Point(**row) for row in json.loads(Path(args.load).read_text())] if args.load
                 else measure(args.repeats, args.threads, args.save))
     off_grid = [p for p in measured if p.config in set(OFF_GRID)]
     points = [p for p in measured if p.config not in set(OFF_GRID)]
+    if args.check:
+        check(points, off_grid, args.threads, args.repeats, not args.no_write)
+        for name in args.model:
+            own_model(name, args.verify_repeats, args.threads, args.jobs, measured)
+        print(f"\n{time.perf_counter() - started:.0f} s")
+        return
     fitted = medians(points)
     models = ", ".join(f"{m} ({sum(p.model == m for p in fitted)})"
                        for m in dict.fromkeys(p.model for p in fitted))
@@ -428,6 +566,9 @@ def main() -> None:
           f"{former[2]:.3f}")
     summary(fitted, "former", "former formula")
     print(f"\n{time.perf_counter() - started:.0f} s")
+    floors = [p.floor for p in measured if p.floor]
+    if floors:
+        coefficients = dataclasses.replace(coefficients, floor_bytes=math.ceil(max(floors) / 1e6) * 1e6)
     if not args.no_write:
         content = {**coefficients.to_dict(),
                    "calibration": record(points, off_grid, args.threads, args.repeats, bool(args.load))}

@@ -32,6 +32,8 @@ def plan_and_verify(name: str, args: argparse.Namespace) -> dict:
                "--model", args.model, "--dataset", args.dataset, "--deadline", str(args.deadline),
                "--local-samples", str(args.local_samples), "--batch-size", str(args.batch_size),
                "--verify", "--json"]
+    if args.input_shape:  # a model on inputs no dataset has: planned and rehearsed on random ones
+        command += ["--input-shape", args.input_shape, "--classes", str(args.classes)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode not in (0, 1):  # 1: the plan does not fit, said in the JSON
         raise RuntimeError(f"`{' '.join(command[1:])}` exited {done.returncode}: {done.stderr[-2000:]}")
@@ -40,7 +42,11 @@ def plan_and_verify(name: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--model", default="resnet18",
+                        help="a registered model or a package.module:function")
+    parser.add_argument("--input-shape", help="e.g. 30 or 3,64,64: plan for this input instead of "
+                        "the dataset's (the rehearsal then trains on random inputs)")
+    parser.add_argument("--classes", type=int, default=10, help="with --input-shape")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--deadline", type=float, default=600.0)
     parser.add_argument("--local-samples", type=int, default=420)

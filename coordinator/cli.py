@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def _print_summary(result: dict) -> None:
 def _plan(args: argparse.Namespace) -> int:
     from device_profiles import catalogue_profile, load_profile
     from edge_sdk.sizing import DataSlice
-    from edge_sdk.data import load_dataset
+    from edge_sdk.data import dataset_info
     from edge_sdk.models import model_spec
 
     from .planning.memory import MemoryCoefficients
@@ -75,14 +76,26 @@ def _plan(args: argparse.Namespace) -> int:
     from .planning.verify import measure_rehearsal
 
     profile = load_profile(args.profile) if args.profile else catalogue_profile(args.catalogue)
-    info = load_dataset(args.dataset, args.data_dir).info
+    progress = logging.getLogger("coordinator.planning.model_memory")  # a minute on first use: say so
+    progress.setLevel(logging.INFO)
+    if not progress.handlers:
+        progress.addHandler(logging.StreamHandler(sys.stderr))
+        progress.propagate = False  # said once, whatever the root logger does
+    if args.input_shape:  # no data source: the model's own input contract
+        if args.classes is None:
+            raise ValueError("--input-shape needs --classes (the number of output classes)")
+        shape, classes = args.input_shape, args.classes
+    else:
+        info = dataset_info(args.dataset)
+        shape, classes = info.input_shape, info.num_classes
     settings = PlannerSettings(deadline_seconds=args.deadline, local_samples=args.local_samples,
-                               batch_size=args.batch_size, dp=not args.no_dp)
-    plan = plan_device(profile, model_spec(args.model, info.input_shape, info.num_classes),
-                       args.model, settings, MemoryCoefficients.load(),
+                               batch_size=args.batch_size, dp=not args.no_dp,
+                               memory_cache=args.memory_cache)
+    base = model_spec(args.model, shape, classes)
+    plan = plan_device(profile, base, args.model, settings, MemoryCoefficients.load(),
                        DataSlice(dataset=args.dataset, data_dir=args.data_dir))
     if args.verify and plan.fits:
-        peak, _ = measure_rehearsal(plan)
+        peak, _ = measure_rehearsal(plan, spec=base if args.input_shape else None)
         update: dict = {"measured_peak_bytes": peak}
         if peak > plan.memory_limit_bytes:
             update.update(fits=False, reasons=[
@@ -106,6 +119,16 @@ def _plan(args: argparse.Namespace) -> int:
         for choice, why in plan.decisions.items():
             print(f"  {choice}: {why}")
     return 0 if plan.fits else 1
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not 1 <= len(shape) <= 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 to 4 positive sizes such as 30 or 3,32,32")
+    return shape
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -282,8 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     source = plan.add_mutually_exclusive_group(required=True)
     source.add_argument("--profile", help="profile JSON written by `fedprune-edge profile` on the device")
     source.add_argument("--catalogue", help="a named catalogue device, e.g. rpi4-2gb")
-    plan.add_argument("--model", default="fedp3_cnn")
+    plan.add_argument("--model", default="fedp3_cnn", help="a registered model, or a "
+                      "package.module:function returning an nn.Module for (input_shape, classes)")
     plan.add_argument("--dataset", default="fashion-mnist")
+    plan.add_argument("--input-shape", type=_shape, metavar="N[,N...]",
+                      help="plan for this input shape instead of the dataset's (e.g. 30 for rows "
+                           "of 30 features, 3,32,32 for images); --verify then trains on random inputs")
+    plan.add_argument("--classes", type=int, help="output classes, with --input-shape")
+    plan.add_argument("--memory-cache", metavar="DIR", help="where a model's own memory "
+                      "rehearsals are kept (default: $FEDPRUNE_MEMORY_CACHE or ~/.cache/fedprune/memory)")
     plan.add_argument("--data-dir")
     plan.add_argument("--deadline", type=float, default=600.0, help="round deadline in seconds")
     plan.add_argument("--local-samples", type=int, default=420)

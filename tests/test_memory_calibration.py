@@ -39,7 +39,7 @@ def coefficients_with(**changes) -> str:
 
 @pytest.mark.parametrize("content, complaint", ids=[
     "not json", "not an object", "term left out", "nan", "infinity", "negative", "string",
-    "fraction over 1", "unknown term"], argvalues=[
+    "fraction over 1", "unknown term", "negative floor"], argvalues=[
     ("{not json", "cannot be read"),
     ("[1, 2]", "not a JSON object"),
     (coefficients_with(bytes_per_parameter=None), "bytes_per_parameter"),  # a term left out
@@ -49,6 +49,7 @@ def coefficients_with(**changes) -> str:
     (coefficients_with(bytes_per_parameter="41"), "bytes_per_parameter"),  # a string
     (coefficients_with(retained_fraction=1.5), "retained_fraction"),       # a fraction over 1
     (coefficients_with(extra_term=3.0), "extra_term"),                     # a term the formula lacks
+    (coefficients_with(floor_bytes=-1.0), "floor_bytes"),
 ])
 def test_a_malformed_calibration_is_refused_with_the_reason(tmp_path, content, complaint):
     path = tmp_path / "memory_calibration.json"
@@ -81,3 +82,13 @@ def test_every_calibration_peak_is_within_the_prediction():
         assert not over, (row["model"], row["width"], row["physical_batch"], over, predicted)
         repeated += len(row["peaks"]) >= 20
     assert repeated >= 5 and record["off_grid"]
+
+
+def test_the_floor_a_models_own_calibration_stands_on_is_the_highest_measured():
+    """floor_bytes (a rehearsal's process with Fashion-MNIST loaded, before any model) is what a
+    model calibrated on random inputs is predicted on: the highest floor of every rehearsal."""
+    record = stored()["calibration"]
+    rows = record["points"] + record["off_grid"]
+    floors = [floor for row in rows for floor in row["floors"]]
+    assert len(floors) == sum(len(row["peaks"]) for row in rows)
+    assert 200e6 < min(floors) and max(floors) <= MemoryCoefficients.load().floor_bytes < max(floors) + 1e6

@@ -39,6 +39,10 @@ The coefficients are fitted to peaks measured by `benchmarks/calibrate_memory.py
 kind and stored in `memory_calibration.json` with the command, machine, date and every measured
 peak; docs/BENCHMARKS.md records the fit, its margin and its out-of-sample errors. Without that
 file the planner refuses to plan (CalibrationError) rather than guess.
+
+Those coefficients are the built-in networks' (`edge_sdk/models/zoo.py`). Any other model gets
+its own from a handful of fresh rehearsals, once per structural digest (`model_memory.py`);
+`MemoryModel` is what the planner asks either way.
 """
 
 from __future__ import annotations
@@ -81,6 +85,10 @@ class MemoryCoefficients:
     # the smallest pair that covers every repeated fresh rehearsal of the calibration.
     margin_bytes: NonNegative = 0.0
     margin_fraction: NonNegative = 0.0
+    # The resident memory of a rehearsal process with its data loaded, before any model is built
+    # (the highest the calibration measured): where a model calibrated on its own, on random
+    # inputs in a process without that data, stands in a real one (model_memory.py).
+    floor_bytes: NonNegative | None = None
 
     @classmethod
     def load(cls, path: Path | str = CALIBRATION_FILE) -> MemoryCoefficients:
@@ -138,9 +146,8 @@ def memory_features(spec: ModelSpec) -> MemoryFeatures:
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    # Layers Opacus has no ghost norm sampler for: their per-sample gradients are materialised.
-    transient = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()
-                     if isinstance(m, (torch.nn.Conv2d, torch.nn.GroupNorm))), default=0)
+    transient = max((sum(p.numel() for p in m.parameters(recurse=False))
+                     for m in model.modules() if _materialises_per_sample_gradients(m)), default=0)
     batch = 2
     x = torch.zeros(batch, *spec.input_shape, requires_grad=False)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -152,6 +159,16 @@ def memory_features(spec: ModelSpec) -> MemoryFeatures:
         per_sample_gradient_elements=transient,
         input_elements=math.prod(spec.input_shape),
     )
+
+
+def _materialises_per_sample_gradients(module: torch.nn.Module) -> bool:
+    """A layer Opacus's ghost clipping has a grad sampler but no norm sampler for (Conv*d, the
+    norms, ...): its batch x parameters per-sample gradient exists, one layer at a time."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping as Ghost
+
+    kind = type(module)
+    return (kind in Ghost.GRAD_SAMPLERS and kind not in Ghost.NORM_SAMPLERS
+            and any(True for _ in module.parameters(recurse=False)))
 
 
 def predict_peak_bytes(spec: ModelSpec, physical_batch: int, local_samples: int,
@@ -170,3 +187,16 @@ def predict_peak_bytes(spec: ModelSpec, physical_batch: int, local_samples: int,
         above_baseline += 4 * f.parameters * physical_batch
     # Upper bound, not a central estimate: the margin covers the spread of fresh rehearsals.
     return math.ceil(c.baseline_bytes + c.margin_bytes + (1 + c.margin_fraction) * above_baseline)
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """One model's prediction: its DP-SGD coefficients, its plain-SGD ones, and where they come
+    from (the shipped calibration or the model's own rehearsals, for `fedprune plan` to say)."""
+
+    dp: MemoryCoefficients
+    plain: MemoryCoefficients
+    origin: str
+
+    def peak(self, spec: ModelSpec, physical_batch: int, local_samples: int, dp: bool = True) -> int:
+        return predict_peak_bytes(spec, physical_batch, local_samples, self.dp if dp else self.plain)

@@ -1,7 +1,9 @@
 """Size each device's submodel and round from its profile.
 
 Memory first: the widest submodel (then, before narrowing further, smaller physical batches via
-Opacus virtual steps) whose predicted peak fits `available memory x safety margin`. Then transfer:
+Opacus virtual steps) whose predicted peak fits `available memory x safety margin`. The peak is
+the model's own prediction (`model_memory.memory_model`): the shipped calibration for a built-in
+network, the model's own rehearsals (measured on first use, kept per structure) for any other. Then transfer:
 the value precision and sparsity ladder is walked, download and upload separately (their links
 differ), until both fit the device's share of the round deadline at its bandwidth. Then compute: local samples per round are capped so local
 training fits the rest of the deadline at the device's measured DP throughput. When nothing fits,
@@ -24,7 +26,8 @@ from edge_sdk.models import ModelSpec, SpecError, build_model, model_names, mode
 from edge_sdk.pruning import is_prunable, magnitude_mask
 from edge_sdk.slicing import width_spec
 
-from .memory import MemoryCoefficients, footprint, predict_peak_bytes
+from .memory import MemoryCoefficients, MemoryModel, footprint
+from .model_memory import memory_model
 
 WIDTHS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 # Transfer ladder, walked per direction: the cheapest change first (halve the bytes at little
@@ -61,18 +64,32 @@ class PlannerSettings:
     widths: tuple[float, ...] = WIDTHS
     adapt_transfer: bool = True
     adapt_compute: bool = True
+    # Where a model's own memory rehearsals are kept (None: $FEDPRUNE_MEMORY_CACHE, else
+    # ~/.cache/fedprune/memory); a coordinator passes a folder of its state dir.
+    memory_cache: str | None = None
+
+
+def memory_for(base: ModelSpec, settings: PlannerSettings,
+               coefficients: MemoryCoefficients | MemoryModel) -> MemoryModel:
+    """The model's prediction: given as is, or found from the shipped coefficients (whose
+    per-parameter terms, floor and margin a model's own rehearsals are fitted on)."""
+    if isinstance(coefficients, MemoryModel):
+        return coefficients
+    return memory_model(base, coefficients, settings.memory_cache)
 
 
 def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settings: PlannerSettings,
-                coefficients: MemoryCoefficients, data: DataSlice | None = None) -> DevicePlan:
+                coefficients: MemoryCoefficients | MemoryModel,
+                data: DataSlice | None = None) -> DevicePlan:
     memory_limit = int(profile.memory_available_bytes * settings.safety_margin)
     reasons: list[str] = []
     decisions: dict[str, str] = {}
-    fit = _fit_memory(base, settings, coefficients, memory_limit)
+    memory = memory_for(base, settings, coefficients)
+    fit = _fit_memory(base, settings, memory, memory_limit)
     if fit.choice is None:
         narrowest = settings.widths[-1]
-        need = predict_peak_bytes(width_spec(base, narrowest), settings.min_physical_batch,
-                                  settings.local_samples, coefficients)
+        need = memory.peak(width_spec(base, narrowest), settings.min_physical_batch,
+                           settings.local_samples, settings.dp)
         reasons.append(f"memory: even width {narrowest} with physical batch "
                        f"{settings.min_physical_batch} needs {need / 1e6:.0f} MB, over the memory limit of "
                        f"{memory_limit / 1e6:.0f} MB ({profile.memory_available_bytes / 1e6:.0f} MB "
@@ -80,7 +97,8 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
         ratio, physical, peak = narrowest, settings.min_physical_batch, need
     else:
         ratio, physical, peak = fit.choice
-    decisions["width"] = fit.explain(memory_limit, profile.memory_available_bytes, settings.safety_margin)
+    decisions["width"] = (fit.explain(memory_limit, profile.memory_available_bytes,
+                                      settings.safety_margin) + f"; peak predicted by {memory.origin}")
     spec = width_spec(base, ratio)
 
     transfer_limit = settings.deadline_seconds * settings.transfer_share
@@ -141,7 +159,7 @@ class _MemoryFit:
         return text
 
 
-def _fit_memory(base: ModelSpec, settings: PlannerSettings, coefficients: MemoryCoefficients,
+def _fit_memory(base: ModelSpec, settings: PlannerSettings, memory: MemoryModel,
                 memory_limit: int) -> _MemoryFit:
     physical_options = []
     size = settings.batch_size
@@ -153,7 +171,7 @@ def _fit_memory(base: ModelSpec, settings: PlannerSettings, coefficients: Memory
     for ratio in settings.widths:
         spec = width_spec(base, ratio)
         for physical in physical_options if settings.dp else physical_options[:1]:
-            peak = predict_peak_bytes(spec, physical, settings.local_samples, coefficients)
+            peak = memory.peak(spec, physical, settings.local_samples, settings.dp)
             if peak <= memory_limit:
                 return _MemoryFit((ratio, physical, peak), rejected)
             rejected = (ratio, physical, peak)
