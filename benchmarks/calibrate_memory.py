@@ -428,6 +428,70 @@ def check(points: Sequence[Point], off_grid: Sequence[Point], threads: int, repe
         print(f"wrote floor_bytes {floor / 1e6:.0f} MB and the check to {CALIBRATION_FILE}")
 
 
+def own_margin(points: Sequence[Point], draws: int, threads: int, jobs: int,
+               write: bool) -> None:
+    """The margin a model's own calibration gets (own_margin_bytes, own_margin_fraction): the
+    smallest under which the built-ins' own calibrations (`draws` of them per model, each from
+    the planner's six fresh rehearsals on random inputs) bound every real rehearsal in `points`.
+    Printed with leave-one-model-out: fitted on the other two models, held against the third."""
+    from coordinator.planning import model_memory
+
+    shipped = MemoryCoefficients.load()
+    pairs: list[tuple[Point, float, float]] = []  # (real rehearsal, central fit, fit above baseline)
+    for name in dict.fromkeys(p.model for p in points):
+        base = model_spec(name, INPUT_SHAPE, CLASSES)
+        for draw in range(draws):
+            t0 = time.perf_counter()
+            record = model_memory.measure(base, structure(base).digest, jobs=jobs, threads=threads)
+            central = model_memory.central_fit(base, record.rehearsals, shipped, dp=True)
+            print(f"own calibration {draw} of {name} ({time.perf_counter() - t0:.0f} s): "
+                  f"{central.source}", flush=True)
+            for p in points:
+                if p.model == name:
+                    fit = predict_peak_bytes(p.spec, p.physical, p.samples, central)
+                    pairs.append((p, fit, fit - central.baseline_bytes))
+
+    def solve(chosen: Sequence[tuple[Point, float, float]]) -> tuple[float, float]:
+        peaks = np.array([p.peak for p, _, _ in chosen], dtype=float)
+        fits = np.array([fit for _, fit, _ in chosen])
+        above = np.array([a for _, _, a in chosen])
+        scale = np.array([1e6, 1.0])
+        result = linprog(c=np.array([np.sum(1 / peaks), np.sum(above / peaks)]) * scale,
+                         A_ub=-np.column_stack([np.ones_like(above), above]) * scale,
+                         b_ub=-(peaks - fits), bounds=[(0, None), (0, None)])
+        if not result.success:
+            raise RuntimeError(f"own margin fit failed: {result.message}")
+        margin_bytes, fraction = result.x * scale
+        return math.ceil(margin_bytes / 1e6 + 1e-6) * 1e6, float(fraction)
+
+    def exceed(chosen, margin: tuple[float, float]) -> tuple[int, float]:
+        bounds = [(p.peak, fit + margin[0] + margin[1] * above) for p, fit, above in chosen]
+        return sum(peak > bound for peak, bound in bounds), max(peak / bound for peak, bound in bounds)
+
+    margin = solve(pairs)
+    print(f"\nown-calibration margin: {margin[0] / 1e6:.0f} MB + {margin[1]:.3f} x (fit - baseline), "
+          f"over {len(pairs)} (real rehearsal, own calibration) pairs")
+    print("| model | real rehearsals x own calibrations | worst measured/predicted | over | "
+          "leave-one-model-out: margin | its worst | over |")
+    print("|---|---:|---:|---:|---|---:|---:|")
+    for name in dict.fromkeys(p.model for p, _, _ in pairs):
+        mine = [q for q in pairs if q[0].model == name]
+        others = solve([q for q in pairs if q[0].model != name])
+        over, worst = exceed(mine, margin)
+        lomo_over, lomo_worst = exceed(mine, others)
+        print(f"| {name} | {len(mine)} | {worst:.3f} | {over} | {others[0] / 1e6:.0f} MB + "
+              f"{others[1]:.3f} x | {lomo_worst:.3f} | {lomo_over} |")
+    if write:
+        data = json.loads(CALIBRATION_FILE.read_text())
+        data["own_margin_bytes"], data["own_margin_fraction"] = margin
+        data["calibration"]["own_margin"] = {
+            "command": f"python benchmarks/calibrate_memory.py --load FILE --own-margin {draws}",
+            "date": str(date.today()), "draws_per_model": draws, "pairs": len(pairs)}
+        MemoryCoefficients(**{k: v for k, v in data.items() if k != "calibration"})  # still valid
+        CALIBRATION_FILE.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote own_margin_bytes and own_margin_fraction to {CALIBRATION_FILE}")
+
+
 def own_model(name: str, verify_repeats: int, threads: int, jobs: int,
               grid: Sequence[Point] = ()) -> dict:
     """The planner's per-model calibration of `name`, then fresh real rehearsals against it (and
@@ -504,6 +568,9 @@ def main() -> None:
                         help="fresh real rehearsals of each VERIFY plan per --model (default 20)")
     parser.add_argument("--jobs", type=int, default=2, help="rehearsals at once in --model's calibration")
     parser.add_argument("--models-only", action="store_true", help="only the --model part")
+    parser.add_argument("--own-margin", type=int, metavar="DRAWS", default=0,
+                        help="fit the margin of a model's own calibration on the built-ins: "
+                             "DRAWS own calibrations of each against the measured points")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -520,6 +587,10 @@ def main() -> None:
                 else measure(args.repeats, args.threads, args.save))
     off_grid = [p for p in measured if p.config in set(OFF_GRID)]
     points = [p for p in measured if p.config not in set(OFF_GRID)]
+    if args.own_margin:
+        own_margin(measured, args.own_margin, args.threads, args.jobs, not args.no_write)
+        print(f"\n{time.perf_counter() - started:.0f} s")
+        return
     if args.check:
         check(points, off_grid, args.threads, args.repeats, not args.no_write)
         for name in args.model:

@@ -89,6 +89,12 @@ class MemoryCoefficients:
     # (the highest the calibration measured): where a model calibrated on its own, on random
     # inputs in a process without that data, stands in a real one (model_memory.py).
     floor_bytes: NonNegative | None = None
+    # The upper-bound margin of a model's own calibration (model_memory.py) instead of the one
+    # above: fitted so that the built-in networks' own calibrations, each from six rehearsals on
+    # random inputs, bound every real rehearsal of theirs. It covers what the spread margin does
+    # not: a fit from six points, and a process with a data source in it.
+    own_margin_bytes: NonNegative | None = None
+    own_margin_fraction: NonNegative | None = None
 
     @classmethod
     def load(cls, path: Path | str = CALIBRATION_FILE) -> MemoryCoefficients:
