@@ -53,7 +53,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=48)
     args = parser.parse_args()
     started = time.perf_counter()
-    print(f"`fedprune plan --catalogue NAME --model {args.model} --dataset {args.dataset} --verify` "
+    data = (f"--input-shape {args.input_shape} --classes {args.classes}" if args.input_shape
+            else f"--dataset {args.dataset}")
+    print(f"`fedprune plan --catalogue NAME --model {args.model} {data} --verify` "
           f"(DP-SGD, ghost clipping, batch {args.batch_size}, {args.local_samples} local samples, "
           f"deadline {args.deadline:.0f} s)\n")
     print("| class | available MB | budget MB | width | physical batch | predicted MB | measured MB | "
