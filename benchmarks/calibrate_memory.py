@@ -35,7 +35,12 @@ calibration the planner runs on first use (coordinator/planning/model_memory.py:
 rehearsals on random inputs), then `--verify-repeats` fresh real rehearsals (Fashion-MNIST,
 `fedprune-edge rehearse`) of each of VERIFY's plans, and prints each one's measured/predicted:
 
+`--own-margin DRAWS` fits the margin a model's own calibration gets (own_margin_bytes and
+own_margin_fraction): DRAWS own calibrations of each built-in, the smallest margin under which
+all of them bound every real rehearsal in the measurements, with leave-one-model-out.
+
     python benchmarks/calibrate_memory.py --check --load /tmp/calib_points.json
+    python benchmarks/calibrate_memory.py --load /tmp/calib_points.json --own-margin 3
     python benchmarks/calibrate_memory.py --model mypkg.nets:mobilenet --verify-repeats 20 --models-only
 """
 
