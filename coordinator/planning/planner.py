@@ -3,10 +3,11 @@
 Memory first: the widest submodel (then, before narrowing further, smaller physical batches via
 Opacus virtual steps) whose predicted peak fits `available memory x safety margin`. The peak is
 the model's own prediction (`model_memory.memory_model`): the shipped calibration for a built-in
-network, the model's own rehearsals (measured on first use, kept per structure) for any other. Then transfer:
-the value precision and sparsity ladder is walked, download and upload separately (their links
-differ), until both fit the device's share of the round deadline at its bandwidth. Then compute: local samples per round are capped so local
-training fits the rest of the deadline at the device's measured DP throughput. When nothing fits,
+network, the model's own rehearsals (measured on first use, kept per structure) for any other,
+under DP-SGD or plain SGD as the run trains. Then transfer: the value precision and sparsity
+ladder is walked, download and upload separately (their links differ), until both fit the
+device's share of the round deadline at its bandwidth. Then compute: local samples per round are
+capped so local training fits the rest of the deadline at the device's measured DP throughput. When nothing fits,
 the plan says so (`fits = false`) with the reasons, rather than handing a device a model that
 will be killed by the OOM killer or miss every deadline.
 """
