@@ -28,7 +28,8 @@ calibration, the smallest margin under which the built-in networks' own calibrat
 each, from these same six rehearsals) bound every one of their 183 real rehearsals: it covers
 the run-to-run spread, a fit from six points and the process a data source adds to. Its
 `own_margin_bytes` is raised, whole MB up, until none of the model's own rehearsals exceeds it.
-docs/BENCHMARKS.md (section 12) holds it against 20 fresh real rehearsals of MobileNets' plans.
+docs/BENCHMARKS.md ("Memory of any model") holds it against 20 fresh real rehearsals of each of
+four plans of two MobileNets.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ REHEARSALS: tuple[tuple[float, int, bool], ...] = (
 )
 CACHE_ENV = "FEDPRUNE_MEMORY_CACHE"
 # Rehearsals run at once: two children on two cores peak within the run-to-run spread of one at
-# a time (a peak is memory, not time; docs/BENCHMARKS.md section 12) in half the wall time.
+# a time (a peak is memory, not time; docs/BENCHMARKS.md, "Memory of any model"), in half the
+# wall time.
 JOBS = 2
 UNDER_WEIGHT = 3.0  # as benchmarks/calibrate_memory.py: an under-prediction lets a plan overrun
 REHEARSAL_TIMEOUT_S = 900
