@@ -16,6 +16,7 @@ from coordinator.planning.model_memory import (
     cache_dir,
     is_builtin,
     memory_model,
+    rehearse,
 )
 from coordinator.planning.planner import PlannerSettings, plan_device
 from device_profiles import catalogue_profile
@@ -28,6 +29,24 @@ NAME = "test-model-memory-mlp"
 @register_model(NAME)
 def _mlp(input_shape, num_classes):
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, num_classes))
+
+
+class _RefusesRealTensors(nn.Module):
+    """Builds and traces (on meta) like any model, fails on the first real batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        out = self.fc(x.flatten(1))
+        if not out.is_meta:
+            raise RuntimeError("this network refuses real tensors")
+        return out
+
+
+def refuses_real_tensors(input_shape, num_classes):
+    return _RefusesRealTensors()
 
 
 BASE = model_spec(NAME, (1, 28, 28), 10)
@@ -111,3 +130,13 @@ def test_a_malformed_record_is_refused_with_the_reason_and_the_remedy(tmp_path, 
     message = str(caught.value)
     assert str(tmp_path / f"{DIGEST}.json") in message
     assert "delete" in message and "measures the model again" in message
+
+
+def test_a_model_that_cannot_train_is_a_clear_error_naming_the_rehearsal(tmp_path):
+    """The child's own error (its last line) with the model and the configuration, not a
+    traceback of the child or a prediction made up without it."""
+    broken = model_spec("test_model_memory:refuses_real_tensors", (1, 28, 28), 10)
+    with pytest.raises(ModelMemoryError, match=r"rehearsing 'test_model_memory:refuses_real_tensors' "
+                       r"at width 1, physical batch 8, DP-SGD failed.*RuntimeError: this network "
+                       r"refuses real tensors"):
+        rehearse(broken, 1.0, 8, True)
