@@ -1,6 +1,6 @@
 """`fedprune new DIR`: the project it writes runs as written, and it never writes over a user's files.
 
-The run is the user's: `fedprune simulate --config fedprune.toml` in the new folder, as a fresh
+The run is the README's: `fedprune simulate --config my-project/fedprune.toml` beside it, a fresh
 process, with the project's model and data resolved from `model:build` and `data:load` (nothing
 installed), and it learns: the final accuracy beats chance by a margin. The same files made a
 package with docs/YOUR-MODEL.md's pyproject.toml, really installed, run by their entry points.
@@ -39,8 +39,10 @@ def test_the_new_project_runs_as_written_and_learns(tmp_path):
     assert "cd my-project && fedprune simulate --config fedprune.toml" in made.stdout
 
     config = tomllib.loads((project / "fedprune.toml").read_text())
-    run = fedprune("simulate", "--config", "fedprune.toml", "--quiet", "--json-out", "results.json",
-                   cwd=project)
+    # The README's command, from the folder `fedprune new` ran in: the config's own folder
+    # resolves `model:build` and `data:load`, wherever the user stands.
+    run = fedprune("simulate", "--config", "my-project/fedprune.toml", "--quiet", "--json-out",
+                   "my-project/results.json", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
     result = json.loads((project / "results.json").read_text())

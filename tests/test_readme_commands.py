@@ -89,6 +89,9 @@ RECIPES: dict[str, Recipe] = {
     "bash scripts/test.sh": Recipe(elsewhere=(".ci/run", "bash scripts/test.sh")),
     "pip install '.[edge]' -c constraints.txt": Recipe(
         elsewhere=("tests/test_edge_install.py", '".[edge]"')),
+    "fedprune new my-project": Recipe(elsewhere=("tests/test_new_project.py", '"new", "my-project"')),
+    "fedprune simulate --config my-project/fedprune.toml": Recipe(
+        elsewhere=("tests/test_new_project.py", '"--config", "my-project/fedprune.toml"')),
     "fedprune coordinator serve --config deploy/coordinator.example.toml": Recipe(tour=True),
     "fedprune status --url http://127.0.0.1:8080": Recipe(tour=True),
     "fedprune devices --url http://127.0.0.1:8080": Recipe(tour=True),
