@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from device_profiles.files import atomic_write
 
@@ -64,11 +64,32 @@ class EdgeSettings(BaseModel):
     # What the device trains on (edge_sdk/data/sources/settings.py lists the keys); without a
     # source, the old keys (dataset, clients, device_index, partition) name a benchmark shard.
     data: DataSettings = DataSettings()
+    # The `package.module:function` models this device may build, besides the built-in ones and
+    # the `fedprune.models` entry points installed here: e.g. ["model:build"] for model.py beside
+    # this file (the config's folder is searched first), or ["mypkg.nets:build"]. Each is
+    # imported when the config is read; a model named only in a task is never imported.
+    models: tuple[str, ...] = ()
 
     @field_validator("device_id", "fleet")
     @classmethod
     def _topic_safe(cls, value: str) -> str:
         return check_id("id", value)
+
+    @field_validator("models")
+    @classmethod
+    def _allowed_models(cls, references: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        """Imported now, so a typo, a missing module or a name that is not a function is a
+        configuration error naming the reference, not a refused task later."""
+        from ..models import allow_reference
+
+        folder = (info.context or {}).get(CONFIG_DIR)
+        for reference in references:
+            if ":" not in reference:
+                raise ValueError(f"{reference!r} is not a package.module:function reference; a "
+                                 "built-in model or an installed fedprune.models entry point needs "
+                                 "no entry in models")
+            allow_reference(reference, folder)
+        return references
 
     @property
     def dp_required(self) -> bool:

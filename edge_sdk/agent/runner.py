@@ -18,6 +18,7 @@ REFUSAL when it names a task of this device, a log line with the reason otherwis
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import queue
 import threading
@@ -30,6 +31,7 @@ from pydantic import ValidationError
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..client import LocalClient
 from ..data.sources import device_data
+from ..models import ModelSpec, SpecError, allow_reference, check_structure, model_names
 from ..plan import SubmodelPlan
 from ..protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError, MessageType,
                         RefusalCode, RefusalHeader, RegisterHeader, StatusHeader, TaskHeader,
@@ -88,6 +90,8 @@ def load_profile_dict(config: EdgeSettings, state: DeviceState) -> dict[str, Any
 class EdgeAgent:
     def __init__(self, config: EdgeSettings, publish: Publish | None = None):
         self.config = config
+        for reference in config.models:  # registered by the config's validation; again if copied
+            allow_reference(reference)
         self.topics = Topics(config.fleet, config.topic_prefix)
         self.state = DeviceState(config.state_dir)
         self.profile = load_profile_dict(config, self.state)
@@ -278,9 +282,10 @@ class EdgeAgent:
         except (ValueError, TypeError, KeyError) as exc:
             self._refuse(header, RefusalCode.BAD_TASK, f"task cannot be run as sent: {exc}")
             return
-        mismatch = self.data_contract.mismatch(plan.spec.input_shape, plan.spec.num_classes)
-        if mismatch is not None:
-            self._refuse(header, RefusalCode.BAD_TASK, mismatch)
+        problem = self._model_problem(plan.spec) or \
+            self.data_contract.mismatch(plan.spec.input_shape, plan.spec.num_classes)
+        if problem is not None:
+            self._refuse(header, RefusalCode.BAD_TASK, problem)
             return
         breach = self._privacy_breach(dp, charge)
         if breach is not None:
@@ -331,6 +336,18 @@ class EdgeAgent:
         self._publish_update(key, envelope)
         log.info("round %d: sent %d-byte update (epsilon %s)", header.round, len(envelope),
                  f"{outcome.epsilon:.3f}" if outcome.epsilon is not None else "n/a")
+
+    def _model_problem(self, spec: ModelSpec) -> str | None:
+        """Why this device cannot build the task's model as the coordinator did, if it cannot:
+        it has no model of that name, the model fails to load or build, or it builds a network
+        of another structure (both digests named)."""
+        if spec.name not in model_names():
+            return _unknown_model(spec.name, self.config.models)
+        try:
+            check_structure(spec)
+        except SpecError as exc:
+            return str(exc)
+        return None
 
     def _task_dp(self, header: TaskHeader) -> DPSettings | None:
         """The task's DP settings with the device's own budget (never the coordinator's)."""
@@ -475,6 +492,18 @@ class EdgeAgent:
         stored = entry.model_copy(update={"path": name, "compressed_path": f"{name}.zst"})
         return manifest.model_copy(update={"artifacts": (stored,)}).model_dump(mode="json"), \
             stored.compressed_path
+
+
+def _unknown_model(name: str, listed: tuple[str, ...]) -> str:
+    """The refusal of a task naming a model this device does not have, and what to set."""
+    has = f"edge.toml's models lists {', '.join(listed)}" if listed else "edge.toml lists no models"
+    if ":" in name:
+        return (f"this device has no model {name!r} ({has}): add it to models in edge.toml, e.g. "
+                f"models = {json.dumps([*listed, name])}, with its module beside edge.toml or its "
+                "package installed, and restart the device")
+    return (f"this device has no model {name!r}: it is neither built in nor a fedprune.models "
+            f"entry point installed here ({has}); install the package that provides it, or list "
+            "its package.module:function in edge.toml's models, and restart the device")
 
 
 def _check_decompressed(packed: bytes, size: int, sha256: str) -> None:

@@ -62,8 +62,8 @@ def allow_reference(reference: str, config_dir: str | Path | None = None) -> str
     if added:
         sys.path.insert(0, folder)
     try:
-        factory = getattr(importlib.import_module(module_name), function)
-    except (ImportError, AttributeError) as exc:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
         raise SpecError(f"model {reference!r} cannot be loaded ({exc}); put {module_name}.py next "
                         "to the config file or install the package that defines it") from None
     except Exception as exc:  # the user's module failed while importing
@@ -72,6 +72,11 @@ def allow_reference(reference: str, config_dir: str | Path | None = None) -> str
     finally:
         if added:
             sys.path.remove(folder)
+    factory = getattr(module, function, None)
+    if factory is None:
+        where = getattr(module, "__file__", None) or module_name
+        raise SpecError(f"model {reference!r}: {where} has no {function!r}; name the function "
+                        "that builds the model")
     if not callable(factory):
         raise SpecError(f"model {reference!r} is not a function")
     _REGISTRY[reference] = factory
