@@ -131,6 +131,10 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _export(args: argparse.Namespace) -> int:
     from edge_sdk.sizing import DevicePlan
     from edge_sdk.checkpoint import load_checkpoint
@@ -155,9 +159,12 @@ def _export(args: argparse.Namespace) -> int:
     for a in manifest.artifacts:
         p = a.parity
         print(f"{a.path:<22}{a.bytes:>12,}{a.compressed_bytes:>12,}{p.max_abs_diff:>12.2e}"
-              f"{p.top1_agreement:>12.4f}{p.accuracy:>10.4f}{p.torch_accuracy:>8.4f}")
-    print(f"verified on {manifest.artifacts[0].parity.samples} real {manifest.dataset} test images; "
-          f"bundle and manifest.json in {args.out}")
+              f"{p.top1_agreement:>12.4f}{_share(p.accuracy):>10}{_share(p.torch_accuracy):>8}")
+    samples = manifest.artifacts[0].parity.samples
+    inputs = (f"{samples} real {manifest.dataset} test samples" if manifest.artifacts[0].parity.accuracy
+              is not None else f"{samples} seeded random inputs of the {manifest.dataset} input "
+              "contract (its data is not here: parity only, no accuracy)")
+    print(f"verified on {inputs}; bundle and manifest.json in {args.out}")
     return 0
 
 

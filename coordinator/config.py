@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
@@ -57,6 +57,14 @@ class LearningSettings(Settings):
     aggregator: AggregatorSettings = AggregatorSettings()
     dp: DPSettings = DPSettings()
     codec: CodecSettings = CodecSettings()
+    # The run's data (edge_sdk/data/sources/settings.py lists the keys): an image folder, a CSV,
+    # an npz, a user's Dataset function, a benchmark; without it, the benchmark `dataset`. A
+    # simulation partitions it; the coordinator service takes its input contract and evaluates
+    # on its held-out samples (coordinator/service/config.py).
+    data: DataSettings | None = None
+    # Why [data]'s clients, partition and device_index are refused (a subclass words its own).
+    shard_keys_help: ClassVar[str] = ("clients, partition and device_index pick a device's shard "
+                                      "of a benchmark: they belong in a device's edge.toml")
 
     @field_validator("model")
     @classmethod
@@ -68,6 +76,26 @@ class LearningSettings(Settings):
 
             allow_reference(value, (info.context or {}).get(CONFIG_DIR))
         return value
+
+    @model_validator(mode="after")
+    def _one_data_source(self):
+        if self.data is None:
+            return self
+        named = sorted({"dataset", "data_dir"} & self.model_fields_set)
+        if named:
+            raise ValueError(f"{named[0]}: the data is named in [data]; set data.source and its "
+                             f"keys there (a benchmark: data.dataset), not {' and '.join(named)}")
+        shard_keys = sorted({"clients", "partition", "device_index"} & self.data.model_fields_set)
+        if shard_keys:
+            raise ValueError(f"data.{shard_keys[0]}: {self.shard_keys_help}")
+        return self
+
+    @property
+    def data_settings(self) -> DataSettings:
+        """The run's data: its [data], or the benchmark `dataset`."""
+        if self.data is not None:
+            return self.data
+        return DataSettings(dataset=self.dataset, data_dir=self.data_dir)
 
     @model_validator(mode="after")
     def _strategy_sections(self):
@@ -122,30 +150,8 @@ class SimulationSettings(LearningSettings):
     # Intra-op threads a device computes with (None: the driver's torch threads). A task's bytes
     # depend on it, so both backends use it; the Ray backend's actors need it to equal the run's.
     device_threads: int | None = Field(None, ge=1)
-    # The samples the run partitions: an image folder, a CSV, an npz, a user's Dataset function
-    # (edge_sdk/data/sources/settings.py lists the keys); without it, the benchmark `dataset`.
-    data: DataSettings | None = None
-
-    @model_validator(mode="after")
-    def _one_data_source(self):
-        if self.data is None:
-            return self
-        named = sorted({"dataset", "data_dir"} & self.model_fields_set)
-        if named:
-            raise ValueError(f"{named[0]}: the data is named in [data]; set data.source and its "
-                             f"keys there (a benchmark: data.dataset), not {' and '.join(named)}")
-        run_keys = sorted({"clients", "partition", "device_index"} & self.data.model_fields_set)
-        if run_keys:
-            raise ValueError(f"data.{run_keys[0]}: a simulation's clients and partition are its own "
-                             "`clients` and `partition` keys (device_index is a device's)")
-        return self
-
-    @property
-    def data_settings(self) -> DataSettings:
-        """The run's data: its [data], or the benchmark `dataset`."""
-        if self.data is not None:
-            return self.data
-        return DataSettings(dataset=self.dataset, data_dir=self.data_dir)
+    shard_keys_help: ClassVar[str] = ("a simulation's clients and partition are its own `clients` "
+                                      "and `partition` keys (device_index is a device's)")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

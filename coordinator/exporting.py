@@ -16,10 +16,10 @@ import torch
 
 from edge_sdk.sizing import DevicePlan
 from edge_sdk.checkpoint import Checkpoint, CheckpointError
-from edge_sdk.data import load_dataset, to_tensor
 from edge_sdk.runtime import BundleManifest
 from export import export_bundle
 
+from .heldout import checkpoint_held_out, contract_extra, verification_batch
 from .slicing import width_slice
 
 VERIFY_SAMPLES = 512
@@ -54,12 +54,6 @@ def device_plan(device: str, checkpoint: Checkpoint) -> DevicePlan:
                        MemoryCoefficients.load())
 
 
-def verification_inputs(dataset: str, data_dir: str | None, samples: int = VERIFY_SAMPLES):
-    source = load_dataset(dataset, data_dir)
-    x, y = source.test_x[:samples], source.test_y[:samples]
-    return source.info, to_tensor(x, source.info).numpy(), np.asarray(y)
-
-
 def export_checkpoint(checkpoint: Checkpoint, out_dir: str | Path, *, plan: DevicePlan | None = None,
                       formats: Sequence[str] | None = None, precisions: Sequence[str] = ("fp32",),
                       data_dir: str | None = None, device_id: str | None = None,
@@ -69,9 +63,10 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | Path, *, plan: Devi
                               + "; ".join(plan.reasons))
     width = plan.width_ratio if plan else checkpoint.width_ratio
     cut = submodel(checkpoint, width, plan.slicing if plan else "magnitude", checkpoint.round or 0)
-    info, x, y = verification_inputs(checkpoint.dataset, data_dir, samples)
+    held = checkpoint_held_out(checkpoint, data_dir)
+    x, y = verification_batch(held, samples)
     return export_bundle(cut.build(), out_dir, spec=cut.spec, model_name=checkpoint.model,
-                         info=info, device_id=device_id or (plan.device_id if plan else None)
+                         info=held.info, device_id=device_id or (plan.device_id if plan else None)
                          or checkpoint.device_id or "global",
                          verify_x=x, verify_y=y, round_number=checkpoint.round, width_ratio=width,
                          checkpoint_sha256=checkpoint.sha256, formats=formats,
@@ -85,11 +80,14 @@ def export_clients(out_dir: str | Path, clients, widths: Sequence[float], global
 
     A client that trained holds its personalized model (private tensors included); one that was
     never selected gets the global model at its planned width. Each bundle is verified on the
-    client's own local test split, the data it will see.
+    client's own local test split, the data it will see (already normalised as the model takes
+    it), and states `info`, the run's data contract, which every checkpoint written carries too.
     """
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
+    global_checkpoint = dataclasses.replace(
+        global_checkpoint, extra={**global_checkpoint.extra, **contract_extra(info)})
     global_checkpoint.save(out_dir / "global" / "checkpoint.pt")
     exported = []
     for client, width in tqdm(list(zip(clients, widths)), desc="export", unit="client",
@@ -98,14 +96,14 @@ def export_clients(out_dir: str | Path, clients, widths: Sequence[float], global
         if client.spec is not None:
             checkpoint = Checkpoint(client.spec, dict(client.state), global_checkpoint.model,
                                     global_checkpoint.dataset, device_id, global_checkpoint.round,
-                                    width, {"source": "personalized"})
+                                    width, {"source": "personalized", **contract_extra(info)})
         else:
             cut = submodel(global_checkpoint, width, slicing, global_checkpoint.round or 0)
-            checkpoint = dataclasses.replace(cut, device_id=device_id, width_ratio=width,
-                                             extra={"source": "global"}, sha256=None)
+            checkpoint = dataclasses.replace(cut, device_id=device_id, width_ratio=width, sha256=None,
+                                             extra={"source": "global", **contract_extra(info)})
         folder = out_dir / device_id
         checkpoint.save(folder / "checkpoint.pt")
-        x = to_tensor(client.data.test_x[:VERIFY_SAMPLES], info).numpy()
+        x = client.data.test_x[:VERIFY_SAMPLES].numpy()
         manifest = export_bundle(checkpoint.build(), folder, spec=checkpoint.spec,
                                  model_name=checkpoint.model, info=info,
                                  device_id=device_id, verify_x=x,

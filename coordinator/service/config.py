@@ -145,6 +145,25 @@ class ClusterSettings(Settings):
 
 
 class ServiceSettings(LearningSettings):
+    """coordinator.toml.
+
+    `[data]` (the keys of `fedprune simulate`'s and a device's, edge_sdk/data/sources/settings.py)
+    declares the fleet's data from one place: the model is built for its input shape and classes,
+    and TASK specs and exported manifests carry its contract (input shape and layout, input_scale,
+    mean, std, class names); devices refuse a task whose model does not fit their own [data].
+    - A source with samples (an image folder, CSV, npz, a function, a benchmark) is read when the
+      coordinator starts: its held-out part (`test_path`, a function's test split, else the
+      `test_share` a simulation of the same [data] holds out; a benchmark's official test set)
+      is what the global model is evaluated on after each round and exports are verified on.
+    - `source = "contract"` declares the contract alone (`input_shape`, `classes`, `mean`, `std`,
+      `input_scale`), for a fleet whose samples never leave the devices: set `evaluate = false`
+      (there is nothing to evaluate on), and exports are verified on seeded random inputs of the
+      input shape (parity with torch needs inputs of the right shape, not real ones; a manifest
+      then records no accuracy).
+    Without [data], the benchmark `dataset` (and `data_dir`) as before; both at once are refused.
+    [data]'s clients, partition and device_index are a device's and refused here.
+    """
+
     strategy: StrategyName = "fedp3"
     slicing: Literal["prefix", "rolling", "magnitude"] = "magnitude"
     state_dir: str = "coordinator-state"
@@ -161,7 +180,7 @@ class ServiceSettings(LearningSettings):
     # page cannot read the API through a DNS name it rebinds to this machine. "*.example.com"
     # matches its subdomains; "*" any name (then only the token guards the API).
     http_allowed_hosts: list[str] = []
-    evaluate: bool = True                     # global accuracy on the test set after each round
+    evaluate: bool = True                     # global accuracy on the held-out data after each round
     # Refuse an update whose change from the global model has an L2 norm above this (a blown-up
     # or scaled attack); None accepts any finite update. Robust aggregation handles subtler ones.
     max_update_norm: float | None = Field(1000.0, gt=0)
@@ -223,6 +242,15 @@ class ServiceSettings(LearningSettings):
             raise ValueError("http_allowed_hosts = [\"*\"] answers any Host name, so any web page "
                              "could read the API through a DNS name that points here: set "
                              f"http_token (or {HTTP_TOKEN_VARIABLE}), or list the names instead")
+        return self
+
+    @model_validator(mode="after")
+    def _something_to_evaluate(self):
+        if self.evaluate and self.data is not None and self.data.source == "contract":
+            raise ValueError("evaluate: [data] declares only the input contract (source = "
+                             "\"contract\"), so the coordinator has no samples to evaluate the "
+                             "global model on; set evaluate = false, or name held-out samples in "
+                             "[data] (source and path, e.g. an image folder)")
         return self
 
     @model_validator(mode="after")

@@ -50,7 +50,6 @@ from device_profiles.files import atomic_write
 from edge_sdk import codec
 from edge_sdk.sizing import DevicePlan
 from edge_sdk.checkpoint import Checkpoint, load_checkpoint
-from edge_sdk.data import dataset_info, load_dataset, to_tensor
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.protocol.topics import DEVICE_TO_COORDINATOR
 from edge_sdk.protocol.signing import load_private_key
@@ -61,6 +60,7 @@ from edge_sdk.protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeErro
 from edge_sdk.training import accuracy
 
 from ..combine import RoundCombiner
+from ..heldout import contract_extra, held_out_data, verification_batch
 from ..planning.memory import MemoryCoefficients
 from ..planning.planner import plan_device
 from ..rounds import (RoundPipeline, Task, UpdateRefused, device_settings, dp_config,
@@ -96,16 +96,18 @@ class RoundEngine:
         self.artifacts_due: tuple | None = None  # (chosen, tasks, number) once the tasks are out
         self.leading = leading
         self.topics = Topics(config.broker.fleet, config.broker.topic_prefix)
-        # The dataset's files are read only to evaluate (here) or to export (a calibration batch).
-        self.info = dataset_info(config.dataset)
+        # The fleet's data contract and held-out samples, from [data] or the benchmark `dataset`
+        # (whose files are read only to evaluate, here, or on the first export).
+        self.held_out = held_out_data(config.data_settings, read=config.evaluate)
+        self.info = self.held_out.info
         self.strategy = build_strategy(config, model_spec(config.model, self.info.input_shape,
                                                          self.info.num_classes))
         self.spec = self.strategy.spec
         self.dp = dp_config(config)
         self.signing_key = load_private_key(config.signing_key) if config.signing_key else None
-        source = load_dataset(config.dataset, config.data_dir) if config.evaluate else None
-        self.test_x = to_tensor(source.test_x, self.info) if source is not None else None
-        self.test_y = torch.tensor(source.test_y) if source is not None else None
+        evaluating = config.evaluate and self.held_out.x is not None
+        self.test_x = self.held_out.x if evaluating else None
+        self.test_y = self.held_out.y if evaluating else None
         self.state_dir = Path(config.state_dir)
         self.planner = planner_settings(config, self.strategy, config.rounds.deadline_seconds)
         self.train = config.train
@@ -578,20 +580,22 @@ class RoundEngine:
         self._send_tasks()
 
     @functools.cached_property
-    def _verify_inputs(self) -> np.ndarray:
-        """The real inputs every export is verified on, taken once: a coordinator that does not
-        evaluate reads the dataset's files here, on its first export, not every round."""
-        if self.test_x is not None:
-            return self.test_x[:self.config.export.verify_samples].numpy()
-        return to_tensor(load_dataset(self.config.dataset, self.config.data_dir).test_x[:64],
-                         self.info).numpy()
+    def _verify_inputs(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The inputs every export is verified on, and their labels, taken once: the held-out
+        samples (a benchmark coordinator that does not evaluate reads its files here, on its
+        first export, not every round), or seeded random inputs of the input shape (no labels)
+        under a contract without samples."""
+        held = self.held_out
+        if held.x is None and self.config.data_settings.source == "benchmark":
+            held = held_out_data(self.config.data_settings)
+        return verification_batch(held, self.config.export.verify_samples, self.config.seed)
 
     def _send_artifacts(self, chosen, tasks: list[TaskRow], number: int) -> int:
         """The model each device starts the round from, exported for its width and runtime; its
         header names the device's task, which a refusal of the artifact names in turn."""
         from export import ExportError, export_bundle
 
-        x = self._verify_inputs
+        x, y = self._verify_inputs
         bundles, sent = {}, 0
         for device, task in zip(chosen, tasks):
             formats = [f for f in self.config.export.formats if f in device.formats]
@@ -605,7 +609,8 @@ class RoundEngine:
                         self.pipeline.model_at(device.width_ratio), out,
                         spec=self.pipeline.view(device.width_ratio).spec,
                         model_name=self.config.model, info=self.info,
-                        device_id=f"width-{device.width_ratio:g}", verify_x=x, round_number=number - 1,
+                        device_id=f"width-{device.width_ratio:g}", verify_x=x, verify_y=y,
+                        round_number=number - 1,
                         width_ratio=device.width_ratio, formats=(formats[0],)))
                 except ExportError as exc:
                     log.error("round %d: export for width %g failed: %s", number, device.width_ratio, exc)
@@ -645,7 +650,8 @@ class RoundEngine:
         new_state = combiner.result()
         path = self.state_dir / "checkpoints" / f"global-r{number:04d}.pt"
         checkpoint = Checkpoint(self.spec, {k: torch.from_numpy(v) for k, v in new_state.items()},
-                                self.config.model, self.info.name, None, number)
+                                self.config.model, self.info.name, None, number,
+                                extra=contract_extra(self.info))
         checkpoint.save(path)
         if self.config.cluster.enabled:  # before the round is committed: followers load it
             self.store.save_checkpoint(number, path.read_bytes())

@@ -38,7 +38,9 @@ class DataSettings(Settings):
 
     Keys of `[data]` (each source reads only its own; another one set is an error):
 
-    - `source`: `imagefolder`, `csv`, `npz`, `benchmark` (the default), an entry point of the
+    - `source`: `imagefolder`, `csv`, `npz`, `benchmark` (the default), `contract` (no samples:
+      only `input_shape`, `classes`, `mean`, `std` and `input_scale`, the model input a
+      coordinator's fleet trains on; contract.py), an entry point of the
       `fedprune.data_sources` group, or `package.module:function` returning a
       `torch.utils.data.Dataset` of (x, y) or (x, y, user) items. The function is called with the
       `[data.options]` table as keywords, `path=` when `path` is set, and `split="train"` /
@@ -46,7 +48,8 @@ class DataSettings(Settings):
     - `path`: the folder (imagefolder: one sub-folder per class), CSV file or .npz file.
       Relative paths are read from the config file's folder and may not lead out of it; a
       path that does not exist is an error. `test_path`: separate test data of the same kind
-      (a simulation's global test set; a device's local test set); without it the data is split.
+      (a simulation's global test set and a coordinator's evaluation set; a device's local test
+      set); without it the data is split.
     - `classes`: the class names in the model's output order. Default: imagefolder's sorted
       sub-folder names; integer labels 0..max; otherwise the sorted distinct labels. A label
       matches a class by name, or as an index when no class name is an integer. A device's
@@ -58,7 +61,11 @@ class DataSettings(Settings):
       image's scaling to [0, 1]; CSV and npz values are taken as they are.
     - `test_share`: the share of samples kept for testing, split locally with `seed`
       (default 0.2; the benchmark keeps its historical 0.3). In a simulation without test data
-      the same share is first held out as the global test set.
+      the same share is first held out as the global test set; a coordinator evaluates on
+      that same held-out share.
+    - `input_scale` (contract): what raw values are divided by before `mean` and `std`, as the
+      exported manifest states it: 255 for 8-bit images (an image folder's), 1 (the default)
+      for values taken as they are.
     - `label_column`, `feature_columns` (csv): the label's column and the feature columns
       (default: every other column). `user_column` (csv: a column; npz: an array): who each
       sample belongs to, for the `natural` partition of a simulation.
@@ -80,6 +87,7 @@ class DataSettings(Settings):
     mean: tuple[float, ...] | None = Field(None, min_length=1, max_length=4096)
     std: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(None, min_length=1, max_length=4096)
     test_share: float | None = Field(None, gt=0, lt=1)
+    input_scale: float | None = Field(None, gt=0)
     seed: int = 0
     label_column: str | None = None
     feature_columns: tuple[str, ...] | None = Field(None, min_length=1)
