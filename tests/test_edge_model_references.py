@@ -91,6 +91,18 @@ def test_a_model_that_cannot_be_loaded_stops_the_device_naming_it(tmp_path, forg
     assert "Traceback" not in err and not (tmp_path / "device" / "state").exists()
 
 
+def test_a_child_process_builds_a_reference_from_the_folder_its_config_named(tmp_path, forget_models):
+    """A memory rehearsal (`python -m edge_sdk.rehearsal`, what planning a user's model starts)
+    imports the model from the config's folder, which is on the parent's path only while the
+    parent imports it."""
+    from coordinator.planning.model_memory import rehearse
+
+    load_edge_config(device_folder(tmp_path / "device", [f"{MODULE}:build"]))
+    assert str(tmp_path / "device") not in sys.path
+    measured = rehearse(model_spec(f"{MODULE}:build", (4,), 3), 1.0, 8, dp=False, steps=1)
+    assert measured.peak_bytes > measured.floor_bytes > 0
+
+
 SIDE_EFFECT = """
 from pathlib import Path
 Path({marker!r}).write_text("imported")

@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from device_profiles.files import atomic_write
 from edge_sdk.models import ModelSpec
-from edge_sdk.models.registry import model_factory
+from edge_sdk.models.registry import model_factory, reference_folders
 from edge_sdk.models.network import structure
 from edge_sdk.slicing import width_spec
 from edge_sdk.validation import describe, load_json
@@ -197,8 +197,10 @@ def rehearse(base: ModelSpec, width: float, physical_batch: int, dp: bool,
     """One fresh child process: `build_model(width_spec(base, width))`, `steps` batches."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # as calibrated
-    # The child imports what this process imports: a package.module:function model included.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH", ""), *sys.path] if p)
+    # The child imports what this process imports: a package.module:function model included,
+    # from the config folder it was imported from.
+    search = [*reference_folders(), env.get("PYTHONPATH", ""), *sys.path]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in search if p)
     request = json.dumps({"spec": base.base.to_dict(), "width": width,
                           "physical_batch": physical_batch, "dp": dp, "steps": steps})
     where = f"{base.name!r} at width {width:g}, physical batch {physical_batch}, " \

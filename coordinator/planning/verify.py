@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from edge_sdk.models import ModelSpec
+from edge_sdk.models.registry import reference_folders
 from edge_sdk.sizing import DevicePlan
 
 
@@ -34,8 +35,10 @@ def measure_rehearsal(plan: DevicePlan, threads: int | None = None,
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    # The child imports what this process imports: a package.module:function model included.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH", ""), *sys.path] if p)
+    # The child imports what this process imports: a package.module:function model included,
+    # from the config folder it was imported from.
+    search = [*reference_folders(), env.get("PYTHONPATH", ""), *sys.path]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in search if p)
     with tempfile.TemporaryDirectory(prefix="fedprune-rehearse-") as tmp:
         if spec is None:
             path = Path(tmp) / "plan.json"

@@ -30,6 +30,7 @@ ENTRY_POINT_GROUP = "fedprune.models"
 _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 _REGISTRY: dict[str, ModelFactory] = {}
+_FOLDERS: list[str] = []  # config folders references were imported from (`reference_folders`)
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -80,7 +81,16 @@ def allow_reference(reference: str, config_dir: str | Path | None = None) -> str
     if not callable(factory):
         raise SpecError(f"model {reference!r} is not a function")
     _REGISTRY[reference] = factory
+    if folder is not None and folder not in _FOLDERS:
+        _FOLDERS.append(folder)
     return reference
+
+
+def reference_folders() -> tuple[str, ...]:
+    """The config folders this process's references were imported from. A child process that
+    builds the same models (a memory rehearsal) needs them on its import path: the folder is on
+    this process's only while a reference is imported."""
+    return tuple(_FOLDERS)
 
 
 def _entry_points() -> dict[str, object]:
