@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from coordinator.strategies import build_strategy
-from edge_sdk.models import build_model, model_spec, structure
+from edge_sdk.models import build_model, gates, model_spec, structure
 from edge_sdk.models.cost import footprint, inference_macs
 from edge_sdk.plan_features import PlanFeatureError, build_features
 from harness.models import MOBILENET
@@ -76,8 +76,8 @@ def test_gates_sit_on_every_plain_conv_of_any_model_and_are_priced():
     assert sorted(layered) == sorted(n for n, _ in model.named_parameters())
 
     # Opacus's GroupNorm has one group per channel here, so at initialisation (zero bias) every
-    # channel mean a gate reads is zero and all saliencies tie at the gate's bias: `>=` the k-th
-    # then keeps them all. Training moves the biases; set them as it would.
+    # channel mean a gate reads is zero and all saliencies tie at the gate's bias: the lowest
+    # indices would win everywhere. Training moves the biases; set them as it would.
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for module in model.modules():
@@ -92,6 +92,26 @@ def test_gates_sit_on_every_plain_conv_of_any_model_and_are_priced():
     gate_macs = sum(m.gate.in_features * m.gate.out_features for n, m in convs.items() if n in with_gate)
     assert dense.macs == footprint(MOBILE).macs + gate_macs  # dense: every channel, plus the gates
     assert cheap < 0.2 * dense.macs  # a quarter of the channels on both sides of most products
+
+
+@pytest.mark.parametrize("bias, kept", [
+    ([1.0] * 8, [0, 1, 2, 3]),                                # all tie: the lowest indices
+    ([1, 2, 2, 1, 3, 3, 0.5, 2], [1, 2, 4, 5]),               # 3, 3, then two of the three 2s
+])
+def test_gates_keep_exactly_k_channels_on_ties_in_torch_and_when_exported(bias, kept):
+    """Saliencies set by the gate's bias alone (zero weights), so they tie exactly. The exported
+    graph (what ONNX and TFLite convert) counts instead of sorting and must keep the same."""
+    model = gates.attach(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)), 0.5, head="")
+    with torch.no_grad():
+        model[0].gate.weight.zero_()
+        model[0].gate.bias.copy_(torch.tensor(bias))
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    program = torch.export.export(model, (x,))
+    assert not [n for n in program.graph.nodes if "sort" in str(n.target) or "topk" in str(n.target)]
+    for run in (model, program.module()):
+        with torch.no_grad():
+            alive = run(x).abs().sum(dim=(2, 3)) > 0
+        assert [row.nonzero().flatten().tolist() for row in alive] == [kept] * 4
 
 
 # --------------------------------------------------------------------------- FjORD
