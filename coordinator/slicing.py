@@ -115,7 +115,7 @@ def extract(global_state: Mapping[str, np.ndarray], smap: SliceMap) -> dict[str,
         if source.shape != smap.global_shapes[name]:
             raise ValueError(f"tensor {name!r} has shape {source.shape}, but the slice map was "
                              f"built for {smap.global_shapes[name]}")
-        sub[name] = source.reshape(-1)[index]
+        sub[name] = np.asarray(source.reshape(-1)[index])  # a 0-d index gives a scalar
     return sub
 
 

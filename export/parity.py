@@ -117,7 +117,8 @@ def localize(model: torch.nn.Module, layers: Sequence[str], inputs: np.ndarray,
     every layer agrees (the departure is after the last one, or only in top-1 agreement).
 
     Bisection: about log2(layers) exports, not one per layer; a converter is slow."""
-    candidates = _probed_layers(model.eval(), layers, inputs)
+    # The model's own parameters' layer ("") is the whole network, not a cut.
+    candidates = _probed_layers(model.eval(), [name for name in layers if name], inputs)
     failures: dict[int, str] = {}
 
     def departs(index: int) -> bool:

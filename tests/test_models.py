@@ -14,6 +14,7 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -112,6 +113,115 @@ def test_a_module_without_declared_layers_is_layered_in_forward_order_head_last(
     assert info.layer_modules.index("features.2.conv.1.0") < info.layer_modules.index("features.2.conv.2.0")
     flat = [n for layer in info.layers for n in layer]
     assert sorted(flat) == sorted(tensor_shapes(spec)) and len(flat) == len(set(flat))
+
+
+# --------------------------------------------------------------------------- the model's own parameters
+
+
+class _LayerScaled(nn.Module):
+    """A convolution whose output a parameter of the block itself scales per channel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((channels,), 0.1))
+
+    def forward(self, x):
+        return x + self.gamma[:, None, None] * self.conv(x)
+
+
+class _Embedded(nn.Module):
+    """Bare parameters on the model itself: an NCHW positional embedding and an output scale."""
+
+    def __init__(self, in_channels: int, num_classes: int, channel_dims: bool) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.pos = nn.Parameter(torch.randn(1, 8, 8, 8) * 0.1)
+        self.block = _LayerScaled(8)
+        self.fc = nn.Linear(8, num_classes)
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        if channel_dims:
+            self.fedprune_channel_dims = {"pos": 1}
+
+    def forward(self, x):
+        x = self.block(torch.relu(self.stem(x) + self.pos))
+        return self.fc(x.mean(dim=(2, 3))) * self.scale
+
+
+register_model("tm_embedded")(lambda shape, classes: _Embedded(shape[0], classes, True))
+register_model("tm_embedded_nchw_undeclared")(lambda shape, classes: _Embedded(shape[0], classes, False))
+
+
+def test_a_models_own_parameters_are_its_first_layer_and_are_width_pruned_with_their_channels():
+    spec = model_spec("tm_embedded", (1, 8, 8), 3)
+    info = structure(spec)
+    assert info.layers[0] == ("pos", "scale") and info.layer_modules[0] == ""
+    assert info.layer_modules[1:] == ("stem.0", "stem.1", "block.conv", "block", "fc")
+    assert info.layers[4] == ("block.gamma",) and info.head == "fc"
+    flat = [n for layer in info.layers for n in layer]
+    assert sorted(flat) == sorted(tensor_shapes(spec)) and len(flat) == len(set(flat))
+
+    from coordinator.slicing import width_slice
+    full = build_model(spec, seed=0)
+    state = {k: v.detach().numpy() for k, v in full.state_dict().items()}
+    cut = width_slice(spec, state, 0.5, "magnitude")
+    (group, kept), = cut.spec.keep  # stem, its norm, the embedding, the block: one channel group
+    assert len(kept) == 4
+    assert cut.state["pos"].shape == (1, 4, 8, 8) and cut.state["block.gamma"].shape == (4,)
+    np.testing.assert_array_equal(cut.state["pos"], state["pos"][:, list(kept)])
+    assert cut.state["scale"].shape == () and cut.state["scale"] == 2.0
+    half = build_model(cut.spec, seed=0)
+    assert torch.equal(half.pos, build_model(cut.spec, seed=0).pos)  # seeded: no stale memory
+    half.load_state_dict({k: torch.from_numpy(v) for k, v in cut.state.items()})
+    assert half(torch.randn(5, 1, 8, 8)).shape == (5, 3)
+
+
+def test_a_models_own_parameters_train_under_dp_sgd():
+    """Opacus computes the per-sample gradients of a module with parameters of its own and
+    children (the model itself here) with functorch, over the whole module."""
+    from edge_sdk.settings import DPSettings, TrainSettings
+    from edge_sdk.training.local import train_locally
+
+    model = build_model(model_spec("tm_embedded", (1, 8, 8), 3), seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8, generator=generator), torch.arange(32) % 3
+    report = train_locally(model, x, y, TrainSettings(batch_size=16, local_epochs=1), {}, seed=0,
+                           dp=DPSettings(noise_multiplier=1.0), noise_multiplier=1.0)
+    assert report.privacy_history  # the steps were DP-SGD steps
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters()), \
+        [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+
+
+def test_a_bare_parameter_cut_along_the_wrong_dimension_is_named_with_the_fix():
+    spec = model_spec("tm_embedded_nchw_undeclared", (1, 8, 8), 3)  # the layers still work
+    assert structure(spec).layers[0] == ("pos", "scale")
+    with pytest.raises(SpecError, match=r"cannot be width-pruned: .*pos \(1, 8, 8, 8\) along "
+                                        r"dimension 3, .* fedprune_channel_dims = \{'pos': "):
+        build_model(width_spec(spec, 0.5))
+
+
+def _declaring(dims):
+    def build(shape, classes):
+        model = _Embedded(shape[0], classes, False)
+        model.fedprune_channel_dims = dims
+        return model
+    return build
+
+
+@pytest.mark.parametrize("name,dims,message", [
+    ("tm_dims_unknown", {"nope": 1},
+     r"fedprune_channel_dims\['nope'\] = 1 is not .*it has no parameter 'nope'"),
+    ("tm_dims_out_of_range", {"pos": 4},
+     r"fedprune_channel_dims\['pos'\] = 4 is not .*pos has shape \(1, 8, 8, 8\)"),
+    ("tm_dims_not_a_dict", [("pos", 1)],
+     r"fedprune_channel_dims must be a dict of parameter name to dimension, got list"),
+])
+def test_a_wrong_fedprune_channel_dims_is_a_spec_error(name, dims, message):
+    if name not in _REGISTRY:
+        register_model(name)(_declaring(dims))
+    with pytest.raises(SpecError, match=message):
+        build_model(width_spec(model_spec(name, (1, 8, 8), 3), 0.5))
 
 
 # --------------------------------------------------------------------------- forward passes

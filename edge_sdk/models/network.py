@@ -8,13 +8,16 @@ never allocates the network it cannot hold: only the pruned tensors become real.
 
 A model's *layers* (what FedP3 samples and FedPer's head counts in) are its parametrised modules
 in the order the forward pass runs them, or the module prefixes it lists in `fedprune_layers`;
-the last one is the output layer and must produce the logits.
+the last one is the output layer and must produce the logits. A module with parameters of its
+own and parametrised children (the model itself with a positional embedding or an output scale,
+a block with a layer scale) is the layer of only its own; the model's own layer comes first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -111,19 +114,62 @@ def structure(base: ModelSpec) -> Structure:
     executed = list(dict.fromkeys(order))
     if not executed:
         raise SpecError(f"model {base.name!r} has no parameters to train")
+    # The root's hook fires after everything it calls: its own parameters (a positional
+    # embedding, an output scale) become the first layer, so the output layer stays last.
+    if executed[-1] == "" and len(executed) > 1:
+        executed.insert(0, executed.pop())
     head = executed[-1]
     declared = getattr(model, "fedprune_layers", None)
     prefixes = list(declared) if declared else executed
-    layers = tuple(tuple(n for n, _ in model.get_submodule(p).named_parameters(prefix=p))
-                   for p in prefixes)
+    layers = _declared_layers(model, prefixes) if declared else _owned_layers(model, prefixes)
     shapes = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
-    covered = [n for layer in layers for n in layer]
-    if sorted(covered) != sorted(n for n, _ in shapes) or not all(layers):
-        raise SpecError(f"model {base.name!r}: fedprune_layers must cover every parameter once")
+    _check_cover(base.name, layers, prefixes, [n for n, _ in shapes], bool(declared))
     buffers = [(n, tuple(b.shape)) for n, b in model.named_buffers()]
     text = json.dumps([shapes, buffers, log.ops], separators=(",", ":"))
     return Structure(hashlib.sha256(text.encode()).hexdigest()[:16], layers, tuple(prefixes),
                      head, shapes, fixed)
+
+
+def _declared_layers(model: nn.Module, prefixes: list[str]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(n for n, _ in model.get_submodule(p).named_parameters(prefix=p))
+                 for p in prefixes)
+
+
+def _owned_layers(model: nn.Module, prefixes: list[str]) -> tuple[tuple[str, ...], ...]:
+    """Each parameter in the layer of the innermost module among `prefixes` that holds it: a
+    module with parameters of its own and parametrised children (the root, a block with a scale)
+    keeps only what no child that ran claims."""
+    owner = set(prefixes)
+    layers: dict[str, list[str]] = {p: [] for p in prefixes}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")[:-1]
+        holder = next((".".join(parts[:i]) for i in range(len(parts), -1, -1)
+                       if ".".join(parts[:i]) in owner), None)
+        if holder is not None:
+            layers[holder].append(name)
+    return tuple(tuple(layers[p]) for p in prefixes)
+
+
+def _check_cover(model_name: str, layers, prefixes: list[str], parameters: list[str],
+                 declared: bool) -> None:
+    covered = Counter(n for layer in layers for n in layer)
+    twice = sorted(n for n, count in covered.items() if count > 1)
+    missing = [n for n in parameters if n not in covered]
+    empty = [p or "(the model itself)" for p, layer in zip(prefixes, layers) if not layer]
+    if declared and (twice or missing or empty):
+        raise SpecError(
+            f"model {model_name!r}: fedprune_layers must cover every parameter once; "
+            + "; ".join(part for part in (
+                f"in no layer: {', '.join(missing[:5])}" if missing else "",
+                f"in more than one: {', '.join(twice[:5])}" if twice else "",
+                f"layers without parameters: {', '.join(empty[:5])}" if empty else "") if part)
+            + ". List module names whose parameters partition the model's")
+    if missing:
+        raise SpecError(
+            f"model {model_name!r}: parameter(s) {', '.join(missing[:5])} belong to no module "
+            "the forward pass calls (a module never used, or one whose tensors a parent reads "
+            "directly, e.g. F.linear(x, self.fc.weight)): call the module, drop it, or give the "
+            "model a fedprune_layers list of module names whose parameters cover them")
 
 
 def model_spec(name: str, input_shape, num_classes: int) -> ModelSpec:
@@ -173,6 +219,11 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
             width.prune(model, spec)
             model.train()  # Torch-Pruning traces in eval mode; Opacus refuses a model left there
             model = model.to_empty(device="cpu")
+            # What no reset_parameters sets (a bare parameter) is zero, not stale memory, so a
+            # seeded build is reproducible; a device loads the downloaded values over it anyway.
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.zero_()
             for module in model.modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()

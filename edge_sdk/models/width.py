@@ -28,13 +28,42 @@ from .spec import Keep, ModelSpec, SpecError
 _ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def channel_groups(model: nn.Module, spec: ModelSpec) -> dict[str, tp.dependency.Group]:
-    """The model's prunable channel groups, by the name of each group's root module."""
+def _graph(model: nn.Module, spec: ModelSpec) -> tp.DependencyGraph:
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     example = torch.zeros(1, *spec.input_shape, device=device, dtype=dtype)
     with torch.enable_grad():  # Torch-Pruning traces through autograd; a caller may be in no_grad
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example, unwrapped_parameters=_declared_dims(model, spec))
+
+
+def _declared_dims(model: nn.Module, spec: ModelSpec) -> list:
+    """Bare parameters (not a convolution's, linear's or normalisation's: a positional embedding,
+    a scale) have no known channel dimension; Torch-Pruning takes their last non-singleton one.
+    A model whose channels lie elsewhere (an NCHW embedding of shape (1, C, H, W)) names the
+    dimension in `fedprune_channel_dims`, {parameter name: dimension}."""
+    declared = getattr(model, "fedprune_channel_dims", None) or {}
+    shapes = dict(model.named_parameters())
+    if not isinstance(declared, dict):
+        raise SpecError(f"model {spec.name!r}: fedprune_channel_dims must be a dict of parameter "
+                        f"name to dimension, got {type(declared).__name__}")
+    dims = []
+    for name, dim in declared.items():
+        param = shapes.get(name)
+        if param is None or isinstance(dim, bool) or not isinstance(dim, int) \
+                or not -param.dim() <= dim < param.dim():
+            raise SpecError(f"model {spec.name!r}: fedprune_channel_dims[{name!r}] = {dim!r} is "
+                            f"not a dimension of one of its parameters ("
+                            + (f"{name} has shape {tuple(param.shape)}" if param is not None
+                               else f"it has no parameter {name!r}") + ")")
+        dims.append(tp._helpers.UnwrappedParameters(parameters=param,
+                                                 pruning_dim=dim % param.dim()))
+    return dims
+
+
+def channel_groups(model: nn.Module, spec: ModelSpec) -> dict[str, tp.dependency.Group]:
+    """The model's prunable channel groups, by the name of each group's root module."""
+    graph = _graph(model, spec)
     names = {module: name for name, module in model.named_modules()}
     head = model.get_submodule(structure(spec.base).head)
     return {names[group[0].dep.target.module]: group
@@ -94,10 +123,29 @@ def check_sliceable(base: ModelSpec) -> None:
         raise
     except Exception as exc:
         raise SpecError(f"model {base.name!r} cannot be width-pruned: {type(exc).__name__}: "
-                        f"{exc}; use a strategy without width slicing, or give every device the "
-                        "full width") from None
+                        f"{exc}{_bare_hint(base)}; use a strategy without width slicing, or give "
+                        "every device the full width") from None
     if tuple(out.shape) != (2, base.num_classes):
         raise SpecError(f"model {base.name!r} pruned to half width returns {tuple(out.shape)}")
+
+
+def _bare_hint(base: ModelSpec) -> str:
+    """Which bare parameters Torch-Pruning cut along which dimension: the usual cause."""
+    try:
+        model = meta_model(base)
+        graph = _graph(model, base)
+    except Exception:
+        return ""
+    names = {id(p): n for n, p in model.named_parameters()}
+    declared = getattr(model, "fedprune_channel_dims", None) or {}
+    guessed = [(names[id(u.parameters)], tuple(u.parameters.shape), u.pruning_dim)
+               for u in graph.unwrapped_parameters if names[id(u.parameters)] not in declared]
+    if not guessed:
+        return ""
+    said = ", ".join(f"{n} {shape} along dimension {d}" for n, shape, d in guessed[:5])
+    return (f" (Torch-Pruning cuts bare parameters along their last dimension longer than one: "
+            f"{said}; where a parameter's channels are another dimension, name it on the model: "
+            f"fedprune_channel_dims = {{{guessed[0][0]!r}: <its channel dimension>}})")
 
 
 def index_map(spec: ModelSpec) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
