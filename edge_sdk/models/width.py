@@ -43,13 +43,13 @@ def _declared_dims(model: nn.Module, spec: ModelSpec) -> list:
     A model whose channels lie elsewhere (an NCHW embedding of shape (1, C, H, W)) names the
     dimension in `fedprune_channel_dims`, {parameter name: dimension}."""
     declared = getattr(model, "fedprune_channel_dims", None) or {}
-    shapes = dict(model.named_parameters())
+    params = dict(model.named_parameters())
     if not isinstance(declared, dict):
         raise SpecError(f"model {spec.name!r}: fedprune_channel_dims must be a dict of parameter "
                         f"name to dimension, got {type(declared).__name__}")
     dims = []
     for name, dim in declared.items():
-        param = shapes.get(name)
+        param = params.get(name)
         if param is None or isinstance(dim, bool) or not isinstance(dim, int) \
                 or not -param.dim() <= dim < param.dim():
             raise SpecError(f"model {spec.name!r}: fedprune_channel_dims[{name!r}] = {dim!r} is "
