@@ -36,6 +36,7 @@ def build(input_shape, num_classes):
 
 not_a_function = 3
 """
+BROKEN = "import fp_edge_not_installed\n"  # a module that is there, whose own import fails
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def forget_models():
     yield
     for name in [n for n in _REGISTRY if n.split(":")[0] in (MODULE, UNLISTED)]:
         _REGISTRY.pop(name)
-    for module in (MODULE, UNLISTED):
+    for module in (MODULE, f"{MODULE}_broken", UNLISTED):
         sys.modules.pop(module, None)
 
 
@@ -53,6 +54,7 @@ def device_folder(root: Path, models: list[str]) -> Path:
     """A device's folder: MODULE.py and an edge.toml listing `models`; the edge.toml's path."""
     root.mkdir(parents=True, exist_ok=True)
     (root / f"{MODULE}.py").write_text(MODEL)
+    (root / f"{MODULE}_broken.py").write_text(BROKEN)
     listed = ", ".join(f'"{m}"' for m in models)
     path = root / "edge.toml"
     path.write_text(f'device_id = "dev-0"\nstate_dir = "state"\nmodels = [{listed}]\n')
@@ -78,6 +80,8 @@ def test_a_listed_model_is_imported_from_the_configs_folder(tmp_path, forget_mod
     ("fp_edge_missing:build", r"model 'fp_edge_missing:build' cannot be loaded \(No module named "
                               r"'fp_edge_missing'\); put fp_edge_missing\.py next to the config file"),
     (f"{MODULE}:not_a_function", rf"model '{MODULE}:not_a_function' is not a function"),
+    (f"{MODULE}_broken:build", rf"model '{MODULE}_broken:build': importing {MODULE}_broken failed: "
+                               r"ModuleNotFoundError: No module named 'fp_edge_not_installed'"),
     ("mlp", r"'mlp' is not a package\.module:function reference; a built-in model or an installed "
             r"fedprune\.models entry point needs no entry in models"),
 ])
@@ -91,7 +95,7 @@ def test_a_model_that_cannot_be_loaded_stops_the_device_naming_it(tmp_path, forg
     assert "Traceback" not in err and not (tmp_path / "device" / "state").exists()
 
 
-def test_a_child_process_builds_a_reference_from_the_folder_its_config_named(tmp_path, forget_models):
+def test_a_child_process_builds_a_reference_from_its_configs_folder(tmp_path, forget_models):
     """A memory rehearsal (`python -m edge_sdk.rehearsal`, what planning a user's model starts)
     imports the model from the config's folder, which is on the parent's path only while the
     parent imports it."""
@@ -118,7 +122,8 @@ def only_refusal(h: Harness):
     return refusals[0]
 
 
-@pytest.mark.parametrize("name, listed, says", [
+# (model the task names, the device's models, what the refusal says)
+LACKING = [
     (f"{UNLISTED}:build", (),
      [f"this device has no model '{UNLISTED}:build' (edge.toml lists no models): add it to models "
       f'in edge.toml, e.g. models = ["{UNLISTED}:build"]']),
@@ -129,27 +134,30 @@ def only_refusal(h: Harness):
      ["this device has no model 'my-cnn': it is neither built in nor a fedprune.models entry point "
       "installed here (edge.toml lists no models); install the package that provides it, or list "
       "its package.module:function in edge.toml's models"]),
-])
+]
+
+
 def test_a_task_naming_a_model_the_device_lacks_is_refused_naming_the_model_and_the_key(
-        tmp_path, sqlite_url, forget_models, monkeypatch, name, listed, says):
+        tmp_path, sqlite_url, forget_models, monkeypatch):
     marker = tmp_path / "imported.txt"
     (tmp_path / f"{UNLISTED}.py").write_text(SIDE_EFFECT.format(marker=str(marker)))
     device_folder(tmp_path, [])  # MODULE.py, importable once on the path
     monkeypatch.syspath_prepend(str(tmp_path))
     h = Harness(tmp_path, sqlite_url, devices=1)
     genuine = first_task(h)
-    agent = restart_agent(h, models=listed)
     plan = decode_envelope(genuine).header["plan"]
-    send_task(h, task_variant(genuine, task="other-model",
-                              plan={**plan, "spec": {**plan["spec"], "name": name}}))
-    refusal = only_refusal(h)
-    assert refusal.code.value == "bad_task" and refusal.task == "other-model"
-    for text in says:
-        assert text in refusal.message, refusal.message
+    for n, (name, listed, says) in enumerate(LACKING):
+        agent = restart_agent(h, models=listed)
+        send_task(h, task_variant(genuine, task=f"other-{n}",
+                                  plan={**plan, "spec": {**plan["spec"], "name": name}}))
+        refusal = only_refusal(h)
+        assert refusal.code.value == "bad_task" and refusal.task == f"other-{n}"
+        for text in says:
+            assert text in refusal.message, refusal.message
     assert not marker.exists() and UNLISTED not in sys.modules  # a name on the wire: never imported
-    assert agent.state.tasks() == {"r000001-other-model": "refused"}
+    assert agent.state.tasks() == {f"r000001-other-{n}": "refused" for n in range(len(LACKING))}
     assert not (agent.state.root / "model.pt").exists()
 
     send_task(h, genuine)  # the device goes on: the coordinator's own task trains
-    [(_, update)] = h.take(h.to_coordinator, "update", DEVICE)
+    assert len(h.take(h.to_coordinator, "update", DEVICE)) == 1
     assert agent.state.tasks()[f"r000001-{decode_envelope(genuine).header['task']}"] == "sent"

@@ -98,13 +98,16 @@ def test_the_guides_entry_points_install_and_run_by_name(tmp_path):
 
 @pytest.fixture
 def project_modules(monkeypatch):
-    """The project's `data` module, imported in this process, is forgotten afterwards: another
-    test's `data:load` must not find this one."""
+    """The project's `data` and `model` modules, imported in this process, are forgotten
+    afterwards: another test's `data:load` or `model:build` must not find these."""
     from edge_sdk.data.sources import registry
+    from edge_sdk.models import registry as models
 
     monkeypatch.setattr(registry, "_RESOLVED", dict(registry._RESOLVED))
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
     yield
     sys.modules.pop("data", None)
+    sys.modules.pop("model", None)
 
 
 def test_the_edge_config_is_a_device_config_that_reads_the_projects_data(tmp_path, project_modules):
@@ -114,6 +117,8 @@ def test_the_edge_config_is_a_device_config_that_reads_the_projects_data(tmp_pat
     new_project(tmp_path / "p")
     settings = load_edge_config(tmp_path / "p" / "edge.toml")
     assert settings.device_id == "p-device-000" and settings.epsilon_budget == 8.0
+    assert settings.models == ("model:build",)  # model.py beside it, imported from there
+    assert sys.modules["model"].__file__ == str(tmp_path / "p" / "model.py")
     data = device_data(settings.data)  # what the agent trains on: data.py's train split
     assert data.contract.input_shape == (1, 16, 16)
     assert data.contract.classes == ("horizontal bar", "vertical bar", "cross", "square")

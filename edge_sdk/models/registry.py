@@ -65,6 +65,9 @@ def allow_reference(reference: str, config_dir: str | Path | None = None) -> str
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if not f"{module_name}.".startswith(f"{exc.name}."):  # it is there; an import in it failed
+            raise SpecError(f"model {reference!r}: importing {module_name} failed: "
+                            f"{type(exc).__name__}: {exc}") from None
         raise SpecError(f"model {reference!r} cannot be loaded ({exc}); put {module_name}.py next "
                         "to the config file or install the package that defines it") from None
     except Exception as exc:  # the user's module failed while importing
