@@ -3,8 +3,9 @@
 Each precision has its own bar: fp32 must match torch to float rounding, fp16 to half-precision
 rounding, int8 dynamic-range to what weight quantization costs. The bar is on the logits (an
 absolute plus a relative term, relative to the largest torch logit) and on top-1 agreement over
-real test inputs. When an artifact misses it, `localize` exports the network cut at one of its
-layers (`structure(spec).layer_modules`, any architecture: the whole forward runs and that
+the real test inputs whose two best torch logits are further apart than twice that bound (the
+agreement over all inputs is recorded too). When an artifact misses it, `localize` exports the
+network cut at one of its layers (`structure(spec).layer_modules`, any architecture: the whole forward runs and that
 layer's output is returned) the same way, and bisects over the layers for the one whose output
 departs from torch while the layer before it still agrees.
 """
@@ -41,25 +42,42 @@ TOLERANCES = {
 @dataclass(frozen=True)
 class ParityResult:
     max_abs_diff: float
-    top1_agreement: float
+    top1_agreement: float       # over every input: how often the device's answer is torch's
     bound: float
     tolerance: Tolerance
+    decided_agreement: float = 1.0  # over the inputs torch decides by more than twice the bound
+    decided: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= self.bound and self.top1_agreement >= self.tolerance.min_top1
+        """The bar is the logits', and top-1 agreement where the logits decide. An input whose
+        two best torch logits lie within twice the bound is a near-tie: an artifact within the
+        bound may answer it either way, so a weakly trained model's near-ties (common at int8)
+        do not fail an export that is faithful to torch."""
+        return (self.max_abs_diff <= self.bound
+                and self.decided_agreement >= self.tolerance.min_top1)
 
     def describe(self) -> str:
         return (f"max |logit difference| {self.max_abs_diff:.3g} (allowed {self.bound:.3g}), "
-                f"top-1 agreement {self.top1_agreement:.4f} (required {self.tolerance.min_top1})")
+                f"top-1 agreement {self.decided_agreement:.4f} on the {self.decided} inputs torch "
+                f"decides by more than {2 * self.bound:.3g} (required {self.tolerance.min_top1}), "
+                f"{self.top1_agreement:.4f} on all")
 
 
 def compare(got: np.ndarray, want: np.ndarray, tolerance: Tolerance) -> ParityResult:
     if got.shape != want.shape:
         raise ExportError(f"exported model returns shape {got.shape}, torch returns {want.shape}")
     diff = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
-    agreement = float((got.reshape(len(got), -1).argmax(1) == want.reshape(len(want), -1).argmax(1)).mean())
-    return ParityResult(diff, agreement, tolerance.bound(want), tolerance)
+    got, want = got.reshape(len(got), -1), want.reshape(len(want), -1)
+    same = got.argmax(1) == want.argmax(1)
+    bound = tolerance.bound(want)
+    if want.shape[1] > 1:
+        best_two = np.sort(want, axis=1)[:, -2:]
+        decided = best_two[:, 1] - best_two[:, 0] > 2 * bound
+    else:
+        decided = np.ones(len(want), dtype=bool)
+    return ParityResult(diff, float(same.mean()), bound, tolerance,
+                        float(same[decided].mean()) if decided.any() else 1.0, int(decided.sum()))
 
 
 def torch_outputs(model: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:
