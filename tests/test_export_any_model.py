@@ -30,29 +30,7 @@ from edge_sdk.runtime import Predictor, load_manifest, register_runtime, unregis
 from edge_sdk.runtime.backends import OnnxBackend
 from export import (TOLERANCES, ExportError, export_bundle, register_exporter, to_onnx,
                     unregister_exporter)
-
-
-def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
-            activation: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups,
-                                         bias=False), nn.BatchNorm2d(cout)]
-    if activation:
-        layers.append(nn.ReLU6(inplace=True))
-    return nn.Sequential(*layers)
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
-        super().__init__()
-        hidden = cin * expand
-        layers = [conv_bn(cin, hidden, 1)] if expand != 1 else []
-        layers += [conv_bn(hidden, hidden, 3, stride, groups=hidden),  # depthwise
-                   conv_bn(hidden, cout, 1, activation=False)]          # linear bottleneck
-        self.conv = nn.Sequential(*layers)
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x):
-        return x + self.conv(x) if self.residual else self.conv(x)
+from harness.models import InvertedResidual, conv_bn  # MobileNetV2's blocks
 
 
 class MobileNetV2(nn.Module):
