@@ -32,6 +32,7 @@ from ..checkpoint import Checkpoint, load_checkpoint
 from ..client import LocalClient
 from ..data.sources import device_data
 from ..models import ModelSpec, SpecError, allow_reference, check_structure, model_names
+from ..models.network import load_toolchain
 from ..plan import SubmodelPlan
 from ..protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError, MessageType,
                         RefusalCode, RefusalHeader, RegisterHeader, StatusHeader, TaskHeader,
@@ -100,6 +101,7 @@ class EdgeAgent:
         self.data = loaded.data.with_train_limit(config.max_samples)
         self.data_contract, self.data_skipped, self.data_name = \
             loaded.contract, loaded.skipped, loaded.name
+        load_toolchain()  # before registering: a task's deadline runs from when it is sent
         self.client: LocalClient | None = None
         self.stopping = threading.Event()
         self.coordinator_key = load_public_key(config.coordinator_key) if config.coordinator_key else None

@@ -51,6 +51,12 @@ class _OperatorLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def load_toolchain() -> None:
+    """Import what building any model for a task needs (Opacus's validators: seconds on a small
+    CPU), so that a device pays it when it starts, not inside its first task's deadline."""
+    from opacus.validators import ModuleValidator  # noqa: F401
+
+
 def _factory_build(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...]]:
     """The registered factory's module with Opacus's fixes applied; what was fixed, said."""
     try:
