@@ -23,6 +23,7 @@ tests/test_any_model_e2e.py` measures it again) and the coordinator finds it in 
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -378,6 +379,22 @@ def test_a_device_whose_build_differs_refuses_the_task_naming_both_digests(fleet
     assert not (state / "model.pt").exists()           # it trained nothing
     assert ODD in fleet_round.still_running and "Traceback" not in fleet_round.logs[ODD]
     assert sorted(fleet_round.still_running) == sorted(ALL_DEVICES)
+
+
+def test_the_plan_says_what_opacus_changed_in_the_users_network(tmp_path, capsys, monkeypatch):
+    """BatchNorm in the user's code becomes GroupNorm for DP-SGD; `fedprune plan` says so."""
+    from coordinator.cli import main
+
+    cache = tmp_path / "memory-cache"
+    cache.mkdir()
+    (cache / f"{MEASURED['digest']}.json").write_text(json.dumps(MEASURED))
+    monkeypatch.setenv("FEDPRUNE_MEMORY_CACHE", str(cache))
+    here = f"{Path(__file__).stem}:build"  # this file's own function: the same structure
+    allow_reference(here)
+    assert main(["plan", "--catalogue", "rpi3b", "--model", here, "--input-shape",
+                 ",".join(map(str, SHAPE)), "--classes", str(len(CLASSES))]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  model: ")]
+    assert len(said) == 1 and re.search(r"\d+ BatchNorm2d replaced by \d+ GroupNorm", said[0]), said
 
 
 if __name__ == "__main__":  # measure MEASURED again (minutes): python tests/test_any_model_e2e.py

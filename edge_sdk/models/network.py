@@ -79,13 +79,19 @@ def _factory_build(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...]]:
     problems = ModuleValidator.validate(model, strict=False)
     if not problems:
         return model, done
-    fixed = done + tuple(sorted({type(p).__name__ + ": " + str(p).split("\n")[0][:120]
-                                 for p in problems}))
+    before = Counter(type(m).__name__ for m in model.modules())
     model = ModuleValidator.fix(model)
+    after = Counter(type(m).__name__ for m in model.modules())
+    gone, added = before - after, after - before
+    fixed = done + (f"{_kinds(gone)} replaced by {_kinds(added) or 'nothing'}",) if gone else done
     left = ModuleValidator.validate(model, strict=False)
     if left:
         raise SpecError(f"model {spec.name!r} cannot be trained with per-sample clipping: {left[0]}")
     return model, fixed
+
+
+def _kinds(counts: Counter) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
 
 
 def meta_model(spec: ModelSpec) -> nn.Module:
