@@ -26,7 +26,6 @@ import json
 import re
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -43,7 +42,9 @@ from edge_sdk.models.registry import _REGISTRY
 from edge_sdk.protocol import RefusalHeader, TaskHeader, decode_envelope, parse_header
 from edge_sdk.runtime import load_manifest
 from edge_sdk.slicing import width_spec
+from harness.brokers import recording_subscriber
 from harness.devices import edge_agent_process
+from harness.models import InvertedResidual, conv_bn  # MobileNetV2's blocks
 from harness.processes import Process, stop_processes
 from harness.waiting import wait_until
 
@@ -71,29 +72,6 @@ WIDTHS = {"any-0": 1.0, "any-1": 0.75, "any-2": 1.0}
 # after every convolution, in-place ReLU6, residual adds. Every block keeps the 16x16 resolution,
 # so its activations (what training memory grows with) are large for its 45k parameters: an
 # rpi3b cannot train it at full width on batches of 32, an rpi4 can.
-
-
-def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
-            activation: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups,
-                                         bias=False), nn.BatchNorm2d(cout)]
-    if activation:
-        layers.append(nn.ReLU6(inplace=True))
-    return nn.Sequential(*layers)
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
-        super().__init__()
-        hidden = cin * expand
-        layers = [conv_bn(cin, hidden, 1)] if expand != 1 else []
-        layers += [conv_bn(hidden, hidden, 3, stride, groups=hidden),   # depthwise
-                   conv_bn(hidden, cout, 1, activation=False)]           # linear bottleneck
-        self.conv = nn.Sequential(*layers)
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x):
-        return x + self.conv(x) if self.residual else self.conv(x)
 
 
 class MobileNetV2(nn.Module):
@@ -219,31 +197,6 @@ def coordinator_folder(root: Path, broker_url: str) -> Path:
 
 
 # ------------------------------------------------------------------------ what crossed the wire
-def recording_subscriber(port: int) -> tuple[subprocess.Popen, threading.Thread, list[str]]:
-    """`mosquitto_sub` of the fleet's tasks and refusals (`topic hex` lines, collected by a
-    thread), returned once its subscription is in place: a probe on a topic of its own is
-    published until it prints it."""
-    probe = f"fedprune/{FLEET}/probe"
-    sub = subprocess.Popen(["mosquitto_sub", "-p", str(port), "-q", "1", "-v", "-F", "%t %x",
-                            "-t", f"fedprune/{FLEET}/task/+", "-t", f"fedprune/{FLEET}/refusal/+",
-                            "-t", probe], stdout=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in sub.stdout),
-                              daemon=True)
-    reader.start()
-
-    def probed() -> bool:
-        subprocess.run(["mosquitto_pub", "-p", str(port), "-q", "1", "-t", probe, "-m", "probe"],
-                       check=True, timeout=10)
-        return any(line.startswith(f"{probe} ") for line in lines)
-    try:
-        wait_until(probed, 10, "mosquitto_sub's subscription")
-    except BaseException:
-        sub.kill()
-        raise
-    return sub, reader, lines
-
-
 def headers(lines: list[str], kind: str) -> dict:
     """The last header of each device's messages of `kind` the subscriber recorded."""
     seen = {}
@@ -289,7 +242,7 @@ def run_round(root: Path, broker) -> Round:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("FEDPRUNE_MEMORY_CACHE", str(cache))
         env.setenv("PYTHONPATH", str(TESTS), prepend=os.pathsep)
-        sub, reader, lines = recording_subscriber(broker.port)
+        sub, reader, lines = recording_subscriber(broker.port, FLEET, ["task/+", "refusal/+"], "%t %x")
         # The devices start first (registrations are retained): their start-up overlaps the
         # coordinator's.
         agents: list[Process] = [edge_agent_process(path, path.with_suffix(".log"), device).start()

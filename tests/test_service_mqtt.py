@@ -22,11 +22,12 @@ from edge_sdk.agent import DeviceState, EdgeAgent, EdgeSettings
 from edge_sdk.data import load_dataset
 from edge_sdk.protocol import MAGIC
 from edge_sdk.runtime import Predictor
+from harness.brokers import recording_subscriber
 from harness.devices import start_edge_agent
 from harness.processes import stop_processes
 from harness.waiting import wait_until
 
-MOSQUITTO_SUB, MOSQUITTO_PUB = "mosquitto_sub", "mosquitto_pub"
+MOSQUITTO_SUB = "mosquitto_sub"
 PROBE = "probe"  # the topic kind of the messages that show the recording subscriber is subscribed
 
 
@@ -47,34 +48,6 @@ def _edge_config(tmp: Path, url: str, fleet: str, i: int, devices: int = 3) -> E
                       data={"clients": devices, "device_index": i})
 
 
-def _recording_subscriber(port: int, fleet: str
-                          ) -> tuple[subprocess.Popen, threading.Thread, list[str]]:
-    """A `mosquitto_sub` of every fleet topic, printing `topic length` lines that a thread
-    collects; returned once its subscription is in place: a probe on a fleet topic is published
-    until the subscriber prints it (its lines are under the topic kind PROBE)."""
-    sub = subprocess.Popen([MOSQUITTO_SUB, "-p", str(port), "-q", "1", "-v",
-                            "-t", f"fedprune/{fleet}/#", "-F", "%t %l"],
-                           stdout=subprocess.PIPE, text=True)
-    lines: list[str] = []
-
-    def read() -> None:
-        for line in sub.stdout:
-            lines.append(line.rstrip("\n"))
-    reader = _run_in_thread(read)
-    probe = f"fedprune/{fleet}/{PROBE}"
-
-    def probed() -> bool:
-        subprocess.run([MOSQUITTO_PUB, "-p", str(port), "-q", "1", "-t", probe, "-m", "probe"],
-                       check=True, timeout=10)
-        return any(line.startswith(f"{probe} ") for line in lines)
-    try:
-        wait_until(probed, 10, "mosquitto_sub's subscription")
-    except BaseException:
-        sub.kill()
-        raise
-    return sub, reader, lines
-
-
 def _run_in_thread(target) -> threading.Thread:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
@@ -83,7 +56,7 @@ def _run_in_thread(target) -> threading.Thread:
 
 def test_two_rounds_over_mosquitto_as_a_plain_subscriber_sees_them(tmp_path, broker):
     fleet = "e2e"
-    sub, reader, lines = _recording_subscriber(broker.port, fleet)
+    sub, reader, lines = recording_subscriber(broker.port, fleet, ["#"], "%t %l")
     configs = [_edge_config(tmp_path, broker.url, fleet, i) for i in range(3)]
     devices = [start_edge_agent(config, tmp_path) for config in configs]
     service = _service(tmp_path, broker.url, fleet)

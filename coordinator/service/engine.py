@@ -105,9 +105,8 @@ class RoundEngine:
         self.spec = self.strategy.spec
         self.dp = dp_config(config)
         self.signing_key = load_private_key(config.signing_key) if config.signing_key else None
-        evaluating = config.evaluate and self.held_out.x is not None
-        self.test_x = self.held_out.x if evaluating else None
-        self.test_y = self.held_out.y if evaluating else None
+        self.test_x, self.test_y = ((self.held_out.x, self.held_out.y) if config.evaluate
+                                    else (None, None))
         self.state_dir = Path(config.state_dir)
         self.planner = planner_settings(config, self.strategy, config.rounds.deadline_seconds)
         self.train = config.train

@@ -215,3 +215,31 @@ def fleet_wire(url: str, name: str, fleet: str = "test") -> MqttPeer:
     """The test's own MQTT client on `fleet`: publishes what a coordinator would and records every
     message the devices send (fedprune/<fleet>/+/+), so tests wait on what crossed the broker."""
     return MqttPeer(url, f"wire-{name}", [f"fedprune/{fleet}/+/+"])
+
+
+def recording_subscriber(port: int, fleet: str, topics: Sequence[str], line_format: str
+                         ) -> tuple[subprocess.Popen, threading.Thread, list[str]]:
+    """A plain `mosquitto_sub` of `topics` (under `fedprune/<fleet>/`), printing one
+    `line_format` line per message (e.g. `%t %l`, `%t %x`), collected by a thread; returned once
+    its subscription is in place: a probe on `fedprune/<fleet>/probe` is published until the
+    subscriber prints it."""
+    probe = f"fedprune/{fleet}/probe"
+    args = ["mosquitto_sub", "-p", str(port), "-q", "1", "-v", "-F", line_format]
+    for topic in (*topics, *(() if "#" in topics else ("probe",))):
+        args += ["-t", f"fedprune/{fleet}/{topic}"]
+    sub = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in sub.stdout),
+                              daemon=True)
+    reader.start()
+
+    def probed() -> bool:
+        subprocess.run(["mosquitto_pub", "-p", str(port), "-q", "1", "-t", probe, "-m", "probe"],
+                       check=True, timeout=10)
+        return any(line.startswith(f"{probe} ") for line in lines)
+    try:
+        wait_until(probed, 10, "mosquitto_sub's subscription")
+    except BaseException:
+        sub.kill()
+        raise
+    return sub, reader, lines
