@@ -149,7 +149,7 @@ class CoordinatorService:
                     self._poll_leadership()
                 if self.engine.leading:
                     self._tick()
-                if self.config.exit_when_done and self.engine.done:
+                if self.config.exit_when_done and self._done():
                     log.info("done: %d of %d rounds committed", self.engine.committed_rounds(),
                              self.config.rounds.total,
                              extra={"peak_rss_bytes": peak_rss_bytes(),
@@ -162,6 +162,20 @@ class CoordinatorService:
             pass
         finally:
             self.stop()
+
+    def _done(self) -> bool:
+        """Whether every round is committed; a database that does not answer now (a connection a
+        takeover ended while this coordinator was paused, a restart) is asked again next loop,
+        rather than ending the process."""
+        try:
+            return self.engine.done
+        except Exception as exc:  # noqa: BLE001 - only a transient failure is waited out
+            if not is_transient(exc):
+                raise
+            self.counters["transient_failures"] += 1
+            log.warning("could not read whether every round is committed (%s: %s); asking again",
+                        type(exc).__name__, exc)
+            return False
 
     def _poll_leadership(self, force: bool = False) -> None:
         """Cluster mode, every takeover_poll_seconds: take the lead if it is free, keep it, or
