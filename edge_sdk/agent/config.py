@@ -26,7 +26,11 @@ class EdgeSettings(BaseModel):
     broker: str = "mqtt://127.0.0.1:1883"
     fleet: str = "default"
     topic_prefix: str = "fedprune"
-    state_dir: str = "edge-state"
+    # Paths (state_dir, tls_ca, coordinator_key, a profile file, data paths) are read from the
+    # config file's folder when relative, so a device folder from `provision` works wherever it
+    # is copied. `fedprune-edge run` starts on a state_dir that does not exist only with
+    # --new-state (agent/state.py: open_state_dir).
+    state_dir: str = Field("edge-state", validate_default=True)
     # "catalogue:<name>" for a catalogue device class, a profile JSON from `fedprune-edge profile`, or
     # "measure" to profile this device on first start (kept in state_dir/profile.json).
     profile: str = "catalogue:rpi4-4gb"
@@ -91,6 +95,30 @@ class EdgeSettings(BaseModel):
             allow_reference(reference, folder)
         return references
 
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir(cls, value: str, info: ValidationInfo) -> str:
+        """Not required to exist here: whether a missing one may be created is the agent's
+        decision at start (it may be new on purpose, or a typo hiding the privacy ledger)."""
+        folder = (info.context or {}).get(CONFIG_DIR)
+        return value if folder is None else str(Path(folder) / Path(value).expanduser())
+
+    @field_validator("tls_ca", "coordinator_key")
+    @classmethod
+    def _key_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _config_file(value, info)
+
+    @field_validator("profile")
+    @classmethod
+    def _profile_file(cls, value: str, info: ValidationInfo) -> str:
+        """Read from the config's folder, but not required yet: a config may name the profile
+        `fedprune-edge profile` is about to write beside it (deploy/edge.example.toml); the
+        agent's start says how to make a missing one (device_profiles.load_profile)."""
+        folder = (info.context or {}).get(CONFIG_DIR)
+        if folder is None or value.startswith("catalogue:") or value == "measure":
+            return value
+        return str(Path(folder) / Path(value).expanduser())
+
     @property
     def dp_required(self) -> bool:
         """Whether this device trains only with DP (always when it has an epsilon budget)."""
@@ -122,11 +150,43 @@ class EdgeSettings(BaseModel):
         return path
 
 
+def _config_file(value: str, info: ValidationInfo) -> str:
+    """A file named in a config file, read from that file's folder when relative, and checked
+    to exist while the config is read: a device folder copied without one of its files stops
+    here, naming the key and the file, not later in whatever first opens it. A config built in
+    code (no file) keeps its paths as given."""
+    folder = (info.context or {}).get(CONFIG_DIR)
+    if folder is None:
+        return value
+    path = Path(folder) / Path(value).expanduser()
+    try:
+        state = None if path.is_file() else "is not a file" if path.exists() else "does not exist"
+    except OSError as exc:  # a name too long, a folder that may not be searched
+        state = f"cannot be read ({exc.strerror or exc})"
+    if state is not None:
+        where = "" if Path(value).expanduser().is_absolute() else \
+            f" (relative paths are read from the config file's folder, {folder})"
+        raise ValueError(f"{path} {state}{where}; copy the file there or fix {info.field_name}")
+    return str(path)
+
+
+def _data_dir(data: object, folder: Path) -> object:
+    """[data] data_dir (the benchmark's download folder) read from the config's folder too:
+    `path` and `test_path` already are (DataSettings), and one rule for every key is the one
+    an operator can remember."""
+    if isinstance(data, dict) and isinstance(data.get("data_dir"), str):
+        return {**data, "data_dir": str(folder / Path(data["data_dir"]).expanduser())}
+    return data
+
+
 def load_edge_config(path: str | Path) -> EdgeSettings:
     data = read_toml(path, "edge config", EdgeConfigError)
+    folder = Path(path).resolve().parent
+    if "data" in data:
+        data["data"] = _data_dir(data["data"], folder)
     try:
-        # [data] paths are read from the config file's folder
-        return EdgeSettings.model_validate(data, context={CONFIG_DIR: Path(path).resolve().parent})
+        # every relative path is read from the config file's folder
+        return EdgeSettings.model_validate(data, context={CONFIG_DIR: folder})
     except ValidationError as exc:
         problems = describe(exc, "config")
         raise EdgeConfigError(f"{path}: {problems}") from None
