@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -43,15 +43,33 @@ def verify(header: dict[str, Any], payload: bytes, key: Ed25519PublicKey) -> Non
         raise EnvelopeError("signature does not verify with the coordinator's key: forged or altered") from None
 
 
-def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path} is not an Ed25519 private key")
-    return key
+def _read_key(path: str | Path, what: str, key: str) -> bytes:
+    """The PEM bytes, or ValueError naming the file and the config key that names it: a
+    device folder copied without its key stops with a sentence, not an OSError traceback."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what} {path} cannot be read ({exc.strerror or exc}); fix {key} or "
+                         "copy the file from the provisioned folder") from None
 
 
-def load_public_key(path: str | Path) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(Path(path).read_bytes())
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{path} is not an Ed25519 public key")
-    return key
+def load_private_key(path: str | Path, key: str = "signing_key") -> Ed25519PrivateKey:
+    pem = _read_key(path, "the signing key", key)
+    try:
+        loaded = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError(f"{key}: {path} is not a PEM private key without a password") from None
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise ValueError(f"{key}: {path} is not an Ed25519 private key")
+    return loaded
+
+
+def load_public_key(path: str | Path, key: str = "coordinator_key") -> Ed25519PublicKey:
+    pem = _read_key(path, "the coordinator's public key", key)
+    try:
+        loaded = serialization.load_pem_public_key(pem)
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError(f"{key}: {path} is not a PEM public key") from None
+    if not isinstance(loaded, Ed25519PublicKey):
+        raise ValueError(f"{key}: {path} is not an Ed25519 public key")
+    return loaded
