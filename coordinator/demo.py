@@ -152,8 +152,8 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
     for i, name in enumerate(names):
         path = _edge_config(out, name, i, devices, url, fleet, epsilon, samples, data_dir)
         log = open(out / "logs" / f"{name}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "run",
-                                       "--config", str(path)], stdout=log, stderr=subprocess.STDOUT,
+        procs.append(subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "run", "--config",
+                                       str(path), "--new-state"], stdout=log, stderr=subprocess.STDOUT,
                                       env=env))
     try:
         with _sigterm_as_interrupt():

@@ -18,7 +18,10 @@ def _run(args: argparse.Namespace) -> int:
     from .agent import EdgeAgent, load_edge_config
     from .logs import configure_logging
 
+    from .agent.state import open_state_dir
+
     config = load_edge_config(args.config)
+    open_state_dir(config.state_dir, config.device_id, new=args.new_state)
     configure_logging(args.log_level, json_lines=not args.plain_logs)
     agent = EdgeAgent(config)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -74,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description="The MQTT edge agent: register with the coordinator, train "
                          "each task with DP, send the update; see docs/PROTOCOL.md.")
     run.add_argument("--config", required=True, help="edge.toml (see deploy/edge.example.toml)")
+    run.add_argument("--new-state", action="store_true",
+                     help="this device is new: create its state_dir (privacy ledger, model, "
+                     "outbox) if it does not exist; without it a missing state_dir is an error, "
+                     "so a typo never starts an empty ledger")
     run.add_argument("--log-level", default="INFO")
     run.add_argument("--plain-logs", action="store_true", help="text logs instead of JSON lines")
     run.set_defaults(handler=_run)

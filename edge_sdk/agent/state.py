@@ -1,6 +1,7 @@
 """What a device keeps on disk so a restart loses nothing: model, ledger, finished tasks, outbox.
 
     state_dir/
+      device.json       the marker: whose state this is (open_state_dir)
       model.pt          the personalized model (Checkpoint), private tensors included
       ledger.json       every DP step the device has spent (nothing of a refused task)
       fence.json        the newest leader epoch and round it acted on (stale messages refused)
@@ -33,7 +34,91 @@ from ..training import PrivacyLedger
 
 
 class StateError(ValueError):
-    """A name that would put a file outside the device's state directory; nothing was written."""
+    """A name that would put a file outside the device's state directory, or a state directory
+    that cannot be used; nothing was written."""
+
+
+MARKER = "device.json"
+# What an agent leaves in its state_dir: any of them makes a folder without the marker (one an
+# older version wrote) this device's state all the same.
+_STATE_FILES = ("ledger.json", "tasks.json", "fence.json", "model.pt", "outbox", "artifact")
+
+
+def create_state_dir(path: str | Path, device_id: str, created_by: str) -> Path:
+    """A new, empty state folder (0700: it will hold the device's model and privacy ledger)
+    with its marker. StateError, naming the path, when it cannot be created."""
+    root = Path(path)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StateError(_cannot_create(root, exc)) from None
+    atomic_write(root / MARKER, json.dumps({"device_id": device_id, "created_by": created_by}).encode(),
+                 private=True)
+    return root
+
+
+def open_state_dir(path: str | Path, device_id: str, new: bool = False) -> Path:
+    """The state folder `fedprune-edge run` starts on, checked first.
+
+    A state_dir that does not exist is created only when the device is new on purpose (`new`,
+    --new-state): otherwise a typo in state_dir would start an empty privacy ledger at epsilon
+    0 while the real one sits elsewhere. A folder marked as another device's is refused (two
+    devices on one ledger), and so is an existing folder that holds neither a marker nor any
+    agent state, unless `new`: a state_dir pointing at the wrong, existing folder. An empty
+    folder (systemd's StateDirectory=) or an older agent's state is adopted: the marker is
+    written."""
+    root = Path(path)
+    advice = "fix state_dir"
+    try:
+        if not root.exists():
+            if not new:
+                raise StateError(f"state_dir {root} does not exist; if this device is new, pass "
+                                 "--new-state; if it has run before, its privacy ledger is "
+                                 "elsewhere: fix state_dir")
+            return create_state_dir(root, device_id, "fedprune-edge run --new-state")
+        if not root.is_dir():
+            raise StateError(f"state_dir {root} is a file, not a folder; {advice}")
+        marker = root / MARKER
+        if marker.exists():
+            owner = _marked_device(marker)
+            if owner != device_id:
+                raise StateError(
+                    f"state_dir {root} holds the state of device {owner!r} ({marker}), not "
+                    f"{device_id!r}: two devices must not share one privacy ledger; {advice} (or, "
+                    f"if this device was renamed, set device_id in {marker})")
+            return root
+        held = [name for name in _STATE_FILES if (root / name).exists()]
+        if not held and any(root.iterdir()) and not new:
+            raise StateError(f"state_dir {root} is a folder with other files and no device "
+                             f"state in it (no {MARKER}, no ledger.json); {advice}, or pass "
+                             "--new-state to keep this device's state there")
+    except OSError as exc:
+        raise StateError(f"state_dir {root} cannot be used ({exc.strerror or exc}); {advice}") from None
+    return create_state_dir(root, device_id, "adopted by fedprune-edge run")
+
+
+def _marked_device(marker: Path) -> str:
+    try:
+        device = json.loads(marker.read_text())["device_id"]
+    except (ValueError, KeyError, TypeError):
+        device = None
+    if not isinstance(device, str):
+        raise StateError(f"{marker} is not a state folder marker (JSON with device_id); restore it "
+                         "or remove it")
+    return device
+
+
+def _cannot_create(root: Path, exc: OSError) -> str:
+    """Why `root` cannot be made, naming the file in the way when there is one."""
+    try:
+        blocking = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    except OSError:
+        blocking = None
+    if blocking is not None:
+        return (f"state_dir {root} cannot be created: {blocking} is a file, not a folder; "
+                "fix state_dir or move the file")
+    return f"state_dir {root} cannot be created ({exc.strerror or exc}); fix state_dir"
 
 
 def task_key(round_number: int, task: str) -> str:
@@ -98,8 +183,11 @@ class Fence(BaseModel):
 class DeviceState:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "outbox").mkdir(exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "outbox").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StateError(_cannot_create(self.root, exc)) from None
         recover_dir(self.artifact_dir)  # a bundle swap cut short by a crash: keep the old one
 
     # --- privacy -------------------------------------------------------------------------

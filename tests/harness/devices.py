@@ -24,8 +24,9 @@ DEVICE = "dev-0"         # the device a single-device test drives
 # --- processes -----------------------------------------------------------------------------------
 def edge_agent_process(config_path: Path, log: Path, name: str, *, args: Sequence[str] = (),
                        python_flags: Sequence[str] = (), stderr_only: bool = False) -> Process:
-    """`fedprune-edge run --config config_path` (not started yet)."""
-    return Process(name, ["edge_sdk.cli", "run", "--config", str(config_path), *args], log,
+    """`fedprune-edge run --config config_path --new-state` (not started yet): the tests' devices
+    are new, or restarted on the state folder their first start made."""
+    return Process(name, ["edge_sdk.cli", "run", "--config", str(config_path), "--new-state", *args], log,
                    python_flags=python_flags, stderr_only=stderr_only)
 
 
