@@ -125,6 +125,53 @@ def test_devices_and_rounds_agree_with_the_store(fleet):
     assert client.get("/rounds/99999999999999999999999").status_code == 404
 
 
+def test_each_device_has_its_last_outcome_and_the_events_say_what_happened(fleet):
+    """/devices gives each device's newest task and what came of it; /events the registrations,
+    rounds and refusals from the store, newest first; /docs lists every endpoint without a token."""
+    from fastapi.testclient import TestClient
+
+    config = fleet.config.model_copy(update={"http_token": SecretStr(TOKEN)})
+    client = TestClient(build_app(fleet.store, config, fleet.engine.status), base_url="http://127.0.0.1")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    devices = {d["device_id"]: d for d in client.get("/devices", headers=auth).json()["devices"]}
+    last = {device: view["last_task"] for device, view in devices.items()}
+    assert [(last[d]["round"], last[d]["outcome"]) for d in ("dev-0", "dev-1", "dev-2")] \
+        == [(2, "accepted"), (2, "accepted"), (1, "refused")]
+    assert last["dev-2"]["reason"].startswith("privacy_budget: ") and last["dev-2"]["bytes_up"] is None
+    detail = {t["device_id"]: t for t in client.get("/rounds/2", headers=auth).json()["tasks"]}
+    assert last["dev-0"]["bytes_up"] == detail["dev-0"]["bytes_up"] > 0
+    assert last["dev-0"]["local_accuracy"] == detail["dev-0"]["local_accuracy"]
+
+    events = client.get("/events", headers=auth).json()["events"]
+    assert [e["at"] for e in events] == sorted((e["at"] for e in events), reverse=True)
+    kinds = [(e["kind"], e["round"], e["device"]) for e in events]
+    assert sorted(kinds, key=str) == sorted(
+        [("registered", None, f"dev-{i}") for i in range(3)]
+        + [("round_opened", 1, None), ("round_committed", 1, None), ("refused", 1, "dev-2"),
+           ("round_opened", 2, None), ("round_committed", 2, None)], key=str)
+    by_kind = {(e["kind"], e["round"]): e["text"] for e in events}
+    assert by_kind[("round_committed", 1)] == "round 1 committed: 2 of 3 accepted (1 refused)"
+    assert by_kind[("refused", 1)].startswith("dev-2 refused its task of round 1: privacy_budget: ")
+    assert len(client.get("/events?limit=2", headers=auth).json()["events"]) == 2
+    assert client.get("/events?limit=0", headers=auth).status_code == 422
+    assert client.get("/events").status_code == 401
+
+    docs = client.get("/docs")  # no token: the page holds no data
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    for path in ("/healthz", "/status", "/devices", "/rounds", "/rounds/{number}", "/events", "/metrics"):
+        assert f'data-path="{path}"' in docs.text, path
+    assert "LastTaskView" in docs.text and "cdn" not in docs.text.lower()
+
+
+def test_a_device_that_spent_its_budget_is_exhausted():
+    """The engine marks a device exhausted when it refuses for its budget; one that spent it in
+    the run's last round (to within Opacus's calibration tolerance) never refuses, but is spent."""
+    from coordinator.service.http_api import budget_spent
+
+    assert budget_spent(7.995, 8.0) and budget_spent(8.0, 8.0) and budget_spent(8.04, 8.0)
+    assert not budget_spent(7.98, 8.0) and not budget_spent(None, 8.0) and not budget_spent(8.0, None)
+
+
 def test_off_loopback_the_service_needs_a_token(fleet, monkeypatch, capsys):
     monkeypatch.delenv(HTTP_TOKEN_VARIABLE, raising=False)
     monkeypatch.setattr(CoordinatorService, "run", lambda self: pytest.fail("the service started"))

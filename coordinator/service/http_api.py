@@ -5,8 +5,11 @@
     GET /devices       every registered device: profile, plan, state, rounds taken part in, ε
     GET /rounds        every round: selected, accepted, straggled, refused by reason, bytes, ...
     GET /rounds/{n}    one round and its tasks (404 for a round that does not exist)
+    GET /events        the newest registrations, rounds opened, committed and aborted, and
+                       tasks refused, rejected or straggled, newest first (?limit=, at most 500)
     GET /metrics       Prometheus text (`metrics.build_registry`)
     GET /, /assets/*   the dashboard's static files (coordinator/service/dashboard/)
+    GET /docs          these endpoints as a page (api_docs.py), generated from the OpenAPI schema
 
 Reads never touch the round engine: each request runs in the server's worker threads and reads the
 database through the store's own sessions (committed rows only), or calls the snapshot function it
@@ -14,8 +17,8 @@ was given, which does the same. The engine's thread holds no lock that a request
 
 Bound to a loopback address (the default) the API answers anyone on the machine. Bound to any
 other address it will not start without a token (`ServiceSettings.http_token`); with a token every
-endpoint but /healthz and the dashboard's static files (which hold no data: the page reads the
-token from its URL fragment and sends it with each request) requires `Authorization: Bearer
+endpoint but /healthz, /docs and the dashboard's static files (which hold no data: the page reads
+the token from its URL fragment and sends it with each request) requires `Authorization: Bearer
 <token>`, compared in constant time, and answers 401 with `WWW-Authenticate: Bearer` otherwise.
 
 Whatever the address, the API answers only requests whose `Host` is a name it is reached by: the
@@ -40,8 +43,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -51,6 +54,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import ConfigError
+from . import api_docs
 from .config import HTTP_TOKEN_VARIABLE, ServiceSettings, is_loopback
 from .states import RoundState, TaskState
 from .store import DeviceRow, RoundRow, Store, TaskRow, UpdateRow
@@ -196,6 +200,18 @@ class PlanView(_View):
 
 
 DeviceState = Literal["online", "offline", "exhausted", "unfit"]
+TaskOutcome = Literal["pending", "accepted", "straggled", "refused", "rejected"]
+
+
+class LastTaskView(_View):
+    """The device's task in the newest round it was selected for."""
+    round: int
+    outcome: TaskOutcome = Field(description="straggled: missing at the deadline, or its update "
+                                 "came late; rejected: its update was refused for another reason")
+    reason: str | None = Field(description="the refusal's code and message, or the rejection's")
+    bytes_down: int
+    bytes_up: int | None = Field(description="its stored update's size; null without one")
+    local_accuracy: float | None = Field(description="its own model on its own test split")
 
 
 class DeviceView(_View):
@@ -204,13 +220,15 @@ class DeviceView(_View):
     memory_available_bytes: int
     download_bytes_per_second: float
     upload_bytes_per_second: float
-    state: DeviceState = Field(description="exhausted (refused for its privacy budget or policy) "
-                               "before unfit (no plan fits its memory) before offline/online")
+    state: DeviceState = Field(description="exhausted (refused for its privacy budget or policy, "
+                               "or its ε within 0.01 of its budget) before unfit (no plan fits "
+                               "its memory) before offline/online")
     plan: PlanView
     last_seen: float = Field(description="unix seconds")
     rounds_participated: int = Field(description="tasks of the device that were accepted")
     epsilon_spent: float | None
     epsilon_budget: float | None
+    last_task: LastTaskView | None = None
 
 
 class DevicesView(_View):
@@ -256,13 +274,64 @@ class RoundDetailView(RoundView):
     tasks: list[TaskView]
 
 
+EventKind = Literal["registered", "round_opened", "round_committed", "round_aborted", "refused",
+                    "rejected", "straggled"]
+
+
+class EventView(_View):
+    at: float = Field(description="unix seconds")
+    kind: EventKind
+    round: int | None
+    device: str | None
+    text: str
+
+
+class EventsView(_View):
+    events: list[EventView] = Field(description="newest first")
+
+
 # --- reading the store ----------------------------------------------------------------------------
+# Opacus calibrates the noise of a run to spend its target ε to within this (get_noise_multiplier's
+# epsilon_tolerance): a device whose budget is the target ends the run this close below it, spent.
+EPSILON_TOLERANCE = 0.01
+
+
+def budget_spent(epsilon: float | None, budget: float | None) -> bool:
+    return epsilon is not None and budget is not None and epsilon >= budget - EPSILON_TOLERANCE
+
+
 def device_state(row: DeviceRow) -> DeviceState:
-    if row.exhausted:
+    """The engine marks a device exhausted when it refuses a task for its budget; one that spent
+    its budget in the run's last round is never asked again, so its ε says it."""
+    if row.exhausted or budget_spent(row.epsilon, row.epsilon_budget):
         return "exhausted"
     if not row.fits:
         return "unfit"
     return "online" if row.online else "offline"
+
+
+def task_outcome(state: TaskState, reason: str | None) -> TaskOutcome:
+    """What a task came to, as the round counts it: missing at the deadline and rejected as late
+    are both a straggler."""
+    if state == TaskState.MISSING or (state == TaskState.REJECTED and reason == "late"):
+        return "straggled"
+    return "pending" if state == TaskState.SENT else state.value
+
+
+def _last_tasks(s) -> dict[str, LastTaskView]:
+    """Each device's task of the newest round it was selected for, with its update's size and
+    accuracy (the update's payload is not read)."""
+    newest = (select(TaskRow.device, func.max(TaskRow.round).label("round"))
+              .group_by(TaskRow.device).subquery())
+    rows = s.execute(
+        select(TaskRow, UpdateRow.bytes, UpdateRow.local_accuracy)
+        .join(newest, (TaskRow.device == newest.c.device) & (TaskRow.round == newest.c.round))
+        .outerjoin(UpdateRow, (UpdateRow.round == TaskRow.round) & (UpdateRow.device == TaskRow.device)
+                   & (UpdateRow.task == TaskRow.task))).all()
+    return {t.device: LastTaskView(round=t.round, outcome=task_outcome(t.state, t.reason),
+                                   reason=t.reason, bytes_down=t.bytes_down, bytes_up=up,
+                                   local_accuracy=accuracy)
+            for t, up, accuracy in rows}
 
 
 def device_views(store: Store) -> list[DeviceView]:
@@ -271,6 +340,7 @@ def device_views(store: Store) -> list[DeviceView]:
         accepted = dict(s.execute(select(TaskRow.device, func.count())
                                   .where(TaskRow.state == TaskState.ACCEPTED)
                                   .group_by(TaskRow.device)).all())
+        last = _last_tasks(s)
     views = []
     for row in rows:
         profile, network = row.profile or {}, (row.profile or {}).get("network") or {}
@@ -281,7 +351,8 @@ def device_views(store: Store) -> list[DeviceView]:
             upload_bytes_per_second=network.get("uplink_bytes_per_s", 0.0),
             state=device_state(row), plan=PlanView.model_validate(row.plan),
             last_seen=row.last_seen, rounds_participated=accepted.get(row.id, 0),
-            epsilon_spent=row.epsilon, epsilon_budget=row.epsilon_budget))
+            epsilon_spent=row.epsilon, epsilon_budget=row.epsilon_budget,
+            last_task=last.get(row.id)))
     return views
 
 
@@ -316,7 +387,7 @@ def _round_view(row: RoundRow, pairs: list[tuple[TaskRow, UpdateRow | None]] | N
         **common, duration_seconds=end - row.started_at, selected=len(pairs),
         accepted=states[TaskState.ACCEPTED], refused=states[TaskState.REFUSED],
         rejected=states[TaskState.REJECTED], missing=missing,
-        straggled=missing + sum(t.state == TaskState.REJECTED and t.reason == "late" for t, _ in pairs),
+        straggled=sum(task_outcome(t.state, t.reason) == "straggled" for t, _ in pairs),
         refused_by_reason=dict(Counter((t.reason or "").split(":")[0] for t, _ in pairs
                                        if t.state == TaskState.REFUSED)),
         bytes_up=sum(u.bytes for u in updates), bytes_down=sum(t.bytes_down for t, _ in pairs),
@@ -347,6 +418,55 @@ def round_detail(store: Store, number: int) -> RoundDetailView | None:
         device_id=t.device, state=t.state, reason=t.reason, width_ratio=t.width_ratio,
         bytes_down=t.bytes_down, bytes_up=u.bytes if u else None, epsilon=u.epsilon if u else None,
         local_accuracy=u.local_accuracy if u else None) for t, u in pairs])
+
+
+def _event_text(task: TaskRow, outcome: TaskOutcome) -> str:
+    if outcome == "refused":
+        return f"{task.device} refused its task of round {task.round}: {task.reason}"
+    if outcome == "rejected":
+        return f"{task.device}'s update for round {task.round} was rejected: {task.reason}"
+    if task.state == TaskState.MISSING:
+        return f"{task.device} had not answered round {task.round} at its deadline"
+    return f"{task.device}'s update for round {task.round} came after the deadline"
+
+
+def event_views(store: Store, limit: int) -> list[EventView]:
+    """The newest `limit` events, read from the rows that record them (no log of its own, so a
+    restarted coordinator, or another of the cluster, shows the same ones)."""
+    events: list[EventView] = []
+    with store.session() as s:
+        for row in s.scalars(select(DeviceRow).order_by(DeviceRow.registered_at.desc()).limit(limit)):
+            fit = f"width {row.width_ratio:g}" if row.fits else "no plan fits its memory"
+            events.append(EventView(at=row.registered_at, kind="registered", round=None,
+                                    device=row.id, text=f"{row.id} registered "
+                                    f"({(row.profile or {}).get('name', 'no profile name')}): {fit}"))
+        for row in s.scalars(select(RoundRow).order_by(RoundRow.number.desc()).limit(limit)):
+            events.append(EventView(at=row.started_at, kind="round_opened", round=row.number,
+                                    device=None, text=f"round {row.number} opened: "
+                                    f"{len(row.selected)} devices selected, quorum {row.quorum}"))
+            if row.state == RoundState.COMMITTED:
+                summary = row.summary or {}
+                lost = ", ".join(f"{summary[key]} {key}" for key in ("straggled", "refused", "rejected")
+                                 if summary.get(key))
+                events.append(EventView(
+                    at=row.finished_at, kind="round_committed", round=row.number, device=None,
+                    text=f"round {row.number} committed: {summary.get('accepted', '?')} of "
+                         f"{summary.get('selected', len(row.selected))} accepted"
+                         + (f" ({lost})" if lost else "")))
+            elif row.state == RoundState.ABORTED:
+                events.append(EventView(at=row.finished_at, kind="round_aborted", round=row.number,
+                                        device=None, text=f"round {row.number} aborted: "
+                                        f"{(row.summary or {}).get('reason', 'no reason stored')}"))
+        answered = (select(TaskRow, RoundRow.finished_at).join(RoundRow, RoundRow.number == TaskRow.round)
+                    .where(TaskRow.state.in_([TaskState.REFUSED, TaskState.REJECTED, TaskState.MISSING]))
+                    .order_by(TaskRow.round.desc()).limit(limit))
+        for task, finished_at in s.execute(answered).all():
+            outcome = task_outcome(task.state, task.reason)
+            events.append(EventView(at=task.answered_at or finished_at or task.sent_at, kind=outcome,
+                                    round=task.round, device=task.device,
+                                    text=_event_text(task, outcome)))
+    events.sort(key=lambda event: event.at, reverse=True)
+    return events[:limit]
 
 
 # --- what every request and response passes through ------------------------------------------------
@@ -476,6 +596,17 @@ def build_app(store: Store, config: ServiceSettings,
             raise HTTPException(404, f"round {number} does not exist")
         return view
 
+    @app.get("/events", response_model=EventsView, summary="recent events, newest first",
+             dependencies=guarded["dependencies"],
+             responses={**guarded["responses"],
+                        400: {"model": ErrorView, "description": "a query parameter it does not take"}})
+    def events(request: Request, limit: int = Query(50, ge=1, le=500)) -> EventsView:
+        unknown = sorted(set(request.query_params) - {"limit"})
+        if unknown:  # a misspelt ?limt= would otherwise be ignored without a word
+            raise HTTPException(400, f"unknown query parameter {unknown[0][:40]!r}: /events takes "
+                                "limit (1 to 500)")
+        return EventsView(events=event_views(store, limit))
+
     registry = []  # built on the first scrape, once
 
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics",
@@ -498,6 +629,11 @@ def build_app(store: Store, config: ServiceSettings,
         if not page.is_file():
             raise HTTPException(404, f"no dashboard in {dashboard}")
         return FileResponse(page)
+
+    @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+    def docs() -> HTMLResponse:
+        # The schema says what the dashboard's own source already tells anyone: no data, no token.
+        return HTMLResponse(api_docs.render(app.openapi()))
 
     app.mount("/assets", StaticFiles(directory=dashboard, check_dir=False), name="assets")
     app.add_middleware(HostCheck, allowed=allowed_hosts(config))

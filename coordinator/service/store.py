@@ -395,6 +395,8 @@ class Store:
             row = s.get(TaskRow, (round_number, device))
             if "state" in fields:
                 fields["state"] = task_transition(row.state, fields["state"])
+                if fields["state"] == TaskState.REFUSED:  # when, for the API's event log
+                    fields.setdefault("answered_at", time.time())
             for key, value in fields.items():
                 setattr(row, key, value)
 
@@ -405,6 +407,7 @@ class Store:
         with self._write() as s:
             row = s.get(TaskRow, (round_number, device), with_for_update=True)
             row.state, row.reason = task_transition(row.state, TaskState.REJECTED), reason
+            row.answered_at = time.time()
             if counted:
                 refused = s.get(RefusedUpdatesRow, (round_number, device))
                 if refused is None:
