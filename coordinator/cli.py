@@ -200,11 +200,25 @@ def _coordinator_provision(args: argparse.Namespace) -> int:
                else [f"{args.prefix}-{i:03d}" for i in range(args.count)])
     if not devices:
         raise ValueError("give --devices ID,ID,... or --count N")
+    profiles = [p.strip() for given in args.profile for p in given.split(",") if p.strip()]
     result = provision(args.out, devices, args.broker, args.broker_host or ["localhost", "127.0.0.1"],
-                       args.fleet, args.listener_port, args.coordinators)
-    print(f"provisioned {len(devices)} devices in {result['out']}; include "
-          f"{result['broker_conf']} in mosquitto.conf, copy devices/<id>/ to each device and "
-          "keep ca/ca.key offline")
+                       args.fleet, args.listener_port, args.coordinators,
+                       secrets_dir=args.secrets_dir, profiles=profiles or None)
+    secret, folders = result["secrets"], result["device_folders"]
+    assigned = sorted(set(result["profiles"].values()))
+    print(f"provisioned {len(devices)} devices of fleet {args.fleet!r}")
+    print(f"  broker:      include {result['broker_conf']} in mosquitto.conf; it reads\n"
+          f"               {secret / 'broker'}/ (key, passwords): make them readable by mosquitto")
+    print(f"  coordinator: fedprune coordinator serve --config {result['coordinator_configs'][0]}"
+          + (f" (and {len(result['coordinator_configs']) - 1} more beside it)"
+             if len(result["coordinator_configs"]) > 1 else ""))
+    print(f"  devices:     copy {folders[devices[0]].parent}/<id>/ to each device as it is;\n"
+          "               there: fedprune-edge run --config edge.toml")
+    shown = [f"{d} {p.removeprefix('catalogue:')}" for d, p in list(result["profiles"].items())[:3]]
+    print("  profiles:    " + ("each device measures itself on its first start" if assigned == ["measure"]
+                              else ", ".join(shown) + (", ..." if len(devices) > 3 else "")))
+    print(f"  secrets:     {secret}/ (folders 0700, files 0600); keep\n"
+          f"               {secret / 'ca' / 'ca.key'} offline")
     return 0
 
 
@@ -416,9 +430,18 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--broker", required=True, help="the URL devices use, e.g. mqtts://broker.lan:8883")
     prov.add_argument("--broker-host", action="append", help="names and IPs in the broker "
                       "certificate (repeatable; default localhost and 127.0.0.1)")
-    prov.add_argument("--fleet", default="default")
+    prov.add_argument("--fleet", default="default", help="the fleet's name (default: %(default)s)")
     prov.add_argument("--listener-port", type=int, default=8883)
-    prov.add_argument("--out", required=True)
+    prov.add_argument("--out", default="fleet", help="the broker's config, certificates and the "
+                      "coordinator's public key: nothing secret (default: %(default)s)")
+    prov.add_argument("--secrets-dir", help="keys, password files and the folders of the devices "
+                      "and the coordinator, 0700 (default: ~/.config/fedprune/FLEET, or "
+                      "$XDG_CONFIG_HOME/fedprune/FLEET)")
+    prov.add_argument("--profile", action="append", default=[], metavar="SPEC[,SPEC...]",
+                      help="device profiles, given round-robin: a catalogue class (rpi4-4gb, "
+                      "catalogue:rpi4-4gb), a profile JSON from `fedprune-edge profile` (copied "
+                      "into each device folder), or measure (repeatable; default: measure, each "
+                      "device profiles itself on its first start)")
     prov.add_argument("--coordinators", type=int, default=1,
                       help="a cluster's coordinators: each its own broker user, client id, ACL entry "
                            "and coordinator/coordinator-<i>.toml (default 1)")

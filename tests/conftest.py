@@ -67,6 +67,16 @@ def _two_threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_config_home(tmp_path_factory):
+    """`fedprune coordinator provision` keeps a fleet's secrets in $XDG_CONFIG_HOME/fedprune/
+    unless told otherwise: a test (or a command it runs) never writes into the user's own."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config-home")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def fault_matrix(request):
     """Record one row of the fault matrix: the scenario, what happened, and the counts that

@@ -43,7 +43,8 @@ def test_a_device_cannot_take_the_coordinators_name_or_an_unsafe_one(tmp_path, d
     (and got its ACL: read and write on every topic of the fleet); so would one named as a
     cluster's coordinator."""
     with pytest.raises(ValueError, match="coordinator's own broker user name|is not valid"):
-        provision(tmp_path / "prov", ["dev-a", device], "mqtts://127.0.0.1:8883", ["127.0.0.1"], FLEET)
+        provision(tmp_path / "prov", ["dev-a", device], "mqtts://127.0.0.1:8883", ["127.0.0.1"], FLEET,
+                  secrets_dir=tmp_path / "prov")
     assert not (tmp_path / "prov" / "broker" / "passwords").exists()
 
 
@@ -65,7 +66,8 @@ def test_secrets_are_created_private_and_never_chmodded(tmp_path):
     previous = os.umask(0)
     _chmods = []
     try:
-        provision(tmp_path / "prov", ["dev-a", "dev-b"], "mqtts://127.0.0.1:8883", ["127.0.0.1"], FLEET)
+        provision(tmp_path / "prov", ["dev-a", "dev-b"], "mqtts://127.0.0.1:8883", ["127.0.0.1"], FLEET,
+                  secrets_dir=tmp_path / "prov")
         chmods = _chmods
     finally:
         _chmods = None
@@ -83,7 +85,8 @@ def test_the_coordinators_client_id_is_its_user_name(tmp_path):
     assert BrokerSettings(username="fedprune-coordinator").client_id == "fedprune-coordinator"
     with pytest.raises(ValueError, match="must equal broker.username"):
         BrokerSettings(username="fedprune-coordinator", client_id="other")
-    provision(tmp_path / "prov", ["dev-a"], "mqtts://127.0.0.1:8883", ["127.0.0.1"], FLEET)
+    provision(tmp_path / "prov", ["dev-a"], "mqtts://127.0.0.1:8883", ["127.0.0.1"], FLEET,
+              secrets_dir=tmp_path / "prov")
     broker = load_config(tmp_path / "prov" / "coordinator" / "coordinator.toml", schema=ServiceSettings).broker
     assert broker.client_id == broker.username == COORDINATOR_USER
     conf = (tmp_path / "prov" / "broker" / "fedprune-security.conf").read_text().splitlines()

@@ -104,7 +104,9 @@ def provisioned_mosquitto(fleet: str, devices: Sequence[str], hosts: Sequence[st
                           coordinators: int = 1) -> Iterator[tuple[Path, int]]:
     """`fedprune coordinator provision` for `devices` on a free TLS port, and a Mosquitto running
     the generated configuration: (the provisioned folder, the TLS port). `before_start` may change
-    the generated broker folder (passwords, ACL) before the broker reads it.
+    the generated broker folder (passwords, ACL) before the broker reads it. The secrets go into
+    the same folder (out == secrets_dir): one folder, the layout of ca/, broker/, coordinator/
+    and devices/<id>/ that provision.py describes.
 
     The files live outside pytest's 0700 temporary tree: Mosquitto drops root privileges and must
     read them."""
@@ -114,13 +116,17 @@ def provisioned_mosquitto(fleet: str, devices: Sequence[str], hosts: Sequence[st
     root.chmod(0o755)
     try:
         port = free_port()
-        provision(root / "prov", list(devices), f"mqtts://127.0.0.1:{port}", list(hosts), fleet, port,
-                  coordinators=coordinators)
-        broker_dir = root / "prov" / "broker"
+        prov = root / "prov"
+        provision(prov, list(devices), f"mqtts://127.0.0.1:{port}", list(hosts), fleet, port,
+                  coordinators=coordinators, secrets_dir=prov)
+        broker_dir = prov / "broker"
         if before_start is not None:
             before_start(broker_dir)
+        # The broker drops root privileges; in production chown the files to mosquitto.
+        for folder in (prov, prov / "ca", broker_dir):
+            folder.chmod(0o755)
         for path in broker_dir.iterdir():
-            path.chmod(0o644)  # the broker drops root privileges; in production chown to mosquitto
+            path.chmod(0o644)
         with running_mosquitto(root / "broker",
                                extra=(broker_dir / "fedprune-security.conf").read_text()):
             yield root / "prov", port
