@@ -1,15 +1,24 @@
-// The fleet dashboard: polls the coordinator's JSON API and renders the device table, the round
-// progress and three charts (uPlot, vendored). Plain JavaScript, no build step.
+// The fleet dashboard: polls the coordinator's JSON API and renders the broker's state, the
+// device table, the round progress, three charts (uPlot, vendored) and the event log. Plain
+// JavaScript, no build step.
 //
-// API (docs: coordinator/service/http_api.py): GET /devices, /rounds, /rounds/{n} (with the
-// round's tasks: per-device ε), /status. A coordinator that requires a token gets it as
-// `Authorization: Bearer <token>`; the page takes it from the URL fragment (#token=...), keeps it
-// in sessionStorage and removes it from the address bar.
+// API (docs at /docs, code in coordinator/service/http_api.py): GET /devices (with each device's
+// last task and its outcome), /rounds, /rounds/{n} (with the round's tasks: per-device ε),
+// /status (with `broker` when the coordinator reports it), /events. A coordinator that requires a
+// token gets it as `Authorization: Bearer <token>`; the page takes it from the URL fragment
+// (#token=...), keeps it in sessionStorage and removes it from the address bar.
 //
-// For tests and scripts: every device row is tr[data-device-id]; its cells td.width and
+// The charts draw what an operator watches over rounds: the fleet's accuracy and bytes (sums
+// over the round's devices, as the API's rounds give them) and each device's ε, one line per
+// device, each in its own colour, dash and marker size, so devices that spent the same ε stay
+// visible as concentric markers. What each device did in its last round (outcome, accuracy,
+// bytes) is in the table. Each chart's legend is drawn here (uPlot's shows "--" until hovered).
+//
+// For tests and scripts: every device row is tr[data-device-id] (a device's note, why it is
+// unfit, exhausted or was refused, is the next row, tr[data-note-for]); its cells td.width and
 // td.epsilon carry the API's values in data-value (and data-spent/data-budget); each chart's
-// figure has data-points (points drawn); window.fedpruneDashboard exposes the charts (uPlot
-// instances: .data is what they draw) and the last data fetched.
+// figure has data-points (points drawn) and its legend li[data-series]; window.fedpruneDashboard
+// exposes the charts (uPlot instances: .data is what they draw) and the last data fetched.
 "use strict";
 
 (function () {
@@ -19,10 +28,15 @@
   const DETAILS_PER_POLL = 20; // round details fetched per poll while catching up on history
   const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04",
                    "#db2777", "#4b5563", "#65a30d", "#7c3aed", "#0d9488"];
+  // The ε lines' dashes and marker sizes, cycled apart from the colours: lines that coincide
+  // show as interleaved dashes and concentric markers (the first drawn, underneath, largest).
+  const DASHES = [[], [9, 4], [3, 3], [12, 3, 3, 3], [5, 5], [1, 4]];
+  const MARKERS = [13, 10, 7, 5];
+  const EVENTS_SHOWN = 40;
 
   const $ = (selector) => document.querySelector(selector);
   const state = {
-    devices: [], rounds: [], status: null, details: new Map(),
+    devices: [], rounds: [], status: null, details: new Map(), events: null,
     sort: { key: "device", descending: false },
     deadlineAt: null, // performance.now() at which the open round's deadline passes
     refreshes: 0,
@@ -83,6 +97,12 @@
   const formatWidth = (w) => (isNumber(w) ? w.toFixed(3) : "–");
   const formatEpsilon = (e) => (isNumber(e) ? e.toFixed(2) : "–");
   const formatKeep = (k) => (isNumber(k) ? k.toFixed(2) : "–");
+  const formatAccuracy = (a) => (isNumber(a) ? a.toFixed(3) : "–");
+
+  function formatTime(unixSeconds) {
+    if (!isNumber(unixSeconds)) return typeof unixSeconds === "string" ? unixSeconds : "–";
+    return new Date(1000 * unixSeconds).toLocaleTimeString();
+  }
 
   function formatBytes(bytes) {
     if (!isNumber(bytes)) return "–";
@@ -98,6 +118,9 @@
     const m = Math.floor(s / 60);
     return `${m} min ${Math.round(s - 60 * m)} s`;
   }
+
+  // "a / b" whose halves stay whole: a narrow window wraps it at the slash.
+  const pair = (a, b) => [el("span", { class: "half", text: a }), " / ", el("span", { class: "half", text: b })];
 
   function el(tag, attributes = {}, ...children) {
     const node = document.createElement(tag);
@@ -115,14 +138,17 @@
   // --- the device table ----------------------------------------------------------------------
   const plan = (d) => d.plan || {};
   const fits = (d) => plan(d).fits !== false && d.plan != null;
+  const last = (d) => d.last_task || null;
+  const OUTCOME_ORDER = { accepted: 0, pending: 1, straggled: 2, rejected: 3, refused: 4 };
   const SORT_KEYS = {
     device: (d) => d.device_id,
-    class: (d) => d.device_class || "",
     state: (d) => d.state || "",
     width: (d) => (fits(d) && isNumber(plan(d).width_ratio) ? plan(d).width_ratio : -1),
-    keeps: (d) => (isNumber(plan(d).download_keep) ? plan(d).download_keep : -1),
-    precisions: (d) => `${plan(d).download_dtype || ""}/${plan(d).upload_dtype || ""}`,
+    transfer: (d) => (isNumber(plan(d).download_keep) ? plan(d).download_keep + (plan(d).upload_keep || 0) : -1),
     memory: (d) => (isNumber(plan(d).predicted_peak_bytes) ? plan(d).predicted_peak_bytes : -1),
+    last: (d) => (last(d) ? 10 * (OUTCOME_ORDER[last(d).outcome] ?? 5) - 1 / (1 + last(d).round) : 99),
+    accuracy: (d) => (last(d) && isNumber(last(d).local_accuracy) ? last(d).local_accuracy : -1),
+    bytes: (d) => (last(d) ? last(d).bytes_down + (last(d).bytes_up || 0) : -1),
     rounds: (d) => d.rounds_participated || 0,
     epsilon: (d) => (isNumber(d.epsilon_spent) ? d.epsilon_spent : -1),
   };
@@ -148,48 +174,81 @@
                             "data-spent": isNumber(spent) ? spent : "",
                             "data-budget": isNumber(budget) ? budget : "" });
     const text = `${formatEpsilon(spent)} / ${isNumber(budget) ? formatEpsilon(budget) : "∞"}`;
-    const fraction = isNumber(spent) && isNumber(budget) && budget > 0 ? Math.min(1, spent / budget) : 0;
+    const fraction = d.state === "exhausted" ? 1
+      : isNumber(spent) && isNumber(budget) && budget > 0 ? Math.min(1, spent / budget) : 0;
     const gauge = el("div", { class: "gauge", role: "meter", "aria-valuemin": "0",
                               "aria-valuemax": isNumber(budget) ? String(budget) : undefined,
                               "aria-valuenow": isNumber(spent) ? String(spent) : "0",
                               "aria-label": "privacy budget spent" },
                      el("div", { class: `gauge-fill ${gaugeLevel(fraction)}` }));
     gauge.firstChild.style.width = `${(100 * fraction).toFixed(1)}%`;
-    cell.append(gauge, el("span", { class: "gauge-text", text }));
+    cell.append(el("div", { class: "epsilon-inner" }, gauge, el("span", { class: "gauge-text", text })));
+    cell.dataset.text = text;
     return cell;
   }
 
-  function deviceRow(d) {
+  // Why a device does not train, or did not last round, in words (null: nothing to explain).
+  function deviceNote(d) {
+    const p = plan(d), task = last(d);
+    if (d.state === "unfit") {
+      return `not selected, no plan fits: ${(p.reasons || []).join("; ") || "the planner gave no reason"}`;
+    }
+    if (d.state === "exhausted") {
+      if (task && task.outcome === "refused" && task.reason) return `no more tasks: it refused round ${task.round}: ${task.reason}`;
+      return `no more tasks: its privacy budget is spent (ε ${formatEpsilon(d.epsilon_spent)} of ${formatEpsilon(d.epsilon_budget)})`;
+    }
+    if (task && (task.outcome === "refused" || task.outcome === "rejected") && task.reason) {
+      return `round ${task.round}: ${task.outcome}: ${task.reason}`;
+    }
+    return null;
+  }
+
+  function lastCell(d) {
+    const task = last(d);
+    if (!task) return el("td", { class: "last muted", "data-outcome": "", text: fits(d) ? "not selected yet" : "–" });
+    return el("td", { class: "last", "data-outcome": task.outcome, "data-round": task.round, title: task.reason || undefined },
+              el("span", { class: `badge outcome-${task.outcome}`, text: task.outcome }), " ",
+              el("span", { class: "muted half", text: `round ${task.round}` }));
+  }
+
+  function deviceRows(d) {
     const p = plan(d);
     const fit = fits(d);
-    const reasons = (p.reasons || []).join("; ");
+    const task = last(d);
     const decisions = p.decisions && typeof p.decisions === "object"
       ? Object.entries(p.decisions).map(([k, v]) => `${k}: ${v}`).join("\n") : "";
+    const note = deviceNote(d);
     const row = el("tr", { "data-device-id": d.device_id, "data-state": d.state,
-                           class: fit ? "" : "unfit" });
+                           class: `state-${d.state}${note ? " has-note" : ""}` });
     row.append(
-      el("td", { class: "device", text: d.device_id }),
-      el("td", { class: "device-class", text: d.device_class || "–" }),
+      el("td", { class: "device" }, el("span", { class: "device-id", text: d.device_id }),
+         el("span", { class: "device-class muted", text: d.device_class || "–" })),
       el("td", { class: "state" }, el("span", { class: `badge state-${d.state}`, text: d.state || "–" })),
       el("td", { class: "width num", "data-value": isNumber(p.width_ratio) ? p.width_ratio : "",
-                 title: fit ? decisions : reasons || "the plan does not fit",
+                 title: fit ? decisions || undefined : undefined,
                  text: fit ? formatWidth(p.width_ratio) : "does not fit" }),
-      el("td", { class: "keeps num", text: `${formatKeep(p.download_keep)} / ${formatKeep(p.upload_keep)}` }),
-      el("td", { class: "precisions", text: `${p.download_dtype || "–"} / ${p.upload_dtype || "–"}` }),
+      el("td", { class: "transfer" }, ...pair(`${p.download_dtype || "–"} ${formatKeep(p.download_keep)}`,
+                                              `${p.upload_dtype || "–"} ${formatKeep(p.upload_keep)}`)),
       el("td", { class: "memory num" + (isNumber(p.predicted_peak_bytes) && isNumber(p.memory_limit_bytes)
                                         && p.predicted_peak_bytes > p.memory_limit_bytes ? " over" : ""),
-                 title: `memory available ${formatBytes(d.memory_available_bytes)}`,
-                 text: `${formatBytes(p.predicted_peak_bytes)} / ${formatBytes(p.memory_limit_bytes)}` }),
+                 title: `memory available ${formatBytes(d.memory_available_bytes)}` },
+         ...pair(formatBytes(p.predicted_peak_bytes), formatBytes(p.memory_limit_bytes))),
+      lastCell(d),
+      el("td", { class: "accuracy num", text: formatAccuracy(task && task.local_accuracy) }),
+      el("td", { class: "bytes num" }, ...(task ? pair(formatBytes(task.bytes_down), formatBytes(task.bytes_up)) : ["–"])),
       el("td", { class: "rounds num", text: String(d.rounds_participated ?? 0) }),
       epsilonCell(d),
     );
-    return row;
+    if (!note) return [row];
+    const noteRow = el("tr", { class: `note state-${d.state}`, "data-note-for": d.device_id },
+                       el("td", { colspan: "10", text: note }));
+    return [row, noteRow];
   }
 
   function renderDevices() {
     const body = $("#devices tbody");
     const devices = [...state.devices].sort(compareDevices);
-    body.replaceChildren(...devices.map(deviceRow));
+    body.replaceChildren(...devices.flatMap(deviceRows));
     $("#devices-empty").hidden = devices.length > 0;
     const counts = {};
     for (const d of devices) counts[d.state] = (counts[d.state] || 0) + 1;
@@ -274,25 +333,74 @@
 
   const bytesAxis = (u, values) => values.map(formatBytes);
 
-  function seriesSpec(label, color, extra = {}) {
-    return { label, stroke: color, width: 2, spanGaps: true, points: { show: true, size: 6, fill: color },
-             ...extra };
+  function seriesSpec(label, color, { dash = [], size = 6 } = {}) {
+    return { label, stroke: color, width: 2, dash, spanGaps: true,
+             points: { show: true, size, fill: color, stroke: color } };
+  }
+
+  const SVG = "http://www.w3.org/2000/svg";
+  function swatch(spec) {
+    const svg = document.createElementNS(SVG, "svg");
+    for (const [k, v] of Object.entries({ width: "30", height: "14", viewBox: "0 0 30 14", "aria-hidden": "true" })) {
+      svg.setAttribute(k, v);
+    }
+    const line = document.createElementNS(SVG, "line");
+    for (const [k, v] of Object.entries({ x1: "1", y1: "7", x2: "29", y2: "7", stroke: spec.stroke,
+                                          "stroke-width": "2", "stroke-dasharray": spec.dash.join(" ") || "none" })) {
+      line.setAttribute(k, v);
+    }
+    const dot = document.createElementNS(SVG, "circle");
+    for (const [k, v] of Object.entries({ cx: "15", cy: "7", r: String(Math.min(6, spec.points.size / 2)), fill: spec.stroke })) {
+      dot.setAttribute(k, v);
+    }
+    svg.append(line, dot);
+    return svg;
+  }
+
+  // The legend under a chart: each series' style, name and latest value.
+  function renderLegend(figure, series, data, formatValue) {
+    const items = series.map((spec, i) => {
+      const values = data[i + 1].filter(isNumber);
+      const latest = values.length ? formatValue(values[values.length - 1]) : "no value yet";
+      return el("li", { "data-series": spec.label, title: spec.title || undefined }, swatch(spec),
+                el("span", { class: "legend-label", text: spec.label }),
+                el("span", { class: "legend-value", text: latest }));
+    });
+    figure.querySelector(".legend").replaceChildren(...items);
+  }
+
+  // Series with the same points lie on top of each other: say so under the legend.
+  function renderOverlap(figure, series, data) {
+    const groups = new Map();
+    series.forEach((spec, i) => {
+      if (!data[i + 1].some(isNumber)) return;
+      const key = JSON.stringify(data[i + 1]);
+      groups.set(key, [...(groups.get(key) || []), spec.label]);
+    });
+    const same = [...groups.values()].filter((labels) => labels.length > 1);
+    let note = figure.querySelector(".chart-note");
+    if (!same.length) { if (note) note.remove(); return; }
+    if (!note) { note = el("p", { class: "chart-note muted" }); figure.append(note); }
+    const names = (labels) => (labels.length === 2 ? labels.join(" and ")
+      : `${labels.slice(0, -1).join(", ")} and ${labels[labels.length - 1]}`);
+    note.textContent = `${same.map(names).join("; ")}: the same value every round, so their lines `
+      + "coincide (told apart by dash and marker size).";
   }
 
   // (Re)draw one chart: a new uPlot when its series change, setData otherwise.
-  function drawChart(name, series, data, axisValues, yRange) {
+  function drawChart(name, series, data, axisValues, yRange, formatValue) {
     const figure = $(`#chart-${name}`);
     const signature = series.map((s) => s.label).join("\u0000");
     let chart = charts[name];
     if (!chart || chart.signature !== signature) {
       if (chart) chart.destroy();
       chart = new uPlot({
-        width: chartWidth(figure), height: 240,
+        width: chartWidth(figure), height: 220,
         scales: { x: { time: false }, y: yRange ? { range: yRange } : {} },
         axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100], values: (u, v) => v.map(String) },
                { values: axisValues, size: 64 }],
         series: [{ label: "round" }, ...series],
-        legend: { live: true },
+        legend: { show: false },
       }, data, figure.querySelector(".plot"));
       chart.signature = signature;
       chart.ctx.canvas.id = `chart-${name}-canvas`;
@@ -300,6 +408,8 @@
     } else {
       chart.setData(data);
     }
+    renderLegend(figure, series, data, formatValue);
+    renderOverlap(figure, series, data);
     const points = data.slice(1).reduce((n, ys) => n + ys.filter(isNumber).length, 0);
     figure.dataset.points = String(points);
     figure.dataset.rounds = String(data[0].length);
@@ -310,18 +420,22 @@
       .sort((a, b) => a.number - b.number);
     const xs = committed.map((r) => r.number);
     const num = (v) => (isNumber(v) ? v : null);
+    const fixed = (digits) => (v) => v.toFixed(digits);
 
-    drawChart("accuracy", [seriesSpec("global", PALETTE[0]), seriesSpec("personalized", PALETTE[2])],
+    drawChart("accuracy",
+              [{ ...seriesSpec("global model", PALETTE[0]), title: "the aggregated model on the coordinator's held-out test set" },
+               { ...seriesSpec("personalized, device mean", PALETTE[2]), title: "each device's own model on its own test split, averaged over the round's devices" }],
               [xs, committed.map((r) => num(r.global_accuracy)), committed.map((r) => num(r.personalized_accuracy))],
-              (u, values) => values.map((v) => v.toFixed(2)), [0, 1]);
+              (u, values) => values.map(fixed(2)), [0, 1], fixed(3));
 
-    drawChart("bytes", [seriesSpec("down", PALETTE[1]), seriesSpec("up", PALETTE[3])],
+    drawChart("bytes", [seriesSpec("down, all devices", PALETTE[1]), seriesSpec("up, all devices", PALETTE[3])],
               [xs, committed.map((r) => num(r.bytes_down)), committed.map((r) => num(r.bytes_up))],
-              bytesAxis, (u, min, max) => [0, max > 0 ? max * 1.1 : 1000]);
+              bytesAxis, (u, min, max) => [0, max > 0 ? max * 1.1 : 1000], formatBytes);
 
     // ε after each committed round, per device, from that round's tasks: a line per device that
-    // trained or may train (one no plan fits appears once it has a point).
-    const ids = [...new Set([...state.devices.filter((d) => d.state !== "unfit").map((d) => d.device_id),
+    // has a point, or may still get one (neither unfit nor exhausted).
+    const ids = [...new Set([
+      ...state.devices.filter((d) => d.state !== "unfit" && d.state !== "exhausted").map((d) => d.device_id),
       ...committed.flatMap((r) => (state.details.get(r.number)?.tasks || [])
         .filter((t) => isNumber(t.epsilon)).map((t) => t.device_id))])]
       .sort((a, b) => a.localeCompare(b, undefined, { numeric: true }));
@@ -331,9 +445,11 @@
     }));
     const budgets = state.devices.map((d) => d.epsilon_budget).filter(isNumber);
     const top = Math.max(0, ...budgets, ...perDevice.flat().filter(isNumber));
-    drawChart("epsilon", ids.map((id, i) => seriesSpec(id, PALETTE[i % PALETTE.length])),
-              [xs, ...perDevice], (u, values) => values.map((v) => v.toFixed(1)),
-              () => [0, top > 0 ? top * 1.05 : 1]);
+    drawChart("epsilon",
+              ids.map((id, i) => seriesSpec(id, PALETTE[i % PALETTE.length],
+                                            { dash: DASHES[i % DASHES.length], size: MARKERS[i % MARKERS.length] })),
+              [xs, ...perDevice], (u, values) => values.map(fixed(1)),
+              () => [0, top > 0 ? top * 1.05 : 1], fixed(2));
   }
 
   let resizeTimer = null;
@@ -341,10 +457,54 @@
     clearTimeout(resizeTimer);
     resizeTimer = setTimeout(() => {
       for (const [name, chart] of Object.entries(charts)) {
-        chart.setSize({ width: chartWidth($(`#chart-${name}`)), height: 240 });
+        chart.setSize({ width: chartWidth($(`#chart-${name}`)), height: 220 });
       }
     }, 150);
   });
+
+  // --- the broker and the event log ----------------------------------------------------------
+  const BROKER_LEVELS = { connected: "ok", connecting: "warn", retrying: "warn", reconnecting: "warn" };
+
+  function renderBroker() {
+    const broker = state.status && state.status.broker;
+    const node = $("#broker");
+    if (!broker || typeof broker !== "object") {
+      node.dataset.state = "unknown";
+      node.dataset.level = "unknown";
+      node.textContent = "broker: unknown";
+      node.title = "this coordinator does not report its broker connection";
+      return;
+    }
+    const kind = String(broker.state || "unknown");
+    const parts = [`broker: ${kind}`];
+    if (broker.since !== undefined && broker.since !== null) parts.push(`since ${formatTime(broker.since)}`);
+    if (isNumber(broker.reconnects) && broker.reconnects > 0) {
+      parts.push(`${broker.reconnects} reconnect${broker.reconnects === 1 ? "" : "s"}`);
+    }
+    const error = broker.last_error ? String(broker.last_error) : "";
+    if (error && kind !== "connected") parts.push(error.length > 90 ? error.slice(0, 89) + "…" : error);
+    node.dataset.state = kind;
+    node.dataset.level = BROKER_LEVELS[kind] || "bad";
+    node.textContent = parts.join(" · ");
+    node.title = error ? `last error: ${error}` : "";
+  }
+
+  function renderEvents() {
+    const list = $("#event-list");
+    if (state.events === null) {
+      list.replaceChildren();
+      $("#events-empty").textContent = "This coordinator has no event log (/events).";
+      $("#events-empty").hidden = false;
+      return;
+    }
+    const events = state.events.slice(0, EVENTS_SHOWN);
+    list.replaceChildren(...events.map((e) => el("li", { "data-kind": e.kind },
+      el("time", { text: formatTime(e.at), title: isNumber(e.at) ? new Date(1000 * e.at).toLocaleString() : undefined }),
+      el("span", { class: `badge event-${e.kind}`, text: e.kind.replace("_", " ") }),
+      el("span", { class: "event-text", text: e.text }))));
+    $("#events-empty").textContent = "Nothing has happened yet.";
+    $("#events-empty").hidden = events.length > 0;
+  }
 
   // --- polling -------------------------------------------------------------------------------
   async function fetchDetails() {
@@ -371,15 +531,21 @@
     if (polling) return;
     polling = true;
     try {
-      const [devices, rounds, status] = await Promise.all([api("/devices"), api("/rounds"), api("/status")]);
+      const [devices, rounds, status, events] = await Promise.all([
+        api("/devices"), api("/rounds"), api("/status"),
+        // A coordinator from before the event log answers 404: the rest of the page still works.
+        api(`/events?limit=${EVENTS_SHOWN}`).catch((e) => (e instanceof ApiError && e.status === 404 ? null : Promise.reject(e)))]);
       state.devices = devices.devices || [];
       state.rounds = rounds.rounds || [];
       state.status = status;
+      state.events = events ? events.events || [] : null;
       await fetchDetails();
       $("#fleet-name").textContent = status.fleet ? `· ${status.fleet}` : "";
+      renderBroker();
       renderDevices();
       renderProgress();
       renderCharts();
+      renderEvents();
       state.refreshes += 1;
       document.body.dataset.refreshes = String(state.refreshes);
       setConnection("live", `live · updated ${new Date().toLocaleTimeString()}`);
