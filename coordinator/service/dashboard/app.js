@@ -40,6 +40,7 @@
     sort: { key: "device", descending: false },
     deadlineAt: null, // performance.now() at which the open round's deadline passes
     refreshes: 0,
+    resizes: 0, // window resizes the charts have followed
   };
   const charts = {};
   window.fedpruneDashboard = { state, charts };
@@ -328,7 +329,7 @@
 
   // --- charts --------------------------------------------------------------------------------
   function chartWidth(figure) {
-    return Math.max(280, Math.floor(figure.querySelector(".plot").clientWidth || figure.clientWidth) - 4);
+    return Math.max(200, Math.floor(figure.querySelector(".plot").clientWidth || figure.clientWidth) - 4);
   }
 
   const bytesAxis = (u, values) => values.map(formatBytes);
@@ -396,13 +397,20 @@
       if (chart) chart.destroy();
       chart = new uPlot({
         width: chartWidth(figure), height: 220,
-        scales: { x: { time: false }, y: yRange ? { range: yRange } : {} },
+        // One round alone sits in the middle, not between rounds 0 and 2.
+        scales: { x: { time: false, range: (u) => {
+                    const xs = u.data[0];
+                    if (!xs.length) return [0, 1];
+                    return xs.length === 1 ? [xs[0] - 0.5, xs[0] + 0.5] : [xs[0], xs[xs.length - 1]];
+                  } },
+                  y: yRange ? { range: yRange } : {} },
         axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100], values: (u, v) => v.map(String) },
                { values: axisValues, size: 64 }],
         series: [{ label: "round" }, ...series],
         legend: { show: false },
       }, data, figure.querySelector(".plot"));
       chart.signature = signature;
+      chart.specs = series; // the styles asked for, for tests and scripts
       chart.ctx.canvas.id = `chart-${name}-canvas`;
       charts[name] = chart;
     } else {
@@ -459,6 +467,7 @@
       for (const [name, chart] of Object.entries(charts)) {
         chart.setSize({ width: chartWidth($(`#chart-${name}`)), height: 220 });
       }
+      state.resizes += 1;
     }, 150);
   });
 
