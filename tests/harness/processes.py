@@ -25,12 +25,13 @@ class Process:
     log: Path
     python_flags: Sequence[str] = ()
     stderr_only: bool = False
+    cwd: Path | None = None  # where it runs (default: the test's own working folder)
     popen: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self) -> Process:
         with open(self.log, "a") as out:  # the child keeps its own descriptor
             self.popen = subprocess.Popen(
-                [sys.executable, *self.python_flags, "-m", *self.args],
+                [sys.executable, *self.python_flags, "-m", *self.args], cwd=self.cwd,
                 env={**os.environ, "OMP_NUM_THREADS": "1"},
                 stdout=subprocess.DEVNULL if self.stderr_only else out,
                 stderr=out if self.stderr_only else subprocess.STDOUT)
