@@ -95,7 +95,7 @@ RECIPES: dict[str, Recipe] = {
     "fedprune coordinator serve --config deploy/coordinator.example.toml": Recipe(tour=True),
     "fedprune status --url http://127.0.0.1:8080": Recipe(tour=True),
     "fedprune devices --url http://127.0.0.1:8080": Recipe(tour=True),
-    "fedprune-edge run --config deploy/edge.example.toml": Recipe(tour=True),
+    "fedprune-edge run --config deploy/edge.example.toml --new-state": Recipe(tour=True),
     "fedprune demo --devices 8 --rounds 5 --broker mqtt://127.0.0.1:1883": Recipe(tour=True),
     "fedprune coordinator provision --count 20 --broker mqtts://broker.lan:8883 --broker-host "
     "broker.lan --out fleet/": Recipe(shrink={"--count": "2"}),
