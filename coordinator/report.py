@@ -14,9 +14,14 @@ It reads the results files fedprune writes:
 
 Figures, each drawn when some run has what it needs (otherwise the page says why it is missing):
 `accuracy_by_round.png` and `accuracy_by_bytes.png` (every run on one set of axes: personalized
-solid, global dashed), `epsilon_by_device.png`, `fleet_plans.png` (width and download / upload
-keep per device), `devices_per_round.png` (devices in and out of each round). Matplotlib draws
-through its Agg canvas directly (no pyplot state, no display).
+solid, global dashed, and the chance level dotted where the results give it: each device's
+majority class on its own test split, the bar personalized accuracy must clear),
+`epsilon_by_device.png` (a line per device, each in its own colour, line style and marker, so
+devices that spent the same ε stay visible, and the title names them), `fleet_plans.png` (width
+and download / upload keep per device), `devices_per_round.png` (devices in and out of each
+round). Matplotlib draws through its Agg canvas directly (no pyplot state, no display). The page's
+runs table says what each run was: strategy, model, clients, partition and DP, as its results
+file records them ("-" where it does not).
 
 A results file is parsed with the bounded JSON reader (edge_sdk.validation: nesting, integer
 lengths and size bounded, NaN and Infinity refused). A file that cannot be read or is not a
@@ -32,6 +37,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +87,13 @@ class Run:
     epsilon_budget: float | None = None
     plans: list[PlanRow] = field(default_factory=list)
     plans_from: str = ""  # "plans" (the planner's) or "tasks" (what the rounds sent)
+    chance: float | None = None  # each device's majority class on its own test split, mean
+    # What the run was, as its file records it (None: it does not say).
+    strategy: str | None = None
+    model: str | None = None
+    clients: str | None = None
+    partition: str | None = None
+    dp: str | None = None
 
     def has(self, series: list[float]) -> bool:
         return any(not math.isnan(v) for v in series)
@@ -141,6 +154,28 @@ def _array(value: Any, where: str) -> list | None:
 
 def _nan(value: float | None) -> float:
     return math.nan if value is None else value
+
+
+def _text(value: Any) -> str | None:
+    """A setting as the runs table shows it: a name or a number; anything else says nothing."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _dp_text(dp: dict, privacy: dict) -> str | None:
+    """The run's DP in a few words: simulate's config.dp, or the demo's privacy budget."""
+    delta = dp.get("delta", privacy.get("delta"))
+    at = f", δ {delta:g}" if isinstance(delta, (int, float)) and not isinstance(delta, bool) else ""
+    for key, words in (("target_epsilon", "ε {:g} target"), ("noise_multiplier", "noise σ {:g}")):
+        value = dp.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return words.format(value) + at
+    budget = privacy.get("epsilon_budget")
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return f"ε {budget:g} budget{at}"
+    return "off" if dp or privacy else None
 
 
 def _runs_in(data: Any, where: str) -> list[tuple[str | None, dict, str]]:
@@ -272,6 +307,19 @@ def _read_run(label: str, source: str, run: dict, where: str) -> Run:
     out.epsilon_budget = _number(dp.get("target_epsilon"), f"{where}.config.dp.target_epsilon") \
         if dp.get("target_epsilon") is not None \
         else _number(privacy.get("epsilon_budget"), f"{where}.privacy.epsilon_budget")
+    out.dp = _dp_text(dp, privacy)
+    for key in ("strategy", "model", "partition"):
+        setattr(out, key, _text(config.get(key)) or _text(run.get(key)))
+    devices = run.get("devices")
+    out.clients = _text(config.get("clients")) or (
+        str(len(devices)) if isinstance(devices, list) else _text(devices))
+
+    # The chance level: the file's final one, else its last round's (simulate has it per round).
+    final = _object(run.get("final"), f"{where}.final") or {}
+    out.chance = _number(final.get("chance_accuracy"), f"{where}.final.chance_accuracy")
+    for i, entry in reversed(list(enumerate(entries))):
+        if out.chance is None and entry.get("chance_accuracy") is not None:
+            out.chance = _number(entry["chance_accuracy"], f"{where}.rounds[{i}].chance_accuracy")
 
     # The fleet's plans: simulate's clients[].plan, demo's devices[].plan.
     for key in ("clients", "devices"):
@@ -409,7 +457,7 @@ def _integer_x(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _accuracy(runs: list[Run], x_of, xlabel: str, title: str, path: Path) -> None:
+def _accuracy(runs: list[Run], x_of, xlabel: str, title: str, path: Path):
     from matplotlib.lines import Line2D
 
     figure = _figure(9, 5.5)
@@ -421,6 +469,13 @@ def _accuracy(runs: list[Run], x_of, xlabel: str, title: str, path: Path) -> Non
             ax.plot(x, run.personalized, color=color, marker="o", linestyle="-")
         if run.has(run.global_accuracy):
             ax.plot(x, run.global_accuracy, color=color, marker="s", markersize=4, linestyle="--")
+    chances = sorted({run.chance for run in runs if run.chance is not None})
+    if len(chances) == 1:  # every run has the same chance (the same partition): one grey line
+        ax.axhline(chances[0], color="grey", linestyle=":", linewidth=1.5)
+    else:
+        for run, color in zip(runs, colors):
+            if run.chance is not None:
+                ax.axhline(run.chance, color=color, linestyle=":", linewidth=1.5)
     ax.set_xlabel(xlabel)
     if xlabel == "round":
         _integer_x(ax)
@@ -430,28 +485,59 @@ def _accuracy(runs: list[Run], x_of, xlabel: str, title: str, path: Path) -> Non
     styles = [Line2D([], [], color="black", marker="o", linestyle="-", label="personalized (own model, own test split)"),
               Line2D([], [], color="black", marker="s", markersize=4, linestyle="--",
                      label="global model (official test set)")]
+    if chances:
+        styles.append(Line2D([], [], color="black" if len(chances) > 1 else "grey", linestyle=":",
+                             linewidth=1.5, label="chance: each device's majority class"
+                             + (f" ({chances[0]:.2f})" if len(chances) == 1 else "")))
     legend = ax.legend(handles=styles, loc="lower right", fontsize="small")
     ax.add_artist(legend)
     figure.legend(handles=[Line2D([], [], color=c, linewidth=3, label=r.label)
                            for r, c in zip(runs, colors)],
                   loc="outside right upper", fontsize="small", title="run")
     figure.savefig(path, dpi=DPI)
+    return figure
 
 
-def _epsilon(runs: list[Run], path: Path) -> None:
+# Devices' ε lines: colour, line style and marker cycle apart, and markers shrink, so lines that
+# coincide (devices with the same noise and samples spend the same ε) show as concentric markers
+# over interleaved dashes.
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+MARKER_SIZES = (9, 7, 5, 3.5)
+
+
+def _coinciding(series: dict[str, list[tuple[int, float]]]) -> list[list[str]]:
+    """Groups of devices whose points are all the same: their lines lie on top of each other."""
+    groups: dict[tuple, list[str]] = {}
+    for device, points in sorted(series.items()):
+        groups.setdefault(tuple((x, round(y, 9)) for x, y in points), []).append(device)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _names(names: list[str], most: int = 4) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _epsilon(runs: list[Run], path: Path):
     figure = _figure(6, 4)
     for ax, run in zip(_grid(figure, len(runs), 7.5, 4.0, most=2), runs):
         if run.epsilon_by_round:
             colors = _colors(len(run.epsilon_by_round))
-            for (device, points), color in zip(sorted(run.epsilon_by_round.items()), colors):
-                x, y = zip(*points)
-                ax.step(x, y, where="post", marker="o", markersize=3, color=color, label=device)
-            if run.epsilon_max_by_round:
+            if run.epsilon_max_by_round:  # underneath, wide and pale: the devices' lines show on it
                 x, y = zip(*run.epsilon_max_by_round)
-                ax.plot(x, y, color="black", linewidth=2, label="max over the round's devices")
+                ax.plot(x, y, color="black", linewidth=6, alpha=0.18, zorder=1,
+                        label="max over the round's devices")
+            for i, ((device, points), color) in enumerate(zip(sorted(run.epsilon_by_round.items()), colors)):
+                x, y = zip(*points)
+                ax.step(x, y, where="post", color=color, label=device, zorder=2 + i,
+                        linestyle=LINE_STYLES[i % len(LINE_STYLES)], linewidth=1.6,
+                        marker=MARKERS[i % len(MARKERS)], markersize=MARKER_SIZES[i % len(MARKER_SIZES)])
             ax.set_xlabel("round")
             _integer_x(ax)
             what = f"{len(run.epsilon_by_round)} devices sent tasks, after each round they had one"
+            same = _coinciding(run.epsilon_by_round)
+            if same:
+                what += "; the same ε, lines on top of each other: " + "; ".join(map(_names, same[:3]))
         elif run.epsilon_max_by_round:
             x, y = zip(*run.epsilon_max_by_round)
             ax.plot(x, y, color="black", marker="o", linewidth=2, label="max over the round's devices")
@@ -472,12 +558,13 @@ def _epsilon(runs: list[Run], path: Path) -> None:
                        label=f"budget {run.epsilon_budget:g}")
         ax.set_ylabel("epsilon spent")
         ax.set_ylim(0, 1.1 * max(run.epsilon_max or 0, run.epsilon_budget or 0) or 1)
-        ax.set_title(f"{run.label}\n({what})", fontsize="small")
+        ax.set_title(f"{run.label}\n" + textwrap.fill(f"({what})", 90), fontsize="small")
         ax.grid(alpha=0.3)
         handles, _ = ax.get_legend_handles_labels()
         if 0 < len(handles) <= 16:  # beside the plot, not over its lines
             ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.savefig(path, dpi=DPI)
+    return figure
 
 
 def _plans(runs: list[Run], path: Path) -> None:
@@ -602,7 +689,8 @@ def write_report(runs: list[Run], out: str | Path, title: str = "fedprune report
         lambda kept, path: _accuracy(kept, lambda r: r.rounds, "round", "Accuracy after each round",
                                      path),
         "Accuracy after each round: personalized (each device's own model on its own test split; "
-        "solid) and the global model (dashed).",
+        "solid), the global model (dashed) and chance (dotted: each device's majority class on its "
+        "own test split, the mean over devices; runs whose results give it).",
         "no accuracy in its rounds",
         "no run has accuracies in its rounds (a service run with evaluation off reports none)")
     _one_figure(
@@ -651,8 +739,12 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
 def _html(report: Report, runs: list[Run], title: str, command: str | None) -> str:
     e = html.escape
     rows = "\n".join(
-        f"<tr><td>{e(r.label)}</td><td>{e(r.source)}</td><td>{r.kind}</td><td>{len(r.rounds)}</td>"
-        f"<td>{_fmt(r.last(r.personalized), 100)}</td><td>{_fmt(r.last(r.global_accuracy), 100)}</td>"
+        f"<tr><td>{e(r.label)}</td><td>{e(r.source)}</td><td>{r.kind}</td>"
+        + "".join(f"<td>{e(value or '-')}</td>" for value in (r.strategy, r.model, r.clients,
+                                                              r.partition, r.dp))
+        + f"<td>{len(r.rounds)}</td>"
+        f"<td>{_fmt(r.last(r.personalized), 100)}</td><td>{_fmt(r.chance, 100)}</td>"
+        f"<td>{_fmt(r.last(r.global_accuracy), 100)}</td>"
         f"<td>{_fmt(r.last(r.cumulative_bytes), 1e-6, 1)}</td><td>{_fmt(r.epsilon_max)}</td></tr>"
         for r in runs)
     parts = [
@@ -666,9 +758,10 @@ def _html(report: Report, runs: list[Run], title: str, command: str | None) -> s
     if command:
         parts.append(f"<p>Made by <code>{e(command)}</code></p>")
     parts += ["<h2>Runs</h2>",
-              "<table><tr><th>run</th><th>file</th><th>kind</th><th>rounds</th>"
-              "<th>personalized % (last)</th><th>global % (last)</th><th>MB up + down</th>"
-              "<th>max epsilon</th></tr>", rows, "</table>", "<h2>Figures</h2>"]
+              "<table><tr><th>run</th><th>file</th><th>kind</th><th>strategy</th><th>model</th>"
+              "<th>clients</th><th>partition</th><th>DP</th><th>rounds</th>"
+              "<th>personalized % (last)</th><th>chance %</th><th>global % (last)</th>"
+              "<th>MB up + down</th><th>max epsilon</th></tr>", rows, "</table>", "<h2>Figures</h2>"]
     for name, caption in report.figures.items():
         notes = "".join(f"<br><small>{e(n)}</small>" for n in report.notes.get(name, []))
         parts.append(f'<figure id="{e(name)}"><img src="{e(name)}" alt="{e(caption)}">'

@@ -2,7 +2,9 @@
 and a coordinator service's round summaries become PNG figures and an HTML page that shows them;
 a file that is not a results file is refused with its name and what is wrong; hostile files
 (a `$` label, an Infinity, deep nesting, numbers matplotlib cannot place) never end the report
-with a traceback: the rest is drawn and what was not is listed."""
+with a traceback: the rest is drawn and what was not is listed. The runs table says what each run
+was (strategy, model, clients, partition, DP), the accuracy figures draw the chance level the
+results give, and devices whose ε lines coincide are drawn each in a style of its own."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from coordinator import report
 from coordinator.cli import main
 
 SIMULATE = ["simulate", "--model", "mlp", "--clients", "3", "--rounds", "2",
@@ -86,6 +89,71 @@ def test_report_of_two_simulations_and_a_service_run(simulated, tmp_path, capsys
     for name in images:
         _assert_real_png(both / name)
     assert "<td>planned + DP</td>" in index and "<td>service</td>" in index
+
+    # The runs table: what each run was, and its chance level beside its accuracy.
+    header = re.search(r"<tr><th>run</th>(.*?)</tr>", index).group(1)
+    columns = ["run", *re.findall(r"<th>(.*?)</th>", header)]
+    assert columns[:9] == ["run", "file", "kind", "strategy", "model", "clients", "partition",
+                           "DP", "rounds"]
+    table = {cells[0]: dict(zip(columns, cells)) for cells in
+             (re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr><td>.*?</tr>", index))}
+    chance = json.loads(plain.read_text())["final"]["chance_accuracy"]
+    assert {k: table["FedAvg"][k] for k in ("strategy", "model", "clients", "partition", "DP")} == {
+        "strategy": "fedavg", "model": "mlp", "clients": "3", "partition": "classes:5", "DP": "off"}
+    assert table["FedAvg"]["chance %"] == f"{chance * 100:,.2f}"
+    assert table["planned + DP"]["DP"] == "ε 4 target, δ 1e-05"
+    assert table["service"]["DP"] == "ε 8 budget, δ 1e-05" and table["service"]["clients"] == "4"
+    assert table["service"]["strategy"] == "-"  # its file does not say
+
+
+def test_accuracy_figures_draw_each_runs_chance_level(simulated, tmp_path):
+    plain, planned = simulated
+    runs, unread = report.load_runs([plain, planned])
+    assert unread == []
+    chances = [json.loads(path.read_text())["final"]["chance_accuracy"] for path in (plain, planned)]
+    assert [run.chance for run in runs] == chances and all(0 < c < 1 for c in chances)
+    for x_of in (lambda r: r.rounds, lambda r: r.cumulative_bytes):
+        figure = report._accuracy(runs, x_of, "round", "accuracy", tmp_path / "accuracy.png")
+        dotted = [line for line in figure.axes[0].lines if line.get_linestyle() == ":"]
+        assert sorted(line.get_ydata()[0] for line in dotted) == sorted(set(chances))
+        assert all(line.get_ydata()[0] == line.get_ydata()[1] for line in dotted)  # horizontal
+        labels = [text.get_text() for legend in figure.legends + [figure.axes[0].get_legend()]
+                  for text in legend.get_texts()]
+        assert any(label.startswith("chance: each device's majority class") for label in labels)
+    # Runs of different partitions: a chance line each, in the run's colour.
+    runs[1].chance = chances[1] / 2
+    figure = report._accuracy(runs, lambda r: r.rounds, "round", "accuracy", tmp_path / "two.png")
+    dotted = [line for line in figure.axes[0].lines if line.get_linestyle() == ":"]
+    assert sorted(line.get_ydata()[0] for line in dotted) == sorted([chances[0], chances[1] / 2])
+    service = tmp_path / "service.json"
+    service.write_text(json.dumps(_service_results()))  # gives no chance: none is drawn
+    figure = report._accuracy(report.load_runs([service])[0], lambda r: r.rounds, "round", "a",
+                              tmp_path / "service.png")
+    assert not [line for line in figure.axes[0].lines if line.get_linestyle() == ":"]
+
+
+def test_devices_with_the_same_epsilon_are_drawn_apart(tmp_path):
+    """Devices with the same noise and samples spend the same ε every round: each line gets its
+    own colour, line style and marker (markers shrinking, so they show as concentric), and the
+    title names the devices whose lines coincide."""
+    rounds = [{"round": n, "personalized_accuracy": 0.5, "participants": 4,
+               "devices": [{"client": c, "epsilon": 2.0 * n + (c == 3)} for c in range(4)]}
+              for n in (1, 2, 3)]
+    path = tmp_path / "same.json"
+    path.write_text(json.dumps({"rounds": rounds, "config": {"dp": {"target_epsilon": 8.0}}}))
+    runs, _ = report.load_runs([path])
+    figure = report._epsilon(runs, tmp_path / "epsilon.png")
+    ax = figure.axes[0]
+    devices = [line for line in ax.lines if line.get_label().startswith("device ")]
+    assert len(devices) == 4
+    styles = {(line.get_color(), line.get_linestyle(), line.get_marker(), line.get_markersize())
+              for line in devices}
+    assert len(styles) == 4
+    assert len({line.get_linestyle() for line in devices}) == 4
+    assert len({line.get_marker() for line in devices}) == 4
+    assert "lines on top of each other: device 0, device 1, device 2" in ax.get_title().replace("\n", " ")
+    assert "device 3" not in ax.get_title()
+    _assert_real_png(tmp_path / "epsilon.png")
 
 
 def test_missing_fields_skip_figures_with_a_note(tmp_path):
