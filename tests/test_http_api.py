@@ -194,7 +194,8 @@ def test_off_loopback_the_service_needs_a_token(fleet, monkeypatch, capsys):
         assert server.port > 0 and server.url == f"http://127.0.0.1:{server.port}"
         with httpx.Client(base_url=server.url, timeout=10) as http:
             assert http.get("/healthz").json() == {"ok": True}
-            for path in ("/status", "/devices", "/rounds", "/rounds/1", "/metrics", "/openapi.json"):
+            for path in ("/status", "/devices", "/rounds", "/rounds/1", "/events", "/metrics",
+                         "/openapi.json"):
                 refused = http.get(path)
                 assert refused.status_code == 401, path
                 assert refused.headers["www-authenticate"] == "Bearer"
@@ -204,8 +205,9 @@ def test_off_loopback_the_service_needs_a_token(fleet, monkeypatch, capsys):
             metrics = http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
             assert metrics.headers["content-type"].startswith("text/plain")
             assert 'fedprune_rounds_total{outcome="committed"} 2.0' in metrics.text
-            # The dashboard's static files hold no data: the page itself loads without the token.
-            assert http.get("/").status_code == 200
+            # The dashboard's static files hold no data: the page itself loads without the token,
+            # and so does /docs (the endpoints and their fields, as the dashboard's script has them).
+            assert http.get("/").status_code == http.get("/docs").status_code == 200
     finally:
         server.stop()
 
