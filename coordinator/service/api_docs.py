@@ -17,7 +17,7 @@ UNLISTED = (("GET", "/", "the fleet dashboard (no token: the page asks for it)")
             ("GET", "/assets/…", "the dashboard's script, styles and vendored chart library"),
             ("GET", "/docs", "this page"),
             ("GET", "/openapi.json", "the OpenAPI schema this page is written from "
-                                     "(the token, where the others need it)"))
+                                     "(it needs the token where the others do)"))
 
 
 def _ref_name(ref: str) -> str:
