@@ -254,12 +254,19 @@ def test_the_tour(workspace, broker, tmp_path):
         wait_until(lambda: "pi-kitchen-01" in run(device_words, workspace).stdout, 90,
                    "the example edge device in `fedprune devices`", watch=[coordinator, agent])
         check(run(device_words, workspace), devices, expect=(r"pi-kitchen-01",))
+        # The demo on the same broker while the coordinator serves: neither takes the other's
+        # client id (before, both were `fedprune-coordinator` and evicted each other all round).
+        recipe = Recipe({"--devices": "2", "--rounds": "1"},
+                        ("--samples", "100", "--out", str(tmp_path / "demo")))
+        check(run(shrunk(demo, recipe, **{"mqtt://127.0.0.1:1883": broker.url}), workspace), demo,
+              expect=(r"after 1 rounds?", r"0 lost"))
+        assert coordinator.popen.poll() is None, coordinator.tail()
+        served = coordinator.log.read_text()
+        assert len(re.findall(r"connected to \S+ as ", served)) == 1, \
+            f"the serving coordinator connected more than once while the demo ran:\n{served[-3000:]}"
+        assert "disconnected from the broker" not in served, served[-3000:]
     finally:
         stop_processes([p for p in (agent, coordinator) if p is not None])
-    recipe = Recipe({"--devices": "2", "--rounds": "1"},
-                    ("--samples", "100", "--out", str(tmp_path / "demo")))
-    check(run(shrunk(demo, recipe, **{"mqtt://127.0.0.1:1883": broker.url}), workspace), demo,
-          expect=(r"after 1 rounds?", r"0 lost"))
 
 
 def answers(address: str) -> bool:

@@ -38,7 +38,10 @@ class BrokerSettings(Settings):
     url: str = "mqtt://127.0.0.1:1883"
     fleet: str = "default"
     topic_prefix: str = "fedprune"
-    client_id: str = "fedprune-coordinator"
+    # None: this coordinator's own id, made once and kept in state_dir/mqtt-client-id (service.py:
+    # `coordinator_client_id`), so a restart resumes its persistent session and two coordinators
+    # on one broker never take each other's id.
+    client_id: str | None = None
     keepalive: int = Field(30, ge=5)
     # Refuse any message over this many bytes before decoding it; keep it at or under the
     # broker's message_size_limit (deploy/mosquitto/mosquitto.conf sets 64 MiB).

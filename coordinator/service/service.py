@@ -34,6 +34,8 @@ import hashlib
 import json
 import logging
 import queue
+import re
+import secrets
 import signal
 import threading
 import time
@@ -45,6 +47,7 @@ from device_profiles.files import atomic_write
 from edge_sdk.protocol import Topics
 from edge_sdk.rehearsal import peak_rss_bytes
 
+from ..config import ConfigError
 from .cluster import Leadership, member_url
 from .config import ServiceSettings
 from .engine import RoundEngine, is_transient
@@ -59,6 +62,42 @@ class _Stopped(Exception):
     """The service is stopping while waiting to try again: the message stays unacknowledged."""
 
 
+CLIENT_ID_FILE = "mqtt-client-id"
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def coordinator_client_id(config: ServiceSettings) -> str:
+    """The MQTT client id this coordinator connects with. With broker credentials it is the user
+    name (the broker binds them); a cluster member's is `<client_id>-<node>` (its node name is
+    unique in the cluster). Otherwise `broker.client_id` if set, else an id made on the first start
+    and kept in state_dir: the same coordinator gets its persistent session (updates queued while it
+    was away) back after a restart, and a second coordinator on the broker (another state_dir, such
+    as `fedprune demo --broker` beside `serve`) cannot take it over and evict the first."""
+    broker, cluster = config.broker, config.cluster
+    if broker.username:
+        return broker.username
+    if cluster.enabled:
+        return f"{broker.client_id or 'fedprune-coordinator'}-{cluster.node}"
+    if broker.client_id:
+        return broker.client_id
+    path = Path(config.state_dir) / CLIENT_ID_FILE
+    try:
+        kept = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        kept = None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path} ({exc}); remove it to make a new client id, or set "
+                          "broker.client_id") from None
+    if kept is not None:
+        if not _CLIENT_ID.fullmatch(kept):
+            raise ConfigError(f"{path} does not hold a client id (1-64 letters, digits, '_.-'); "
+                              "remove it to make a new one, or set broker.client_id")
+        return kept
+    made = f"fedprune-coordinator-{secrets.token_hex(4)}"
+    atomic_write(path, made.encode("ascii"))
+    return made
+
+
 class CoordinatorService:
     def __init__(self, config: ServiceSettings):
         self.config = config
@@ -71,15 +110,16 @@ class CoordinatorService:
             # as its connection closes. (Mosquitto 2.0 keeps handing a disconnected member with a
             # persistent session its share of the updates, queued until it returns.) With a
             # broker user, the client id is the user name: give each coordinator its own user.
-            client_id = broker.client_id if broker.username else f"{broker.client_id}-{cluster.node}"
-            self.link = CoordinatorLink(broker.url, topics, client_id, broker.keepalive,
+            self.link = CoordinatorLink(broker.url, topics, coordinator_client_id(config),
+                                        broker.keepalive,
                                         broker.username, broker.password, broker.tls_ca,
                                         broker.inbox_limit,
                                         subscriptions=cluster_subscriptions(topics, cluster.group),
                                         clean_session=True, inbox_max_bytes=broker.inbox_max_bytes)
             self.leadership: Leadership | None = Leadership(config.database_url, cluster)
         else:
-            self.link = CoordinatorLink(broker.url, topics, broker.client_id, broker.keepalive,
+            self.link = CoordinatorLink(broker.url, topics, coordinator_client_id(config),
+                                        broker.keepalive,
                                         broker.username, broker.password, broker.tls_ca,
                                         broker.inbox_limit, inbox_max_bytes=broker.inbox_max_bytes)
             self.leadership = None
