@@ -144,7 +144,9 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
     classes = [device_class(i) for i in range(devices)]
     embedded = EmbeddedBroker(log_path=str(out / "logs" / "broker.log")).start() if broker is None else None
     url = embedded.url if embedded else broker
-    fleet = f"demo-{int(time.time())}"  # fresh topics: nothing retained from an earlier run
+    # Fresh topics (nothing retained from an earlier run) and fresh device client ids: another
+    # demo on the same broker, even one started in the same second, is another fleet.
+    fleet = f"demo-{int(time.time())}-{os.getpid()}"
     # The devices start first (they take longest); their registrations are retained, so the
     # coordinator sees them whenever it connects.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -201,7 +203,8 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
                f"device holds 5 of the 10 classes), model {model}, DP-SGD epsilon <= {epsilon:g} "
                f"per device, round deadline {deadline:g} s, {rounds} rounds; waiting for the "
                "devices to register...")
-    bar = tqdm(total=rounds, unit="round", desc=f"demo: {devices} devices", leave=False)
+    bar = tqdm(total=rounds, unit="round", desc=f"demo: {devices} devices", leave=False,
+               disable=None)  # a bar on a terminal only; redirected, the round lines say it
     summaries: list[dict] = []
     registered: dict[str, dict] = {}
     index_of = {n: i for i, n in enumerate(names)}

@@ -91,7 +91,7 @@ def export_clients(out_dir: str | Path, clients, widths: Sequence[float], global
     global_checkpoint.save(out_dir / "global" / "checkpoint.pt")
     exported = []
     for client, width in tqdm(list(zip(clients, widths)), desc="export", unit="client",
-                              disable=not progress):
+                              disable=None if progress else True):
         device_id = f"client-{client.device_index:03d}"
         if client.spec is not None:
             checkpoint = Checkpoint(client.spec, dict(client.state), global_checkpoint.model,

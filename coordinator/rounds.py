@@ -12,6 +12,7 @@ model exported for it is sliced exactly as the model it trains.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,14 @@ def planner_settings(config: Any, strategy: Strategy, deadline_seconds: float) -
                            max_download_keep=min(keeps, default=1.0),
                            download_dtype=strategy.download_dtype or config.codec.download_dtype,
                            upload_dtype=config.codec.upload_dtype)
+
+
+def device_key(device_id: str) -> int:
+    """A service device's index for the round pipeline (FedP3's layer group, a width level, its
+    task seeds), from its id: devices register in any order (the demo's in a race), and the
+    plan a device gets must not depend on who connected first. A simulation's devices are
+    their ordinals instead; both feed the same pipeline."""
+    return int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:4], "big")
 
 
 def device_settings(settings: PlannerSettings, strategy: Strategy, device_index: int,

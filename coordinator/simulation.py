@@ -194,7 +194,7 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
     and the final global state."""
     train, dp, byzantine = config.train, dp_config(config), config.byzantine
     global_state = history[-1]
-    bar = tqdm(total=config.rounds * per_round, disable=not progress, unit="task",
+    bar = tqdm(total=config.rounds * per_round, disable=None if progress else True, unit="task",
                desc=f"{config.strategy} {config.partition}")
     pipeline = None
     for round_number in range(1, config.rounds + 1):

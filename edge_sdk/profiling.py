@@ -164,7 +164,8 @@ def measure_profile(name: str | None = None, broker: str | None = None,
     steps["compute (DP)"] = lambda: measure_reference_throughput(seconds, dp=True)
 
     results: dict[str, Any] = {}
-    with tqdm(total=len(steps), desc="fedprune-edge profile", unit="step", disable=not progress) as bar:
+    with tqdm(total=len(steps), desc="fedprune-edge profile", unit="step",
+              disable=None if progress else True) as bar:
         for label, run in steps.items():
             bar.set_postfix_str(label)
             results[label] = run()

@@ -112,8 +112,11 @@ def calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, st
     """
     from opacus.accountants.utils import get_noise_multiplier  # lazy: opacus costs ~4 s to import
 
+    from .training.privacy import accountant_options
+
     return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                sample_rate=sample_rate, steps=steps, accountant=accountant)
+                                sample_rate=sample_rate, steps=steps, accountant=accountant,
+                                **accountant_options(accountant))
 
 
 class CodecSettings(Settings):

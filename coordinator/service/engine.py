@@ -63,7 +63,7 @@ from ..combine import RoundCombiner
 from ..heldout import contract_extra, held_out_data, verification_batch
 from ..planning.memory import MemoryCoefficients
 from ..planning.planner import plan_device
-from ..rounds import (RoundPipeline, Task, UpdateRefused, device_settings, dp_config,
+from ..rounds import (RoundPipeline, Task, UpdateRefused, device_key, device_settings, dp_config,
                       planner_settings)
 from ..strategies import build_strategy
 from .config import ServiceSettings
@@ -286,8 +286,8 @@ class RoundEngine:
             log.warning("device %s registered with an invalid profile: %s", header.device_id,
                         exc.errors()[0]["msg"])
             return
-        settings = device_settings(self.planner, self.strategy,
-                                   self.store.device_index(header.device_id), header.num_samples)
+        settings = device_settings(self.planner, self.strategy, device_key(header.device_id),
+                                   header.num_samples)
         plan = plan_device(profile, self.spec, self.config.model, settings, self.coefficients)
         self.store.upsert_device(
             header.device_id, profile=header.profile, num_samples=header.num_samples,
@@ -496,8 +496,8 @@ class RoundEngine:
             device = self.store.device(task.device)
             sizing = DevicePlan.model_validate(device.plan).model_copy(
                 update={"width_ratio": task.width_ratio})
-            self.tasks_built[task.device] = self.pipeline.task(device.index, device.num_samples,
-                                                               sizing)
+            self.tasks_built[task.device] = self.pipeline.task(device_key(device.id),
+                                                               device.num_samples, sizing)
         return self.tasks_built[task.device]
 
     def _task_message(self, device, task: TaskRow, deadline: float) -> bytes:
@@ -520,6 +520,7 @@ class RoundEngine:
     def _open(self, eligible, now: float) -> None:
         number = self.store.next_round_number()
         rng = np.random.default_rng([self.config.seed, number])
+        eligible = sorted(eligible, key=lambda d: d.id)  # the draw, not the order they registered
         count = min(self.config.rounds.devices_per_round, len(eligible))
         chosen = [eligible[i] for i in sorted(rng.choice(len(eligible), count, replace=False))]
         self._prepare_pipeline(number)

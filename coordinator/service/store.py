@@ -271,16 +271,6 @@ class Store:
         self.engine.dispose()
 
     # --- devices ---------------------------------------------------------------------------
-    def device_index(self, device_id: str) -> int:
-        """The device's stable integer id: its own when registered, else the next free one
-        (which `upsert_device` gives it; only the engine thread registers devices)."""
-        with self.session() as s:
-            row = s.get(DeviceRow, device_id)
-            if row is not None:
-                return row.index
-            highest = s.scalar(select(func.max(DeviceRow.index)))
-            return 0 if highest is None else highest + 1
-
     def upsert_device(self, device_id: str, **fields: Any) -> DeviceRow:
         now = time.time()
         with self._write() as s:

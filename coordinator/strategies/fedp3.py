@@ -3,7 +3,9 @@
 Readings taken where the paper and its released code leave room (see docs/ARCHITECTURE.md):
 - hidden layers are every parameterised layer but the last; the output layer is always uploaded
   and, as in the released code, never overwritten from the server (`personal_head`);
-- devices fall into as many groups as there are hidden layers, by device index modulo that count;
+- devices fall into as many groups as there are hidden layers, by device index modulo that count
+  (a simulation's ordinal; a service device's index comes from its id, `rounds.device_key`, so
+  its group does not depend on the order devices registered in);
 - a device trains all layers by default (`train_layers="all"`) and uploads only its selection;
 - the weighted rule weights a device by the number of layers it uploads, normalised per entry.
 """

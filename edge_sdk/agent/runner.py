@@ -60,6 +60,12 @@ _SIGNED_TYPES = (MessageType.TASK, MessageType.ACK, MessageType.ARTIFACT)
 Publish = Callable[..., object]
 
 
+def mqtt_client_id(config) -> str:
+    """The device's MQTT client id: its user name where the broker has credentials (it binds the
+    two), else `<fleet>.<device_id>`: device ids are unique within a fleet, client ids must be
+    unique on the broker, and two fleets (two demos) on one broker both have a `dev-00`."""
+    return config.username or f"{config.fleet}.{config.device_id}"
+
 class ArtifactRefused(ValueError):
     """An exported model the device will not store; the text is the reason sent back."""
 
@@ -111,7 +117,7 @@ class EdgeAgent:
         device = config.device_id
         # The last will says offline (retained); `stop` publishes it too on a clean shutdown.
         self.transport = MqttTransport(
-            device, config.broker, username=config.username, password=config.password,
+            mqtt_client_id(config), config.broker, username=config.username, password=config.password,
             tls_ca=config.tls_ca, keepalive=config.keepalive,
             subscriptions=self.topics.device_subscriptions(device), on_connect=self._on_connect,
             will=(self.topics.status(device), self._status(False)), logger=log)
