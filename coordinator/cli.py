@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from edge_sdk.logs import LOG_FORMATS, wants_json
+
 
 def _simulate(args: argparse.Namespace) -> int:
     from .config import load_config
@@ -179,7 +181,8 @@ def _coordinator_serve(args: argparse.Namespace) -> int:
     from edge_sdk.logs import configure_logging
 
     config = load_config(args.config, args.set, schema=ServiceSettings)
-    configure_logging(args.log_level, json_lines=not args.plain_logs)
+    configure_logging(args.log_level, json_lines=wants_json(
+        "plain" if args.plain_logs else args.log_format))
     trace = from_environment()  # FEDPRUNE_TRACEMALLOC=PATH: a debugging aid (memtrace.py)
     service = CoordinatorService(config)
     if trace is not None:
@@ -418,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. rounds.total=5 (repeatable)")
     serve.add_argument("--log-level", default="INFO")
-    serve.add_argument("--plain-logs", action="store_true", help="text logs instead of JSON lines")
+    serve.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
+                     help="auto: plain lines on a terminal, JSON lines otherwise (default: %(default)s)")
+    serve.add_argument("--plain-logs", action="store_true", help="the same as --log-format plain")
     serve.set_defaults(handler=_coordinator_serve)
     prov = coord_sub.add_parser("provision", help="per-device credentials, broker ACLs, TLS and "
                                 "signing keys", description="Create a fleet CA and broker "

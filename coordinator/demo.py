@@ -20,6 +20,7 @@ real processes sharing this machine cannot meet (the deadline is the service's r
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -118,6 +119,41 @@ def _device_row(row, name: str) -> dict:
             "epsilon": row.epsilon, "epsilon_budget": row.epsilon_budget, "plan": row.plan}
 
 
+# How long the demo waits for its broker (`--broker`) to answer before it gives up.
+BROKER_GIVE_UP_SECONDS = 20
+
+
+class DemoError(ValueError):
+    """The demo cannot go on (no broker, its folder in use); the text says why and what to do."""
+
+
+LOCK_FILE = ".demo.lock"
+
+
+def _lock_run_folder(out: Path):
+    """Lock `out` for this run (an open file under flock, released when the process ends): a
+    second demo in the same folder would delete the first's files and hang it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise DemoError(f"cannot use {out} as the run folder ({exc.strerror or exc}); give "
+                        "another --out") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise DemoError(f"another demo ({holder}) is running in {out}; wait for it, stop it, or "
+                        "give this one another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
              json_out: str | None = None, out_dir: str = "runs/demo", epsilon: float = 8.0,
              samples: int = 1500, local_epochs: int = 1, data_dir: str | None = None,
@@ -137,7 +173,10 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
     (the results are printed and written first) until Ctrl-C."""
     started = time.monotonic()
     out = Path(out_dir)
-    shutil.rmtree(out, ignore_errors=True)
+    lock = _lock_run_folder(out)  # held while this function runs (closed when it returns)
+    for entry in out.iterdir():  # an earlier run's files, not the lock
+        if entry.name != LOCK_FILE:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     (out / "logs").mkdir(parents=True)
     configure_logging("INFO", json_lines=True, path=str(out / "logs" / "coordinator.log"))
     names = [f"dev-{i:02d}" for i in range(devices)]
@@ -271,12 +310,21 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
     service.engine.on_register = on_register
     service.engine.on_commit = on_commit
 
-    def watchdog() -> None:  # if every device process died, stop waiting for them
-        while not service.stopping.is_set():
-            if all(p.poll() is not None for p in procs):
+    unreachable: list[str] = []  # why the demo stopped without a broker
+
+    def watchdog() -> None:  # if the broker never answers, or every device process died, stop
+        while not service.stopping.wait(1):
+            broker = service.link.broker_state()
+            if not service.link.counters["connects"] and \
+                    time.monotonic() - started > BROKER_GIVE_UP_SECONDS:
+                unreachable.append(
+                    f"no broker answered at {url} in {BROKER_GIVE_UP_SECONDS} s ({broker['attempts']} "
+                    f"attempts; last: {broker['last_error'] or 'no answer'}): start the broker, check "
+                    "the address and port, or leave out --broker for the demo's own")
+                service.stopping.set()
+            elif all(p.poll() is not None for p in procs):
                 tqdm.write("every edge process has exited; see the logs in " + str(out / "logs"))
                 service.stopping.set()
-            time.sleep(1)
 
     threading.Thread(target=watchdog, daemon=True).start()
     # The coordinator runs in its own thread, so that Ctrl-C (here) stops it cleanly and, with
@@ -297,6 +345,8 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
         coordinator.join()
     finally:
         bar.close()
+    if unreachable:
+        raise DemoError(unreachable[0])
     last = summaries[-1] if summaries else {}
     epsilons = [d["epsilon"] for d in registered.values() if d["epsilon"] is not None]
     final = {

@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from .logs import LOG_FORMATS, wants_json
+
 
 def _run(args: argparse.Namespace) -> int:
     import signal
@@ -22,7 +24,8 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_edge_config(args.config)
     open_state_dir(config.state_dir, config.device_id, new=args.new_state)
-    configure_logging(args.log_level, json_lines=not args.plain_logs)
+    configure_logging(args.log_level, json_lines=wants_json(
+        "plain" if args.plain_logs else args.log_format))
     agent = EdgeAgent(config)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stopping.set())
@@ -82,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "outbox) if it does not exist; without it a missing state_dir is an error, "
                      "so a typo never starts an empty ledger")
     run.add_argument("--log-level", default="INFO")
-    run.add_argument("--plain-logs", action="store_true", help="text logs instead of JSON lines")
+    run.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
+                     help="auto: plain lines on a terminal, JSON lines otherwise (default: %(default)s)")
+    run.add_argument("--plain-logs", action="store_true", help="the same as --log-format plain")
     run.set_defaults(handler=_run)
 
     rehearse = sub.add_parser("rehearse", help="one real local DP epoch of a plan; prints peak RSS")
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ValueError as exc:  # ConfigError, ProfilingError, ProfileError all derive from it
+    except (ValueError, ConnectionError) as exc:  # ConfigError, ProfileError...; TransportError
         print(f"fedprune-edge {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

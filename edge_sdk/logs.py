@@ -1,9 +1,11 @@
-"""Structured logs: one JSON object per line (time, level, logger, message, and extra fields)."""
+"""The services' logs: plain lines for a person at a terminal, one JSON object per line (time,
+level, logger, message, and extra fields) for a log collector (journald, a file, a pipe)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
@@ -28,3 +30,11 @@ def configure_logging(level: str = "INFO", json_lines: bool = True, path: str | 
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+LOG_FORMATS = ("auto", "plain", "json")
+
+
+def wants_json(log_format: str) -> bool:
+    """`auto`: plain on a terminal, JSON lines otherwise (what a collector parses)."""
+    return log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())

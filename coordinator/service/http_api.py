@@ -1,6 +1,7 @@
 """The coordinator's HTTP API: FastAPI on uvicorn, with an exact OpenAPI schema at /openapi.json.
 
-    GET /healthz       {"ok": true}, never behind the token
+    GET /healthz       {"ok": true}, or 503 {"ok": false, "problem": ...} once the broker has been
+                       out of reach past broker.unhealthy_after_seconds; never behind the token
     GET /status        the service's status snapshot (`CoordinatorService.status`)
     GET /devices       every registered device: profile, plan, state, rounds taken part in, ε
     GET /rounds        every round: selected, accepted, straggled, refused by reason, bytes, ...
@@ -86,6 +87,18 @@ class ErrorView(_View):
 
 class HealthView(_View):
     ok: bool
+    problem: str | None = None  # why not ok (the broker unreachable for too long)
+
+
+class BrokerView(_View):
+    """The MQTT connection (edge_sdk/protocol/transport.py `broker_state`)."""
+    url: str
+    client_id: str
+    state: Literal["connecting", "connected", "refused", "retrying", "stopped"]
+    since: float
+    last_error: str | None
+    attempts: int
+    reconnects: int
 
 
 class ProcessView(_View):
@@ -181,6 +194,7 @@ class StatusView(_View):
     inbox: InboxView | None = None        # the service's; absent from the engine's own status
     handling: HandlingView | None = None
     cluster: ClusterView | None = None    # cluster mode only
+    broker: BrokerView | None = None      # the service's MQTT connection
 
 
 class PlanView(_View):
@@ -545,9 +559,12 @@ class SecurityHeaders:
 # --- the application ------------------------------------------------------------------------------
 def build_app(store: Store, config: ServiceSettings,
               snapshot: Callable[[], Mapping[str, Any]], *,
+              health: Callable[[], str | None] = lambda: None,
               dashboard: Path = DASHBOARD) -> FastAPI:
     """The API over `store`, with `snapshot` (the service's status) behind /status and /metrics;
-    `config.http_token`, when set, guards every endpoint but /healthz and the static files."""
+    `config.http_token`, when set, guards every endpoint but /healthz and the static files.
+    `health`: why the service is unhealthy (/healthz answers 503 saying so), None when healthy;
+    it reads no database, so a probe stays cheap."""
     guarded: dict[str, Any] = {"dependencies": [], "responses": {}}
     if config.http_token is not None:  # the schema declares the token only where it is required
         secret = config.http_token.get_secret_value().encode()
@@ -570,9 +587,13 @@ def build_app(store: Store, config: ServiceSettings,
     def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    @app.get("/healthz", response_model=HealthView, summary="liveness, without a token")
-    def healthz() -> HealthView:
-        return HealthView(ok=True)
+    @app.get("/healthz", response_model=HealthView, summary="liveness, without a token",
+             response_model_exclude_none=True, responses={503: {"model": HealthView, "description": "unhealthy, and why"}})
+    def healthz() -> Any:
+        problem = health()
+        if problem is None:
+            return HealthView(ok=True)
+        return JSONResponse(HealthView(ok=False, problem=problem).model_dump(), status_code=503)
 
     @app.get("/status", response_model=StatusView, summary="the service's status snapshot", **guarded)
     def status() -> StatusView:

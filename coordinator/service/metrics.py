@@ -305,6 +305,13 @@ class StoreCollector(Collector):
         except Exception:  # a scrape must still show the database's metrics
             log.exception("metrics: the service's status could not be read")
             return
+        broker = status.get("broker") or {}
+        if broker:
+            yield GaugeMetricFamily("fedprune_broker_connected", "1 while the MQTT connection to "
+                                    "the broker is up, else 0.",
+                                    value=1 if broker.get("state") == "connected" else 0)
+            yield CounterMetricFamily("fedprune_broker_reconnects", "Connections to the broker "
+                                      "after the first.", value=broker.get("reconnects", 0))
         inbox = status.get("inbox") or {}
         handling = status.get("handling") or {}
         messages = status.get("messages") or {}

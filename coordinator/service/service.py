@@ -142,11 +142,21 @@ class CoordinatorService:
     def status_url(self) -> str | None:
         return None if self.http is None else f"{self.http.url}/status"
 
+    def unhealthy(self) -> str | None:
+        """Why /healthz fails: the broker out of reach for longer than
+        broker.unhealthy_after_seconds (None: healthy)."""
+        broker = self.link.broker_state()
+        out_for = time.time() - broker["since"]
+        if broker["state"] == "connected" or out_for < self.config.broker.unhealthy_after_seconds:
+            return None
+        return (f"the broker at {broker['url']} has been {broker['state']} for {out_for:.0f} s "
+                f"({broker['last_error'] or 'no answer'})")
+
     def status(self) -> dict:
-        """The engine's status, plus what the link dropped or held back and what handling retried
-        or kept."""
+        """The engine's status, plus the broker connection, what the link dropped or held back
+        and what handling retried or kept."""
         link = self.link
-        return {**self.engine.status(),
+        return {**self.engine.status(), "broker": link.broker_state(),
                 "inbox": {"queued": link.inbox.qsize(), "limit": link.inbox_limit,
                           "bytes": link.inbox.bytes, "max_bytes": link.inbox_max_bytes,
                           "dropped_qos0": link.counters["dropped_qos0"],
@@ -165,7 +175,8 @@ class CoordinatorService:
         """The HTTP API first: an address it cannot listen on stops the service before the link
         connects (ConfigError)."""
         if self.config.http_port is not None:
-            self.http = ApiServer(build_app(self.store, self.config, self.status),
+            self.http = ApiServer(build_app(self.store, self.config, self.status,
+                                            health=self.unhealthy),
                                   self.config.http_host, self.config.http_port,
                                   self.config.http_token).start()
         if self.leadership is not None:

@@ -55,6 +55,10 @@ class EdgeSettings(BaseModel):
     threads: int = Field(1, ge=1)
     max_samples: int | None = Field(None, ge=2)  # training samples (ClientData.with_train_limit)
     keepalive: int = Field(30, ge=5)
+    # Stop (rc 2, saying which broker and why) when no broker has answered this long after start;
+    # a broker lost later is retried for ever. Unset it (or raise it) for a device that boots
+    # before its broker; under systemd, Restart= starts it again anyway.
+    broker_give_up_seconds: float | None = Field(60.0, gt=0)
     max_payload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # An update not acknowledged after this long is published again (and on every reconnect):
     # an update lost by a coordinator that failed to store it is not lost for good.

@@ -41,7 +41,7 @@ from ..protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError, Mess
 from ..protocol.messages import MAX_EPSILON, MAX_SAMPLES, MAX_SKIP_REASONS
 from ..protocol.signing import load_public_key, verify
 from ..protocol.topics import COORDINATOR_TO_DEVICE, check_id
-from ..protocol.transport import MqttTransport
+from ..protocol.transport import MqttTransport, TransportError
 from ..runtime.bundle_files import ManifestError, unpack
 from ..runtime.manifest import BundleManifest, artifact_file_name
 from ..runtime.predictor import MAX_ARTIFACT_BYTES
@@ -163,10 +163,22 @@ class EdgeAgent:
         has reported it, and redelivering it would only fail again on every reconnect.
         """
         self.start()
+        give_up = self.config.broker_give_up_seconds
+        started = time.monotonic()
         try:
             while not self.stopping.is_set() and (until is None or time.time() < until):
                 if self.connected.is_set():
                     self.resend_overdue()
+                elif (give_up is not None and self.transport.counters["connects"] == 0
+                      and time.monotonic() - started > give_up):
+                    broker = self.transport.broker_state()
+                    raise TransportError(
+                        f"no broker answered at {broker['url']} in {give_up:g} s "
+                        f"({broker['attempts']} attempt{'s' * (broker['attempts'] != 1)}; last: "
+                        f"{broker['last_error'] or 'no answer'}). "
+                        "Check that the broker runs and that edge.toml's broker (address and "
+                        "port), username/password and tls_ca are right; broker_give_up_seconds "
+                        "sets how long to try")
                 try:
                     delivery = self.inbox.get(timeout=0.5)
                 except queue.Empty:

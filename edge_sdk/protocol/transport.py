@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import queue
 import ssl
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -162,6 +163,13 @@ class MqttTransport:
         self.connected = threading.Event()
         self.stopping = threading.Event()
         self.refusal: str | None = None  # why the broker refused the last connection attempt
+        # The connection's state, for logs, /status, /healthz and the agent's give-up:
+        # connecting (first attempt), connected, refused (the broker answered no), retrying (no
+        # answer, or lost), stopped. `last_error` says why it is not connected.
+        self.state, self.state_since, self.last_error = "connecting", time.time(), None
+        self.attempts = 0          # failed attempts since the last connection
+        self._connected_at: float | None = None
+        self._short_lived = 0      # connections in a row the broker closed soon after accepting
         self._answered = threading.Event()  # CONNACK received (accepted or not)
         self._own_subscriptions: set[int] = set()  # mids of the subscriptions made on connect
         self._subacks: dict[int, list] = {}  # mid -> reason codes, for `subscribe` to collect
@@ -183,19 +191,58 @@ class MqttTransport:
         client.max_queued_messages_set(0)
         client.manual_ack_set(manual_ack)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
 
+    # --- connection state -----------------------------------------------------------------------
+    def broker_state(self) -> dict:
+        """The connection as an operator reads it (/status, the dashboard): state, since when,
+        why not connected, reconnections so far."""
+        return {"url": self.url, "client_id": self.client_id, "state": self.state,
+                "since": self.state_since, "last_error": self.last_error,
+                "attempts": self.attempts, "reconnects": max(0, self.counters["connects"] - 1)}
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        if state != self.state:
+            self.state, self.state_since = state, time.time()
+        self.last_error = error
+
+    def _failed_attempt(self, error: str) -> None:
+        """A connection attempt that failed: logged in words on the first, on a new reason, and
+        every tenth attempt after (not once a second for as long as the broker is down)."""
+        self.attempts += 1
+        changed = error != self.last_error
+        self._set_state("refused" if self.refusal else "retrying", error)
+        if changed or self.attempts in (1, 2) or self.attempts % 10 == 0:
+            self.log.warning("cannot connect to the broker at %s as %s: %s (attempt %d); "
+                             "retrying, waiting 1 s doubling to 30 s between attempts. Check that "
+                             "the broker runs, and its address, port and credentials", self.url,
+                             self.client_id, error, self.attempts)
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Whether the broker accepted a connection within `timeout` seconds."""
+        return self.connected.wait(timeout)
+
     # --- paho's network thread ------------------------------------------------------------------
+    def _on_connect_fail(self, client, userdata) -> None:
+        """No answer: paho calls this inside its `except OSError`, so the error is at hand."""
+        error = sys.exc_info()[1]
+        self.refusal = None
+        self._failed_attempt(f"{getattr(error, 'strerror', None) or error or 'no answer'}")
+
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         self._network_thread = threading.current_thread()
         if reason_code.is_failure:
             self.refusal = str(reason_code)
             self._answered.set()
-            self.log.warning("broker refused the connection: %s", reason_code)
+            self._failed_attempt(f"the broker refused the connection ({reason_code})")
             return
         self.refusal = None
+        self.attempts = 0
+        self._connected_at = time.monotonic()
+        self._set_state("connected")
         self.counters["connects"] += 1
         self._own_subscriptions.clear()
         for topic in self.subscriptions:
@@ -211,9 +258,25 @@ class MqttTransport:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         self.connected.clear()
         self.counters["disconnects"] += 1
-        if not self.stopping.is_set():
-            self.log.warning("disconnected from the broker (%s); reconnecting with backoff",
-                             reason_code)
+        if self.stopping.is_set():
+            self._set_state("stopped")
+            return
+        lasted = None if self._connected_at is None else time.monotonic() - self._connected_at
+        self._connected_at = None
+        if lasted is None:  # a failed attempt (refused): `_on_connect` said why
+            return
+        self._set_state("retrying", f"disconnected ({reason_code})")
+        self.log.warning("disconnected from the broker at %s (%s) after %.0f s connected; "
+                         "reconnecting", self.url, reason_code, lasted)
+        # MQTT 3.1.1 gives no reason: a broker drops the older of two clients with one id as the
+        # newer connects, and then the other way round, each within seconds of accepting it.
+        self._short_lived = self._short_lived + 1 if lasted < 10 else 0
+        if self._short_lived in (2, 10) or (self._short_lived and self._short_lived % 50 == 0):
+            self.log.error("the broker closed this connection %d times in a row within seconds of "
+                           "accepting it: another client is probably connecting with client id "
+                           "%s (the broker drops the older connection each time). Give each "
+                           "coordinator its own broker.client_id (or its own state_dir) and each "
+                           "device its own device_id", self._short_lived, self.client_id)
 
     def _on_message(self, client, userdata, msg) -> None:
         """The inbox's only producer: its size check is exact."""
@@ -304,6 +367,7 @@ class MqttTransport:
     # --- the owner's thread ---------------------------------------------------------------------
     def start(self) -> None:
         """Connect in the background: paho retries (with backoff) until the broker answers."""
+        self.log.info("connecting to the broker at %s as %s", self.url, self.client_id)
         self.client.connect_async(self.address.host, self.address.port, keepalive=self.keepalive)
         self.client.loop_start()
 
