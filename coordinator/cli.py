@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from edge_sdk.argtypes import (port_number, positive_float, positive_int,
+                               with_defaults_help)
 from edge_sdk.logs import LOG_FORMATS, wants_json
 
 
@@ -307,11 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--data-dir", help="folder with the dataset files (default: $FEDPRUNE_DATA, "
                      "then ../shared/data, then download with checksum)")
     sim.add_argument("--model", help="fedp3_cnn (default), lenet, mlp, resnet_small, leaf_cnn, resnet18")
-    sim.add_argument("--clients", type=int)
+    sim.add_argument("--clients", type=positive_int)
     sim.add_argument("--fraction", type=float, help="share of devices selected per round")
     sim.add_argument("--partition", help="iid, classes:K, dirichlet:ALPHA, niid-dirichlet:ALPHA[:MIN], natural")
-    sim.add_argument("--rounds", type=int)
-    sim.add_argument("--local-epochs", type=int)
+    sim.add_argument("--rounds", type=positive_int)
+    sim.add_argument("--local-epochs", type=positive_int)
     sim.add_argument("--seed", type=int)
     sim.add_argument("--fleet", help="catalogue[:SEED]: give each device a sampled catalogue "
                      "profile and train the submodel the planner sizes for it")
@@ -339,13 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--input-shape", type=_shape, metavar="N[,N...]",
                       help="plan for this input shape instead of the dataset's (e.g. 30 for rows "
                            "of 30 features, 3,32,32 for images); --verify then trains on random inputs")
-    plan.add_argument("--classes", type=int, help="output classes, with --input-shape")
+    plan.add_argument("--classes", type=positive_int, help="output classes, with --input-shape")
     plan.add_argument("--memory-cache", metavar="DIR", help="where a model's own memory "
                       "rehearsals are kept (default: $FEDPRUNE_MEMORY_CACHE or ~/.cache/fedprune/memory)")
     plan.add_argument("--data-dir")
-    plan.add_argument("--deadline", type=float, default=600.0, help="round deadline in seconds")
-    plan.add_argument("--local-samples", type=int, default=420)
-    plan.add_argument("--batch-size", type=int, default=48)
+    plan.add_argument("--deadline", type=positive_float, default=600.0, help="round deadline in seconds")
+    plan.add_argument("--local-samples", type=positive_int, default=420)
+    plan.add_argument("--batch-size", type=positive_int, default=48)
     plan.add_argument("--no-dp", action="store_true", help="plan for plain SGD instead of DP-SGD")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--out", help="save the plan here")
@@ -370,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="bundle directory")
     exp.add_argument("--device-id", help="device id for the manifest (default: the plan's device)")
     exp.add_argument("--data-dir", help="dataset folder for the verification images")
-    exp.add_argument("--verify-samples", type=int, default=512,
+    exp.add_argument("--verify-samples", type=positive_int, default=512,
                      help="real test images each artifact is checked on (default: %(default)s)")
     exp.set_defaults(handler=_export)
 
@@ -379,19 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "the coordinator, and N edge processes with different catalogue device "
                           "profiles training Fashion-MNIST (S1) with DP; print a per-round table "
                           "and serve the live fleet dashboard (its address is printed).")
-    demo.add_argument("--devices", type=int, default=4)
-    demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--devices", type=positive_int, default=4, help="edge processes, each a catalogue device class in turn")
+    demo.add_argument("--rounds", type=positive_int, default=3, help="federated rounds")
     demo.add_argument("--broker", metavar="URL", help="use this broker (mqtt://HOST:PORT) instead "
                       "of the embedded one")
-    demo.add_argument("--epsilon", type=float, default=8.0, help="each device's DP budget over the run")
-    demo.add_argument("--samples", type=int, default=1500, help="local samples per device")
+    demo.add_argument("--epsilon", type=positive_float, default=8.0, help="each device's DP budget over the run")
+    demo.add_argument("--samples", type=positive_int, default=1500, help="local samples per device")
     demo.add_argument("--export", action="store_true",
                       help="also send each device its model as a verified ONNX artifact every round "
                            "(about a minute a round more on 2 cores; the engine exports in its thread)")
     demo.add_argument("--data-dir")
     demo.add_argument("--out", default="runs/demo", help="state, checkpoints, exports and logs")
     demo.add_argument("--json-out")
-    demo.add_argument("--http-port", type=int, default=0, metavar="PORT",
+    demo.add_argument("--http-port", type=port_number, default=0, metavar="PORT",
                       help="the fleet dashboard's port on 127.0.0.1 (default: a free one; the "
                            "address is printed when the coordinator starts)")
     demo.add_argument("--hold", action="store_true",
@@ -473,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "$FEDPRUNE_HTTP_TOKEN; the environment keeps it out of the process list)")
         api.set_defaults(handler=handler)
 
+    with_defaults_help(parser)
     return parser
 
 

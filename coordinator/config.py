@@ -6,6 +6,7 @@ that names the key and the accepted values.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -105,9 +106,12 @@ class LearningSettings(Settings):
         extra = self.__pydantic_extra__
         unknown = sorted(set(extra) - set(sections))
         if unknown:
-            raise ValueError(f"{', '.join(unknown)}: not a setting; the settings are "
-                             f"{', '.join(type(self).model_fields)} and the strategy sections "
-                             f"{', '.join(sections)}")
+            known = [*type(self).model_fields, *sections]
+            near = [n for key in unknown for n in difflib.get_close_matches(key, known, 1, 0.6)]
+            raise ValueError(f"{', '.join(unknown)}: not a setting" + (
+                f"; did you mean {' or '.join(near)}?" if near else
+                f"; the settings are {', '.join(type(self).model_fields)} and the strategy "
+                f"sections {', '.join(sections)}"))
         for name, model in sections.items():
             value = extra.get(name, {})
             if isinstance(value, model):
@@ -181,13 +185,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             _assign(data, key.split("."), value)
     for item in overrides or []:
         keys, value = parse_override(item)
+        key = ".".join(keys)
+        if direct.get(key) is not None and direct[key] != value:
+            raise ConfigError(f"{key} is given twice: {direct[key]!r} by its own flag and {value!r} "
+                              f"by --set {item}; give it once")
         _assign(data, keys, value)
     try:
         # [data] paths and a project's data.py are read from the config file's folder
         context = {CONFIG_DIR: Path(path).resolve().parent} if path is not None else None
         return schema.model_validate(data, context=context)
     except ValidationError as exc:
-        problems = describe(exc, "config")
+        problems = describe(exc, "config", schema)
         raise ConfigError(f"invalid configuration: {problems}") from None
 
 

@@ -43,6 +43,7 @@ from edge_sdk.logs import configure_logging
 from edge_sdk.models import model_spec
 from edge_sdk.training import chance_accuracy
 
+from .config import ConfigError
 from .embedded_broker import EmbeddedBroker
 from .planning.fleet import plan_table
 from .planning.memory import MemoryCoefficients
@@ -329,7 +330,17 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
     threading.Thread(target=watchdog, daemon=True).start()
     # The coordinator runs in its own thread, so that Ctrl-C (here) stops it cleanly and, with
     # `hold`, the results are reported while it keeps serving the dashboard.
-    coordinator = threading.Thread(target=service.run, name="coordinator")
+    cannot_serve: list[str] = []
+
+    def serve() -> None:
+        try:
+            service.run()
+        except ConfigError as exc:  # its HTTP API cannot listen: the demo's flag says where
+            cannot_serve.append(str(exc).replace("; change http_host or http_port",
+                                                 "; give another --http-port, or 0 for a free one"))
+            service.stopping.set()
+
+    coordinator = threading.Thread(target=serve, name="coordinator")
     coordinator.start()
     engine = service.engine
 
@@ -345,8 +356,8 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
         coordinator.join()
     finally:
         bar.close()
-    if unreachable:
-        raise DemoError(unreachable[0])
+    if unreachable or cannot_serve:
+        raise DemoError((unreachable or cannot_serve)[0])
     last = summaries[-1] if summaries else {}
     epsilons = [d["epsilon"] for d in registered.values() if d["epsilon"] is not None]
     final = {

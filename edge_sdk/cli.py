@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from .argtypes import with_defaults_help
 from .logs import LOG_FORMATS, wants_json
 
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--quick", action="store_true",
                       help="about 1 s per compute test instead of 3 s (less precise)")
     prof.set_defaults(handler=_profile)
+    with_defaults_help(parser)
     return parser
 
 

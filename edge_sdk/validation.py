@@ -4,6 +4,7 @@ malformed, JSON that is malformed or built to exhaust the parser, and pydantic v
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -43,11 +44,33 @@ def read_toml(path: str | Path, what: str, error: type[Exception]) -> dict[str, 
         raise error(f"{what} {path} cannot be parsed: {str(exc)[:200] or type(exc).__name__}") from None
 
 
-def describe(exc: ValidationError, root: str = "value") -> str:
+def describe(exc: ValidationError, root: str = "value", schema: type | None = None) -> str:
     """`path.to.field: what is wrong`, per error. A validator's own message (a ValueError it raised)
-    is given without pydantic's "Value error, " prefix, and names its keys itself."""
-    return "; ".join(f"{'.'.join(str(p) for p in error['loc']) or root}: "
-                     f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
+    is given without pydantic's "Value error, " prefix, and names its keys itself. With the
+    `schema` (a pydantic model), a key it does not know gets the nearest ones it does."""
+    def one(error) -> str:
+        text = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden" and schema is not None:
+            known = _keys_at(schema, error["loc"][:-1])
+            near = difflib.get_close_matches(str(error["loc"][-1]), known, n=2, cutoff=0.6)
+            text = "not a setting" + (f"; did you mean {' or '.join(near)}?" if near else
+                                      f" here (known: {', '.join(known)})" if known else "")
+        return f"{'.'.join(str(p) for p in error['loc']) or root}: {text}"
+    return "; ".join(one(error) for error in exc.errors())
+
+
+def _keys_at(schema: type, path: tuple) -> list[str]:
+    """The setting names of the model found at `path` inside `schema` ([] where none is)."""
+    model = schema
+    for part in path:
+        field = getattr(model, "model_fields", {}).get(part)
+        candidates = [field.annotation] if field is not None else []
+        candidates += list(getattr(field.annotation, "__args__", ())) if field is not None else []
+        model = next((c for c in candidates if isinstance(c, type) and hasattr(c, "model_fields")),
+                     None)
+        if model is None:
+            return []
+    return sorted(getattr(model, "model_fields", {}))
 
 
 # Limits of `load_json`: far above anything fedprune writes (its headers and manifests nest under

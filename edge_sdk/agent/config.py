@@ -192,5 +192,5 @@ def load_edge_config(path: str | Path) -> EdgeSettings:
         # every relative path is read from the config file's folder
         return EdgeSettings.model_validate(data, context={CONFIG_DIR: folder})
     except ValidationError as exc:
-        problems = describe(exc, "config")
+        problems = describe(exc, "config", EdgeSettings)
         raise EdgeConfigError(f"{path}: {problems}") from None

@@ -1,0 +1,62 @@
+"""What the command lines (`fedprune`, `fedprune-edge`) share in parsing: argument types that
+refuse a bad value with argparse's own usage error (rc 2, naming the flag) rather than a
+validation dump later, and `--help` that says the defaults."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of rounds, devices, samples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0 (an epsilon, a deadline in seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, or 0 for a free one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 (a free port) to 65535, got {value}")
+    return value
+
+
+class DefaultsHelp(argparse.HelpFormatter):
+    """`--help` says each option's default, where it has one worth saying (not None or off) and
+    its text does not speak of it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings
+                or action.default in (None, False, [], argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def with_defaults_help(parser: argparse.ArgumentParser) -> None:
+    """Give `parser` and every subcommand under it the DefaultsHelp formatter."""
+    parser.formatter_class = DefaultsHelp
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                with_defaults_help(child)
+

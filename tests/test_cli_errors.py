@@ -1,0 +1,60 @@
+"""A mistyped flag, key or value gets a message naming it and what to do, rc 2, no traceback
+(issue 24, items 6 and 9). Each case runs the installed command as a user would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+DATA = os.environ.get("FEDPRUNE_DATA")
+
+
+def _fedprune(*words: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "coordinator.cli", *words], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("words, says", [
+    (("demo", "--rounds", "0"), "argument --rounds: must be at least 1, got 0"),
+    (("demo", "--devices", "0"), "argument --devices: must be at least 1, got 0"),
+    (("demo", "--epsilon", "nan"), "argument --epsilon: must be a finite number above 0"),
+    (("demo", "--http-port", "70000"), "argument --http-port: must be 0 (a free port) to 65535"),
+    (("simulate", "--rounds", "1", "--set", "rounds=2"),
+     "rounds is given twice: 1 by its own flag and 2 by --set rounds=2; give it once"),
+    (("simulate", "--set", "roundz=2"), "roundz: not a setting; did you mean rounds?"),
+    (("simulate", "--set", "train.lrr=0.1"), "train.lrr: not a setting; did you mean lr?"),
+    (("coordinator", "serve", "--set", "broker.flet=x"), "broker.flet: not a setting; did you mean fleet?"),
+])
+def test_a_bad_flag_or_key_is_named_with_what_to_do(words, says):
+    result = _fedprune(*words)
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "errors.pydantic.dev" not in result.stderr
+
+
+def test_help_says_the_defaults():
+    for words in (("demo", "--help"), ("simulate", "--help"), ("coordinator", "serve", "--help")):
+        result = _fedprune(*words)
+        assert result.returncode == 0 and "(default: " in result.stdout, words
+    assert "federated rounds (default: 3)" in " ".join(_fedprune("demo", "--help").stdout.split())
+    edge = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "run", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert "(default: auto)" in edge.stdout
+
+
+def test_the_demo_on_a_port_in_use_names_the_flag(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _fedprune("demo", "--rounds", "1", "--devices", "1", "--samples", "100",
+                           "--http-port", str(port), "--out", str(tmp_path / "demo"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert (f"the HTTP API cannot listen on 127.0.0.1:{port}" in result.stderr
+            and "give another --http-port, or 0 for a free one" in result.stderr), result.stderr
