@@ -28,12 +28,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy import select
 from tqdm import tqdm
 
 from device_profiles import catalogue_profile
@@ -52,6 +54,7 @@ from .rounds import device_settings, planner_settings
 from .strategies import build_strategy
 from .service import CoordinatorService, ServiceSettings
 from .service.config import HTTP_TOKEN_VARIABLE
+from .service.store import UpdateRow
 
 MODEL = "leaf_cnn"
 DATASET = "fashion-mnist"
@@ -213,6 +216,13 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
             embedded.stop()
 
 
+def say(text: str, indent: str = "") -> None:
+    """One paragraph of the demo's report, wrapped to 100 columns (a terminal, a file)."""
+    tqdm.write(textwrap.fill(text, 100, initial_indent=indent, subsequent_indent=indent + "  ",
+                             break_on_hyphens=False, break_long_words=False)
+               + ("\n" if text.endswith("\n") else ""))
+
+
 def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess.Popen], url: str,
          fleet: str, rounds: int, json_out: str | None, epsilon: float, samples: int,
          local_epochs: int, data_dir: str | None, deadline: float, model: str, export: bool,
@@ -239,10 +249,10 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
     service = _DemoService(config)
     chance = {n: c for n, (_, c) in zip(names, shards)}
     trained_chance = float(np.mean([c for (_, c), f in zip(shards, fits) if f]))
-    tqdm.write(f"fedprune demo: {devices} edge processes, FedP3 on {DATASET} S1 ({PARTITION}: each "
-               f"device holds 5 of the 10 classes), model {model}, DP-SGD epsilon <= {epsilon:g} "
-               f"per device, round deadline {deadline:g} s, {rounds} rounds; waiting for the "
-               "devices to register...")
+    say(f"fedprune demo: {devices} edge processes, FedP3 on {DATASET} S1 ({PARTITION}: each "
+        f"device holds 5 of the 10 classes), model {model}, DP-SGD epsilon <= {epsilon:g} "
+        f"per device, round deadline {deadline:g} s, {rounds} rounds; waiting for the "
+        "devices to register...")
     bar = tqdm(total=rounds, unit="round", desc=f"demo: {devices} devices", leave=False,
                disable=None)  # a bar on a terminal only; redirected, the round lines say it
     summaries: list[dict] = []
@@ -259,28 +269,39 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
     def print_plans() -> None:
         printed.set()
         rows = [registered[n] for n in names if n in registered]
-        tqdm.write("\nEach device's plan, as the coordinator sized it at registration "
-                   f"({model}, {local_epochs} local epoch(s) of DP-SGD, deadline {deadline:g} s):")
+        tqdm.write("")
+        say("Each device's plan, as the coordinator sized it at registration "
+            f"({model}, {local_epochs} local epoch(s) of DP-SGD, deadline {deadline:g} s):")
         tqdm.write(plan_table([{**r, "device": f"{r['id']} {r['device_class']}"} for r in rows]))
         for r in rows:
             width = r["plan"]["decisions"].get("width", "")
             if r["fits"] and r["width_ratio"] < 1:
-                tqdm.write(f"  {r['id']} {r['device_class']}: {width}")
+                say(f"{r['id']} {r['device_class']}: {width}", indent="  ")
         left_out = [f"{r['id']} {r['device_class']}" for r in rows if not r["fits"]]
-        tqdm.write(f"{sum(r['fits'] for r in rows)} devices selected each round"
-                   + (f"; not selected (plan does not fit): {', '.join(left_out)}" if left_out else "")
-                   + f". Full decisions: the JSON's devices[].plan.decisions, or {out / 'logs'}/"
-                   "coordinator.log ('registered ...').")
-        tqdm.write(
-            "\npersonal: each device's own model (FedP3: shared layers and its personal output "
+        say(f"{sum(r['fits'] for r in rows)} devices selected each round"
+            + (f"; not selected (plan does not fit): {', '.join(left_out)}" if left_out else "")
+            + f". Full decisions: the JSON's devices[].plan.decisions, or {out / 'logs'}/"
+            "coordinator.log ('registered ...').")
+        tqdm.write("")
+        say("personal: each device's own model (FedP3: shared layers and its personal output "
             "layer) on its own test split, mean over the round's accepted devices; chance "
-            f"{trained_chance:.2f} (each split's majority class; 5 classes per device)\n"
-            f"global: the aggregated global model on the official {DATASET} test set (10 classes, "
+            f"{trained_chance:.2f} (each split's majority class; 5 classes per device)")
+        say(f"global: the aggregated global model on the official {DATASET} test set (10 classes, "
             "chance 0.10); under FedP3 the output layer is personal, so this model is no "
-            "device's and its accuracy means little\n"
-            "straggled: selected but past the deadline; refused: refused or rejected updates\n")
+            "device's and its accuracy means little")
+        say("straggled: selected but past the deadline; refused: refused or rejected updates; "
+            "bytes: as they crossed the broker (envelopes included)\n")
         tqdm.write(f"{'round':>5} {'accepted':>8} {'straggled':>9} {'refused':>7} {'eps max':>7} "
                    f"{'personal':>8} {'global':>7} {'bytes up':>12} {'bytes down':>12} {'sec':>6}")
+
+    def device_bytes(number: int) -> str:
+        """Each selected device's update and task sizes in round `number`, from the store."""
+        store = service.engine.store
+        with store.session() as session:
+            up = dict(session.execute(select(UpdateRow.device, UpdateRow.bytes)
+                                      .where(UpdateRow.round == number)).all())
+        return ", ".join(f"{device} {up.get(device, 0) / 1e6:.2f}/{task.bytes_down / 1e6:.2f}"
+                         for device, task in sorted(store.tasks(number).items()))
 
     def on_register(row) -> None:
         snapshot()
@@ -304,6 +325,7 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
                    f"{eps:>7} {personal if personal is not None else float('nan'):>8.4f} "
                    f"{summary['global_accuracy']:>7.4f} {summary['bytes_up']:>12,} "
                    f"{summary['bytes_down']:>12,} {summary['seconds']:>6.1f}")
+        say(f"MB up/down by device: {device_bytes(summary['round'])}", indent="      ")
         bar.update(1)
         if service.engine.done:
             finished.set()
@@ -396,8 +418,9 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
                           "accountant": f"Opacus {config.dp.accountant.upper()}",
                           "unit": "record-level, per device, over all rounds"}}
     if summaries:
-        tqdm.write(
-            f"\nafter {len(summaries)} rounds in {final['wall_seconds']:.0f} s: personalized accuracy "
+        tqdm.write("")
+        say(
+            f"after {len(summaries)} rounds in {final['wall_seconds']:.0f} s: personalized accuracy "
             f"{_fmt(final['personalized_accuracy'])} (each device's own model, own test split; "
             f"chance {trained_chance:.2f}), global model {_fmt(final['global_accuracy'])} on the "
             f"official test set (chance 0.10); {final['updates_aggregated']} updates aggregated, "

@@ -14,6 +14,7 @@ what a framework without a planner would do on the same fleet (benchmarks/payoff
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,17 +89,27 @@ def _out_of_memory(plan: DevicePlan) -> bool:
 
 def plan_table(rows: list[dict]) -> str:
     """Each device's plan, one line each (the `clients` entries of a results JSON, or the same
-    keys from the coordinator's registry): what it was given, and why."""
-    lines = [f"{'device':<22} {'memory':>7} {'down/up kB/s':>13} {'width':>5} {'batch':>5} "
-             f"{'samples':>7} {'download':>12} {'upload':>12} {'peak/limit MB':>15}  fits"]
+    keys from the coordinator's registry): what it was given, and under the table why a device
+    does not fit. Within 100 columns, so it reads the same in a terminal and in a file. The
+    transfer columns are the bytes planned for the tensors the device is sent and sends back
+    (FedP3 uploads only its selected layers), not their keep ratios alone."""
+    lines = [f"{'device':<20} {'memory':>6} {'width':>5} {'batch':>5} {'samples':>7} "
+             f"{'download':>12} {'upload':>12} {'peak/limit MB':>13}  fits"]
+    notes = []
     for row in rows:
         plan = row["plan"]
         lines.append(
-            f"{row['device'][:22]:<22} {row['memory_available_bytes'] / 1e6:>5.0f}MB "
-            f"{row['downlink_bytes_per_s'] / 1e3:>6.0f}/{row['uplink_bytes_per_s'] / 1e3:<6.0f} "
+            f"{row['device'][:20]:<20} {row['memory_available_bytes'] / 1e6:>4.0f}MB "
             f"{plan['width_ratio']:>5g} {plan['physical_batch_size']:>5} {plan['local_samples']:>7} "
-            f"{plan['download_dtype']:>5} k{plan['download_keep']:<5g} "
-            f"{plan['upload_dtype']:>5} k{plan['upload_keep']:<5g} "
-            f"{plan['predicted_peak_bytes'] / 1e6:>6.0f}/{plan['memory_limit_bytes'] / 1e6:<7.0f}  "
-            + ("yes" if plan["fits"] else "no: " + "; ".join(plan["reasons"])[:120]))
-    return "\n".join(lines)
+            f"{_transfer(plan['download_dtype'], plan['download_bytes']):>12} "
+            f"{_transfer(plan['upload_dtype'], plan['upload_bytes']):>12} "
+            f"{plan['predicted_peak_bytes'] / 1e6:>6.0f}/{plan['memory_limit_bytes'] / 1e6:<6.0f}  "
+            + ("yes" if plan["fits"] else "no"))
+        if not plan["fits"]:
+            notes.append(textwrap.fill(f"{row['device']} does not fit: " + "; ".join(plan["reasons"]),
+                                       width=100, initial_indent="  ", subsequent_indent="    "))
+    return "\n".join(lines + notes)
+
+
+def _transfer(dtype: str, size: int) -> str:
+    return f"{dtype} {size / 1e6:.2f}MB"

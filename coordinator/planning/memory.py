@@ -206,3 +206,9 @@ class MemoryModel:
 
     def peak(self, spec: ModelSpec, physical_batch: int, local_samples: int, dp: bool = True) -> int:
         return predict_peak_bytes(spec, physical_batch, local_samples, self.dp if dp else self.plain)
+
+    def runtime_bytes(self, dp: bool = True) -> int:
+        """What any task needs before its model: the interpreter with torch (and Opacus under DP)
+        imported, and the margin. A device whose limit is below it fits no model at any width."""
+        c = self.dp if dp else self.plain
+        return math.ceil(c.baseline_bytes + c.margin_bytes)

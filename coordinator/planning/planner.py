@@ -79,6 +79,17 @@ def memory_for(base: ModelSpec, settings: PlannerSettings,
     return memory_model(base, coefficients, settings.memory_cache)
 
 
+def _runtime_alone(memory: MemoryModel, settings: PlannerSettings, limit: int) -> str:
+    """Where the runtime alone is over the limit, say so: no model, width or flag can help."""
+    runtime = memory.runtime_bytes(settings.dp)
+    if runtime < limit:
+        return ""
+    return (f"; the runtime alone (Python with torch{' and Opacus' if settings.dp else ''} "
+            f"imported, and its margin) takes {runtime / 1e6:.0f} MB, so no model fits this "
+            f"device at any width: it needs about {(runtime / settings.safety_margin) / 1e6:.0f} MB "
+            "available and more for the model")
+
+
 def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settings: PlannerSettings,
                 coefficients: MemoryCoefficients | MemoryModel,
                 data: DataSlice | None = None) -> DevicePlan:
@@ -94,7 +105,8 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
         reasons.append(f"memory: even width {narrowest} with physical batch "
                        f"{settings.min_physical_batch} needs {need / 1e6:.0f} MB, over the memory limit of "
                        f"{memory_limit / 1e6:.0f} MB ({profile.memory_available_bytes / 1e6:.0f} MB "
-                       f"available x {settings.safety_margin})")
+                       f"available x {settings.safety_margin})" + _runtime_alone(memory, settings,
+                                                                                 memory_limit))
         ratio, physical, peak = narrowest, settings.min_physical_batch, need
     else:
         ratio, physical, peak = fit.choice
