@@ -146,8 +146,11 @@ def _share(value: float | None) -> str:
 def _export(args: argparse.Namespace) -> int:
     from edge_sdk.sizing import DevicePlan
     from edge_sdk.checkpoint import load_checkpoint
+    from export.tflite_export import load_toolchain_quietly
 
     from .exporting import device_plan, export_checkpoint
+
+    load_toolchain_quietly()  # its start-up notices are nothing a user can act on
 
     checkpoint = load_checkpoint(args.checkpoint)
     plan = None
@@ -186,6 +189,11 @@ def _coordinator_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, json_lines=wants_json(
         "plain" if args.plain_logs else args.log_format))
     trace = from_environment()  # FEDPRUNE_TRACEMALLOC=PATH: a debugging aid (memtrace.py)
+    logging.getLogger("fedprune.coordinator").info(
+        "%s: broker %s, fleet %s, HTTP API %s, state in %s", f"config {args.config}" if args.config
+        else "no --config, so the defaults (and any --set)", config.broker.url,
+        config.broker.fleet, "off" if config.http_port is None else
+        f"http://{config.http_host}:{config.http_port}", Path(config.state_dir).resolve())
     service = CoordinatorService(config)
     if trace is not None:
         service.engine.on_commit = lambda summary: trace.report(f"round {summary['round']} committed")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
+import tempfile
 import warnings
 from typing import TYPE_CHECKING
 
@@ -32,6 +34,40 @@ def _require(module: str, package: str):
         return __import__(module, fromlist=["_"])
     except ImportError as exc:
         raise ExportError(f"TFLite export needs {package}: pip install 'fedprune[tflite]'") from exc
+
+
+@contextlib.contextmanager
+def _native_stderr_kept():
+    """Keep what is written to fd 2 meanwhile (absl, oneDNN and torchao announce themselves there
+    while the toolchain loads), and show it only if the block fails. Only for a command line's
+    own thread before anything else runs: another thread's log lines would be kept too."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as kept:
+        os.dup2(kept.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            kept.seek(0)
+            sys.stderr.write(kept.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def load_toolchain_quietly() -> None:
+    """Import the TFLite toolchain (if installed) with its start-up notices kept out of a
+    command's output; `fedprune export` calls it first. A failure is shown in full."""
+    with _native_stderr_kept():
+        for module in ("litert_torch", "ai_edge_litert.interpreter"):
+            try:
+                _require(module, module)
+            except ExportError:  # not installed: the export that needs it says so
+                pass
 
 
 def tflite_precision(model: bytes, precision: str) -> bytes:

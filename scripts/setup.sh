@@ -15,11 +15,15 @@ sys.exit(pathlib.Path(coordinator.__file__).resolve().parents[1] != pathlib.Path
 ' 2>/dev/null && command -v fedprune >/dev/null; then
   exit 0
 fi
+# pip's own notes that a configured wheel folder does not exist here say nothing a user can act on.
+quiet_pip() {
+  python3 -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 if ! python3 -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
-  python3 -m pip install --quiet torch==2.13.0
+  quiet_pip torch==2.13.0
 fi
 # constraints.txt keeps the resolver from even considering another torch (litert-torch and
 # torchao accept a range, and backtracking through it downloads CUDA wheels), and cuts a
 # backtracking search that otherwise takes over 20 minutes (its comments say why).
-python3 -m pip install --quiet -e ".[dev]" -c constraints.txt
+quiet_pip -e ".[dev]" -c constraints.txt
 echo "$wanted" > "$stamp"

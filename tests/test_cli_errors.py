@@ -58,3 +58,18 @@ def test_the_demo_on_a_port_in_use_names_the_flag(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
     assert (f"the HTTP API cannot listen on 127.0.0.1:{port}" in result.stderr
             and "give another --http-port, or 0 for a free one" in result.stderr), result.stderr
+
+
+def test_serve_without_a_config_says_what_it_uses(tmp_path):
+    """It used to start on 127.0.0.1:1883 and port 8080 without a word."""
+    serve = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "coordinator", "serve",
+                              "--log-format", "plain", "--set", "http_port=0", "--set",
+                              f"state_dir={tmp_path}", "--set", "broker.url=mqtt://127.0.0.1:1"],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        first = serve.stderr.readline()
+    finally:
+        serve.terminate()
+        serve.wait(30)
+    assert ("no --config, so the defaults (and any --set): broker mqtt://127.0.0.1:1, fleet default, "
+            f"HTTP API http://127.0.0.1:0, state in {tmp_path}") in first, first

@@ -74,6 +74,10 @@ log = logging.getLogger("fedprune.coordinator")
 
 Publish = Callable[[str, bytes], None]
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def is_transient(error: BaseException) -> bool:
     """A failure that may pass without the message changing: the database is down, locked or
     timed out, the disk is full. The message is kept and tried again, not refused."""
@@ -683,7 +687,14 @@ class RoundEngine:
                              finished_at=self.clock(), summary=summary)
         self.global_state, self.round = new_state, None
         self._forget_sending()  # the deadline may have passed before every task was sent
-        log.info("round %d committed: %s", number, summary)
+        log.info("round %d committed: %d of %d updates accepted (%d straggled, %d refused, %d "
+                 "rejected), %s bytes up, %s down, personalized accuracy %s, global %s, epsilon "
+                 "max %s, %.1f s", number, summary["accepted"], summary["selected"],
+                 summary["straggled"], summary["refused"], summary["rejected"],
+                 f"{summary['bytes_up']:,}", f"{summary['bytes_down']:,}",
+                 _share(summary["personalized_accuracy"]), _share(global_accuracy),
+                 "-" if summary["epsilon_max"] is None else f"{summary['epsilon_max']:.2f}",
+                 summary["seconds"], extra={"event": "round_committed", "summary": summary})
         if self.on_commit:
             self.on_commit(summary)
 
