@@ -107,6 +107,18 @@ STATIC_ROWS = [
      "test_coordinator_restart_counters.py::"
      "test_the_refused_update_count_survives_a_coordinator_restart",
      "service process over Mosquitto, SQLite"),
+    ('the broker down when the coordinator starts, then started',
+     'logged in words (connecting; cannot connect: Connection refused, attempt N); /status says retrying with the error; /healthz answers 503 with the reason past broker.unhealthy_after_seconds; fedprune_broker_connected 0; once the broker listens: connected, /healthz 200, the gauge 1',
+     'test_broker_state.py::test_the_coordinator_reports_a_broker_it_cannot_reach_and_recovers_when_it_comes_up',
+     'service in the test process, Mosquitto started late'),
+    ("no broker at an edge agent's address",
+     'it says it is connecting, then stops after broker_give_up_seconds with rc 2 naming the broker, the last error and what to check (a broker lost later is retried for ever)',
+     'test_broker_state.py::test_an_edge_agent_gives_up_on_a_broker_that_never_answers',
+     'edge process, nothing listening'),
+    ('`coordinator serve` and `demo --broker` on one broker',
+     'each coordinator has its own client id (kept in its state_dir), device client ids are <fleet>.<device_id>: the serving coordinator connected once and was never disconnected while the demo ran its round with 0 lost',
+     'test_readme_commands.py::test_the_tour',
+     "the README's commands over Mosquitto"),
 ]
 COLUMNS = ("sent", "counted", "refused", "lost", "duplicated", "redelivered", "counted_unsent",
            "dead_lettered")

@@ -60,8 +60,8 @@ def planner_settings(config: Any, strategy: Strategy, deadline_seconds: float) -
 
 
 def device_key(device_id: str) -> int:
-    """A service device's index for the round pipeline (FedP3's layer group, a width level, its
-    task seeds), from its id: devices register in any order (the demo's in a race), and the
+    """A service device's index for the round pipeline (FedP3's layer group, a width level), from
+    its id: devices register in any order (the demo's in a race), and the
     plan a device gets must not depend on who connected first. A simulation's devices are
     their ordinals instead; both feed the same pipeline."""
     return int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:4], "big")
