@@ -21,7 +21,7 @@ from coordinator.config import ConfigError
 from coordinator.service import CoordinatorService
 from coordinator.service.config import HTTP_TOKEN_VARIABLE, ServiceSettings
 from coordinator.service.http_api import ApiServer, build_app
-from coordinator.service.store import UpdateRow
+from coordinator.service.store import TaskRow, UpdateRow
 from harness.fleet import Harness
 
 TOKEN = secrets.token_hex(16)
@@ -93,6 +93,13 @@ def test_devices_and_rounds_agree_with_the_store(fleet):
     assert [devices[d]["state"] for d in ("dev-0", "dev-1", "dev-2")] == ["online", "online", "exhausted"]
     assert [devices[d]["rounds_participated"] for d in ("dev-0", "dev-1", "dev-2")] == [2, 2, 0]
     assert devices["dev-0"]["epsilon_budget"] == 50.0 and devices["dev-0"]["epsilon_spent"] > 0
+    with fleet.store.session() as s:  # each device's bytes over every round, as the store has them
+        sent, kept = list(s.query(TaskRow)), list(s.query(UpdateRow))
+    for device, view in devices.items():
+        assert view["bytes_down"] == sum(t.bytes_down for t in sent if t.device == device) > 0
+        assert view["bytes_up"] == sum(u.bytes for u in kept if u.device == device)
+        assert view["plan"]["upload_bytes"] == fleet.store.device(device).plan["upload_bytes"]
+    assert devices["dev-0"]["bytes_up"] > 0 and devices["dev-2"]["bytes_up"] == 0  # refused
 
     rounds = client.get("/rounds").json()["rounds"]
     assert [(r["number"], r["state"], r["selected"], r["accepted"], r["refused"]) for r in rounds] \

@@ -208,6 +208,9 @@ class PlanView(_View):
     upload_keep: float
     predicted_peak_bytes: int
     memory_limit_bytes: int
+    download_bytes: int = Field(description="the planned size of a task's tensors (keep ratios "
+                                "alone do not say it: FedP3 uploads only its layer group)")
+    upload_bytes: int = Field(description="the planned size of an update's tensors")
     fits: bool
     reasons: list[str]
     decisions: dict[str, str]
@@ -242,6 +245,9 @@ class DeviceView(_View):
     rounds_participated: int = Field(description="tasks of the device that were accepted")
     epsilon_spent: float | None
     epsilon_budget: float | None
+    bytes_down: int = Field(description="its tasks over every round, as they crossed the broker")
+    bytes_up: int = Field(description="its stored updates over every round, as they crossed "
+                          "the broker")
     last_task: LastTaskView | None = None
 
 
@@ -355,6 +361,10 @@ def device_views(store: Store) -> list[DeviceView]:
                                   .where(TaskRow.state == TaskState.ACCEPTED)
                                   .group_by(TaskRow.device)).all())
         last = _last_tasks(s)
+        down = dict(s.execute(select(TaskRow.device, func.sum(TaskRow.bytes_down))
+                              .group_by(TaskRow.device)).all())
+        up = dict(s.execute(select(UpdateRow.device, func.sum(UpdateRow.bytes))
+                            .group_by(UpdateRow.device)).all())
     views = []
     for row in rows:
         profile, network = row.profile or {}, (row.profile or {}).get("network") or {}
@@ -366,6 +376,7 @@ def device_views(store: Store) -> list[DeviceView]:
             state=device_state(row), plan=PlanView.model_validate(row.plan),
             last_seen=row.last_seen, rounds_participated=accepted.get(row.id, 0),
             epsilon_spent=row.epsilon, epsilon_budget=row.epsilon_budget,
+            bytes_down=down.get(row.id) or 0, bytes_up=up.get(row.id) or 0,
             last_task=last.get(row.id)))
     return views
 
