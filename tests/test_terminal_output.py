@@ -33,12 +33,14 @@ def _device(device_class: str) -> dict:
     """One entry of /devices (http_api.DeviceView)."""
     plan = {"width_ratio": 0.5, "physical_batch_size": 8, "local_samples": 60,
             "download_dtype": "fp16", "download_keep": 1.0, "upload_dtype": "int8",
-            "upload_keep": 0.25, "predicted_peak_bytes": 400_000_000,
+            "upload_keep": 0.25, "download_bytes": 2_000_000, "upload_bytes": 500_000,
+            "predicted_peak_bytes": 400_000_000,
             "memory_limit_bytes": 540_000_000, "fits": True, "reasons": [], "decisions": {}}
     return {"device_id": "dev-0", "device_class": device_class, "memory_available_bytes": 600_000_000,
             "download_bytes_per_second": 1e6, "upload_bytes_per_second": 5e5, "state": "online",
             "plan": plan, "last_seen": 1_767_225_600.0, "rounds_participated": 1,
-            "epsilon_spent": 1.5, "epsilon_budget": 10.0}
+            "epsilon_spent": 1.5, "epsilon_budget": 10.0,
+            "bytes_down": 4_000_000, "bytes_up": 1_000_000}
 
 
 def test_fedprune_devices_writes_out_control_characters():

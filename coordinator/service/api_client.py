@@ -109,11 +109,15 @@ def devices_text(devices: list[dict]) -> str:
                      None if d["epsilon_spent"] is None else f"{d['epsilon_spent']:.3g}",
                      None if d["epsilon_budget"] is None else f"{d['epsilon_budget']:g}",
                      _megabytes(plan["predicted_peak_bytes"]), _megabytes(plan["memory_limit_bytes"]),
-                     f"{plan['download_dtype']}/{plan['download_keep']:g}",
-                     f"{plan['upload_dtype']}/{plan['upload_keep']:g}",
+                     # What a task and an update weigh as planned: FedP3's upload is its layer
+                     # group, which the keep ratios (1 for all) do not say.
+                     f"{plan['download_dtype']} {_megabytes(plan['download_bytes'])}",
+                     f"{plan['upload_dtype']} {_megabytes(plan['upload_bytes'])}",
+                     _megabytes(d["bytes_down"]), _megabytes(d["bytes_up"]),
                      _megabytes(d["download_bytes_per_second"]), _megabytes(d["upload_bytes_per_second"]),
                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d["last_seen"]))])
     table = _table(rows, headers=["device", "class", "state", "width", "rounds", "ε spent",
-                                  "ε budget", "peak MB", "limit MB", "download", "upload",
+                                  "ε budget", "peak MB", "limit MB", "task MB", "update MB",
+                                  "MB down", "MB up",
                                   "down MB/s", "up MB/s", "last seen"])
     return table if devices else "no devices registered"
