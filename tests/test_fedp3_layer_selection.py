@@ -1,12 +1,13 @@
 """Which hidden layers a FedP3 client trains for the server (FedP3's Fashion-MNIST CNN has 4):
 LowerB one per client by modulo; OPU-k k cyclically consecutive ones, fixed over rounds; OPR-k k
 distinct ones drawn per round, reproducible from the seed; and the selection names that parse, or
-are refused with the reason."""
+are refused with the reason. A service device's group follows from its id."""
 
 from __future__ import annotations
 
 import pytest
 
+from coordinator.rounds import device_key
 from coordinator.strategies.fedp3 import FedP3, FedP3Settings, parse_selection
 from harness.strategies import HIDDEN, LAYERS, SPEC, fedp3
 
@@ -77,3 +78,30 @@ def test_a_k_outside_the_hidden_layers_is_refused(text):
         parse_selection(text, HIDDEN)
     with pytest.raises(ValueError, match=text):
         FedP3(SPEC, FedP3Settings(selection=text))
+
+
+def _groups(tmp_path, order: list[str]) -> dict[str, tuple]:
+    """Each device's uploaded layers and planned upload size in round 1, on a fresh coordinator
+    the devices register with in `order`."""
+    from harness.fleet import Harness
+
+    tmp_path.mkdir()
+    fleet = Harness(tmp_path, f"sqlite:///{tmp_path / 'coordinator.db'}", devices=4,
+                    strategy="fedp3", fedp3={"selection": "opu2"})
+    for device in order:
+        fleet.engine.handle(fleet.topics.register(device), fleet.agents[device]._registration())
+    fleet.engine.tick()
+    assert len(fleet.take(fleet.to_devices, "task")) == 4
+    return {device: (fleet.engine.tasks_built[device].plan.selected_layers,
+                     fleet.store.device(device).plan["upload_bytes"]) for device in fleet.agents}
+
+
+def test_a_service_devices_layer_group_follows_its_id_not_the_order_it_registered_in(tmp_path):
+    """The demo's devices register in a race; which layers one uploads (and so the bytes a round
+    moves) must not depend on it (issue 24: bytes up per round were 9.8-42.3 MB across runs)."""
+    names = [f"dev-{i}" for i in range(4)]
+    first = _groups(tmp_path / "a", names)
+    assert _groups(tmp_path / "b", names[::-1]) == first
+    assert len({layers for layers, _ in first.values()}) > 1  # the devices are still spread
+    # A stable hash of the id (not Python's salted hash()): the same in every process.
+    assert device_key("dev-0") == 0x3AA5_37A4
