@@ -94,11 +94,17 @@ class BrokerView(_View):
     """The MQTT connection (edge_sdk/protocol/transport.py `broker_state`)."""
     url: str
     client_id: str
+    # connecting: the first attempt; refused: the broker answered no (last_error says why);
+    # retrying: no answer, or the connection was lost
     state: Literal["connecting", "connected", "refused", "retrying", "stopped"]
-    since: float
-    last_error: str | None
-    attempts: int
-    reconnects: int
+    since: float                       # unix time the state began
+    last_error: str | None             # why not connected
+    attempts: int                      # failed attempts since the last connection
+    retry_in: float | None = None      # seconds until the next attempt (refused, retrying)
+    reconnects: int                    # connections after the first
+    # connections in a row the broker closed within seconds of accepting them: 2 or more means
+    # another client is connecting with this client id (MQTT 3.1.1 tells no reason)
+    short_connections: int = 0
 
 
 class ProcessView(_View):

@@ -143,14 +143,22 @@ class CoordinatorService:
         return None if self.http is None else f"{self.http.url}/status"
 
     def unhealthy(self) -> str | None:
-        """Why /healthz fails: the broker out of reach for longer than
-        broker.unhealthy_after_seconds (None: healthy)."""
+        """Why /healthz fails (None: healthy): no connection to the broker for longer than
+        broker.unhealthy_after_seconds, or the broker closing each connection within seconds
+        because another client connects with this coordinator's client id."""
         broker = self.link.broker_state()
+        if broker["short_connections"] >= 2:
+            return (f"another client is connecting to the broker at {broker['url']} with this "
+                    f"coordinator's client id {broker['client_id']}: the broker disconnected it "
+                    f"{broker['short_connections']} times in a row; give each coordinator its own "
+                    "broker.client_id (or leave it unset)")
         out_for = time.time() - broker["since"]
-        if broker["state"] == "connected" or out_for < self.config.broker.unhealthy_after_seconds:
+        limit = self.config.broker.unhealthy_after_seconds
+        if broker["state"] == "connected" or out_for < limit:
             return None
-        return (f"the broker at {broker['url']} has been {broker['state']} for {out_for:.0f} s "
-                f"({broker['last_error'] or 'no answer'})")
+        return (f"not connected to the broker at {broker['url']} for {out_for:.0f} s, more than "
+                f"broker.unhealthy_after_seconds ({limit:g}): {broker['state']}, last error: "
+                f"{broker['last_error'] or 'no answer'}")
 
     def status(self) -> dict:
         """The engine's status, plus the broker connection, what the link dropped or held back

@@ -97,6 +97,9 @@ def load_profile_dict(config: EdgeSettings, state: DeviceState) -> dict[str, Any
 class EdgeAgent:
     def __init__(self, config: EdgeSettings, publish: Publish | None = None):
         self.config = config
+        # Loading the data and the toolchain can take a while: say first what will connect where.
+        log.info("device %s of fleet %s: loading its profile, data and model toolchain, then "
+                 "connecting to the broker at %s", config.device_id, config.fleet, config.broker)
         for reference in config.models:  # registered by the config's validation; again if copied
             allow_reference(reference)
         self.topics = Topics(config.fleet, config.topic_prefix)
@@ -164,21 +167,15 @@ class EdgeAgent:
         """
         self.start()
         give_up = self.config.broker_give_up_seconds
-        started = time.monotonic()
         try:
             while not self.stopping.is_set() and (until is None or time.time() < until):
                 if self.connected.is_set():
                     self.resend_overdue()
-                elif (give_up is not None and self.transport.counters["connects"] == 0
-                      and time.monotonic() - started > give_up):
-                    broker = self.transport.broker_state()
+                elif give_up is not None and (why := self.transport.unreachable(give_up)):
                     raise TransportError(
-                        f"no broker answered at {broker['url']} in {give_up:g} s "
-                        f"({broker['attempts']} attempt{'s' * (broker['attempts'] != 1)}; last: "
-                        f"{broker['last_error'] or 'no answer'}). "
-                        "Check that the broker runs and that edge.toml's broker (address and "
-                        "port), username/password and tls_ca are right; broker_give_up_seconds "
-                        "sets how long to try")
+                        f"{why}. Check that the broker runs and that edge.toml's broker (address "
+                        "and port), username/password and tls_ca are right; "
+                        "broker_give_up_seconds sets how long to try")
                 try:
                     delivery = self.inbox.get(timeout=0.5)
                 except queue.Empty:

@@ -12,6 +12,14 @@ is delivered when it returns, and paho reconnects with exponential backoff (1 s 
 Deliveries are acknowledged manually, once their owner has handled them (`ack`): a message
 received just before a crash is delivered again.
 
+A broker that cannot be reached is not silence: the transport keeps the connection's state
+(`broker_state`: connecting, connected, refused with the broker's reason, retrying with the error
+and when it tries next) for /status, /healthz and /metrics, and logs each change in words, once
+(a broker down for an hour is a line per reason and a reminder every tenth attempt, not one a
+second). An owner that cannot work without a broker asks `unreachable` whether to give up. MQTT
+3.1.1 tells a client nothing when the broker drops it because another client connected with the
+same client id; two such drops in a row within seconds of connecting are logged as that.
+
 The inbox is bounded, in messages (`inbox_limit`) and in payload bytes (`inbox_max_bytes`), by
 backpressure: when it is full, paho's thread waits for the owner to take a message before it
 reads the next one from the socket, so the rest stays in the broker (and TCP) instead of this
@@ -80,6 +88,10 @@ def make_client(client_id: str, url: str, username: str | None = None, password:
         client.username_pw_set(username, password)
     return client, address
 
+
+# A connection the broker closes sooner than this after accepting it counts towards the
+# client-id collision warning (two in a row): MQTT 3.1.1 says nothing of why.
+SHORT_LIVED_SECONDS = 10.0
 
 RECONNECTED = ""  # inbox marker (no real topic is empty): the transport (re)connected
 
@@ -165,11 +177,19 @@ class MqttTransport:
         self.refusal: str | None = None  # why the broker refused the last connection attempt
         # The connection's state, for logs, /status, /healthz and the agent's give-up:
         # connecting (first attempt), connected, refused (the broker answered no), retrying (no
-        # answer, or lost), stopped. `last_error` says why it is not connected.
+        # answer, or the connection was lost), stopped. `last_error` says why it is not connected.
         self.state, self.state_since, self.last_error = "connecting", time.time(), None
         self.attempts = 0          # failed attempts since the last connection
-        self._connected_at: float | None = None
+        self._retries = reconnect  # paho reconnects by itself
+        self._started: float | None = None   # monotonic time of `start`
+        self._connected_at: float | None = None  # monotonic time of the current connection
+        self._lost_at: float | None = None       # and of the last one's loss
         self._short_lived = 0      # connections in a row the broker closed soon after accepting
+        self._tried = False        # paho's reconnect() ran since its last wait
+        self._connack = False      # the current attempt got a CONNACK (accepted or not)
+        self._retry_at: float | None = None  # monotonic time of paho's next attempt
+        # (what happened, what to check): logged once paho's retry delay is known
+        self._unlogged: tuple[str, str] | None = None
         self._answered = threading.Event()  # CONNACK received (accepted or not)
         self._own_subscriptions: set[int] = set()  # mids of the subscriptions made on connect
         self._subacks: dict[int, list] = {}  # mid -> reason codes, for `subscribe` to collect
@@ -195,31 +215,87 @@ class MqttTransport:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        self._hook_retries()
 
     # --- connection state -----------------------------------------------------------------------
     def broker_state(self) -> dict:
         """The connection as an operator reads it (/status, the dashboard): state, since when,
-        why not connected, reconnections so far."""
+        why not connected, the failed attempts and when the next one is, reconnections so far,
+        and the connections in a row the broker closed within seconds (another client with
+        this client id)."""
+        now = time.monotonic()
+        retry_in = None
+        if self.state in ("refused", "retrying") and self._retry_at is not None:
+            retry_in = round(max(0.0, self._retry_at - now), 1)
+        # Counted while it goes on: connected or lost within the last few seconds.
+        recent = self._connected_at if self._connected_at is not None else self._lost_at
+        short = self._short_lived if recent is not None and now - recent < SHORT_LIVED_SECONDS \
+            else 0
         return {"url": self.url, "client_id": self.client_id, "state": self.state,
                 "since": self.state_since, "last_error": self.last_error,
-                "attempts": self.attempts, "reconnects": max(0, self.counters["connects"] - 1)}
+                "attempts": self.attempts, "retry_in": retry_in,
+                "reconnects": max(0, self.counters["connects"] - 1), "short_connections": short}
+
+    def unreachable(self, give_up: float) -> str | None:
+        """Why an owner that cannot work without the broker should stop: no connection accepted
+        `give_up` seconds after `start` (a broker lost later is waited for: it was right once).
+        None while there is time, or once connected. The owner adds what to check in its own
+        configuration's words."""
+        if (self.counters["connects"] or self._started is None
+                or time.monotonic() - self._started < give_up):
+            return None
+        tries = f"{self.attempts} attempt{'s' * (self.attempts != 1)} as {self.client_id}"
+        if self.state == "refused":
+            return (f"the broker at {self.url} refused every connection in {give_up:g} s "
+                    f"({tries}; last: {self.last_error})")
+        return (f"no broker answered at {self.url} in {give_up:g} s "
+                f"({tries}; last: {self.last_error or 'no answer'})")
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         if state != self.state:
             self.state, self.state_since = state, time.time()
         self.last_error = error
 
-    def _failed_attempt(self, error: str) -> None:
-        """A connection attempt that failed: logged in words on the first, on a new reason, and
-        every tenth attempt after (not once a second for as long as the broker is down)."""
+    def _failed_attempt(self, error: str, line: str, hint: str) -> None:
+        """A connection attempt that failed. `line`, when paho tries again and `hint` (what to
+        check) are logged on the first failure, on a new reason, and every tenth attempt: not
+        once a second for as long as the broker is down. A transport that does not reconnect
+        logs nothing: its owner gets the TransportError."""
         self.attempts += 1
         changed = error != self.last_error
         self._set_state("refused" if self.refusal else "retrying", error)
-        if changed or self.attempts in (1, 2) or self.attempts % 10 == 0:
-            self.log.warning("cannot connect to the broker at %s as %s: %s (attempt %d); "
-                             "retrying, waiting 1 s doubling to 30 s between attempts. Check that "
-                             "the broker runs, and its address, port and credentials", self.url,
-                             self.client_id, error, self.attempts)
+        if self._retries and (changed or self.attempts == 1 or self.attempts % 10 == 0):
+            self._unlogged = (f"{line} (attempt {self.attempts})", hint)
+
+    def _hook_retries(self) -> None:
+        """paho retries by itself, sleeping in `_reconnect_wait` (1 s doubling to 30 s, back to
+        1 s once connected); these two hooks learn when it will try next, so the state and the
+        log say "retrying in N s". paho's very first failure (from `connect_async`) also waits
+        twice before its next try, once per loop of `loop_forever`; a wait with no attempt since
+        the last one returns at once, so the waits are 1, 2, 4, ... s as its documentation says."""
+        client = self.client
+        paho_reconnect, paho_wait = client.reconnect, client._reconnect_wait
+
+        def reconnect():
+            self._tried, self._connack = True, False
+            return paho_reconnect()
+
+        def reconnect_wait() -> None:
+            if not self._tried:
+                return
+            self._tried = False
+            with client._reconnect_delay_mutex:  # what paho_wait will compute
+                delay = client._reconnect_delay
+                delay = client._reconnect_min_delay if delay is None else \
+                    min(delay * 2, client._reconnect_max_delay)
+            self._retry_at = time.monotonic() + delay
+            if self._unlogged is not None:
+                line, hint = self._unlogged
+                self.log.warning("%s; retrying in %g s%s", line, delay, hint and f". {hint}")
+                self._unlogged = None
+            paho_wait()
+
+        client.reconnect, client._reconnect_wait = reconnect, reconnect_wait
 
     def wait_connected(self, timeout: float) -> bool:
         """Whether the broker accepted a connection within `timeout` seconds."""
@@ -230,18 +306,26 @@ class MqttTransport:
         """No answer: paho calls this inside its `except OSError`, so the error is at hand."""
         error = sys.exc_info()[1]
         self.refusal = None
-        self._failed_attempt(f"{getattr(error, 'strerror', None) or error or 'no answer'}")
+        error = f"{getattr(error, 'strerror', None) or error or 'no answer'}"
+        self._failed_attempt(error, f"cannot reach the broker at {self.url} as {self.client_id}: "
+                                    f"{error}", "Check that the broker runs, and its address and port")
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         self._network_thread = threading.current_thread()
+        self._connack = True
         if reason_code.is_failure:
             self.refusal = str(reason_code)
             self._answered.set()
-            self._failed_attempt(f"the broker refused the connection ({reason_code})")
+            self._failed_attempt(
+                f"the broker refused the connection: {reason_code}",
+                f"the broker at {self.url} refused the connection as {self.client_id}: "
+                f"{reason_code}", "Check the user name, password and client id it expects")
             return
         self.refusal = None
         self.attempts = 0
+        self._retry_at = None
         self._connected_at = time.monotonic()
+        was = self.state_since
         self._set_state("connected")
         self.counters["connects"] += 1
         self._own_subscriptions.clear()
@@ -253,7 +337,13 @@ class MqttTransport:
         self._answered.set()
         if self.mark_reconnects:  # e.g. a task published while the broker went down may be lost
             self.inbox.put(Delivery(RECONNECTED, b"", 0, 0, time.time(), time.perf_counter()))
-        self.log.info("connected to %s as %s", self.url, self.client_id)
+        if self.counters["connects"] == 1:
+            self.log.info("connected to the broker at %s as %s", self.url, self.client_id)
+        else:  # quiet while another client takes the id in turn: `_on_disconnect` says so
+            self.log.log(logging.DEBUG if self._short_lived >= 2 else logging.INFO,
+                         "reconnected to the broker at %s as %s after %.0f s without a connection "
+                         "(reconnection %d)", self.url, self.client_id, time.time() - was,
+                         self.counters["connects"] - 1)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         self.connected.clear()
@@ -263,20 +353,32 @@ class MqttTransport:
             return
         lasted = None if self._connected_at is None else time.monotonic() - self._connected_at
         self._connected_at = None
-        if lasted is None:  # a failed attempt (refused): `_on_connect` said why
+        if lasted is None:
+            if not self._connack:
+                # The socket opened but closed before any CONNACK: not a broker, or TLS on
+                # one side only. (A refusal was told by `_on_connect`.)
+                self.refusal = None
+                self._failed_attempt(
+                    f"no answer to CONNECT ({reason_code})",
+                    f"the server at {self.url} closed the connection without answering as an "
+                    f"MQTT broker ({reason_code})", "Check the port, and mqtt:// (plain) against "
+                    "mqtts:// (TLS)")
             return
-        self._set_state("retrying", f"disconnected ({reason_code})")
-        self.log.warning("disconnected from the broker at %s (%s) after %.0f s connected; "
-                         "reconnecting", self.url, reason_code, lasted)
+        self._lost_at = time.monotonic()
+        self._set_state("retrying", f"connection lost ({reason_code})")
         # MQTT 3.1.1 gives no reason: a broker drops the older of two clients with one id as the
         # newer connects, and then the other way round, each within seconds of accepting it.
-        self._short_lived = self._short_lived + 1 if lasted < 10 else 0
-        if self._short_lived in (2, 10) or (self._short_lived and self._short_lived % 50 == 0):
-            self.log.error("the broker closed this connection %d times in a row within seconds of "
-                           "accepting it: another client is probably connecting with client id "
-                           "%s (the broker drops the older connection each time). Give each "
-                           "coordinator its own broker.client_id (or its own state_dir) and each "
-                           "device its own device_id", self._short_lived, self.client_id)
+        self._short_lived = self._short_lived + 1 if lasted < SHORT_LIVED_SECONDS else 0
+        if self._short_lived < 2:
+            self._unlogged = (f"lost the connection to the broker at {self.url} after {lasted:.0f} s "
+                              f"connected ({reason_code})", "")
+            return
+        if self._short_lived in (2, 10) or self._short_lived % 50 == 0:
+            self.log.error("another client connected with client id %s and the broker "
+                           "disconnected this one (%d times in a row, each within seconds of "
+                           "connecting); give each coordinator its own client_id (broker.client_id,"
+                           " or leave it unset for one of its own) and each device its own "
+                           "device_id", self.client_id, self._short_lived)
 
     def _on_message(self, client, userdata, msg) -> None:
         """The inbox's only producer: its size check is exact."""
@@ -368,6 +470,7 @@ class MqttTransport:
     def start(self) -> None:
         """Connect in the background: paho retries (with backoff) until the broker answers."""
         self.log.info("connecting to the broker at %s as %s", self.url, self.client_id)
+        self._started = time.monotonic()
         self.client.connect_async(self.address.host, self.address.port, keepalive=self.keepalive)
         self.client.loop_start()
 
