@@ -107,14 +107,43 @@ STATIC_ROWS = [
      "test_coordinator_restart_counters.py::"
      "test_the_refused_update_count_survives_a_coordinator_restart",
      "service process over Mosquitto, SQLite"),
-    ('the broker down when the coordinator starts, then started',
-     'logged in words (connecting; cannot connect: Connection refused, attempt N); /status says retrying with the error; /healthz answers 503 with the reason past broker.unhealthy_after_seconds; fedprune_broker_connected 0; once the broker listens: connected, /healthz 200, the gauge 1',
-     'test_broker_state.py::test_the_coordinator_reports_a_broker_it_cannot_reach_and_recovers_when_it_comes_up',
-     'service in the test process, Mosquitto started late'),
+    ("the broker down when the coordinator starts, then started",
+     "logged in words once per change, not per attempt (connecting; cannot reach the broker: "
+     "Connection refused (attempt 1); retrying in 1 s, and what to check); /status says retrying, "
+     "the error and when it tries next; /healthz answers 503 with the reason once the broker has "
+     "been out of reach for broker.unhealthy_after_seconds, not before; fedprune_broker_connected "
+     "0; once the broker listens: connected, /healthz 200, the gauge 1, no reconnection counted",
+     "test_broker_state.py::"
+     "test_serve_reports_a_broker_it_cannot_reach_and_recovers_when_it_comes_up",
+     "service process (`fedprune coordinator serve`), Mosquitto started late"),
     ("no broker at an edge agent's address",
-     'it says it is connecting, then stops after broker_give_up_seconds with rc 2 naming the broker, the last error and what to check (a broker lost later is retried for ever)',
-     'test_broker_state.py::test_an_edge_agent_gives_up_on_a_broker_that_never_answers',
-     'edge process, nothing listening'),
+     "it says where it will connect before loading its data, then stops broker_give_up_seconds "
+     "after it began connecting (3 s in the test) with rc 2 naming the broker, the last error "
+     "and what to check, no traceback (a broker lost later is retried for ever)",
+     "test_broker_state.py::test_an_edge_agent_gives_up_on_a_broker_that_never_answers",
+     "edge process, nothing listening"),
+    ("a broker that refuses the credentials; a server on the port that is not an MQTT broker",
+     "refused, with the broker's reason in words (Not authorized) and what to check, logged once "
+     "over several attempts; the other told apart: no answer to CONNECT, check the port and "
+     "mqtt:// against mqtts://",
+     "test_broker_state.py::"
+     "test_a_broker_that_refuses_and_a_server_that_is_no_broker_are_told_apart",
+     "transport over Mosquitto without anonymous access, and a TCP server that hangs up"),
+    ("two coordinators with default settings on one broker",
+     "each its own client id; after the second connected, the first still confirms a "
+     "subscription; neither disconnected nor reconnected (/status), and the broker's log shows "
+     "no takeover",
+     "test_broker_state.py::"
+     "test_two_coordinators_with_default_ids_on_one_broker_keep_their_connections",
+     "two services in the test process over Mosquitto"),
+    ("two coordinators configured with one broker.client_id",
+     "the broker drops each as the other connects (its log: already connected, closing old "
+     "connection); each logs 'another client connected with client id shared-id and the broker "
+     "disconnected this one ...; give each coordinator its own client_id' (at the 2nd, 10th and "
+     "every 50th drop, not each one), and /healthz answers 503 naming the id",
+     "test_broker_state.py::"
+     "test_a_client_id_two_coordinators_share_is_named_in_the_log_and_on_healthz",
+     "two services in the test process over Mosquitto"),
     ('`coordinator serve` and `demo --broker` on one broker',
      'each coordinator has its own client id (kept in its state_dir), device client ids are <fleet>.<device_id>: the serving coordinator connected once and was never disconnected while the demo ran its round with 0 lost',
      'test_readme_commands.py::test_the_tour',

@@ -49,13 +49,14 @@ class BrokerSettings(Settings):
     username: str | None = None
     password: str | None = None
     tls_ca: str | None = None       # the fleet CA, for mqtts:// URLs
+    # /healthz answers 503 once the broker has been out of reach (or refusing) this long,
+    # or at once while another client keeps taking this coordinator's client id: an
+    # orchestrator's probe then restarts or flags the coordinator, which alone cannot fix it.
+    unhealthy_after_seconds: float = Field(30, gt=0)
     # Messages, and payload bytes, waiting for the engine at most: when either is reached the
     # link stops reading from the broker until the engine takes one (edge_sdk/protocol/transport.py;
     # the broker's in-flight window does not bound it). QoS 0 deliveries, which the protocol never
     # uses, are dropped on arrival and counted.
-    # /healthz answers 503 once the broker has been out of reach (or refusing) this long: an
-    # orchestrator's probe then restarts or flags the coordinator, which alone cannot fix it.
-    unhealthy_after_seconds: float = Field(30, gt=0)
     inbox_limit: int = Field(1000, ge=10)
     inbox_max_bytes: int = Field(16 * 1024 * 1024, ge=1024)
 
