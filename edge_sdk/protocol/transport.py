@@ -353,25 +353,27 @@ class MqttTransport:
             return
         lasted = None if self._connected_at is None else time.monotonic() - self._connected_at
         self._connected_at = None
+        # paho's word for a socket that closed (MQTT 3.1.1 sends no reason) is "Unspecified error"
+        why = "the socket closed" if str(reason_code) == "Unspecified error" else str(reason_code)
         if lasted is None:
             if not self._connack:
                 # The socket opened but closed before any CONNACK: not a broker, or TLS on
                 # one side only. (A refusal was told by `_on_connect`.)
                 self.refusal = None
                 self._failed_attempt(
-                    f"no answer to CONNECT ({reason_code})",
+                    f"no answer to CONNECT ({why})",
                     f"the server at {self.url} closed the connection without answering as an "
-                    f"MQTT broker ({reason_code})", "Check the port, and mqtt:// (plain) against "
+                    f"MQTT broker ({why})", "Check the port, and mqtt:// (plain) against "
                     "mqtts:// (TLS)")
             return
         self._lost_at = time.monotonic()
-        self._set_state("retrying", f"connection lost ({reason_code})")
+        self._set_state("retrying", f"connection lost ({why})")
         # MQTT 3.1.1 gives no reason: a broker drops the older of two clients with one id as the
         # newer connects, and then the other way round, each within seconds of accepting it.
         self._short_lived = self._short_lived + 1 if lasted < SHORT_LIVED_SECONDS else 0
         if self._short_lived < 2:
             self._unlogged = (f"lost the connection to the broker at {self.url} after {lasted:.0f} s "
-                              f"connected ({reason_code})", "")
+                              f"connected ({why})", "")
             return
         if self._short_lived in (2, 10) or self._short_lived % 50 == 0:
             self.log.error("another client connected with client id %s and the broker "
