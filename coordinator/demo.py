@@ -481,7 +481,7 @@ class _DemoService(CoordinatorService):
     def start(self) -> None:
         super().start()
         if self.dashboard_url:
-            tqdm.write(f"dashboard: {self.dashboard_url}, live while the demo runs")
+            say(f"dashboard: {self.dashboard_url}, live while the demo runs")
 
 
 def _fmt(value: float | None) -> str:

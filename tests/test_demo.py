@@ -25,7 +25,7 @@ def test_demo_plans_devices_differently_and_reports_rounds_accuracy_bytes_and_ep
                          env={**os.environ, "FEDPRUNE_HTTP_TOKEN": token, "PATH": path})
     assert run.returncode == 0, run.stderr[-3000:]
     assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/ \(the page asks for the API token, "
-                     r"the value of \$FEDPRUNE_HTTP_TOKEN", run.stdout + run.stderr)
+                     r"the value of \$FEDPRUNE_HTTP_TOKEN", " ".join(run.stdout.split()))  # wrapped
     assert token not in run.stdout + run.stderr
     assert not [f for f in out.rglob("*") if f.is_file() and token.encode() in f.read_bytes()]
     result = json.loads(report.read_text())
@@ -52,6 +52,28 @@ def test_demo_plans_devices_differently_and_reports_rounds_accuracy_bytes_and_ep
         # The per-round row: accepted/selected, straggled, refused.
         assert re.search(rf"^\s*{summary['round']}\s+{len(selected)}/{len(selected)}\s+0\s+0\s",
                          run.stdout, re.MULTILINE)
+
+    # Each round's row is followed by each selected device's MB up/down, which add up to the row.
+    for summary in result["rounds"]:
+        found = re.search(rf"^\s*{summary['round']}\s+{len(selected)}/.*\n\s+MB up/down by device: "
+                          r"(.*)$", run.stdout, re.MULTILINE)
+        assert found, run.stdout
+        moved = {device: tuple(map(float, sizes.split("/"))) for device, sizes in
+                 (item.split() for item in found.group(1).split(", "))}
+        assert sorted(moved) == [d["id"] for d in selected]
+        assert abs(sum(up for up, _ in moved.values()) - summary["bytes_up"] / 1e6) < 0.01 * len(moved)
+        assert abs(sum(down for _, down in moved.values()) - summary["bytes_down"] / 1e6) < 0.01 * len(moved)
+    # The plan table says the bytes a task and an update are planned to weigh (not 'keep 1').
+    for d in devices:
+        row = next(line for line in run.stdout.splitlines() if line.startswith(f"{d['id']} "))
+        assert f"{d['plan']['upload_bytes'] / 1e6:.2f}MB" in row and "k1" not in row
+
+    # Redirected (as here), it reads as lines: no progress bar frames, no Opacus warning about
+    # its RDP orders, nothing wider than 100 columns but a path that is (`database: sqlite:///...`).
+    assert "\r" not in run.stdout + run.stderr
+    assert "Optimal order" not in run.stdout + run.stderr
+    assert not [line for line in run.stdout.splitlines()
+                if len(line) > 100 and len(line.split(": ", 1)[-1].split()) > 1]
 
     final = result["final"]
     rounds = result["rounds"]
