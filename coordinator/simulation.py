@@ -9,6 +9,7 @@ this process or as Ray actors, with the same results for the same seed.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -264,6 +265,10 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
         result.rounds.append(row)
         bar.set_postfix(personal=f"{row.personalized_accuracy:.3f}",
                         glob=f"{row.global_accuracy:.3f}")
+        if progress and bar.disable:  # not a terminal (tqdm's check): a line a round instead
+            print(f"{config.strategy} {config.partition}: round {round_number}/{config.rounds}, "
+                  f"{row.participants} updates, personal {row.personalized_accuracy:.4f}, global "
+                  f"{row.global_accuracy:.4f}, {row.seconds:.1f} s", file=sys.stderr, flush=True)
     bar.close()
     return pipeline, global_state
 

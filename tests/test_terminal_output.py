@@ -109,6 +109,9 @@ def test_simulate_with_dp_and_a_fleet_redirected_to_a_file(tmp_path):
     # The summary's sentences (coordinator/cli.py) are not wrapped yet; its tables fit.
     reads_well(text, prose=("final: ", "simulated time ", "privacy: "))
     assert "privacy: per-device epsilon max" in text
+    # A line a round while it runs, in place of the bar (stderr, before the summary's tables).
+    assert [line.split(",")[0] for line in text.splitlines() if line.startswith("fedp3 ")] == \
+        ["fedp3 classes:5: round 1/2", "fedp3 classes:5: round 2/2"]
     table = text[text.index("device "):].splitlines()
     assert len([line for line in table if "#" in line.split(" ")[0]]) == 3  # one row per device
     assert all("MB" in line.split()[-5] for line in table[1:4])  # upload: planned MB, not 'k1'
