@@ -190,6 +190,7 @@ class MqttTransport:
         self._retry_at: float | None = None  # monotonic time of paho's next attempt
         # (what happened, what to check): logged once paho's retry delay is known
         self._unlogged: tuple[str, str] | None = None
+        self._hooked = False  # paho's retry wait is observed (`_hook_retries`)
         self._answered = threading.Event()  # CONNACK received (accepted or not)
         self._own_subscriptions: set[int] = set()  # mids of the subscriptions made on connect
         self._subacks: dict[int, list] = {}  # mid -> reason codes, for `subscribe` to collect
@@ -265,7 +266,15 @@ class MqttTransport:
         changed = error != self.last_error
         self._set_state("refused" if self.refusal else "retrying", error)
         if self._retries and (changed or self.attempts == 1 or self.attempts % 10 == 0):
-            self._unlogged = (f"{line} (attempt {self.attempts})", hint)
+            self._tell(f"{line} (attempt {self.attempts})", hint)
+
+    def _tell(self, line: str, hint: str) -> None:
+        """Log a failure with when paho tries next: from the wait hook, which knows it (or now,
+        without the delay, if this paho has no `_reconnect_wait` to hook)."""
+        if self._hooked:
+            self._unlogged = (line, hint)
+        else:
+            self.log.warning("%s; retrying%s", line, hint and f". {hint}")
 
     def _hook_retries(self) -> None:
         """paho retries by itself, sleeping in `_reconnect_wait` (1 s doubling to 30 s, back to
@@ -274,11 +283,20 @@ class MqttTransport:
         twice before its next try, once per loop of `loop_forever`; a wait with no attempt since
         the last one returns at once, so the waits are 1, 2, 4, ... s as its documentation says."""
         client = self.client
-        paho_reconnect, paho_wait = client.reconnect, client._reconnect_wait
+        paho_reconnect = client.reconnect
 
         def reconnect():
             self._tried, self._connack = True, False
             return paho_reconnect()
+
+        client.reconnect = reconnect
+        # paho's private names (2.1, 2.2): without them no "in N s", and the double wait stays.
+        self._hooked = all(hasattr(client, name) for name in (
+            "_reconnect_wait", "_reconnect_delay_mutex", "_reconnect_delay",
+            "_reconnect_min_delay", "_reconnect_max_delay"))
+        if not self._hooked:
+            return
+        paho_wait = client._reconnect_wait
 
         def reconnect_wait() -> None:
             if not self._tried:
@@ -295,7 +313,7 @@ class MqttTransport:
                 self._unlogged = None
             paho_wait()
 
-        client.reconnect, client._reconnect_wait = reconnect, reconnect_wait
+        client._reconnect_wait = reconnect_wait
 
     def wait_connected(self, timeout: float) -> bool:
         """Whether the broker accepted a connection within `timeout` seconds."""
@@ -372,8 +390,9 @@ class MqttTransport:
         # newer connects, and then the other way round, each within seconds of accepting it.
         self._short_lived = self._short_lived + 1 if lasted < SHORT_LIVED_SECONDS else 0
         if self._short_lived < 2:
-            self._unlogged = (f"lost the connection to the broker at {self.url} after {lasted:.0f} s "
-                              f"connected ({why})", "")
+            if self._retries:  # else its owner learns it from `connected` and says so
+                self._tell(f"lost the connection to the broker at {self.url} after "
+                           f"{lasted:.0f} s connected ({why})", "")
             return
         if self._short_lived in (2, 10) or self._short_lived % 50 == 0:
             self.log.error("another client connected with client id %s and the broker "
