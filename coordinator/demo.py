@@ -249,10 +249,10 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
     service = _DemoService(config)
     chance = {n: c for n, (_, c) in zip(names, shards)}
     trained_chance = float(np.mean([c for (_, c), f in zip(shards, fits) if f]))
-    say(f"fedprune demo: {devices} edge processes, FedP3 on {DATASET} S1 ({PARTITION}: each "
-        f"device holds 5 of the 10 classes), model {model}, DP-SGD epsilon <= {epsilon:g} "
-        f"per device, round deadline {deadline:g} s, {rounds} rounds; waiting for the "
-        "devices to register...")
+    say(f"fedprune demo: {_count(devices, 'edge process', 'es')}, FedP3 on {DATASET} S1 "
+        f"({PARTITION}: each device holds 5 of the 10 classes), model {model}, DP-SGD epsilon <= "
+        f"{epsilon:g} per device, round deadline {deadline:g} s, {_count(rounds, 'round')}; "
+        "waiting for the devices to register...")
     bar = tqdm(total=rounds, unit="round", desc=f"demo: {devices} devices", leave=False,
                disable=None)  # a bar on a terminal only; redirected, the round lines say it
     summaries: list[dict] = []
@@ -482,6 +482,10 @@ class _DemoService(CoordinatorService):
         super().start()
         if self.dashboard_url:
             say(f"dashboard: {self.dashboard_url}, live while the demo runs")
+
+
+def _count(number: int, noun: str, plural: str = "s") -> str:
+    return f"{number} {noun}{'' if number == 1 else plural}"
 
 
 def _fmt(value: float | None) -> str:
