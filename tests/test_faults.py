@@ -465,7 +465,9 @@ def test_poison_messages_are_refused_once_and_crash_nothing(tmp_path, broker, da
         measured = measure(database, tmp_path)
         assert _committed(database) == 2
         _assert_nothing_lost_or_doubled(measured, counted=6)
-        recipient = {"task": victim, "artifact": victim, "update": f"coord-{fleet}"}
+        # MQTT client ids: a device's is <fleet>.<device_id> on a broker without credentials
+        recipient = {"task": f"{fleet}.{victim}", "artifact": f"{fleet}.{victim}",
+                     "update": f"coord-{fleet}"}
         deliveries = {what: _deliveries(broker, recipient[topics.device_of(topic)[0]], topic, len(message))
                       for what, topic, message in poisons}
         assert all(n == 1 for n in deliveries.values()), deliveries

@@ -19,7 +19,7 @@ import pytest
 from coordinator.config import load_config
 from coordinator.planning.memory import MemoryCoefficients, predict_peak_bytes
 from coordinator.planning.planner import plan_device
-from coordinator.rounds import device_settings, planner_settings
+from coordinator.rounds import device_key, device_settings, planner_settings
 from coordinator.strategies import build_strategy
 from coordinator.service import CoordinatorService, ServiceSettings
 from coordinator.simulation import run_simulation
@@ -59,7 +59,7 @@ def fleet_profiles():
     slow = base.network.model_copy(update={"downlink_bytes_per_s": 1e5, "uplink_bytes_per_s": 1e5})
     tight_up = base.network.model_copy(update={"downlink_bytes_per_s": 1e6,
                                                "uplink_bytes_per_s": 1e4})
-    c = base.model_copy(update={"name": "dev-c", "network": tight_up,
+    c = base.model_copy(update={"name": "tight", "network": tight_up,
                                 "memory_available_bytes": math.ceil(budget / 0.9)})
     config = run_config()
     strategy = build_strategy(config, BASE)
@@ -75,8 +75,8 @@ def fleet_profiles():
         samples = plan_device(at_rate(middle), BASE, "fedp3_cnn", settings,
                               MemoryCoefficients.load()).local_samples
         low, high = (middle, high) if samples < 330 else (low, middle)
-    return [base.model_copy(update={"name": "dev-a", "network": fast}),
-            base.model_copy(update={"name": "dev-b", "network": slow}), at_rate(high)]
+    return [base.model_copy(update={"name": "fast", "network": fast}),
+            base.model_copy(update={"name": "slow", "network": slow}), at_rate(high)]
 
 
 def check_received(sizing: DevicePlan, plan: SubmodelPlan, physical_batch: int | None,
@@ -112,7 +112,7 @@ def check_received(sizing: DevicePlan, plan: SubmodelPlan, physical_batch: int |
 
 def check_fleet(plans: dict[str, DevicePlan]) -> None:
     """The set-up really makes the planner choose differently (else the test proves nothing)."""
-    a, b, c = plans["dev-a"], plans["dev-b"], plans["dev-c"]
+    a, b, c = plans["fast"], plans["slow"], plans["tight"]
     assert (a.download_dtype, a.download_keep, a.width_ratio) == ("fp32", 1.0, 1.0)
     # ten times slower link, same width: a lower precision or a smaller keep ratio
     assert b.width_ratio == a.width_ratio
@@ -161,9 +161,10 @@ def test_the_service_sends_each_device_what_its_plan_says(tmp_path, broker):
     thread.start()
     processes = []
     try:
-        # One at a time, each registered before the next starts: device i gets index i, as
-        # client i in the simulator (FedP3 selects layers by index).
+        # FedP3 selects layers by index: a service device's is its id's key, and these ids'
+        # keys fall in the layer groups of clients 0, 1 and 2 in the simulator.
         for i, profile in enumerate(fleet_profiles()):
+            assert device_key(profile.name) % 4 == i, "the ids no longer match the groups"
             path = tmp_path / f"{profile.name}.json"
             profile.save(path)
             config = EdgeSettings(device_id=profile.name, broker=broker.url, fleet=fleet,
