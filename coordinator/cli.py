@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from edge_sdk.argtypes import (port_number, positive_float, positive_int,
+from edge_sdk.argtypes import (data_dir, port_number, positive_float, positive_int,
                                with_defaults_help)
 from edge_sdk.logs import LOG_FORMATS, wants_json
 
@@ -297,6 +297,11 @@ def _api_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+DATA_DIR_HELP = ("an existing folder with the dataset files (default: $FEDPRUNE_DATA, then "
+                 "../shared/data, then ~/.cache/fedprune/data; missing files are downloaded there "
+                 "and checked)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .backends import backend_names
     from .strategies import strategy_names, strategy_sections
@@ -305,31 +310,47 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedprune", description="Federated learning that sizes a pruned submodel to each device.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from .config import SimulationSettings
+
+    def default(key: str) -> str:
+        """A flag's default is its config key's (the flag only overrides a --config file)."""
+        model, *path = [SimulationSettings, *key.split(".")]
+        for section in path[:-1]:
+            model = model.model_fields[section].annotation
+        return f"(default: {model.model_fields[path[-1]].get_default(call_default_factory=True)})"
+
     sim = sub.add_parser("simulate", help="run N devices in one process on real data",
-                         description="Simulate a federation in one process with the real device code.")
+                         description="Simulate a federation in one process with the real device "
+                         "code. Each flag sets the config key of its name over a --config file's; "
+                         "--set sets any key, but not one its own flag also gives.")
     sim.add_argument("--config", help="TOML file with any of the keys below and sections [train], "
                      f"[dp], [codec], [aggregator] and the strategies' {', '.join(f'[{s}]' for s in strategy_sections())}")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any key, e.g. fedp3.selection=opu3, dp.target_epsilon=4 (repeatable)")
     sim.add_argument("--strategy", choices=strategy_names(),
-                     help="registered strategies; each reads its own [section] (see README)")
-    sim.add_argument("--dataset", choices=["fashion-mnist", "fmnist", "mnist", "femnist"])
-    sim.add_argument("--data-dir", help="folder with the dataset files (default: $FEDPRUNE_DATA, "
-                     "then ../shared/data, then download with checksum)")
-    sim.add_argument("--model", help="fedp3_cnn (default), lenet, mlp, resnet_small, leaf_cnn, resnet18")
-    sim.add_argument("--clients", type=positive_int)
-    sim.add_argument("--fraction", type=float, help="share of devices selected per round")
-    sim.add_argument("--partition", help="iid, classes:K, dirichlet:ALPHA, niid-dirichlet:ALPHA[:MIN], natural")
-    sim.add_argument("--rounds", type=positive_int)
-    sim.add_argument("--local-epochs", type=positive_int)
-    sim.add_argument("--seed", type=int)
+                     help=f"registered strategies; each reads its own [section] (see README) {default('strategy')}")
+    sim.add_argument("--dataset", choices=["fashion-mnist", "fmnist", "mnist", "femnist"],
+                     help=f"a benchmark; a project's own data is its config's [data] {default('dataset')}")
+    sim.add_argument("--data-dir", type=data_dir, help=DATA_DIR_HELP)
+    sim.add_argument("--model", help="a registered model (fedp3_cnn, lenet, mlp, resnet_small, "
+                     "leaf_cnn, resnet18) or package.module:function returning an nn.Module "
+                     f"{default('model')}")
+    sim.add_argument("--clients", type=positive_int, help=f"devices in the federation {default('clients')}")
+    sim.add_argument("--fraction", type=float, help=f"share of devices selected per round {default('fraction')}")
+    sim.add_argument("--partition", help="iid, classes:K, dirichlet:ALPHA, niid-dirichlet:ALPHA[:MIN], "
+                     f"natural {default('partition')}")
+    sim.add_argument("--rounds", type=positive_int, help=f"federated rounds {default('rounds')}")
+    sim.add_argument("--local-epochs", type=positive_int,
+                     help=f"epochs over its data each device trains a round {default('train.local_epochs')}")
+    sim.add_argument("--seed", type=int, help=f"seeds the partition, sampling and training {default('seed')}")
     sim.add_argument("--fleet", help="catalogue[:SEED]: give each device a sampled catalogue "
-                     "profile and train the submodel the planner sizes for it")
+                     "profile and train the submodel the planner sizes for it (default: none, "
+                     "every device trains the full model)")
     sim.add_argument("--export-dir", help="export every client's final model here (ONNX and "
-                     "TFLite, verified), one folder per client with its manifest.json")
+                     "TFLite, verified), one folder per client with its manifest.json (default: no export)")
     sim.add_argument("--backend", choices=backend_names(),
-                     help="where the devices run: in this process (default), or a Ray actor per "
-                          "device on a Ray cluster (same results for the same seed)")
+                     help="where the devices run: in this process, or a Ray actor per "
+                          f"device on a Ray cluster (same results for the same seed) {default('backend')}")
     sim.add_argument("--ray-address", metavar="ADDRESS",
                      help="the Ray cluster for --backend ray: 'auto' (the one `ray start` runs "
                           "here) or HOST:PORT of its head (default: start a local one)")
@@ -352,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--classes", type=positive_int, help="output classes, with --input-shape")
     plan.add_argument("--memory-cache", metavar="DIR", help="where a model's own memory "
                       "rehearsals are kept (default: $FEDPRUNE_MEMORY_CACHE or ~/.cache/fedprune/memory)")
-    plan.add_argument("--data-dir")
+    plan.add_argument("--data-dir", type=data_dir, help=DATA_DIR_HELP)
     plan.add_argument("--deadline", type=positive_float, default=600.0, help="round deadline in seconds")
     plan.add_argument("--local-samples", type=positive_int, default=420)
     plan.add_argument("--batch-size", type=positive_int, default=48)
@@ -379,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also export this variant beside fp32 (repeatable)")
     exp.add_argument("--out", required=True, help="bundle directory")
     exp.add_argument("--device-id", help="device id for the manifest (default: the plan's device)")
-    exp.add_argument("--data-dir", help="dataset folder for the verification images")
+    exp.add_argument("--data-dir", type=data_dir, help=f"{DATA_DIR_HELP}; its test images verify "
+                     "the artifacts")
     exp.add_argument("--verify-samples", type=positive_int, default=512,
                      help="real test images each artifact is checked on (default: %(default)s)")
     exp.set_defaults(handler=_export)
@@ -398,9 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--export", action="store_true",
                       help="also send each device its model as a verified ONNX artifact every round "
                            "(about a minute a round more on 2 cores; the engine exports in its thread)")
-    demo.add_argument("--data-dir")
+    demo.add_argument("--data-dir", type=data_dir, help=DATA_DIR_HELP)
     demo.add_argument("--out", default="runs/demo", help="state, checkpoints, exports and logs")
-    demo.add_argument("--json-out")
+    demo.add_argument("--json-out", help="also write the results JSON here (each device's plan, "
+                      "the rounds, the final block)")
     demo.add_argument("--http-port", type=port_number, default=0, metavar="PORT",
                       help="the fleet dashboard's port on 127.0.0.1 (default: a free one; the "
                            "address is printed when the coordinator starts)")
@@ -427,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = coord_sub.add_parser("serve", help="run rounds over MQTT for a fleet of edge devices",
                                  description="Registry, round engine, persistence and the status "
                                  "endpoint; see docs/PROTOCOL.md for the wire contract.")
-    serve.add_argument("--config", help="coordinator.toml (see deploy/coordinator.example.toml)")
+    serve.add_argument("--config", help="coordinator.toml (see deploy/coordinator.example.toml; "
+                       "without it, the built-in defaults and --set, said at start)")
     serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. rounds.total=5 (repeatable)")
     serve.add_argument("--log-level", default="INFO")

@@ -14,9 +14,10 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
+from edge_sdk.argtypes import data_dir_problem
 from edge_sdk.data.sources import CONFIG_DIR, DataSettings
 from edge_sdk.settings import CodecSettings, DPSettings, Settings, TrainSettings, WidthLevels
-from edge_sdk.validation import describe, read_toml
+from edge_sdk.validation import problems, read_toml
 from export.formats import ExportFormatName
 
 from .backends import BackendName
@@ -78,6 +79,15 @@ class LearningSettings(Settings):
             allow_reference(value, (info.context or {}).get(CONFIG_DIR))
         return value
 
+    @field_validator("data_dir")
+    @classmethod
+    def _existing_data_dir(cls, value: str | None) -> str | None:
+        """A typo here would download the dataset into the mistyped folder (as --data-dir's)."""
+        problem = value and data_dir_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @model_validator(mode="after")
     def _one_data_source(self):
         if self.data is None:
@@ -118,9 +128,8 @@ class LearningSettings(Settings):
                 continue
             try:
                 extra[name] = model.model_validate(value)
-            except ValidationError as exc:
-                raise ValueError("; ".join(f"{name}.{problem}" for problem in
-                                           describe(exc, "").split("; "))) from None
+            except ValidationError as exc:  # a line a problem, as load_config shows them
+                raise ValueError("\n".join(problems(exc, name, model, within=name))) from None
         return self
 
 
@@ -195,8 +204,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         context = {CONFIG_DIR: Path(path).resolve().parent} if path is not None else None
         return schema.model_validate(data, context=context)
     except ValidationError as exc:
-        problems = describe(exc, "config", schema)
-        raise ConfigError(f"invalid configuration: {problems}") from None
+        raise ConfigError(invalid_configuration(exc, schema)) from None
+
+
+def invalid_configuration(exc: ValidationError, schema: type[BaseModel]) -> str:
+    """`invalid configuration: key: what is wrong (got X)`, a line a problem when there are
+    several, so a file with three typos reads as three lines, not one run-on sentence."""
+    found = [line for problem in problems(exc, "config", schema) for line in problem.split("\n")]
+    if len(found) == 1:
+        return f"invalid configuration: {found[0]}"
+    return f"invalid configuration ({len(found)} problems):\n" + "\n".join(f"  {p}" for p in found)
 
 
 def _assign(data: dict[str, Any], keys: list[str], value: Any) -> None:

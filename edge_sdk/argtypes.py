@@ -5,6 +5,8 @@ validation dump later, and `--help` that says the defaults."""
 from __future__ import annotations
 
 import argparse
+import shlex
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -38,6 +40,27 @@ def port_number(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be 0 (a free port) to 65535, got {value}")
     return value
+
+
+def data_dir_problem(text: str) -> str | None:
+    """Why `text` cannot be a dataset folder someone named, or None. A named folder must exist:
+    the loader would otherwise download into whatever a typo says (its library call still may,
+    for a folder created on purpose), so downloading into a new folder takes a mkdir first."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return None
+    if path.exists():
+        return f"{text} is a file, not a folder of dataset files"
+    return (f"folder {text} does not exist; check the path, or create it (mkdir -p "
+            f"{shlex.quote(text)}) to download the dataset into it")
+
+
+def data_dir(text: str) -> str:
+    """An argparse type: a dataset folder that exists (see `data_dir_problem`)."""
+    problem = data_dir_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 class DefaultsHelp(argparse.HelpFormatter):

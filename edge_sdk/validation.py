@@ -1,6 +1,6 @@
 """One wording for refusing what users write and peers send: TOML files that are missing or
 malformed, JSON that is malformed or built to exhaust the parser, and pydantic validation errors
-(`field.path: what is wrong`)."""
+(`field.path: what is wrong (got X)`, without pydantic's URL)."""
 
 from __future__ import annotations
 
@@ -45,18 +45,50 @@ def read_toml(path: str | Path, what: str, error: type[Exception]) -> dict[str, 
 
 
 def describe(exc: ValidationError, root: str = "value", schema: type | None = None) -> str:
-    """`path.to.field: what is wrong`, per error. A validator's own message (a ValueError it raised)
-    is given without pydantic's "Value error, " prefix, and names its keys itself. With the
-    `schema` (a pydantic model), a key it does not know gets the nearest ones it does."""
+    """`path.to.field: what is wrong (got X)`, per error, on one line (for logs and messages
+    that carry one); `problems` gives them apart."""
+    return "; ".join(problems(exc, root, schema))
+
+
+def problems(exc: ValidationError, root: str = "value", schema: type | None = None,
+             within: str = "") -> list[str]:
+    """One `path.to.field: what is wrong (got X)` per error, without pydantic's URL. A
+    validator's own message (a ValueError it raised) is given without pydantic's "Value error, "
+    prefix, and names its keys and values itself. With the `schema` (a pydantic model), a key it
+    does not know gets the nearest ones it does. `within` is the section `exc` came from, put
+    before each key (a section validated on its own still reads `section.key`)."""
     def one(error) -> str:
+        path = ".".join(str(p) for p in (*([within] if within else []), *error["loc"]))
         text = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden" and schema is not None:
             known = _keys_at(schema, error["loc"][:-1])
             near = difflib.get_close_matches(str(error["loc"][-1]), known, n=2, cutoff=0.6)
             text = "not a setting" + (f"; did you mean {' or '.join(near)}?" if near else
                                       f" here (known: {', '.join(known)})" if known else "")
-        return f"{'.'.join(str(p) for p in error['loc']) or root}: {text}"
-    return "; ".join(one(error) for error in exc.errors())
+        elif error["type"] == "model_type" and path and schema is not None:  # a config file
+            text = f"a section of settings ([{path}] in a file, {path}.KEY=VALUE in --set), not a value"
+        if not path and error["type"] == "value_error":
+            return text  # a model's own validator: its message names the keys
+        return f"{path or root}: {text}{_got(error)}"
+    return [one(error) for error in exc.errors(include_url=False)]
+
+
+# Errors whose message says all there is: a missing or unknown key has no value to show, and a
+# validator's own message quotes what it refused.
+_SAYS_ITSELF = {"missing", "extra_forbidden", "value_error", "assertion_error"}
+# A refused value under these names is not echoed: it may be a credential.
+_SECRET_WORDS = ("token", "password", "secret", "key")
+
+
+def _got(error) -> str:
+    """` (got X)`: the refused value, short, so the user sees what was read (a typo, a unit)."""
+    if error["type"] in _SAYS_ITSELF or "input" not in error:
+        return ""
+    if any(word in str(part).lower() for part in error["loc"] for word in _SECRET_WORDS):
+        return ""
+    value = error["input"]
+    shown = "a section" if isinstance(value, dict) else repr(value)
+    return f" (got {shown[:57] + '...' if len(shown) > 60 else shown})"
 
 
 def _keys_at(schema: type, path: tuple) -> list[str]:

@@ -28,6 +28,18 @@ def _fedprune(*words: str, timeout: float = 300) -> subprocess.CompletedProcess:
     (("simulate", "--set", "roundz=2"), "roundz: not a setting; did you mean rounds?"),
     (("simulate", "--set", "train.lrr=0.1"), "train.lrr: not a setting; did you mean lr?"),
     (("coordinator", "serve", "--set", "broker.flet=x"), "broker.flet: not a setting; did you mean fleet?"),
+    (("simulate", "--set", "rounds=0"),
+     "invalid configuration: rounds: Input should be greater than or equal to 1 (got 0)"),
+    (("coordinator", "serve", "--set", "rounds=2"), "rounds: a section of settings ([rounds] in a "
+     "file, rounds.KEY=VALUE in --set), not a value (got 2)"),
+    # a typo in a data folder used to start a download into it
+    (("simulate", "--data-dir", "/no/such/data"), "argument --data-dir: folder /no/such/data does "
+     "not exist; check the path, or create it (mkdir -p /no/such/data) to download the dataset into it"),
+    (("demo", "--data-dir", "/no/such/data"), "argument --data-dir: folder /no/such/data does not exist"),
+    (("plan", "--catalogue", "rpi3b", "--data-dir", "/no/such/data"),
+     "argument --data-dir: folder /no/such/data does not exist"),
+    (("simulate", "--set", "data_dir=/no/such/data"),
+     "invalid configuration: data_dir: folder /no/such/data does not exist"),
 ])
 def test_a_bad_flag_or_key_is_named_with_what_to_do(words, says):
     result = _fedprune(*words)
@@ -37,11 +49,29 @@ def test_a_bad_flag_or_key_is_named_with_what_to_do(words, says):
     assert "errors.pydantic.dev" not in result.stderr
 
 
+def test_a_config_file_with_several_problems_names_each_on_its_own_line(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('roundz = 2\nclients = "ten"\n[fedp3]\nglobal_keep = 0\n')
+    result = _fedprune("simulate", "--config", str(path), "--set", "train.lr=-1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "invalid configuration (2 problems):" in result.stderr, result.stderr
+    assert "\n  clients: Input should be a valid integer, unable to parse string as an integer " \
+           "(got 'ten')\n" in result.stderr, result.stderr
+    assert "\n  train.lr: Input should be greater than 0 (got -1)" in result.stderr, result.stderr
+    # the keys pydantic knows are checked first; the rest once they pass
+    path.write_text('roundz = 2\n[fedp3]\nglobal_keep = 0\n')
+    result = _fedprune("simulate", "--config", str(path))
+    assert result.returncode == 2 and "errors.pydantic.dev" not in result.stderr
+    assert "roundz: not a setting; did you mean rounds?" in result.stderr, result.stderr
+
+
 def test_help_says_the_defaults():
     for words in (("demo", "--help"), ("simulate", "--help"), ("coordinator", "serve", "--help")):
         result = _fedprune(*words)
         assert result.returncode == 0 and "(default: " in result.stdout, words
     assert "federated rounds (default: 3)" in " ".join(_fedprune("demo", "--help").stdout.split())
+    simulate = " ".join(_fedprune("simulate", "--help").stdout.split())  # the config's defaults
+    assert "federated rounds (default: 3)" in simulate and "(default: fedavg)" in simulate
     edge = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "run", "--help"], capture_output=True,
                           text=True, timeout=60)
     assert "(default: auto)" in edge.stdout

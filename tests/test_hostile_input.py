@@ -257,8 +257,9 @@ def test_config_files_and_overrides_refuse_non_finite_numbers(tmp_path, section,
 def test_service_config_sections_refuse_non_finite_numbers(tmp_path):
     path = tmp_path / "coordinator.toml"
     path.write_text("max_update_norm = inf\n[rounds]\ndeadline_seconds = inf\n")
-    with pytest.raises(ConfigError, match="max_update_norm: Input should be a finite number; "
-                                          "rounds.deadline_seconds: Input should be a finite number"):
+    with pytest.raises(ConfigError, match=r"\n  max_update_norm: Input should be a finite number "
+                                          r"\(got inf\)\n  rounds.deadline_seconds: Input should be "
+                                          r"a finite number \(got inf\)"):
         load_config(path, schema=ServiceSettings)
 
 

@@ -60,6 +60,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from edge_sdk.models import ModelSpec, build_model
 from edge_sdk.models.cost import ModelFootprint, footprint  # noqa: F401  (re-exported for the planner)
+from edge_sdk.validation import describe
 
 CALIBRATION_FILE = Path(__file__).with_name("memory_calibration.json")
 _COEFFICIENT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -120,8 +121,7 @@ class MemoryCoefficients:
         try:
             return cls(**data)
         except (TypeError, ValidationError) as exc:
-            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()) \
-                if isinstance(exc, ValidationError) else str(exc)
+            detail = describe(exc, "calibration") if isinstance(exc, ValidationError) else str(exc)
             raise CalibrationError(f"memory calibration {path} is malformed ({detail}); {remedy}") \
                 from None
 
