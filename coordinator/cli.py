@@ -143,6 +143,19 @@ def _share(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _catalogue(args: argparse.Namespace) -> int:
+    from edge_sdk.data import dataset_info
+    from edge_sdk.models import model_spec
+
+    from .planning.fleet import catalogue_table
+    from .planning.planner import PlannerSettings
+
+    info = dataset_info(args.dataset)
+    base = model_spec(args.model, info.input_shape, info.num_classes)
+    print(catalogue_table(base, args.model, PlannerSettings(dp=not args.no_dp)))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from edge_sdk.sizing import DevicePlan
     from edge_sdk.checkpoint import load_checkpoint
@@ -383,6 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--verify", action="store_true", help="run `fedprune-edge rehearse` on the "
                       "plan as a fresh process and add its measured peak RSS")
     plan.set_defaults(handler=_plan)
+
+    cat = sub.add_parser("catalogue", help="the catalogue's device classes and what each can train",
+                         description="List the catalogue's device classes (the profiles `fedprune "
+                         "plan --catalogue`, `simulate --fleet catalogue` and the demo use): memory, "
+                         "cores, DP training rate and links, the width the planner gives each for "
+                         "--model, and why a class fits nothing (the runtime alone over its memory).")
+    cat.add_argument("--model", default="fedp3_cnn", help="a registered model, or a "
+                     "package.module:function returning an nn.Module for (input_shape, classes)")
+    cat.add_argument("--dataset", default="fashion-mnist",
+                     choices=["fashion-mnist", "fmnist", "mnist", "femnist"],
+                     help="whose input shape and classes the model is built for")
+    cat.add_argument("--no-dp", action="store_true", help="plan for plain SGD instead of DP-SGD")
+    cat.set_defaults(handler=_catalogue)
 
     exp = sub.add_parser("export", help="export a device's submodel to ONNX/TFLite, verified",
                          description="Export a checkpoint as a device's submodel: width from "

@@ -103,3 +103,21 @@ def test_serve_without_a_config_says_what_it_uses(tmp_path):
         serve.wait(30)
     assert ("no --config, so the defaults (and any --set): broker mqtt://127.0.0.1:1, fleet default, "
             f"HTTP API http://127.0.0.1:0, state in {tmp_path}") in first, first
+
+
+def test_the_gateway_is_told_the_runtime_alone_is_over_its_memory():
+    """Item 7: no model, width or flag fits a 512 MB gateway; the refusal and the catalogue say so
+    (they used to say only that width 0.125 did not fit, as if a smaller model might)."""
+    import re
+
+    plan = _fedprune("plan", "--catalogue", "gateway-512mb")
+    assert plan.returncode == 1 and "Traceback" not in plan.stderr, plan.stderr
+    assert re.search(r"DOES NOT FIT: memory: the runtime alone \(Python, torch, Opacus\) needs about "
+                     r"\d+ MB of this device's 362 MB \(403 MB available x 0.9\); no model or width "
+                     r"fits", plan.stdout), plan.stdout
+    table = _fedprune("catalogue")
+    assert table.returncode == 0, table.stderr
+    assert re.search(r"^gateway-512mb .* no$", table.stdout, re.MULTILINE), table.stdout
+    assert re.search(r"^rpi3b .* yes$", table.stdout, re.MULTILINE), table.stdout
+    said = " ".join(table.stdout.split())
+    assert "gateway-512mb does not fit: memory: the runtime alone (Python, torch, Opacus)" in said

@@ -64,9 +64,21 @@ def test_less_memory_means_a_narrower_model_that_still_fits():
 
 
 def test_nothing_fits_is_refused_with_the_reason():
-    plan = plan_for(with_memory(50_000_000))
+    # room for the runtime, not for the narrowest model on top of it
+    plan = plan_for(with_memory(budget_for_peak(width_spec(BASE, 0.125), 8) - 1))
     assert not plan.fits
-    assert any(r.startswith("memory: even width 0.125") for r in plan.reasons)
+    assert any(r.startswith("memory: even width 0.125") for r in plan.reasons), plan.reasons
+
+
+def test_a_device_the_runtime_alone_overfills_is_told_no_model_can_fit():
+    """The 512 MB gateway: Python, torch and Opacus take more than its limit before any model."""
+    plan = plan_for(catalogue_profile("gateway-512mb"))
+    runtime = COEFFS.baseline_bytes + COEFFS.margin_bytes
+    assert not plan.fits
+    assert plan.reasons[0].startswith(
+        f"memory: the runtime alone (Python, torch, Opacus) needs about {runtime / 1e6:.0f} MB of "
+        f"this device's {plan.memory_limit_bytes / 1e6:.0f} MB "), plan.reasons
+    assert "no model or width fits" in plan.reasons[0]
 
 
 def _with_link(down: float, up: float, name: str = "rpi5-8gb"):

@@ -18,12 +18,12 @@ import textwrap
 from dataclasses import dataclass
 from typing import Literal
 
-from device_profiles import DeviceProfile, parse_fleet_arg, sample_fleet
+from device_profiles import DeviceProfile, catalogue_names, catalogue_profile, parse_fleet_arg, sample_fleet
 from edge_sdk.sizing import DevicePlan
 from edge_sdk.models import ModelSpec
 
 from .memory import MemoryCoefficients
-from .planner import WIDTHS, PlannerSettings, plan_device
+from .planner import WIDTHS, PlannerSettings, memory_for, plan_device
 
 SizingPolicy = Literal["planned", "uniform", "full", "full-all"]
 SIZING_POLICIES: tuple[str, ...] = ("planned", "uniform", "full", "full-all")
@@ -107,6 +107,39 @@ def plan_table(rows: list[dict]) -> str:
             + ("yes" if plan["fits"] else "no"))
         if not plan["fits"]:
             notes.append(textwrap.fill(f"{row['device']} does not fit: " + "; ".join(plan["reasons"]),
+                                       width=100, initial_indent="  ", subsequent_indent="    "))
+    return "\n".join(lines + notes)
+
+
+def catalogue_table(base: ModelSpec, model_name: str, settings: PlannerSettings) -> str:
+    """Every catalogue device class, what it has and what the planner gives it of `model_name`,
+    and under the table why a class gets nothing. A line above says what the runtime alone takes,
+    so a class too small for it (the 512 MB gateway) is seen as such before any plan is asked
+    for: no model or flag changes it."""
+    coefficients = MemoryCoefficients.load()
+    runtime = memory_for(base, settings, coefficients).runtime_bytes(settings.dp)
+    lines = [textwrap.fill(
+        f"The runtime alone (Python, torch, Opacus) takes about {runtime / 1e6:.0f} MB on every "
+        f"device, before any model: a class whose memory limit ({settings.safety_margin:g} of "
+        f"what is available) is below it fits no model. Widths below are for {model_name}"
+        f"{' under DP-SGD' if settings.dp else ''}.", width=100),
+        f"{'class':<16} {'RAM':>7} {'available':>9} {'limit':>6} {'cores':>5} "
+        f"{'samples/s':>9} {'up/down MB/s':>12} {'width':>5} {'peak MB':>7}  fits"]
+    notes = []
+    for name in catalogue_names():
+        profile = catalogue_profile(name)
+        plan = plan_device(profile, base, model_name, settings, coefficients)
+        net = profile.network
+        rate = profile.compute.dp_samples_per_s if settings.dp else profile.compute.samples_per_s
+        lines.append(
+            f"{name[:16]:<16} {profile.memory_total_bytes / 2**20:>4.0f}MiB "
+            f"{profile.memory_available_bytes / 1e6:>7.0f}MB {plan.memory_limit_bytes / 1e6:>4.0f}MB "
+            f"{profile.cpu_cores:>5} {rate:>9.0f} "
+            f"{f'{net.uplink_bytes_per_s / 1e6:.2f}/{net.downlink_bytes_per_s / 1e6:.2f}':>12} "
+            + (f"{plan.width_ratio:>5g} {plan.predicted_peak_bytes / 1e6:>7.0f}  yes" if plan.fits
+               else f"{'-':>5} {'-':>7}  no"))
+        if not plan.fits:
+            notes.append(textwrap.fill(f"{name} does not fit: " + "; ".join(plan.reasons),
                                        width=100, initial_indent="  ", subsequent_indent="    "))
     return "\n".join(lines + notes)
 

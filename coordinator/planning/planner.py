@@ -79,14 +79,19 @@ def memory_for(base: ModelSpec, settings: PlannerSettings,
     return memory_model(base, coefficients, settings.memory_cache)
 
 
-def _runtime_alone(memory: MemoryModel, settings: PlannerSettings, limit: int) -> str:
-    """Where the runtime alone is over the limit, say so: no model, width or flag can help."""
+def runtime_refusal(memory: MemoryModel, settings: PlannerSettings, available: int) -> str | None:
+    """Where the runtime alone is over the device's limit, why nothing fits: no model, width or
+    flag can help, so the refusal leads with it (the narrowest width's need would only suggest
+    that a smaller model might). None where the runtime fits."""
     runtime = memory.runtime_bytes(settings.dp)
+    limit = int(available * settings.safety_margin)
     if runtime < limit:
-        return ""
-    return (f"; the runtime alone (Python with torch{' and Opacus' if settings.dp else ''} "
-            f"imported, and its margin) takes {runtime / 1e6:.0f} MB, so no model fits this "
-            f"device at any width: it needs about {(runtime / settings.safety_margin) / 1e6:.0f} MB "
+        return None
+    # The baseline is measured with Opacus imported either way (memory.py), as a device runs.
+    return (f"the runtime alone (Python, torch, Opacus) needs about {runtime / 1e6:.0f} MB of "
+            f"this device's {limit / 1e6:.0f} MB ({available / 1e6:.0f} MB available x "
+            f"{settings.safety_margin}); no model or width fits, and no flag changes that: "
+            f"fedprune needs a device with about {runtime / settings.safety_margin / 1e6:.0f} MB "
             "available and more for the model")
 
 
@@ -102,11 +107,11 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
         narrowest = settings.widths[-1]
         need = memory.peak(width_spec(base, narrowest), settings.min_physical_batch,
                            settings.local_samples, settings.dp)
-        reasons.append(f"memory: even width {narrowest} with physical batch "
-                       f"{settings.min_physical_batch} needs {need / 1e6:.0f} MB, over the memory limit of "
-                       f"{memory_limit / 1e6:.0f} MB ({profile.memory_available_bytes / 1e6:.0f} MB "
-                       f"available x {settings.safety_margin})" + _runtime_alone(memory, settings,
-                                                                                 memory_limit))
+        runtime = runtime_refusal(memory, settings, profile.memory_available_bytes)
+        reasons.append("memory: " + (runtime or (
+            f"even width {narrowest} with physical batch {settings.min_physical_batch} needs "
+            f"{need / 1e6:.0f} MB, over the memory limit of {memory_limit / 1e6:.0f} MB "
+            f"({profile.memory_available_bytes / 1e6:.0f} MB available x {settings.safety_margin})")))
         ratio, physical, peak = narrowest, settings.min_physical_batch, need
     else:
         ratio, physical, peak = fit.choice
