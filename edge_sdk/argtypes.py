@@ -56,11 +56,12 @@ def data_dir_problem(text: str) -> str | None:
 
 
 def data_dir(text: str) -> str:
-    """An argparse type: a dataset folder that exists (see `data_dir_problem`)."""
+    """An argparse type: a dataset folder that exists (see `data_dir_problem`), made absolute: the
+    demo writes it into each device's edge.toml, whose relative paths are read from its folder."""
     problem = data_dir_problem(text)
     if problem:
         raise argparse.ArgumentTypeError(problem)
-    return text
+    return str(Path(text).expanduser().resolve())
 
 
 class DefaultsHelp(argparse.HelpFormatter):

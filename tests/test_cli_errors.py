@@ -50,6 +50,18 @@ def test_a_bad_flag_or_key_is_named_with_what_to_do(words, says):
     assert "errors.pydantic.dev" not in result.stderr
 
 
+def test_a_relative_data_dir_is_read_from_where_the_command_runs(tmp_path, monkeypatch):
+    """The demo writes --data-dir into each device's edge.toml, where a relative path would be
+    read from that file's folder (and start a download there)."""
+    from coordinator.cli import build_parser
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for command in ("demo", "simulate"):
+        args = build_parser().parse_args([command, "--data-dir", "data"])
+        assert args.data_dir == str(tmp_path.resolve() / "data")
+
+
 def test_a_config_file_with_several_problems_names_each_on_its_own_line(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('roundz = 2\nclients = "ten"\n[fedp3]\nglobal_keep = 0\n')
