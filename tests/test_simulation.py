@@ -107,7 +107,8 @@ def test_cli_simulate_writes_results_json(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "fedp3.selection=opu9", "--strategy", "fedp3"], "k must be between 1 and the 4"),
-    (["--set", "fedp3.nonsense=1"], "fedp3.nonsense: Extra inputs are not permitted"),
+    (["--set", "fedp3.nonsense=1"], "fedp3.nonsense: not a setting here (known: aggregation, "),
+    (["--set", "fedp3.selectio=opu2"], "fedp3.selectio: not a setting; did you mean selection?"),
     (["--partition", "classes:11"], "classes"),
     (["--data-dir", "/nonexistent/fedprune-data"], "/nonexistent/fedprune-data"),
 ])
