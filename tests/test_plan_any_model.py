@@ -1,9 +1,14 @@
 """`fedprune plan` for models fedprune has never seen, named `package.module:function`: a
 MobileNetV2-style network (tests/harness/models.py's, wider: depthwise convs, BatchNorm that
 Opacus swaps for GroupNorm, in-place ReLU6) and an MLP on rows of features. Each one's memory
-comes from its own fresh rehearsals, measured once on first use and kept in the cache; the plans
-it gives different devices differ and each fits, and a real rehearsal of a plan (`--verify`)
-peaks at or under the prediction."""
+comes from its own rehearsals, measured once on first use and kept in the cache; the plans it
+gives different devices differ and each fits, and a real rehearsal of a plan (`--verify`) peaks
+at or under the prediction.
+
+The MobileNet's six rehearsals take a minute of CPU, so this file carries their record
+(`MEASURED`, from `coordinator.planning.model_memory.measure` on the machine it names; `python
+tests/test_plan_any_model.py` measures it again) and the planner finds it in its cache; the MLP,
+whose rehearsals are the cheapest, is measured on first use, the path every new model takes."""
 
 from __future__ import annotations
 
@@ -35,9 +40,26 @@ def tabular(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
                          nn.Linear(128, num_classes))
 
 
+# The wide MobileNet's memory, measured by coordinator.planning.model_memory.measure (see the
+# docstring).
+MEASURED = {
+    "format": 1, "digest": "5b3a5656e9d9106f", "model": MOBILENET, "input_shape": [1, 28, 28],
+    "num_classes": 10, "machine": "AMD EPYC, 2 cores, x86_64, Linux 6.18.44-fc-v1272",
+    "date": "2026-12-04", "threads": 2, "rehearsals": [
+        {"width": 1.0, "physical_batch": 48, "dp": True, "floor_bytes": 243122176, "peak_bytes": 1576161280},
+        {"width": 1.0, "physical_batch": 8, "dp": True, "floor_bytes": 243081216, "peak_bytes": 650084352},
+        {"width": 0.25, "physical_batch": 48, "dp": True, "floor_bytes": 243122176, "peak_bytes": 740065280},
+        {"width": 0.25, "physical_batch": 8, "dp": True, "floor_bytes": 243167232, "peak_bytes": 483041280},
+        {"width": 1.0, "physical_batch": 48, "dp": False, "floor_bytes": 243068928, "peak_bytes": 989130752},
+        {"width": 0.25, "physical_batch": 8, "dp": False, "floor_bytes": 243040256, "peak_bytes": 455962624}]}
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("memory-cache")
+    """The MobileNet's memory cache, holding its record as the planner wrote it."""
+    folder = tmp_path_factory.mktemp("memory-cache")
+    (folder / f"{MEASURED['digest']}.json").write_text(json.dumps(MEASURED))
+    return folder
 
 
 def plan(capsys, *args: str) -> tuple[int, dict]:
@@ -55,6 +77,10 @@ def test_a_mobilenet_gets_its_own_rehearsals_and_a_width_per_device(capsys, cach
     from edge_sdk.models import model_spec, structure
     from edge_sdk.slicing import width_spec
 
+    base = model_spec(MOBILENET, (1, 28, 28), 10)
+    digest = structure(base).digest
+    assert digest == MEASURED["digest"], "the network changed: measure MEASURED again (docstring)"
+    kept = (cache / f"{digest}.json").read_text()
     common = ["--model", MOBILENET, "--dataset", "fashion-mnist", "--memory-cache", str(cache)]
     small = plan(capsys, "--catalogue", "rpi3b", *common)[1]
     large = plan(capsys, "--catalogue", "rpi4-2gb", *common)[1]
@@ -63,11 +89,10 @@ def test_a_mobilenet_gets_its_own_rehearsals_and_a_width_per_device(capsys, cach
         assert device["fits"] and device["predicted_peak_bytes"] <= device["memory_limit_bytes"]
         assert "rehearsals of this model" in device["decisions"]["width"]
 
-    # Measured once, for both plans: the record holds the six fresh rehearsals, DP and plain,
-    # and the fitted bound is above every one of them.
-    base = model_spec(MOBILENET, (1, 28, 28), 10)
-    digest = structure(base).digest
+    # Both plans read the kept record, which holds the six rehearsals, DP and plain, and the
+    # fitted bound is above every one of them.
     assert [p.name for p in cache.iterdir()] == [f"{digest}.json"]
+    assert (cache / f"{digest}.json").read_text() == kept
     record = load_record(cache / f"{digest}.json", base, digest)
     assert len(record.rehearsals) == 6 and {r.dp for r in record.rehearsals} == {True, False}
     memory = memory_model(base, MemoryCoefficients.load(), cache)
@@ -91,10 +116,30 @@ def test_plan_verify_rehearses_the_mobilenet_plan_under_its_prediction(capsys, c
         <= checked["memory_limit_bytes"]
 
 
-def test_a_model_on_rows_of_features_is_planned_and_verified_without_a_dataset(capsys, cache):
+def test_a_model_on_rows_of_features_is_measured_on_first_use_planned_and_verified(capsys,
+                                                                                  tmp_path):
+    from coordinator.planning.model_memory import REHEARSALS, load_record, machine
+    from edge_sdk.models import model_spec, structure
+
     code, rows = plan(capsys, "--catalogue", "phone-low", "--model", TABULAR, "--input-shape", "30",
-                      "--classes", "2", "--local-samples", "96", "--memory-cache", str(cache),
+                      "--classes", "2", "--local-samples", "96", "--memory-cache", str(tmp_path),
                       "--verify")
     assert code == 0 and rows["fits"], rows["reasons"]
     assert rows["width_ratio"] == 1.0 and rows["parameters"] == 30 * 256 + 256 + 256 * 128 + 128 + 128 * 2 + 2
     assert 200e6 < rows["measured_peak_bytes"] <= rows["predicted_peak_bytes"]
+    assert "rehearsals of this model" in rows["decisions"]["width"]
+    # Its first plan measured it, here and now, and kept the record for the next plan.
+    base = model_spec(TABULAR, (30,), 2)
+    digest = structure(base).digest
+    assert [p.name for p in tmp_path.iterdir()] == [f"{digest}.json"]
+    record = load_record(tmp_path / f"{digest}.json", base, digest)
+    assert [(r.width, r.physical_batch, r.dp) for r in record.rehearsals] == list(REHEARSALS)
+    assert record.machine == machine()
+
+
+if __name__ == "__main__":  # measure MEASURED again (a minute): python tests/test_plan_any_model.py
+    from coordinator.planning.model_memory import measure
+    from edge_sdk.models import model_spec
+
+    spec = model_spec(MOBILENET, (1, 28, 28), 10)
+    print(json.dumps(measure(spec, spec.structure).model_dump(mode="json")))
