@@ -10,8 +10,16 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Torch's OpenMP threads spin between parallel regions unless told to sleep, and the runtime reads
+# the policy once, when torch loads it (below). Two xdist workers of two threads each, plus the
+# processes tests start, are more threads than the 2 cores: spinning threads then burn the cores
+# the others wait for (on a loaded 2-core machine a 3-round simulation took 45 s of CPU spinning,
+# 8 s sleeping; same accuracies). Processes the tests start inherit it; the memory rehearsals
+# already run so (coordinator/planning/model_memory.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from edge_sdk.data import load_dataset, make_client_data
 from harness.brokers import running_mosquitto
