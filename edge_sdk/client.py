@@ -41,17 +41,25 @@ class TaskOutcome:
 
 class LocalClient:
     def __init__(self, data: ClientData, train: TrainSettings, dp: DPSettings | None = None,
-                 planned_rounds: int = 1, seed: int = 0, ledger: PrivacyLedger | None = None):
+                 planned_rounds: int = 1, seed: int = 0, ledger: PrivacyLedger | None = None,
+                 secret_noise: bool = False):
         """`ledger`: what this client has already spent, and the delta it accounts at (a device
-        passes its own, restored from disk); by default a new one at dp.delta."""
+        passes its own, restored from disk); by default a new one at dp.delta. `secret_noise`:
+        DP noise from the OS's randomness (a real device), not from `seed` (a simulation)."""
+        self.secret_noise = secret_noise
         self.device_index = data.device_index
         self.data = data
         self.train_config = train
         self.dp = dp
         self.seed = seed
         self.planned_rounds = planned_rounds
+        # What DP-SGD trained last: its private tensors start the next DP training, so nothing
+        # of the personal model below ever reaches a gradient that is sent.
         self.state: dict[str, torch.Tensor] = {}
         self.spec: ModelSpec | None = None
+        # The personal model, when dp.personal_model is "fine_tuned": fine-tuned without noise
+        # from each download; None when it is the DP-trained state itself.
+        self.personal_state: dict[str, torch.Tensor] | None = None
         if ledger is None and dp is not None:
             ledger = PrivacyLedger(delta=dp.delta, budget_epsilon=dp.budget, accountant=dp.accountant)
         self.ledger = ledger
@@ -119,7 +127,7 @@ class LocalClient:
             part = train_locally(model, train_x, train_y,
                                  self.train_config.model_copy(update={"local_epochs": phase.epochs}),
                                  masks, seed=_task_seed(self.seed, self.device_index, plan.round) + number,
-                                 dp=self.dp, noise_multiplier=noise,
+                                 dp=self.dp, noise_multiplier=noise, secret_noise=self.secret_noise,
                                  before_batch=_chain(h.before_batch for h in hooks),
                                  after_epoch=_chain(h.after_epoch for h in hooks))
             report = report.merged(part)
@@ -140,8 +148,32 @@ class LocalClient:
                 sent_mask = top_changes_mask(start[name].numpy(), trained, sent_mask, plan.upload_keep)
             update[name] = codec.SparseTensor.from_dense(trained, sent_mask)
         payload = codec.encode(update, codec.ValueDtype.from_name(plan.upload_dtype))
+        # The upload is fixed above; only then is the personal model trained.
+        self.personal_state = self._fine_tuned(plan, start, from_download, masks, train_x, train_y) \
+            if self.dp is not None and self.dp.personal_model == "fine_tuned" else None
         return TaskOutcome(self.device_index, plan.round, payload, len(train_y),
                            report, epsilon)
+
+    def _fine_tuned(self, plan: SubmodelPlan, start: dict[str, torch.Tensor],
+                    from_download: set[str], masks: dict[str, torch.Tensor],
+                    train_x: torch.Tensor, train_y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The personal model: the download (and the personal model's own private tensors)
+        trained without noise on this task's samples, for the task's epochs, on every tensor the
+        task trains. Nothing it computes is sent, so it needs no privacy accounting (the
+        device's own predictions are what it does not protect: docs/SECURITY.md)."""
+        earlier = self.personal_state if self.personal_state is not None else {}
+        begin = {name: value if name in from_download or name not in earlier else earlier[name]
+                 for name, value in start.items()}
+        model = build_model(plan.spec)
+        model.load_state_dict(begin)
+        trained = {name for phase in self._phases(plan) for name in phase.tensors}
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in trained)
+        epochs = sum(phase.epochs for phase in self._phases(plan))
+        train_locally(model, train_x, train_y,
+                      self.train_config.model_copy(update={"local_epochs": epochs}), masks,
+                      seed=_task_seed(self.seed, self.device_index, plan.round) + _PERSONAL_SEED)
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
 
     def _run_supermask(self, plan: SubmodelPlan, init_seed: int, received, train_x, train_y
                        ) -> TaskOutcome:
@@ -152,7 +184,7 @@ class LocalClient:
         state, upload, report = run_supermask_task(
             plan, init_seed, received, self.scores, train_x, train_y, self.train_config,
             _task_seed(self.seed, self.device_index, plan.round))
-        self.state, self.spec = state, plan.spec
+        self.state, self.spec, self.personal_state = state, plan.spec, None
         payload = codec.encode(upload, codec.ValueDtype.SIGN1, known_indices=set(upload))
         return TaskOutcome(self.device_index, plan.round, payload, len(train_y), report)
 
@@ -193,11 +225,12 @@ class LocalClient:
         return start, from_download
 
     def personal_model(self) -> nn.Module | None:
-        """The device's personalized model: what it trained last, private tensors included."""
+        """The model the device uses: the noise-free personal model when it keeps one, else
+        what it trained last, private tensors included."""
         if self.spec is None:
             return None
         model = build_model(self.spec)
-        model.load_state_dict(self.state)
+        model.load_state_dict(self.personal_state if self.personal_state is not None else self.state)
         return model
 
     def evaluate(self, model: torch.nn.Module | None = None) -> float:
@@ -224,6 +257,10 @@ def _index_mask(tensor: codec.SparseTensor) -> np.ndarray:
     mask = np.zeros(tensor.numel, dtype=bool)
     mask[tensor.indices] = True
     return mask.reshape(tensor.shape)
+
+
+# Added to a task's seed for the personal model's shuffling, apart from the phases' (+0, +1, ...).
+_PERSONAL_SEED = 1 << 20
 
 
 def _task_seed(seed: int, device_index: int, round_number: int) -> int:

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 AccountantName = Literal["rdp", "prv"]
+# The model a device keeps, uses and is scored with under DP: see DPSettings.personal_model.
+PersonalModelName = Literal["fine_tuned", "dp_trained"]
 # The names edge_sdk/training/local.py registers (LOSSES, OPTIMIZERS); a device only looks them up.
 LossName = Literal["cross_entropy", "label_smoothing"]
 OptimizerName = Literal["sgd", "adam"]
@@ -74,6 +76,13 @@ class DPSettings(Settings):
     max_grad_norm: float = Field(1.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: AccountantName = "rdp"
+    # What the device keeps, predicts with and is scored with. "fine_tuned": DP-SGD trains what
+    # is sent; a second copy, fine-tuned from each download on the device's data without noise,
+    # is the personal model. It never leaves the device and never feeds a gradient that is sent,
+    # so the guarantee on everything sent is unchanged, and the device's own predictions are not
+    # degraded by noise that protects nothing on the device. "dp_trained": the personal model is
+    # the DP-SGD output itself (fedprune before 0.2).
+    personal_model: PersonalModelName = "fine_tuned"
 
     @model_validator(mode="after")
     def _one_noise_source(self):

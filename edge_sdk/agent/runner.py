@@ -345,8 +345,7 @@ class EdgeAgent:
         # the update is sent (a refused task, above, saved none of them).
         if client.ledger is not None:
             self.state.save_ledger(client.ledger)
-        Checkpoint(client.spec, client.state, plan.spec.name, self.data_name, device,
-                   header.round, header.width_ratio).save(self.state.root / "model.pt")
+        self._save_models(client, plan.spec.name, header)
         self._advance_fence(header.leader_epoch, header.round)
         self.state.put_outbox(key, envelope)  # on disk before it is sent: a crash resends it
         self.state.mark(key, "sent")
@@ -407,7 +406,7 @@ class EdgeAgent:
         the last task the device accepted saved it, so a refused task leaves nothing behind and
         a restart changes nothing. The ledger's budget and delta are the device's own."""
         if self.client is None:  # kept in memory for what is not saved: HideNseek's scores
-            self.client = LocalClient(self.data, header.train)
+            self.client = LocalClient(self.data, header.train, secret_noise=True)
         client = self.client
         client.train_config, client.dp, client.planned_rounds = header.train, dp, header.planned_rounds
         client.ledger = self.state.load_ledger()
@@ -416,10 +415,27 @@ class EdgeAgent:
         if client.ledger is not None:  # the history re-accounts exactly at any delta
             client.ledger.budget_epsilon = self.config.epsilon_budget
             client.ledger.delta = self.config.dp_delta
-        model_file = self.state.root / "model.pt"
+        model_file, sent_file = self.state.root / "model.pt", self.state.root / "sent.pt"
         saved = load_checkpoint(model_file) if model_file.exists() else None
         client.spec, client.state = (saved.spec, saved.state) if saved is not None else (None, {})
+        client.personal_state = None
+        if saved is not None and sent_file.exists():  # model.pt is the personal model
+            client.personal_state, client.state = saved.state, load_checkpoint(sent_file).state
         return client
+
+    def _save_models(self, client: LocalClient, model_name: str, header: TaskHeader) -> None:
+        """model.pt: the model this device uses (the personal model); sent.pt: what DP-SGD
+        trained, whose private tensors start its next DP training, when the two differ."""
+        def checkpoint(state):
+            return Checkpoint(client.spec, state, model_name, self.data_name,
+                              self.config.device_id, header.round, header.width_ratio)
+        sent_file = self.state.root / "sent.pt"
+        if client.personal_state is None:
+            checkpoint(client.state).save(self.state.root / "model.pt")
+            sent_file.unlink(missing_ok=True)
+            return
+        checkpoint(client.state).save(sent_file)
+        checkpoint(client.personal_state).save(self.state.root / "model.pt")
 
     def _advance_fence(self, leader_epoch: int, round_number: int) -> None:
         """Remember (on disk) the newest leader epoch and round this device has acted on."""

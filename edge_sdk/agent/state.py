@@ -3,6 +3,7 @@
     state_dir/
       device.json       the marker: whose state this is (open_state_dir)
       model.pt          the personalized model (Checkpoint), private tensors included
+      sent.pt           what DP-SGD trained, when the personal model is fine-tuned apart from it
       ledger.json       every DP step the device has spent (nothing of a refused task)
       fence.json        the newest leader epoch and round it acted on (stale messages refused)
       tasks.json        finished task keys -> "sent" | "acked" | "refused"
@@ -41,7 +42,7 @@ class StateError(ValueError):
 MARKER = "device.json"
 # What an agent leaves in its state_dir: any of them makes a folder without the marker (one an
 # older version wrote) this device's state all the same.
-_STATE_FILES = ("ledger.json", "tasks.json", "fence.json", "model.pt", "outbox", "artifact")
+_STATE_FILES = ("ledger.json", "tasks.json", "fence.json", "model.pt", "sent.pt", "outbox", "artifact")
 
 
 def create_state_dir(path: str | Path, device_id: str, created_by: str) -> Path:

@@ -10,6 +10,7 @@ step because DP noise lands on pruned entries too.
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,13 +58,16 @@ def dp_sampling(num_samples: int, batch_size: int, epochs: int) -> tuple[float, 
 
 def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainSettings,
                   masks: dict[str, torch.Tensor], seed: int, dp: DPSettings | None = None,
-                  noise_multiplier: float | None = None,
+                  noise_multiplier: float | None = None, secret_noise: bool = False,
                   before_batch: Callable[[], None] | None = None,
                   after_epoch: Callable[[dict[str, torch.Tensor]], None] | None = None) -> TrainReport:
     """Train the parameters of `model` that require grad; masked entries stay exactly zero.
 
     `before_batch` runs before every batch (FjORD samples its width there); `after_epoch` may
     add or tighten masks between epochs (FedDP's threshold pruning); masks are re-applied.
+    `secret_noise`: DP's noise and Poisson sampling are drawn from a generator seeded by the
+    OS, not from `seed`, which the coordinator may know; a simulation leaves it off to be
+    reproducible.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -88,7 +92,10 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
             model, optimizer, criterion, loader = engine.make_private(
                 module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
                 noise_multiplier=noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                grad_sample_mode="ghost", noise_generator=generator)
+                grad_sample_mode="ghost",
+                noise_generator=_os_seeded() if secret_noise else generator)
+        if secret_noise:  # Opacus's Poisson sampler draws from torch's global generator
+            torch.manual_seed(secrets.randbits(63))
     report = TrainReport()
     total_loss = 0.0
     model.train()
@@ -128,6 +135,14 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
         report.privacy_history = [(float(optimizer.noise_multiplier), float(loader.sample_rate),
                                    len(loader) * config.local_epochs)]
     return report
+
+
+def _os_seeded() -> torch.Generator:
+    """A generator seeded with 63 bits from the OS. torch's generator is not a CSPRNG (Opacus's
+    secure_mode needs torchcsprng, which has no build for this torch); what this protects
+    against is a coordinator that knows the device's seed and index and could otherwise
+    recompute, and subtract, the noise of every step."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def _physical(loader, optimizer, config: TrainSettings, private: bool):
