@@ -11,6 +11,12 @@ the weights of the updates the round combines (`weight_cap`). A device that regi
 samples, planned at 74,277, next to two of 60 weighs 180, not 99.8% of the round. The median is
 only known once every weight is: a caller that knows them first (`weights`) has each update
 folded in as it comes; otherwise the combiner holds the round's updates until `result()`.
+
+Under user-level central DP (`central`, coordinator/central_dp.py) weights play no part: every
+update, of values or of changes, is turned into its change from the state its device started
+from, clipped, summed unweighted, noised and divided by the expected number of contributions;
+the strategy's server step then takes the noised mean change (a delta strategy) or the global
+state moved by it (a values strategy), as it takes the mean without DP.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 
 from edge_sdk import codec
 
+from .central_dp import CentralRound
 from .robust import AggregatorSettings, make_aggregator
 from .strategies import Strategy
 
@@ -55,12 +62,13 @@ def change_from(update: Mapping[str, codec.SparseTensor], base: Mapping[str, np.
 class RoundCombiner:
     def __init__(self, strategy: Strategy, global_state: Mapping[str, np.ndarray],
                  aggregator: AggregatorSettings | None = None, seed: int = 0,
-                 weights: Sequence[float] | None = None):
+                 weights: Sequence[float] | None = None, central: CentralRound | None = None):
         """`weights`: the weights of the updates the round will add, when the caller knows them
         before the first (the service's commit: its accepted tasks); each update is then folded
         in as it comes, and memory does not grow with the round. Without them the updates are
-        held until `result()`, which knows the cap only then."""
-        self.strategy, self.global_state = strategy, global_state
+        held until `result()`, which knows the cap only then. `central`: the round's central-DP
+        mechanism (weights are then only checked against `weights`, never applied)."""
+        self.strategy, self.global_state, self.central = strategy, global_state, central
         self.max_weight_ratio = (aggregator or AggregatorSettings()).max_weight_ratio
         self.aggregator = make_aggregator({k: v.shape for k, v in global_state.items()}, aggregator,
                                           seed)
@@ -73,6 +81,12 @@ class RoundCombiner:
             base: Mapping[str, np.ndarray] | None = None) -> None:
         """`update` in global indices; `base`: the state the device started from (default: this
         round's global state). A bad update is refused here (AggregationError), held or not."""
+        if self.central is not None:
+            change = change_from(update, self.global_state if base is None else base)
+            self.aggregator.check(change)
+            self.central.add(change)
+            self.added.append(weight)
+            return
         if self.strategy.aggregates == "delta":
             update = change_from(update, self.global_state if base is None else base)
         self.aggregator.check(update)
@@ -93,6 +107,8 @@ class RoundCombiner:
         if self.declared is not None and Counter(self.declared) != Counter(self.added):
             raise ValueError(f"the round declared update weights {self.declared} and added "
                              f"{sorted(self.added)}: the cap would not be the round's")
+        if self.central is not None:
+            return self._central_result()
         if self.cap is None:
             self.cap = weight_cap(self.added, self.max_weight_ratio)
             held, self.held = self.held, []
@@ -103,3 +119,15 @@ class RoundCombiner:
             return self.strategy.server_update(dict(self.global_state), self.aggregator.apply(zeros))
         return self.strategy.server_update(dict(self.global_state),
                                            self.aggregator.apply(self.global_state))
+
+    def _central_result(self) -> dict[str, np.ndarray]:
+        """The noised mean change through the strategy's server step: as the change itself for a
+        delta strategy, as the global state moved by it for a values strategy."""
+        change = self.central.mean_change({k: v.shape for k, v in self.global_state.items()})
+        if self.strategy.aggregates == "delta":
+            return self.strategy.server_update(
+                dict(self.global_state),
+                {k: change[k].astype(np.float32) for k in self.global_state})
+        moved = {k: (v.astype(np.float64) + change[k]).astype(v.dtype)
+                 for k, v in self.global_state.items()}
+        return self.strategy.server_update(dict(self.global_state), moved)

@@ -22,9 +22,10 @@ from export.formats import ExportFormatName
 
 from .backends import BackendName
 from .byzantine import ByzantineSettings
+from .central_dp import CentralDPSettings, conflict
 from .robust import AggregatorSettings
 from .strategies import strategy_sections
-from .strategies.registry import check_strategy_name
+from .strategies.registry import check_strategy_name, strategy_entry
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,9 @@ class LearningSettings(Settings):
     train: TrainSettings = TrainSettings()
     aggregator: AggregatorSettings = AggregatorSettings()
     dp: DPSettings = DPSettings()
+    # User-level DP at a trusted coordinator (DP-FedAvg, coordinator/central_dp.py): each
+    # device's change clipped, the sum noised; off unless a noise multiplier or target is set.
+    central_dp: CentralDPSettings = CentralDPSettings()
     codec: CodecSettings = CodecSettings()
     # The run's data (edge_sdk/data/sources/settings.py lists the keys): an image folder, a CSV,
     # an npz, a user's Dataset function, a benchmark; without it, the benchmark `dataset`. A
@@ -99,6 +103,15 @@ class LearningSettings(Settings):
         shard_keys = sorted({"clients", "partition", "device_index"} & self.data.model_fields_set)
         if shard_keys:
             raise ValueError(f"data.{shard_keys[0]}: {self.shard_keys_help}")
+        return self
+
+    @model_validator(mode="after")
+    def _central_dp_fits(self):
+        """Central DP with a rule or an upload its noise cannot be sized for is refused now,
+        not found out by a run that reports an epsilon it does not give."""
+        problem = conflict(self, strategy_entry(self.strategy).cls.bounded_updates)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
@@ -165,6 +178,20 @@ class SimulationSettings(LearningSettings):
     device_threads: int | None = Field(None, ge=1)
     shard_keys_help: ClassVar[str] = ("a simulation's clients and partition are its own `clients` "
                                       "and `partition` keys (device_index is a device's)")
+
+    @model_validator(mode="after")
+    def _central_dp_fleet(self):
+        """A simulation draws its rounds from its own `clients`."""
+        size = self.central_dp.fleet_size
+        if size is not None and size != self.clients:
+            raise ValueError(f"central_dp.fleet_size: a simulation draws its rounds from its "
+                             f"{self.clients} clients; leave fleet_size out (got {size})")
+        return self
+
+    @property
+    def central_dp_sample_rate(self) -> float:
+        """q: each client's chance of a round, devices per round over clients."""
+        return max(1, round(self.fraction * self.clients)) / self.clients
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

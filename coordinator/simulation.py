@@ -5,6 +5,10 @@ with the wire codec, so the byte counts reported are the bytes a broker would ca
 below is the driver whatever the backend: it plans, builds downloads, takes updates in and
 aggregates; a backend (coordinator/backends/) only holds the devices and runs their tasks, in
 this process or as Ray actors, with the same results for the same seed.
+
+Under central DP ([central_dp], coordinator/central_dp.py) a round's devices are drawn by
+Poisson sampling, each at q = devices per round / clients (the draw its accounting assumes), and
+the draw and the noise come from an OS-seeded generator: such a run is not repeated by its seed.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .backends.base import (  # noqa: F401  (privacy_entry: its home before the 
     privacy_entry,
 )
 from .byzantine import attack
+from .central_dp import CentralDP, check_uploads
 from .combine import RoundCombiner
 from .config import SimulationSettings
 from .exporting import export_clients
@@ -69,9 +74,13 @@ class RoundResult:
     out_of_memory: int = 0
     left_out: int = 0
     devices: list[dict[str, Any]] = field(default_factory=list)
+    # Under central DP: the coordinator's spending once this round's model is released
+    # ({epsilon, delta, noise_multiplier, clip_norm, rounds, sample_rate}).
+    central_dp: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items()
+                if k != "central_dp" or v is not None}
 
 
 @dataclass
@@ -132,6 +141,10 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
                                                 source.info.num_classes))
     spec = strategy.spec  # a strategy may change the architecture (FedDP's gates)
     dp = dp_config(config)
+    central = None
+    if config.central_dp.enabled:
+        check_uploads(strategy)
+        central = CentralDP(config.central_dp, config.central_dp_sample_rate, config.rounds)
     shards = [data.capped(config.max_client_samples) for data in source.shards]
     fleet = _plan_fleet(config, strategy, shards, profiles) \
         if (config.fleet or profiles is not None) else None
@@ -155,7 +168,7 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
         pipeline, global_state = _run_rounds(config, backend, strategy, shards, fleet, sizing,
                                              global_model, history, staleness, per_round,
                                              malicious, rng, chance, (test_x, test_y), result,
-                                             observe, progress)
+                                             observe, progress, central)
         widths = [pipeline.width_for(i, sizing.get(i)) for i in range(config.clients)]
         result.cost = _inference_cost(spec, widths)
         if dp is not None:
@@ -188,7 +201,8 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
                 sizing: dict, global_model: torch.nn.Module, history: list, staleness: int,
                 per_round: int, malicious: set[int], rng: np.random.Generator, chance: float,
                 test: tuple[torch.Tensor, torch.Tensor], result: SimulationResult,
-                observe: TaskObserver | None, progress: bool) -> tuple[RoundPipeline, dict]:
+                observe: TaskObserver | None, progress: bool,
+                central: CentralDP | None = None) -> tuple[RoundPipeline, dict]:
     """Every round: the round's tasks are all sent before any answer is taken in (a backend may
     run them at once), then the answers are taken in device by device in the order the devices
     were chosen, so aggregation is the same whatever ran when. Returns the last round's pipeline
@@ -200,12 +214,15 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
     pipeline = None
     for round_number in range(1, config.rounds + 1):
         started = time.perf_counter()
-        chosen = sorted(rng.choice(config.clients, per_round, replace=False).tolist())
+        chosen = sorted(rng.choice(config.clients, per_round, replace=False).tolist()) \
+            if central is None else central.draw(config.clients)
         pipelines = {age: RoundPipeline(strategy, config, history[-1 - age], round_number, train,
                                         slicing_round=round_number - age)
                      for age in range(len(history))}
         pipeline = pipelines[0]
-        combiner = RoundCombiner(strategy, global_state, config.aggregator, config.seed)
+        combiner = RoundCombiner(strategy, global_state, config.aggregator, config.seed,
+                                 central=None if central is None else central.round(
+                                     _population(pipeline, shards, fleet, sizing), pipeline))
         row = RoundResult(round_number, 0.0, 0.0, 0.0, chance, 0, 0, 0.0, 0, 0,
                           simulated_seconds=0.0 if fleet else None)
         sent = []
@@ -254,6 +271,8 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
             combiner.add(update, task.plan.aggregation_weight, base)
             row.participants += 1
         global_state = combiner.result()
+        if central is not None:
+            row.central_dp = central.spend()
         history = (history + [global_state])[-(staleness + 1):]
         weights = strategy.materialize(global_state)
         global_model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
@@ -268,9 +287,20 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
         if progress and bar.disable:  # not a terminal (tqdm's check): a line a round instead
             print(f"{config.strategy} {config.partition}: round {round_number}/{config.rounds}, "
                   f"{row.participants} updates, personal {row.personalized_accuracy:.4f}, global "
-                  f"{row.global_accuracy:.4f}, {row.seconds:.1f} s", file=sys.stderr, flush=True)
+                  f"{row.global_accuracy:.4f}, {row.seconds:.1f} s" + (
+                      "" if row.central_dp is None else
+                      f", eps {row.central_dp['epsilon']:.2f}"),
+                  file=sys.stderr, flush=True)
     bar.close()
     return pipeline, global_state
+
+
+def _population(pipeline: RoundPipeline, shards: list[ClientData],
+                fleet: list[DeviceAssignment] | None, sizing: dict) -> list[Task]:
+    """Every client's task this round, drawn or not: what central DP's denominators count
+    (a fleet's device that holds no submodel is drawn like the others and holds nothing)."""
+    return [pipeline.task(i, len(data.train_y), sizing.get(i)) for i, data in enumerate(shards)
+            if fleet is None or fleet[i].selected]
 
 
 def _taken(run: TaskRun, entry: dict, row: RoundResult) -> TaskOutcome:
