@@ -183,12 +183,30 @@ class CentralLedger:
                 f"the coordinator's epsilon to {after:.3f}, over central_dp.target_epsilon "
                 f"{target:g} at delta {self.settings.delta:g}")
 
+    def released(self, sample_rate: float) -> dict[str, Any]:
+        """What results and round summaries carry as `central_dp` once one more round at
+        `sample_rate` is released (not recorded: the service records it from its store)."""
+        return {"epsilon": self.epsilon([(sample_rate, self.noise_multiplier)]),
+                "delta": self.settings.delta, "noise_multiplier": self.noise_multiplier,
+                "clip_norm": self.settings.clip_norm, "rounds": len(self.history) + 1,
+                "sample_rate": float(sample_rate)}
+
     def spend(self, sample_rate: float) -> dict[str, Any]:
-        """Record a released round; what results and round summaries carry as `central_dp`."""
+        """Record a released round; returns what `released` says of it."""
+        report = self.released(sample_rate)
         self.history.append((float(sample_rate), self.noise_multiplier))
-        return {"epsilon": self.epsilon(), "delta": self.settings.delta,
-                "noise_multiplier": self.noise_multiplier, "clip_norm": self.settings.clip_norm,
-                "rounds": len(self.history), "sample_rate": float(sample_rate)}
+        return report
+
+
+def released_history(summaries: Iterable[Mapping[str, Any] | None]) -> list[tuple[float, float]]:
+    """(sample rate, noise multiplier) of every released round among stored round summaries
+    (the service's committed rounds carry `central_dp`)."""
+    history = []
+    for summary in summaries:
+        entry = (summary or {}).get("central_dp")
+        if isinstance(entry, dict) and "epsilon" in entry:
+            history.append((float(entry["sample_rate"]), float(entry["noise_multiplier"])))
+    return history
 
 
 # --- the mechanism -------------------------------------------------------------------------------
@@ -264,17 +282,20 @@ class CentralDP:
     draw and the noise must not be replayable from the configuration's seed)."""
 
     def __init__(self, settings: CentralDPSettings, sample_rate: float, rounds: int,
-                 history: Iterable[tuple[float, float]] = (),
                  rng: np.random.Generator | None = None):
-        """`sample_rate` and `rounds`: what a target_epsilon is calibrated over; `history`: the
-        rounds already released (a restarted service's)."""
+        """`sample_rate` and `rounds`: what a target_epsilon is calibrated over."""
         self.settings, self.sample_rate = settings, sample_rate
-        self.ledger = CentralLedger(settings, settings.resolve_noise(sample_rate, rounds), history)
+        self.noise_multiplier = settings.resolve_noise(sample_rate, rounds)
+        self.ledger = CentralLedger(settings, self.noise_multiplier)  # the simulator's
         self.rng = rng if rng is not None else np.random.default_rng()
 
+    def ledger_over(self, history: Iterable[tuple[float, float]]) -> CentralLedger:
+        """A ledger of `history` (the service's, read from its store: restarts and a new leader
+        see what was released)."""
+        return CentralLedger(self.settings, self.noise_multiplier, history)
+
     @classmethod
-    def for_service(cls, config: Any, history: Iterable[tuple[float, float]] = ()
-                    ) -> CentralDP | None:
+    def for_service(cls, config: Any) -> CentralDP | None:
         """The service's, from its ServiceSettings (None when central DP is off). Its planned
         rate is rounds.devices_per_round over central_dp.fleet_size; each round is accounted at
         the eligible devices it really drew from."""
@@ -293,11 +314,7 @@ class CentralDP:
         if per_round > fleet:
             raise CentralDPError(f"central_dp.fleet_size {fleet} is smaller than "
                                  f"rounds.devices_per_round {per_round}")
-        return cls(settings, per_round / fleet, config.rounds.total, history)
-
-    @property
-    def noise_multiplier(self) -> float:
-        return self.ledger.noise_multiplier
+        return cls(settings, per_round / fleet, config.rounds.total)
 
     def draw(self, population: int) -> list[int]:
         """Poisson sampling: each of `population` devices independently at the sample rate (the

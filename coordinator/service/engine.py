@@ -59,6 +59,7 @@ from edge_sdk.protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeErro
                                parse_header, peek_header)
 from edge_sdk.training import accuracy
 
+from ..central_dp import CentralDP, check_uploads, released_history
 from ..combine import RoundCombiner
 from ..heldout import contract_extra, held_out_data, verification_batch
 from ..planning.memory import MemoryCoefficients
@@ -108,6 +109,11 @@ class RoundEngine:
                                                          self.info.num_classes))
         self.spec = self.strategy.spec
         self.dp = dp_config(config)
+        # User-level central DP ([central_dp]): its ledger is read from the committed rounds'
+        # summaries whenever needed, so a restart or a new leader sees what was released.
+        self.central = CentralDP.for_service(config)
+        if self.central is not None:
+            check_uploads(self.strategy)
         self.signing_key = load_private_key(config.signing_key) if config.signing_key else None
         self.test_x, self.test_y = ((self.held_out.x, self.held_out.y) if config.evaluate
                                     else (None, None))
@@ -474,7 +480,7 @@ class RoundEngine:
         if len(eligible) < rounds.min_devices:
             self.waiting_since = None
             return
-        gave_up = self._gave_up()
+        gave_up = self._gave_up() or self._central_over_budget(len(eligible))
         if gave_up is not None:
             log.error("not opening another round: %s", gave_up)
             return
@@ -488,6 +494,27 @@ class RoundEngine:
             return
         self.waiting_since = None
         self._open(eligible, now)
+
+    def _central_ledger(self):
+        return self.central.ledger_over(released_history(
+            r.summary for r in self.store.rounds() if r.state == RoundState.COMMITTED))
+
+    def _central_over_budget(self, eligible: int) -> str | None:
+        """Why central DP's budget allows no further round drawn from `eligible` devices."""
+        if self.central is None:
+            return None
+        return self._central_ledger().over_budget(
+            min(self.config.rounds.devices_per_round, eligible) / eligible)
+
+    def _central_population(self, number: int) -> list[Task]:
+        """The task each device the round was drawn from would have had (central DP's
+        denominators), from the population stored when the round opened."""
+        tasks = []
+        for device_id, width in self.store.round_row(number).summary["central_dp"]["population"]:
+            device = self.store.device(device_id)
+            sizing = DevicePlan.model_validate(device.plan).model_copy(update={"width_ratio": width})
+            tasks.append(self.pipeline.task(device_key(device_id), device.num_samples, sizing))
+        return tasks
 
     def _prepare_pipeline(self, number: int) -> None:
         self.pipeline = RoundPipeline(self.strategy, self.config, self.global_state, number,
@@ -512,9 +539,15 @@ class RoundEngine:
             device_id=device.id, round=task.round, task=task.task, plan=built.plan.to_dict(),
             train=built.train.model_dump(),
             dp=self.config.dp.model_dump(exclude={"epsilon_budget"}) if self.dp else None,
-            planned_rounds=self.config.rounds.total, deadline=deadline,
-            width_ratio=built.width_ratio, leader_epoch=self.epoch)
+            planned_rounds=self.config.rounds.total, selection_rate=self._selection_rate(),
+            deadline=deadline, width_ratio=built.width_ratio, leader_epoch=self.epoch)
         return self._message(header, payload)
+
+    def _selection_rate(self) -> float:
+        """A device's chance of being drawn in a round: devices per round over the devices that
+        can be drawn now (its DP noise is sized by it, so it errs high when few are eligible)."""
+        eligible = len(self.store.eligible_devices())
+        return min(1.0, self.config.rounds.devices_per_round / max(1, eligible))
 
     def _message(self, header, payload: bytes = b"") -> bytes:
         """The envelope of `header` (its `edge_sdk.protocol` model) and `payload`: every message
@@ -523,7 +556,10 @@ class RoundEngine:
 
     def _open(self, eligible, now: float) -> None:
         number = self.store.next_round_number()
-        rng = np.random.default_rng([self.config.seed, number])
+        # Under central DP the draw is secret (OS-seeded): one replayable from the seed would
+        # give away who took part, which the accounting's sampling assumes hidden.
+        rng = np.random.default_rng([self.config.seed, number]) if self.central is None \
+            else self.central.rng
         eligible = sorted(eligible, key=lambda d: d.id)  # the draw, not the order they registered
         count = min(self.config.rounds.devices_per_round, len(eligible))
         chosen = [eligible[i] for i in sorted(rng.choice(len(eligible), count, replace=False))]
@@ -537,6 +573,9 @@ class RoundEngine:
             task.aggregation_weight = self._task_for(task).plan.aggregation_weight
             task.bytes_down = len(self._task_message(device, task, deadline))
         self.store.open_round(number, deadline, [d.id for d in chosen], quorum, tasks)
+        if self.central is not None:  # the population the round is drawn from, for its commit
+            self.store.set_round(number, summary={"central_dp": {
+                "population": [[d.id, d.width_ratio] for d in eligible]}})
         self.round = self.store.current_round()
         log.info("round %d: sending tasks to %d devices (quorum %d, deadline in %.0f s)", number,
                  count, quorum, self.config.rounds.deadline_seconds)
@@ -639,8 +678,14 @@ class RoundEngine:
             self.store.set_round(number, state=RoundState.COMMITTING)
             self.round = self.store.round_row(number)
         tasks = self.store.tasks(number)
+        central, central_rate = None, None
+        if self.central is not None:
+            population = self._central_population(number)
+            central_rate = len(tasks) / len(population)
+            central = self.central.round(population, self.pipeline, central_rate)
         combiner = RoundCombiner(self.strategy, self.global_state, self.config.aggregator,
-                                 self.config.seed, weights=self.store.update_weights(number))
+                                 self.config.seed, weights=self.store.update_weights(number),
+                                 central=central)
         bytes_up, epsilons, local, contributions = 0, [], [], []
         for update in self.store.updates(number):
             combiner.add(self.pipeline.intake(self._task_for(tasks[update.device]), update.payload),
@@ -683,6 +728,9 @@ class RoundEngine:
                    "global_accuracy": global_accuracy,
                    "seconds": self.clock() - self.round.started_at,
                    "contributions": contributions}
+        if central is not None:  # the coordinator's spending once this model is released
+            summary["central_dp"] = {**self._central_ledger().released(central_rate),
+                                     "population": len(population)}
         self.store.set_round(number, state=RoundState.COMMITTED, checkpoint=str(path),
                              finished_at=self.clock(), summary=summary)
         self.global_state, self.round = new_state, None
