@@ -23,14 +23,16 @@ class OsRandom:
                               mode=None).encryptor()
 
     def words(self, count: int) -> np.ndarray:
-        """`count` uniform uint64 words."""
-        return np.frombuffer(self._stream.update(bytes(8 * count)), dtype="<u8").astype(np.uint64)
+        """`count` uniform uint64 words (read-only)."""
+        return np.frombuffer(self._stream.update(bytes(8 * count)), dtype="<u8")
 
     def below(self, bound, count: int) -> np.ndarray:
         """`count` exact uniform integers in [0, bound) as int64; `bound` is one int or an array of
         `count` ints, each in [1, 2**63]. A word w is kept when w >= 2**64 mod bound, so the kept
         range is a whole number of copies of [0, bound)."""
-        bounds = np.broadcast_to(np.asarray(bound, dtype=np.uint64), (count,))
+        if np.ndim(bound) == 0:
+            return self._below_one(int(bound), count)
+        bounds = np.asarray(bound, dtype=np.uint64)
         if count and (bounds.min() < 1 or bounds.max() > MAX_BOUND):
             raise ValueError(f"uniform bounds must lie in [1, 2**63], got {bounds.min()}..{bounds.max()}")
         low = (_TWO64_MINUS_1 % bounds + np.uint64(1)) % bounds  # 2**64 mod bound
@@ -44,6 +46,19 @@ class OsRandom:
             pending = pending[~kept]
         return out
 
+    def _below_one(self, bound: int, count: int) -> np.ndarray:
+        if not 1 <= bound <= MAX_BOUND:
+            raise ValueError(f"uniform bound must lie in [1, 2**63], got {bound}")
+        if bound & (bound - 1) == 0:
+            return (self.words(count) & np.uint64(bound - 1)).astype(np.int64)
+        low = np.uint64(2**64 % bound)
+        drawn = self.words(count)
+        out = (drawn % np.uint64(bound)).astype(np.int64)
+        redo = np.flatnonzero(drawn < low)
+        if redo.size:
+            out[redo] = self._below_one(bound, redo.size)
+        return out
+
     def unit(self, count: int) -> np.ndarray:
         """`count` uniform floats in [0, 1), each a multiple of 2**-53 (exact comparisons with a
         float probability)."""
@@ -51,4 +66,5 @@ class OsRandom:
 
     def bits(self, count: int) -> np.ndarray:
         """`count` fair coin flips."""
-        return (self.words(count) & np.uint64(1)).astype(bool)
+        raw = np.frombuffer(self._stream.update(bytes((count + 7) // 8)), np.uint8)
+        return np.unpackbits(raw, count=count).astype(bool)
