@@ -294,13 +294,22 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
         tqdm.write(f"{'round':>5} {'accepted':>8} {'straggled':>9} {'refused':>7} {'eps max':>7} "
                    f"{'personal':>8} {'global':>7} {'bytes up':>12} {'bytes down':>12} {'sec':>6}")
 
-    def device_bytes(number: int) -> str:
-        """Each selected device's update and task sizes in round `number`, from the store."""
+    def by_device(number: int) -> str:
+        """Each selected device's update and task sizes, its personal model's accuracy and
+        epsilon spent in round `number`, from the store (as its update reported them)."""
         store = service.engine.store
         with store.session() as session:
-            up = dict(session.execute(select(UpdateRow.device, UpdateRow.bytes)
-                                      .where(UpdateRow.round == number)).all())
-        return ", ".join(f"{device} {up.get(device, 0) / 1e6:.2f}/{task.bytes_down / 1e6:.2f}"
+            rows = session.execute(select(UpdateRow.device, UpdateRow.bytes, UpdateRow.local_accuracy,
+                                          UpdateRow.epsilon).where(UpdateRow.round == number)).all()
+        up = {row.device: row for row in rows}
+
+        def line(device: str, down: int) -> str:
+            row = up.get(device)
+            if row is None:
+                return f"{device} -/{down / 1e6:.2f}"
+            return (f"{device} {row.bytes / 1e6:.2f}/{down / 1e6:.2f} {_fmt(row.local_accuracy, 2)} "
+                    f"{_fmt(row.epsilon, 2)}")
+        return ", ".join(line(device, task.bytes_down)
                          for device, task in sorted(store.tasks(number).items()))
 
     def on_register(row) -> None:
@@ -325,7 +334,8 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
                    f"{eps:>7} {personal if personal is not None else float('nan'):>8.4f} "
                    f"{summary['global_accuracy']:>7.4f} {summary['bytes_up']:>12,} "
                    f"{summary['bytes_down']:>12,} {summary['seconds']:>6.1f}")
-        say(f"MB up/down by device: {device_bytes(summary['round'])}", indent="      ")
+        say(f"by device (MB up/down, personal accuracy, epsilon): {by_device(summary['round'])}",
+            indent="      ")
         bar.update(1)
         if service.engine.done:
             finished.set()
@@ -488,5 +498,5 @@ def _count(number: int, noun: str, plural: str = "s") -> str:
     return f"{number} {noun}{'' if number == 1 else plural}"
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"

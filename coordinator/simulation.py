@@ -193,7 +193,8 @@ def _fleet_setup(config: SimulationSettings, fleet: list[DeviceAssignment] | Non
                       for a in fleet) if fleet else (DeviceResources(),) * config.clients
     return FleetSetup(config.data_settings, config.clients, config.partition,
                       config.seed, config.max_client_samples, config.train, dp_config(config),
-                      config.rounds, config.device_threads, resources, config.ray_address)
+                      config.rounds, config.device_threads, resources, config.ray_address,
+                      selection_rate=max(1, round(config.fraction * config.clients)) / config.clients)
 
 
 def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy: Strategy,

@@ -7,6 +7,7 @@ with the encoded values of the entries it trained and is asked to upload.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +43,7 @@ class TaskOutcome:
 class LocalClient:
     def __init__(self, data: ClientData, train: TrainSettings, dp: DPSettings | None = None,
                  planned_rounds: int = 1, seed: int = 0, ledger: PrivacyLedger | None = None,
-                 secret_noise: bool = False):
+                 secret_noise: bool = False, selection_rate: float = 1.0):
         """`ledger`: what this client has already spent, and the delta it accounts at (a device
         passes its own, restored from disk); by default a new one at dp.delta. `secret_noise`:
         DP noise from the OS's randomness (a real device), not from `seed` (a simulation)."""
@@ -53,6 +54,9 @@ class LocalClient:
         self.dp = dp
         self.seed = seed
         self.planned_rounds = planned_rounds
+        # The chance this device is drawn in a round (devices per round / fleet): its DP noise
+        # is sized for the tasks it is expected to run, not for every planned round.
+        self.selection_rate = selection_rate
         # What DP-SGD trained last: its private tensors start the next DP training, so nothing
         # of the personal model below ever reaches a gradient that is sent.
         self.state: dict[str, torch.Tensor] = {}
@@ -158,7 +162,7 @@ class LocalClient:
                     from_download: set[str], masks: dict[str, torch.Tensor],
                     train_x: torch.Tensor, train_y: torch.Tensor) -> dict[str, torch.Tensor]:
         """The personal model: the download (and the personal model's own private tensors)
-        trained without noise on this task's samples, for the task's epochs, on every tensor the
+        trained without noise on this task's samples for dp.personal_epochs, on every tensor the
         task trains. Nothing it computes is sent, so it needs no privacy accounting (the
         device's own predictions are what it does not protect: docs/SECURITY.md)."""
         earlier = self.personal_state if self.personal_state is not None else {}
@@ -169,9 +173,9 @@ class LocalClient:
         trained = {name for phase in self._phases(plan) for name in phase.tensors}
         for name, param in model.named_parameters():
             param.requires_grad_(name in trained)
-        epochs = sum(phase.epochs for phase in self._phases(plan))
         train_locally(model, train_x, train_y,
-                      self.train_config.model_copy(update={"local_epochs": epochs}), masks,
+                      self.train_config.model_copy(update={"local_epochs": self.dp.personal_epochs}),
+                      masks,
                       seed=_task_seed(self.seed, self.device_index, plan.round) + _PERSONAL_SEED)
         return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -198,12 +202,29 @@ class LocalClient:
         Worked out from this task alone (its dp settings, its samples, batch size and epochs,
         the planned rounds a target_epsilon is spread over), never kept from an earlier task:
         a task that asks for more noise gets it, and one that was refused leaves nothing behind.
+        A target_epsilon is spread over the tasks this device is still expected to run
+        (`expected_tasks`), given what its ledger has spent.
         """
         if self.dp is None:
             return None
         sample_rate, steps = dp_sampling(self.samples_this_round(plan), self.train_config.batch_size,
                                          sum(phase.epochs for phase in self._phases(plan)))
-        return self.dp.resolve_noise(sample_rate, steps * self.planned_rounds), sample_rate, steps
+        if self.dp.noise_multiplier is not None:
+            return self.dp.noise_multiplier, sample_rate, steps
+        ledger = self.ledger if self.ledger is not None else PrivacyLedger(self.dp.delta, accountant=self.dp.accountant)
+        noise = ledger.noise_for_target(self.dp.target_epsilon, sample_rate, steps,
+                                        self.expected_tasks(plan.round))
+        return noise, sample_rate, steps
+
+    def expected_tasks(self, round_number: int) -> int:
+        """The tasks this device plans for from `round_number` on, this one included: of the
+        rounds left, as many as it is drawn in with about 97.5% probability (the binomial's mean
+        plus two standard deviations), so a device drawn somewhat more often than average still
+        has budget for its last task; every round left when it is drawn in all of them."""
+        left = max(1, self.planned_rounds - round_number + 1)
+        q = self.selection_rate
+        mean = left * q
+        return max(1, min(left, math.ceil(mean + 2 * math.sqrt(mean * (1 - q)) - 1e-9)))
 
     def _starting_state(self, plan: SubmodelPlan, shapes, received):
         """Private tensors come from the device's own copy; everything else from the download."""

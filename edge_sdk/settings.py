@@ -83,6 +83,9 @@ class DPSettings(Settings):
     # degraded by noise that protects nothing on the device. "dp_trained": the personal model is
     # the DP-SGD output itself (fedprune before 0.2).
     personal_model: PersonalModelName = "fine_tuned"
+    # Epochs of that fine-tune per task. Training without noise costs a fraction of a DP-SGD
+    # epoch, and nothing it does is sent, so it may run longer than the sent model's training.
+    personal_epochs: int = Field(3, ge=1)
 
     @model_validator(mode="after")
     def _one_noise_source(self):

@@ -53,14 +53,18 @@ def test_demo_plans_devices_differently_and_reports_rounds_accuracy_bytes_and_ep
         assert re.search(rf"^\s*{summary['round']}\s+{len(selected)}/{len(selected)}\s+0\s+0\s",
                          run.stdout, re.MULTILINE)
 
-    # Each round's row is followed by each selected device's MB up/down, which add up to the row.
+    # Each round's row is followed by each selected device's MB up/down, which add up to the
+    # row, its personal model's accuracy, whose mean is the row's, and the epsilon it has spent.
     for summary in result["rounds"]:
-        found = re.search(rf"^\s*{summary['round']}\s+{len(selected)}/.*\n\s+MB up/down by device: "
-                          r"(.*)$", run.stdout, re.MULTILINE)
+        found = re.search(rf"^\s*{summary['round']}\s+{len(selected)}/.*\n\s+by device \(MB up/down, "
+                          r"personal accuracy, epsilon\): (.*)$", run.stdout, re.MULTILINE)
         assert found, run.stdout
-        moved = {device: tuple(map(float, sizes.split("/"))) for device, sizes in
-                 (item.split() for item in found.group(1).split(", "))}
+        items = [item.split() for item in found.group(1).split(", ")]
+        moved = {device: tuple(map(float, sizes.split("/"))) for device, sizes, _, _ in items}
         assert sorted(moved) == [d["id"] for d in selected]
+        personal = [float(accuracy) for _, _, accuracy, _ in items]
+        assert abs(sum(personal) / len(personal) - summary["personalized_accuracy"]) < 0.01
+        assert all(0 < float(epsilon) <= 8.0 * 1.01 for *_, epsilon in items)
         assert abs(sum(up for up, _ in moved.values()) - summary["bytes_up"] / 1e6) < 0.01 * len(moved)
         assert abs(sum(down for _, down in moved.values()) - summary["bytes_down"] / 1e6) < 0.01 * len(moved)
     # The plan table says the bytes a task and an update are planned to weigh (not 'keep 1').

@@ -71,7 +71,7 @@ def test_the_personal_model_beats_the_dp_trained_one_on_the_device(fmnist_client
     behaviour: the personal model is the sent one."""
     strategy = FedAvg(SPEC)
     state = global_state(0)
-    dp = DP.model_copy(update={"noise_multiplier": 2.0})
+    dp = DP.model_copy(update={"noise_multiplier": 2.0, "personal_epochs": 5})
     scores = {}
     for mode in ("fine_tuned", "dp_trained"):
         client = LocalClient(small(fmnist_clients[1]), TrainSettings(lr=0.05, local_epochs=5),

@@ -56,6 +56,7 @@ class FleetSetup:
     threads: int | None            # intra-op threads a device computes with (None: the driver's)
     resources: tuple[DeviceResources, ...]
     ray_address: str | None = None
+    selection_rate: float = 1.0    # devices per round / devices: sizes a target epsilon's noise
 
 
 @dataclass

@@ -81,9 +81,11 @@ class DeviceActor:
         self.node = ray.get_runtime_context().get_node_id()
         self.local: LocalClient | None = None
 
-    def load(self, data: Any, device_index: int, train, dp, planned_rounds: int, seed: int) -> str:
+    def load(self, data: Any, device_index: int, train, dp, planned_rounds: int, seed: int,
+             selection_rate: float) -> str:
         shard = ray.get(data.shard.remote(device_index))
-        self.local = LocalClient(shard, train, dp, planned_rounds=planned_rounds, seed=seed)
+        self.local = LocalClient(shard, train, dp, planned_rounds=planned_rounds, seed=seed,
+                                 selection_rate=selection_rate)
         _warm_up()
         return self.node
 
@@ -220,7 +222,7 @@ class RayBackend(SimulationBackend):
                         .remote(self.threads)
                         for p in self.placements]
         loading = [actor.load.remote(self._data[p.node], i, setup.train, setup.dp,
-                                     setup.planned_rounds, setup.seed)
+                                     setup.planned_rounds, setup.seed, setup.selection_rate)
                    for i, (actor, p) in enumerate(zip(self._actors, self.placements))]
         try:
             self._homes = ray.get(loading, timeout=STARTUP_TIMEOUT_SECONDS)

@@ -409,6 +409,7 @@ class EdgeAgent:
             self.client = LocalClient(self.data, header.train, secret_noise=True)
         client = self.client
         client.train_config, client.dp, client.planned_rounds = header.train, dp, header.planned_rounds
+        client.selection_rate = header.selection_rate
         client.ledger = self.state.load_ledger()
         if client.ledger is None and dp is not None:
             client.ledger = PrivacyLedger(self.config.dp_delta, accountant=dp.accountant)

@@ -68,6 +68,9 @@ class TaskHeader(_TaskKey):
     train: TrainSettings
     dp: DPSettings | None = None               # None: no DP; the device adds its own budget
     planned_rounds: int = Field(ge=1)
+    # The chance this device is drawn in a round: a dp.target_epsilon is spread over the tasks
+    # it is expected to run (rounds left x this), not over every planned round.
+    selection_rate: float = Field(1.0, gt=0, le=1)
     deadline: float      # coordinator's unix time; it alone judges lateness (device clocks drift)
     width_ratio: float = Field(1.0, gt=0, le=1)
     leader_epoch: int = Field(0, ge=0)         # the sending leader's fencing epoch (cluster mode)
