@@ -55,12 +55,13 @@ class SecAggClient:
         self._shares: dict[int, tuple[int, int]] = {}
 
     def advertise(self) -> bytes:
-        self._enter(Kind.ADVERTISE, Kind.KEYS)
+        self._expect(Kind.ADVERTISE)
+        self._stage = Kind.KEYS
         return messages.encode_advertise(self.session, self.index, self._own)
 
     def share_keys(self, keys: bytes) -> bytes:
         """Checks the advertised keys of its neighbours and sends each its sealed shares."""
-        self._enter(Kind.KEYS, Kind.FORWARD)
+        self._expect(Kind.KEYS)
         parsed = messages.decode_keys(keys)
         self._check_addressed(parsed.session, parsed.recipient, "KEYS")
         entries = parsed.entries
@@ -79,7 +80,6 @@ class SecAggClient:
         sealed = {}
         for j, peer in entries.items():
             if j == self.index:
-                self._shares[j] = (self_shares[j + 1], key_shares[j + 1])
                 continue
             key = keylib.share_key(self._c_key, peer.c_pk, self.session, self.index, j,
                                    f"KEYS: device {j}'s share key")
@@ -88,26 +88,29 @@ class SecAggClient:
             plaintext = messages.share_plaintext(self.index, j, self_shares[j + 1], key_shares[j + 1])
             sealed[j] = keylib.seal(key, plaintext, self.session, self.index, j)
         self._peers = {j: k for j, k in entries.items() if j != self.index}
+        self._shares = {self.index: (self_shares[self.index + 1], key_shares[self.index + 1])}
+        self._stage = Kind.FORWARD
         return messages.encode_sealed(Kind.SHARES, self.session, self.index, sealed)
 
     def mask_input(self, forward: bytes, values) -> bytes:
         """Opens the shares its neighbours sent, then masks `values` (integers mod 2**bits, one
         per coordinate of its support) with its self mask and one pairwise mask per neighbour
         that sent shares."""
-        self._enter(Kind.FORWARD, Kind.UNMASK_REQUEST)
+        self._expect(Kind.FORWARD)
         parsed = messages.decode_sealed(forward, Kind.FORWARD)
         self._check_addressed(parsed.session, parsed.device, "FORWARD")
         unknown = set(parsed.sealed) - set(self._peers)
         if unknown:
             raise SecAggError(f"FORWARD carries shares from {sorted(unknown)}, which this device "
                               "has no keys of")
+        opened = {self.index: self._shares[self.index]}
         for j, sealed in parsed.sealed.items():
             key = keylib.share_key(self._c_key, self._peers[j].c_pk, self.session, self.index, j,
                                    f"device {j}'s share key")
             plaintext = keylib.open_sealed(key, sealed, self.session, j, self.index,
                                            f"FORWARD: shares from device {j}")
-            self._shares[j] = messages.parse_share_plaintext(plaintext, j, self.index)
-        self._check_threshold(len(self._shares), "devices of its neighbourhood sent shares")
+            opened[j] = messages.parse_share_plaintext(plaintext, j, self.index)
+        self._check_threshold(len(opened), "devices of its neighbourhood sent shares")
         masked = self._checked_values(values).copy()
         masks.apply(masked, None, keylib.self_mask_seed(self._seed, self.session, self.index), 1)
         for j in sorted(parsed.sealed):
@@ -116,12 +119,14 @@ class SecAggClient:
             positions = supports.common_positions(self.support, self._supports[j])
             masks.apply(masked, positions, seed, masks.pair_sign(self.index, j))
         masked &= np.uint32(self.params.modulus_mask)
+        self._shares = opened
+        self._stage = Kind.UNMASK_REQUEST
         return messages.encode_masked(self.session, self.index, masked, self.params.word_bytes)
 
     def unmask(self, request: bytes) -> bytes:
         """For each neighbour that survived, its self-mask share; for each that dropped after
         sharing, its mask-key share; never both, and only once."""
-        self._enter(Kind.UNMASK_REQUEST, None)
+        self._expect(Kind.UNMASK_REQUEST)
         parsed = messages.decode_unmask_request(request)
         self._check_addressed(parsed.session, parsed.recipient, "UNMASK_REQUEST")
         survivors, dropped = set(parsed.survivors), set(parsed.dropped)
@@ -133,7 +138,7 @@ class SecAggClient:
         if survivors | dropped != set(self._shares):
             raise SecAggError(f"UNMASK_REQUEST names {sorted(survivors | dropped)}, this device "
                               f"exchanged shares with {sorted(self._shares)}")
-        if parsed.survivors_total < self.params.threshold or parsed.survivors_total < len(survivors):
+        if not max(self.params.threshold, len(survivors)) <= parsed.survivors_total <= self.params.n:
             raise SecAggError(f"UNMASK_REQUEST: {parsed.survivors_total} survivors, the threshold "
                               f"is {self.params.threshold}; refusing to help unmask")
         answer = messages.encode_unmask(self.session, self.index,
@@ -141,13 +146,15 @@ class SecAggClient:
                                         {j: self._shares[j][1] for j in dropped})
         self._shares.clear()
         self._seed = b""
+        self._stage = None
         return answer
 
-    def _enter(self, stage: Kind, following: Kind | None) -> None:
+    def _expect(self, stage: Kind) -> None:
+        """Refuses a step out of order; a step moves the stage on only once it has succeeded, so a
+        refused message leaves the device ready for the genuine one."""
         if self._stage != stage:
             raise SecAggError(f"{stage.name} step out of order (this device is at {self._stage.name})"
                               if self._stage else f"{stage.name}: this device's round is over")
-        self._stage = following
 
     def _check_addressed(self, session: bytes, recipient: int, what: str) -> None:
         if session != self.session:
