@@ -46,6 +46,9 @@ thousands leaves a model that learns (tests/test_central_dp.py measures one).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -133,17 +136,45 @@ def _accountant():
     return rdp_privacy_accountant.RdpAccountant(list(CENTRAL_RDP_ORDERS))
 
 
+class _Unconverged(logging.Filter):
+    """dp-accounting's series for a fractional order near 1 stops after 1000 terms at little
+    noise; it then leaves that order out (sound: the bound is taken over the others) and warns
+    once per order and query, which would fill a run's log with a line per order a round."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("_compute_log_a_frac failed to converge")
+
+
+@contextlib.contextmanager
+def _unconverged_orders_unsaid():
+    absl, quiet = logging.getLogger("absl"), _Unconverged()
+    absl.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl.removeFilter(quiet)
+
+
 def central_epsilon(history: Sequence[tuple[float, float]], delta: float) -> float:
     """User-level epsilon at `delta` of the released rounds, each (sample rate, noise
     multiplier); rounds alike are composed at once (RDP composition is additive)."""
     if not history:
         return 0.0
+    alike = Counter((float(q), float(z)) for q, z in history)
+    return _epsilon(tuple(sorted(alike.items())), float(delta))
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(alike: tuple[tuple[tuple[float, float], int], ...], delta: float) -> float:
+    """Cached: a query costs up to a second (dp-accounting sums its series for ~100 orders in
+    Python), and the service asks again at every round it considers opening."""
     import dp_accounting
 
     accountant = _accountant()
-    for (rate, noise), count in Counter((float(q), float(z)) for q, z in history).items():
-        accountant.compose(dp_accounting.SelfComposedDpEvent(_round_event(rate, noise), count))
-    return float(accountant.get_epsilon(delta))
+    with _unconverged_orders_unsaid():
+        for (rate, noise), count in alike:
+            accountant.compose(dp_accounting.SelfComposedDpEvent(_round_event(rate, noise), count))
+        return float(accountant.get_epsilon(delta))
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
@@ -151,10 +182,10 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, rou
     `target_epsilon` (dp-accounting's calibration, then nudged up until the ledger agrees)."""
     import dp_accounting
 
-    noise = float(dp_accounting.calibrate_dp_mechanism(
-        _accountant, lambda z: dp_accounting.SelfComposedDpEvent(_round_event(sample_rate, z),
-                                                                  rounds),
-        target_epsilon, delta, tol=1e-7))
+    with _unconverged_orders_unsaid():
+        noise = float(dp_accounting.calibrate_dp_mechanism(
+            _accountant, lambda z: dp_accounting.SelfComposedDpEvent(
+                _round_event(sample_rate, z), rounds), target_epsilon, delta, tol=1e-7))
     while central_epsilon([(sample_rate, noise)] * rounds, delta) > target_epsilon:
         noise *= 1 + 1e-6  # Brent's tolerance may leave it a hair on the wrong side
     return noise

@@ -480,7 +480,7 @@ class RoundEngine:
         if len(eligible) < rounds.min_devices:
             self.waiting_since = None
             return
-        gave_up = self._gave_up() or self._central_over_budget(len(eligible))
+        gave_up = self._gave_up()
         if gave_up is not None:
             log.error("not opening another round: %s", gave_up)
             return
@@ -493,6 +493,10 @@ class RoundEngine:
         if len(eligible) < rounds.devices_per_round and now - self.waiting_since < rounds.registration_grace_seconds:
             return
         self.waiting_since = None
+        over_budget = self._central_over_budget(len(eligible))
+        if over_budget is not None:
+            log.error("not opening another round: %s", over_budget)
+            return
         self._open(eligible, now)
 
     def _central_ledger(self):
