@@ -284,7 +284,9 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
             "coordinator.log ('registered ...').")
         tqdm.write("")
         say("personal: each device's own model (FedP3: shared layers and its personal output "
-            "layer) on its own test split, mean over the round's accepted devices; chance "
+            "layer), fine-tuned on the device without noise from what it received: DP-SGD "
+            "trains only what a device sends, and the model it keeps is never sent; on its own "
+            "test split, mean over the round's accepted devices; chance "
             f"{trained_chance:.2f} (each split's majority class; 5 classes per device)")
         say(f"global: the aggregated global model on the official {DATASET} test set (10 classes, "
             "chance 0.10); under FedP3 the output layer is personal, so this model is no "
@@ -294,9 +296,9 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
         tqdm.write(f"{'round':>5} {'accepted':>8} {'straggled':>9} {'refused':>7} {'eps max':>7} "
                    f"{'personal':>8} {'global':>7} {'bytes up':>12} {'bytes down':>12} {'sec':>6}")
 
-    def by_device(number: int) -> str:
-        """Each selected device's update and task sizes, its personal model's accuracy and
-        epsilon spent in round `number`, from the store (as its update reported them)."""
+    def by_device(number: int) -> list[str]:
+        """A line per selected device: its update and task sizes, its personal model's accuracy
+        and the epsilon it has spent in round `number`, from the store (as its update said)."""
         store = service.engine.store
         with store.session() as session:
             rows = session.execute(select(UpdateRow.device, UpdateRow.bytes, UpdateRow.local_accuracy,
@@ -306,11 +308,10 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
         def line(device: str, down: int) -> str:
             row = up.get(device)
             if row is None:
-                return f"{device} -/{down / 1e6:.2f}"
-            return (f"{device} {row.bytes / 1e6:.2f}/{down / 1e6:.2f} {_fmt(row.local_accuracy, 2)} "
-                    f"{_fmt(row.epsilon, 2)}")
-        return ", ".join(line(device, task.bytes_down)
-                         for device, task in sorted(store.tasks(number).items()))
+                return f"{device}: no update; {down / 1e6:.2f} MB down"
+            return (f"{device}: {row.bytes / 1e6:.2f} MB up, {down / 1e6:.2f} MB down, personal "
+                    f"accuracy {_fmt(row.local_accuracy, 2)}, epsilon {_fmt(row.epsilon, 2)}")
+        return [line(device, task.bytes_down) for device, task in sorted(store.tasks(number).items())]
 
     def on_register(row) -> None:
         snapshot()
@@ -334,8 +335,8 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
                    f"{eps:>7} {personal if personal is not None else float('nan'):>8.4f} "
                    f"{summary['global_accuracy']:>7.4f} {summary['bytes_up']:>12,} "
                    f"{summary['bytes_down']:>12,} {summary['seconds']:>6.1f}")
-        say(f"by device (MB up/down, personal accuracy, epsilon): {by_device(summary['round'])}",
-            indent="      ")
+        for line in by_device(summary["round"]):
+            say(line, indent="      ")
         bar.update(1)
         if service.engine.done:
             finished.set()

@@ -55,14 +55,16 @@ def test_demo_plans_devices_differently_and_reports_rounds_accuracy_bytes_and_ep
 
     # Each round's row is followed by each selected device's MB up/down, which add up to the
     # row, its personal model's accuracy, whose mean is the row's, and the epsilon it has spent.
+    line = (r"\n\s+(\S+): ([\d.]+) MB up, ([\d.]+) MB down, personal accuracy ([\d.]+), "
+            r"epsilon ([\d.]+)")
     for summary in result["rounds"]:
-        found = re.search(rf"^\s*{summary['round']}\s+{len(selected)}/.*\n\s+by device \(MB up/down, "
-                          r"personal accuracy, epsilon\): (.*)$", run.stdout, re.MULTILINE)
+        found = re.search(rf"^\s*{summary['round']}\s+{len(selected)}/.*((?:{line})+)", run.stdout,
+                          re.MULTILINE)
         assert found, run.stdout
-        items = [item.split() for item in found.group(1).split(", ")]
-        moved = {device: tuple(map(float, sizes.split("/"))) for device, sizes, _, _ in items}
+        items = re.findall(line, found.group(1))
+        moved = {device: (float(up), float(down)) for device, up, down, _, _ in items}
         assert sorted(moved) == [d["id"] for d in selected]
-        personal = [float(accuracy) for _, _, accuracy, _ in items]
+        personal = [float(accuracy) for *_, accuracy, _ in items]
         assert abs(sum(personal) / len(personal) - summary["personalized_accuracy"]) < 0.01
         assert all(0 < float(epsilon) <= 8.0 * 1.01 for *_, epsilon in items)
         assert abs(sum(up for up, _ in moved.values()) - summary["bytes_up"] / 1e6) < 0.01 * len(moved)
