@@ -12,7 +12,8 @@ import struct
 import numpy as np
 import pytest
 
-from edge_sdk.secagg import SecAggClient, SecAggError, SecAggServer, accounting, messages, shamir
+from edge_sdk.secagg import (SecAggClient, SecAggError, SecAggServer, accounting, messages, shamir,
+                             supports)
 from edge_sdk.secagg.discrete_gaussian import DiscreteGaussian
 from edge_sdk.secagg.messages import Kind
 from edge_sdk.secagg.params import default_degree
@@ -485,3 +486,17 @@ def test_masked_messages_take_bits_over_8_bits_per_value_only_as_needed():
     r.run(inputs)
     masked = r.sent[Kind.MASKED, "a"]
     assert len(masked) == 8 + 32 + struct.calcsize(">HBI") + 4 * 2
+
+
+def test_run_by_run_intersection_agrees_with_the_array_intersection():
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        dim = int(rng.integers(1, 200))
+        a = np.flatnonzero(rng.random(dim) < rng.random())
+        b = np.flatnonzero(rng.random(dim) < rng.random())
+        own, other = supports.to_ranges(a), supports.to_ranges(b)
+        for positions, starts, lengths in (supports.common_runs(own, other),
+                                           supports._common_pieces_by_array(own, other)):
+            common = np.intersect1d(a, b)
+            assert np.array_equal(supports.from_ranges(starts, lengths), common)
+            assert np.array_equal(a[supports.from_ranges(positions, lengths)], common)

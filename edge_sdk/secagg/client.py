@@ -43,7 +43,7 @@ class SecAggClient:
         if set(parsed.supports) != expected:
             raise SecAggError(f"SETUP carries supports of {sorted(parsed.supports)}, expected this "
                               f"device and its neighbours {sorted(expected)}")
-        self._supports = parsed.supports
+        self._runs = parsed.supports
         self.session = self.params.session_id
         self._c_key = keylib.new_private_key()
         self._s_key = keylib.new_private_key()
@@ -116,7 +116,7 @@ class SecAggClient:
         for j in sorted(parsed.sealed):
             seed = keylib.mask_seed(self._s_key, self._peers[j].s_pk, self.session, self.index, j,
                                     f"device {j}'s mask key")
-            positions = supports.common_positions(self.support, self._supports[j])
+            positions = self._common_positions(j)
             masks.apply(masked, positions, seed, masks.pair_sign(self.index, j))
         masked &= np.uint32(self.params.modulus_mask)
         self._shares = opened
@@ -155,6 +155,15 @@ class SecAggClient:
         if self._stage != stage:
             raise SecAggError(f"{stage.name} step out of order (this device is at {self._stage.name})"
                               if self._stage else f"{stage.name}: this device's round is over")
+
+    def _common_positions(self, j: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Where in its own support the pair (self, j) is masked, as runs of positions; None:
+        everywhere (the same support, known from the digests)."""
+        digests = self.params.support_digests
+        if digests[j] == digests[self.index]:
+            return None
+        positions, _, lengths = supports.common_runs(self._runs[self.index], self._runs[j])
+        return positions, lengths
 
     def _check_addressed(self, session: bytes, recipient: int, what: str) -> None:
         if session != self.session:

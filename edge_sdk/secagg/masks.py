@@ -12,25 +12,24 @@ from __future__ import annotations
 import numpy as np
 
 from .prg import keystream_words
+from .supports import add_at_runs
 
 
 def pair_sign(me: int, other: int) -> int:
     return 1 if me < other else -1
 
 
-def apply(target: np.ndarray, positions: np.ndarray | None, seed: bytes, sign: int) -> None:
-    """target[positions] += sign * PRG(seed), in place; `positions` None means all of `target`.
-    Positions are distinct, so fancy-indexed in-place arithmetic is exact."""
-    count = target.size if positions is None else positions.size
+def apply(target: np.ndarray, runs: tuple[np.ndarray, np.ndarray] | None, seed: bytes,
+          sign: int) -> None:
+    """Adds sign * PRG(seed) to `target` in place, word k of the stream at the k-th coordinate of
+    `runs` (starts, lengths); `runs` None means all of `target` in order."""
+    count = target.size if runs is None else int(runs[1].sum())
     if count == 0:
         return
     stream = keystream_words(seed, count)
-    if positions is None:
-        if sign > 0:
-            target += stream
-        else:
-            target -= stream
-    elif sign > 0:
-        target[positions] += stream
+    if sign < 0:
+        np.negative(stream, out=stream)  # mod 2**32
+    if runs is None:
+        target += stream
     else:
-        target[positions] -= stream
+        add_at_runs(target, runs[0], runs[1], stream)

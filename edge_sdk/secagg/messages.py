@@ -44,7 +44,7 @@ class Kind(enum.IntEnum):
 class Setup:
     params: RoundParams
     recipient: int
-    supports: dict[int, np.ndarray]
+    supports: dict[int, tuple[np.ndarray, np.ndarray]]  # runs (starts, lengths)
 
 
 @dataclass(frozen=True)
@@ -160,10 +160,11 @@ def _read_keys(reader: _Reader, field: str) -> PublicKeys:
 
 # --- SETUP -------------------------------------------------------------------------------------
 
-def encode_setup(params: RoundParams, recipient: int, attached: dict[int, np.ndarray]) -> bytes:
+def encode_setup(params: RoundParams, recipient: int,
+                 attached: dict[int, tuple[np.ndarray, np.ndarray]]) -> bytes:
     body = [_prefix(Kind.SETUP), params.to_bytes(), struct.pack(">HH", recipient, len(attached))]
     for index in sorted(attached):
-        blob = supports.encode(attached[index], params.dim)
+        blob = supports.encode(*attached[index], params.dim)
         body.append(struct.pack(">HI", index, len(blob)) + blob)
     return b"".join(body)
 
@@ -179,10 +180,10 @@ def decode_setup(data: bytes) -> Setup:
         blob = reader.take(reader.u32("support length"), "support")
         if index >= params.n:
             raise SecAggError(f"SETUP: a support for device index {index} of {params.n}")
-        support = supports.decode(blob, params.dim, f"SETUP: support of device {index}")
-        if supports.digest(support, params.dim) != params.support_digests[index]:
+        runs = supports.decode(blob, params.dim, f"SETUP: support of device {index}")
+        if supports.digest_runs(*runs, params.dim) != params.support_digests[index]:
             raise SecAggError(f"SETUP: the support of device {index} does not match its digest")
-        attached[index] = support
+        attached[index] = runs
         order.append(index)
     reader.increasing(order, "support indices")
     reader.end()

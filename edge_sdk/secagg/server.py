@@ -67,7 +67,8 @@ class SecAggServer:
         threshold = default_threshold(degree + 1) if threshold is None else threshold
         self.params = RoundParams(round_seed or os.urandom(32), ids, dim, bits, threshold, degree,
                                   min_holders, tuple(supports.digest(s, dim) for s in arrays))
-        self._supports = arrays
+        self._runs = [supports.to_ranges(s) for s in arrays]  # kept as runs: a few bytes a device
+        self._sizes = [s.size for s in arrays]
         self.session = self.params.session_id
         self._stage = Kind.ADVERTISE
         self._advertised: dict[int, keylib.PublicKeys] = {}
@@ -81,7 +82,7 @@ class SecAggServer:
 
     def setup_message(self, device_id: str) -> bytes:
         i = self.params.index(device_id)
-        return messages.encode_setup(self.params, i, {j: self._supports[j] for j in self.params.closed(i)})
+        return messages.encode_setup(self.params, i, {j: self._runs[j] for j in self.params.closed(i)})
 
     # --- step 0: keys ------------------------------------------------------------------------
 
@@ -134,14 +135,13 @@ class SecAggServer:
         self._expect(Kind.MASKED)
         parsed = messages.decode_masked(message)
         sender = self._sender(parsed.session, parsed.sender, self._u3, "MASKED", self._u2)
-        support = self._supports[sender]
-        if parsed.values.size != support.size:
+        if parsed.values.size != self._sizes[sender]:
             raise SecAggError(f"MASKED from {self._name(sender)} has {parsed.values.size} values, "
-                              f"its support {support.size}")
+                              f"its support {self._sizes[sender]}")
         if parsed.values.size and int(parsed.values.max()) > self.params.modulus_mask:
             raise SecAggError(f"MASKED from {self._name(sender)}: values of more than "
                               f"{self.params.bits} bits")
-        self._sum[support] += parsed.values
+        supports.add_at_runs(self._sum, *self._runs[sender], parsed.values)
         self._u3.add(sender)
         return self._name(sender)
 
@@ -152,7 +152,7 @@ class SecAggServer:
         self._refuse_below_threshold(len(self._u3), "devices sent masked inputs")
         holders = np.zeros(self.params.dim, np.int32)
         for i in self._u3:
-            holders[self._supports[i]] += 1
+            holders[supports.coordinates(*self._runs[i])] += 1
         self._holders = holders
         self._sum[holders < self.params.min_holders] = 0
         dropped = self._u2 - self._u3
@@ -187,7 +187,7 @@ class SecAggServer:
             if keylib.commitment(seed, self.session, j) != self._advertised[j].b_commit:
                 raise SecAggError(f"the rebuilt self-mask seed of {self._name(j)} does not match its "
                                   "commitment")
-            masks.apply(total, self._supports[j], keylib.self_mask_seed(seed, self.session, j), -1)
+            masks.apply(total, self._runs[j], keylib.self_mask_seed(seed, self.session, j), -1)
         for d in sorted(self._u2 - self._u3):
             self._remove_pair_masks(d, self._rebuild(d, "key_shares", "mask key"))
         total &= np.uint32(self.params.modulus_mask)
@@ -206,10 +206,14 @@ class SecAggServer:
         for i in sorted(self.params.neighbours[dropped] & self._u3):
             seed = keylib.mask_seed(private, self._advertised[i].s_pk, self.session, i, dropped,
                                     f"mask key of {self._name(i)}")
-            own = self._supports[i]
-            positions = supports.common_positions(own, self._supports[dropped])
-            coordinates = own if positions is None else own[positions]
-            masks.apply(self._sum, coordinates, seed, -masks.pair_sign(i, dropped))
+            masks.apply(self._sum, self._common(i, dropped), seed, -masks.pair_sign(i, dropped))
+
+    def _common(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """The global coordinates both hold, as runs in i's order (the order of i's mask stream)."""
+        if self.params.support_digests[i] == self.params.support_digests[j]:
+            return self._runs[i]
+        _, starts, lengths = supports.common_runs(self._runs[i], self._runs[j])
+        return starts, lengths
 
     def _rebuild(self, owner: int, field: str, what: str) -> bytes:
         shares = {holder + 1: getattr(answer, field)[owner] for holder, answer in self._answers.items()

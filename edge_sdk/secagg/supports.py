@@ -53,28 +53,40 @@ def from_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def digest(support: np.ndarray, dim: int) -> bytes:
     """SHA-256 over the canonical run form, so two equal supports have one digest whatever wire
     kind carried them."""
-    starts, lengths = to_ranges(support)
+    return digest_runs(*to_ranges(support), dim)
+
+
+def digest_runs(starts: np.ndarray, lengths: np.ndarray, dim: int) -> bytes:
     h = hashlib.sha256(b"fedprune-secagg/1 support\x00" + struct.pack(">QQ", dim, starts.size))
     h.update(starts.astype("<u4").tobytes())
     h.update(lengths.astype("<u4").tobytes())
     return h.digest()
 
 
-def encode(support: np.ndarray, dim: int) -> bytes:
-    """The smaller of RANGES (u32 count, then u32 starts, then u32 lengths, little-endian) and
-    BITMAP (ceil(dim / 8) bytes, coordinate c in bit c % 8 of byte c // 8)."""
-    starts, lengths = to_ranges(support)
+def encode(starts: np.ndarray, lengths: np.ndarray, dim: int) -> bytes:
+    """The runs' support as the smaller of RANGES (u32 count, then u32 starts, then u32 lengths,
+    little-endian) and BITMAP (ceil(dim / 8) bytes, coordinate c in bit c % 8 of byte c // 8)."""
     if 4 + 8 * starts.size <= (dim + 7) // 8:
         return (bytes([RANGES]) + struct.pack("<I", starts.size) + starts.astype("<u4").tobytes()
                 + lengths.astype("<u4").tobytes())
     mask = np.zeros(dim, dtype=bool)
-    mask[support] = True
+    mask[from_ranges(starts, lengths)] = True
     return bytes([BITMAP]) + np.packbits(mask, bitorder="little").tobytes()
 
 
-def decode(data: bytes, dim: int, what: str) -> np.ndarray:
-    """The support `encode` wrote; anything else (runs out of order, overlapping or touching,
-    past `dim`, padding bits set, bytes left over) is refused."""
+def coordinates(starts: np.ndarray, lengths: np.ndarray) -> slice | np.ndarray:
+    """The runs' coordinates for indexing a global vector: a slice when they are one run (no
+    array of millions of indices for the common whole-tensor support)."""
+    if starts.size == 1:
+        return slice(int(starts[0]), int(starts[0] + lengths[0]))
+    return from_ranges(starts, lengths)
+
+
+def decode(data: bytes, dim: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The runs (starts, lengths) of the support `encode` wrote; anything else (runs out of
+    order, overlapping or touching, past `dim`, padding bits set, bytes left over) is refused.
+    Runs, not coordinates: a device expands a neighbour's support only when it differs from its
+    own."""
     if not data:
         raise SecAggError(f"{what}: empty support")
     kind, body = data[0], data[1:]
@@ -85,7 +97,7 @@ def decode(data: bytes, dim: int, what: str) -> np.ndarray:
     raise SecAggError(f"{what}: unknown support kind {kind}")
 
 
-def _decode_ranges(body: bytes, dim: int, what: str) -> np.ndarray:
+def _decode_ranges(body: bytes, dim: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     if len(body) < 4:
         raise SecAggError(f"{what}: truncated run count")
     (count,) = struct.unpack_from("<I", body)
@@ -97,27 +109,68 @@ def _decode_ranges(body: bytes, dim: int, what: str) -> np.ndarray:
     if count and (lengths.min() < 1 or ends[-1] > dim or np.any(starts[1:] <= ends[:-1])):
         raise SecAggError(f"{what}: runs must be non-empty, increasing, separated and end "
                           f"within {dim}")
-    return from_ranges(starts, lengths)
+    return starts, lengths
 
 
-def _decode_bitmap(body: bytes, dim: int, what: str) -> np.ndarray:
+def _decode_bitmap(body: bytes, dim: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     if len(body) != (dim + 7) // 8:
         raise SecAggError(f"{what}: a bitmap of {dim} coordinates is {(dim + 7) // 8} bytes, "
                           f"got {len(body)}")
     bits = np.unpackbits(np.frombuffer(body, np.uint8), bitorder="little")
     if bits[dim:].any():
         raise SecAggError(f"{what}: bitmap padding bits set")
-    return np.flatnonzero(bits[:dim]).astype(np.int64)
+    return to_ranges(np.flatnonzero(bits[:dim]).astype(np.int64))
 
 
-def common_positions(own: np.ndarray, other: np.ndarray) -> np.ndarray | None:
-    """Positions in `own` of the coordinates `other` also holds, in order; None when that is all
-    of `own` (the caller adds without indexing)."""
-    if own.size == other.size and np.array_equal(own, other):
-        return None
-    if other.size == 0 or own.size == 0:
-        return np.zeros(0, np.int64)
-    found = np.searchsorted(other, own)
-    found[found == other.size] = 0
-    positions = np.flatnonzero(other[found] == own)
-    return None if positions.size == own.size else positions
+MAX_LOOPED_RUNS = 200_000  # beyond this many runs, intersect expanded arrays instead
+
+
+def common_runs(own: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, np.ndarray]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The coordinates both supports hold, as pieces contiguous both in `own`'s order and
+    globally: (positions in `own` where each piece starts, its global start, its length), in
+    increasing order. Width prefixes and windows are a few thousand runs, intersected run by
+    run; a scattered (bitmap) support through arrays."""
+    (s1, l1), (s2, l2) = own, other
+    if s1.size + s2.size > MAX_LOOPED_RUNS:
+        return _common_pieces_by_array(own, other)
+    offsets = np.concatenate(([0], np.cumsum(l1)[:-1])).tolist()
+    starts1, ends1 = s1.tolist(), (s1 + l1).tolist()
+    starts2, ends2 = s2.tolist(), (s2 + l2).tolist()
+    positions, starts, lengths = [], [], []
+    i = j = 0
+    while i < len(starts1) and j < len(starts2):
+        low, high = max(starts1[i], starts2[j]), min(ends1[i], ends2[j])
+        if low < high:
+            positions.append(offsets[i] + low - starts1[i])
+            starts.append(low)
+            lengths.append(high - low)
+        if ends1[i] <= ends2[j]:
+            i += 1
+        else:
+            j += 1
+    return (np.array(positions, np.int64), np.array(starts, np.int64), np.array(lengths, np.int64))
+
+
+def _common_pieces_by_array(own, other):
+    mine, theirs = from_ranges(*own), from_ranges(*other)
+    found = np.searchsorted(theirs, mine)
+    found[found == theirs.size] = 0
+    positions = np.flatnonzero(theirs[found] == mine) if theirs.size else np.zeros(0, np.int64)
+    coordinates = mine[positions]
+    breaks = np.flatnonzero((np.diff(positions) != 1) | (np.diff(coordinates) != 1)) + 1
+    first = np.concatenate(([0], breaks)) if positions.size else np.zeros(0, np.int64)
+    last = np.concatenate((breaks, [positions.size])) if positions.size else np.zeros(0, np.int64)
+    return positions[first], coordinates[first], last - first
+
+
+def add_at_runs(target: np.ndarray, starts: np.ndarray, lengths: np.ndarray, values: np.ndarray) -> None:
+    """target[runs] += values (the runs' coordinates in order), in place: a slice a run when runs
+    are long (no index array of millions), one fancy-indexed add when they are short."""
+    if starts.size * 64 <= values.size:
+        offset = 0
+        for start, length in zip(starts.tolist(), lengths.tolist()):
+            target[start:start + length] += values[offset:offset + length]
+            offset += length
+    elif values.size:
+        target[from_ranges(starts, lengths)] += values
