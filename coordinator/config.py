@@ -24,6 +24,8 @@ from .backends import BackendName
 from .byzantine import ByzantineSettings
 from .central_dp import CentralDPSettings, conflict
 from .robust import AggregatorSettings
+from .secure_round import SecureAggregationSettings, simulation_conflict
+from .secure_round import conflict as secure_conflict
 from .strategies import strategy_sections
 from .strategies.registry import check_strategy_name, strategy_entry
 
@@ -62,6 +64,9 @@ class LearningSettings(Settings):
     # User-level DP at a trusted coordinator (DP-FedAvg, coordinator/central_dp.py): each
     # device's change clipped, the sum noised; off unless a noise multiplier or target is set.
     central_dp: CentralDPSettings = CentralDPSettings()
+    # SecAgg+ with distributed discrete Gaussian noise (coordinator/secure_round.py): the
+    # coordinator learns only the sum of the devices' clipped, noised changes.
+    secure_aggregation: SecureAggregationSettings = SecureAggregationSettings()
     codec: CodecSettings = CodecSettings()
     # The run's data (edge_sdk/data/sources/settings.py lists the keys): an image folder, a CSV,
     # an npz, a user's Dataset function, a benchmark; without it, the benchmark `dataset`. A
@@ -110,6 +115,15 @@ class LearningSettings(Settings):
         """Central DP with a rule or an upload its noise cannot be sized for is refused now,
         not found out by a run that reports an epsilon it does not give."""
         problem = conflict(self, strategy_entry(self.strategy).cls.bounded_updates)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self):
+        """What secure aggregation cannot run with is refused before any round: sign uploads,
+        robust rules (they need each update), central DP, DP-SGD unless asked for."""
+        problem = secure_conflict(self, strategy_entry(self.strategy).cls.bounded_updates)
         if problem:
             raise ValueError(problem)
         return self
@@ -186,6 +200,13 @@ class SimulationSettings(LearningSettings):
         if size is not None and size != self.clients:
             raise ValueError(f"central_dp.fleet_size: a simulation draws its rounds from its "
                              f"{self.clients} clients; leave fleet_size out (got {size})")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_in_the_simulator(self):
+        problem = simulation_conflict(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property

@@ -9,6 +9,11 @@ this process or as Ray actors, with the same results for the same seed.
 Under central DP ([central_dp], coordinator/central_dp.py) a round's devices are drawn by
 Poisson sampling, each at q = devices per round / clients (the draw its accounting assumes), and
 the draw and the noise come from an OS-seeded generator: such a run is not repeated by its seed.
+
+Under secure aggregation ([secure_aggregation], coordinator/secure_round.py) the devices keep
+their uploads; once a round's devices have trained, this driver relays the SecAgg+ stages'
+message bytes between the device objects and the server object, and the round's model moves by
+the mean change the unmasked sum gives.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ from .exporting import export_clients
 from .planning.clock import task_time, time_to_accuracy
 from .planning.fleet import DeviceAssignment, plan_fleet
 from .rounds import RoundPipeline, Task, device_settings, dp_config, planner_settings
+from .secure_round import SecureAggregation, ServerObserver, device_id
+from .secure_round import check_uploads as check_secure_uploads
 from .strategies import Strategy, build_strategy
 
 
@@ -77,10 +84,13 @@ class RoundResult:
     # Under central DP: the coordinator's spending once this round's model is released
     # ({epsilon, delta, noise_multiplier, clip_norm, rounds, sample_rate}).
     central_dp: dict[str, Any] | None = None
+    # Under secure aggregation: the round's devices, dropouts, withheld coordinates, epsilon,
+    # bits, and each stage's bytes and seconds (coordinator/secure_round.py).
+    secure_aggregation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()
-                if k != "central_dp" or v is not None}
+                if k not in ("central_dp", "secure_aggregation") or v is not None}
 
 
 @dataclass
@@ -133,8 +143,11 @@ TaskObserver = Callable[[int, Task, bytes, "TaskOutcome | None"], None]
 
 def run_simulation(config: SimulationSettings, progress: bool = True,
                    profiles: list[DeviceProfile] | None = None,
-                   observe: TaskObserver | None = None) -> SimulationResult:
-    """`profiles`: the fleet's devices, one per client, instead of sampling `config.fleet`."""
+                   observe: TaskObserver | None = None,
+                   observe_server: ServerObserver | None = None) -> SimulationResult:
+    """`profiles`: the fleet's devices, one per client, instead of sampling `config.fleet`.
+    `observe_server`: sees every secure-aggregation message the coordinator sends or receives,
+    and each round's unmasked result."""
     torch.manual_seed(config.seed)
     source = federated_data(config.data_settings, config.clients, config.partition, config.seed)
     strategy = build_strategy(config, model_spec(config.model, source.info.input_shape,
@@ -145,6 +158,8 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
     if config.central_dp.enabled:
         check_uploads(strategy)
         central = CentralDP(config.central_dp, config.central_dp_sample_rate, config.rounds)
+    if config.secure_aggregation.enabled:
+        check_secure_uploads(strategy)
     shards = [data.capped(config.max_client_samples) for data in source.shards]
     fleet = _plan_fleet(config, strategy, shards, profiles) \
         if (config.fleet or profiles is not None) else None
@@ -156,6 +171,8 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
                                                  for k, v in global_model.state_dict().items()}
     rng = np.random.default_rng(config.seed)
     per_round = max(1, round(config.fraction * config.clients))
+    secure = SecureAggregation(config.secure_aggregation, global_state, per_round, config.rounds) \
+        if config.secure_aggregation.enabled else None
     byzantine = config.byzantine
     malicious = byzantine.malicious(config.clients, config.seed) if byzantine.fraction else set()
     staleness = config.ffgg.max_staleness if config.strategy == "ffgg" else 0
@@ -168,7 +185,7 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
         pipeline, global_state = _run_rounds(config, backend, strategy, shards, fleet, sizing,
                                              global_model, history, staleness, per_round,
                                              malicious, rng, chance, (test_x, test_y), result,
-                                             observe, progress, central)
+                                             observe, progress, central, secure, observe_server)
         widths = [pipeline.width_for(i, sizing.get(i)) for i in range(config.clients)]
         result.cost = _inference_cost(spec, widths)
         if dp is not None:
@@ -203,7 +220,8 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
                 per_round: int, malicious: set[int], rng: np.random.Generator, chance: float,
                 test: tuple[torch.Tensor, torch.Tensor], result: SimulationResult,
                 observe: TaskObserver | None, progress: bool,
-                central: CentralDP | None = None) -> tuple[RoundPipeline, dict]:
+                central: CentralDP | None = None, secure: SecureAggregation | None = None,
+                observe_server: ServerObserver | None = None) -> tuple[RoundPipeline, dict]:
     """Every round: the round's tasks are all sent before any answer is taken in (a backend may
     run them at once), then the answers are taken in device by device in the order the devices
     were chosen, so aggregation is the same whatever ran when. Returns the last round's pipeline
@@ -226,6 +244,7 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
                                      _population(pipeline, shards, fleet, sizing), pipeline))
         row = RoundResult(round_number, 0.0, 0.0, 0.0, chance, 0, 0, 0.0, 0, 0,
                           simulated_seconds=0.0 if fleet else None)
+        secure_round = None if secure is None else secure.round(global_state)
         sent = []
         for device_index in chosen:
             assignment = fleet[device_index] if fleet else None
@@ -253,7 +272,11 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
             bar.update(1)
             outcome = None
             if pending is not None:
-                outcome = _taken(backend.result(pending), entry, row)
+                run = backend.result(pending)
+                if secure_round is not None and not run.outcome.refused:  # it keeps its upload
+                    secure_round.join(device_index, backend.clients()[device_index], task,
+                                      pipelines[age], run.outcome)
+                outcome = _taken(run, entry, row)
                 if assignment is not None:
                     _finish_on_the_clock(assignment, task, payload, outcome, before_upload, dp,
                                          config, entry, row)
@@ -265,13 +288,19 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
             row.devices.append(entry)
             if outcome is None or entry["outcome"] != "accepted":
                 continue
+            if secure_round is not None:
+                row.participants += 1
+                continue
             base = history[-1 - age]
             update = pipelines[age].intake(task, outcome.payload)
             if device_index in malicious:
                 update = attack(update, base, byzantine, rng)
             combiner.add(update, task.plan.aggregation_weight, base)
             row.participants += 1
-        global_state = combiner.result()
+        if secure_round is not None:
+            combiner = _secure_combiner(secure_round, strategy, global_state, config, rng,
+                                        observe_server, row)
+        global_state = combiner.result() if combiner is not None else global_state
         if central is not None:
             row.central_dp = central.spend()
         history = (history + [global_state])[-(staleness + 1):]
@@ -311,10 +340,34 @@ def _taken(run: TaskRun, entry: dict, row: RoundResult) -> TaskOutcome:
     entry["outcome"] = "refused" if outcome.refused else "accepted"
     if outcome.refused:
         row.refused += 1
+    elif outcome.payload is None:  # kept on the device (secure aggregation)
+        entry["trained_samples"] = outcome.num_samples
     else:
         row.bytes_up += len(outcome.payload)
         entry.update(upload_bytes=len(outcome.payload), trained_samples=outcome.num_samples)
     return outcome
+
+
+def _secure_combiner(secure_round, strategy: Strategy, global_state: dict,
+                     config: SimulationSettings, rng: np.random.Generator,
+                     observe_server: ServerObserver | None, row: RoundResult
+                     ) -> RoundCombiner | None:
+    """The round's secure stages, recorded in `row` (their bytes counted as sent), and the
+    combiner that takes the mean change they give through the strategy's server step; None for
+    a round that cannot be unmasked (the global model stays as it is)."""
+    aggregate, report = secure_round.aggregate(rng, observe_server)
+    row.secure_aggregation = report
+    exchanged = secure_round.bytes_by_device()
+    for entry in row.devices:
+        down, up = exchanged.get(device_id(entry["client"]), (0, 0))
+        if down or up:
+            entry.update(secure_bytes_down=down, secure_bytes_up=up)
+        row.bytes_down += down
+        row.bytes_up += up
+    row.participants = report.get("survivors", 0)
+    if aggregate is None:
+        return None
+    return RoundCombiner(strategy, global_state, config.aggregator, config.seed, central=aggregate)
 
 
 def _starts_on_the_clock(assignment: DeviceAssignment, num_train: int, task: Task,

@@ -64,6 +64,9 @@ class LocalClient:
         # The personal model, when dp.personal_model is "fine_tuned": fine-tuned without noise
         # from each download; None when it is the DP-trained state itself.
         self.personal_state: dict[str, torch.Tensor] | None = None
+        # The state the last task started from (its download and private tensors): what a
+        # device under secure aggregation sends is its change from it (edge_sdk/secure_update.py).
+        self.started: dict[str, torch.Tensor] = {}
         if ledger is None and dp is not None:
             ledger = PrivacyLedger(delta=dp.delta, budget_epsilon=dp.budget, accountant=dp.accountant)
         self.ledger = ledger
@@ -138,7 +141,7 @@ class LocalClient:
         for hook in hooks:
             hook.remove()
         self.state = {name: p.detach().clone() for name, p in model.named_parameters()}
-        self.spec = plan.spec
+        self.spec, self.started = plan.spec, start
         epsilon = None
         if self.ledger is not None:
             self.ledger.record(report.privacy_history)
