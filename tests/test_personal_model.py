@@ -85,3 +85,19 @@ def test_the_personal_model_beats_the_dp_trained_one_on_the_device(fmnist_client
     personal, sent = scores["fine_tuned"]
     assert personal >= sent + 0.10  # 0.69 against 0.51 when written
     assert scores["dp_trained"][0] == scores["dp_trained"][1] == sent  # same seed, same DP run
+
+
+def test_a_device_draws_its_noise_from_the_os_not_from_a_seed_the_coordinator_knows(fmnist_clients):
+    """Same data, seed, index, round and download, and torch's global generator seeded alike:
+    a simulated device (reproducible) sends the same bytes twice; a real one (secret_noise, as
+    the edge agent builds it) does not."""
+    plan = FedAvg(SPEC).plan(2, 1, 400)
+    payload = DownloadBuilder(global_state(0), codec.ValueDtype.FLOAT32).payload(plan, False)
+
+    def upload(secret: bool) -> bytes:
+        client = LocalClient(small(fmnist_clients[2]), TrainSettings(), DP, secret_noise=secret)
+        torch.manual_seed(0)
+        return client.run_task(plan, payload).payload
+
+    assert upload(False) == upload(False)
+    assert upload(True) != upload(True)
