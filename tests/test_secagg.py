@@ -500,3 +500,15 @@ def test_run_by_run_intersection_agrees_with_the_array_intersection():
             common = np.intersect1d(a, b)
             assert np.array_equal(supports.from_ranges(starts, lengths), common)
             assert np.array_equal(a[supports.from_ranges(positions, lengths)], common)
+
+
+def test_protocol_md_lists_the_message_kinds_the_code_speaks():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md").read_text()
+    section = text[text.index("\n## Secure aggregation\n"):]
+    rows = [line.split("|")[1:3] for line in section.splitlines()
+            if line.startswith("| `") and line.split("|")[2].strip().isupper()]
+    assert {int(code.strip(" `")): name.strip() for code, name in rows} == {k.value: k.name for k in Kind}
+    assert 'b"FPSA"' in section and messages.MAGIC == b"FPSA"
+    assert "2**256 + 297" in section and messages.SEALED_BYTES == 98
