@@ -37,15 +37,18 @@ class DiscreteGaussian:
 
     @classmethod
     def with_sigma(cls, sigma: float) -> DiscreteGaussian:
-        """sigma^2 as num/den with the largest power-of-two den that keeps the arithmetic in 63
-        bits (at sigma = 2**15 den is 1, so sigma^2 is rounded to an integer; below, closer)."""
+        """sigma^2 as num/den with the largest power-of-two den (at most 2**40) that keeps the
+        acceptance test's denominator 2 num den t^2 below 2**62 and its numerator's root
+        |y| den t - num below 2**31 out to |y| = 24 sigma, so nearly every square is int64 (at
+        sigma = 2**15 den is 1 and sigma^2 is rounded to an integer; below, closer)."""
         if not (math.isfinite(sigma) and 0 <= sigma <= MAX_SIGMA):
             raise SecAggError(f"discrete Gaussian sigma must lie in [0, {MAX_SIGMA}], got {sigma}")
         if sigma == 0:
             return cls(0, 1)
         t = math.floor(sigma) + 1
         den = 1
-        while den < 2**40 and 2 * (sigma**2 * 2 * den + 1) * (2 * den) * t * t < _LIMIT:
+        while (den < 2**40 and 2 * (sigma**2 * 2 * den + 1) * (2 * den) * t * t < _LIMIT
+               and 24 * (sigma + 1) * 2 * den * t < _SQUARE_SAFE):
             den *= 2
         return cls(max(1, round(sigma**2 * den)), den)
 
@@ -77,16 +80,15 @@ def _discrete_laplace(t: int, count: int, rng: OsRandom) -> np.ndarray:
     out = np.empty(count, np.int64)
     pending = np.arange(count)
     while pending.size:
-        m = pending.size
-        u = rng.below(t, m)
+        u = rng.below(t, pending.size)
         kept = _bernoulli_exp_fraction(u, t, rng)
-        v = _geometric_exp1(m, rng)
-        negative = rng.bits(m)
-        kept &= ~(negative & (u == 0) & (v == 0))
+        pending_kept, u = pending[kept], u[kept]  # the rest draw again: no work spent on them
+        v = _geometric_exp1(u.size, rng)
+        negative = rng.bits(u.size)
+        valid = ~(negative & (u == 0) & (v == 0))
         z = u + t * v
-        y = np.where(negative, -z, z)
-        out[pending[kept]] = y[kept]
-        pending = pending[~kept]
+        out[pending_kept[valid]] = np.where(negative, -z, z)[valid]
+        pending = np.concatenate((pending[~kept], pending_kept[~valid]))
     return out
 
 
@@ -102,9 +104,12 @@ def _bernoulli_exp_square(magnitude: np.ndarray, scale: int, offset: int, denomi
     a = magnitude[small] * scale - offset
     square = a * a
     whole[small], rest[small] = square // denominator, square % denominator
-    for position in np.flatnonzero(~small):  # rare: far in the tail, Python integers
-        q, r = divmod((int(magnitude[position]) * scale - offset) ** 2, denominator)
-        whole[position], rest[position] = min(q, _LIMIT), r
+    far = np.flatnonzero(~small)  # few: far in the tail, with Python integers
+    if far.size:
+        a = magnitude[far].astype(object) * scale - offset
+        square = a * a
+        whole[far] = np.minimum(square // denominator, _LIMIT).astype(np.int64)
+        rest[far] = (square % denominator).astype(np.int64)
     return _bernoulli_exp_integer(whole, rng) & _bernoulli_exp_fraction(rest, denominator, rng)
 
 
