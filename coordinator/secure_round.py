@@ -246,9 +246,11 @@ def check_task(task: Any) -> None:
             "needs supports known before training (upload keep 1)")
 
 
-# Called with (stage, device id, bytes) for every message the server sends or is handed, and once
-# with ("result", None, SecAggResult): everything the coordinator holds of a round.
-ServerObserver = Callable[[str, "str | None", Any], None]
+# Called with ("coordinator", stage, device id, bytes) for every message the server sends or is
+# handed and ("coordinator", "result", None, SecAggResult) once a round: everything the
+# coordinator holds of a round; and with ("device", "input", device id, values) for what each
+# device masks (its own, never sent): tests compare the two.
+ServerObserver = Callable[[str, str, "str | None", Any], None]
 
 
 @dataclass
@@ -302,7 +304,7 @@ class SecureRound:
             report.update(committed=False, reason=str(exc), seconds=time.perf_counter() - started)
             return None, report
         if observe is not None:
-            observe("result", None, result)
+            observe("coordinator", "result", None, result)
         mean = self._mean(result)
         withheld = int(np.count_nonzero((result.holders > 0) & ~result.released))
         report.update(committed=True, dropped_before_input=dropped[0],
@@ -339,14 +341,14 @@ class SecureRound:
             sizes[stage] += len(message)
             members[device].down += len(message)
             if observe is not None:
-                observe(stage, device, message)
+                observe("coordinator", stage, device, message)
             return message
 
         def up(stage: str, device: str, message: bytes) -> bytes:
             sizes[stage] += len(message)
             members[device].up += len(message)
             if observe is not None:
-                observe(stage, device, message)
+                observe("coordinator", stage, device, message)
             return message
 
         clock = time.perf_counter()
@@ -361,6 +363,8 @@ class SecureRound:
         clock = time.perf_counter()
         for d, message in server.forward_messages().items():
             masked = members[d].device.mask_input(down("forward", d, message))
+            if observe is not None:
+                observe("device", "input", d, members[d].device.quantized)
             if d not in before:
                 server.receive_masked_input(up("masked", d, masked))
         seconds["masked_inputs"] = time.perf_counter() - clock

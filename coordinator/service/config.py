@@ -211,6 +211,22 @@ class ServiceSettings(LearningSettings):
 
     @model_validator(mode="before")
     @classmethod
+    def _no_secure_aggregation_yet(cls, data):
+        """Refused before the section's other checks: whatever else it says, the service cannot
+        run it in this version."""
+        section = data.get("secure_aggregation") if isinstance(data, dict) else None
+        enabled = section.get("enabled") if isinstance(section, dict) else \
+            getattr(section, "enabled", False)
+        if enabled is True:
+            raise ValueError(
+                "secure_aggregation: simulator-only in this version: the coordinator service does "
+                "not run its four stages over MQTT yet. Remove [secure_aggregation] (or set "
+                "enabled = false) from coordinator.toml; to try it, run `fedprune simulate` with "
+                "the same section")
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _http_token_from_environment(cls, data):
         token = os.environ.get(HTTP_TOKEN_VARIABLE, "").strip()
         if isinstance(data, dict) and data.get("http_token") is None and token:
