@@ -512,3 +512,16 @@ def test_protocol_md_lists_the_message_kinds_the_code_speaks():
     assert {int(code.strip(" `")): name.strip() for code, name in rows} == {k.value: k.name for k in Kind}
     assert 'b"FPSA"' in section and messages.MAGIC == b"FPSA"
     assert "2**256 + 297" in section and messages.SEALED_BYTES == 98
+
+
+def test_the_default_threshold_table_in_protocol_md_is_the_codes():
+    from pathlib import Path
+
+    from edge_sdk.secagg.params import default_threshold
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md").read_text()
+    section = text[text.index("| devices n | default degree k |"):].split("\n\n")[0]
+    for line in section.splitlines()[2:]:
+        n, k, t, survives = (cell.split()[0] for cell in line.strip("|").split("|"))
+        assert default_degree(int(n)) == int(k) and default_threshold(int(k) + 1) == int(t)
+        assert int(k) + 1 - int(t) == int(survives)

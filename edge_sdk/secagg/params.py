@@ -38,8 +38,8 @@ SEED_BYTES = 32
 
 
 def default_degree(n: int) -> int:
-    """An even degree near 4 log2 n (SecAgg+'s O(log n)), complete below about 30 devices. A
-    heuristic, not Bell et al.'s tuned constants: pass `degree` to choose."""
+    """2 ceil(2 log2 n) (SecAgg+'s O(log n)), the complete graph up to 19 devices. A heuristic,
+    not Bell et al.'s tuned constants: pass `degree` to choose."""
     degree = 2 * math.ceil(2 * math.log2(max(n, 2)))
     return n - 1 if degree >= n - 1 else degree
 
