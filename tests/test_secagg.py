@@ -14,6 +14,7 @@ import pytest
 
 from edge_sdk.secagg import (SecAggClient, SecAggError, SecAggServer, accounting, messages, shamir,
                              supports)
+from edge_sdk.secagg import keys as keylib
 from edge_sdk.secagg.discrete_gaussian import DiscreteGaussian
 from edge_sdk.secagg.messages import Kind
 from edge_sdk.secagg.params import default_degree
@@ -312,6 +313,10 @@ def test_messages_from_the_wrong_step_session_or_sender_are_refused():
         r.server.receive_advertise(messages.encode_sealed(Kind.SHARES, r.server.session, 0, {}))
     with pytest.raises(SecAggError, match="out of order"):
         r.server.receive_masked_input(advert)
+    low_order = messages.encode_advertise(r.server.session, 1, keylib.PublicKeys(
+        bytes(32), keylib.public_bytes(keylib.new_private_key()), bytes(32)))
+    with pytest.raises(SecAggError, match="low-order|not a usable"):
+        r.server.receive_advertise(low_order)
     other = Round({d: FULL for d in inputs}, 4)
     with pytest.raises(SecAggError, match="another session"):
         r.server.receive_advertise(other.clients["b"].advertise())

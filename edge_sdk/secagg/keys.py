@@ -57,6 +57,12 @@ def commitment(seed: bytes, session_id: bytes, index: int) -> bytes:
                           + struct.pack(">H", index) + seed).digest()
 
 
+def check_public(raw: bytes, what: str) -> None:
+    """Refuses a public key no device could agree with (a low-order point): the server checks
+    at ADVERTISE, so one device's bad key does not make all its neighbours abort later."""
+    _agree(X25519PrivateKey.generate(), raw, what)
+
+
 def _agree(private: X25519PrivateKey, peer_public: bytes, what: str) -> bytes:
     """The X25519 shared secret; a key that is not a point, or a low-order point (an all-zero
     secret), is refused: a device never uses a key it cannot verify."""

@@ -93,6 +93,8 @@ class SecAggServer:
         published = {k for keys in self._advertised.values() for k in (keys.c_pk, keys.s_pk)}
         if {parsed.keys.c_pk, parsed.keys.s_pk} & published or parsed.keys.c_pk == parsed.keys.s_pk:
             raise SecAggError(f"ADVERTISE from {self._name(sender)} repeats a public key")
+        for raw in (parsed.keys.c_pk, parsed.keys.s_pk):
+            keylib.check_public(raw, f"ADVERTISE from {self._name(sender)}")
         self._advertised[sender] = parsed.keys
         return self._name(sender)
 
