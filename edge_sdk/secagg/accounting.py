@@ -39,6 +39,9 @@ def effective_noise_multiplier(settings: QuantizeSettings, dim: int, devices: in
         raise SecAggError(f"accounting needs devices >= 1 and dim >= 1, got {devices}, {dim}")
     if settings.noise_sigma <= 0:
         return 0.0
+    if settings.noise_sigma < 0.5:
+        raise SecAggError(f"Kairouz et al.'s bound needs each device's sigma >= 1/2, got "
+                          f"{settings.noise_sigma}")
     ratio = settings.sensitivity(dim) / (math.sqrt(devices) * settings.noise_sigma)
     return 1.0 / (ratio + math.sqrt(dim) * tau(settings.noise_sigma, devices))
 
