@@ -59,7 +59,7 @@ from edge_sdk.protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeErro
                                parse_header, peek_header)
 from edge_sdk.training import accuracy
 
-from ..central_dp import CentralDP, check_uploads, released_history
+from ..central_dp import CentralDP, CentralDPError, check_uploads, released_history
 from ..combine import RoundCombiner
 from ..heldout import contract_extra, held_out_data, verification_batch
 from ..planning.memory import MemoryCoefficients
@@ -513,8 +513,12 @@ class RoundEngine:
     def _central_population(self, number: int) -> list[Task]:
         """The task each device the round was drawn from would have had (central DP's
         denominators), from the population stored when the round opened."""
+        stored = (self.store.round_row(number).summary or {}).get("central_dp") or {}
+        if "population" not in stored:
+            raise CentralDPError(f"round {number} was opened without central DP, so the "
+                                 "population it was drawn from is unknown; it is not released")
         tasks = []
-        for device_id, width in self.store.round_row(number).summary["central_dp"]["population"]:
+        for device_id, width in stored["population"]:
             device = self.store.device(device_id)
             sizing = DevicePlan.model_validate(device.plan).model_copy(update={"width_ratio": width})
             tasks.append(self.pipeline.task(device_key(device_id), device.num_samples, sizing))
