@@ -102,13 +102,15 @@ QUICK = ["train.lr=0.05", "train.momentum=0.9", "train.local_epochs=2", "model=m
 
 def test_a_simulation_with_central_dp_learns_and_reports_its_epsilon(tmp_path, capsys):
     """20 devices, 3 rounds, about 10 a round, at a generous epsilon: with tens of devices only
-    an epsilon in the thousands leaves a model that learns (central_dp.py's docstring)."""
+    an epsilon in the thousands leaves a model that learns (central_dp.py's docstring). Measured
+    (global accuracy, six runs): 0.46 to 0.69 here, 0.33 to 0.64 at epsilon 2000, 0.66 without
+    central DP; the Poisson draw (4 to 14 devices a round) moves it most."""
     from coordinator.cli import main
 
     out = tmp_path / "result.json"
     code = main(["simulate", "--strategy", "fedavg", "--clients", "20", "--rounds", "3",
                  "--quiet", "--json-out", str(out), *(f"--set={s}" for s in QUICK),
-                 "--set", "central_dp.target_epsilon=2000", "--set", "central_dp.clip_norm=3"])
+                 "--set", "central_dp.target_epsilon=10000", "--set", "central_dp.clip_norm=3"])
     assert code == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
     reports = [row["central_dp"] for row in result["rounds"]]
@@ -120,8 +122,8 @@ def test_a_simulation_with_central_dp_learns_and_reports_its_epsilon(tmp_path, c
         assert (r["noise_multiplier"], r["clip_norm"], r["delta"], r["sample_rate"]) == \
             (z, 3.0, 1e-5, 0.5)
         assert r["epsilon"] == pytest.approx(central_epsilon([(0.5, z)] * r["rounds"], 1e-5))
-    assert reports[-1]["epsilon"] == pytest.approx(2000, rel=0.01)  # calibrated to spend it
-    assert reports[-1]["epsilon"] <= 2000
+    assert reports[-1]["epsilon"] == pytest.approx(10000, rel=0.01)  # calibrated to spend it
+    assert reports[-1]["epsilon"] <= 10000
     final = result["final"]
     # Chance: 0.1 on the global test set, about 0.26 on a device's own five classes.
     assert final["global_accuracy"] > 0.3
