@@ -67,6 +67,12 @@ def _print_summary(result: dict) -> None:
         print(f"privacy: per-device epsilon max {max(eps):.3f}, median "
               f"{sorted(eps)[len(eps) // 2]:.3f} at delta={delta} (Opacus "
               f"{result['privacy'][0]['accountant'].upper()} accountant, record-level DP)")
+    central = result["rounds"][-1].get("central_dp") if result["rounds"] else None
+    if central:
+        print(f"central DP: epsilon {central['epsilon']:.3f} at delta={central['delta']} after "
+              f"{central['rounds']} rounds, each device's whole contribution (user-level; clip "
+              f"{central['clip_norm']:g}, noise multiplier {central['noise_multiplier']:.3g}; "
+              "dp-accounting RDP), against all but the coordinator")
 
 
 def _plan(args: argparse.Namespace) -> int:

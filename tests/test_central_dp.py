@@ -111,9 +111,12 @@ def test_a_simulation_with_central_dp_learns_and_reports_its_epsilon(tmp_path, c
     code = main(["simulate", "--strategy", "fedavg", "--clients", "20", "--rounds", "3",
                  "--quiet", "--json-out", str(out), *(f"--set={s}" for s in QUICK),
                  "--set", "central_dp.target_epsilon=10000", "--set", "central_dp.clip_norm=3"])
-    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
     result = json.loads(out.read_text())
     reports = [row["central_dp"] for row in result["rounds"]]
+    assert f"central DP: epsilon {reports[-1]['epsilon']:.3f} at delta=1e-05 after 3 rounds" \
+        in printed.out
     assert [r["rounds"] for r in reports] == [1, 2, 3]
     z = reports[0]["noise_multiplier"]
     for r in reports:
