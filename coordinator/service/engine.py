@@ -112,6 +112,8 @@ class RoundEngine:
         # User-level central DP ([central_dp]): its ledger is read from the committed rounds'
         # summaries whenever needed, so a restart or a new leader sees what was released.
         self.central = CentralDP.for_service(config)
+        self.budget_spent: str | None = None  # central DP's budget allows no further round
+        self.not_opening: str | None = None   # the last reason logged for not opening a round
         if self.central is not None:
             check_uploads(self.strategy)
         self.signing_key = load_private_key(config.signing_key) if config.signing_key else None
@@ -202,7 +204,10 @@ class RoundEngine:
                                        or self._gave_up() is not None)
 
     def _gave_up(self) -> str | None:
-        """Why no further round is opened: too many aborted attempts (None: not given up)."""
+        """Why no further round is opened: too many aborted attempts, or central DP's budget
+        spent for the devices there are (None: not given up)."""
+        if self.budget_spent is not None:
+            return self.budget_spent
         rounds = self.store.rounds()
         attempts = sum(r.state == RoundState.ABORTED for r in rounds)
         if attempts <= self.config.rounds.retries * self.config.rounds.total:
@@ -482,7 +487,7 @@ class RoundEngine:
             return
         gave_up = self._gave_up()
         if gave_up is not None:
-            log.error("not opening another round: %s", gave_up)
+            self._not_opening(gave_up)
             return
         if self.waiting_since is None:
             self.waiting_since = now
@@ -494,10 +499,17 @@ class RoundEngine:
             return
         self.waiting_since = None
         over_budget = self._central_over_budget(len(eligible))
-        if over_budget is not None:
-            log.error("not opening another round: %s", over_budget)
+        if over_budget is not None:  # final: the engine is done (exit_when_done exits)
+            self.budget_spent = over_budget
+            self._not_opening(over_budget)
             return
         self._open(eligible, now)
+
+    def _not_opening(self, reason: str) -> None:
+        """Say why no round opens once, not on every tick."""
+        if reason != self.not_opening:
+            log.error("not opening another round: %s", reason)
+        self.not_opening = reason
 
     def _central_ledger(self):
         return self.central.ledger_over(released_history(
