@@ -21,6 +21,7 @@ from edge_sdk.protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeErro
                                MessageType, RefusalHeader, RegisterHeader, StatusHeader, TaskHeader,
                                Topics, UpdateHeader, decode_envelope, encode_envelope, parse_header,
                                peek_header)
+from edge_sdk.protocol.messages import SecAggHeader
 from edge_sdk.protocol.topics import check_id
 from edge_sdk.runtime import BundleManifest, ManifestError, load_manifest
 
@@ -183,11 +184,12 @@ VALID_HEADERS = {
     MessageType.REFUSAL: {**KEY, "code": "internal", "message": "m"},
     MessageType.STATUS: {"device_id": "pi-7", "online": True},
     MessageType.ARTIFACT: {"device_id": "pi-7", "round": 0, "task": "t-1", "manifest": {}, "artifact": "a"},
+    MessageType.SECAGG: {**KEY, "stage": "masked", "num_samples": 5},
 }
 SCHEMAS = {MessageType.REGISTER: RegisterHeader, MessageType.TASK: TaskHeader,
            MessageType.UPDATE: UpdateHeader, MessageType.ACK: AckHeader,
            MessageType.REFUSAL: RefusalHeader, MessageType.STATUS: StatusHeader,
-           MessageType.ARTIFACT: ArtifactHeader}
+           MessageType.ARTIFACT: ArtifactHeader, MessageType.SECAGG: SecAggHeader}
 ID_FIELDS = [(kind, field) for kind, header in VALID_HEADERS.items()
              for field in ("device_id", "task") if field in header]
 

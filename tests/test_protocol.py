@@ -134,6 +134,7 @@ VALID_HEADERS = {
     MessageType.REFUSAL: {"device_id": "pi-7", "round": 1, "task": "t", "code": "internal", "message": "m"},
     MessageType.STATUS: {"device_id": "pi-7", "online": True},
     MessageType.ARTIFACT: {"device_id": "pi-7", "round": 0, "task": "t", "manifest": {}, "artifact": "a"},
+    MessageType.SECAGG: {"device_id": "pi-7", "round": 1, "task": "t", "stage": "masked", "num_samples": 5},
 }
 
 

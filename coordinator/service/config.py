@@ -209,21 +209,25 @@ class ServiceSettings(LearningSettings):
     export: ExportSettings = ExportSettings()
     cluster: ClusterSettings = ClusterSettings()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_secure_aggregation_yet(cls, data):
-        """Refused before the section's other checks: whatever else it says, the service cannot
-        run it in this version."""
-        section = data.get("secure_aggregation") if isinstance(data, dict) else None
-        enabled = section.get("enabled") if isinstance(section, dict) else \
-            getattr(section, "enabled", False)
-        if enabled is True:
-            raise ValueError(
-                "secure_aggregation: simulator-only in this version: the coordinator service does "
-                "not run its four stages over MQTT yet. Remove [secure_aggregation] (or set "
-                "enabled = false) from coordinator.toml; to try it, run `fedprune simulate` with "
-                "the same section")
-        return data
+    @model_validator(mode="after")
+    def _secure_aggregation_in_the_service(self):
+        """What the service's secure rounds (service/secure_stages.py) cannot do is refused at
+        start: their stage state is one process's memory, and dropouts are real ones."""
+        secure = self.secure_aggregation
+        if not secure.enabled:
+            return self
+        if self.cluster.enabled:
+            raise ValueError("secure_aggregation: its stage state lives in the leading "
+                             "coordinator's memory; run one coordinator (cluster.enabled = false)")
+        if secure.drop_before_input or secure.drop_after_input:
+            raise ValueError("secure_aggregation.drop_before_input/drop_after_input simulate "
+                             "dropouts in `fedprune simulate`; the service's devices drop out for "
+                             "real: remove them from coordinator.toml")
+        if self.rounds.devices_per_round < max(2, secure.min_holders):
+            raise ValueError(f"secure_aggregation: rounds.devices_per_round is "
+                             f"{self.rounds.devices_per_round}, min_holders {secure.min_holders}: "
+                             "no coordinate could be released; draw more devices a round")
+        return self
 
     @model_validator(mode="before")
     @classmethod

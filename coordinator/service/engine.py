@@ -64,10 +64,13 @@ from ..combine import RoundCombiner
 from ..heldout import contract_extra, held_out_data, verification_batch
 from ..planning.memory import MemoryCoefficients
 from ..planning.planner import plan_device
+from ..secure_round import SecureAggregationError
+from ..secure_round import check_uploads as check_secure_uploads
 from ..rounds import (RoundPipeline, Task, UpdateRefused, device_key, device_settings, dp_config,
                       planner_settings)
 from ..strategies import build_strategy
 from .config import ServiceSettings
+from .secure_stages import SecureStages, StageRefused
 from .states import ROUND_IN_PROGRESS, TASK_MOVES, RoundState, TaskState
 from .store import Deposed, RoundClosed, Store, TaskRow
 
@@ -124,6 +127,14 @@ class RoundEngine:
         self.train = config.train
         self.coefficients = MemoryCoefficients.load()
         self.global_state = self._load_global()
+        # Secure aggregation ([secure_aggregation], secure_stages.py): its round state is in
+        # memory only, so a round found open at start (or by a new leader) is aborted.
+        self.secure = None
+        if config.secure_aggregation.enabled:
+            check_secure_uploads(self.strategy)
+            self.secure = SecureStages(config.secure_aggregation, self.global_state,
+                                       config.rounds.devices_per_round, config.rounds.total,
+                                       self._send_stage, lambda: self.epoch)
         self.pipeline: RoundPipeline | None = None
         self.tasks_built: dict[str, Task] = {}  # this round's task per device, built once
         self.waiting_since: float | None = None
@@ -138,7 +149,7 @@ class RoundEngine:
                      self.round.state)
             self._prepare_pipeline(self.round.number)
             if leading:
-                self.resend_unanswered()
+                self._abort_secure_round() or self.resend_unanswered()
 
     # --- several coordinators ([cluster]) ------------------------------------------------------
     def follow_round(self) -> None:
@@ -164,7 +175,7 @@ class RoundEngine:
             return
         log.info("leading: resuming round %d (%s)", self.round.number, self.round.state)
         self._prepare_pipeline(self.round.number)
-        self.resend_unanswered()
+        self._abort_secure_round() or self.resend_unanswered()
 
     @property
     def epoch(self) -> int:
@@ -264,7 +275,7 @@ class RoundEngine:
             self._on_update(header, envelope.payload, received_at)
             return
         handler = {MessageType.REGISTER: self._on_register, MessageType.STATUS: self._on_status,
-                   MessageType.REFUSAL: self._on_refusal}
+                   MessageType.REFUSAL: self._on_refusal, MessageType.SECAGG: self._on_stage}
         handler[envelope.type](header, envelope.payload)
 
     def _refused_message(self, text: str, *args) -> None:
@@ -331,6 +342,10 @@ class RoundEngine:
 
     def _on_update(self, header, payload: bytes, received_at: float) -> None:
         current = self.round
+        if self.secure is not None:  # never stored: the coordinator takes only masked inputs
+            self._ack(header, False, "update refused: this fleet runs secure aggregation; a "
+                                     "device answers its task with SECAGG stage messages")
+            return
         if current is None or header.round != current.number:
             stored = self.store.has_update(header.round, header.device_id, header.task)
             self._ack(header, stored, None if stored else
@@ -471,6 +486,9 @@ class RoundEngine:
             self._commit()
             return
         self._send_tasks()
+        if self.secure is not None:
+            self._advance_secure(now)
+            return
         counts = self.store.task_counts(self.round.number)
         if counts.get(TaskState.SENT, 0) == 0 or now >= self.round.deadline:
             accepted = counts.get(TaskState.ACCEPTED, 0)
@@ -560,7 +578,9 @@ class RoundEngine:
             train=built.train.model_dump(),
             dp=self.config.dp.model_dump(exclude={"epsilon_budget"}) if self.dp else None,
             planned_rounds=self.config.rounds.total, selection_rate=self._selection_rate(),
-            deadline=deadline, width_ratio=built.width_ratio, leader_epoch=self.epoch)
+            deadline=deadline, width_ratio=built.width_ratio, leader_epoch=self.epoch,
+            secure_aggregation=None if self.secure is None else
+            self.secure.task_settings(built, self.pipeline, self.global_state))
         return self._message(header, payload)
 
     def _selection_rate(self) -> float:
@@ -593,6 +613,8 @@ class RoundEngine:
             task.aggregation_weight = self._task_for(task).plan.aggregation_weight
             task.bytes_down = len(self._task_message(device, task, deadline))
         self.store.open_round(number, deadline, [d.id for d in chosen], quorum, tasks)
+        if self.secure is not None and not self._open_secure(tasks, deadline):
+            return
         if self.central is not None:  # the population the round is drawn from, for its commit
             self.store.set_round(number, summary={"central_dp": {
                 "population": [[d.id, d.width_ratio] for d in eligible]}})
@@ -629,6 +651,8 @@ class RoundEngine:
         """No task or artifact is due any more: the round ended, or this engine stopped leading."""
         self.unsent.clear()
         self.artifacts_due = None
+        if self.secure is not None:
+            self.secure.close()
 
     def resend_unanswered(self) -> None:
         """Re-send the open round's unanswered tasks (same ids; devices never run a task twice):
@@ -703,13 +727,20 @@ class RoundEngine:
             population = self._central_population(number)
             central_rate = len(tasks) / len(population)
             central = self.central.round(population, self.pipeline, central_rate)
+        secure = None
+        if self.secure is not None:  # the unmasked sum's mean change; no update is stored
+            secure, secure_summary = self.secure.aggregate(self.global_state, [
+                r.summary for r in self.store.rounds() if r.state == RoundState.COMMITTED])
+            self.store.set_round(number, summary={**(self.store.round_row(number).summary or {}),
+                                                  "secure_aggregation": secure_summary})
         combiner = RoundCombiner(self.strategy, self.global_state, self.config.aggregator,
-                                 self.config.seed, weights=self.store.update_weights(number),
-                                 central=central)
+                                 self.config.seed, central=central or secure,
+                                 weights=None if secure else self.store.update_weights(number))
         bytes_up, epsilons, local, contributions = 0, [], [], []
         for update in self.store.updates(number):
-            combiner.add(self.pipeline.intake(self._task_for(tasks[update.device]), update.payload),
-                         update.weight)
+            if secure is None:
+                combiner.add(self.pipeline.intake(self._task_for(tasks[update.device]),
+                                                  update.payload), update.weight)
             contributions.append(f"{update.device}/{update.task}")
             bytes_up += update.bytes
             if update.epsilon is not None:
@@ -765,6 +796,74 @@ class RoundEngine:
                  summary["seconds"], extra={"event": "round_committed", "summary": summary})
         if self.on_commit:
             self.on_commit(summary)
+
+    # --- secure aggregation (secure_stages.py) ------------------------------------------------
+    def _open_secure(self, tasks: list[TaskRow], deadline: float) -> bool:
+        """The round's secure stages; False (the round aborted with the reason) if it cannot run
+        them."""
+        self.round = self.store.current_round()
+        try:
+            self.secure.open(self.round.number, {t.device: self._task_for(t) for t in tasks},
+                             {t.device: t.task for t in tasks}, self.pipeline, self.global_state,
+                             deadline, self.config.rounds.deadline_seconds)
+        except SecureAggregationError as exc:
+            self._abort(str(exc))
+            return False
+        return True
+
+    def _abort_secure_round(self) -> bool:
+        """A secure round found open at start or on taking the lead cannot go on: its keys and
+        running sum were in the memory of the process that opened it. Aborted (True) so that a
+        new one opens."""
+        if self.secure is None or self.round is None:
+            return False
+        self._abort("the coordinator restarted (or a new leader took over) during a "
+                    "secure-aggregation round; its stage state was in memory only")
+        return True
+
+    def _send_stage(self, device: str, header, payload: bytes) -> None:
+        self.publish(self.topics.secagg_down(device), self._message(header, payload))
+
+    def _on_stage(self, header, payload: bytes) -> None:
+        if self.secure is None:
+            self._refused_message("%s sent a secure-aggregation stage message; this fleet does "
+                                  "not run secure aggregation", header.device_id)
+            return
+        current = self.round
+        task = None if current is None else self.store.task(current.number, header.device_id)
+        try:
+            self.secure.receive(header, payload, task)
+        except StageRefused as exc:
+            self._refused_message("refused a %s stage message from %s (round %d, task %s): %s",
+                                  header.stage.value, header.device_id, header.round, header.task,
+                                  exc)
+            return
+        if header.stage.value == "masked":  # in the sum: the task is answered (nothing stored)
+            try:
+                self.store.accept_update(current.number, header.device_id, header.task, b"",
+                                         task.aggregation_weight, header.num_samples,
+                                         header.epsilon, header.local_accuracy)
+            except RoundClosed:
+                return
+            log.info("round %d: masked input of %s added to the sum", current.number,
+                     header.device_id)
+
+    def _advance_secure(self, now: float) -> None:
+        """The open secure round's stages by the clock; commit once unmasked, abort with the
+        reason when too few devices are left."""
+        number = self.round.number
+        try:
+            verdict = self.secure.advance(now, self.store.tasks(number), not self.unsent)
+        except SecureAggregationError as exc:
+            self._abort(str(exc))
+            return
+        if verdict != "commit":
+            return
+        accepted = self.store.task_counts(number).get(TaskState.ACCEPTED, 0)
+        if accepted < self.round.quorum:
+            self._abort(f"{accepted} masked inputs in the sum, quorum {self.round.quorum}")
+            return
+        self._commit()
 
     def _mark_missing(self, number: int, tasks: dict[str, TaskRow]) -> None:
         """The round closes: tasks never answered are missing."""

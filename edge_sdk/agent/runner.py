@@ -38,7 +38,13 @@ from ..protocol import (AckHeader, ArtifactHeader, Envelope, EnvelopeError, Mess
                         RefusalCode, RefusalHeader, RegisterHeader, StatusHeader, TaskHeader,
                         Topics, UpdateHeader, decode_envelope, encode_message, parse_header,
                         peek_header)
-from ..protocol.messages import MAX_EPSILON, MAX_SAMPLES, MAX_SKIP_REASONS
+from ..protocol.messages import (MAX_EPSILON, MAX_SAMPLES, MAX_SKIP_REASONS, SecAggHeader,
+                                 SecAggStage, SecureTask, check_secagg_payload)
+from ..secagg import SecAggError
+from ..secagg.messages import decode_setup
+from ..secagg.quantize import QuantizeSettings
+from ..secagg.supports import from_ranges
+from ..secure_update import SecureDevice, SecureLayout
 from ..protocol.signing import load_public_key, verify
 from ..protocol.topics import COORDINATOR_TO_DEVICE, check_id
 from ..protocol.transport import MqttTransport, TransportError
@@ -54,7 +60,7 @@ from .state import DeviceState, StateError, check_plain_name, task_key
 log = logging.getLogger("fedprune.edge")
 
 # Signed by the coordinator when the device holds its key: nothing else is acted upon.
-_SIGNED_TYPES = (MessageType.TASK, MessageType.ACK, MessageType.ARTIFACT)
+_SIGNED_TYPES = (MessageType.TASK, MessageType.ACK, MessageType.ARTIFACT, MessageType.SECAGG)
 
 # publish(topic, payload, retain=False): QoS 1, as `MqttTransport.publish`.
 Publish = Callable[..., object]
@@ -117,6 +123,10 @@ class EdgeAgent:
         self._sent_at: dict[str, float] = {}  # outbox key -> monotonic time it was last published
         self.fence = self.state.load_fence()  # the newest leader epoch and round acted on
         self.unhandled = 0  # messages acknowledged without being handled (poison, forgeries)
+        # Secure aggregation: the trained task whose stages are open (its SecAggClient, its
+        # change), in memory only, and a SETUP that came before its task had trained.
+        self.secure: _SecureTask | None = None
+        self.early_setup: tuple[SecAggHeader, bytes] | None = None
         device = config.device_id
         # The last will says offline (retained); `stop` publishes it too on a clean shutdown.
         self.transport = MqttTransport(
@@ -231,6 +241,8 @@ class EdgeAgent:
             raise EnvelopeError(f"the header names device {header.device_id!r}, not this one")
         if envelope.type == MessageType.TASK:
             self._on_task(header, envelope.payload)
+        elif envelope.type == MessageType.SECAGG:
+            self._on_stage(header, envelope.payload)
         elif envelope.type == MessageType.ACK:
             self._on_ack(header)
         else:
@@ -291,6 +303,7 @@ class EdgeAgent:
         if stale is not None:  # not recorded: the answer is the same whenever it comes again
             self._refuse(header, RefusalCode.STALE, stale, record=False)
             return
+        self.secure = None  # a new task supersedes the stages of an earlier one
         dp = self._task_dp(header)
         client = self._client(header, dp)
         try:
@@ -331,6 +344,9 @@ class EdgeAgent:
                          f"the task would bring this device's epsilon to {outcome.epsilon:.3g}, over "
                          f"the {MAX_EPSILON:g} an update can report: send more noise")
             return
+        if header.secure_aggregation is not None:
+            self._keep_for_secure_aggregation(header, plan, client, outcome, started)
+            return
         envelope = encode_message(UpdateHeader(
             device_id=device, round=header.round, task=header.task,
             num_samples=outcome.num_samples, epsilon=outcome.epsilon,
@@ -352,6 +368,64 @@ class EdgeAgent:
         self._publish_update(key, envelope)
         log.info("round %d: sent %d-byte update (epsilon %s)", header.round, len(envelope),
                  f"{outcome.epsilon:.3f}" if outcome.epsilon is not None else "n/a")
+
+    # --- secure aggregation ----------------------------------------------------------------
+    def _keep_for_secure_aggregation(self, header: TaskHeader, plan: SubmodelPlan,
+                                     client: LocalClient, outcome, started: float) -> None:
+        """The task trained: nothing is sent in the clear. Its change stays in memory for the
+        round's stages (a restart loses it: that round goes on without this device)."""
+        key = task_key(header.round, header.task)
+        device = SecureDevice(self.config.device_id, client)
+        device.keep_upload(outcome, plan.uploaded)
+        report = {"num_samples": outcome.num_samples, "epsilon": outcome.epsilon,
+                  "train_seconds": min(time.perf_counter() - started, 1e7),
+                  "local_accuracy": client.evaluate()}
+        if client.ledger is not None:
+            self.state.save_ledger(client.ledger)
+        self._save_models(client, plan.spec.name, header)
+        self._advance_fence(header.leader_epoch, header.round)
+        self.state.mark(key, "secure")
+        self.secure = _SecureTask(header.round, header.task, header.secure_aggregation, device,
+                                  report)
+        log.info("round %d: trained; the change waits for the round's secure aggregation",
+                 header.round)
+        early, self.early_setup = self.early_setup, None
+        if early is not None and (early[0].round, early[0].task) == (header.round, header.task):
+            self._on_stage(*early)
+
+    def _on_stage(self, header: SecAggHeader, payload: bytes) -> None:
+        """One secure-aggregation stage: the library's answer goes back on secagg_up. A message
+        the library refuses raises (SecAggError: logged, acknowledged); the device's step stays
+        where it was, ready for the genuine message."""
+        check_secagg_payload(header, payload, sender_is_device=False)
+        task = self.secure
+        if task is None or (task.round, task.task) != (header.round, header.task):
+            if header.stage == SecAggStage.SETUP and                     task_key(header.round, header.task) not in self.state.tasks():
+                self.early_setup = (header, payload)  # its task has not been handled yet
+                return
+            raise SecAggError(f"no secure-aggregation state for task "
+                              f"{task_key(header.round, header.task)} on this device (not "
+                              "trained here, or it restarted since)")
+        device, report = task.device, {}
+        if header.stage == SecAggStage.SETUP:
+            answer = device.setup(payload, _layout(payload, task.settings, device),
+                                  QuantizeSettings(task.settings.clip_norm, task.settings.scale,
+                                                   task.settings.bits, task.settings.noise_sigma))
+        elif header.stage == SecAggStage.KEYS:
+            answer = device.share_keys(payload)
+        elif header.stage == SecAggStage.FORWARD:
+            answer, report = device.mask_input(payload), task.report
+        else:
+            answer = device.unmask(payload)
+            self.secure = None  # the round's secrets are gone
+        stage = {SecAggStage.SETUP: SecAggStage.ADVERTISE, SecAggStage.KEYS: SecAggStage.SHARES,
+                 SecAggStage.FORWARD: SecAggStage.MASKED,
+                 SecAggStage.UNMASK_REQUEST: SecAggStage.UNMASK}[header.stage]
+        self.publish(self.topics.secagg_up(self.config.device_id), encode_message(SecAggHeader(
+            device_id=self.config.device_id, round=header.round, task=header.task, stage=stage,
+            **report), answer))
+        log.info("round %d: secure aggregation: answered %s (%d bytes)", header.round,
+                 header.stage.value, len(answer))
 
     def _model_problem(self, spec: ModelSpec) -> str | None:
         """Why this device cannot build the task's model as the coordinator did, if it cannot:
@@ -526,6 +600,45 @@ class EdgeAgent:
         stored = entry.model_copy(update={"path": name, "compressed_path": f"{name}.zst"})
         return manifest.model_copy(update={"artifacts": (stored,)}).model_dump(mode="json"), \
             stored.compressed_path
+
+
+class _SecureTask:
+    """A trained task waiting for its secure-aggregation stages (memory only)."""
+
+    def __init__(self, round_number: int, task: str, settings: SecureTask, device: SecureDevice,
+                 report: dict[str, Any]):
+        self.round, self.task, self.settings, self.device, self.report = \
+            round_number, task, settings, device, report
+
+
+def _layout(setup: bytes, settings: SecureTask, device: SecureDevice) -> SecureLayout:
+    """Where this device's uploaded entries sit in the global vector: its support as SETUP names
+    it (which the library then checks against the parameters' digest), split by the tensor spans
+    TASK gave; each span must hold exactly as many coordinates as the device trained entries of
+    that tensor, and the spans all of the support."""
+    parsed = decode_setup(setup)
+    support = from_ranges(*parsed.supports[parsed.recipient]) \
+        if parsed.recipient in parsed.supports else None
+    if support is None:
+        raise SecAggError("SETUP carries no support for this device")
+    names = {t.name for t in settings.tensors}
+    trained = set(device.client.state) & set(device.client.started)
+    if not names <= trained:
+        raise SecAggError(f"TASK's secure_aggregation names tensors {sorted(names - trained)} "
+                          "this device did not train")
+    coordinates, placed = [], 0
+    for tensor in settings.tensors:
+        inside = support[(support >= tensor.offset) & (support < tensor.offset + tensor.size)]
+        entries = device.client.state[tensor.name].numel()
+        if inside.size != entries:
+            raise SecAggError(f"SETUP's support holds {inside.size} coordinates of tensor "
+                              f"{tensor.name}, which has {entries} entries on this device")
+        coordinates.append((tensor.name, inside))
+        placed += inside.size
+    if placed != support.size:
+        raise SecAggError(f"SETUP's support has {support.size - placed} coordinates outside the "
+                          "tensors TASK names")
+    return SecureLayout(tuple(coordinates))
 
 
 def _unknown_model(name: str, listed: tuple[str, ...]) -> str:

@@ -40,6 +40,7 @@ class MessageType(enum.IntEnum):
     REFUSAL = 5    # device -> coordinator: the device will not run a task, and why
     STATUS = 6     # device -> coordinator (retained; last will): online / offline
     ARTIFACT = 7   # coordinator -> device: an exported model for local inference
+    SECAGG = 8     # both ways: one secure-aggregation stage (edge_sdk/secagg's bytes as payload)
 
 
 @dataclass(frozen=True)

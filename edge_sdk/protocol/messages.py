@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints,
-                      ValidationError, field_validator)
+                      ValidationError, field_validator, model_validator)
 
 from .envelope import Envelope, EnvelopeError, MessageType, encode_envelope
 from .signing import sign
@@ -33,6 +33,7 @@ MAX_EPSILON = 1e15
 MAX_TRAIN_SECONDS = 1e7
 
 MAX_SKIP_REASONS = 32
+MAX_SECAGG_DIM = 2 ** 28  # the secagg library's largest global vector
 
 DeviceId = Annotated[str, AfterValidator(partial(check_id, "device id"))]
 SkipReason = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,39}$")]
@@ -74,6 +75,8 @@ class TaskHeader(_TaskKey):
     deadline: float      # coordinator's unix time; it alone judges lateness (device clocks drift)
     width_ratio: float = Field(1.0, gt=0, le=1)
     leader_epoch: int = Field(0, ge=0)         # the sending leader's fencing epoch (cluster mode)
+    # Under secure aggregation: no UPDATE; the device answers the round's SECAGG stages.
+    secure_aggregation: SecureTask | None = None
 
     @field_validator("dp")
     @classmethod
@@ -82,6 +85,38 @@ class TaskHeader(_TaskKey):
             raise ValueError("dp names neither noise_multiplier nor target_epsilon; send dp: null "
                              "for a task without DP")
         return dp
+
+
+class SecureTensor(BaseModel):
+    """Where one uploaded tensor sits in the round's global flat vector: its first coordinate and
+    its full (global) size. The device's support coordinates in [offset, offset + size) are this
+    tensor's entries at its width, in the tensor's own row-major order."""
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    name: str = Field(min_length=1, max_length=512)
+    offset: int = Field(ge=0, le=MAX_SECAGG_DIM)
+    size: int = Field(ge=1, le=MAX_SECAGG_DIM)
+
+
+class SecureTask(BaseModel):
+    """TASK's `secure_aggregation`: the device keeps what it trained and answers the round's
+    SECAGG stages with its clipped, quantized, noised change (edge_sdk/secagg/quantize.py)."""
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    clip_norm: float = Field(gt=0, le=1e12)
+    scale: float = Field(gt=0, le=2.0 ** 60)
+    bits: int = Field(ge=8, le=32)
+    noise_sigma: float = Field(ge=0, le=2.0 ** 16)
+    tensors: list[SecureTensor] = Field(min_length=1, max_length=4096)
+
+    @field_validator("tensors")
+    @classmethod
+    def _disjoint(cls, tensors: list[SecureTensor]) -> list[SecureTensor]:
+        names = [t.name for t in tensors]
+        if len(set(names)) != len(names):
+            raise ValueError("a tensor is named twice")
+        spans = sorted((t.offset, t.offset + t.size) for t in tensors)
+        if any(end > start for (_, end), (start, _) in zip(spans, spans[1:])):
+            raise ValueError("tensors overlap in the global vector")
+        return tensors
 
 
 class UpdateHeader(_TaskKey):
@@ -117,6 +152,61 @@ class RefusalHeader(_TaskKey):
     epsilon: float | None = Field(None, ge=0, le=MAX_EPSILON)
 
 
+class SecAggStage(str, enum.Enum):
+    """A stage message's name; its value in the library's message kind byte (payload offset 5)
+    is `SECAGG_KINDS`. The first four go coordinator -> device, the others device -> coordinator."""
+    SETUP = "setup"
+    KEYS = "keys"
+    FORWARD = "forward"
+    UNMASK_REQUEST = "unmask_request"
+    ADVERTISE = "advertise"
+    SHARES = "shares"
+    MASKED = "masked"
+    UNMASK = "unmask"
+
+
+SECAGG_KINDS = {SecAggStage.SETUP: 1, SecAggStage.ADVERTISE: 2, SecAggStage.KEYS: 3,
+                SecAggStage.SHARES: 4, SecAggStage.FORWARD: 5, SecAggStage.MASKED: 6,
+                SecAggStage.UNMASK_REQUEST: 7, SecAggStage.UNMASK: 8}
+TO_DEVICE_STAGES = frozenset({SecAggStage.SETUP, SecAggStage.KEYS, SecAggStage.FORWARD,
+                              SecAggStage.UNMASK_REQUEST})
+SECAGG_MAGIC = b"FPSA"
+
+
+class SecAggHeader(_TaskKey):
+    """One secure-aggregation stage of a task; the payload is the library's message for it.
+    MASKED also reports what an UPDATE would (none of it is the update)."""
+    stage: SecAggStage
+    num_samples: int | None = Field(None, ge=1, le=MAX_SAMPLES)
+    epsilon: float | None = Field(None, ge=0, le=MAX_EPSILON)
+    train_seconds: float | None = Field(None, ge=0, le=MAX_TRAIN_SECONDS)
+    local_accuracy: float | None = Field(None, ge=0, le=1)
+    leader_epoch: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _reports_only_with_the_masked_input(self):
+        reported = (self.num_samples, self.epsilon, self.train_seconds, self.local_accuracy)
+        if self.stage == SecAggStage.MASKED and self.num_samples is None:
+            raise ValueError("a masked stage message reports num_samples")
+        if self.stage != SecAggStage.MASKED and any(v is not None for v in reported):
+            raise ValueError(f"a {self.stage.value} stage message reports nothing of training")
+        return self
+
+
+def check_secagg_payload(header: SecAggHeader, payload: bytes, sender_is_device: bool) -> None:
+    """The payload is the library's message of the header's stage, in the direction it travels:
+    EnvelopeError naming the mismatch otherwise (the library then checks the rest)."""
+    if (header.stage in TO_DEVICE_STAGES) == sender_is_device:
+        raise EnvelopeError(f"a {header.stage.value} stage message goes "
+                            f"{'coordinator -> device' if sender_is_device else 'device -> coordinator'}")
+    if len(payload) < 6 or payload[:4] != SECAGG_MAGIC:
+        raise EnvelopeError(f"the {header.stage.value} stage's payload is not a secure-aggregation "
+                            "message (magic FPSA)")
+    if payload[5] != SECAGG_KINDS[header.stage]:
+        raise EnvelopeError(f"the header says stage {header.stage.value}, the payload is message "
+                            f"kind {payload[5]}")
+
+
 class StatusHeader(_Header):
     online: bool
 
@@ -133,7 +223,7 @@ _SCHEMAS: dict[MessageType, type[_Header]] = {
     MessageType.REGISTER: RegisterHeader, MessageType.TASK: TaskHeader,
     MessageType.UPDATE: UpdateHeader, MessageType.ACK: AckHeader,
     MessageType.REFUSAL: RefusalHeader, MessageType.STATUS: StatusHeader,
-    MessageType.ARTIFACT: ArtifactHeader,
+    MessageType.ARTIFACT: ArtifactHeader, MessageType.SECAGG: SecAggHeader,
 }
 
 

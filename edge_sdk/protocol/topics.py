@@ -15,9 +15,12 @@ from .envelope import MessageType
 # The one topic kind each message type travels on, by direction; a message on another kind of
 # topic is refused by its receiver.
 DEVICE_TO_COORDINATOR = {"register": MessageType.REGISTER, "status": MessageType.STATUS,
-                         "update": MessageType.UPDATE, "refusal": MessageType.REFUSAL}
+                         "update": MessageType.UPDATE, "refusal": MessageType.REFUSAL,
+                         "secagg_up": MessageType.SECAGG}
 COORDINATOR_TO_DEVICE = {"task": MessageType.TASK, "ack": MessageType.ACK,
-                         "artifact": MessageType.ARTIFACT}
+                         "artifact": MessageType.ARTIFACT, "secagg_down": MessageType.SECAGG}
+# Secure aggregation's stages travel both ways, so on two topic kinds: MQTT 3.1.1 would hand the
+# coordinator its own publishes on a kind it also subscribes to.
 
 # Device ids, task ids and fleet names become MQTT topic levels and parts of file names on both
 # sides, so one character set for all of them: no '/', no leading '.', no control characters.
@@ -73,6 +76,13 @@ class Topics:
     def artifact(self, device: str) -> str:
         return f"{self.root}/artifact/{device}"
 
+    # secure aggregation's stage messages, one kind each way
+    def secagg_up(self, device: str) -> str:
+        return f"{self.root}/secagg_up/{device}"
+
+    def secagg_down(self, device: str) -> str:
+        return f"{self.root}/secagg_down/{device}"
+
     # device -> itself: `fedprune-edge profile`'s link test (plain echo payloads, not envelopes)
     def profile(self, device: str) -> str:
         return f"{self.root}/profile/{device}"
@@ -81,7 +91,7 @@ class Topics:
         return [f"{self.root}/{kind}/+" for kind in DEVICE_TO_COORDINATOR]
 
     def device_subscriptions(self, device: str) -> list[str]:
-        return [self.task(device), self.ack(device), self.artifact(device)]
+        return [self.task(device), self.ack(device), self.artifact(device), self.secagg_down(device)]
 
     def device_of(self, topic: str) -> tuple[str, str]:
         """(kind, device) of a per-device topic under this root; ValueError otherwise."""
