@@ -279,6 +279,7 @@ class SecureRound:
     run: SecureAggregation
     global_state: Mapping[str, np.ndarray]
     members: dict[str, _Member] = field(default_factory=dict)
+    neighbourhood: int = 0  # devices in a closed neighbourhood (SecAgg+'s graph degree + 1)
 
     def join(self, device_index: int, client: Any, task: Any, pipeline: Any, outcome: Any) -> None:
         """A device that trained: its upload stays with it; its support comes from its plan."""
@@ -288,7 +289,7 @@ class SecureRound:
         self.members[device.device_id] = _Member(
             device, layout_of(task, pipeline, global_offsets(self.global_state)))
 
-    def aggregate(self, rng: np.random.Generator, observe: ServerObserver | None = None
+    def aggregate(self, observe: ServerObserver | None = None
                   ) -> tuple[SecureAggregate | None, dict[str, Any]]:
         """The four stages among the round's devices; (the aggregate, the round's report), or
         (None, the report with why) when the round cannot be unmasked."""
@@ -299,7 +300,7 @@ class SecureRound:
                           "secure aggregation needs at least 2")
             return None, report
         try:
-            result, stages, dropped = self._stages(rng, observe)
+            result, stages, dropped = self._stages(observe)
         except SecAggError as exc:
             report.update(committed=False, reason=str(exc), seconds=time.perf_counter() - started)
             return None, report
@@ -313,6 +314,8 @@ class SecureRound:
                       released_coordinates=int(np.count_nonzero(result.released)),
                       noise_shares=result.min_released_holders, stage_bytes=stages["bytes"],
                       stage_seconds=stages["seconds"], threshold=self.run.threshold_used,
+                      neighbourhood=self.neighbourhood,
+                      tolerated_dropouts=self.neighbourhood - self.run.threshold_used,
                       **self.run.spend(result.min_released_holders))
         report["seconds"] = time.perf_counter() - started
         return mean, report
@@ -321,18 +324,19 @@ class SecureRound:
         """(bytes down, bytes up) each device exchanged in the secure stages."""
         return {name: (m.down, m.up) for name, m in self.members.items()}
 
-    def _stages(self, rng: np.random.Generator, observe: ServerObserver | None):
+    def _stages(self, observe: ServerObserver | None):
         members = self.members
         names = sorted(members)
         n = len(names)
         degree = default_degree(n)
         threshold = self.run.settings.threshold_for(degree + 1)
         self.run.threshold_used = threshold
+        self.neighbourhood = degree + 1
         min_holders = min(self.run.settings.min_holders, n)
         server = SecAggServer({d: members[d].layout.support for d in names}, self.run.dim,
                               bits=self.run.quantize.bits, threshold=threshold, degree=degree,
                               min_holders=min_holders)
-        before, after = _dropouts(names, self.run.settings, rng)
+        before, after = _dropouts(names, self.run.settings, self.run.rng)
         seconds: dict[str, float] = {}
         sizes = {stage: 0 for stage in ("setup", "advertise", "keys", "shares", "forward",
                                         "masked", "unmask_request", "unmask")}
@@ -408,8 +412,11 @@ class SecureAggregation:
     effective noise multiplier per committed round, at sampling rate 1)."""
 
     def __init__(self, settings: SecureAggregationSettings, global_state: Mapping[str, np.ndarray],
-                 devices_per_round: int, rounds: int):
+                 devices_per_round: int, rounds: int, seed: int = 0):
+        """`seed`: the run's; the simulated dropouts draw from a stream of their own, so turning
+        secure aggregation on leaves the run's draw of devices as it was."""
         self.settings = settings
+        self.rng = np.random.default_rng([seed, 0x5EC466])
         self.dim = sum(int(np.asarray(v).size) for v in global_state.values())
         self.quantize = plan_quantization(settings, self.dim, devices_per_round, rounds)
         self.history: list[tuple[float, float]] = []

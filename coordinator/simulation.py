@@ -171,8 +171,8 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
                                                  for k, v in global_model.state_dict().items()}
     rng = np.random.default_rng(config.seed)
     per_round = max(1, round(config.fraction * config.clients))
-    secure = SecureAggregation(config.secure_aggregation, global_state, per_round, config.rounds) \
-        if config.secure_aggregation.enabled else None
+    secure = SecureAggregation(config.secure_aggregation, global_state, per_round, config.rounds,
+                               config.seed) if config.secure_aggregation.enabled else None
     byzantine = config.byzantine
     malicious = byzantine.malicious(config.clients, config.seed) if byzantine.fraction else set()
     staleness = config.ffgg.max_staleness if config.strategy == "ffgg" else 0
@@ -298,7 +298,7 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
             combiner.add(update, task.plan.aggregation_weight, base)
             row.participants += 1
         if secure_round is not None:
-            combiner = _secure_combiner(secure_round, strategy, global_state, config, rng,
+            combiner = _secure_combiner(secure_round, strategy, global_state, config,
                                         observe_server, row)
         global_state = combiner.result() if combiner is not None else global_state
         if central is not None:
@@ -349,13 +349,13 @@ def _taken(run: TaskRun, entry: dict, row: RoundResult) -> TaskOutcome:
 
 
 def _secure_combiner(secure_round, strategy: Strategy, global_state: dict,
-                     config: SimulationSettings, rng: np.random.Generator,
-                     observe_server: ServerObserver | None, row: RoundResult
+                     config: SimulationSettings, observe_server: ServerObserver | None,
+                     row: RoundResult
                      ) -> RoundCombiner | None:
     """The round's secure stages, recorded in `row` (their bytes counted as sent), and the
     combiner that takes the mean change they give through the strategy's server step; None for
     a round that cannot be unmasked (the global model stays as it is)."""
-    aggregate, report = secure_round.aggregate(rng, observe_server)
+    aggregate, report = secure_round.aggregate(observe_server)
     row.secure_aggregation = report
     exchanged = secure_round.bytes_by_device()
     for entry in row.devices:

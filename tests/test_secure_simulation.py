@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from coordinator.config import ConfigError, load_config
-from coordinator.service.config import ServiceSettings
 from coordinator.simulation import run_simulation
 from edge_sdk import codec
 from edge_sdk.models import tensor_shapes
@@ -30,11 +29,11 @@ SECURE = ["secure_aggregation.enabled=true", "secure_aggregation.clip_norm=1000"
 DEVICES, ROUNDS = 10, 3
 
 
-def _run(strategy: str, *overrides: str, observe_server=None):
+def _run(strategy: str, *overrides: str, rounds: int = ROUNDS, observe_server=None):
     """A 3-round simulation of 10 devices; returns (results JSON, each round's downloads of
     client 0 decoded (the global model the round starts from), every task outcome)."""
     config = load_config(None, [*QUICK, *overrides], strategy=strategy, clients=DEVICES,
-                         rounds=ROUNDS)
+                         rounds=rounds)
     downloads, outcomes = {}, []
 
     def seen(client, task, payload, outcome):
@@ -135,10 +134,11 @@ def test_the_coordinator_never_holds_one_devices_update(fedavg_view):
 
 
 def test_distributed_noise_at_a_generous_epsilon_learns_and_dropouts_commit():
-    """Epsilon 50 over the 3 rounds, noise sized for 7 shares; each round one device drops
+    """Epsilon 100 over the 3 rounds (at 50 the final accuracy ranged 0.44-0.62 over 5 runs, at 100
+    0.57-0.66), noise sized for 7 shares; each round one device drops
     before its masked input (left out) and one after it (recovered from its neighbours' shares)."""
     result, _, _ = _run("fedavg", "secure_aggregation.enabled=true",
-                        "secure_aggregation.clip_norm=1", "secure_aggregation.target_epsilon=50",
+                        "secure_aggregation.clip_norm=1", "secure_aggregation.target_epsilon=100",
                         "secure_aggregation.min_holders=7",
                         "secure_aggregation.drop_before_input=0.1",
                         "secure_aggregation.drop_after_input=0.1")
@@ -148,7 +148,7 @@ def test_distributed_noise_at_a_generous_epsilon_learns_and_dropouts_commit():
         assert len(report["dropped_before_input"]) == 1 and report["recovered"] == 1
         assert report["survivors"] == DEVICES - 1 == row["participants"]
         assert report["noise_shares"] == DEVICES - 1 and report["noise_sigma"] > 1
-        assert report["epsilon"] <= 50
+        assert report["epsilon"] <= 100
     assert result["rounds"][0]["secure_aggregation"]["epsilon"] < \
         result["rounds"][-1]["secure_aggregation"]["epsilon"]
     assert result["final"]["global_accuracy"] > 0.4  # chance: 0.1
@@ -177,14 +177,22 @@ def test_dp_sgd_runs_with_it_when_asked_for():
     assert config.secure_aggregation.with_dp_sgd and config.dp.enabled
 
 
-def test_the_service_refuses_it_as_simulator_only():
-    with pytest.raises(ConfigError, match="simulator-only in this version"):
-        load_config(None, ["secure_aggregation.enabled=true"], schema=ServiceSettings)
-
-
 def test_a_strategy_that_uploads_nothing_is_refused_before_any_round(capsys):
     from coordinator.cli import main
 
     assert main(["simulate", "--strategy", "local", "--clients", "2", "--rounds", "1", "--quiet",
                  "--set", "secure_aggregation.enabled=true"]) == 2
     assert "'local' uploads nothing" in capsys.readouterr().err
+
+
+def test_a_round_that_loses_more_devices_than_it_tolerates_keeps_the_global_model():
+    """Half the devices drop before their masked input: 5 inputs, threshold 7 of 10; the server
+    refuses to unmask and the round leaves the model as it was."""
+    result, models, _ = _run("fedavg", *SECURE, "secure_aggregation.drop_before_input=0.5",
+                             rounds=2)
+    for row in result["rounds"]:
+        report = row["secure_aggregation"]
+        assert not report["committed"] and "refusing to unmask" in report["reason"]
+        assert row["participants"] == 0
+    for name, tensor in models[1].items():
+        assert np.array_equal(tensor.to_dense(), models[2][name].to_dense())
