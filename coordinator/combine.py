@@ -17,6 +17,10 @@ update, of values or of changes, is turned into its change from the state its de
 from, clipped, summed unweighted, noised and divided by the expected number of contributions;
 the strategy's server step then takes the noised mean change (a delta strategy) or the global
 state moved by it (a values strategy), as it takes the mean without DP.
+
+Under secure aggregation (coordinator/secure_round.py) the coordinator never holds an update to
+add: the round's `central` is then its `SecureAggregate`, the unmasked mean change per
+coordinate, which goes through the same server step.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ class RoundCombiner:
         before the first (the service's commit: its accepted tasks); each update is then folded
         in as it comes, and memory does not grow with the round. Without them the updates are
         held until `result()`, which knows the cap only then. `central`: the round's central-DP
-        mechanism (weights are then only checked against `weights`, never applied)."""
+        mechanism (weights are then only checked against `weights`, never applied), or a
+        secure-aggregation round's aggregate (nothing is added; `mean_change` is all it has)."""
         self.strategy, self.global_state, self.central = strategy, global_state, central
         self.max_weight_ratio = (aggregator or AggregatorSettings()).max_weight_ratio
         self.aggregator = make_aggregator({k: v.shape for k, v in global_state.items()}, aggregator,
