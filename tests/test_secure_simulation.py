@@ -196,3 +196,17 @@ def test_a_round_that_loses_more_devices_than_it_tolerates_keeps_the_global_mode
         assert row["participants"] == 0
     for name, tensor in models[1].items():
         assert np.array_equal(tensor.to_dense(), models[2][name].to_dense())
+
+
+def test_coordinates_fewer_than_min_holders_hold_keep_their_global_value():
+    """HeteroFL at widths 1 and 1/2: the channels past the half prefix are held by the 5
+    full-width devices only; with min_holders 6 they are withheld, the prefix moves."""
+    result, models, _ = _run("heterofl", *SECURE, "width_levels=[1.0, 0.5]",
+                             "secure_aggregation.min_holders=6", rounds=2)
+    report = result["rounds"][0]["secure_aggregation"]
+    assert report["committed"] and report["withheld_coordinates"] > 0
+    assert report["released_coordinates"] + report["withheld_coordinates"] == 199_210
+    before, after = models[1], models[2]  # client 0 runs at full width
+    hidden = before["layers.0.linear.weight"].to_dense(), after["layers.0.linear.weight"].to_dense()
+    assert np.array_equal(hidden[0][100:], hidden[1][100:])
+    assert not np.array_equal(hidden[0][:100], hidden[1][:100])
