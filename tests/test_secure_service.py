@@ -11,17 +11,23 @@ aborts the round and opens a new one; hostile stage messages are refused with a 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from coordinator.service import CoordinatorService, ServiceSettings
 from coordinator.service.states import RoundState
+from edge_sdk.agent import EdgeSettings
 from edge_sdk.checkpoint import load_checkpoint
 from edge_sdk.protocol import decode_envelope, encode_message, parse_header
 from edge_sdk.protocol.messages import SecAggHeader
+from harness.devices import start_edge_agent
 from harness.fleet import Harness
 from harness.messages import update_message
+from harness.processes import stop_processes
 
 SECURE = {"enabled": True, "clip_norm": 100.0,  # no noise; the clip above any change here
           "dropout_tolerance": 0.4}  # t = 2 of 3: one device may drop
@@ -180,3 +186,50 @@ def test_hostile_stage_messages_are_refused_with_the_reason_and_the_round_goes_o
     _stage(h, "unmask_request", "unmask")
     h.engine.tick()
     assert h.store.last_committed().number == 1
+
+
+def test_four_devices_over_mosquitto_commit_the_mean_with_one_killed_after_its_masked_input(
+        tmp_path, broker):
+    fleet, count, victim = "secure", 4, "secure-dev-2"
+    configs = [EdgeSettings(device_id=f"{fleet}-dev-{i}", broker=broker.url, fleet=fleet,
+                            state_dir=str(tmp_path / f"dev-{i}"), profile="catalogue:rpi4-4gb",
+                            max_samples=200, data={"clients": count, "device_index": i})
+               for i in range(count)]
+    devices = {c.device_id: start_edge_agent(c, tmp_path) for c in configs}
+    service = CoordinatorService(ServiceSettings.model_validate({
+        "strategy": "fedavg", "state_dir": str(tmp_path / "coordinator"), "http_port": 0,
+        "exit_when_done": True, "export": {"enabled": False}, "train": {"lr": 0.05},
+        "broker": {"url": broker.url, "fleet": fleet, "client_id": f"coordinator-{fleet}"},
+        "rounds": {"total": 1, "devices_per_round": count, "min_devices": count,
+                   "deadline_seconds": 40, "registration_grace_seconds": 0},
+        "secure_aggregation": {"enabled": True, "clip_norm": 100.0}}))  # t = 3 of 4
+    start = {k: v.astype(np.float64) for k, v in service.engine.global_state.items()}
+
+    def kill_after_masked_input(stage: str, device: str) -> None:
+        # In the engine's thread, before it asks anyone to unmask: the device dies for real.
+        if stage == "masked" and device == victim:
+            devices[victim].stop(signal.SIGKILL, timeout=10)
+    service.engine.secure.on_received = kill_after_masked_input
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        thread.join(110)
+        assert not thread.is_alive(), "the secure round did not finish in 110 s"
+    finally:
+        service.stopping.set()
+        stop_processes(devices.values())
+    assert devices[victim].exited() is not None
+    row = service.engine.store.last_committed()
+    assert row is not None and row.number == 1, service.engine.status()["rounds"]
+    summary = row.summary["secure_aggregation"]
+    assert summary["survivors"] == count and summary["recovered"] == [victim]
+    assert summary["dropped_at"]["unmask"] == [victim]
+    changes = {}
+    for config in configs:
+        trained = load_checkpoint(Path(config.state_dir) / "model.pt").state
+        changes[config.device_id] = {k: trained[k].numpy().astype(np.float64) - start[k]
+                                     for k in trained}
+    _assert_mean(service.engine.global_state, start, changes)
+    assert all(u.payload == b"" for u in service.engine.store.updates(1))
+    print("stage seconds (4 devices):", summary["stage_seconds"], "bytes:", summary["stage_bytes"],
+          "round seconds:", row.summary["seconds"])
