@@ -319,7 +319,7 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
                   f"{row.participants} updates, personal {row.personalized_accuracy:.4f}, global "
                   f"{row.global_accuracy:.4f}, {row.seconds:.1f} s" + (
                       "" if row.central_dp is None else
-                      f", eps {row.central_dp['epsilon']:.2f}"),
+                      f", eps {row.central_dp['epsilon']:.2f}") + _secure_note(row),
                   file=sys.stderr, flush=True)
     bar.close()
     return pipeline, global_state
@@ -346,6 +346,18 @@ def _taken(run: TaskRun, entry: dict, row: RoundResult) -> TaskOutcome:
         row.bytes_up += len(outcome.payload)
         entry.update(upload_bytes=len(outcome.payload), trained_samples=outcome.num_samples)
     return outcome
+
+
+def _secure_note(row: RoundResult) -> str:
+    """A round's secure aggregation in its progress line."""
+    report = row.secure_aggregation
+    if report is None:
+        return ""
+    if not report["committed"]:
+        return f", secure aggregation failed: {report['reason']}"
+    epsilon = report.get("epsilon")
+    return f", secure sum of {report['survivors']}" + (
+        "" if epsilon is None else f", eps {epsilon:.2f}")
 
 
 def _secure_combiner(secure_round, strategy: Strategy, global_state: dict,
