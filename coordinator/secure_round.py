@@ -45,7 +45,7 @@ from pydantic import Field, model_validator
 from edge_sdk.secagg import SecAggError, SecAggResult, SecAggServer
 from edge_sdk.secagg.accounting import effective_noise_multiplier, noise_for_epsilon
 from edge_sdk.secagg.discrete_gaussian import MAX_SIGMA
-from edge_sdk.secagg.params import default_degree, default_threshold
+from edge_sdk.secagg.params import default_degree
 from edge_sdk.secagg.quantize import QuantizeSettings, decode
 from edge_sdk.secure_update import SecureDevice, SecureLayout
 from edge_sdk.settings import Settings
@@ -87,7 +87,8 @@ class SecureAggregationSettings(Settings):
         if self.noise_multiplier is not None and self.target_epsilon is not None:
             raise ValueError("set secure_aggregation.noise_multiplier or "
                              "secure_aggregation.target_epsilon, not both")
-        if self.threshold is not None and self.threshold > 1 and self.threshold != int(self.threshold):
+        count = self.threshold is not None and self.threshold > 1
+        if count and self.threshold != int(self.threshold):
             raise ValueError("secure_aggregation.threshold: a fraction in (0.5, 1] of a device's "
                              f"neighbourhood, or a whole count of devices (got {self.threshold})")
         return self
@@ -241,8 +242,8 @@ def check_task(task: Any) -> None:
     """Refuses a plan whose upload would depend on the device's data (magnitude top-k)."""
     if task.plan.upload_keep < 1:
         raise SecureAggregationError(
-            f"secure_aggregation: device {task.device_index}'s plan uploads the {task.plan.upload_keep:g} "
-            "of entries that changed most, a support that depends on its data; secure aggregation "
+            f"secure_aggregation: device {task.device_index}'s plan uploads the "
+            f"{task.plan.upload_keep:g} of entries that changed most, a support that depends on its data; secure aggregation "
             "needs supports known before training (upload keep 1)")
 
 
@@ -362,7 +363,8 @@ class SecureRound:
         seconds["keys"] = time.perf_counter() - clock
         clock = time.perf_counter()
         for d, message in server.keys_messages().items():
-            server.receive_shares(up("shares", d, members[d].device.share_keys(down("keys", d, message))))
+            shares = members[d].device.share_keys(down("keys", d, message))
+            server.receive_shares(up("shares", d, shares))
         seconds["shares"] = time.perf_counter() - clock
         clock = time.perf_counter()
         for d, message in server.forward_messages().items():

@@ -120,7 +120,8 @@ def test_the_coordinator_never_holds_one_devices_update(fedavg_view):
     assert largest_other < 10_000 < min(v.size for _, v in inputs)
     # The one array the coordinator unmasks is the sum, mod 2**32, of the round's inputs.
     for number, outcome in enumerate(results):
-        round_inputs = [v.astype(np.uint64) for _, v in inputs[number * DEVICES:(number + 1) * DEVICES]]
+        round_inputs = [v.astype(np.uint64)
+                        for _, v in inputs[number * DEVICES:(number + 1) * DEVICES]]
         assert np.array_equal(outcome.sum, (sum(round_inputs) % 2**32).astype(np.uint32))
     # The results carry counts and settings, no array.
     def longest_list(node):
