@@ -73,6 +73,12 @@ def _print_summary(result: dict) -> None:
               f"{central['rounds']} rounds, each device's whole contribution (user-level; clip "
               f"{central['clip_norm']:g}, noise multiplier {central['noise_multiplier']:.3g}; "
               "dp-accounting RDP), against all but the coordinator")
+    secure = result["rounds"][-1].get("secure_aggregation") if result["rounds"] else None
+    if secure and secure.get("epsilon") is not None:
+        print(f"secure aggregation: epsilon {secure['epsilon']:.3f} at delta={secure['delta']} "
+              f"over the run, each device's whole update (user-level, distributed discrete "
+              f"Gaussian, {secure['bits']} bits; dp-accounting RDP), against everyone, the "
+              "coordinator included, which saw only sums")
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -134,7 +134,7 @@ def test_the_coordinator_never_holds_one_devices_update(fedavg_view):
     assert not any(re.search(r"(-?\d+(\.\d+)?[ ,]+){20}", line) for line in logged)
 
 
-def test_distributed_noise_at_a_generous_epsilon_learns_and_dropouts_commit():
+def test_distributed_noise_at_a_generous_epsilon_learns_and_dropouts_commit(capsys):
     """Epsilon 100 over the 3 rounds (at 50 the final accuracy ranged 0.44-0.62 over 5 runs, at 100
     0.57-0.66), noise sized for 7 shares; each round one device drops
     before its masked input (left out) and one after it (recovered from its neighbours' shares)."""
@@ -153,6 +153,12 @@ def test_distributed_noise_at_a_generous_epsilon_learns_and_dropouts_commit():
     assert result["rounds"][0]["secure_aggregation"]["epsilon"] < \
         result["rounds"][-1]["secure_aggregation"]["epsilon"]
     assert result["final"]["global_accuracy"] > 0.4  # chance: 0.1
+    from coordinator.cli import _print_summary  # what `fedprune simulate` prints of it
+
+    _print_summary(result)
+    last = result["rounds"][-1]["secure_aggregation"]
+    assert f"secure aggregation: epsilon {last['epsilon']:.3f} at delta=1e-05 over the run" \
+        in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overrides, message", [
