@@ -176,8 +176,14 @@ def test_hostile_stage_messages_are_refused_with_the_reason_and_the_round_goes_o
             device_id="dev-0", round=1, task=task, stage="keys"), payload))
     assert agent.unhandled == unhandled + 2
 
-    # The genuine stages still run to a commit.
+    # The genuine stages still run to a commit; a redelivered SETUP is answered with the same
+    # ADVERTISE (not new keys), which the coordinator, having it, refuses.
+    setup = [m for m in h.to_devices if h.topics.device_of(m[0]) == ("secagg_down", "dev-0")]
     _stage(h, "setup", "advertise")
+    agent.handle(*setup[0])
+    (again,) = h.take(h.to_coordinator, "secagg_up")
+    assert parse_header(decode_envelope(again[1])).stage.value == "advertise"
+    h.engine.handle(*again)
     h.engine.tick()
     _stage(h, "keys", "shares")
     h.engine.tick()

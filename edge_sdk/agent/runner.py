@@ -406,6 +406,10 @@ class EdgeAgent:
             raise SecAggError(f"no secure-aggregation state for task "
                               f"{task_key(header.round, header.task)} on this device (not "
                               "trained here, or it restarted since)")
+        digest = hashlib.sha256(payload).digest()
+        if task.answers.get(header.stage, (None,))[0] == digest:  # a QoS 1 redelivery
+            self.publish(self.topics.secagg_up(self.config.device_id), task.answers[header.stage][1])
+            return
         device, report = task.device, {}
         if header.stage == SecAggStage.SETUP:
             answer = device.setup(payload, _layout(payload, task.settings, device),
@@ -416,14 +420,15 @@ class EdgeAgent:
         elif header.stage == SecAggStage.FORWARD:
             answer, report = device.mask_input(payload), task.report
         else:
-            answer = device.unmask(payload)
-            self.secure = None  # the round's secrets are gone
+            answer = device.unmask(payload)  # the device's secrets are gone from here on
         stage = {SecAggStage.SETUP: SecAggStage.ADVERTISE, SecAggStage.KEYS: SecAggStage.SHARES,
                  SecAggStage.FORWARD: SecAggStage.MASKED,
                  SecAggStage.UNMASK_REQUEST: SecAggStage.UNMASK}[header.stage]
-        self.publish(self.topics.secagg_up(self.config.device_id), encode_message(SecAggHeader(
+        message = encode_message(SecAggHeader(
             device_id=self.config.device_id, round=header.round, task=header.task, stage=stage,
-            **report), answer))
+            **report), answer)
+        task.answers[header.stage] = (digest, message)
+        self.publish(self.topics.secagg_up(self.config.device_id), message)
         log.info("round %d: secure aggregation: answered %s (%d bytes)", header.round,
                  header.stage.value, len(answer))
 
@@ -609,6 +614,9 @@ class _SecureTask:
                  report: dict[str, Any]):
         self.round, self.task, self.settings, self.device, self.report = \
             round_number, task, settings, device, report
+        # stage received -> (sha256 of its payload, the answer sent): a redelivered stage message
+        # is answered again with the same bytes, never with new keys or a new masked input
+        self.answers: dict[SecAggStage, tuple[bytes, bytes]] = {}
 
 
 def _layout(setup: bytes, settings: SecureTask, device: SecureDevice) -> SecureLayout:
