@@ -96,6 +96,7 @@ def test_a_secure_round_commits_the_mean_and_recovers_a_device_lost_after_its_ma
     summary = row.summary["secure_aggregation"]
     assert summary["survivors"] == 3 and summary["recovered"] == ["dev-2"]
     assert row.summary["accepted"] == 3
+    assert row.summary["bytes_up"] == summary["bytes_up"] > 3 * 4 * 1_000_000  # 32-bit inputs
     _assert_mean(h.engine.global_state, start, _changes(h, start))
 
     # What the coordinator holds: no update stored, and no device's values in its log.

@@ -747,6 +747,8 @@ class RoundEngine:
                 epsilons.append(update.epsilon)
             if update.local_accuracy is not None:
                 local.append(update.local_accuracy)
+        if secure is not None:  # what the stages carried: the masked inputs, keys and shares
+            bytes_up += secure_summary["bytes_up"]
         new_state = combiner.result()
         path = self.state_dir / "checkpoints" / f"global-r{number:04d}.pt"
         checkpoint = Checkpoint(self.spec, {k: torch.from_numpy(v) for k, v in new_state.items()},
@@ -773,7 +775,8 @@ class RoundEngine:
                    "refused_by_reason": dict(Counter((t.reason or "").split(":")[0] for t in tasks.values()
                                                      if t.state == TaskState.REFUSED)),
                    "bytes_up": bytes_up,
-                   "bytes_down": sum(t.bytes_down for t in tasks.values()),
+                   "bytes_down": sum(t.bytes_down for t in tasks.values())
+                   + (secure_summary["bytes_down"] if secure is not None else 0),
                    "epsilon_max": max(epsilons) if epsilons else None,
                    "personalized_accuracy": float(np.mean(local)) if local else None,
                    "global_accuracy": global_accuracy,

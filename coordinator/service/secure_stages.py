@@ -246,6 +246,8 @@ class SecureStages:
                   "withheld_coordinates": int(np.count_nonzero((result.holders > 0)
                                                                & ~result.released)),
                   "noise_shares": result.min_released_holders, "stage_bytes": current.bytes,
+                  "bytes_up": sum(current.bytes.get(stage.value, 0) for stage in _ANSWERS.values()),
+                  "bytes_down": sum(current.bytes.get(stage.value, 0) for stage in _ANSWERS),
                   "stage_seconds": {**current.seconds,
                                     "decode": time.perf_counter() - started},
                   **self.run.spend(result.min_released_holders)}
