@@ -99,8 +99,17 @@ def test_a_secure_round_commits_the_mean_and_recovers_a_device_lost_after_its_ma
     assert row.summary["bytes_up"] == summary["bytes_up"] > 3 * 4 * 1_000_000  # 32-bit inputs
     _assert_mean(h.engine.global_state, start, _changes(h, start))
 
-    # What the coordinator holds: no update stored, and no device's values in its log.
+    # What the coordinator holds: no update stored, and no device's values in its database
+    # (bytes of any trained tensor or change) or its log.
     assert all(u.payload == b"" and u.bytes == 0 for u in h.store.updates(1))
+    database = (tmp_path / "db.sqlite").read_bytes()
+    for device, agent in h.agents.items():
+        trained = load_checkpoint(agent.state.root / "model.pt").state
+        for name, value in trained.items():
+            if value.numel() >= 16:
+                assert value.numpy().astype(np.float32).tobytes()[:64] not in database
+                change = (value.numpy().astype(np.float64) - start[name]).astype(np.float32)
+                assert change.tobytes()[:64] not in database
     log_text = caplog.text
     for change in _changes(h, start).values():
         for name, value in change.items():
