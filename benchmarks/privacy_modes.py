@@ -142,15 +142,14 @@ def spent(result: dict[str, Any]) -> tuple[float | None, str]:
     if result.get("privacy"):
         accountants = {p["accountant"] for p in result["privacy"]}
         return (max(p["epsilon"] for p in result["privacy"]),
-                f"device ledger ({', '.join(sorted(accountants))}), record-level, max over devices")
+                f"device {'/'.join(sorted(accountants)).upper()} ledger, record-level, max of the devices")
     central = [r["central_dp"] for r in result["rounds"] if r.get("central_dp")]
     if central:
-        return max(c["epsilon"] for c in central), "dp-accounting RDP, user-level"
+        return max(c["epsilon"] for c in central), "dp-accounting RDP, q = fraction, user-level"
     secure = [r[SECTION]["epsilon"] for r in result["rounds"]
               if (r.get(SECTION) or {}).get("epsilon") is not None]
     if secure:
-        return (max(secure), "dp-accounting RDP of the effective Gaussian (Kairouz et al.), "
-                "no sampling amplification, user-level")
+        return max(secure), "dp-accounting RDP, effective Gaussian, q = 1, user-level"
     return None, "-"
 
 
@@ -182,9 +181,13 @@ def report(out: Path, order: list[tuple[str, float | None, int]]) -> None:
           f"{train['lr']:g} momentum {train['momentum']:g}, batch {train['batch_size']}; "
           f"{host['nproc']} x {host['cpu']}, OMP_NUM_THREADS={host['omp_num_threads']}")
     print()
-    print("| mode | target eps | seeds | personalized acc % | global acc % | max eps spent "
-          "(accountant) | MB up + down / run | s / run |")
-    print("|---|---:|---:|---:|---:|---|---:|---:|")
+    baseline = groups.get(("none", None))
+    base = None if baseline is None else (
+        statistics.mean(r["final"]["personalized_accuracy"] for r in baseline),
+        statistics.mean(r["final"]["global_accuracy"] for r in baseline))
+    print("| mode | target eps | seeds | personalized acc % | vs no DP | global acc % | vs no DP "
+          "| max eps spent (accountant) | MB up + down / run | s / run |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for (mode, epsilon), runs in sorted(groups.items(), key=lambda kv: (
             MODES.index(kv[0][0]), -(kv[0][1] or 1e9))):
         personal = [r["final"]["personalized_accuracy"] for r in runs]
@@ -195,13 +198,16 @@ def report(out: Path, order: list[tuple[str, float | None, int]]) -> None:
         traffic = statistics.mean(r["final"]["bytes_up_total"] + r["final"]["bytes_down_total"]
                                   for r in runs) / 1e6
         seconds = statistics.mean(r["wall_seconds"] for r in runs)
+        gaps = ["" if base is None else f"{100 * (statistics.mean(v) - b):+.1f}"
+                for v, b in zip((personal, global_), base or (0, 0))]
         print(f"| {LABELS[mode]} | {'-' if epsilon is None else f'{epsilon:g}'} | {len(runs)} | "
-              f"{spread(personal)} | {spread(global_)} | {eps_text} | {traffic:.1f} | "
-              f"{seconds:.0f} |")
+              f"{spread(personal)} | {gaps[0]} | {spread(global_)} | {gaps[1]} | {eps_text} | "
+              f"{traffic:.1f} | {seconds:.0f} |")
     chance = statistics.mean(r["final"]["chance_accuracy"] for rs in groups.values() for r in rs)
     print()
     print(f"Chance (each device's majority class, mean): {100 * chance:.1f}%. "
-          "Spread: mean ± std over seeds (min-max).")
+          "Spread: mean ± std over seeds (min-max); 'vs no DP': points from the no-DP mean. "
+          "Seconds are wall time on shared cores (other jobs ran beside).")
     print()
     for mode in MODES:
         if any(m == mode for m, _ in groups):
