@@ -73,11 +73,14 @@ def device_class(index: int) -> str:
 
 
 def _edge_config(out: Path, device: str, index: int, devices: int, broker: str, fleet: str,
-                 epsilon: float, samples: int, data_dir: str | None) -> Path:
+                 epsilon: float, samples: int, data_dir: str | None,
+                 secure_aggregation: bool = False) -> Path:
+    """Under secure aggregation a device runs no DP-SGD (the distributed noise protects what it
+    sends), so it has no record-level budget of its own, which would refuse such tasks."""
     config = EdgeSettings(device_id=device, broker=broker, fleet=fleet,
                         state_dir=str((out / "edges" / device).resolve()),
                         profile=f"catalogue:{device_class(index)}",
-                        epsilon_budget=epsilon, max_samples=samples,
+                        epsilon_budget=None if secure_aggregation else epsilon, max_samples=samples,
                         data={"dataset": DATASET, "partition": PARTITION,
                               "clients": _clients(devices), "device_index": index,
                               "data_dir": data_dir})
@@ -162,7 +165,7 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
              json_out: str | None = None, out_dir: str = "runs/demo", epsilon: float = 8.0,
              samples: int = 1500, local_epochs: int = 1, data_dir: str | None = None,
              deadline: float = 120.0, model: str = MODEL, export: bool = False,
-             http_port: int = 0, hold: bool = False) -> dict:
+             http_port: int = 0, hold: bool = False, secure_aggregation: bool = False) -> dict:
     """`deadline` is the service's one round deadline: the planner sizes each device's transfer
     and local samples for it from the device's profile, and the coordinator closes the round at
     it in real time. The edge processes run at this machine's speed, not the profile's, so it is
@@ -174,7 +177,9 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
 
     `http_port`: the dashboard's and HTTP API's port on 127.0.0.1 (0: a free one; the address is
     printed). `hold`: keep the coordinator, its dashboard and the devices up after the last round
-    (the results are printed and written first) until Ctrl-C."""
+    (the results are printed and written first) until Ctrl-C. `secure_aggregation`: the same
+    demo under SecAgg+ with distributed discrete Gaussian noise at `epsilon` (user-level, for the
+    released models) instead of DP-SGD on each device."""
     started = time.monotonic()
     out = Path(out_dir)
     lock = _lock_run_folder(out)  # held while this function runs (closed when it returns)
@@ -195,7 +200,8 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = []
     for i, name in enumerate(names):
-        path = _edge_config(out, name, i, devices, url, fleet, epsilon, samples, data_dir)
+        path = _edge_config(out, name, i, devices, url, fleet, epsilon, samples, data_dir,
+                            secure_aggregation)
         log = open(out / "logs" / f"{name}.log", "w")
         procs.append(subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "run", "--config",
                                        str(path), "--new-state"], stdout=log, stderr=subprocess.STDOUT,
@@ -203,7 +209,8 @@ def run_demo(devices: int = 4, rounds: int = 3, broker: str | None = None,
     try:
         with _sigterm_as_interrupt():
             return _run(out, names, classes, procs, url, fleet, rounds, json_out, epsilon, samples,
-                        local_epochs, data_dir, deadline, model, export, started, http_port, hold)
+                        local_epochs, data_dir, deadline, model, export, started, http_port, hold,
+                        secure_aggregation)
     finally:
         for proc in procs:
             proc.terminate()
@@ -226,13 +233,15 @@ def say(text: str, indent: str = "") -> None:
 def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess.Popen], url: str,
          fleet: str, rounds: int, json_out: str | None, epsilon: float, samples: int,
          local_epochs: int, data_dir: str | None, deadline: float, model: str, export: bool,
-         started: float, http_port: int = 0, hold: bool = False) -> dict:
+         started: float, http_port: int = 0, hold: bool = False,
+         secure_aggregation: bool = False) -> dict:
     devices = len(names)
     shards = _shards(devices, samples, data_dir)
+    privacy = {"secure_aggregation": {"enabled": True, "target_epsilon": epsilon}} \
+        if secure_aggregation else {"dp": {"target_epsilon": epsilon, "max_grad_norm": 1.0}}
     learning = {"strategy": "fedp3", "model": model, "dataset": DATASET, "data_dir": data_dir,
                 "train": {"local_epochs": local_epochs, "lr": 0.05, "momentum": 0.5},
-                "dp": {"target_epsilon": epsilon, "max_grad_norm": 1.0},
-                "rounds": {"deadline_seconds": deadline}}
+                **privacy, "rounds": {"deadline_seconds": deadline}}
     fits = _expected_fits(ServiceSettings.model_validate(learning), classes, [n for n, _ in shards])
     selected = sum(fits)
     if selected == 0:
@@ -250,8 +259,11 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
     chance = {n: c for n, (_, c) in zip(names, shards)}
     trained_chance = float(np.mean([c for (_, c), f in zip(shards, fits) if f]))
     say(f"fedprune demo: {_count(devices, 'edge process', 'es')}, FedP3 on {DATASET} S1 "
-        f"({PARTITION}: each device holds 5 of the 10 classes), model {model}, DP-SGD epsilon <= "
-        f"{epsilon:g} per device, round deadline {deadline:g} s, {_count(rounds, 'round')}; "
+        f"({PARTITION}: each device holds 5 of the 10 classes), model {model}, "
+        + (f"secure aggregation with distributed noise, epsilon <= {epsilon:g} (user-level, "
+           "the released models)" if secure_aggregation else
+           f"DP-SGD epsilon <= {epsilon:g} per device")
+        + f", round deadline {deadline:g} s, {_count(rounds, 'round')}; "
         "waiting for the devices to register...")
     bar = tqdm(total=rounds, unit="round", desc=f"demo: {devices} devices", leave=False,
                disable=None)  # a bar on a terminal only; redirected, the round lines say it
@@ -328,7 +340,8 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
             print_plans()
         snapshot()
         summaries.append(summary)
-        eps = f"{summary['epsilon_max']:.2f}" if summary["epsilon_max"] is not None else "-"
+        epsilon_now = (summary.get("secure_aggregation") or {}).get("epsilon", summary["epsilon_max"])
+        eps = f"{epsilon_now:.2f}" if epsilon_now is not None else "-"
         personal = summary["personalized_accuracy"]
         tqdm.write(f"{summary['round']:>5} {summary['accepted']:>4}/{summary['selected']:<3} "
                    f"{summary['straggled']:>9} {summary['refused'] + summary['rejected']:>7} "
@@ -427,7 +440,12 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
               "database": config.database_url, "logs": str(out / "logs"),
               "privacy": {"epsilon_budget": epsilon, "delta": config.dp.delta,
                           "accountant": f"Opacus {config.dp.accountant.upper()}",
-                          "unit": "record-level, per device, over all rounds"}}
+                          "unit": "record-level, per device, over all rounds"}
+              if not secure_aggregation else
+              {"target_epsilon": epsilon, "delta": config.secure_aggregation.delta,
+               "accountant": "dp-accounting RDP (distributed discrete Gaussian)",
+               "unit": "user-level, the released models, over all rounds",
+               "epsilon": summaries[-1]["secure_aggregation"]["epsilon"] if summaries else None}}
     if summaries:
         tqdm.write("")
         say(
@@ -435,10 +453,14 @@ def _run(out: Path, names: list[str], classes: list[str], procs: list[subprocess
             f"{_fmt(final['personalized_accuracy'])} (each device's own model, own test split; "
             f"chance {trained_chance:.2f}), global model {_fmt(final['global_accuracy'])} on the "
             f"official test set (chance 0.10); {final['updates_aggregated']} updates aggregated, "
-            f"{final['updates_lost']} lost ({final['straggled']} straggled); epsilon per device: "
-            + ", ".join(f"{d['id']} {d['epsilon']:.2f}" for d in result["devices"]
-                        if d.get("epsilon") is not None)
-            + f" (budget {epsilon:g}, delta {config.dp.delta})")
+            f"{final['updates_lost']} lost ({final['straggled']} straggled); "
+            + (f"secure aggregation: epsilon {_fmt(summaries[-1]['secure_aggregation']['epsilon'], 2)}"
+               f" of {epsilon:g} for the released models (user-level, delta "
+               f"{config.secure_aggregation.delta})" if secure_aggregation else
+               "epsilon per device: " + ", ".join(f"{d['id']} {d['epsilon']:.2f}"
+                                                   for d in result["devices"]
+                                                   if d.get("epsilon") is not None)
+               + f" (budget {epsilon:g}, delta {config.dp.delta})"))
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2))
