@@ -12,7 +12,13 @@ fraction, local training and delta. The modes:
             from each download (`dp.personal_model = "fine_tuned"`, the default);
 - central:  user-level DP-FedAvg at a trusted coordinator (`[central_dp]`);
 - secagg:   secure aggregation with distributed discrete Gaussian noise (`[secure_aggregation]`),
-            run only when this checkout's configuration has that section.
+            run only when this checkout's configuration has that section;
+- alone:    a reference, not a mode: every device trains alone without DP (`strategy = "local"`),
+            drawn as often and training as long as in the others; what a personal model reaches
+            with nothing from the federation;
+- clip:     a reference, not a mode: `split` with a noise multiplier of 0.001, so DP-SGD clips
+            each example's gradient and samples batches as in the DP modes but adds almost no
+            noise: which part of DP-SGD's loss is the clipping and which the noise.
 
 A cell's epsilon is the mode's target over the run (at delta 1e-5). The cells are ordered by
 priority: epsilon 8 for every mode and every seed, then epsilon 1 and 4 on the first seed, then
@@ -44,11 +50,14 @@ from typing import Any
 
 from coordinator.config import SimulationSettings, load_config
 
-MODES = ("none", "local", "split", "central", "secagg")
+MODES = ("none", "local", "split", "central", "secagg", "alone", "clip")
+NO_DP = ("none", "alone", "clip")  # cells without a target epsilon
 LABELS = {"none": "no DP", "local": "local DP as before (DP-SGD, personal = DP-trained)",
           "split": "DP where it protects (DP-SGD sends, personal fine-tuned)",
           "central": "user-level central DP (DP-FedAvg, trusted coordinator)",
-          "secagg": "secure aggregation + distributed discrete Gaussian"}
+          "secagg": "secure aggregation + distributed discrete Gaussian",
+          "alone": "reference: each device trains alone, no DP (nothing sent)",
+          "clip": "reference: DP-SGD's clipping and sampling, noise multiplier 0.001"}
 # What each mode protects, from whom: one line each, printed under the table.
 PROTECTS = {
     "none": "nothing: the coordinator sees each device's update in the clear.",
@@ -64,6 +73,10 @@ PROTECTS = {
     "secagg": "all of a device's records at once (user-level), in every aggregate, from the "
               "coordinator (it learns only the noised sum), other devices and anyone who sees a "
               "global model, while enough devices of a round stay honest.",
+    "clip": "nothing (its epsilon is astronomical): it shows what DP-SGD's per-example clipping "
+            "and Poisson sampling cost without the noise.",
+    "alone": "everything, by sending nothing; there is no global model (its global accuracy is "
+             "the untrained initial model's).",
 }
 SECTION = "secure_aggregation"
 
@@ -80,6 +93,10 @@ def mode_overrides(mode: str, epsilon: float | None, delta: float, per_round: in
     that lost a device would withhold the whole model rather than release it under-noised."""
     if mode == "none":
         return []
+    if mode == "alone":
+        return ["strategy=local"]
+    if mode == "clip":
+        return ["dp.noise_multiplier=0.001", f"dp.delta={delta}", 'dp.personal_model="fine_tuned"']
     if mode in ("local", "split"):
         personal = "dp_trained" if mode == "local" else "fine_tuned"
         return [f"dp.target_epsilon={epsilon}", f"dp.delta={delta}",
@@ -96,10 +113,10 @@ def cells(modes: list[str], epsilons: list[float], seeds: list[int],
     once a seed), then the others on the first seed, then on the rest."""
     order: list[tuple[str, float | None, int]] = []
     for seed in seeds:
-        order += [(m, None if m == "none" else first, seed) for m in modes]
+        order += [(m, None if m in NO_DP else first, seed) for m in modes]
     for batch in ([seeds[0]], seeds[1:]):
         for seed in batch:
-            order += [(m, e, seed) for e in epsilons if e != first for m in modes if m != "none"]
+            order += [(m, e, seed) for e in epsilons if e != first for m in modes if m not in NO_DP]
     return order
 
 
@@ -219,7 +236,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--set", dest="base", action="append", default=None,
-                        help="a setting every cell shares (key=value); repeatable")
+                        help="a setting every cell shares, over the budget's (key=value); "
+                             "repeatable")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--epsilons", default="8,4,1")
     parser.add_argument("--seeds", default="0,1,2")
@@ -230,7 +248,7 @@ def main() -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--out", default="benchmarks/results/privacy_modes")
     args = parser.parse_args()
-    args.base = args.base if args.base is not None else BASE
+    args.base = BASE + (args.base or [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     modes = [m for m in args.modes.split(",") if m]
