@@ -266,7 +266,8 @@ def _demo(args: argparse.Namespace) -> int:
     result = run_demo(devices=args.devices, rounds=args.rounds, broker=args.broker,
                       json_out=args.json_out, out_dir=args.out, epsilon=args.epsilon,
                       samples=args.samples, data_dir=args.data_dir, export=args.export,
-                      http_port=args.http_port, hold=args.hold)
+                      http_port=args.http_port, hold=args.hold,
+                      secure_aggregation=args.secure_aggregation)
     rounds = result["rounds"]
     if len(rounds) < args.rounds:
         print(f"demo stopped after {len(rounds)} of {args.rounds} rounds; logs in {result['logs']}",
@@ -465,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--http-port", type=port_number, default=0, metavar="PORT",
                       help="the fleet dashboard's port on 127.0.0.1 (default: a free one; the "
                            "address is printed when the coordinator starts)")
+    demo.add_argument("--secure-aggregation", action="store_true",
+                      help="run the rounds under secure aggregation (SecAgg+) with distributed "
+                           "discrete Gaussian noise at --epsilon, user-level, instead of DP-SGD "
+                           "on each device: the coordinator learns only each round's noised sum")
     demo.add_argument("--hold", action="store_true",
                       help="keep the dashboard (and the coordinator and devices) up after the last "
                            "round, until Ctrl-C")

@@ -742,7 +742,7 @@ class RoundEngine:
                 combiner.add(self.pipeline.intake(self._task_for(tasks[update.device]),
                                                   update.payload), update.weight)
             contributions.append(f"{update.device}/{update.task}")
-            bytes_up += update.bytes
+            bytes_up += update.bytes if secure is None else 0  # secure: counted by its stages
             if update.epsilon is not None:
                 epsilons.append(update.epsilon)
             if update.local_accuracy is not None:
@@ -845,7 +845,7 @@ class RoundEngine:
             try:
                 self.store.accept_update(current.number, header.device_id, header.task, b"",
                                          task.aggregation_weight, header.num_samples,
-                                         header.epsilon, header.local_accuracy)
+                                         header.epsilon, header.local_accuracy, size=len(payload))
             except RoundClosed:
                 return
             log.info("round %d: masked input of %s added to the sum", current.number,

@@ -414,8 +414,10 @@ class Store:
     # --- updates ---------------------------------------------------------------------------
     def accept_update(self, round_number: int, device: str, task: str, payload: bytes, weight: float,
                       num_samples: int, epsilon: float | None,
-                      local_accuracy: float | None = None) -> bool:
-        """Store an update and mark its task accepted, atomically. False: already stored;
+                      local_accuracy: float | None = None, size: int | None = None) -> bool:
+        """Store an update and mark its task accepted, atomically. `size`: the bytes it took on
+        the wire, when `payload` is not what was sent (a secure round's masked input is summed
+        on arrival and stored as nothing). False: already stored;
         IllegalTransition (nothing stored): the task cannot be accepted (missing); RoundClosed
         (nothing stored): the round is no longer collecting."""
         now = time.time()
@@ -429,7 +431,8 @@ class Store:
                     raise RoundClosed(f"round {round_number} is {state}")
                 s.add(UpdateRow(round=round_number, device=device, task=task, payload=payload,
                                 weight=weight, num_samples=num_samples, epsilon=epsilon,
-                                local_accuracy=local_accuracy, bytes=len(payload), received_at=now))
+                                local_accuracy=local_accuracy,
+                                bytes=len(payload) if size is None else size, received_at=now))
                 s.flush()
                 row = s.get(TaskRow, (round_number, device))
                 row.state, row.answered_at = task_transition(row.state, TaskState.ACCEPTED), now
