@@ -307,7 +307,7 @@ class SecureRound:
             return None, report
         if observe is not None:
             observe("coordinator", "result", None, result)
-        mean = self._mean(result)
+        mean = self.run.mean(self.global_state, result)
         withheld = int(np.count_nonzero((result.holders > 0) & ~result.released))
         report.update(committed=True, dropped_before_input=dropped[0],
                       dropped_after_input=dropped[1], recovered=len(dropped[1]),
@@ -328,15 +328,8 @@ class SecureRound:
     def _stages(self, observe: ServerObserver | None):
         members = self.members
         names = sorted(members)
-        n = len(names)
-        degree = default_degree(n)
-        threshold = self.run.settings.threshold_for(degree + 1)
-        self.run.threshold_used = threshold
-        self.neighbourhood = degree + 1
-        min_holders = min(self.run.settings.min_holders, n)
-        server = SecAggServer({d: members[d].layout.support for d in names}, self.run.dim,
-                              bits=self.run.quantize.bits, threshold=threshold, degree=degree,
-                              min_holders=min_holders)
+        server = self.run.server_for({d: members[d].layout.support for d in names})
+        self.neighbourhood = default_degree(len(names)) + 1
         before, after = _dropouts(names, self.run.settings, self.run.rng)
         seconds: dict[str, float] = {}
         sizes = {stage: 0 for stage in ("setup", "advertise", "keys", "shares", "forward",
@@ -383,16 +376,6 @@ class SecureRound:
         seconds["unmasking"] = time.perf_counter() - clock
         return result, {"bytes": sizes, "seconds": seconds}, (sorted(before), sorted(after))
 
-    def _mean(self, result: SecAggResult) -> SecureAggregate:
-        """The decoded sum over each released coordinate's holders, per global tensor."""
-        total = decode(result.sum, self.run.quantize)
-        change = np.zeros(self.run.dim, np.float64)
-        on = result.released
-        change[on] = total[on] / result.holders[on]
-        offsets = global_offsets(self.global_state)
-        return SecureAggregate({name: change[offsets[name]:offsets[name] + np.asarray(v).size]
-                                for name, v in self.global_state.items()})
-
 
 def device_id(device_index: int) -> str:
     return f"device-{device_index:06d}"
@@ -426,6 +409,27 @@ class SecureAggregation:
 
     def round(self, global_state: Mapping[str, np.ndarray]) -> SecureRound:
         return SecureRound(self, global_state)
+
+    def server_for(self, supports: Mapping[str, np.ndarray]) -> SecAggServer:
+        """The round's server over these devices' supports: SecAgg+'s degree for their number,
+        the threshold the settings give its neighbourhoods, min_holders at most the devices.
+        The simulator's driver and the service's stages both open their round with it."""
+        n = len(supports)
+        degree = default_degree(n)
+        self.threshold_used = self.settings.threshold_for(degree + 1)
+        return SecAggServer(supports, self.dim, bits=self.quantize.bits,
+                            threshold=self.threshold_used, degree=degree,
+                            min_holders=min(self.settings.min_holders, n))
+
+    def mean(self, global_state: Mapping[str, np.ndarray], result: SecAggResult) -> SecureAggregate:
+        """The decoded sum over each released coordinate's holders, per global tensor."""
+        total = decode(result.sum, self.quantize)
+        change = np.zeros(self.dim, np.float64)
+        on = result.released
+        change[on] = total[on] / result.holders[on]
+        offsets = global_offsets(global_state)
+        return SecureAggregate({name: change[offsets[name]:offsets[name] + np.asarray(v).size]
+                                for name, v in global_state.items()})
 
     def spend(self, shares: int) -> dict[str, Any]:
         """Records a committed round with `shares` noise shares behind its least-held released

@@ -35,10 +35,9 @@ from edge_sdk.protocol.envelope import EnvelopeError
 from edge_sdk.protocol.messages import (SecAggHeader, SecAggStage, SecureTask, SecureTensor,
                                         check_secagg_payload)
 from edge_sdk.secagg import SecAggError, SecAggResult, SecAggServer
-from edge_sdk.secagg.params import default_degree
 
 from ..secure_round import (SecureAggregate, SecureAggregation, SecureAggregationError,
-                            SecureRound, check_task, global_offsets, layout_of)
+                            check_task, global_offsets, layout_of)
 from .states import TaskState
 
 log = logging.getLogger("fedprune.coordinator")
@@ -122,13 +121,7 @@ class SecureStages:
                         f"secure_aggregation: {device}'s tensor {name} maps to global coordinates "
                         "out of order; the device could not place its entries from its support")
             supports[device] = layout.support
-        n = len(supports)
-        degree = default_degree(n)
-        threshold = self.settings.threshold_for(degree + 1)
-        self.run.threshold_used = threshold
-        server = SecAggServer(supports, self.run.dim, bits=self.run.quantize.bits,
-                              threshold=threshold, degree=degree,
-                              min_holders=min(self.settings.min_holders, n))
+        server = self.run.server_for(supports)
         self.round = _Round(number, dict(task_ids), server, deadline,
                             STAGE_FRACTION * deadline_seconds)
 
@@ -235,7 +228,7 @@ class SecureStages:
         self.run.history = [(1.0, s["secure_aggregation"]["noise_multiplier"])
                             for s in committed_summaries
                             if (s or {}).get("secure_aggregation", {}).get("noise_multiplier")]
-        mean = SecureRound(self.run, global_state)._mean(result)
+        mean = self.run.mean(global_state, result)
         report = {"devices": len(current.tasks), "bits": self.run.quantize.bits,
                   "threshold": self.run.threshold_used, "survivors": len(result.survivors),
                   "dropped_before_input": list(result.dropped),
