@@ -191,7 +191,8 @@ def report(out: Path, order: list[tuple[str, float | None, int]]) -> None:
     sample = next(iter(groups.values()))[0]
     config, host = sample["config"], sample["benchmark"]["machine"]
     train = config["train"]
-    print(f"{config['clients']} devices, {config['fraction']:g} of them a round, "
+    print(f"{config['clients']} devices, {max(1, round(config['fraction'] * config['clients']))} "
+          f"of them a round, "
           f"{config['rounds']} rounds, {config['strategy']}, {config['model']}, "
           f"{config['dataset']} {config['partition']}, max_client_samples "
           f"{config['max_client_samples']}, {train['local_epochs']} local epoch(s), SGD lr "
@@ -210,8 +211,9 @@ def report(out: Path, order: list[tuple[str, float | None, int]]) -> None:
         personal = [r["final"]["personalized_accuracy"] for r in runs]
         global_ = [r["final"]["global_accuracy"] for r in runs]
         eps = [spent(r) for r in runs]
-        eps_text = "-" if eps[0][0] is None else \
-            f"{max(e for e, _ in eps):.2f} ({eps[0][1]})"
+        most = max(e for e, _ in eps) if eps[0][0] is not None else None
+        eps_text = "-" if most is None else \
+            f"{most:.2f} ({eps[0][1]})" if most < 1000 else f"{most:.1e} ({eps[0][1]})"
         traffic = statistics.mean(r["final"]["bytes_up_total"] + r["final"]["bytes_down_total"]
                                   for r in runs) / 1e6
         seconds = statistics.mean(r["wall_seconds"] for r in runs)
