@@ -124,6 +124,16 @@ def slug(mode: str, epsilon: float | None, seed: int) -> str:
     return f"{mode}_eps{epsilon:g}_seed{seed}" if epsilon is not None else f"{mode}_seed{seed}"
 
 
+def commit() -> str | None:
+    """The checkout's HEAD: other work lands while a long grid runs, and a default it relies on
+    may change under it (dp.personal_epochs did)."""
+    import subprocess
+
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent, check=False)
+    return done.stdout.strip() or None
+
+
 def machine() -> dict[str, Any]:
     model = next((line.split(":", 1)[1].strip() for line in
                   Path("/proc/cpuinfo").read_text().splitlines()
@@ -145,7 +155,8 @@ def run_cell(args: argparse.Namespace, mode: str, epsilon: float | None, seed: i
     started, host = time.perf_counter(), machine()
     result = run_simulation(config, progress=False).to_dict()
     result["wall_seconds"] = time.perf_counter() - started
-    result["benchmark"] = {"mode": mode, "epsilon": epsilon, "seed": seed, "machine": host}
+    result["benchmark"] = {"mode": mode, "epsilon": epsilon, "seed": seed, "machine": host,
+                           "commit": commit()}
     result.pop("clients", None)
     path.write_text(json.dumps(result))
     print(f"[{time.strftime('%H:%M:%S')}] done {path.stem}: personal "
@@ -271,7 +282,9 @@ def main() -> None:
 
 # The budget every cell shares (BENCHMARKS.md section 15 says why these numbers).
 BASE = ["strategy=fedavg", "dataset=fashion-mnist", 'partition="classes:5"', "model=mlp",
-        "fraction=0.2", "max_client_samples=500", "train.local_epochs=2", "train.momentum=0.9"]
+        "fraction=0.2", "max_client_samples=500", "train.local_epochs=2", "train.momentum=0.9",
+        # the default when the grid ran; ffc1d24 made it 6 (`--set dp.personal_epochs=6`)
+        "dp.personal_epochs=3"]
 
 
 if __name__ == "__main__":
