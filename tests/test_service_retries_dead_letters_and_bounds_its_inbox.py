@@ -56,7 +56,8 @@ def _failing_fast(db_url: str) -> str:
     return f"{db_url}?options=-c%20lock_timeout%3D200"
 
 
-def _service(h: Harness, broker: Mosquitto, name: str, **retry) -> CoordinatorService:
+def _service(h: Harness, broker: Mosquitto, name: str, wait_subscribed: bool = True,
+             **retry) -> CoordinatorService:
     changes = {"broker": h.config.broker.model_copy(update={"url": broker.url, "client_id": name})}
     if retry:
         changes["retry"] = h.config.retry.model_copy(update=retry)
@@ -64,6 +65,11 @@ def _service(h: Harness, broker: Mosquitto, name: str, **retry) -> CoordinatorSe
     service = CoordinatorService(config)
     service.start()
     assert _next(service)[0] == ""  # connected (the RECONNECTED marker)
+    # ...and subscribed: a device's message sent now is not published before the SUBSCRIBE (under
+    # load it was, and never arrived)
+    # (not where retained messages fill the inbox first: paho reads the SUBACKs behind them)
+    if wait_subscribed:
+        wait_until(lambda: service.link.subscribed, 30, "the broker to acknowledge the subscriptions")
     return service
 
 
@@ -204,7 +210,7 @@ def test_retained_state_past_the_inbox_limit_waits_in_the_broker_and_is_all_deli
     device = _device(broker, "dev-0")
     for i, topic in enumerate(topics):
         device.client.publish(topic, f"status {i}".encode(), qos=1, retain=True).wait_for_publish(30)
-    service = _service(h, broker, f"retained-{tag}")
+    service = _service(h, broker, f"retained-{tag}", wait_subscribed=False)
     try:
         # Full at 10 (the connection marker taken off may free a place a waiting delivery takes).
         wait_until(lambda: service.link.counters["inbox_full"] >= 1 and service.link.inbox.qsize() == 10,

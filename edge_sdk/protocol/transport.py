@@ -477,6 +477,13 @@ class MqttTransport:
         with self.inbox.not_full:
             self.inbox.not_full.notify_all()
 
+    @property
+    def subscribed(self) -> bool:
+        """Connected, and the broker has acknowledged every subscription made on connecting:
+        from now on a message another client publishes on them reaches this one. (`connected`
+        and the RECONNECTED marker come with CONNACK, a moment before the SUBACKs.)"""
+        return self.connected.is_set() and not self._own_subscriptions
+
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
         if mid not in self._own_subscriptions:
             with self._subacked:
