@@ -335,19 +335,22 @@ class SecureRound:
         sizes = {stage: 0 for stage in ("setup", "advertise", "keys", "shares", "forward",
                                         "masked", "unmask_request", "unmask")}
 
-        def down(stage: str, device: str, message: bytes) -> bytes:
+        def relay(stage: str, device: str, message: bytes, sent: bool) -> bytes:
+            """A message passing the coordinator, counted (`sent`: to the device) and observed."""
             sizes[stage] += len(message)
-            members[device].down += len(message)
+            if sent:
+                members[device].down += len(message)
+            else:
+                members[device].up += len(message)
             if observe is not None:
                 observe("coordinator", stage, device, message)
             return message
 
+        def down(stage: str, device: str, message: bytes) -> bytes:
+            return relay(stage, device, message, sent=True)
+
         def up(stage: str, device: str, message: bytes) -> bytes:
-            sizes[stage] += len(message)
-            members[device].up += len(message)
-            if observe is not None:
-                observe("coordinator", stage, device, message)
-            return message
+            return relay(stage, device, message, sent=False)
 
         clock = time.perf_counter()
         for d in names:

@@ -55,11 +55,7 @@ class PrivacyLedger:
     def epsilon(self, extra: list[tuple[float, float, int]] | None = None) -> float:
         if self.accountant == "rdp":
             return self._rdp_epsilon(extra or [])
-        # Steps at the same (noise, rate) compose additively, so merging them is exact and keeps
-        # the cost of an epsilon query independent of how many rounds the device has done.
-        merged: dict[tuple[float, float], int] = {}
-        for sigma, rate, steps in self.history + (extra or []):
-            merged[(sigma, rate)] = merged.get((sigma, rate), 0) + steps
+        merged = _merged(self.history + (extra or []))
         if not merged:
             return 0.0
         from opacus.accountants import create_accountant
@@ -185,13 +181,19 @@ def _epsilon_with(ledger: PrivacyLedger, rate: float, steps: int):
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
     orders = list(SEARCH_ORDERS)
-    merged: dict[tuple[float, float], int] = {}
-    for sigma, q, n in ledger.history:
-        merged[(sigma, q)] = merged.get((sigma, q), 0) + n
     spent = sum(compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=orders)
-                for (sigma, q), n in merged.items())
+                for (sigma, q), n in _merged(ledger.history).items())
 
     def epsilon(sigma: float) -> float:
         rdp = spent + compute_rdp(q=rate, noise_multiplier=sigma, steps=steps, orders=orders)
         return float(get_privacy_spent(orders=orders, rdp=rdp, delta=ledger.delta)[0])
     return epsilon
+
+
+def _merged(history: list[tuple[float, float, int]]) -> dict[tuple[float, float], int]:
+    """Steps per (noise, rate): steps at the same pair compose additively, so merging them is
+    exact and keeps an epsilon query's cost independent of how many rounds repeated them."""
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, rate, steps in history:
+        merged[(sigma, rate)] = merged.get((sigma, rate), 0) + steps
+    return merged
