@@ -40,6 +40,7 @@ from .profile import (
     load_profile,
     parse_profile,
 )
+from .tiers import TIERS, tier_index, tier_of
 
 __all__ = [
     "CATALOGUE",
@@ -50,6 +51,7 @@ __all__ = [
     "REFERENCE_MODEL",
     "REFERENCE_SAMPLES_PER_S",
     "SUPPORTED_SCHEMA_VERSIONS",
+    "TIERS",
     "BatteryProfile",
     "CatalogueError",
     "ComputeProfile",
@@ -63,4 +65,6 @@ __all__ = [
     "parse_fleet_arg",
     "parse_profile",
     "sample_fleet",
+    "tier_index",
+    "tier_of",
 ]
