@@ -9,12 +9,18 @@ unequal fleet is placed with unequal resources. The data is not sent from the dr
 `NodeData` actor per node reads the dataset from that node's disk and partitions it once, and every
 device actor on the node takes its shard from there (through the node's object store).
 
+A user's model or data source named as `package.module:function` in the run's config is imported
+in each worker as the driver imported it: the config folders it came from go on the workers'
+PYTHONPATH (every node must see the project folder at the same path, as it sees the data) and
+each device actor allows the same model references.
+
 Imported only when `backend = "ray"` is chosen: the in-process path never imports ray.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +34,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from edge_sdk.client import LocalClient
 from edge_sdk.data import ClientData
 from edge_sdk.data.sources import DataSettings, federated_data
-from edge_sdk.models import ModelSpec
+from edge_sdk.models import ModelSpec, allow_reference
+from edge_sdk.models.registry import allowed_references
+from edge_sdk.references import reference_folders
 
 from ..rounds import Task
 from .base import (
@@ -76,8 +84,10 @@ class NodeData:
 class DeviceActor:
     """One simulated device: its `LocalClient`, for the whole run."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, references: tuple[str, ...]):
         torch.set_num_threads(threads)
+        for reference in references:  # the run's own models, as its config allowed them
+            allow_reference(reference)
         self.node = ray.get_runtime_context().get_node_id()
         self.local: LocalClient | None = None
 
@@ -103,6 +113,16 @@ class DeviceActor:
 
     def client(self) -> LocalClient:
         return self.local
+
+
+def _worker_environment() -> dict[str, Any]:
+    """Actor options that put the folders of the config's references on the workers' import
+    path (none without references: a runtime environment costs each worker a start)."""
+    folders = reference_folders()
+    if not folders:
+        return {}
+    path = os.pathsep.join([*folders, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {"runtime_env": {"env_vars": {"PYTHONPATH": path}}}
 
 
 def _warm_up() -> None:
@@ -211,15 +231,18 @@ class RayBackend(SimulationBackend):
                     "or RAY_AUTH_TOKEN)") from None
         self.threads = setup.threads or torch.get_num_threads()
         self.placements = place_devices(setup.resources, cluster_nodes())
+        environment = _worker_environment()
         self._data = {node: NodeData.options(
-                          scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                          scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                          **environment)
                       .remote(setup.data, setup.clients, setup.partition, setup.seed,
                               setup.max_client_samples)
                       for node in dict.fromkeys(p.node for p in self.placements)}
         self._actors = [DeviceActor.options(
                             num_cpus=p.num_cpus, memory=p.memory_bytes,
-                            scheduling_strategy=NodeAffinitySchedulingStrategy(p.node, soft=False))
-                        .remote(self.threads)
+                            scheduling_strategy=NodeAffinitySchedulingStrategy(p.node, soft=False),
+                            **environment)
+                        .remote(self.threads, allowed_references())
                         for p in self.placements]
         loading = [actor.load.remote(self._data[p.node], i, setup.train, setup.dp,
                                      setup.planned_rounds, setup.seed, setup.selection_rate)

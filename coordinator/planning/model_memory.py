@@ -54,7 +54,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from device_profiles.files import atomic_write
 from edge_sdk.models import ModelSpec
-from edge_sdk.models.registry import model_factory, reference_folders
+from edge_sdk.models.registry import model_factory
+from edge_sdk.references import reference_folders
 from edge_sdk.models.network import structure
 from edge_sdk.slicing import width_spec
 from edge_sdk.validation import describe, load_json

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from edge_sdk.models import ModelSpec
-from edge_sdk.models.registry import reference_folders
+from edge_sdk.references import reference_folders
 from edge_sdk.sizing import DevicePlan
 
 

@@ -14,23 +14,19 @@ same code installed; the structural digest (`structure.py`) is what proves they 
 
 from __future__ import annotations
 
-import importlib
-import re
-import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 
 from torch import nn
 
+from ..references import REFERENCE, ReferenceImportError, import_reference
 from .spec import SpecError
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
 ENTRY_POINT_GROUP = "fedprune.models"
-_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 _REGISTRY: dict[str, ModelFactory] = {}
-_FOLDERS: list[str] = []  # config folders references were imported from (`reference_folders`)
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -54,46 +50,21 @@ def allow_reference(reference: str, config_dir: str | Path | None = None) -> str
     """
     if reference in _REGISTRY:
         return reference
-    if not _REFERENCE.match(reference):
+    if not REFERENCE.match(reference):
         raise SpecError(f"model {reference!r} is neither a registered model ({', '.join(model_names())}) "
                         "nor a package.module:function reference")
-    module_name, function = reference.split(":")
-    folder = str(Path(config_dir).resolve()) if config_dir is not None else None
-    added = folder is not None and folder not in sys.path
-    if added:
-        sys.path.insert(0, folder)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        if not f"{module_name}.".startswith(f"{exc.name}."):  # it is there; an import in it failed
-            raise SpecError(f"model {reference!r}: importing {module_name} failed: "
-                            f"{type(exc).__name__}: {exc}") from None
-        raise SpecError(f"model {reference!r} cannot be loaded ({exc}); put {module_name}.py next "
-                        "to the config file or install the package that defines it") from None
-    except Exception as exc:  # the user's module failed while importing
-        raise SpecError(f"model {reference!r}: importing {module_name} failed: "
-                        f"{type(exc).__name__}: {exc}") from None
-    finally:
-        if added:
-            sys.path.remove(folder)
-    factory = getattr(module, function, None)
-    if factory is None:
-        where = getattr(module, "__file__", None) or module_name
-        raise SpecError(f"model {reference!r}: {where} has no {function!r}; name the function "
-                        "that builds the model")
-    if not callable(factory):
-        raise SpecError(f"model {reference!r} is not a function")
+        factory = import_reference(reference, config_dir, "model", "that builds the model")
+    except ReferenceImportError as exc:
+        raise SpecError(str(exc)) from None
     _REGISTRY[reference] = factory
-    if folder is not None and folder not in _FOLDERS:
-        _FOLDERS.append(folder)
     return reference
 
 
-def reference_folders() -> tuple[str, ...]:
-    """The config folders this process's references were imported from. A child process that
-    builds the same models (a memory rehearsal) needs them on its import path: the folder is on
-    this process's only while a reference is imported."""
-    return tuple(_FOLDERS)
+def allowed_references() -> tuple[str, ...]:
+    """The `package.module:function` models this process's configuration allowed: a worker
+    that builds this run's models (a Ray actor) allows the same ones."""
+    return tuple(name for name in _REGISTRY if REFERENCE.match(name))
 
 
 def _entry_points() -> dict[str, object]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from ...references import REFERENCE, ReferenceImportError, import_reference
 from ..locate import DataError
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from .settings import DataSettings
 
 ENTRY_POINT_GROUP = "fedprune.data_sources"
-_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 Part = Literal["train", "test"]
 # read(settings, part, skips): the records of the train data, or of the test data (None: the
@@ -99,8 +98,12 @@ def source_kind(name: str, config_dir: str | Path | None = None) -> SourceKind:
             raise DataError(f"data source {name!r} (entry point {ep.value}) fails to load: "  # type: ignore[attr-defined]
                             f"{type(exc).__name__}: {exc}") from None
         kind = target if isinstance(target, SourceKind) else function_kind(name, target)
-    elif _REFERENCE.match(name):
-        kind = function_kind(name, _import_reference(name, config_dir))
+    elif REFERENCE.match(name):
+        try:
+            target = import_reference(name, config_dir, "data source", "that returns a Dataset")
+        except ReferenceImportError as exc:
+            raise DataError(str(exc)) from None
+        kind = function_kind(name, target)
     else:
         raise DataError(f"unknown data source {name!r}; this machine has {', '.join(source_names())}, "
                         f"or name a function as package.module:function (an entry point of the "
@@ -109,23 +112,3 @@ def source_kind(name: str, config_dir: str | Path | None = None) -> SourceKind:
     return kind
 
 
-def _import_reference(reference: str, config_dir: str | Path | None) -> Callable:
-    module_name, attribute = reference.split(":")
-    folder = str(Path(config_dir).resolve()) if config_dir is not None else None
-    added = folder is not None and folder not in sys.path
-    if added:
-        sys.path.insert(0, folder)
-    try:
-        target = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise DataError(f"data source {reference!r} cannot be loaded ({exc}); put {module_name}.py "
-                        "next to the config file or install the package that defines it") from None
-    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
-        raise DataError(f"data source {reference!r}: importing {module_name} failed: "
-                        f"{type(exc).__name__}: {exc}") from None
-    finally:
-        if added:
-            sys.path.remove(folder)
-    if not callable(target):
-        raise DataError(f"data source {reference!r} is not a function")
-    return target
