@@ -86,7 +86,6 @@ def _plan(args: argparse.Namespace) -> int:
     from edge_sdk.sizing import DataSlice
     from edge_sdk.data import dataset_info
     from edge_sdk.models import model_spec
-    from edge_sdk.models.network import structure
 
     from .planning.memory import MemoryCoefficients
     from .planning.planner import PlannerSettings, plan_device
@@ -135,9 +134,6 @@ def _plan(args: argparse.Namespace) -> int:
               f"-> {verdict}")
         for choice, why in plan.decisions.items():
             print(f"  {choice}: {why}")
-        fixed = structure(base).fixed  # what DP-SGD needed changed in the user's network
-        if fixed:
-            print(f"  model: {args.model} is trained as changed for Opacus: {'; '.join(fixed)}")
     return 0 if plan.fits else 1
 
 

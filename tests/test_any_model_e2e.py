@@ -211,6 +211,7 @@ def headers(lines: list[str], kind: str) -> dict:
 @dataclass
 class Round:
     status: dict
+    devices: list  # the service's device views (GET /devices), each with its stored plan
     spec: ModelSpec                     # the coordinator's full model
     reasons: dict[str, str]             # device -> why its task was refused (the coordinator's)
     tasks: dict[str, TaskHeader]        # device -> the TASK it was sent, as the broker carried it
@@ -271,7 +272,10 @@ def run_round(root: Path, broker) -> Round:
             sub.wait(timeout=10)
             reader.join(10)
     store = service.engine.store
+    from coordinator.service.http_api import device_views
+
     return Round(status=service.engine.status(), spec=service.engine.spec,
+                 devices=device_views(store),
                  reasons={d: store.task(1, d).reason for d in ALL_DEVICES if store.task(1, d)},
                  tasks=headers(lines, "task"), refusals=headers(lines, "refusal"), states=states,
                  still_running=running,
@@ -296,6 +300,9 @@ def test_three_devices_train_the_users_model_at_their_widths_on_their_own_images
     assert status["messages"] == {"refused": 0, "failed": 0}
     planned = {d["id"]: d["width_ratio"] for d in status["devices"]}
     assert {d: planned[d] for d in DEVICES} == WIDTHS
+    # The service's plan records say what DP-SGD changed in the user's network, as `plan` does.
+    for view in fleet_round.devices:
+        assert re.search(r"\d+ BatchNorm2d replaced by \d+ GroupNorm", view.plan.decisions["model"])
     for device, width in WIDTHS.items():
         sent = width_spec(fleet_round.spec, width)
         task = fleet_round.tasks[device]     # what the broker carried to the device

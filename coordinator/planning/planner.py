@@ -24,6 +24,7 @@ from device_profiles import DeviceProfile
 from edge_sdk import codec
 from edge_sdk.sizing import DevicePlan, DataSlice
 from edge_sdk.models import ModelSpec, SpecError, build_model, model_names, model_spec, tensor_shapes
+from edge_sdk.models.network import structure
 from edge_sdk.pruning import is_prunable, magnitude_mask
 from edge_sdk.slicing import width_spec
 
@@ -117,6 +118,9 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
         ratio, physical, peak = fit.choice
     decisions["width"] = (fit.explain(memory_limit, profile.memory_available_bytes,
                                       settings.safety_margin) + f"; peak predicted by {memory.origin}")
+    fixed = structure(base).fixed  # every path that builds the model applies the same changes
+    if fixed:
+        decisions["model"] = f"trained as changed for Opacus's per-sample clipping: {'; '.join(fixed)}"
     spec = width_spec(base, ratio)
 
     transfer_limit = settings.deadline_seconds * settings.transfer_share
