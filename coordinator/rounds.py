@@ -52,7 +52,7 @@ def planner_settings(config: Any, strategy: Strategy, deadline_seconds: float) -
              if pruned_on_download(t, shapes[t.name])]
     return PlannerSettings(deadline_seconds=deadline_seconds, batch_size=config.train.batch_size,
                            local_epochs=config.train.local_epochs, dp=config.dp.enabled,
-                           momentum=config.train.momentum,
+                           momentum=config.train.momentum, optimizer=config.train.optimizer,
                            slicing=strategy.slicing or config.slicing,
                            max_download_keep=min(keeps, default=1.0),
                            download_dtype=strategy.download_dtype or config.codec.download_dtype,

@@ -81,6 +81,7 @@ def rehearse(plan: DevicePlan) -> dict[str, Any]:
                       plan.width_ratio)
     model = build_model(spec, seed=plan.data.seed)
     train = TrainSettings(local_epochs=1, batch_size=plan.batch_size, momentum=plan.momentum,
+                          optimizer=plan.optimizer,
                           physical_batch_size=plan.physical_batch_size)
     dp = DPSettings(noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm) \
         if plan.dp else None
@@ -102,7 +103,8 @@ def rehearse(plan: DevicePlan) -> dict[str, Any]:
 
 def rehearse_model(spec: ModelSpec, width: float, physical_batch: int, dp: bool,
                    steps: int = 2, seed: int = 0, batch_size: int | None = None,
-                   samples: int | None = None, momentum: float = 0.0) -> dict[str, Any]:
+                   samples: int | None = None, momentum: float = 0.0,
+                   optimizer: str = "sgd") -> dict[str, Any]:
     """`spec` at `width` trained on random inputs: DP-SGD with ghost clipping in physical
     batches of `physical_batch` (logical batch `batch_size`, by default max(LOGICAL_BATCH,
     physical_batch)), or plain SGD on batches of `batch_size` (default `physical_batch`);
@@ -121,7 +123,7 @@ def rehearse_model(spec: ModelSpec, width: float, physical_batch: int, dp: bool,
     model_spec(spec.name, spec.input_shape, spec.num_classes)  # registers a module:function name
     model = build_model(width_spec(spec, width), seed=seed)
     train = TrainSettings(local_epochs=1, batch_size=logical, physical_batch_size=physical_batch,
-                          momentum=momentum)
+                          momentum=momentum, optimizer=optimizer)
     started = time.perf_counter()
     report = train_locally(model, x, y, train, {}, seed=seed,
                            dp=DPSettings(noise_multiplier=1.0) if dp else None,
@@ -144,13 +146,14 @@ def rehearse_model(spec: ModelSpec, width: float, physical_batch: int, dp: bool,
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m edge_sdk.rehearsal '{"spec": {...}, "width": 0.5, "physical_batch": 8, "dp": true}'`
-    (optional: steps, seed, batch_size, samples, momentum).
+    (optional: steps, seed, batch_size, samples, momentum, optimizer).
 
     The coordinator's own child process: the spec comes from its configuration, so a
     `package.module:function` model name in it may be imported here.
     """
     args = json.loads((argv if argv is not None else sys.argv[1:])[0])
-    optional = {key: args[key] for key in ("steps", "seed", "batch_size", "samples", "momentum")
+    optional = {key: args[key] for key in ("steps", "seed", "batch_size", "samples", "momentum",
+                                           "optimizer")
                 if args.get(key) is not None}
     report = rehearse_model(ModelSpec.from_dict(args["spec"]), float(args["width"]),
                             int(args["physical_batch"]), bool(args["dp"]), **optional)

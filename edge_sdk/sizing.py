@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from device_profiles.files import atomic_write
 
+from .settings import OptimizerName
 from .validation import describe
 
 
@@ -53,6 +54,7 @@ class DevicePlan(BaseModel):
     noise_multiplier: float = Field(1.0, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
+    optimizer: OptimizerName = "sgd"
     download_dtype: Literal["fp32", "fp16"] = "fp32"
     download_keep: float = Field(1.0, gt=0, le=1)   # on weights the device does not upload
     upload_dtype: Literal["fp32", "fp16"] = "fp32"

@@ -228,3 +228,35 @@ def test_a_baseline_without_transfer_adaptation_is_held_to_the_deadline_only():
     fixed = plan_for(slowish, deadline_seconds=50, adapt_transfer=False, adapt_compute=False,
                      widths=(1.0,), local_samples=100)
     assert 25 < fixed.transfer_seconds < 50 and fixed.fits
+
+
+def test_each_optimizers_state_is_planned_and_covers_what_it_costs(monkeypatch):
+    """Issue 23: the memory model was calibrated on plain SGD and ignored what Adam keeps. Each
+    optimizer now declares the parameter-sized tensors it adds (OPTIMIZER_STATE), at least what
+    torch really keeps after a step, and Adam's plan, rehearsed in a fresh process, costs no
+    more over the same plan with plain SGD than the planner added for it."""
+    import torch
+
+    from edge_sdk.settings import TrainSettings
+    from edge_sdk.training.local import OPTIMIZER_STATE, OPTIMIZERS
+
+    for name, momentum in (("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0)):
+        layer = torch.nn.Linear(7, 5)
+        optimizer = OPTIMIZERS[name](list(layer.parameters()),
+                                     TrainSettings(optimizer=name, momentum=momentum))
+        layer(torch.ones(2, 7)).sum().backward()
+        optimizer.step()
+        kept = sum(1 for state in optimizer.state[layer.weight].values()
+                   if isinstance(state, torch.Tensor) and state.shape == layer.weight.shape)
+        assert kept <= OPTIMIZER_STATE[name](momentum), (name, momentum, kept)
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as calibrated
+    leaf = model_spec("leaf_cnn", (1, 28, 28), 10)  # 6.5 M parameters: the state is 26 MB a tensor
+    plans = {name: plan_device(with_memory(2_000_000_000), leaf, "leaf_cnn",
+                               PlannerSettings(optimizer=name, dp=False), COEFFS)
+             for name in ("sgd", "adam")}
+    assert plans["adam"].optimizer == "adam" and plans["adam"].width_ratio == 1.0
+    planned = plans["adam"].predicted_peak_bytes - plans["sgd"].predicted_peak_bytes
+    assert planned >= 4 * 4 * plans["adam"].parameters
+    peaks = {name: measure_rehearsal(plan, threads=2)[0] for name, plan in plans.items()}
+    assert 0 < peaks["adam"] - peaks["sgd"] <= planned, (peaks, planned)

@@ -178,7 +178,10 @@ def _materialises_per_sample_gradients(module: torch.nn.Module) -> bool:
 
 
 def predict_peak_bytes(spec: ModelSpec, physical_batch: int, local_samples: int,
-                       coefficients: MemoryCoefficients, per_sample_gradients: bool = False) -> int:
+                       coefficients: MemoryCoefficients, per_sample_gradients: bool = False,
+                       optimizer_state: int = 0) -> int:
+    """`optimizer_state`: tensors the size of the parameters the optimizer keeps between steps
+    (`OPTIMIZER_STATE`); the calibration is of plain SGD, which keeps none."""
     f = memory_features(spec)
     c = coefficients
     batch_terms = (c.activation_factor * f.saved_activation_bytes * physical_batch
@@ -188,7 +191,7 @@ def predict_peak_bytes(spec: ModelSpec, physical_batch: int, local_samples: int,
     else:
         moving = max(c.bytes_per_parameter * f.parameters + c.retained_fraction * batch_terms,
                      c.backward_bytes_per_parameter * f.parameters + batch_terms)
-    above_baseline = moving + 4 * f.input_elements * local_samples
+    above_baseline = moving + 4 * f.input_elements * local_samples + 4 * optimizer_state * f.parameters
     if per_sample_gradients:
         above_baseline += 4 * f.parameters * physical_batch
     # Upper bound, not a central estimate: the margin covers the spread of fresh rehearsals.
@@ -204,8 +207,10 @@ class MemoryModel:
     plain: MemoryCoefficients
     origin: str
 
-    def peak(self, spec: ModelSpec, physical_batch: int, local_samples: int, dp: bool = True) -> int:
-        return predict_peak_bytes(spec, physical_batch, local_samples, self.dp if dp else self.plain)
+    def peak(self, spec: ModelSpec, physical_batch: int, local_samples: int, dp: bool = True,
+             optimizer_state: int = 0) -> int:
+        return predict_peak_bytes(spec, physical_batch, local_samples, self.dp if dp else self.plain,
+                                  optimizer_state=optimizer_state)
 
     def runtime_bytes(self, dp: bool = True) -> int:
         """What any task needs before its model: the interpreter with torch (and Opacus under DP)

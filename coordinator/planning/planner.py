@@ -25,6 +25,7 @@ from edge_sdk import codec
 from edge_sdk.sizing import DevicePlan, DataSlice
 from edge_sdk.models import ModelSpec, SpecError, build_model, model_names, model_spec, tensor_shapes
 from edge_sdk.models.network import structure
+from edge_sdk.training.local import OPTIMIZER_STATE
 from edge_sdk.pruning import is_prunable, magnitude_mask
 from edge_sdk.slicing import width_spec
 
@@ -52,6 +53,7 @@ class PlannerSettings:
     local_epochs: int = 1
     dp: bool = True
     momentum: float = 0.0
+    optimizer: str = "sgd"
     slicing: str = "prefix"
     # The run's own settings bound the device's: the download keep never exceeds it (FedP3's
     # global_keep), and a run configured for fp16 is never planned at fp32.
@@ -69,6 +71,11 @@ class PlannerSettings:
     # Where a model's own memory rehearsals are kept (None: $FEDPRUNE_MEMORY_CACHE, else
     # ~/.cache/fedprune/memory); a coordinator passes a folder of its state dir.
     memory_cache: str | None = None
+
+
+def optimizer_state(settings: PlannerSettings) -> int:
+    """Tensors the size of the parameters the run's optimizer keeps between steps."""
+    return OPTIMIZER_STATE[settings.optimizer](settings.momentum)
 
 
 def memory_for(base: ModelSpec, settings: PlannerSettings,
@@ -107,7 +114,7 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
     if fit.choice is None:
         narrowest = settings.widths[-1]
         need = memory.peak(width_spec(base, narrowest), settings.min_physical_batch,
-                           settings.local_samples, settings.dp)
+                           settings.local_samples, settings.dp, optimizer_state(settings))
         runtime = runtime_refusal(memory, settings, profile.memory_available_bytes)
         reasons.append("memory: " + (runtime or (
             f"even width {narrowest} with physical batch {settings.min_physical_batch} needs "
@@ -156,6 +163,7 @@ def plan_device(profile: DeviceProfile, base: ModelSpec, model_name: str, settin
         device_id=profile.name, model=model_name, width_ratio=ratio, slicing=settings.slicing,
         batch_size=settings.batch_size, physical_batch_size=physical, local_steps=steps,
         local_samples=samples, dp=settings.dp, momentum=settings.momentum,
+        optimizer=settings.optimizer,
         download_dtype=link.down[0], download_keep=link.down[1], upload_dtype=link.up[0],
         upload_keep=link.up[1], parameters=footprint(spec).parameters,
         predicted_peak_bytes=peak, memory_limit_bytes=memory_limit, download_bytes=link.bytes_down,
@@ -193,7 +201,8 @@ def _fit_memory(base: ModelSpec, settings: PlannerSettings, memory: MemoryModel,
     for ratio in settings.widths:
         spec = width_spec(base, ratio)
         for physical in physical_options if settings.dp else physical_options[:1]:
-            peak = memory.peak(spec, physical, settings.local_samples, settings.dp)
+            peak = memory.peak(spec, physical, settings.local_samples, settings.dp,
+                               optimizer_state(settings))
             if peak <= memory_limit:
                 return _MemoryFit((ratio, physical, peak), rejected)
             rejected = (ratio, physical, peak)

@@ -49,7 +49,8 @@ def measure_rehearsal(plan: DevicePlan, threads: int | None = None,
                 "spec": spec.base.to_dict(), "width": plan.width_ratio,
                 "physical_batch": plan.physical_batch_size, "dp": plan.dp,
                 "batch_size": plan.batch_size, "samples": plan.local_samples,
-                "momentum": plan.momentum, "seed": plan.data.seed})]
+                "momentum": plan.momentum, "optimizer": plan.optimizer,
+                "seed": plan.data.seed})]
         child = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, env=env)
         out, err = child.communicate()
