@@ -17,7 +17,7 @@ import torch
 from edge_sdk.sizing import DevicePlan
 from edge_sdk.checkpoint import Checkpoint, CheckpointError
 from edge_sdk.runtime import BundleManifest
-from export import export_bundle
+from export import check_variants, export_bundle  # noqa: F401  (check_variants: the simulator)
 
 from .heldout import checkpoint_held_out, contract_extra, verification_batch
 from .slicing import width_slice

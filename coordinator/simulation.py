@@ -50,7 +50,7 @@ from .byzantine import attack
 from .central_dp import CentralDP, check_uploads
 from .combine import RoundCombiner
 from .config import SimulationSettings
-from .exporting import export_clients
+from .exporting import check_variants, export_clients
 from .planning.clock import task_time, time_to_accuracy
 from .planning.fleet import DeviceAssignment, plan_fleet
 from .rounds import RoundPipeline, Task, device_settings, dp_config, planner_settings
@@ -153,6 +153,8 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
     strategy = build_strategy(config, model_spec(config.model, source.info.input_shape,
                                                 source.info.num_classes))
     spec = strategy.spec  # a strategy may change the architecture (FedDP's gates)
+    if config.export_dir:  # refused now, not after the rounds
+        check_variants(spec, config.export_formats, config.export_precisions)
     dp = dp_config(config)
     central = None
     if config.central_dp.enabled:

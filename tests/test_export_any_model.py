@@ -238,6 +238,27 @@ def test_a_feddp_gated_submodel_exports_to_onnx_and_tflite_with_parity(mobilenet
         parity = manifest.artifact(fmt, "fp32").parity
         assert parity.samples == 128 and parity.max_abs_diff <= TOLERANCES["fp32"].bound(want)
         assert parity.top1_agreement >= TOLERANCES["fp32"].min_top1
+    # Reduced precision reorders near-tied saliencies (export/bundle.py, check_variants): such
+    # a variant is refused before anything is converted or written.
+    refused = tmp_path / "refused"
+    for precision in ("fp16", "int8"):
+        with pytest.raises(ExportError, match=f"FedDP-gated model exports at fp32 only, not {precision}"):
+            export_bundle(gated, refused, spec=spec, device_id="gated", verify_x=x,
+                          width_ratio=0.5, formats=("onnx",), precisions=("fp32", precision))
+    assert not refused.exists()
+
+
+def test_a_gated_run_asking_for_reduced_precision_exports_is_refused_before_its_rounds(tmp_path):
+    from coordinator.config import load_config
+    from coordinator.simulation import run_simulation
+
+    config = load_config(None, ["feddp.variant=gate", "export_precisions=[\"fp32\", \"fp16\"]"],
+                         strategy="feddp", model="fedp3_cnn", clients=2, rounds=1,
+                         max_client_samples=40, export_dir=str(tmp_path / "exports"))
+    tasks = []
+    with pytest.raises(ExportError, match="exports at fp32 only, not fp16"):
+        run_simulation(config, progress=False, observe=lambda *args: tasks.append(args))
+    assert tasks == [] and not (tmp_path / "exports").exists()
 
 
 def test_a_model_that_is_not_its_spec_or_inputs_of_another_shape_are_refused(mobilenet, digits,
