@@ -213,7 +213,8 @@ def _fleet_setup(config: SimulationSettings, fleet: list[DeviceAssignment] | Non
     return FleetSetup(config.data_settings, config.clients, config.partition,
                       config.seed, config.max_client_samples, config.train, dp_config(config),
                       config.rounds, config.device_threads, resources, config.ray_address,
-                      selection_rate=max(1, round(config.fraction * config.clients)) / config.clients)
+                      selection_rate=max(1, round(config.fraction * config.clients)) / config.clients,
+                      model=config.model)
 
 
 def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy: Strategy,

@@ -57,6 +57,7 @@ class FleetSetup:
     resources: tuple[DeviceResources, ...]
     ray_address: str | None = None
     selection_rate: float = 1.0    # devices per round / devices: sizes a target epsilon's noise
+    model: str = ""                # the run's model: a remote worker allows it if it is a reference
 
 
 @dataclass

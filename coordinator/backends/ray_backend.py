@@ -12,7 +12,7 @@ device actor on the node takes its shard from there (through the node's object s
 A user's model or data source named as `package.module:function` in the run's config is imported
 in each worker as the driver imported it: the config folders it came from go on the workers'
 PYTHONPATH (every node must see the project folder at the same path, as it sees the data) and
-each device actor allows the same model references.
+each device actor allows the run's model as the driver's config did.
 
 Imported only when `backend = "ray"` is chosen: the in-process path never imports ray.
 """
@@ -35,8 +35,7 @@ from edge_sdk.client import LocalClient
 from edge_sdk.data import ClientData
 from edge_sdk.data.sources import DataSettings, federated_data
 from edge_sdk.models import ModelSpec, allow_reference
-from edge_sdk.models.registry import allowed_references
-from edge_sdk.references import reference_folders
+from edge_sdk.references import REFERENCE, reference_folders
 
 from ..rounds import Task
 from .base import (
@@ -242,7 +241,7 @@ class RayBackend(SimulationBackend):
                             num_cpus=p.num_cpus, memory=p.memory_bytes,
                             scheduling_strategy=NodeAffinitySchedulingStrategy(p.node, soft=False),
                             **environment)
-                        .remote(self.threads, allowed_references())
+                        .remote(self.threads, (setup.model,) if REFERENCE.match(setup.model) else ())
                         for p in self.placements]
         loading = [actor.load.remote(self._data[p.node], i, setup.train, setup.dp,
                                      setup.planned_rounds, setup.seed, setup.selection_rate)

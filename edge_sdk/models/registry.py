@@ -61,12 +61,6 @@ def allow_reference(reference: str, config_dir: str | Path | None = None) -> str
     return reference
 
 
-def allowed_references() -> tuple[str, ...]:
-    """The `package.module:function` models this process's configuration allowed: a worker
-    that builds this run's models (a Ray actor) allows the same ones."""
-    return tuple(name for name in _REGISTRY if REFERENCE.match(name))
-
-
 def _entry_points() -> dict[str, object]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
