@@ -28,10 +28,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from device_profiles import DeviceProfile
+from device_profiles import DeviceProfile, parse_fleet_arg, sample_fleet
+from device_profiles.tiers import tier_index
 from edge_sdk.checkpoint import Checkpoint
 from edge_sdk.client import TaskOutcome
 from edge_sdk.data import ClientData
+from edge_sdk.data.partition import needs_groups
+from edge_sdk.data.partitioners import NEEDS_FLEET
 from edge_sdk.data.sources import federated_data
 from edge_sdk.models import build_model, model_spec
 from edge_sdk.models.cost import footprint, inference_macs
@@ -149,7 +152,12 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
     `observe_server`: sees every secure-aggregation message the coordinator sends or receives,
     and each round's unmasked result."""
     torch.manual_seed(config.seed)
-    source = federated_data(config.data_settings, config.clients, config.partition, config.seed)
+    tiers = None
+    if needs_groups(config.partition):  # data that follows the device: the fleet comes first
+        profiles = _tier_profiles(config, profiles)
+        tiers = [tier_index(p) for p in profiles]
+    source = federated_data(config.data_settings, config.clients, config.partition, config.seed,
+                            tiers)
     strategy = build_strategy(config, model_spec(config.model, source.info.input_shape,
                                                 source.info.num_classes))
     spec = strategy.spec  # a strategy may change the architecture (FedDP's gates)
@@ -204,6 +212,25 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
     finally:
         backend.close()
     return result
+
+
+def _tier_profiles(config: SimulationSettings,
+                   profiles: list[DeviceProfile] | None) -> list[DeviceProfile]:
+    """The fleet a tier partition groups by: the given profiles, or the ones `plan_fleet` would
+    sample for `config.fleet` (same size and seed), which _plan_fleet is then handed, so the
+    devices planned are exactly the devices the data followed."""
+    if config.backend != "inprocess":
+        raise ValueError(f"partition {config.partition!r}: a tier partition runs in-process only "
+                         f"for now (the {config.backend} backend's nodes partition without the "
+                         f"fleet's tiers); use backend = \"inprocess\"")
+    if profiles is None:
+        if not config.fleet:
+            raise ValueError(f"partition {config.partition!r} {NEEDS_FLEET}: set fleet "
+                             f"(e.g. fleet = \"catalogue\")")
+        profiles = sample_fleet(config.clients, parse_fleet_arg(config.fleet))
+    if len(profiles) != config.clients:
+        raise ValueError(f"{len(profiles)} profiles for {config.clients} clients")
+    return profiles
 
 
 def _fleet_setup(config: SimulationSettings, fleet: list[DeviceAssignment] | None) -> FleetSetup:

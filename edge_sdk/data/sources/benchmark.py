@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..datasets import DATASET_NAMES, load_dataset, to_tensor
-from ..partition import client_data_for, make_client_data, parse_partition
+from ..partition import client_data_for, make_client_data, needs_groups, parse_partition
 from .loaded import DataContract, DeviceData, FederatedData
 from .registry import SourceKind
 from .settings import DataSettings
@@ -24,7 +24,12 @@ def _check(settings: DataSettings) -> None:
     if settings.device_index >= settings.clients:
         raise ValueError(f"device_index: {settings.device_index} is not one of the "
                          f"{settings.clients} shards (0..{settings.clients - 1})")
-    parse_partition(settings.partition)
+    if needs_groups(parse_partition(settings.partition)):
+        # A device knows its own profile, not every other device's: the shards of a tier kind
+        # depend on the whole fleet's tiers, which only a simulation's planned fleet has.
+        raise ValueError(f"partition: {settings.partition!r} follows the fleet's device tiers, "
+                         f"which a device alone cannot know (tiers need the fleet): use it in a "
+                         f"simulation with a fleet, or give the device another partition")
 
 
 def device(settings: DataSettings) -> DeviceData:
@@ -35,9 +40,12 @@ def device(settings: DataSettings) -> DeviceData:
                       source.info.name)
 
 
-def federated(settings: DataSettings, clients: int, partition: str, seed: int) -> FederatedData:
+def federated(settings: DataSettings, clients: int, partition: str, seed: int,
+              groups=None) -> FederatedData:
+    """`groups`: each client's device tier, for the tier kinds (a simulation's planned fleet)."""
     source = load_dataset(settings.dataset, settings.data_dir)
-    shards = make_client_data(source, clients, partition, seed, 1 - settings.local_test_share)
+    shards = make_client_data(source, clients, partition, seed, 1 - settings.local_test_share,
+                              groups=groups)
     return FederatedData(source.info, shards, to_tensor(source.test_x, source.info),
                          torch.tensor(source.test_y))
 

@@ -4,7 +4,7 @@ A device reads its own source, skips what is unusable, and splits train/test its
 fixed seed (or takes its source's test data): nothing about the data leaves the device but
 counts. A simulation holds out its global test set first (`test_share` of the samples, unless
 the source has test data), partitions the rest across its clients with the partitioners of
-partition.py, and splits each shard locally the way a device would.
+partitioners/ (through partition.py), and splits each shard locally the way a device would.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 from ..datasets import DatasetInfo
 from ..locate import DataError
 from ..partition import ClientData, parse_partition, partition, train_test_split
+from ..partitioners import partitioner_kind
 from .loaded import DataContract, DeviceData, FederatedData
 from .records import Samples, SkipLog, collect, report
 from .registry import source_kind
@@ -38,15 +39,18 @@ def device_data(settings: DataSettings) -> DeviceData:
 
 
 def federated_data(settings: DataSettings, clients: int, partition_spec: str,
-                   seed: int) -> FederatedData:
+                   seed: int, groups: np.ndarray | list[int] | None = None) -> FederatedData:
     """One shard per client (split locally with `seed`, as partition.py's benchmark shards are)
-    and the global test set."""
+    and the global test set. `groups`: each client's device tier (0 = weakest), which the tier
+    partitions (data that follows the device) need; a simulation takes it from its fleet."""
     kind = source_kind(settings.source)
     if kind.federated is not None:
-        return kind.federated(settings, clients, partition_spec, seed)
+        if groups is None:  # a plug-in's federated() may predate groups
+            return kind.federated(settings, clients, partition_spec, seed)
+        return kind.federated(settings, clients, partition_spec, seed, groups=groups)
     spec = parse_partition(partition_spec)
     skips = SkipLog()
-    pool, test = _read(settings, skips, minimum=2, users=spec.kind == "natural")
+    pool, test = _read(settings, skips, minimum=2, users=partitioner_kind(spec.kind).needs_writers)
     if test is None:
         order = np.random.default_rng(settings.seed).permutation(len(pool.y))
         cut = min(max(1, round(settings.local_test_share * len(order))), len(order) - 1)
@@ -54,7 +58,7 @@ def federated_data(settings: DataSettings, clients: int, partition_spec: str,
     report(skips, settings.name, len(pool.y) + len(test.y))
     try:
         parts = partition(pool.y.numpy(), clients, spec, seed, writers=pool.users,
-                          num_classes=len(pool.classes))
+                          num_classes=len(pool.classes), groups=groups)
     except ValueError as exc:
         raise DataError(f"{settings.name}: {len(pool.y)} samples cannot be partitioned "
                         f"{partition_spec!r} across {clients} clients: {exc}") from None
@@ -71,7 +75,7 @@ def _read(settings: DataSettings, skips: SkipLog, minimum: int,
     """The source's samples, and its test data when it has any (same shape and classes)."""
     kind = source_kind(settings.source)
     if users and settings.user_column is None and "user_column" in kind.keys:
-        raise DataError("the natural partition needs to know whose each sample is: set "
+        raise DataError("this partition needs to know whose each sample is: set "
                         "[data] user_column")
     normalisation = {"mean": settings.mean, "std": settings.std}
     train = collect(kind.read(settings, "train", skips), skips, input_shape=settings.input_shape,
