@@ -159,7 +159,8 @@ def load(out: Path, partition: str, policy: str) -> dict[int, dict[str, Any]]:
     return {int(p.stem[4:]): json.loads(p.read_text()) for p in sorted(folder.glob("seed*.json"))}
 
 
-def partition_report(out: Path, partition: str, policies: list[str]) -> list[str]:
+def partition_report(out: Path, partition: str, policies: list[str],
+                     target: float) -> list[str]:
     runs = {p: load(out, partition, p) for p in policies}
     runs = {p: r for p, r in runs.items() if r}
     if not runs:
@@ -169,8 +170,9 @@ def partition_report(out: Path, partition: str, policies: list[str]) -> list[str
              "Accuracy % of the model each device runs, on its own test split: mean over seeds "
              "[95% bootstrap interval]", "",
              "| policy | seeds | low tier | mid tier | high tier | worst tier | fleet mean | "
-             "MB up + down | lost updates | simulated s | widths (low tier) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "MB up + down | lost updates | simulated s | simulated s to "
+             f"{100 * target:g}% (runs reaching it) | widths (low tier) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for policy, by_seed in runs.items():
         s = scores[policy]
         cols = [_ci([s[k].get(t, np.nan) for k in s]) for t in (*TIERS, "worst", "fleet")]
@@ -180,8 +182,11 @@ def partition_report(out: Path, partition: str, policies: list[str]) -> list[str
         sim = np.mean([f.get("simulated_seconds_total") or 0 for f in finals])
         widths = sorted({f"{d['width']:g}" for f in finals for d in f["devices"]
                          if d["tier"] == "low"})
+        reached = [t for f in finals if (t := (f.get("simulated_seconds_to_personalized_accuracy")
+                                               or {}).get(f"{target:g}")) is not None]
+        to_target = f"{np.mean(reached):,.0f} ({len(reached)})" if reached else "never (0)"
         lines.append(f"| {policy} | {len(by_seed)} | " + " | ".join(cols) +
-                     f" | {mb:,.0f} | {lost:.1f} | {sim:,.0f} | {', '.join(widths)} |")
+                     f" | {mb:,.0f} | {lost:.1f} | {sim:,.0f} | {to_target} | {', '.join(widths)} |")
     if "planned" in runs:
         lines += ["", "Paired differences, planned minus each policy, points [95% bootstrap "
                   "interval]; * where the interval excludes zero:", "",
@@ -239,7 +244,7 @@ def report(args: argparse.Namespace) -> None:
     from coordinator.report import report_results
 
     for partition in args.partitions:
-        lines = partition_report(_folder(args), partition, args.policies)
+        lines = partition_report(_folder(args), partition, args.policies, args.targets[-1])
         print("\n".join(lines) + "\n")
         runs = [(f"{policy}", r) for policy in args.policies
                 for r in load(_folder(args), partition, policy).values()]

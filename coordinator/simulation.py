@@ -53,6 +53,7 @@ from .byzantine import attack
 from .central_dp import CentralDP, check_uploads
 from .combine import RoundCombiner
 from .config import SimulationSettings
+from .device_scores import device_scores
 from .exporting import check_variants, export_clients
 from .planning.clock import task_time, time_to_accuracy
 from .planning.fleet import DeviceAssignment, plan_fleet
@@ -105,6 +106,9 @@ class SimulationResult:
     exports: list[dict[str, Any]] | None = None
     cost: dict[str, Any] = field(default_factory=dict)
     backend: dict[str, Any] | None = None  # a remote backend's placement and timing
+    scores: dict[str, Any] = field(default_factory=dict)  # a fleet's device_scores
+    # The final global model's materialised tensors, for a caller to keep (not in the JSON).
+    weights: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         last = self.rounds[-1]
@@ -119,6 +123,7 @@ class SimulationResult:
             "updates_aggregated": sum(r.participants for r in self.rounds),
             "updates_lost": sum(r.straggled + r.out_of_memory for r in self.rounds),
             **self.cost,
+            **self.scores,
         }
         if last.simulated_seconds is not None:
             seconds = [r.simulated_seconds for r in self.rounds]
@@ -197,6 +202,10 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
                                              malicious, rng, chance, (test_x, test_y), result,
                                              observe, progress, central, secure, observe_server)
         widths = [pipeline.width_for(i, sizing.get(i)) for i in range(config.clients)]
+        result.weights = strategy.materialize(global_state)
+        if fleet:  # each device's accuracy with the model it runs, per tier
+            result.scores = device_scores(backend.clients(), fleet, widths, strategy,
+                                          result.weights, pipeline.slicing, result.rounds)
         result.cost = _inference_cost(spec, widths)
         if dp is not None:
             result.privacy = backend.privacy()
