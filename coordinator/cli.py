@@ -327,6 +327,7 @@ DATA_DIR_HELP = ("an existing folder with the dataset files (default: $FEDPRUNE_
 def build_parser() -> argparse.ArgumentParser:
     from .backends import backend_names
     from .strategies import strategy_names, strategy_sections
+    from edge_sdk.data.partitioners.registry import kinds as partition_kinds
 
     parser = argparse.ArgumentParser(
         prog="fedprune", description="Federated learning that sizes a pruned submodel to each device.")
@@ -359,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                      f"{default('model')}")
     sim.add_argument("--clients", type=positive_int, help=f"devices in the federation {default('clients')}")
     sim.add_argument("--fraction", type=float, help=f"share of devices selected per round {default('fraction')}")
-    sim.add_argument("--partition", help="iid, classes:K, dirichlet:ALPHA, niid-dirichlet:ALPHA[:MIN], "
-                     f"natural {default('partition')}")
+    sim.add_argument("--partition", help=f"a partition kind: {', '.join(partition_kinds())} "
+                     "(tier-* kinds follow the devices' tiers: they need --fleet; a bad spec "
+                     f"lists each kind's form) {default('partition')}")
     sim.add_argument("--rounds", type=positive_int, help=f"federated rounds {default('rounds')}")
     sim.add_argument("--local-epochs", type=positive_int,
                      help=f"epochs over its data each device trains a round {default('train.local_epochs')}")
