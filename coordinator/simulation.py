@@ -195,7 +195,7 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
     sizing = {a.device_index: a.plan for a in fleet} if fleet else {}
     result = SimulationResult(config=config.model_dump(),
                               clients=[a.to_dict() for a in fleet] if fleet else None)
-    backend = open_backend(config.backend, _fleet_setup(config, fleet), shards)
+    backend = open_backend(config.backend, _fleet_setup(config, fleet, tiers), shards)
     try:
         pipeline, global_state = _run_rounds(config, backend, strategy, shards, fleet, sizing,
                                              global_model, history, staleness, per_round,
@@ -228,10 +228,6 @@ def _tier_profiles(config: SimulationSettings,
     """The fleet a tier partition groups by: the given profiles, or the ones `plan_fleet` would
     sample for `config.fleet` (same size and seed), which _plan_fleet is then handed, so the
     devices planned are exactly the devices the data followed."""
-    if config.backend != "inprocess":
-        raise ValueError(f"partition {config.partition!r}: a tier partition runs in-process only "
-                         f"for now (the {config.backend} backend's nodes partition without the "
-                         f"fleet's tiers); use backend = \"inprocess\"")
     if profiles is None:
         if not config.fleet:
             raise ValueError(f"partition {config.partition!r} {NEEDS_FLEET}: set fleet "
@@ -242,7 +238,8 @@ def _tier_profiles(config: SimulationSettings,
     return profiles
 
 
-def _fleet_setup(config: SimulationSettings, fleet: list[DeviceAssignment] | None) -> FleetSetup:
+def _fleet_setup(config: SimulationSettings, fleet: list[DeviceAssignment] | None,
+                 tiers: list[int] | None) -> FleetSetup:
     """The devices as a backend builds them: named data, training settings and resources."""
     resources = tuple(DeviceResources(a.profile.cpu_cores, a.plan.predicted_peak_bytes)
                       for a in fleet) if fleet else (DeviceResources(),) * config.clients
@@ -250,7 +247,7 @@ def _fleet_setup(config: SimulationSettings, fleet: list[DeviceAssignment] | Non
                       config.seed, config.max_client_samples, config.train, dp_config(config),
                       config.rounds, config.device_threads, resources, config.ray_address,
                       selection_rate=max(1, round(config.fraction * config.clients)) / config.clients,
-                      model=config.model)
+                      model=config.model, groups=None if tiers is None else tuple(tiers))
 
 
 def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy: Strategy,

@@ -22,8 +22,9 @@ from ray.cluster_utils import Cluster  # noqa: E402
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 # FedP3 keeps private tensors on the device across rounds, DP keeps a ledger there, and a planned
-# fleet gives the devices unequal cores and planned memory peaks.
-RUN = dict(strategy="fedp3", model="mlp", clients=4, rounds=2, partition="classes:5",
+# fleet gives the devices unequal cores and planned memory peaks; the data follows their tiers, so
+# each node partitions by the fleet the driver sampled.
+RUN = dict(strategy="fedp3", model="mlp", clients=4, rounds=2, partition="tier-classes:0.2",
            max_client_samples=150, fleet="catalogue")
 # One intra-op thread per device in both backends (a task's last bits depend on the count).
 SETTINGS = ["dp.noise_multiplier=1.0", "train.lr=0.05", "device_threads=1"]

@@ -58,6 +58,7 @@ class FleetSetup:
     ray_address: str | None = None
     selection_rate: float = 1.0    # devices per round / devices: sizes a target epsilon's noise
     model: str = ""                # the run's model: a remote worker allows it if it is a reference
+    groups: tuple[int, ...] | None = None  # each device's tier, for a tier partition's shards
 
 
 @dataclass

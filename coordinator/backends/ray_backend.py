@@ -63,8 +63,8 @@ class NodeData:
     """One node's copy of the run's data: read from this node's disk and partitioned once."""
 
     def __init__(self, data: DataSettings, clients: int, partition: str, seed: int,
-                 max_client_samples: int | None):
-        self._args = (data, clients, partition, seed)
+                 max_client_samples: int | None, groups: tuple[int, ...] | None):
+        self._args = (data, clients, partition, seed, groups)
         self._cap = max_client_samples
         self._shards: list[ClientData] | None = None
         self.loads = 0
@@ -235,7 +235,7 @@ class RayBackend(SimulationBackend):
                           scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
                           **environment)
                       .remote(setup.data, setup.clients, setup.partition, setup.seed,
-                              setup.max_client_samples)
+                              setup.max_client_samples, setup.groups)
                       for node in dict.fromkeys(p.node for p in self.placements)}
         self._actors = [DeviceActor.options(
                             num_cpus=p.num_cpus, memory=p.memory_bytes,
