@@ -50,6 +50,7 @@ POLICIES: dict[str, dict[str, str]] = {
 }
 BASELINES = ("uniform", "full", "full-all")  # what planned sizing must beat
 TIERS = ("low", "mid", "high")
+MIN_SEEDS = 5  # no claim on fewer paired seeds
 FLEET_CLASSES = ("rpi3b", "rpi4-2gb", "rpi4-4gb", "rpi5-8gb", "jetson-nano-4gb", "phone-low",
                  "phone-mid", "phone-high")
 
@@ -137,16 +138,9 @@ def tier_accuracies(result: dict[str, Any]) -> dict[str, float]:
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% bootstrap interval (percentile, 10,000 resamples, seeded)."""
-    from scipy.stats import bootstrap
+    from coordinator.report import bootstrap_interval
 
-    data = np.asarray(values, dtype=float)
-    mean = float(data.mean())
-    if len(data) < 2 or np.ptp(data) == 0:
-        return mean, mean, mean
-    ci = bootstrap((data,), np.mean, confidence_level=0.95, n_resamples=10_000,
-                   method="percentile", random_state=0).confidence_interval
-    return mean, float(ci.low), float(ci.high)
+    return bootstrap_interval(values)
 
 
 def _ci(values: list[float], scale: float = 100.0) -> str:
@@ -189,7 +183,7 @@ def partition_report(out: Path, partition: str, policies: list[str],
                      f" | {mb:,.0f} | {lost:.1f} | {sim:,.0f} | {to_target} | {', '.join(widths)} |")
     if "planned" in runs:
         lines += ["", "Paired differences, planned minus each policy, points [95% bootstrap "
-                  "interval]; * where the interval excludes zero:", "",
+                  f"interval]; * where the interval excludes zero over at least {MIN_SEEDS} seeds:", "",
                   "| against | low tier | mid tier | high tier | worst tier | fleet mean |",
                   "|---|---:|---:|---:|---:|---:|"]
         for other in runs:
@@ -200,7 +194,7 @@ def partition_report(out: Path, partition: str, policies: list[str],
             for t in (*TIERS, "worst", "fleet"):
                 diffs = [scores["planned"][k][t] - scores[other][k][t] for k in seeds]
                 mean, low, high = interval(diffs)
-                mark = "*" if low > 0 or high < 0 else ""
+                mark = "*" if len(seeds) >= MIN_SEEDS and (low > 0 or high < 0) else ""
                 cells_.append(f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]{mark}")
             lines.append(f"| {other} ({len(seeds)} seeds) | " + " | ".join(cells_) + " |")
         lines += verdict(scores)
@@ -227,8 +221,9 @@ def verdict(scores: dict[str, dict[int, dict[str, float]]]) -> list[str]:
     seeds = sorted(set(scores["planned"]) & set(scores[best]))
     low = interval([scores["planned"][k]["low"] - scores[best][k]["low"] for k in seeds])
     high = interval([scores["planned"][k]["high"] - scores[best][k]["high"] for k in seeds])
-    met = low[0] >= 0.03 and low[1] > 0 and high[2] >= 0
-    return ["", f"Aim (low tier >= +3 points over the best baseline, {best}, interval above zero; "
+    met = len(seeds) >= MIN_SEEDS and low[0] >= 0.03 and low[1] > 0 and high[2] >= 0
+    return ["", f"Aim (low tier >= +3 points over the best baseline, {best}, interval above zero "
+            f"over >= {MIN_SEEDS} seeds ({len(seeds)} here); "
             f"high tier not worse): low {100 * low[0]:+.1f} [{100 * low[1]:+.1f}, "
             f"{100 * low[2]:+.1f}], high {100 * high[0]:+.1f} [{100 * high[1]:+.1f}, "
             f"{100 * high[2]:+.1f}]: {'met' if met else 'NOT met'}"]

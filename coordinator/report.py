@@ -39,6 +39,8 @@ import json
 import math
 import textwrap
 from collections.abc import Sequence
+
+import numpy as np
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ from typing import Any
 from edge_sdk.validation import load_json
 
 FIGURES = ("accuracy_by_round.png", "accuracy_by_bytes.png", "epsilon_by_device.png",
-           "fleet_plans.png", "devices_per_round.png")
+           "fleet_plans.png", "devices_per_round.png", "accuracy_by_tier.png")
 DPI = 110
 MAX_COLUMNS = 3
 MAX_RESULTS_BYTES = 256 * 1024 * 1024  # a results file of thousands of rounds is a few MB
@@ -94,6 +96,9 @@ class Run:
     clients: str | None = None
     partition: str | None = None
     dp: str | None = None
+    # A fleet's final accuracy of the model each device runs: per tier, and over the fleet.
+    tiers: dict[str, float] = field(default_factory=dict)
+    fleet_accuracy: float | None = None
 
     def has(self, series: list[float]) -> bool:
         return any(not math.isnan(v) for v in series)
@@ -134,6 +139,28 @@ def _count(value: Any, where: str) -> int | None:
     if number < 0 or number != int(number):
         raise ReportError(f"{where}: expected a count, got {_show(value)}")
     return int(number)
+
+
+def _share_of(value: Any, where: str) -> float | None:
+    """An accuracy: a number in [0, 1] (NaN and infinities included in the refusal)."""
+    number = _number(value, where)
+    if number is not None and not 0.0 <= number <= 1.0:
+        raise ReportError(f"{where}: expected an accuracy between 0 and 1, got {_show(value)}")
+    return number
+
+
+def bootstrap_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and 95% bootstrap interval of the mean (percentile, 10,000 resamples, seeded): what
+    a difference or a bar over seeds is reported with."""
+    from scipy.stats import bootstrap
+
+    data = np.asarray(values, dtype=float)
+    mean = float(data.mean())
+    if len(data) < 2 or np.ptp(data) == 0:
+        return mean, mean, mean
+    ci = bootstrap((data,), np.mean, confidence_level=0.95, n_resamples=10_000,
+                   method="percentile", random_state=0).confidence_interval
+    return mean, float(ci.low), float(ci.high)
 
 
 def _object(value: Any, where: str) -> dict | None:
@@ -317,6 +344,13 @@ def _read_run(label: str, source: str, run: dict, where: str) -> Run:
     # The chance level: the file's final one, else its last round's (simulate has it per round).
     final = _object(run.get("final"), f"{where}.final") or {}
     out.chance = _number(final.get("chance_accuracy"), f"{where}.final.chance_accuracy")
+    tiers = _object(final.get("tiers"), f"{where}.final.tiers") or {}
+    for tier, item in list(tiers.items())[:20]:
+        at = f"{where}.final.tiers[{_show(tier)}]"
+        out.tiers[str(tier)[:40]] = _share_of(
+            (_object(item, at) or {}).get("accuracy"), f"{at}.accuracy")
+    out.fleet_accuracy = _share_of(final.get("fleet_accuracy"), f"{where}.final.fleet_accuracy")
+    out.tiers = {t: v for t, v in out.tiers.items() if v is not None}
     for i, entry in reversed(list(enumerate(entries))):
         if out.chance is None and entry.get("chance_accuracy") is not None:
             out.chance = _number(entry["chance_accuracy"], f"{where}.rounds[{i}].chance_accuracy")
@@ -624,6 +658,55 @@ def _flows(runs: list[Run], path: Path) -> None:
     figure.savefig(path, dpi=DPI)
 
 
+def _tiers(runs: list[Run], path: Path) -> None:
+    """Per label (runs of one label are its seeds): each tier's accuracy, mean with a 95%
+    bootstrap interval, the worst tier hatched; beside it, the fleet's accuracy against the MB
+    moved, both with their intervals."""
+    from device_profiles import TIERS
+
+    labels = list(dict.fromkeys(r.label for r in runs))
+    groups = {label: [r for r in runs if r.label == label] for label in labels}
+    names = {t for r in runs for t in r.tiers}
+    tiers = [t for t in TIERS if t in names] + sorted(names - set(TIERS))
+    figure = _figure(6, 4)
+    figure.set_size_inches(max(9.0, 1.2 * len(tiers) * len(labels) / 2 + 6), 4.2)
+    bars_ax, bytes_ax = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    colors = dict(zip(labels, _colors(len(labels))))
+    step = 0.8 / len(labels)
+    for k, label in enumerate(labels):
+        stats = {t: bootstrap_interval([r.tiers[t] for r in groups[label] if t in r.tiers])
+                 for t in tiers if any(t in r.tiers for r in groups[label])}
+        worst = min(stats, key=lambda t: stats[t][0])
+        for i, tier in enumerate(tiers):
+            if tier not in stats:
+                continue
+            mean, low, high = stats[tier]
+            bar = bars_ax.bar(i - 0.4 + step * (k + 0.5), mean, width=step, color=colors[label],
+                              yerr=[[mean - low], [high - mean]], capsize=3)[0]
+            if tier == worst:
+                bar.set_hatch("//")
+        bars_ax.bar([], [], color=colors[label], label=label)  # the legend's plain swatch
+        fleet = [r.fleet_accuracy for r in groups[label] if r.fleet_accuracy is not None]
+        moved = [r.cumulative_bytes[-1] / 1e6 for r in groups[label] if r.cumulative_bytes]
+        if fleet and moved:
+            y, x = bootstrap_interval(fleet), bootstrap_interval(moved)
+            bytes_ax.errorbar(x[0], y[0], xerr=[[x[0] - x[1]], [x[2] - x[0]]],
+                              yerr=[[y[0] - y[1]], [y[2] - y[0]]], fmt="o", capsize=3,
+                              color=colors[label])
+    bars_ax.set_xticks(range(len(tiers)), [f"{t} tier" for t in tiers])
+    bars_ax.set_ylabel("accuracy of the model each device runs")
+    bars_ax.set_ylim(0, 1.05)
+    bars_ax.grid(axis="y", alpha=0.3)
+    bars_ax.set_title("Per tier (hatched: each run's worst tier; bars: 95% interval over seeds)",
+                      fontsize="small")
+    bytes_ax.set_xlabel("MB moved over the run, up + down")
+    bytes_ax.set_ylabel("fleet mean accuracy")
+    bytes_ax.grid(alpha=0.3)
+    bytes_ax.set_title("Fleet accuracy against bytes", fontsize="small")
+    _figure_legend(figure, [bars_ax])
+    figure.savefig(path, dpi=DPI)
+
+
 # --- the report ------------------------------------------------------------------------------
 
 
@@ -727,6 +810,13 @@ def write_report(runs: list[Run], out: str | Path, title: str = "fedprune report
         "rejected, left out (no plan fits).",
         "a simulation where every device sent was accepted",
         "no service results, and no simulation lost a device in a round")
+    _one_figure(
+        report, "accuracy_by_tier.png", runs, [r for r in runs if r.tiers], _tiers,
+        "The accuracy of the model each device runs after the run, on its own test split, per "
+        "device tier (low, mid, high memory), and the fleet's mean against the MB moved. Runs "
+        "with one label are its seeds: the bars show their mean and 95% bootstrap interval.",
+        "no per-tier accuracy (a simulation without a fleet)",
+        "no run has per-tier accuracy (simulate with --fleet)")
 
     report.index.write_text(_html(report, runs, title, command), encoding="utf-8")
     return report

@@ -4,6 +4,8 @@ slice and the device's own test split, for every device."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -19,14 +21,26 @@ from edge_sdk.training.local import accuracy
 CLASSES = ["rpi3b", "phone-low", "rpi4-2gb", "rpi4-4gb"]
 
 
+PROFILES = sample_fleet(4, 0, names=CLASSES)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """One round under planned and under full sizing: (config, result) of each."""
+    out = {}
+    for sizing in ("planned", "full"):
+        config = load_config(None, [f"sizing=\"{sizing}\""],
+                             dataset="fashion-mnist", model="leaf_cnn", strategy="heterofl",
+                             clients=4, fraction=1.0, rounds=1, partition="tier-classes:0.1",
+                             max_client_samples=60, deadline_seconds=30)
+        out[sizing] = config, run_simulation(config, progress=False, profiles=PROFILES)
+    return out
+
+
 @pytest.mark.parametrize("sizing", ["planned", "full"])
-def test_each_device_is_scored_with_its_width_of_the_final_global_model(sizing):
-    profiles = sample_fleet(4, 0, names=CLASSES)
-    config = load_config(None, [f"sizing=\"{sizing}\""],
-                         dataset="fashion-mnist", model="leaf_cnn", strategy="heterofl",
-                         clients=4, fraction=1.0, rounds=1, partition="tier-classes:0.1",
-                         max_client_samples=60, deadline_seconds=30)
-    result = run_simulation(config, progress=False, profiles=profiles)
+def test_each_device_is_scored_with_its_width_of_the_final_global_model(runs, sizing):
+    profiles = PROFILES
+    config, result = runs[sizing]
     final = result.to_dict()["final"]
     spec = model_spec("leaf_cnn", (1, 28, 28), 10)
     shards = federated_data(config.data_settings, 4, config.partition, config.seed,
@@ -52,3 +66,21 @@ def test_each_device_is_scored_with_its_width_of_the_final_global_model(sizing):
         members = [d["accuracy"] for d in final["devices"] if d["tier"] == tier]
         assert summary["devices"] == len(members) and summary["accuracy"] == np.mean(members)
     assert final["worst_tier_accuracy"] == min(t["accuracy"] for t in final["tiers"].values())
+
+
+def test_the_report_draws_each_tier_and_refuses_an_accuracy_that_is_not_one(runs, tmp_path):
+    from coordinator.report import ReportError, report_files, report_results
+
+    results = [(sizing, result.to_dict()) for sizing, (_, result) in runs.items()]
+    report = report_results(results, tmp_path / "report")
+    figure = tmp_path / "report" / "accuracy_by_tier.png"
+    assert "accuracy_by_tier.png" in report.figures
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
+
+    hostile = results[0][1]
+    hostile["final"]["tiers"]["low"]["accuracy"] = 1.5  # (NaN: refused as a file already)
+    path = tmp_path / "hostile.json"
+    path.write_text(json.dumps(hostile))
+    with pytest.raises(ReportError, match=r'final\.tiers\["low"\]\.accuracy: expected an '
+                                          r"accuracy between 0 and 1, got 1.5"):
+        report_files([path], tmp_path / "hostile-report")

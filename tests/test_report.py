@@ -67,7 +67,7 @@ def test_report_of_two_simulations_and_a_service_run(simulated, tmp_path, capsys
     assert main(["report", str(plain), str(planned), "--out", str(out)]) == 0
     index = (out / "index.html").read_text()
     for name in ("accuracy_by_round.png", "accuracy_by_bytes.png", "epsilon_by_device.png",
-                 "fleet_plans.png"):
+                 "fleet_plans.png", "accuracy_by_tier.png"):  # the planned run has a fleet
         _assert_real_png(out / name)
         assert f'src="{name}"' in index
     assert not (out / "devices_per_round.png").exists()  # no service run, nothing lost
@@ -85,7 +85,7 @@ def test_report_of_two_simulations_and_a_service_run(simulated, tmp_path, capsys
     images = re.findall(r'<img src="([^"]+)"', index)
     assert sorted(images) == sorted(["accuracy_by_round.png", "accuracy_by_bytes.png",
                                      "epsilon_by_device.png", "fleet_plans.png",
-                                     "devices_per_round.png"])
+                                     "devices_per_round.png", "accuracy_by_tier.png"])
     for name in images:
         _assert_real_png(both / name)
     assert "<td>planned + DP</td>" in index and "<td>service</td>" in index
