@@ -32,6 +32,11 @@ def fmnist():
 
 
 @pytest.fixture(scope="session")
+def femnist():
+    return load_dataset("femnist")
+
+
+@pytest.fixture(scope="session")
 def fmnist_clients(fmnist):
     """10 clients on FedP3's S1 partition (5 consecutive classes each)."""
     return make_client_data(fmnist, 10, "classes:5", seed=0)

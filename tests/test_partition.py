@@ -9,25 +9,13 @@ import torch
 from edge_sdk.data import (
     PartitionSpec,
     client_data_for,
-    load_dataset,
     make_client_data,
     parse_partition,
     partition,
-    resolve_data_dir,
     train_test_split,
 )
 
 SPECS = ["iid", "classes:2", "dirichlet:0.5", "niid-dirichlet:0.5"]
-
-
-@pytest.fixture(scope="module")
-def fmnist():
-    return load_dataset("fashion-mnist", data_dir=resolve_data_dir(), download=False)
-
-
-@pytest.fixture(scope="module")
-def femnist():
-    return load_dataset("femnist", data_dir=resolve_data_dir(), download=False)
 
 
 def _max_class_share(labels, parts, num_classes=10):

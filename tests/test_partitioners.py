@@ -9,7 +9,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from edge_sdk.data import load_dataset, partition, resolve_data_dir
+from edge_sdk.data import partition
 
 # sha256 (first 16 hex) of each client's index array, taken with the if-chain partition.py had
 # before the kinds moved to the registry: the move must not change a single index.
@@ -30,16 +30,6 @@ def _digest(parts) -> str:
         h.update(np.asarray(p, dtype=np.int64).tobytes())
         h.update(b"|")
     return h.hexdigest()[:16]
-
-
-@pytest.fixture(scope="module")
-def fmnist():
-    return load_dataset("fashion-mnist", data_dir=resolve_data_dir(), download=False)
-
-
-@pytest.fixture(scope="module")
-def femnist():
-    return load_dataset("femnist", data_dir=resolve_data_dir(), download=False)
 
 
 @pytest.mark.parametrize("spec,clients,seed", sorted(PINNED))
