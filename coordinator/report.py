@@ -662,6 +662,8 @@ def _tiers(runs: list[Run], path: Path) -> None:
     """Per label (runs of one label are its seeds): each tier's accuracy, mean with a 95%
     bootstrap interval, the worst tier hatched; beside it, the fleet's accuracy against the MB
     moved, both with their intervals."""
+    from matplotlib.patches import Rectangle
+
     from device_profiles import TIERS
 
     labels = list(dict.fromkeys(r.label for r in runs))
@@ -685,7 +687,7 @@ def _tiers(runs: list[Run], path: Path) -> None:
                               yerr=[[mean - low], [high - mean]], capsize=3)[0]
             if tier == worst:
                 bar.set_hatch("//")
-        bars_ax.bar([], [], color=colors[label], label=label)  # the legend's plain swatch
+        bars_ax.add_patch(Rectangle((0, 0), 0, 0, color=colors[label], label=label))  # legend
         fleet = [r.fleet_accuracy for r in groups[label] if r.fleet_accuracy is not None]
         moved = [r.cumulative_bytes[-1] / 1e6 for r in groups[label] if r.cumulative_bytes]
         if fleet and moved:
