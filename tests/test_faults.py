@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import signal
 import time
@@ -267,15 +268,20 @@ def test_broker_restart_mid_round(tmp_path, broker, database, fault_matrix):
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
 def test_coordinator_sigkill_mid_round_resumes(tmp_path, broker, database, fault_matrix, request):
-    # One slow device, so the kill lands while its update is still outstanding.
-    devices = [_device(tmp_path, broker.url, "kill", i, 3, samples=8000 if i == 2 else SAMPLES)
-               for i in range(3)]
+    # The third device is paused (SIGSTOP) once registered, so the kill lands while its update is
+    # outstanding whatever the machine's load (a device merely slower once sent it in time); its
+    # task waits in its broker session until it is resumed.
+    devices = [_device(tmp_path, broker.url, "kill", i, 3) for i in range(3)]
     coordinator = _coordinator(tmp_path, broker.url, "kill", database, 3)
     try:
-        wait_until(lambda: database.update_count(1) >= 1, 120, "a first accepted update",
+        wait_until(lambda: len(database.devices()) == 3, 120, "the three devices to register",
                    [coordinator, *devices])
+        os.kill(devices[2].pid, signal.SIGSTOP)
+        wait_until(lambda: database.update_count(1) >= 1, 120, "a first accepted update",
+                   [coordinator, *devices[:2]])
         coordinator.stop(signal.SIGKILL)
         before = database.update_count(1)
+        os.kill(devices[2].pid, signal.SIGCONT)
         coordinator = _coordinator(tmp_path, broker.url, "kill", database, 3)  # same database
         _finish(coordinator, devices)
         measured = measure(database, tmp_path)
