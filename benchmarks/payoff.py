@@ -32,12 +32,13 @@ import multiprocessing
 import os
 import sys
 import time
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from coordinator.report import bootstrap_interval as interval
 
 POLICIES: dict[str, dict[str, str]] = {
     "planned": {"sizing": "planned", "strategy": "heterofl"},
@@ -127,20 +128,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def tier_accuracies(result: dict[str, Any]) -> dict[str, float]:
-    """Each tier's mean device accuracy, the worst tier's, and the fleet mean (over devices)."""
-    devices = result["final"]["devices"]
-    by_tier: dict[str, list[float]] = defaultdict(list)
-    for d in devices:
-        by_tier[d["tier"]].append(d["accuracy"])
-    scores = {t: float(np.mean(v)) for t, v in by_tier.items()}
-    return {**scores, "worst": min(scores.values()),
-            "fleet": float(np.mean([d["accuracy"] for d in devices]))}
-
-
-def interval(values: list[float]) -> tuple[float, float, float]:
-    from coordinator.report import bootstrap_interval
-
-    return bootstrap_interval(values)
+    """Each tier's accuracy, the worst tier's and the fleet's, as the run scored them."""
+    final = result["final"]
+    return {**{t: v["accuracy"] for t, v in final["tiers"].items()},
+            "worst": final["worst_tier_accuracy"], "fleet": final["fleet_accuracy"]}
 
 
 def _ci(values: list[float], scale: float = 100.0) -> str:

@@ -157,10 +157,9 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
     `observe_server`: sees every secure-aggregation message the coordinator sends or receives,
     and each round's unmasked result."""
     torch.manual_seed(config.seed)
-    tiers = None
-    if needs_groups(config.partition):  # data that follows the device: the fleet comes first
-        profiles = _tier_profiles(config, profiles)
-        tiers = [tier_index(p) for p in profiles]
+    if profiles is None and config.fleet:  # the fleet comes first: a tier partition follows it
+        profiles = sample_fleet(config.clients, parse_fleet_arg(config.fleet))
+    tiers = _tiers(config, profiles) if needs_groups(config.partition) else None
     source = federated_data(config.data_settings, config.clients, config.partition, config.seed,
                             tiers)
     strategy = build_strategy(config, model_spec(config.model, source.info.input_shape,
@@ -176,8 +175,7 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
     if config.secure_aggregation.enabled:
         check_secure_uploads(strategy)
     shards = [data.capped(config.max_client_samples) for data in source.shards]
-    fleet = _plan_fleet(config, strategy, shards, profiles) \
-        if (config.fleet or profiles is not None) else None
+    fleet = _plan_fleet(config, strategy, shards, profiles) if profiles is not None else None
     test_x, test_y = source.test_x, source.test_y
     chance = float(np.mean([chance_accuracy(data.test_y) for data in shards]))
 
@@ -223,19 +221,15 @@ def run_simulation(config: SimulationSettings, progress: bool = True,
     return result
 
 
-def _tier_profiles(config: SimulationSettings,
-                   profiles: list[DeviceProfile] | None) -> list[DeviceProfile]:
-    """The fleet a tier partition groups by: the given profiles, or the ones `plan_fleet` would
-    sample for `config.fleet` (same size and seed), which _plan_fleet is then handed, so the
-    devices planned are exactly the devices the data followed."""
+def _tiers(config: SimulationSettings, profiles: list[DeviceProfile] | None) -> list[int]:
+    """Each client's tier for a tier partition: of the devices that are then planned, so the
+    data follows exactly the devices that run."""
     if profiles is None:
-        if not config.fleet:
-            raise ValueError(f"partition {config.partition!r} {NEEDS_FLEET}: set fleet "
-                             f"(e.g. fleet = \"catalogue\")")
-        profiles = sample_fleet(config.clients, parse_fleet_arg(config.fleet))
+        raise ValueError(f"partition {config.partition!r} {NEEDS_FLEET}: set fleet "
+                         f"(e.g. fleet = \"catalogue\")")
     if len(profiles) != config.clients:
         raise ValueError(f"{len(profiles)} profiles for {config.clients} clients")
-    return profiles
+    return [tier_index(p) for p in profiles]
 
 
 def _fleet_setup(config: SimulationSettings, fleet: list[DeviceAssignment] | None,
