@@ -373,8 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--export-dir", help="export every client's final model here (ONNX and "
                      "TFLite, verified), one folder per client with its manifest.json (default: no export)")
     sim.add_argument("--backend", choices=backend_names(),
-                     help="where the devices run: in this process, or a Ray actor per "
-                          f"device on a Ray cluster (same results for the same seed) {default('backend')}")
+                     help="where the devices run: in this process, or in a Ray cluster's "
+                          f"pooled workers (same results for the same seed) {default('backend')}")
     sim.add_argument("--ray-address", metavar="ADDRESS",
                      help="the Ray cluster for --backend ray: 'auto' (the one `ray start` runs "
                           "here) or HOST:PORT of its head (default: start a local one)")

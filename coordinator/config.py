@@ -182,8 +182,8 @@ class SimulationSettings(LearningSettings):
     export_formats: list[ExportFormatName] = Field(["onnx", "tflite"], min_length=1)
     export_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(["fp32"], min_length=1)
     byzantine: ByzantineSettings = ByzantineSettings()
-    # Where the devices run their tasks (coordinator/backends/): all in this process, or a Ray
-    # actor per device on the Ray cluster at `ray_address` (None: a local one; "auto": the one
+    # Where the devices run their tasks (coordinator/backends/): all in this process, or Ray's
+    # pooled workers on the Ray cluster at `ray_address` (None: a local one; "auto": the one
     # `ray start` runs on this machine). The results are the same for the same seed.
     backend: BackendName = "inprocess"
     ray_address: str | None = None

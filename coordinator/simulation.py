@@ -4,7 +4,7 @@ Nothing here is simulated except the network: every download and upload is encod
 with the wire codec, so the byte counts reported are the bytes a broker would carry. The loop
 below is the driver whatever the backend: it plans, builds downloads, takes updates in and
 aggregates; a backend (coordinator/backends/) only holds the devices and runs their tasks, in
-this process or as Ray actors, with the same results for the same seed.
+this process or in Ray's workers, with the same results for the same seed.
 
 Under central DP ([central_dp], coordinator/central_dp.py) a round's devices are drawn by
 Poisson sampling, each at q = devices per round / clients (the draw its accounting assumes), and

@@ -1,6 +1,7 @@
 """`fedprune simulate --backend ray`: the same run on a two-node Ray cluster gives exactly the
-in-process results (accuracies, bytes, epsilon), with one actor per device asking for the device's
-own resources and each node loading the data once."""
+in-process results (accuracies, bytes, epsilon), with pooled workers running any device's task,
+each task asking for its device's own resources, the devices' state in Ray's object store, and
+each node loading the data once."""
 
 from __future__ import annotations
 
@@ -86,42 +87,42 @@ def test_ray_backend_gives_the_in_process_results_on_a_two_node_cluster():
     assert len(in_process["privacy"]) == 4 and in_process["final"]["bytes_up_total"] > 0
 
     devices = on_ray["backend"]["devices"]
-    # Every device ran every task in its own actor, on the node Ray placed it on, and the tasks
-    # ran on both nodes.
-    assert all(d["task_nodes"] == [d["node"]] for d in devices)
-    assert len({d["node"] for d in devices}) == 2
-    # Each node read the dataset once, for all its devices.
-    assert [n["data_loads"] for n in on_ray["backend"]["nodes"]] == [1, 1]
-    # Unequal devices, unequal resources: CPU in proportion to cores (place_devices, below),
-    # memory = the device's planned peak.
+    nodes = on_ray["backend"]["nodes"]
+    # Any worker runs any device's task: the tasks ran on both nodes, and a device's state
+    # followed it from one node to the other (results identical above).
+    assert len({node for d in devices for node in d["task_nodes"]}) == 2
+    assert any(len(d["task_nodes"]) == 2 for d in devices)
+    # Each node read the dataset once, for every device whose task it ran.
+    assert [n["data_loads"] for n in nodes] == [1, 1]
+    # Unequal devices, unequal resources: each task asks for a CPU share in proportion to its
+    # device's cores and memory = the device's planned peak.
     plans = {c["client"]: c["plan"] for c in in_process["clients"]}
     assert [d["memory_bytes"] for d in devices] == \
         [plans[d["client"]]["predicted_peak_bytes"] for d in devices]
     assert len({d["num_cpus"] for d in devices}) > 1
-    assert sum(d["num_cpus"] for d in devices) <= 2.0
+    assert max(d["num_cpus"] for d in devices) == 1.0
 
 
-def test_devices_get_cpu_in_proportion_to_cores_scaled_to_fit_the_nodes():
+def test_tasks_ask_for_cpu_in_proportion_to_cores_and_their_planned_memory():
     from coordinator.backends.base import DeviceResources
-    from coordinator.backends.ray_backend import NodeCapacity, place_devices
+    from coordinator.backends.ray_backend import NodeCapacity, device_requests
 
     gib = 2**30
     nodes = [NodeCapacity("a", 1.0, 8 * gib), NodeCapacity("b", 1.0, 8 * gib)]
     devices = [DeviceResources(8, gib), DeviceResources(4, gib), DeviceResources(4, gib),
                DeviceResources(4, 2 * gib)]
-    placed = place_devices(devices, nodes)
-    cpus = [p.num_cpus for p in placed]
-    assert cpus[0] == pytest.approx(2 * cpus[1], rel=1e-3) and cpus[1] == cpus[2] == cpus[3]
-    for node in nodes:  # nothing asks a node for more than it has
-        assert sum(p.num_cpus for p in placed if p.node == node.node) <= node.cpus + 1e-9
-    assert [p.memory_bytes for p in placed] == [gib, gib, gib, 2 * gib]
-    assert {p.node for p in placed} == {"a", "b"}
-    # A small fleet on a big cluster keeps its shares as they are (the largest device: 1 CPU).
-    few = place_devices(devices[:2], [NodeCapacity("a", 16.0, 64 * gib)])
-    assert [p.num_cpus for p in few] == [1.0, 0.5]
+    asked = device_requests(devices, nodes)
+    assert [r.num_cpus for r in asked] == [1.0, 0.5, 0.5, 0.5]
+    assert [r.memory_bytes for r in asked] == [gib, gib, gib, 2 * gib]
+    # Devices take turns: a fleet needing more memory in all than the cluster has still runs
+    # (the 50-device job of issue 27 asked for 25 GiB of a 14.3 GiB node) ...
+    assert len(device_requests([DeviceResources(4, 6 * gib)] * 50, nodes)) == 50
+    # ... and no task asks for more CPU than a node has.
+    assert device_requests([DeviceResources(4, gib)], [NodeCapacity("a", 0.5, 8 * gib)])[0] \
+        .num_cpus == 0.5
     # Memory is what a device needs: it is never scaled down to fit.
-    with pytest.raises(RuntimeError, match="does not fit"):
-        place_devices([DeviceResources(4, 9 * gib)], nodes)
+    with pytest.raises(RuntimeError, match="does not fit any node"):
+        device_requests([DeviceResources(4, 9 * gib)], nodes)
 
 
 def test_the_in_process_path_does_not_import_ray():

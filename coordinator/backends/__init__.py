@@ -1,7 +1,7 @@
 """Simulation backends: where `fedprune simulate`'s devices live and run their tasks.
 
-`inprocess` (the default): every device in the driver's process. `ray`: a Ray actor per device on
-a Ray cluster (coordinator/backends/ray_backend.py); ray is imported only when it is chosen. The
+`inprocess` (the default): every device in the driver's process. `ray`: Ray's pooled workers on a
+Ray cluster, the devices' state in its object store (coordinator/backends/ray_backend.py); ray is imported only when it is chosen. The
 driver loop in coordinator/simulation.py is the same for both.
 """
 

@@ -1,25 +1,31 @@
-"""The Ray backend: a Ray actor per simulated device, on a Ray cluster.
+"""The Ray backend: Ray's pooled worker processes run any device's task; the devices' state lives
+in Ray's object store between tasks.
 
-A device's state persists across rounds (its private tensors, HideNseek scores, DP ledger and
-noise multiplier), so it lives in an actor that holds the device's `LocalClient` for the whole run;
-the driver sends each round's task (the plan and the encoded download, as the broker would) and
-takes back the outcome. Each actor asks Ray for the device's resources: a CPU share in
-proportion to its profile's cores, and memory = its plan's predicted peak (a planned fleet), so an
-unequal fleet is placed with unequal resources. The data is not sent from the driver: one
-`NodeData` actor per node reads the dataset from that node's disk and partitions it once, and every
-device actor on the node takes its shard from there (through the node's object store).
+A device's state outlives a task (its private tensors, HideNseek scores, DP ledger, FFGG/FedP3
+state), but it need not keep a process: each task is a Ray task that takes the device's last
+state (an object in the store, by reference), runs it with the round's download, and returns the
+new state to the store beside its answer. The driver holds one object reference per device, so
+nothing travels through it but the answers. Ray reuses a worker process for task after task (torch
+is imported once per worker, not per device), so start-up does not grow with the fleet; at most
+as many workers run as the tasks' CPU requests fit on the nodes.
+
+Each task asks Ray for its device's resources: a CPU share in proportion to its profile's cores
+(the largest device: one CPU) and memory = its plan's predicted peak (a planned fleet), so an
+unequal fleet is simulated with unequal resources and no more devices train at once than the
+cluster holds. The data is not sent from the driver: one `NodeData` actor per node reads the
+dataset from that node's disk and partitions it once, and a task takes its device's shard from the
+actor of the node it runs on (through the node's object store).
 
 A user's model or data source named as `package.module:function` in the run's config is imported
 in each worker as the driver imported it: the config folders it came from go on the workers'
 PYTHONPATH (every node must see the project folder at the same path, as it sees the data) and
-each device actor allows the run's model as the driver's config did.
+each task allows the run's model as the driver's config did.
 
 Imported only when `backend = "ray"` is chosen: the in-process path never imports ray.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -53,8 +59,6 @@ from .base import (
 # A device's memory request when the run has no fleet (nothing known of the device): about a
 # worker process with torch loaded and a small model training.
 DEFAULT_MEMORY_BYTES = 512 * 2**20
-# How long building the devices may wait for Ray to place them and load their data.
-STARTUP_TIMEOUT_SECONDS = 600.0
 _CPU_STEP = 1e-4  # Ray's resource granularity
 
 
@@ -79,43 +83,83 @@ class NodeData:
         return self.loads
 
 
+@dataclass(frozen=True)
+class Fleet:
+    """What every task needs to know of the run, put in the object store once."""
+
+    data: dict[str, Any]            # node id -> that node's NodeData actor
+    train: Any
+    dp: Any
+    planned_rounds: int
+    seed: int
+    selection_rate: float
+    threads: int
+    references: tuple[str, ...]     # the run's own model, allowed in each worker as in the driver
+
+
+_warm = False
+
+
+def _prepare(fleet: Fleet) -> str:
+    """This worker process ready for the run's tasks (once per process: the first optimizer
+    step's imports, torch._dynamo and sympy, about a second of CPU); its node's id."""
+    global _warm
+    for reference in fleet.references:
+        allow_reference(reference)
+    if not _warm:
+        with torch.random.fork_rng(devices=[]):
+            weight = torch.nn.Parameter(torch.zeros(1))
+            optimizer = torch.optim.SGD([weight], lr=0.1)
+            weight.sum().backward()
+            optimizer.step()
+        _warm = True
+    return ray.get_runtime_context().get_node_id()
+
+
+def _client(fleet: Fleet, node: str, device_index: int, state: LocalClient | None) -> LocalClient:
+    """The device as it was after its last task (or new), with its shard from this node."""
+    shard = ray.get(fleet.data[node].shard.remote(device_index))
+    if state is None:
+        return LocalClient(shard, fleet.train, fleet.dp, planned_rounds=fleet.planned_rounds,
+                           seed=fleet.seed, selection_rate=fleet.selection_rate)
+    state.data = shard
+    return state
+
+
+def _stored(client: LocalClient) -> LocalClient:
+    """What the object store keeps of a device between tasks: everything but its data (the
+    node's actor holds that) and the state its last task started from (only a secure
+    aggregation's upload reads it, and the Ray backend does not run those)."""
+    client.data, client.started = None, {}
+    return client
+
+
+@ray.remote(num_returns=2)
+def _device_task(fleet: Fleet, device_index: int, state: LocalClient | None, task: Task,
+                 payload: bytes) -> tuple[TaskRun, LocalClient]:
+    node = _prepare(fleet)
+    client = _client(fleet, node, device_index, state)
+    run = run_device_task(client, task, payload, fleet.threads, node)
+    return run, _stored(client)
+
+
 @ray.remote
-class DeviceActor:
-    """One simulated device: its `LocalClient`, for the whole run."""
-
-    def __init__(self, threads: int, references: tuple[str, ...]):
-        torch.set_num_threads(threads)
-        for reference in references:  # the run's own models, as its config allowed them
-            allow_reference(reference)
-        self.node = ray.get_runtime_context().get_node_id()
-        self.local: LocalClient | None = None
-
-    def load(self, data: Any, device_index: int, train, dp, planned_rounds: int, seed: int,
-             selection_rate: float) -> str:
-        shard = ray.get(data.shard.remote(device_index))
-        self.local = LocalClient(shard, train, dp, planned_rounds=planned_rounds, seed=seed,
-                                 selection_rate=selection_rate)
-        _warm_up()
-        return self.node
-
-    def run(self, task: Task, payload: bytes) -> TaskRun:
-        return run_device_task(self.local, task, payload, None, self.node)
-
-    def evaluate(self, model: tuple[ModelSpec, dict[str, np.ndarray]]) -> tuple[float, float]:
-        return evaluate_device(self.local, global_model(*model), None)
-
-    def epsilon(self) -> float:
-        return self.local.ledger.epsilon()
-
-    def privacy(self) -> dict[str, Any]:
-        return privacy_entry(self.local)
-
-    def client(self) -> LocalClient:
-        return self.local
+def _device_pass(fleet: Fleet, what: str, devices: list[tuple[int, Any]],
+                 model: tuple[ModelSpec, dict[str, np.ndarray]] | None) -> list[Any]:
+    """`what` for each (device, state reference) of a chunk: its evaluation against the global
+    `model`, its privacy entry, or its client with its shard (for the run's end)."""
+    node = _prepare(fleet)
+    built = global_model(*model) if model is not None else None
+    answers = []
+    for device_index, ref in devices:
+        client = _client(fleet, node, device_index, ray.get(ref) if ref is not None else None)
+        answers.append(evaluate_device(client, built, fleet.threads) if what == "evaluate"
+                       else privacy_entry(client) if what == "privacy" else client)
+    return answers
 
 
 def _worker_environment() -> dict[str, Any]:
-    """Actor options that put the folders of the config's references on the workers' import
+    """Task options that put the folders of the config's references on the workers' import
     path (none without references: a runtime environment costs each worker a start)."""
     folders = reference_folders()
     if not folders:
@@ -124,21 +168,10 @@ def _worker_environment() -> dict[str, Any]:
     return {"runtime_env": {"env_vars": {"PYTHONPATH": path}}}
 
 
-def _warm_up() -> None:
-    """What a process's first optimizer step imports (torch._dynamo, sympy: about a second of
-    CPU), paid while the devices are built rather than inside each device's first task."""
-    with torch.random.fork_rng(devices=[]):
-        weight = torch.nn.Parameter(torch.zeros(1))
-        optimizer = torch.optim.SGD([weight], lr=0.1)
-        weight.sum().backward()
-        optimizer.step()
-
-
 @dataclass(frozen=True)
-class Placement:
-    """Where a device runs and what it holds there."""
+class Request:
+    """What one device's task asks Ray for."""
 
-    node: str
     num_cpus: float
     memory_bytes: int
 
@@ -151,8 +184,8 @@ class NodeCapacity:
 
 
 def cpu_shares(resources: Sequence[DeviceResources]) -> list[float]:
-    """Each device's CPU share before fitting: its cores over the fleet's most (1.0 for the
-    largest device; all 1.0 when no device says)."""
+    """Each device's CPU share: its cores over the fleet's most (1.0 for the largest device; all
+    1.0 when no device says)."""
     cores = [r.cpu_cores for r in resources]
     if any(c is None for c in cores):
         return [1.0] * len(resources)
@@ -160,43 +193,25 @@ def cpu_shares(resources: Sequence[DeviceResources]) -> list[float]:
     return [c / most for c in cores]
 
 
-def place_devices(resources: Sequence[DeviceResources], nodes: Sequence[NodeCapacity],
-                  default_memory: int = DEFAULT_MEMORY_BYTES) -> list[Placement]:
-    """Every device on a node, all at once (devices stay for the whole run): CPU shares in
-    proportion to cores, scaled down together until the fleet fits the cluster; memory as
-    requested (never scaled: a device's planned peak is what it needs). Largest devices first,
-    each on the node with the most CPU left where it fits, so devices spread over the nodes."""
-    memory = [r.memory_bytes or default_memory for r in resources]
+def device_requests(resources: Sequence[DeviceResources], nodes: Sequence[NodeCapacity],
+                    default_memory: int = DEFAULT_MEMORY_BYTES) -> list[Request]:
+    """Each device's task request: its CPU share (capped at the largest node's CPUs, so every
+    task can run somewhere) and its memory (never scaled: a device's planned peak is what it
+    needs). Devices take turns on the nodes, so the fleet as a whole need not fit at once; a
+    device whose memory fits no node is refused before anything runs."""
     usable = [n for n in nodes if n.cpus > 0]
     if not usable:
         raise RuntimeError("the Ray cluster has no node with a CPU")
-    if any(m > max(n.memory_bytes for n in usable) for m in memory) or \
-            sum(memory) > sum(n.memory_bytes for n in usable):
+    memory = [r.memory_bytes or default_memory for r in resources]
+    largest = max(n.memory_bytes for n in usable)
+    if max(memory) > largest:
         raise RuntimeError(
-            f"the devices' memory ({sum(memory) / 2**30:.1f} GiB in all, up to "
-            f"{max(memory) / 2**30:.2f} GiB one) does not fit the Ray cluster's "
-            f"({sum(n.memory_bytes for n in usable) / 2**30:.1f} GiB over {len(usable)} nodes "
-            "with CPUs): add nodes or simulate fewer devices")
-    shares = cpu_shares(resources)
-    scale = min(1.0, sum(n.cpus for n in usable) / sum(shares))
-    order = sorted(range(len(shares)), key=lambda i: (-shares[i], -memory[i], i))
-    while scale * min(shares) >= _CPU_STEP:
-        cpus = [max(_CPU_STEP, math.floor(s * scale / _CPU_STEP) * _CPU_STEP) for s in shares]
-        left = {n.node: [n.cpus, n.memory_bytes] for n in usable}
-        chosen: dict[int, str] = {}
-        for i in order:
-            fits = [n.node for n in usable
-                    if left[n.node][0] >= cpus[i] - 1e-9 and left[n.node][1] >= memory[i]]
-            if not fits:
-                break
-            node = max(fits, key=lambda name: left[name][0])
-            left[node][0] -= cpus[i]
-            left[node][1] -= memory[i]
-            chosen[i] = node
-        else:
-            return [Placement(chosen[i], round(cpus[i], 4), memory[i]) for i in range(len(shares))]
-        scale *= 0.9
-    raise RuntimeError("the devices cannot be placed on the Ray cluster's nodes (memory)")
+            f"a device's planned memory ({max(memory) / 2**30:.2f} GiB) does not fit any node of "
+            f"the Ray cluster (the largest offers {largest / 2**30:.2f} GiB): add a larger node, "
+            "or plan that device a smaller submodel")
+    top = max(n.cpus for n in usable)
+    return [Request(round(max(_CPU_STEP, min(share, top)), 4), m)
+            for share, m in zip(cpu_shares(resources), memory)]
 
 
 def cluster_nodes() -> list[NodeCapacity]:
@@ -229,33 +244,23 @@ class RayBackend(SimulationBackend):
                     "run with RAY_AUTH_MODE=token and the head's token (its ~/.ray/auth_token, "
                     "or RAY_AUTH_TOKEN)") from None
         self.threads = setup.threads or torch.get_num_threads()
-        self.placements = place_devices(setup.resources, cluster_nodes())
-        environment = _worker_environment()
-        self._data = {node: NodeData.options(
-                          scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                          **environment)
+        self.nodes = cluster_nodes()
+        self.requests = device_requests(setup.resources, self.nodes)
+        self._environment = _worker_environment()
+        self._data = {n.node: NodeData.options(
+                          scheduling_strategy=NodeAffinitySchedulingStrategy(n.node, soft=False),
+                          **self._environment)
                       .remote(setup.data, setup.clients, setup.partition, setup.seed,
                               setup.max_client_samples, setup.groups)
-                      for node in dict.fromkeys(p.node for p in self.placements)}
-        self._actors = [DeviceActor.options(
-                            num_cpus=p.num_cpus, memory=p.memory_bytes,
-                            scheduling_strategy=NodeAffinitySchedulingStrategy(p.node, soft=False),
-                            **environment)
-                        .remote(self.threads, (setup.model,) if REFERENCE.match(setup.model) else ())
-                        for p in self.placements]
-        loading = [actor.load.remote(self._data[p.node], i, setup.train, setup.dp,
-                                     setup.planned_rounds, setup.seed, setup.selection_rate)
-                   for i, (actor, p) in enumerate(zip(self._actors, self.placements))]
-        try:
-            self._homes = ray.get(loading, timeout=STARTUP_TIMEOUT_SECONDS)
-        except ray.exceptions.GetTimeoutError:
-            self.close()
-            raise RuntimeError(f"Ray did not start the {len(self._actors)} device actors within "
-                               f"{STARTUP_TIMEOUT_SECONDS:.0f} s: is another job holding the "
-                               "cluster's CPUs or memory?") from None
-        self._has_model = [False] * len(self._actors)
+                      for n in self.nodes if n.cpus > 0}
+        self._fleet = ray.put(Fleet(self._data, setup.train, setup.dp, setup.planned_rounds,
+                                    setup.seed, setup.selection_rate, self.threads,
+                                    (setup.model,) if REFERENCE.match(setup.model) else ()))
+        self._states: list[Any] = [None] * setup.clients   # each device's state in the store
+        self._has_model = [False] * setup.clients
+        self._epsilon = [0.0] * setup.clients
         self._round_payloads: dict[int, tuple[bytes, Any]] = {}
-        self._task_nodes: list[set[str]] = [set() for _ in self._actors]
+        self._task_nodes: list[set[str]] = [set() for _ in range(setup.clients)]
         self.timing.startup = time.perf_counter() - started
 
     def has_model(self, device_index: int) -> bool:
@@ -263,12 +268,17 @@ class RayBackend(SimulationBackend):
 
     def submit(self, device_index: int, task: Task, payload: bytes) -> Pending:
         self.timing.tasks += 1
-        return _Remote(device_index, self._actors[device_index].run.remote(task,
-                                                                          self._shared(payload)))
+        request = self.requests[device_index]
+        run, state = _device_task.options(
+            num_cpus=request.num_cpus, memory=request.memory_bytes, scheduling_strategy="SPREAD",
+            **self._environment).remote(self._fleet, device_index, self._states[device_index],
+                                        task, self._shared(payload))
+        self._states[device_index] = state   # the next task of this device waits for this one
+        return _Remote(device_index, run)
 
     def _shared(self, payload: bytes) -> Any:
         """The download in the object store once per round however many devices are sent the
-        same bytes (FedAvg: all of them); the actor receives the bytes."""
+        same bytes (FedAvg: all of them); the task receives the bytes."""
         if id(payload) not in self._round_payloads:
             self._round_payloads[id(payload)] = (payload, ray.put(payload))
         return self._round_payloads[id(payload)][1]
@@ -280,37 +290,55 @@ class RayBackend(SimulationBackend):
         self.timing.waiting += time.perf_counter() - started
         self.timing.task_cpu += run.cpu_seconds
         self._has_model[pending.device_index] = run.has_model
+        if run.outcome.epsilon is not None:
+            self._epsilon[pending.device_index] = run.outcome.epsilon
         self._task_nodes[pending.device_index].add(run.node)
         return run
+
+    def _over_devices(self, what: str, model: Any = None) -> list[Any]:
+        """`_device_pass` over every device, in chunks (two per CPU of the cluster), in order."""
+        chunks = max(1, min(len(self._states), 2 * int(sum(n.cpus for n in self.nodes))))
+        devices = list(enumerate(self._states))
+        parts = [devices[i::chunks] for i in range(chunks)]
+        cpus = min(1.0, max(n.cpus for n in self.nodes))
+        answers = ray.get([_device_pass.options(num_cpus=cpus, scheduling_strategy="SPREAD",
+                                                **self._environment)
+                           .remote(self._fleet, what, [(i, ref) for i, ref in part], model)
+                           for part in parts])
+        ordered: list[Any] = [None] * len(devices)
+        for part, answer in zip(parts, answers):
+            for (i, _), value in zip(part, answer):
+                ordered[i] = value
+        return ordered
 
     def evaluate(self, spec: ModelSpec, state: dict[str, np.ndarray],
                  model: torch.nn.Module) -> list[tuple[float, float]]:
         started = time.perf_counter()
         self._round_payloads.clear()  # the round's tasks are all answered
-        shared = ray.put((spec, {k: np.asarray(v) for k, v in state.items()}))
-        scores = ray.get([actor.evaluate.remote(shared) for actor in self._actors])
+        scores = self._over_devices("evaluate", ray.put((spec, {k: np.asarray(v)
+                                                                for k, v in state.items()})))
         self.timing.evaluating += time.perf_counter() - started
         return scores
 
     def epsilon(self, device_index: int) -> float:
-        return ray.get(self._actors[device_index].epsilon.remote())
+        return self._epsilon[device_index]
 
     def privacy(self) -> list[dict[str, Any]]:
-        return ray.get([actor.privacy.remote() for actor in self._actors])
+        return self._over_devices("privacy")
 
     def clients(self) -> Sequence[LocalClient]:
-        return ray.get([actor.client.remote() for actor in self._actors])
+        return self._over_devices("client")
 
     def report(self) -> dict[str, Any]:
         loads = ray.get([data.load_count.remote() for data in self._data.values()])
         return {
             "name": self.name, "address": self.address, "threads_per_device": self.threads,
             "nodes": [{"node": node, "data_loads": n,
-                       "devices": [i for i, p in enumerate(self.placements) if p.node == node]}
+                       "devices": [i for i, seen in enumerate(self._task_nodes) if node in seen]}
                       for node, n in zip(self._data, loads)],
-            "devices": [{"client": i, "node": p.node, "num_cpus": p.num_cpus,
-                         "memory_bytes": p.memory_bytes, "task_nodes": sorted(seen)}
-                        for i, (p, seen) in enumerate(zip(self.placements, self._task_nodes))],
+            "devices": [{"client": i, "num_cpus": r.num_cpus, "memory_bytes": r.memory_bytes,
+                         "task_nodes": sorted(seen)}
+                        for i, (r, seen) in enumerate(zip(self.requests, self._task_nodes))],
             "timing": {"startup_seconds": self.timing.startup,
                        "waiting_seconds": self.timing.waiting,
                        "evaluating_seconds": self.timing.evaluating,
@@ -318,8 +346,8 @@ class RayBackend(SimulationBackend):
         }
 
     def close(self) -> None:
-        for actor in [*getattr(self, "_actors", []), *getattr(self, "_data", {}).values()]:
+        for actor in getattr(self, "_data", {}).values():
             ray.kill(actor)
-        self._actors, self._data = [], {}
+        self._data, self._states = {}, []
         if self._owns_connection and ray.is_initialized():
             ray.shutdown()
