@@ -1,7 +1,8 @@
 """Simulation throughput: fedprune's in-process and Ray backends against Flower's Ray-based
 simulation, on the same job, in one run.
 
-The job: FedAvg over N devices for R rounds, every device every round, the same model, the same
+The job: FedAvg over N devices for R rounds, every device every round (or --fraction of them,
+each framework drawing its own), the same model, the same
 shards (`make_client_data`, capped at --samples), the same local training (`train_locally` with
 the same settings and per-task seed) and the same thread count per device. Runs:
 
@@ -42,7 +43,7 @@ OBJECT_STORE = 100 * 2**20
 
 def job_from(args: argparse.Namespace) -> dict:
     return {"model": args.model, "dataset": "fashion-mnist", "clients": args.clients,
-            "rounds": args.rounds, "partition": args.partition, "samples": args.samples,
+            "fraction": args.fraction, "rounds": args.rounds, "partition": args.partition, "samples": args.samples,
             "local_epochs": args.local_epochs, "batch_size": args.batch_size, "lr": args.lr,
             "threads": args.threads, "seed": args.seed}
 
@@ -86,7 +87,8 @@ def run_fedprune(job: dict, backend: str, worker_nodes: int = 0) -> dict:
                                     f"device_threads={job['threads']}", f"backend={backend}"]
                              + ([f"ray_address={cluster.address}"] if cluster else []),
                              strategy="fedavg", model=job["model"], dataset=job["dataset"],
-                             clients=job["clients"], rounds=job["rounds"],
+                             clients=job["clients"], fraction=job["fraction"],
+                             rounds=job["rounds"],
                              partition=job["partition"], max_client_samples=job["samples"],
                              seed=job["seed"], **{"train.local_epochs": job["local_epochs"]})
         result = run_simulation(config, progress=False).to_dict()
@@ -254,8 +256,9 @@ def flower_server_app(job: dict, record: dict):
     def main(grid, context) -> None:
         record["main"] = time.perf_counter()
         n = job["clients"]
-        strategy = TimedFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n,
-                               min_evaluate_nodes=n, min_available_nodes=n)
+        drawn = max(1, round(n * job["fraction"]))
+        strategy = TimedFedAvg(fraction_train=job["fraction"], fraction_evaluate=1.0,
+                               min_train_nodes=drawn, min_evaluate_nodes=n, min_available_nodes=n)
         config = ConfigRecord({"job": json.dumps(job)})
         strategy.start(grid=grid, initial_arrays=ArrayRecord(_flower_model(job).state_dict()),
                        num_rounds=job["rounds"], train_config=config, evaluate_config=config,
@@ -355,6 +358,9 @@ def machine() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--fraction", type=float, default=1.0,
+                        help="share of the devices drawn per round (below 1, each framework "
+                             "draws its own: the throughput compares, the models do not)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="fedp3_cnn")
     parser.add_argument("--partition", default="classes:5")
