@@ -88,10 +88,9 @@ def test_ray_backend_gives_the_in_process_results_on_a_two_node_cluster():
 
     devices = on_ray["backend"]["devices"]
     nodes = on_ray["backend"]["nodes"]
-    # Any worker runs any device's task: the tasks ran on both nodes, and a device's state
-    # followed it from one node to the other (results identical above).
+    # The tasks ran on both nodes (Ray places each task; a device's state goes where its task
+    # runs, so which device ran where is Ray's choice, not asserted).
     assert len({node for d in devices for node in d["task_nodes"]}) == 2
-    assert any(len(d["task_nodes"]) == 2 for d in devices)
     # Each node read the dataset once, for every device whose task it ran.
     assert [n["data_loads"] for n in nodes] == [1, 1]
     # Unequal devices, unequal resources: each task asks for a CPU share in proportion to its

@@ -84,7 +84,7 @@ class NodeData:
 
 
 @dataclass(frozen=True)
-class Fleet:
+class RunContext:
     """What every task needs to know of the run, put in the object store once."""
 
     data: dict[str, Any]            # node id -> that node's NodeData actor
@@ -100,11 +100,11 @@ class Fleet:
 _warm = False
 
 
-def _prepare(fleet: Fleet) -> str:
+def _prepare(context: RunContext) -> str:
     """This worker process ready for the run's tasks (once per process: the first optimizer
     step's imports, torch._dynamo and sympy, about a second of CPU); its node's id."""
     global _warm
-    for reference in fleet.references:
+    for reference in context.references:
         allow_reference(reference)
     if not _warm:
         with torch.random.fork_rng(devices=[]):
@@ -116,12 +116,14 @@ def _prepare(fleet: Fleet) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _client(fleet: Fleet, node: str, device_index: int, state: LocalClient | None) -> LocalClient:
+def _client(context: RunContext, node: str, device_index: int,
+            state: LocalClient | None) -> LocalClient:
     """The device as it was after its last task (or new), with its shard from this node."""
-    shard = ray.get(fleet.data[node].shard.remote(device_index))
+    shard = ray.get(context.data[node].shard.remote(device_index))
     if state is None:
-        return LocalClient(shard, fleet.train, fleet.dp, planned_rounds=fleet.planned_rounds,
-                           seed=fleet.seed, selection_rate=fleet.selection_rate)
+        return LocalClient(shard, context.train, context.dp,
+                           planned_rounds=context.planned_rounds, seed=context.seed,
+                           selection_rate=context.selection_rate)
     state.data = shard
     return state
 
@@ -135,25 +137,25 @@ def _stored(client: LocalClient) -> LocalClient:
 
 
 @ray.remote(num_returns=2)
-def _device_task(fleet: Fleet, device_index: int, state: LocalClient | None, task: Task,
+def _device_task(context: RunContext, device_index: int, state: LocalClient | None, task: Task,
                  payload: bytes) -> tuple[TaskRun, LocalClient]:
-    node = _prepare(fleet)
-    client = _client(fleet, node, device_index, state)
-    run = run_device_task(client, task, payload, fleet.threads, node)
+    node = _prepare(context)
+    client = _client(context, node, device_index, state)
+    run = run_device_task(client, task, payload, context.threads, node)
     return run, _stored(client)
 
 
 @ray.remote
-def _device_pass(fleet: Fleet, what: str, devices: list[tuple[int, Any]],
+def _device_pass(context: RunContext, what: str, devices: list[tuple[int, Any]],
                  model: tuple[ModelSpec, dict[str, np.ndarray]] | None) -> list[Any]:
     """`what` for each (device, state reference) of a chunk: its evaluation against the global
     `model`, its privacy entry, or its client with its shard (for the run's end)."""
-    node = _prepare(fleet)
+    node = _prepare(context)
     built = global_model(*model) if model is not None else None
     answers = []
     for device_index, ref in devices:
-        client = _client(fleet, node, device_index, ray.get(ref) if ref is not None else None)
-        answers.append(evaluate_device(client, built, fleet.threads) if what == "evaluate"
+        client = _client(context, node, device_index, ray.get(ref) if ref is not None else None)
+        answers.append(evaluate_device(client, built, context.threads) if what == "evaluate"
                        else privacy_entry(client) if what == "privacy" else client)
     return answers
 
@@ -253,9 +255,10 @@ class RayBackend(SimulationBackend):
                       .remote(setup.data, setup.clients, setup.partition, setup.seed,
                               setup.max_client_samples, setup.groups)
                       for n in self.nodes if n.cpus > 0}
-        self._fleet = ray.put(Fleet(self._data, setup.train, setup.dp, setup.planned_rounds,
-                                    setup.seed, setup.selection_rate, self.threads,
-                                    (setup.model,) if REFERENCE.match(setup.model) else ()))
+        self._context = ray.put(RunContext(
+            self._data, setup.train, setup.dp, setup.planned_rounds, setup.seed,
+            setup.selection_rate, self.threads,
+            (setup.model,) if REFERENCE.match(setup.model) else ()))
         self._states: list[Any] = [None] * setup.clients   # each device's state in the store
         self._has_model = [False] * setup.clients
         self._epsilon = [0.0] * setup.clients
@@ -271,7 +274,7 @@ class RayBackend(SimulationBackend):
         request = self.requests[device_index]
         run, state = _device_task.options(
             num_cpus=request.num_cpus, memory=request.memory_bytes, scheduling_strategy="SPREAD",
-            **self._environment).remote(self._fleet, device_index, self._states[device_index],
+            **self._environment).remote(self._context, device_index, self._states[device_index],
                                         task, self._shared(payload))
         self._states[device_index] = state   # the next task of this device waits for this one
         return _Remote(device_index, run)
@@ -303,7 +306,7 @@ class RayBackend(SimulationBackend):
         cpus = min(1.0, max(n.cpus for n in self.nodes))
         answers = ray.get([_device_pass.options(num_cpus=cpus, scheduling_strategy="SPREAD",
                                                 **self._environment)
-                           .remote(self._fleet, what, [(i, ref) for i, ref in part], model)
+                           .remote(self._context, what, [(i, ref) for i, ref in part], model)
                            for part in parts])
         ordered: list[Any] = [None] * len(devices)
         for part, answer in zip(parts, answers):
