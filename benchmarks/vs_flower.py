@@ -2,9 +2,9 @@
 simulation, on the same job, in one run.
 
 The job: FedAvg over N devices for R rounds, every device every round (or --fraction of them,
-each framework drawing its own), the same model, the same
-shards (`make_client_data`, capped at --samples), the same local training (`train_locally` with
-the same settings and per-task seed) and the same thread count per device. Runs:
+each framework drawing its own), the same model, the same shards (`make_client_data`, capped at
+--samples), the same local training (`train_locally` with the same settings and per-task seed)
+and the same thread count per device. Runs:
 
   in-process    `fedprune simulate` with the default backend (one process)
   ray, k nodes  `--backend ray` on a local Ray cluster (`ray.cluster_utils.Cluster`): a head
@@ -43,8 +43,8 @@ OBJECT_STORE = 100 * 2**20
 
 def job_from(args: argparse.Namespace) -> dict:
     return {"model": args.model, "dataset": "fashion-mnist", "clients": args.clients,
-            "fraction": args.fraction, "rounds": args.rounds, "partition": args.partition, "samples": args.samples,
-            "local_epochs": args.local_epochs, "batch_size": args.batch_size, "lr": args.lr,
+            "fraction": args.fraction, "rounds": args.rounds, "partition": args.partition,
+            "samples": args.samples, "local_epochs": args.local_epochs, "batch_size": args.batch_size, "lr": args.lr,
             "threads": args.threads, "seed": args.seed}
 
 
@@ -88,9 +88,8 @@ def run_fedprune(job: dict, backend: str, worker_nodes: int = 0) -> dict:
                              + ([f"ray_address={cluster.address}"] if cluster else []),
                              strategy="fedavg", model=job["model"], dataset=job["dataset"],
                              clients=job["clients"], fraction=job["fraction"],
-                             rounds=job["rounds"],
-                             partition=job["partition"], max_client_samples=job["samples"],
-                             seed=job["seed"], **{"train.local_epochs": job["local_epochs"]})
+                             rounds=job["rounds"], partition=job["partition"],
+                             max_client_samples=job["samples"], seed=job["seed"], **{"train.local_epochs": job["local_epochs"]})
         result = run_simulation(config, progress=False).to_dict()
     finally:
         if cluster is not None:

@@ -1,8 +1,9 @@
 """Simulation backends: where `fedprune simulate`'s devices live and run their tasks.
 
 `inprocess` (the default): every device in the driver's process. `ray`: Ray's pooled workers on a
-Ray cluster, the devices' state in its object store (coordinator/backends/ray_backend.py); ray is imported only when it is chosen. The
-driver loop in coordinator/simulation.py is the same for both.
+Ray cluster, the devices' state in its object store (coordinator/backends/ray_backend.py); ray is
+imported only when it is chosen. The driver loop in coordinator/simulation.py is the same for
+both.
 """
 
 from __future__ import annotations

@@ -73,11 +73,12 @@ class NodeData:
         self._shards: list[ClientData] | None = None
         self.loads = 0
 
-    def shard(self, device_index: int) -> ClientData:
+    def shards(self, device_indices: list[int]) -> list[ClientData]:
+        """The devices' shards in one call (an evaluation asks for a chunk of the fleet)."""
         if self._shards is None:
             self._shards = federated_data(*self._args).shards
             self.loads += 1
-        return self._shards[device_index].capped(self._cap)
+        return [self._shards[i].capped(self._cap) for i in device_indices]
 
     def load_count(self) -> int:
         return self.loads
@@ -116,16 +117,20 @@ def _prepare(context: RunContext) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _client(context: RunContext, node: str, device_index: int,
-            state: LocalClient | None) -> LocalClient:
-    """The device as it was after its last task (or new), with its shard from this node."""
-    shard = ray.get(context.data[node].shard.remote(device_index))
-    if state is None:
-        return LocalClient(shard, context.train, context.dp,
-                           planned_rounds=context.planned_rounds, seed=context.seed,
-                           selection_rate=context.selection_rate)
-    state.data = shard
-    return state
+def _clients(context: RunContext, node: str, device_indices: list[int],
+             states: list[LocalClient | None]) -> list[LocalClient]:
+    """The devices as they were after their last tasks (or new), with their shards from this
+    node's data, fetched in one call."""
+    shards = ray.get(context.data[node].shards.remote(device_indices))
+    clients = []
+    for shard, state in zip(shards, states):
+        if state is None:
+            state = LocalClient(shard, context.train, context.dp,
+                                planned_rounds=context.planned_rounds, seed=context.seed,
+                                selection_rate=context.selection_rate)
+        state.data = shard
+        clients.append(state)
+    return clients
 
 
 def _stored(client: LocalClient) -> LocalClient:
@@ -140,7 +145,7 @@ def _stored(client: LocalClient) -> LocalClient:
 def _device_task(context: RunContext, device_index: int, state: LocalClient | None, task: Task,
                  payload: bytes) -> tuple[TaskRun, LocalClient]:
     node = _prepare(context)
-    client = _client(context, node, device_index, state)
+    [client] = _clients(context, node, [device_index], [state])
     run = run_device_task(client, task, payload, context.threads, node)
     return run, _stored(client)
 
@@ -151,13 +156,16 @@ def _device_pass(context: RunContext, what: str, devices: list[tuple[int, Any]],
     """`what` for each (device, state reference) of a chunk: its evaluation against the global
     `model`, its privacy entry, or its client with its shard (for the run's end)."""
     node = _prepare(context)
-    built = global_model(*model) if model is not None else None
-    answers = []
-    for device_index, ref in devices:
-        client = _client(context, node, device_index, ray.get(ref) if ref is not None else None)
-        answers.append(evaluate_device(client, built, context.threads) if what == "evaluate"
-                       else privacy_entry(client) if what == "privacy" else client)
-    return answers
+    stored = [ref for _, ref in devices if ref is not None]
+    fetched = iter(ray.get(stored))  # every state of the chunk in one call
+    states = [next(fetched) if ref is not None else None for _, ref in devices]
+    clients = _clients(context, node, [i for i, _ in devices], states)
+    if what == "evaluate":
+        built = global_model(*model)
+        return [evaluate_device(client, built, context.threads) for client in clients]
+    if what == "privacy":
+        return [privacy_entry(client) for client in clients]
+    return clients
 
 
 def _worker_environment() -> dict[str, Any]:
