@@ -6,6 +6,10 @@ each framework drawing its own), the same model, the same shards (`make_client_d
 --samples), the same local training (`train_locally` with the same settings and per-task seed)
 and the same thread count per device. Runs:
 
+  floor         a bare torch loop in one process doing the same training steps (the same
+                shards, `train_locally` with the same per-task seeds, a weighted mean of the
+                state dicts) and the same evaluations, with no codec, no plans, no pipeline:
+                what the job costs at the least on this machine
   in-process    `fedprune simulate` with the default backend (one process)
   ray, k nodes  `--backend ray` on a local Ray cluster (`ray.cluster_utils.Cluster`): a head
                 with no CPU for the driver and k worker nodes of 1 CPU, each pinned to its own
@@ -121,6 +125,72 @@ def run_fedprune(job: dict, backend: str, worker_nodes: int = 0) -> dict:
             "bytes_down": result["final"]["bytes_down_total"],
             "global_accuracy": result["final"]["global_accuracy"],
             "global_device_accuracy": result["final"]["global_device_accuracy"]}
+
+
+# --- the floor: the same training and evaluations in a bare torch loop -----------------------------
+
+def run_floor(job: dict) -> dict:
+    """Every round: each drawn device trains the global model on its shard (the task's seed as
+    fedprune derives it), the driver averages the state dicts weighted by training samples; then,
+    as fedprune's rounds do, every device scores its own last model and the global model on its
+    test split, and the driver the global model on the official test set."""
+    import numpy as np
+    import torch
+
+    from edge_sdk.client import _task_seed
+    from edge_sdk.data import load_dataset, make_client_data, to_tensor
+    from edge_sdk.settings import TrainSettings
+    from edge_sdk.training import accuracy, train_locally
+
+    started = time.perf_counter()
+    torch.set_num_threads(job["threads"])
+    source = load_dataset(job["dataset"])
+    shards = [s.capped(job["samples"]) for s in make_client_data(
+        source, job["clients"], job["partition"], job["seed"])]
+    test_x, test_y = to_tensor(source.test_x, source.info), torch.tensor(source.test_y)
+    model = _flower_model(job)
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    own: dict[int, dict] = {}
+    train = TrainSettings(local_epochs=job["local_epochs"], batch_size=job["batch_size"], lr=job["lr"])
+    rng = np.random.default_rng(job["seed"])
+    drawn = max(1, round(job["clients"] * job["fraction"]))
+    rounds, training, evaluating, tasks, booted = [], 0.0, 0.0, [], time.perf_counter()
+    for round_number in range(1, job["rounds"] + 1):
+        begun = time.perf_counter()
+        chosen = sorted(rng.choice(job["clients"], drawn, replace=False).tolist())
+        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
+        weight = 0
+        for i in chosen:
+            model.load_state_dict(global_state)
+            train_locally(model, shards[i].train_x, shards[i].train_y, train, {},
+                          seed=_task_seed(job["seed"], i, round_number))
+            own[i] = {k: v.clone() for k, v in model.state_dict().items()}
+            n = len(shards[i].train_y)
+            for k, v in own[i].items():
+                total[k] += n * v.double()
+            weight += n
+        global_state = {k: (v / weight).to(global_state[k].dtype) for k, v in total.items()}
+        trained = time.perf_counter()
+        model.load_state_dict(global_state)
+        for i, shard in enumerate(shards):
+            accuracy(model, shard.test_x, shard.test_y)
+        scorer = _flower_model(job)
+        for i, state in own.items():
+            scorer.load_state_dict(state)
+            accuracy(scorer, shards[i].test_x, shards[i].test_y)
+        score = accuracy(model, test_x, test_y)
+        ended = time.perf_counter()
+        training += trained - begun
+        evaluating += ended - trained
+        rounds.append(ended - begun)
+        tasks.append(len(chosen))
+    wall = time.perf_counter() - started
+    return {"run": "floor (bare torch)", "worker_nodes": None, "tasks": sum(tasks),
+            "wall_seconds": wall, "cluster_seconds": 0.0,
+            "startup_seconds": booted - started, "rounds_seconds": sum(rounds),
+            "round_seconds": rounds, "round_tasks": tasks, "training_seconds": training,
+            "training_cpu_seconds": training, "evaluation_seconds": evaluating,
+            "global_accuracy": score}
 
 
 # --- Flower (runs in the Flower virtualenv) -------------------------------------------------------
@@ -311,13 +381,23 @@ def flower_worker(job: dict, worker_nodes: int) -> dict:
             "flwr": __import__("flwr").__version__, "ray": ray.__version__}
 
 
-def run_flower(job: dict, worker_nodes: int, python: str) -> dict:
-    out = subprocess.run([python, str(Path(__file__).resolve()), "--flower-worker",
+WORKERS = {"floor": lambda job, nodes: run_floor(job),
+           "inprocess": lambda job, nodes: run_fedprune(job, "inprocess"),
+           "ray": lambda job, nodes: run_fedprune(job, "ray", nodes),
+           "flower": lambda job, nodes: flower_worker(job, nodes)}
+
+
+def run_isolated(kind: str, job: dict, worker_nodes: int, python: str = sys.executable) -> dict:
+    """One run in a fresh interpreter, so no run inherits another's imports, warm caches or
+    loaded dataset; `process_seconds` is its whole life, interpreter and imports included."""
+    started = time.perf_counter()
+    out = subprocess.run([python, str(Path(__file__).resolve()), "--worker", kind,
                           "--worker-nodes", str(worker_nodes), "--job", json.dumps(job)],
                          capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
-        raise RuntimeError(f"the Flower run failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"the {kind} run failed:\n{out.stderr[-4000:]}")
+    return {**json.loads(out.stdout.strip().splitlines()[-1]),
+            "process_seconds": time.perf_counter() - started}
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -329,17 +409,22 @@ def steady_rate(run: dict) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| run | worker nodes | tasks | tasks/s (rounds 2+) | tasks/s (all rounds) "
-            "| tasks/s (end to end) | end to end s | cluster start s | start-up and teardown s "
-            "| round 1 s "
-            "| rounds 2+ s | training CPU s (sum) | evaluation s | global acc |\n|" + "---|" * 14)
+    """One row a run. End to end is the run's process from start to exit (interpreter, imports,
+    cluster, data, rounds, teardown); "x floor" divides by the floor's."""
+    floor = next((r for r in rows if r["run"].startswith("floor")), None)
+    head = ("| run | worker nodes | tasks | tasks/s (rounds 2+) | tasks/s (end to end) "
+            "| end to end s | x floor | rounds s | x floor | outside rounds s | cluster start s "
+            "| round 1 s | rounds 2+ s | training CPU s (sum) | evaluation s | global acc |\n|"
+            + "---|" * 16)
     lines = [head]
     for r in rows:
-        ev = r.get("evaluation_seconds")
+        ev, wall = r.get("evaluation_seconds"), r["process_seconds"]
+        ratio = (lambda mine, key: f"{mine / floor[key]:.2f}") if floor else (lambda *_: "-")
         lines.append(
             f"| {r['run']} | {r['worker_nodes'] or '-'} | {r['tasks']} | {steady_rate(r):.2f} "
-            f"| {r['tasks'] / r['rounds_seconds']:.2f} | {r['tasks'] / r['wall_seconds']:.2f} "
-            f"| {r['wall_seconds']:.1f} | {r['cluster_seconds']:.1f} | {r['startup_seconds']:.1f} "
+            f"| {r['tasks'] / wall:.2f} | {wall:.1f} | {ratio(wall, 'process_seconds')} "
+            f"| {r['rounds_seconds']:.1f} | {ratio(r['rounds_seconds'], 'rounds_seconds')} "
+            f"| {wall - r['rounds_seconds']:.1f} | {r['cluster_seconds']:.1f} "
             f"| {r['round_seconds'][0]:.1f} | {sum(r['round_seconds'][1:]):.1f} "
             f"| {r['training_cpu_seconds']:.1f} "
             f"| {'-' if ev is None else f'{ev:.1f}'} | {r['global_accuracy']:.4f} |")
@@ -373,24 +458,25 @@ def main() -> int:
     parser.add_argument("--flower-python", default=str(ROOT / "runs/flower-venv/bin/python"),
                         help="the Flower virtualenv's python ('' skips Flower)")
     parser.add_argument("--json-out", default=str(ROOT / "runs/vs_flower.json"))
-    parser.add_argument("--flower-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-nodes", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.flower_worker:
+    if args.worker:
+        import logging
+
+        logging.getLogger("absl").setLevel(logging.ERROR)
         sys.path.insert(0, str(HERE))
-        print(json.dumps(flower_worker(json.loads(args.job), args.worker_nodes)))
+        print(json.dumps(WORKERS[args.worker](json.loads(args.job), args.worker_nodes)))
         return 0
 
-    import logging
-
-    logging.getLogger("absl").setLevel(logging.ERROR)
     job = job_from(args)
     nodes = [int(n) for n in args.nodes.split(",") if n]
     rows = []
-    for name, run in [("in-process", lambda: run_fedprune(job, "inprocess")),
-                      *[(f"ray {k}", lambda k=k: run_fedprune(job, "ray", k)) for k in nodes],
-                      *[(f"flower {k}", lambda k=k: run_flower(job, k, args.flower_python))
+    for name, run in [("floor", lambda: run_isolated("floor", job, 0)),
+                      ("in-process", lambda: run_isolated("inprocess", job, 0)),
+                      *[(f"ray {k}", lambda k=k: run_isolated("ray", job, k)) for k in nodes],
+                      *[(f"flower {k}", lambda k=k: run_isolated("flower", job, k, args.flower_python))
                         for k in (nodes if args.flower_python else [])]]:
         print(f"running {name} ...", flush=True)
         rows.append(run())

@@ -190,6 +190,11 @@ class SimulationSettings(LearningSettings):
     # Intra-op threads a device computes with (None: the driver's torch threads). A task's bytes
     # depend on it, so both backends use it; the Ray backend's actors need it to equal the run's.
     device_threads: int | None = Field(None, ge=1)
+    # What a simulated device keeps between its tasks: its whole trained model ("model": each
+    # round scores it as the device's own), or only the tensors it never sends, with its ledger
+    # and scores ("private": memory for thousands of devices; its own model is then the global
+    # one with its private tensors). Training, uploads and the global model are the same.
+    device_state: Literal["model", "private"] = "model"
     shard_keys_help: ClassVar[str] = ("a simulation's clients and partition are its own `clients` "
                                       "and `partition` keys (device_index is a device's)")
 
@@ -200,6 +205,20 @@ class SimulationSettings(LearningSettings):
         if size is not None and size != self.clients:
             raise ValueError(f"central_dp.fleet_size: a simulation draws its rounds from its "
                              f"{self.clients} clients; leave fleet_size out (got {size})")
+        return self
+
+    @model_validator(mode="after")
+    def _private_state_only(self):
+        """What needs each device's whole model is refused with keeps-only-private devices."""
+        if self.device_state == "private":
+            needs = [what for what, on in (("export_dir (exports each device's model)", self.export_dir),
+                                           ("secure_aggregation (a device sends its change from "
+                                            "the model its task started from)",
+                                            self.secure_aggregation.enabled)) if on]
+            if needs:
+                raise ValueError(f"device_state='private' keeps only each device's private "
+                                 f"tensors; {needs[0]} needs its whole model: use "
+                                 "device_state='model'")
         return self
 
     @model_validator(mode="after")

@@ -68,8 +68,8 @@ def device_scores(clients: Sequence[LocalClient], fleet: Sequence[DeviceAssignme
 
 def _model_it_runs(client: LocalClient, strategy: Strategy, weights: dict[str, np.ndarray],
                    width: float, slicing: str, round_number: int) -> tuple[torch.nn.Module, str]:
-    if client.personal_state is not None:  # DP's split: the noise-free model it keeps
-        return client.personal_model(), "personal (fine-tuned)"
+    if client.personal_state is not None and client.keeps == "model":  # DP's split: the
+        return client.personal_model(), "personal (fine-tuned)"       # noise-free model it keeps
     spec: ModelSpec = strategy.spec
     if width < 1.0:
         cut = width_slice(spec, weights, width, slicing, round_number)
@@ -78,10 +78,11 @@ def _model_it_runs(client: LocalClient, strategy: Strategy, weights: dict[str, n
         state = dict(weights)
     private = [t.name for t in strategy.plan(client.device_index, round_number, 1).tensors
                if t.private]
-    kept = [name for name in private if client.spec is not None and name in client.state
-            and tuple(client.state[name].shape) == tuple(np.shape(state[name]))]
+    own = client.personal_state if client.personal_state is not None else client.state
+    kept = [name for name in private if client.spec is not None and name in own
+            and tuple(own[name].shape) == tuple(np.shape(state[name]))]
     for name in kept:
-        state[name] = client.state[name].detach().numpy()
+        state[name] = own[name].detach().numpy()
     model = build_model(spec)
     model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
     if not kept:

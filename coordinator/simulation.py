@@ -241,7 +241,8 @@ def _fleet_setup(config: SimulationSettings, fleet: list[DeviceAssignment] | Non
                       config.seed, config.max_client_samples, config.train, dp_config(config),
                       config.rounds, config.device_threads, resources, config.ray_address,
                       selection_rate=max(1, round(config.fraction * config.clients)) / config.clients,
-                      model=config.model, groups=None if tiers is None else tuple(tiers))
+                      model=config.model, groups=None if tiers is None else tuple(tiers),
+                      device_state=config.device_state)
 
 
 def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy: Strategy,

@@ -43,10 +43,15 @@ class TaskOutcome:
 class LocalClient:
     def __init__(self, data: ClientData, train: TrainSettings, dp: DPSettings | None = None,
                  planned_rounds: int = 1, seed: int = 0, ledger: PrivacyLedger | None = None,
-                 secret_noise: bool = False, selection_rate: float = 1.0):
+                 secret_noise: bool = False, selection_rate: float = 1.0,
+                 keeps: str = "model"):
         """`ledger`: what this client has already spent, and the delta it accounts at (a device
         passes its own, restored from disk); by default a new one at dp.delta. `secret_noise`:
-        DP noise from the OS's randomness (a real device), not from `seed` (a simulation)."""
+        DP noise from the OS's randomness (a real device), not from `seed` (a simulation).
+        `keeps`: what it holds between tasks (`KEEPS`)."""
+        if keeps not in KEEPS:
+            raise ValueError(f"keeps must be one of {sorted(KEEPS)}, not {keeps!r}")
+        self.keeps = keeps
         self.secret_noise = secret_noise
         self.device_index = data.device_index
         self.data = data
@@ -158,8 +163,22 @@ class LocalClient:
         # The upload is fixed above; only then is the personal model trained.
         self.personal_state = self._fine_tuned(plan, start, from_download, masks, train_x, train_y) \
             if self.dp is not None and self.dp.personal_model == "fine_tuned" else None
+        self._keep_only_private(plan)
         return TaskOutcome(self.device_index, plan.round, payload, len(train_y),
                            report, epsilon)
+
+    def _keep_only_private(self, plan: SubmodelPlan) -> None:
+        """With keeps="private", drop what the next task does not read: it starts every tensor
+        but the private ones from its download (`_starting_state`, `_fine_tuned`), so training
+        and uploads are the same as with the whole model kept."""
+        if self.keeps != "private":
+            return
+        private = {entry.name for entry in plan.tensors if entry.private}
+        self.state = {name: value for name, value in self.state.items() if name in private}
+        if self.personal_state is not None:
+            self.personal_state = {name: value for name, value in self.personal_state.items()
+                                   if name in private}
+        self.started = {}
 
     def _fine_tuned(self, plan: SubmodelPlan, start: dict[str, torch.Tensor],
                     from_download: set[str], masks: dict[str, torch.Tensor],
@@ -192,6 +211,7 @@ class LocalClient:
             plan, init_seed, received, self.scores, train_x, train_y, self.train_config,
             _task_seed(self.seed, self.device_index, plan.round))
         self.state, self.spec, self.personal_state = state, plan.spec, None
+        self._keep_only_private(plan)
         payload = codec.encode(upload, codec.ValueDtype.SIGN1, known_indices=set(upload))
         return TaskOutcome(self.device_index, plan.round, payload, len(train_y), report)
 
@@ -248,13 +268,23 @@ class LocalClient:
             raise TaskError(f"plan does not cover tensors {sorted(missing)}")
         return start, from_download
 
-    def personal_model(self) -> nn.Module | None:
+    def personal_model(self, base: nn.Module | None = None) -> nn.Module | None:
         """The model the device uses: the noise-free personal model when it keeps one, else
-        what it trained last, private tensors included."""
+        what it trained last, private tensors included. A device that keeps only its private
+        tensors (keeps="private") fills the rest from `base` (the global model) where the
+        shapes match; None when it holds no model, or when `base` cannot complete it."""
         if self.spec is None:
             return None
+        own = self.personal_state if self.personal_state is not None else self.state
+        shapes = tensor_shapes(self.spec)
+        if own.keys() < shapes.keys():
+            fill = {} if base is None else base.state_dict()
+            if any(tuple(fill[name].shape) != shapes[name] if name in fill else True
+                   for name in shapes.keys() - own.keys()):
+                return None
+            own = {**fill, **own}
         model = build_model(self.spec)
-        model.load_state_dict(self.personal_state if self.personal_state is not None else self.state)
+        model.load_state_dict(own)
         return model
 
     def evaluate(self, model: torch.nn.Module | None = None) -> float:
@@ -282,6 +312,11 @@ def _index_mask(tensor: codec.SparseTensor) -> np.ndarray:
     mask[tensor.indices] = True
     return mask.reshape(tensor.shape)
 
+
+# What a device keeps between tasks: "model", its whole trained model (a real device, and the
+# simulator's default: its own model is scored each round); "private", only the tensors it never
+# sends (and its ledger and scores), so that thousands of simulated devices fit in memory.
+KEEPS = frozenset({"model", "private"})
 
 # Added to a task's seed for the personal model's shuffling, apart from the phases' (+0, +1, ...).
 _PERSONAL_SEED = 1 << 20

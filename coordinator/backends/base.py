@@ -59,6 +59,7 @@ class FleetSetup:
     selection_rate: float = 1.0    # devices per round / devices: sizes a target epsilon's noise
     model: str = ""                # the run's model: a remote worker allows it if it is a reference
     groups: tuple[int, ...] | None = None  # each device's tier, for a tier partition's shards
+    device_state: str = "model"    # what a device keeps between tasks (edge_sdk.client.KEEPS)
 
 
 @dataclass
@@ -178,10 +179,13 @@ def global_model(spec: ModelSpec, state: dict[str, np.ndarray]) -> torch.nn.Modu
 
 def evaluate_device(client: LocalClient, model: torch.nn.Module,
                     threads: int | None) -> tuple[float, float]:
-    """(the device's own model, or `model` when it has none; `model`), on its test split."""
+    """(the device's own model, or `model` when it has none; `model`), on its test split. A
+    device that keeps only its private tensors is scored with them on `model`; one that holds
+    nothing of its own is scored once."""
     with device_threads(threads), torch.random.fork_rng(devices=[]):
-        own = client.personal_model()
-        return client.evaluate(own if own is not None else model), client.evaluate(model)
+        own = client.personal_model(model)
+        score = client.evaluate(model)
+        return (client.evaluate(own) if own is not None else score), score
 
 
 def privacy_entry(client: LocalClient) -> dict[str, Any]:

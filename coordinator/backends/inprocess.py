@@ -39,7 +39,8 @@ class InProcessBackend(SimulationBackend):
         super().__init__()
         self.threads = setup.threads
         self._clients = [LocalClient(data, setup.train, setup.dp, planned_rounds=setup.planned_rounds,
-                                     seed=setup.seed, selection_rate=setup.selection_rate)
+                                     seed=setup.seed, selection_rate=setup.selection_rate,
+                                     keeps=setup.device_state)
                          for data in shards]
 
     def has_model(self, device_index: int) -> bool:

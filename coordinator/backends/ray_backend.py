@@ -96,6 +96,7 @@ class RunContext:
     selection_rate: float
     threads: int
     references: tuple[str, ...]     # the run's own model, allowed in each worker as in the driver
+    device_state: str               # what a device keeps between tasks (edge_sdk.client.KEEPS)
 
 
 _warm = False
@@ -127,7 +128,8 @@ def _clients(context: RunContext, node: str, device_indices: list[int],
         if state is None:
             state = LocalClient(shard, context.train, context.dp,
                                 planned_rounds=context.planned_rounds, seed=context.seed,
-                                selection_rate=context.selection_rate)
+                                selection_rate=context.selection_rate,
+                                keeps=context.device_state)
         state.data = shard
         clients.append(state)
     return clients
@@ -266,7 +268,7 @@ class RayBackend(SimulationBackend):
         self._context = ray.put(RunContext(
             self._data, setup.train, setup.dp, setup.planned_rounds, setup.seed,
             setup.selection_rate, self.threads,
-            (setup.model,) if REFERENCE.match(setup.model) else ()))
+            (setup.model,) if REFERENCE.match(setup.model) else (), setup.device_state))
         self._states: list[Any] = [None] * setup.clients   # each device's state in the store
         self._has_model = [False] * setup.clients
         self._epsilon = [0.0] * setup.clients
