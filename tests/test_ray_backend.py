@@ -88,10 +88,10 @@ def test_ray_backend_gives_the_in_process_results_on_a_two_node_cluster():
 
     devices = on_ray["backend"]["devices"]
     nodes = on_ray["backend"]["nodes"]
-    # The tasks ran on both nodes (Ray places each task; a device's state goes where its task
-    # runs, so which device ran where is Ray's choice, not asserted).
-    assert len({node for d in devices for node in d["task_nodes"]}) == 2
-    # Each node read the dataset once, for every device whose task it ran.
+    # Each device's tasks ran at its home node, and the nodes shared the fleet.
+    assert all(len(d["task_nodes"]) == 1 for d in devices)
+    assert sorted(len(n["devices"]) for n in nodes) == [2, 2]
+    # Each node read the dataset once, for the devices at home there.
     assert [n["data_loads"] for n in nodes] == [1, 1]
     # Unequal devices, unequal resources: each task asks for a CPU share in proportion to its
     # device's cores and memory = the device's planned peak.
@@ -122,6 +122,13 @@ def test_tasks_ask_for_cpu_in_proportion_to_cores_and_their_planned_memory():
     # Memory is what a device needs: it is never scaled down to fit.
     with pytest.raises(RuntimeError, match="does not fit any node"):
         device_requests([DeviceResources(4, 9 * gib)], nodes)
+
+
+def test_nodes_take_home_devices_in_proportion_to_their_cpus():
+    from coordinator.backends.ray_backend import NodeCapacity, home_nodes
+
+    nodes = [NodeCapacity("a", 1.0, 1), NodeCapacity("b", 2.0, 1), NodeCapacity("c", 0.5, 1)]
+    assert home_nodes(8, nodes) == ["a", "b", "b", "c", "a", "b", "b", "c"]
 
 
 def test_the_in_process_path_does_not_import_ray():
@@ -158,8 +165,9 @@ def load():
 
 def test_a_projects_own_model_and_data_run_on_ray(tmp_path):
     """`model = "model:build"` and `[data] source = "data:load"` beside the config file are
-    imported by the Ray workers as by the driver, with the same results as in-process. The
-    module names are unique to this test, so nothing installed or cached can stand in for them."""
+    imported by the Ray workers as by the driver, with the same results as in-process, devices
+    keeping only their private tensors between tasks. The module names are unique to this test,
+    so nothing installed or cached can stand in for them."""
     project = tmp_path / "project"
     project.mkdir()
     (project / "fp_ray_model.py").write_text(PROJECT_MODEL)
@@ -167,7 +175,7 @@ def test_a_projects_own_model_and_data_run_on_ray(tmp_path):
     config_file = project / "fedprune.toml"
     config_file.write_text('model = "fp_ray_model:build"\nstrategy = "heterofl"\n'
                            'width_levels = [1.0, 0.5]\nclients = 3\nrounds = 2\nseed = 0\n'
-                           'partition = "iid"\ndevice_threads = 1\n'
+                           'partition = "iid"\ndevice_threads = 1\ndevice_state = "private"\n'
                            '[train]\nlocal_epochs = 3\nlr = 0.1\n'
                            '[data]\nsource = "fp_ray_data:load"\n')
     in_process = run_simulation(load_config(config_file), progress=False).to_dict()

@@ -12,9 +12,15 @@ as many workers run as the tasks' CPU requests fit on the nodes.
 Each task asks Ray for its device's resources: a CPU share in proportion to its profile's cores
 (the largest device: one CPU) and memory = its plan's predicted peak (a planned fleet), so an
 unequal fleet is simulated with unequal resources and no more devices train at once than the
-cluster holds. The data is not sent from the driver: one `NodeData` actor per node reads the
-dataset from that node's disk and partitions it once, and a task takes its device's shard from the
-actor of the node it runs on (through the node's object store).
+cluster holds. The data is not sent from the driver: each device has a home node (the nodes take
+devices in proportion to their CPUs), whose `NodeData` actor reads the dataset from that node's
+disk, partitions it once and puts each of its devices' shards in the object store; a device's
+tasks prefer its home node (they may run elsewhere when it cannot hold them).
+
+Everything a task reads from the store (its shard, its state, the download, the global model) is
+a top-level argument, which Ray fetches before the task starts. A task that called `ray.get`
+itself would give its CPU back while it waited, and Ray would start another worker process (its
+own torch import and warm-up) to use it: 16 worker processes on a one-CPU node, measured.
 
 A user's model or data source named as `package.module:function` in the run's config is imported
 in each worker as the driver imported it: the config folders it came from go on the workers'
@@ -73,12 +79,12 @@ class NodeData:
         self._shards: list[ClientData] | None = None
         self.loads = 0
 
-    def shards(self, device_indices: list[int]) -> list[ClientData]:
-        """The devices' shards in one call (an evaluation asks for a chunk of the fleet)."""
+    def put_shards(self, device_indices: list[int]) -> list[Any]:
+        """The devices' shards in this node's object store, once; their references."""
         if self._shards is None:
             self._shards = federated_data(*self._args).shards
             self.loads += 1
-        return [self._shards[i].capped(self._cap) for i in device_indices]
+        return [ray.put(self._shards[i].capped(self._cap)) for i in device_indices]
 
     def load_count(self) -> int:
         return self.loads
@@ -88,7 +94,6 @@ class NodeData:
 class RunContext:
     """What every task needs to know of the run, put in the object store once."""
 
-    data: dict[str, Any]            # node id -> that node's NodeData actor
     train: Any
     dp: Any
     planned_rounds: int
@@ -118,11 +123,9 @@ def _prepare(context: RunContext) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _clients(context: RunContext, node: str, device_indices: list[int],
-             states: list[LocalClient | None]) -> list[LocalClient]:
-    """The devices as they were after their last tasks (or new), with their shards from this
-    node's data, fetched in one call."""
-    shards = ray.get(context.data[node].shards.remote(device_indices))
+def _clients(context: RunContext, shards: Sequence[ClientData],
+             states: Sequence[LocalClient | None]) -> list[LocalClient]:
+    """The devices as they were after their last tasks (or new), with their shards."""
     clients = []
     for shard, state in zip(shards, states):
         if state is None:
@@ -144,24 +147,23 @@ def _stored(client: LocalClient) -> LocalClient:
 
 
 @ray.remote(num_returns=2)
-def _device_task(context: RunContext, device_index: int, state: LocalClient | None, task: Task,
+def _device_task(context: RunContext, shard: ClientData, state: LocalClient | None, task: Task,
                  payload: bytes) -> tuple[TaskRun, LocalClient]:
     node = _prepare(context)
-    [client] = _clients(context, node, [device_index], [state])
+    [client] = _clients(context, [shard], [state])
     run = run_device_task(client, task, payload, context.threads, node)
     return run, _stored(client)
 
 
 @ray.remote
-def _device_pass(context: RunContext, what: str, devices: list[tuple[int, Any]],
-                 model: tuple[ModelSpec, dict[str, np.ndarray]] | None) -> list[Any]:
-    """`what` for each (device, state reference) of a chunk: its evaluation against the global
-    `model`, its privacy entry, or its client with its shard (for the run's end)."""
-    node = _prepare(context)
-    stored = [ref for _, ref in devices if ref is not None]
-    fetched = iter(ray.get(stored))  # every state of the chunk in one call
-    states = [next(fetched) if ref is not None else None for _, ref in devices]
-    clients = _clients(context, node, [i for i, _ in devices], states)
+def _device_pass(context: RunContext, what: str, stored: list[bool],
+                 model: tuple[ModelSpec, dict[str, np.ndarray]] | None, *objects: Any) -> list[Any]:
+    """`what` for each device of a chunk: its evaluation against the global `model`, its
+    privacy entry, or its client with its shard (for the run's end). `objects`: the chunk's
+    shards, then the states of the devices that have one (`stored`)."""
+    _prepare(context)
+    shards, kept = objects[:len(stored)], iter(objects[len(stored):])
+    clients = _clients(context, shards, [next(kept) if has else None for has in stored])
     if what == "evaluate":
         built = global_model(*model)
         return [evaluate_device(client, built, context.threads) for client in clients]
@@ -226,6 +228,13 @@ def device_requests(resources: Sequence[DeviceResources], nodes: Sequence[NodeCa
             for share, m in zip(cpu_shares(resources), memory)]
 
 
+def home_nodes(clients: int, nodes: Sequence[NodeCapacity]) -> list[str]:
+    """Each device's home node: the nodes take the devices in turn, each as many at a time as it
+    has CPUs (at least one), so every node's share of the fleet follows its CPUs."""
+    turns = [n.node for n in nodes for _ in range(max(1, round(n.cpus)))]
+    return [turns[i % len(turns)] for i in range(clients)]
+
+
 def cluster_nodes() -> list[NodeCapacity]:
     return [NodeCapacity(n["NodeID"], float(n["Resources"].get("CPU", 0.0)),
                          int(n["Resources"].get("memory", 0)))
@@ -265,8 +274,10 @@ class RayBackend(SimulationBackend):
                       .remote(setup.data, setup.clients, setup.partition, setup.seed,
                               setup.max_client_samples, setup.groups)
                       for n in self.nodes if n.cpus > 0}
+        self._home = home_nodes(setup.clients, [n for n in self.nodes if n.cpus > 0])
+        self._shards = self._put_shards()
         self._context = ray.put(RunContext(
-            self._data, setup.train, setup.dp, setup.planned_rounds, setup.seed,
+            setup.train, setup.dp, setup.planned_rounds, setup.seed,
             setup.selection_rate, self.threads,
             (setup.model,) if REFERENCE.match(setup.model) else (), setup.device_state))
         self._states: list[Any] = [None] * setup.clients   # each device's state in the store
@@ -276,6 +287,21 @@ class RayBackend(SimulationBackend):
         self._task_nodes: list[set[str]] = [set() for _ in range(setup.clients)]
         self.timing.startup = time.perf_counter() - started
 
+    def _put_shards(self) -> list[Any]:
+        """Each device's shard in its home node's object store (every node loads at once)."""
+        members = {node: [i for i, home in enumerate(self._home) if home == node]
+                   for node in self._data}
+        answers = ray.get([self._data[node].put_shards.remote(devices)
+                           for node, devices in members.items()])
+        shards: list[Any] = [None] * len(self._home)
+        for devices, refs in zip(members.values(), answers):
+            for i, ref in zip(devices, refs):
+                shards[i] = ref
+        return shards
+
+    def _at_home(self, device_index: int) -> NodeAffinitySchedulingStrategy:
+        return NodeAffinitySchedulingStrategy(self._home[device_index], soft=True)
+
     def has_model(self, device_index: int) -> bool:
         return self._has_model[device_index]
 
@@ -283,9 +309,10 @@ class RayBackend(SimulationBackend):
         self.timing.tasks += 1
         request = self.requests[device_index]
         run, state = _device_task.options(
-            num_cpus=request.num_cpus, memory=request.memory_bytes, scheduling_strategy="SPREAD",
-            **self._environment).remote(self._context, device_index, self._states[device_index],
-                                        task, self._shared(payload))
+            num_cpus=request.num_cpus, memory=request.memory_bytes,
+            scheduling_strategy=self._at_home(device_index), **self._environment).remote(
+                self._context, self._shards[device_index], self._states[device_index], task,
+                self._shared(payload))
         self._states[device_index] = state   # the next task of this device waits for this one
         return _Remote(device_index, run)
 
@@ -309,18 +336,24 @@ class RayBackend(SimulationBackend):
         return run
 
     def _over_devices(self, what: str, model: Any = None) -> list[Any]:
-        """`_device_pass` over every device, in chunks (two per CPU of the cluster), in order."""
-        chunks = max(1, min(len(self._states), 2 * int(sum(n.cpus for n in self.nodes))))
-        devices = list(enumerate(self._states))
-        parts = [devices[i::chunks] for i in range(chunks)]
-        cpus = min(1.0, max(n.cpus for n in self.nodes))
-        answers = ray.get([_device_pass.options(num_cpus=cpus, scheduling_strategy="SPREAD",
-                                                **self._environment)
-                           .remote(self._context, what, [(i, ref) for i, ref in part], model)
-                           for part in parts])
-        ordered: list[Any] = [None] * len(devices)
-        for part, answer in zip(parts, answers):
-            for (i, _), value in zip(part, answer):
+        """`_device_pass` over every device, in chunks of devices with the same home node (two
+        chunks per CPU of that node), each at home; answers in device order."""
+        parts = []
+        for node in self.nodes:
+            devices = [i for i, home in enumerate(self._home) if home == node.node]
+            chunks = max(1, min(len(devices), int(2 * node.cpus)))
+            parts += [(node, devices[i::chunks]) for i in range(chunks) if devices[i::chunks]]
+        calls = []
+        for node, part in parts:
+            states = [self._states[i] for i in part]
+            calls.append(_device_pass.options(
+                num_cpus=min(1.0, node.cpus), **self._environment,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node.node, soft=True)).remote(
+                    self._context, what, [s is not None for s in states], model,
+                    *[self._shards[i] for i in part], *[s for s in states if s is not None]))
+        ordered: list[Any] = [None] * len(self._states)
+        for (_, part), answer in zip(parts, ray.get(calls)):
+            for i, value in zip(part, answer):
                 ordered[i] = value
         return ordered
 
@@ -361,6 +394,6 @@ class RayBackend(SimulationBackend):
     def close(self) -> None:
         for actor in getattr(self, "_data", {}).values():
             ray.kill(actor)
-        self._data, self._states = {}, []
+        self._data, self._states, self._shards = {}, [], []
         if self._owns_connection and ray.is_initialized():
             ray.shutdown()
