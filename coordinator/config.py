@@ -178,6 +178,10 @@ class SimulationSettings(LearningSettings):
     # Accuracies whose simulated time-to-reach the results report (planned fleets).
     target_accuracies: list[float] = Field([0.5, 0.6, 0.7, 0.8], max_length=20)
     rounds: int = Field(3, ge=1)
+    # Score every device (its own model and the global one, on its test split) every this many
+    # rounds and in the last; the global model on the official test set is scored every round.
+    # With thousands of devices the devices' scoring is most of a round.
+    eval_every: int = Field(1, ge=1)
     export_dir: str | None = None  # export every client's final model here, one folder each
     export_formats: list[ExportFormatName] = Field(["onnx", "tflite"], min_length=1)
     export_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(["fp32"], min_length=1)

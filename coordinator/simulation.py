@@ -67,8 +67,9 @@ from .strategies import Strategy, build_strategy
 class RoundResult:
     round: int
     # Accuracies, each on a stated model and data (docs/ARCHITECTURE.md, "Accuracy"):
-    personalized_accuracy: float   # each device's own model on its own test split, mean
-    global_device_accuracy: float  # the global model on each device's test split, mean
+    # None in a round the devices were not scored in (`eval_every`)
+    personalized_accuracy: float | None  # each device's own model on its own test split, mean
+    global_device_accuracy: float | None  # the global model on each device's test split, mean
     global_accuracy: float         # the global model on the dataset's official test set
     chance_accuracy: float         # the partition's chance: each device's majority class, mean
     bytes_up: int
@@ -337,23 +338,31 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
         history = (history + [global_state])[-(staleness + 1):]
         weights = strategy.materialize(global_state)
         global_model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-        scores = backend.evaluate(strategy.spec, weights, global_model)
-        row.personalized_accuracy = float(np.nanmean([own for own, _ in scores]))
-        row.global_device_accuracy = float(np.nanmean([glob for _, glob in scores]))
+        if round_number % config.eval_every == 0 or round_number == config.rounds:
+            scores = backend.evaluate(strategy.spec, weights, global_model)
+            row.personalized_accuracy = float(np.nanmean([own for own, _ in scores]))
+            row.global_device_accuracy = float(np.nanmean([glob for _, glob in scores]))
+        else:
+            row.personalized_accuracy = row.global_device_accuracy = None
         row.global_accuracy = accuracy(global_model, *test)
         row.seconds = time.perf_counter() - started
         result.rounds.append(row)
-        bar.set_postfix(personal=f"{row.personalized_accuracy:.3f}",
+        bar.set_postfix(personal=_shown(row.personalized_accuracy, 3),
                         glob=f"{row.global_accuracy:.3f}")
         if progress and bar.disable:  # not a terminal (tqdm's check): a line a round instead
             print(f"{config.strategy} {config.partition}: round {round_number}/{config.rounds}, "
-                  f"{row.participants} updates, personal {row.personalized_accuracy:.4f}, global "
+                  f"{row.participants} updates, personal {_shown(row.personalized_accuracy)}, global "
                   f"{row.global_accuracy:.4f}, {row.seconds:.1f} s" + (
                       "" if row.central_dp is None else
                       f", eps {row.central_dp['epsilon']:.2f}") + _secure_note(row),
                   file=sys.stderr, flush=True)
     bar.close()
     return pipeline, global_state
+
+
+def _shown(value: float | None, digits: int = 4) -> str:
+    """An accuracy as printed; "-" in a round the devices were not scored in."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _population(pipeline: RoundPipeline, shards: list[ClientData],

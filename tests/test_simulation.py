@@ -166,3 +166,18 @@ def test_width_sliced_devices_train_and_merge_by_coverage(monkeypatch):
     assert result["final"]["personalized_accuracy"] > 0.4  # chance on a device's 5 classes: 0.2
     # A 0.25-width device moves far fewer bytes than a full one: total is well under 6 full models.
     assert result["rounds"][0]["bytes_down"] < 4 * 4_533_613
+
+
+def test_eval_every_scores_the_devices_every_kth_round_and_the_last(capsys):
+    from coordinator.cli import _print_summary
+
+    config = load_config(None, ["eval_every=2"], strategy="fedavg", model="mlp", clients=4,
+                         rounds=3, max_client_samples=100)
+    result = run_simulation(config, progress=False).to_dict()
+    scored = [r["personalized_accuracy"] is not None for r in result["rounds"]]
+    assert scored == [False, True, True]
+    assert [r["global_device_accuracy"] is not None for r in result["rounds"]] == scored
+    assert all(r["global_accuracy"] > 0 for r in result["rounds"])  # every round
+    assert result["final"]["personalized_accuracy"] is not None
+    _print_summary(result)
+    assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["1", "-"]

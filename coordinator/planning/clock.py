@@ -51,7 +51,7 @@ def time_to_accuracy(seconds: list[float], accuracies: list[float],
         elapsed, found = 0.0, None
         for duration, accuracy in zip(seconds, accuracies):
             elapsed += duration
-            if accuracy >= target:
+            if accuracy is not None and accuracy >= target:
                 found = elapsed
                 break
         reached[f"{target:g}"] = found
