@@ -13,9 +13,9 @@ Each task asks Ray for its device's resources: a CPU share in proportion to its 
 (the largest device: one CPU) and memory = its plan's predicted peak (a planned fleet), so an
 unequal fleet is simulated with unequal resources and no more devices train at once than the
 cluster holds. The data is not sent from the driver: each device has a home node (the nodes take
-devices in proportion to their CPUs), whose `NodeData` actor reads the dataset from that node's
-disk, partitions it once and puts each of its devices' shards in the object store; a device's
-tasks prefer its home node (they may run elsewhere when it cannot hold them).
+devices in proportion to their CPUs), where one task (`_load_shards`) reads the dataset from
+that node's disk, partitions it once and leaves each of its devices' shards in the node's object
+store; a device's tasks prefer its home node (they may run elsewhere when it cannot hold them).
 
 Everything a task reads from the store (its shard, its state, the download, the global model) is
 a top-level argument, which Ray fetches before the task starts. A task that called `ray.get`
@@ -69,25 +69,17 @@ _CPU_STEP = 1e-4  # Ray's resource granularity
 
 
 @ray.remote(num_cpus=0)
-class NodeData:
-    """One node's copy of the run's data: read from this node's disk and partitioned once."""
-
-    def __init__(self, data: DataSettings, clients: int, partition: str, seed: int,
-                 max_client_samples: int | None, groups: tuple[int, ...] | None):
-        self._args = (data, clients, partition, seed, groups)
-        self._cap = max_client_samples
-        self._shards: list[ClientData] | None = None
-        self.loads = 0
-
-    def put_shards(self, device_indices: list[int]) -> list[Any]:
-        """The devices' shards in this node's object store, once; their references."""
-        if self._shards is None:
-            self._shards = federated_data(*self._args).shards
-            self.loads += 1
-        return [ray.put(self._shards[i].capped(self._cap)) for i in device_indices]
-
-    def load_count(self) -> int:
-        return self.loads
+def _load_shards(data: DataSettings, clients: int, partition: str, seed: int,
+                 max_client_samples: int | None, groups: tuple[int, ...] | None,
+                 devices: list[int]) -> tuple[Any, ...]:
+    """(this node's id, then the shards of `devices`): the dataset read from this node's disk
+    and partitioned once. Each shard is an object of its own in this node's store, owned by the
+    driver. A task rather than an actor: a process that stays on a node beside the task workers
+    makes Ray kill an idle task worker whenever the node is not full and start a new one for the
+    next task (ray-project/ray#27863), a torch import and a warm-up every round."""
+    shards = federated_data(data, clients, partition, seed, groups).shards
+    return (ray.get_runtime_context().get_node_id(),
+            *[shards[i].capped(max_client_samples) for i in devices])
 
 
 @dataclass(frozen=True)
@@ -268,14 +260,8 @@ class RayBackend(SimulationBackend):
         self.nodes = cluster_nodes()
         self.requests = device_requests(setup.resources, self.nodes)
         self._environment = _worker_environment()
-        self._data = {n.node: NodeData.options(
-                          scheduling_strategy=NodeAffinitySchedulingStrategy(n.node, soft=False),
-                          **self._environment)
-                      .remote(setup.data, setup.clients, setup.partition, setup.seed,
-                              setup.max_client_samples, setup.groups)
-                      for n in self.nodes if n.cpus > 0}
         self._home = home_nodes(setup.clients, [n for n in self.nodes if n.cpus > 0])
-        self._shards = self._put_shards()
+        self._shards, self._loads = self._load(setup)
         self._context = ray.put(RunContext(
             setup.train, setup.dp, setup.planned_rounds, setup.seed,
             setup.selection_rate, self.threads,
@@ -287,17 +273,27 @@ class RayBackend(SimulationBackend):
         self._task_nodes: list[set[str]] = [set() for _ in range(setup.clients)]
         self.timing.startup = time.perf_counter() - started
 
-    def _put_shards(self) -> list[Any]:
-        """Each device's shard in its home node's object store (every node loads at once)."""
-        members = {node: [i for i, home in enumerate(self._home) if home == node]
-                   for node in self._data}
-        answers = ray.get([self._data[node].put_shards.remote(devices)
-                           for node, devices in members.items()])
+    def _load(self, setup: FleetSetup) -> tuple[list[Any], dict[str, int]]:
+        """Each device's shard in its home node's object store (the nodes load at once), and
+        how many times each node loaded the data, counted from where the loads ran."""
+        members: dict[str, list[int]] = {}
+        for i, home in enumerate(self._home):
+            members.setdefault(home, []).append(i)
         shards: list[Any] = [None] * len(self._home)
-        for devices, refs in zip(members.values(), answers):
-            for i, ref in zip(devices, refs):
+        ran_on = []
+        for node, devices in members.items():
+            refs = _load_shards.options(
+                num_returns=1 + len(devices), **self._environment,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+                    setup.data, setup.clients, setup.partition, setup.seed,
+                    setup.max_client_samples, setup.groups, devices)
+            ran_on.append(refs[0])
+            for i, ref in zip(devices, refs[1:]):
                 shards[i] = ref
-        return shards
+        loads = {node: 0 for node in members}
+        for node in ray.get(ran_on):
+            loads[node] = loads.get(node, 0) + 1
+        return shards, loads
 
     def _at_home(self, device_index: int) -> NodeAffinitySchedulingStrategy:
         return NodeAffinitySchedulingStrategy(self._home[device_index], soft=True)
@@ -376,12 +372,11 @@ class RayBackend(SimulationBackend):
         return self._over_devices("client")
 
     def report(self) -> dict[str, Any]:
-        loads = ray.get([data.load_count.remote() for data in self._data.values()])
         return {
             "name": self.name, "address": self.address, "threads_per_device": self.threads,
             "nodes": [{"node": node, "data_loads": n,
                        "devices": [i for i, seen in enumerate(self._task_nodes) if node in seen]}
-                      for node, n in zip(self._data, loads)],
+                      for node, n in self._loads.items()],
             "devices": [{"client": i, "num_cpus": r.num_cpus, "memory_bytes": r.memory_bytes,
                          "task_nodes": sorted(seen)}
                         for i, (r, seen) in enumerate(zip(self.requests, self._task_nodes))],
@@ -392,8 +387,6 @@ class RayBackend(SimulationBackend):
         }
 
     def close(self) -> None:
-        for actor in getattr(self, "_data", {}).values():
-            ray.kill(actor)
-        self._data, self._states, self._shards = {}, [], []
+        self._states, self._shards = [], []
         if self._owns_connection and ray.is_initialized():
             ray.shutdown()
