@@ -42,7 +42,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-OBJECT_STORE = 100 * 2**20
+OBJECT_STORE = 2**30  # per node; at 100 MB the devices' states spilled to disk (Ray's default: 30% of RAM)
 
 
 def job_from(args: argparse.Namespace) -> dict:
