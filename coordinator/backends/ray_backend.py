@@ -18,9 +18,11 @@ that node's disk, partitions it once and leaves each of its devices' shards in t
 store; a device's tasks prefer its home node (they may run elsewhere when it cannot hold them).
 
 Everything a task reads from the store (its shard, its state, the download, the global model) is
-a top-level argument, which Ray fetches before the task starts. A task that called `ray.get`
-itself would give its CPU back while it waited, and Ray would start another worker process (its
-own torch import and warm-up) to use it: 16 worker processes on a one-CPU node, measured.
+a top-level argument, which Ray fetches before the task starts: a task that called `ray.get`
+itself would give its CPU back while it waited, and Ray may start another worker process (its own
+torch import) to use it. The states of a large fleet want an object store that holds them: with
+100 MB a node, 8 devices' states of FedP3's CNN spilled to disk, and Ray's spill and restore
+worker processes took most of each round (docs/BENCHMARKS.md, section 11).
 
 A user's model or data source named as `package.module:function` in the run's config is imported
 in each worker as the driver imported it: the config folders it came from go on the workers'
@@ -74,9 +76,9 @@ def _load_shards(data: DataSettings, clients: int, partition: str, seed: int,
                  devices: list[int]) -> tuple[Any, ...]:
     """(this node's id, then the shards of `devices`): the dataset read from this node's disk
     and partitioned once. Each shard is an object of its own in this node's store, owned by the
-    driver. A task rather than an actor: a process that stays on a node beside the task workers
-    makes Ray kill an idle task worker whenever the node is not full and start a new one for the
-    next task (ray-project/ray#27863), a torch import and a warm-up every round."""
+    driver. A task rather than an actor: nothing stays on the node once the shards are there (a
+    long-lived actor beside the task workers can make Ray kill idle task workers and start new
+    ones, ray-project/ray#27863)."""
     shards = federated_data(data, clients, partition, seed, groups).shards
     return (ray.get_runtime_context().get_node_id(),
             *[shards[i].capped(max_client_samples) for i in devices])
