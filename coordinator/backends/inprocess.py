@@ -1,5 +1,6 @@
 """The default backend: every device is a `LocalClient` in the driver's process, and a task runs
-when it is submitted (one device at a time)."""
+when its answer is taken (one device at a time), so a round holds one upload at a time, not one
+per device drawn (500 uploads of FedP3's CNN are 2.3 GB)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ from .base import (
 
 
 @dataclass
-class _Done(Pending):
-    run: TaskRun
+class _Deferred(Pending):
+    device_index: int
+    task: Task
+    payload: bytes
 
 
 class InProcessBackend(SimulationBackend):
@@ -48,11 +51,12 @@ class InProcessBackend(SimulationBackend):
 
     def submit(self, device_index: int, task: Task, payload: bytes) -> Pending:
         self.timing.tasks += 1
-        return _Done(run_device_task(self._clients[device_index], task, payload, self.threads))
+        return _Deferred(device_index, task, payload)
 
     def result(self, pending: Pending) -> TaskRun:
-        assert isinstance(pending, _Done)
-        return pending.run
+        assert isinstance(pending, _Deferred)
+        return run_device_task(self._clients[pending.device_index], pending.task, pending.payload,
+                               self.threads)
 
     def evaluate(self, spec: ModelSpec, state: dict[str, np.ndarray],
                  model: torch.nn.Module) -> list[tuple[float, float]]:
