@@ -40,11 +40,13 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _print_summary(result: dict) -> None:
+    from .simulation import shown_accuracy
+
     print(f"{'round':>5} {'personal':>9} {'global':>7} {'bytes up':>12} {'bytes down':>12} "
           f"{'devices':>7} {'sec':>6}")
     for r in result["rounds"]:
-        personal = "-" if r["personalized_accuracy"] is None else f"{r['personalized_accuracy']:.4f}"
-        print(f"{r['round']:>5} {personal:>9} {r['global_accuracy']:>7.4f} "
+        print(f"{r['round']:>5} {shown_accuracy(r['personalized_accuracy']):>9} "
+              f"{r['global_accuracy']:>7.4f} "
               f"{r['bytes_up']:>12,} {r['bytes_down']:>12,} {r['participants']:>7} "
               f"{r['seconds']:>6.1f}")
     final = result["final"]

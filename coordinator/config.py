@@ -16,7 +16,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 
 from edge_sdk.argtypes import data_dir_problem
 from edge_sdk.data.sources import CONFIG_DIR, DataSettings
-from edge_sdk.settings import CodecSettings, DPSettings, Settings, TrainSettings, WidthLevels
+from edge_sdk.settings import (CodecSettings, DeviceState, DPSettings, Settings, TrainSettings,
+                               WidthLevels)
 from edge_sdk.validation import problems, read_toml
 from export.formats import ExportFormatName
 
@@ -194,11 +195,10 @@ class SimulationSettings(LearningSettings):
     # Intra-op threads a device computes with (None: the driver's torch threads). A task's bytes
     # depend on it, so both backends use it; the Ray backend's actors need it to equal the run's.
     device_threads: int | None = Field(None, ge=1)
-    # What a simulated device keeps between its tasks: its whole trained model ("model": each
-    # round scores it as the device's own), or only the tensors it never sends, with its ledger
-    # and scores ("private": memory for thousands of devices; its own model is then the global
-    # one with its private tensors). Training, uploads and the global model are the same.
-    device_state: Literal["model", "private"] = "model"
+    # What a simulated device keeps between its tasks (edge_sdk.settings.DeviceState); with
+    # "private" its own model is the global one with its private tensors. Training, uploads and
+    # the global model are the same either way.
+    device_state: DeviceState = "model"
     shard_keys_help: ClassVar[str] = ("a simulation's clients and partition are its own `clients` "
                                       "and `partition` keys (device_index is a device's)")
 
@@ -213,7 +213,7 @@ class SimulationSettings(LearningSettings):
 
     @model_validator(mode="after")
     def _private_state_only(self):
-        """What needs each device's whole model is refused with keeps-only-private devices."""
+        """What needs each device's whole model is refused when devices keep only private tensors."""
         if self.device_state == "private":
             needs = [what for what, on in (("export_dir (exports each device's model)", self.export_dir),
                                            ("secure_aggregation (a device sends its change from "

@@ -68,8 +68,9 @@ def device_scores(clients: Sequence[LocalClient], fleet: Sequence[DeviceAssignme
 
 def _model_it_runs(client: LocalClient, strategy: Strategy, weights: dict[str, np.ndarray],
                    width: float, slicing: str, round_number: int) -> tuple[torch.nn.Module, str]:
-    if client.personal_state is not None and client.keeps == "model":  # DP's split: the
-        return client.personal_model(), "personal (fine-tuned)"       # noise-free model it keeps
+    personal = client.personal_model() if client.personal_state is not None else None
+    if personal is not None:  # DP's split: the noise-free model it keeps, whole
+        return personal, "personal (fine-tuned)"
     spec: ModelSpec = strategy.spec
     if width < 1.0:
         cut = width_slice(spec, weights, width, slicing, round_number)

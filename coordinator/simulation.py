@@ -347,11 +347,11 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
         row.global_accuracy = accuracy(global_model, *test)
         row.seconds = time.perf_counter() - started
         result.rounds.append(row)
-        bar.set_postfix(personal=_shown(row.personalized_accuracy, 3),
+        bar.set_postfix(personal=shown_accuracy(row.personalized_accuracy, 3),
                         glob=f"{row.global_accuracy:.3f}")
         if progress and bar.disable:  # not a terminal (tqdm's check): a line a round instead
             print(f"{config.strategy} {config.partition}: round {round_number}/{config.rounds}, "
-                  f"{row.participants} updates, personal {_shown(row.personalized_accuracy)}, global "
+                  f"{row.participants} updates, personal {shown_accuracy(row.personalized_accuracy)}, global "
                   f"{row.global_accuracy:.4f}, {row.seconds:.1f} s" + (
                       "" if row.central_dp is None else
                       f", eps {row.central_dp['epsilon']:.2f}") + _secure_note(row),
@@ -360,7 +360,7 @@ def _run_rounds(config: SimulationSettings, backend: SimulationBackend, strategy
     return pipeline, global_state
 
 
-def _shown(value: float | None, digits: int = 4) -> str:
+def shown_accuracy(value: float | None, digits: int = 4) -> str:
     """An accuracy as printed; "-" in a round the devices were not scored in."""
     return "-" if value is None else f"{value:.{digits}f}"
 

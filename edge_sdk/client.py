@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from .plan_features import build_features
 from .pruning import is_prunable, magnitude_mask, top_changes_mask
 from .supermask import run_supermask_task
 from .training import PrivacyBudgetExceeded, PrivacyLedger, TrainReport, accuracy, dp_sampling, train_locally
-from .settings import DPSettings, TrainSettings
+from .settings import DeviceState, DPSettings, TrainSettings
 
 
 class TaskError(ValueError):
@@ -44,14 +45,15 @@ class LocalClient:
     def __init__(self, data: ClientData, train: TrainSettings, dp: DPSettings | None = None,
                  planned_rounds: int = 1, seed: int = 0, ledger: PrivacyLedger | None = None,
                  secret_noise: bool = False, selection_rate: float = 1.0,
-                 keeps: str = "model"):
+                 device_state: DeviceState = "model"):
         """`ledger`: what this client has already spent, and the delta it accounts at (a device
         passes its own, restored from disk); by default a new one at dp.delta. `secret_noise`:
         DP noise from the OS's randomness (a real device), not from `seed` (a simulation).
-        `keeps`: what it holds between tasks (`KEEPS`)."""
-        if keeps not in KEEPS:
-            raise ValueError(f"keeps must be one of {sorted(KEEPS)}, not {keeps!r}")
-        self.keeps = keeps
+        `device_state`: what it holds between tasks (`DeviceState`)."""
+        if device_state not in get_args(DeviceState):
+            raise ValueError(f"device_state must be one of {get_args(DeviceState)}, not "
+                             f"{device_state!r}")
+        self.device_state = device_state
         self.secret_noise = secret_noise
         self.device_index = data.device_index
         self.data = data
@@ -168,10 +170,10 @@ class LocalClient:
                            report, epsilon)
 
     def _keep_only_private(self, plan: SubmodelPlan) -> None:
-        """With keeps="private", drop what the next task does not read: it starts every tensor
+        """With device_state="private", drop what the next task does not read: it starts every tensor
         but the private ones from its download (`_starting_state`, `_fine_tuned`), so training
         and uploads are the same as with the whole model kept."""
-        if self.keeps != "private":
+        if self.device_state != "private":
             return
         private = {entry.name for entry in plan.tensors if entry.private}
         self.state = {name: value for name, value in self.state.items() if name in private}
@@ -271,16 +273,16 @@ class LocalClient:
     def personal_model(self, base: nn.Module | None = None) -> nn.Module | None:
         """The model the device uses: the noise-free personal model when it keeps one, else
         what it trained last, private tensors included. A device that keeps only its private
-        tensors (keeps="private") fills the rest from `base` (the global model) where the
+        tensors (device_state="private") fills the rest from `base` (the global model) where the
         shapes match; None when it holds no model, or when `base` cannot complete it."""
         if self.spec is None:
             return None
         own = self.personal_state if self.personal_state is not None else self.state
         shapes = tensor_shapes(self.spec)
-        if own.keys() < shapes.keys():
+        missing = shapes.keys() - own.keys()
+        if missing:
             fill = {} if base is None else base.state_dict()
-            if any(tuple(fill[name].shape) != shapes[name] if name in fill else True
-                   for name in shapes.keys() - own.keys()):
+            if any(name not in fill or tuple(fill[name].shape) != shapes[name] for name in missing):
                 return None
             own = {**fill, **own}
         model = build_model(self.spec)
@@ -312,11 +314,6 @@ def _index_mask(tensor: codec.SparseTensor) -> np.ndarray:
     mask[tensor.indices] = True
     return mask.reshape(tensor.shape)
 
-
-# What a device keeps between tasks: "model", its whole trained model (a real device, and the
-# simulator's default: its own model is scored each round); "private", only the tensors it never
-# sends (and its ledger and scores), so that thousands of simulated devices fit in memory.
-KEEPS = frozenset({"model", "private"})
 
 # Added to a task's seed for the personal model's shuffling, apart from the phases' (+0, +1, ...).
 _PERSONAL_SEED = 1 << 20

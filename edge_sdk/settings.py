@@ -16,6 +16,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 AccountantName = Literal["rdp", "prv"]
 # The model a device keeps, uses and is scored with under DP: see DPSettings.personal_model.
 PersonalModelName = Literal["fine_tuned", "dp_trained"]
+# What a device keeps between tasks: "model", its whole trained model (a real device, and the
+# simulator's default: its own model is scored each round); "private", only the tensors it never
+# sends (and its ledger and scores), so that thousands of simulated devices fit in memory.
+DeviceState = Literal["model", "private"]
 # The names edge_sdk/training/local.py registers (LOSSES, OPTIMIZERS); a device only looks them up.
 LossName = Literal["cross_entropy", "label_smoothing"]
 OptimizerName = Literal["sgd", "adam"]

@@ -49,8 +49,8 @@ def rounds_of(client: LocalClient, rounds: int = 3) -> list[bytes]:
 @pytest.mark.parametrize("dp", [None, DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)],
                          ids=["no-dp", "dp-fine-tuned"])
 def test_a_device_keeping_only_private_tensors_sends_the_same_bytes(fmnist_clients, dp):
-    whole, compact = (LocalClient(small(fmnist_clients[0]), TrainSettings(), dp, keeps=keeps)
-                      for keeps in ("model", "private"))
+    whole, compact = (LocalClient(small(fmnist_clients[0]), TrainSettings(), dp, device_state=state)
+                      for state in ("model", "private"))
     assert rounds_of(whole) == rounds_of(compact)
     assert set(compact.state) == HEAD and not compact.started
     assert set(whole.state) == set(tensor_shapes(SPEC))
@@ -64,7 +64,7 @@ def test_a_device_keeping_only_private_tensors_sends_the_same_bytes(fmnist_clien
 
 
 def test_its_own_model_is_the_global_one_with_its_private_tensors(fmnist_clients):
-    client = LocalClient(small(fmnist_clients[1]), TrainSettings(), keeps="private")
+    client = LocalClient(small(fmnist_clients[1]), TrainSettings(), device_state="private")
     rounds_of(client, 1)
     assert client.personal_model() is None  # nothing to fill the shared tensors from
     base = build_model(SPEC, seed=9)

@@ -26,7 +26,7 @@ import torch
 from edge_sdk.client import LocalClient, TaskOutcome
 from edge_sdk.data.sources import DataSettings
 from edge_sdk.models import ModelSpec, build_model
-from edge_sdk.settings import DPSettings, TrainSettings
+from edge_sdk.settings import DeviceState, DPSettings, TrainSettings
 
 from ..rounds import Task
 
@@ -59,7 +59,7 @@ class FleetSetup:
     selection_rate: float = 1.0    # devices per round / devices: sizes a target epsilon's noise
     model: str = ""                # the run's model: a remote worker allows it if it is a reference
     groups: tuple[int, ...] | None = None  # each device's tier, for a tier partition's shards
-    device_state: str = "model"    # what a device keeps between tasks (edge_sdk.client.KEEPS)
+    device_state: DeviceState = "model"  # what a device keeps between tasks
 
 
 @dataclass

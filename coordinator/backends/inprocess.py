@@ -43,7 +43,7 @@ class InProcessBackend(SimulationBackend):
         self.threads = setup.threads
         self._clients = [LocalClient(data, setup.train, setup.dp, planned_rounds=setup.planned_rounds,
                                      seed=setup.seed, selection_rate=setup.selection_rate,
-                                     keeps=setup.device_state)
+                                     device_state=setup.device_state)
                          for data in shards]
 
     def has_model(self, device_index: int) -> bool:

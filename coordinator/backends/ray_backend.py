@@ -95,7 +95,7 @@ class RunContext:
     selection_rate: float
     threads: int
     references: tuple[str, ...]     # the run's own model, allowed in each worker as in the driver
-    device_state: str               # what a device keeps between tasks (edge_sdk.client.KEEPS)
+    device_state: str               # what a device keeps between tasks (DeviceState)
 
 
 _warm = False
@@ -126,15 +126,15 @@ def _clients(context: RunContext, shards: Sequence[ClientData],
             state = LocalClient(shard, context.train, context.dp,
                                 planned_rounds=context.planned_rounds, seed=context.seed,
                                 selection_rate=context.selection_rate,
-                                keeps=context.device_state)
+                                device_state=context.device_state)
         state.data = shard
         clients.append(state)
     return clients
 
 
 def _stored(client: LocalClient) -> LocalClient:
-    """What the object store keeps of a device between tasks: everything but its data (the
-    node's actor holds that) and the state its last task started from (only a secure
+    """What the object store keeps of a device between tasks: everything but its data (its
+    shard is an object of its own) and the state its last task started from (only a secure
     aggregation's upload reads it, and the Ray backend does not run those)."""
     client.data, client.started = None, {}
     return client
@@ -263,6 +263,9 @@ class RayBackend(SimulationBackend):
         self.requests = device_requests(setup.resources, self.nodes)
         self._environment = _worker_environment()
         self._home = home_nodes(setup.clients, [n for n in self.nodes if n.cpus > 0])
+        self._members: dict[str, list[int]] = {}   # home node -> its devices, in order
+        for i, home in enumerate(self._home):
+            self._members.setdefault(home, []).append(i)
         self._shards, self._loads = self._load(setup)
         self._context = ray.put(RunContext(
             setup.train, setup.dp, setup.planned_rounds, setup.seed,
@@ -278,12 +281,9 @@ class RayBackend(SimulationBackend):
     def _load(self, setup: FleetSetup) -> tuple[list[Any], dict[str, int]]:
         """Each device's shard in its home node's object store (the nodes load at once), and
         how many times each node loaded the data, counted from where the loads ran."""
-        members: dict[str, list[int]] = {}
-        for i, home in enumerate(self._home):
-            members.setdefault(home, []).append(i)
         shards: list[Any] = [None] * len(self._home)
         ran_on = []
-        for node, devices in members.items():
+        for node, devices in self._members.items():
             refs = _load_shards.options(
                 num_returns=1 + len(devices), **self._environment,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
@@ -292,7 +292,7 @@ class RayBackend(SimulationBackend):
             ran_on.append(refs[0])
             for i, ref in zip(devices, refs[1:]):
                 shards[i] = ref
-        loads = {node: 0 for node in members}
+        loads = {node: 0 for node in self._members}
         for node in ray.get(ran_on):
             loads[node] = loads.get(node, 0) + 1
         return shards, loads
@@ -338,7 +338,7 @@ class RayBackend(SimulationBackend):
         chunks per CPU of that node), each at home; answers in device order."""
         parts = []
         for node in self.nodes:
-            devices = [i for i, home in enumerate(self._home) if home == node.node]
+            devices = self._members.get(node.node, [])
             chunks = max(1, min(len(devices), int(2 * node.cpus)))
             parts += [(node, devices[i::chunks]) for i in range(chunks) if devices[i::chunks]]
         calls = []
